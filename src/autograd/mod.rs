@@ -1,0 +1,194 @@
+//! A reverse-mode tape.
+//!
+//! While a [`Tape`] is active on a thread ([`Tape::activate`]), every differentiable op
+//! run on that thread whose inputs include a watched tensor (a parameter given to
+//! [`Tape::watch`], or the output of an op already recorded) records a backward
+//! closure. With no active tape, ops record nothing and cost nothing extra: that is
+//! inference. [`Tape::backward`] runs the closures in reverse order and accumulates
+//! gradients keyed by [`TensorId`].
+
+mod gradcheck;
+
+pub use gradcheck::{gradcheck, GradcheckReport};
+
+use std::cell::RefCell;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+
+use crate::error::{Error, Result};
+use crate::tensor::{Tensor, TensorId};
+
+/// Backward of one op: given dL/d(output) and which inputs need a gradient, returns
+/// dL/d(input) for each input (`None` where not needed).
+pub type BackwardFn = Box<dyn FnOnce(&Tensor, &[bool]) -> Result<Vec<Option<Tensor>>> + Send>;
+
+struct Node {
+    op: &'static str,
+    inputs: Vec<TensorId>,
+    output: TensorId,
+    backward: BackwardFn,
+}
+
+#[derive(Default)]
+struct TapeInner {
+    nodes: Vec<Node>,
+    tracked: HashSet<TensorId>,
+}
+
+/// Records backward closures of the ops run while it is active.
+#[derive(Clone, Default)]
+pub struct Tape(Arc<Mutex<TapeInner>>);
+
+thread_local! {
+    static ACTIVE: RefCell<Option<Tape>> = const { RefCell::new(None) };
+}
+
+/// Deactivates the tape (restoring the previous one) when dropped.
+pub struct TapeGuard {
+    previous: Option<Tape>,
+}
+
+impl Drop for TapeGuard {
+    fn drop(&mut self) {
+        let prev = self.previous.take();
+        ACTIVE.with(|a| *a.borrow_mut() = prev);
+    }
+}
+
+/// Run `f` with no tape active (used inside backward passes).
+pub fn no_grad<R>(f: impl FnOnce() -> R) -> R {
+    let previous = ACTIVE.with(|a| a.borrow_mut().take());
+    let _guard = TapeGuard { previous };
+    f()
+}
+
+/// Whether an op run now on this thread could be recorded.
+pub fn is_recording() -> bool {
+    ACTIVE.with(|a| a.borrow().is_some())
+}
+
+/// Record `backward` for an op with these inputs and output, if a tape is active
+/// and some input is tracked. Ops call this after computing their output.
+pub fn record<F>(op: &'static str, inputs: &[&Tensor], output: &Tensor, backward: F)
+where
+    F: FnOnce(&Tensor, &[bool]) -> Result<Vec<Option<Tensor>>> + Send + 'static,
+{
+    ACTIVE.with(|a| {
+        if let Some(tape) = a.borrow().as_ref() {
+            let mut inner = tape.0.lock().unwrap_or_else(|p| p.into_inner());
+            if inputs.iter().any(|t| inner.tracked.contains(&t.id())) {
+                inner.tracked.insert(output.id());
+                inner.nodes.push(Node {
+                    op,
+                    inputs: inputs.iter().map(|t| t.id()).collect(),
+                    output: output.id(),
+                    backward: Box::new(backward),
+                });
+            }
+        }
+    });
+}
+
+impl Tape {
+    /// An empty tape.
+    pub fn new() -> Tape {
+        Tape::default()
+    }
+
+    /// Make `t` a leaf whose gradient [`Tape::backward`] will return.
+    pub fn watch(&self, t: &Tensor) {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).tracked.insert(t.id());
+    }
+
+    /// Make this the active tape of the current thread until the guard drops.
+    pub fn activate(&self) -> TapeGuard {
+        let previous = ACTIVE.with(|a| a.borrow_mut().replace(self.clone()));
+        TapeGuard { previous }
+    }
+
+    /// Number of recorded ops.
+    pub fn len(&self) -> usize {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).nodes.len()
+    }
+
+    /// True when nothing was recorded.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Gradients of the scalar `loss` with respect to every tracked tensor. Consumes
+    /// the recorded ops (a tape is backpropagated once).
+    pub fn backward(&self, loss: &Tensor) -> Result<Gradients> {
+        if loss.numel() != 1 {
+            return Err(Error::Autograd(format!("backward needs a scalar loss, got shape {}", loss.shape())));
+        }
+        let seed = Tensor::full(loss.shape().clone(), 1.0, loss.dtype(), loss.device())?;
+        self.backward_with(loss, seed)
+    }
+
+    /// Gradients given dL/d(output) = `grad` for a non-scalar `output`.
+    pub fn backward_with(&self, output: &Tensor, grad: Tensor) -> Result<Gradients> {
+        if grad.shape() != output.shape() {
+            return Err(Error::Autograd(format!("seed gradient {} for output {}", grad.shape(), output.shape())));
+        }
+        let (nodes, tracked) = {
+            let mut inner = self.0.lock().unwrap_or_else(|p| p.into_inner());
+            (std::mem::take(&mut inner.nodes), inner.tracked.clone())
+        };
+        if !tracked.contains(&output.id()) {
+            return Err(Error::Autograd("the output does not depend on any watched tensor through recorded ops".into()));
+        }
+        no_grad(|| {
+            let mut grads: HashMap<TensorId, Tensor> = HashMap::new();
+            grads.insert(output.id(), grad);
+            for node in nodes.into_iter().rev() {
+                let Some(g) = grads.get(&node.output).cloned() else { continue };
+                let needs: Vec<bool> = node.inputs.iter().map(|i| tracked.contains(i)).collect();
+                let op = node.op;
+                let gin = (node.backward)(&g, &needs)?;
+                if gin.len() != node.inputs.len() {
+                    return Err(Error::Autograd(format!("{op} backward returned {} gradients for {} inputs", gin.len(), node.inputs.len())));
+                }
+                for ((id, gi), need) in node.inputs.iter().zip(gin).zip(needs) {
+                    let Some(gi) = gi else { continue };
+                    if !need {
+                        continue;
+                    }
+                    let acc = match grads.remove(id) {
+                        Some(prev) => crate::ops::add(&prev, &gi)?,
+                        None => gi,
+                    };
+                    grads.insert(*id, acc);
+                }
+            }
+            Ok(Gradients(grads))
+        })
+    }
+}
+
+/// Gradients keyed by tensor id.
+#[derive(Clone, Default)]
+pub struct Gradients(HashMap<TensorId, Tensor>);
+
+impl Gradients {
+    /// dL/dt, if `t` was watched (or recorded) and the loss depends on it.
+    pub fn get(&self, t: &Tensor) -> Option<&Tensor> {
+        self.0.get(&t.id())
+    }
+    /// dL/dt, or an error naming the tensor when the loss does not depend on it.
+    pub fn expect(&self, t: &Tensor) -> Result<&Tensor> {
+        self.get(t).ok_or_else(|| Error::Autograd(format!("no gradient for tensor {:?} of shape {}", t.id(), t.shape())))
+    }
+    /// Take dL/dt out.
+    pub fn remove(&mut self, t: &Tensor) -> Option<Tensor> {
+        self.0.remove(&t.id())
+    }
+    /// Number of gradients held.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+    /// True when empty.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}

@@ -1,0 +1,156 @@
+//! The CUDA driver implementation of [`GpuBackend`], on cudarc. One context and one
+//! stream per device; modules loaded lazily per kernel file and cached.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use cudarc::driver::{result as drv, CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
+
+use super::gpu::{validate_launch, GpuBackend, GpuBuffer, KernelArg, LaunchCfg};
+use super::kernels;
+use crate::error::{Error, Result};
+
+/// A CUDA device driven through the driver API.
+pub struct CudaBackend {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
+    functions: Mutex<HashMap<String, CudaFunction>>,
+}
+
+/// Whether the CUDA driver library can be loaded at all.
+pub fn driver_present() -> bool {
+    // SAFETY: only probes whether libcuda can be opened; no driver call is made.
+    unsafe { cudarc::driver::sys::is_culib_present() }
+}
+
+impl CudaBackend {
+    /// Open device `ordinal`. Errors (no panic) without a driver or device.
+    pub fn open(ordinal: usize) -> Result<Arc<Self>> {
+        if !driver_present() {
+            return Err(Error::CudaUnavailable("no CUDA driver library (libcuda.so) on this machine".into()));
+        }
+        drv::init().map_err(|e| Error::CudaUnavailable(format!("cuInit failed: {e}")))?;
+        let count = CudaContext::device_count().map_err(|e| Error::CudaUnavailable(format!("{e}")))?;
+        if ordinal >= count.max(0) as usize {
+            return Err(Error::CudaUnavailable(format!("cuda:{ordinal} requested but {count} device(s) present")));
+        }
+        let ctx = CudaContext::new(ordinal).map_err(|e| Error::CudaUnavailable(format!("cuda:{ordinal}: {e}")))?;
+        let stream = ctx.default_stream();
+        Ok(Arc::new(CudaBackend { ctx, stream, modules: Mutex::new(HashMap::new()), functions: Mutex::new(HashMap::new()) }))
+    }
+
+    fn function(&self, kernel: &str) -> Result<CudaFunction> {
+        if let Some(f) = self.functions.lock().unwrap_or_else(|p| p.into_inner()).get(kernel) {
+            return Ok(f.clone());
+        }
+        let file = kernels::file_of(kernel)?;
+        let module = {
+            let mut mods = self.modules.lock().unwrap_or_else(|p| p.into_inner());
+            match mods.get(file.file) {
+                Some(m) => m.clone(),
+                None => {
+                    let ptx = kernels::ptx_for(file, kernel)?;
+                    let m = self
+                        .ctx
+                        .load_module(cudarc::nvrtc::Ptx::from_src(ptx))
+                        .map_err(|e| Error::cuda(format!("loading module {}", file.file), e))?;
+                    mods.insert(file.file, m.clone());
+                    m
+                }
+            }
+        };
+        let f = module.load_function(kernel).map_err(|e| Error::cuda(format!("loading function {kernel}"), e))?;
+        self.functions.lock().unwrap_or_else(|p| p.into_inner()).insert(kernel.to_string(), f.clone());
+        Ok(f)
+    }
+}
+
+impl GpuBackend for CudaBackend {
+    fn name(&self) -> String {
+        let name = self.ctx.name().unwrap_or_else(|_| "CUDA device".into());
+        match self.ctx.compute_capability() {
+            Ok((a, b)) => format!("{name} (sm_{a}{b})"),
+            Err(_) => name,
+        }
+    }
+
+    fn alloc(&self, bytes: usize) -> Result<GpuBuffer> {
+        // Zero-sized tensors still get a distinct, valid address.
+        let slice: CudaSlice<u8> = self.stream.alloc_zeros(bytes.max(1)).map_err(|e| Error::cuda(format!("alloc {bytes} bytes"), e))?;
+        let ptr = {
+            let (p, _sync) = slice.device_ptr(&self.stream);
+            p
+        };
+        Ok(GpuBuffer::new(ptr, bytes, Arc::new(SendSlice(slice))))
+    }
+
+    fn copy_htod(&self, src: &[u8], dst: &GpuBuffer) -> Result<()> {
+        if src.len() > dst.bytes() {
+            return Err(Error::invalid("copy_htod", format!("{} bytes into a {}-byte buffer", src.len(), dst.bytes())));
+        }
+        if src.is_empty() {
+            return Ok(());
+        }
+        self.ctx.bind_to_thread().map_err(|e| Error::cuda("bind context", e))?;
+        // SAFETY: dst is a live allocation of at least src.len() bytes; the copy is
+        // synchronous with respect to the host buffer.
+        unsafe { drv::memcpy_htod_sync(dst.ptr(), src) }.map_err(|e| Error::cuda("memcpy htod", e))
+    }
+
+    fn copy_dtoh(&self, src: &GpuBuffer, dst: &mut [u8]) -> Result<()> {
+        if dst.len() > src.bytes() {
+            return Err(Error::invalid("copy_dtoh", format!("{} bytes from a {}-byte buffer", dst.len(), src.bytes())));
+        }
+        self.stream.synchronize().map_err(|e| Error::cuda("synchronize before dtoh", e))?;
+        if dst.is_empty() {
+            return Ok(());
+        }
+        // SAFETY: src is live and at least dst.len() bytes; the stream is idle.
+        unsafe { drv::memcpy_dtoh_sync(dst, src.ptr()) }.map_err(|e| Error::cuda("memcpy dtoh", e))
+    }
+
+    fn copy_dtod(&self, src: &GpuBuffer, dst: &GpuBuffer, bytes: usize) -> Result<()> {
+        if bytes > src.bytes() || bytes > dst.bytes() {
+            return Err(Error::invalid("copy_dtod", format!("{bytes} bytes between buffers of {} and {}", src.bytes(), dst.bytes())));
+        }
+        if bytes == 0 {
+            return Ok(());
+        }
+        // SAFETY: both allocations are live and hold at least `bytes` bytes.
+        unsafe { drv::memcpy_dtod_async(dst.ptr(), src.ptr(), bytes, self.stream.cu_stream()) }.map_err(|e| Error::cuda("memcpy dtod", e))
+    }
+
+    fn launch(&self, kernel: &str, cfg: &LaunchCfg, args: &[KernelArg]) -> Result<()> {
+        validate_launch(kernel, cfg)?;
+        let f = self.function(kernel)?;
+        let mut b = self.stream.launch_builder(&f);
+        for a in args {
+            match a {
+                KernelArg::Ptr { ptr, .. } => b.arg(ptr),
+                KernelArg::I32(v) => b.arg(v),
+                KernelArg::U32(v) => b.arg(v),
+                KernelArg::I64(v) => b.arg(v),
+                KernelArg::F32(v) => b.arg(v),
+                KernelArg::F64(v) => b.arg(v),
+            };
+        }
+        let lc = LaunchConfig { grid_dim: cfg.grid, block_dim: cfg.block, shared_mem_bytes: cfg.shared_bytes };
+        // SAFETY: argument count and types follow the kernel's signature (each op's
+        // launcher is written beside its kernel and tested for parity); every pointer
+        // is a live allocation held by the caller until the stream synchronises.
+        unsafe { b.launch(lc) }.map_err(|e| Error::Launch { kernel: kernel.to_string(), msg: e.to_string() })?;
+        Ok(())
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        self.stream.synchronize().map_err(|e| Error::cuda("synchronize", e))
+    }
+}
+
+/// CudaSlice holds raw CUDA handles; it is freed on the stream it was made on.
+struct SendSlice(#[allow(dead_code)] CudaSlice<u8>);
+// SAFETY: the slice is only dropped (cuMemFreeAsync on its stream), never accessed
+// through this wrapper; cudarc's own CudaSlice is Send + Sync for the same reason.
+unsafe impl Send for SendSlice {}
+unsafe impl Sync for SendSlice {}

@@ -1,0 +1,64 @@
+//! Where tensors live and kernels run.
+//!
+//! `Device::Cpu` always works. `Device::Cuda(n)` is resolved at run time through
+//! [`gpu::device`]: every CUDA code path talks to a [`gpu::GpuBackend`], the one small
+//! interface (load a kernel by name, allocate, copy, launch), so an emulated device can
+//! stand in for a real one.
+
+pub mod cpu;
+pub mod cuda;
+pub mod gpu;
+pub mod kernels;
+
+use std::fmt;
+
+use crate::error::{Error, Result};
+
+/// A place where tensors are stored and ops run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub enum Device {
+    /// Host memory; ops run on the rayon thread pool.
+    #[default]
+    Cpu,
+    /// CUDA device with this ordinal.
+    Cuda(usize),
+}
+
+impl Device {
+    /// Parse `cpu`, `cuda`, `cuda:N` or `auto` (best device present).
+    pub fn parse(s: &str) -> Result<Device> {
+        match s {
+            "cpu" => Ok(Device::Cpu),
+            "cuda" => Ok(Device::Cuda(0)),
+            "auto" => Ok(Device::best()),
+            _ => s
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(Device::Cuda)
+                .ok_or_else(|| Error::invalid("device", format!("`{s}`: expected cpu, cuda, cuda:N or auto"))),
+        }
+    }
+
+    /// CUDA device 0 if it can be opened, else the CPU.
+    pub fn best() -> Device {
+        if gpu::device(0).is_ok() {
+            Device::Cuda(0)
+        } else {
+            Device::Cpu
+        }
+    }
+
+    /// True for `Device::Cuda(_)`.
+    pub fn is_cuda(self) -> bool {
+        matches!(self, Device::Cuda(_))
+    }
+}
+
+impl fmt::Display for Device {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Device::Cpu => f.write_str("cpu"),
+            Device::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}

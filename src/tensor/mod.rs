@@ -1,0 +1,269 @@
+//! Tensors: a shape, a dtype and storage on the CPU or a CUDA device.
+//!
+//! Tensors are immutable values, cheap to clone (the storage is shared). Every tensor
+//! has a fresh [`TensorId`] (a reshape shares storage but gets a new id), which the
+//! autograd tape uses as the key of its gradients.
+
+mod dtype;
+mod shape;
+
+pub use dtype::{DType, Element};
+pub use shape::Shape;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use crate::device::gpu::{self, GpuBuffer, GpuDevice};
+use crate::device::Device;
+use crate::error::{Error, Result};
+
+/// Identity of a tensor value, unique in the process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TensorId(u64);
+
+impl TensorId {
+    fn fresh() -> Self {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        TensorId(NEXT.fetch_add(1, Ordering::Relaxed))
+    }
+}
+
+/// Host storage.
+#[derive(Clone, Debug)]
+pub enum CpuStorage {
+    F32(Vec<f32>),
+    F64(Vec<f64>),
+}
+
+/// Device storage: a buffer and the device that owns it (f32 only).
+#[derive(Clone, Debug)]
+pub struct GpuStorage {
+    pub dev: GpuDevice,
+    pub buf: GpuBuffer,
+}
+
+/// Where the elements of a tensor are.
+#[derive(Clone, Debug)]
+pub enum Storage {
+    Cpu(CpuStorage),
+    Cuda(GpuStorage),
+}
+
+struct Inner {
+    id: TensorId,
+    shape: Shape,
+    dtype: DType,
+    storage: Arc<Storage>,
+}
+
+/// A contiguous, row-major n-dimensional array.
+#[derive(Clone)]
+pub struct Tensor(Arc<Inner>);
+
+impl std::fmt::Debug for Tensor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Tensor({:?}, {}, {}, {:?})", self.0.id, self.0.shape, self.0.dtype, self.device())
+    }
+}
+
+impl Tensor {
+    fn make(shape: Shape, dtype: DType, storage: Arc<Storage>) -> Tensor {
+        Tensor(Arc::new(Inner { id: TensorId::fresh(), shape, dtype, storage }))
+    }
+
+    /// A CPU tensor from its elements. Errors when `data.len()` differs from the shape.
+    pub fn from_vec<T: Element>(data: Vec<T>, shape: impl Into<Shape>) -> Result<Tensor> {
+        let shape = shape.into();
+        if data.len() != shape.numel() {
+            return Err(Error::shape("Tensor::from_vec", format!("{} elements for shape {shape}", data.len())));
+        }
+        let storage = match T::DTYPE {
+            DType::F32 => CpuStorage::F32(bytemuck::cast_slice::<T, f32>(&data).to_vec()),
+            DType::F64 => CpuStorage::F64(bytemuck::cast_slice::<T, f64>(&data).to_vec()),
+        };
+        Ok(Self::make(shape, T::DTYPE, Arc::new(Storage::Cpu(storage))))
+    }
+
+    /// A CPU tensor from a slice.
+    pub fn from_slice<T: Element>(data: &[T], shape: impl Into<Shape>) -> Result<Tensor> {
+        Self::from_vec(data.to_vec(), shape)
+    }
+
+    /// A rank-0 f32 tensor on the CPU.
+    pub fn scalar(v: f32) -> Tensor {
+        Self::make(Shape::new(vec![]), DType::F32, Arc::new(Storage::Cpu(CpuStorage::F32(vec![v]))))
+    }
+
+    /// Zeros of `dtype` on `device`.
+    pub fn zeros(shape: impl Into<Shape>, dtype: DType, device: Device) -> Result<Tensor> {
+        Self::full(shape, 0.0, dtype, device)
+    }
+
+    /// A tensor filled with `value`.
+    pub fn full(shape: impl Into<Shape>, value: f64, dtype: DType, device: Device) -> Result<Tensor> {
+        let shape = shape.into();
+        let n = shape.numel();
+        let t = match dtype {
+            DType::F32 => Tensor::from_vec(vec![value as f32; n], shape)?,
+            DType::F64 => Tensor::from_vec(vec![value; n], shape)?,
+        };
+        t.to_device(device)
+    }
+
+    /// Wrap a device buffer holding `shape.numel()` f32 values (used by CUDA launchers).
+    pub fn from_gpu(dev: GpuDevice, buf: GpuBuffer, shape: impl Into<Shape>) -> Tensor {
+        Self::make(shape.into(), DType::F32, Arc::new(Storage::Cuda(GpuStorage { dev, buf })))
+    }
+
+    /// An uninitialised-by-contract (zero-filled) f32 device tensor.
+    pub fn gpu_zeros(dev: &GpuDevice, shape: impl Into<Shape>) -> Result<Tensor> {
+        let shape = shape.into();
+        let buf = dev.alloc(shape.numel() * 4)?;
+        Ok(Self::from_gpu(dev.clone(), buf, shape))
+    }
+
+    /// This value's identity (the key of its gradient).
+    pub fn id(&self) -> TensorId {
+        self.0.id
+    }
+    /// The shape.
+    pub fn shape(&self) -> &Shape {
+        &self.0.shape
+    }
+    /// The dimensions.
+    pub fn dims(&self) -> &[usize] {
+        self.0.shape.dims()
+    }
+    /// Number of elements.
+    pub fn numel(&self) -> usize {
+        self.0.shape.numel()
+    }
+    /// Element type.
+    pub fn dtype(&self) -> DType {
+        self.0.dtype
+    }
+    /// The storage.
+    pub fn storage(&self) -> &Storage {
+        &self.0.storage
+    }
+    /// The device holding the elements.
+    pub fn device(&self) -> Device {
+        match &*self.0.storage {
+            Storage::Cpu(_) => Device::Cpu,
+            Storage::Cuda(g) => Device::Cuda(g.dev.ordinal),
+        }
+    }
+
+    /// The host elements, when the tensor is on the CPU with element type `T`.
+    pub fn cpu_slice<T: Element>(&self) -> Result<&[T]> {
+        match &*self.0.storage {
+            Storage::Cpu(CpuStorage::F32(v)) if T::DTYPE == DType::F32 => Ok(bytemuck::cast_slice(v)),
+            Storage::Cpu(CpuStorage::F64(v)) if T::DTYPE == DType::F64 => Ok(bytemuck::cast_slice(v)),
+            Storage::Cpu(_) => Err(Error::DType { op: "cpu_slice", dtype: self.dtype().to_string(), msg: format!("asked for {}", T::DTYPE) }),
+            Storage::Cuda(_) => Err(Error::invalid("cpu_slice", format!("tensor {} is on {}", self.shape(), self.device()))),
+        }
+    }
+
+    /// The device buffer, when the tensor is on a CUDA device.
+    pub fn gpu(&self) -> Result<&GpuStorage> {
+        match &*self.0.storage {
+            Storage::Cuda(g) => Ok(g),
+            Storage::Cpu(_) => Err(Error::invalid("gpu", format!("tensor {} is on the CPU", self.shape()))),
+        }
+    }
+
+    /// Copy of the elements on the host, converting f32 <-> f64 if needed.
+    pub fn to_vec<T: Element>(&self) -> Result<Vec<T>> {
+        match &*self.0.storage {
+            Storage::Cpu(CpuStorage::F32(v)) => Ok(v.iter().map(|&x| T::of(x as f64)).collect()),
+            Storage::Cpu(CpuStorage::F64(v)) => Ok(v.iter().map(|&x| T::of(x)).collect()),
+            Storage::Cuda(g) => {
+                let mut host = vec![0f32; self.numel()];
+                g.dev.backend.copy_dtoh(&g.buf, bytemuck::cast_slice_mut(&mut host))?;
+                Ok(host.into_iter().map(|x| T::of(x as f64)).collect())
+            }
+        }
+    }
+
+    /// The single value of a one-element tensor, as f64.
+    pub fn item(&self) -> Result<f64> {
+        if self.numel() != 1 {
+            return Err(Error::shape("item", format!("tensor of shape {} is not a scalar", self.shape())));
+        }
+        Ok(self.to_vec::<f64>()?[0])
+    }
+
+    /// The same elements on `device` (a no-op returning a clone when already there).
+    /// Only f32 tensors can move to CUDA.
+    pub fn to_device(&self, device: Device) -> Result<Tensor> {
+        if self.device() == device {
+            return Ok(self.clone());
+        }
+        let storage = match device {
+            Device::Cpu => Storage::Cpu(CpuStorage::F32(self.to_vec::<f32>()?)),
+            Device::Cuda(n) => {
+                if self.dtype() != DType::F32 {
+                    return Err(Error::DType { op: "to_device", dtype: self.dtype().to_string(), msg: "CUDA tensors are f32".into() });
+                }
+                let dev = gpu::device(n)?;
+                let host = self.to_vec::<f32>()?;
+                let buf = dev.alloc(host.len() * 4)?;
+                dev.backend.copy_htod(bytemuck::cast_slice(&host), &buf)?;
+                Storage::Cuda(GpuStorage { dev, buf })
+            }
+        };
+        Ok(Self::make(self.shape().clone(), DType::F32, Arc::new(storage)))
+    }
+
+    /// The same values as `dtype` (CPU only; a clone if already that type).
+    pub fn to_dtype(&self, dtype: DType) -> Result<Tensor> {
+        if dtype == self.dtype() {
+            return Ok(self.clone());
+        }
+        if self.device() != Device::Cpu {
+            return Err(Error::DType { op: "to_dtype", dtype: dtype.to_string(), msg: "only f32 on CUDA".into() });
+        }
+        match dtype {
+            DType::F32 => Tensor::from_vec(self.to_vec::<f32>()?, self.shape().clone()),
+            DType::F64 => Tensor::from_vec(self.to_vec::<f64>()?, self.shape().clone()),
+        }
+    }
+
+    /// A tensor sharing this one's storage under a new shape and a new id. Not
+    /// recorded on the tape: use [`crate::ops::reshape`] inside a differentiated graph.
+    pub fn reshape_detached(&self, shape: impl Into<Shape>) -> Result<Tensor> {
+        let shape = shape.into();
+        if shape.numel() != self.numel() {
+            return Err(Error::shape("reshape", format!("{} to {shape}", self.shape())));
+        }
+        Ok(Self::make(shape, self.dtype(), self.0.storage.clone()))
+    }
+
+    /// A copy with a new id that no tape links to this one.
+    pub fn detach(&self) -> Tensor {
+        Self::make(self.shape().clone(), self.dtype(), self.0.storage.clone())
+    }
+}
+
+/// The common device of an op's inputs; an error naming the op and both devices
+/// otherwise.
+pub fn same_device(op: &'static str, ts: &[&Tensor]) -> Result<Device> {
+    let d = ts.first().map(|t| t.device()).unwrap_or(Device::Cpu);
+    for t in ts.iter().skip(1) {
+        if t.device() != d {
+            return Err(Error::DeviceMismatch { op, a: format!("{} {}", d, ts[0].shape()), b: format!("{} {}", t.device(), t.shape()) });
+        }
+    }
+    Ok(d)
+}
+
+/// The common dtype of an op's inputs.
+pub fn same_dtype(op: &'static str, ts: &[&Tensor]) -> Result<DType> {
+    let d = ts.first().map(|t| t.dtype()).unwrap_or(DType::F32);
+    for t in ts.iter().skip(1) {
+        if t.dtype() != d {
+            return Err(Error::DType { op, dtype: t.dtype().to_string(), msg: format!("mixed with {d}") });
+        }
+    }
+    Ok(d)
+}
