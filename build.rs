@@ -16,7 +16,13 @@ const ARCH: &str = "compute_80";
 
 fn main() {
     println!("cargo:rerun-if-changed=kernels");
-    for v in ["KESTREL_NVCC", "CUDA_HOME", "KESTREL_REQUIRE_NVCC", "KESTREL_NO_NVCC", "PATH"] {
+    for v in [
+        "KESTREL_NVCC",
+        "CUDA_HOME",
+        "KESTREL_REQUIRE_NVCC",
+        "KESTREL_NO_NVCC",
+        "PATH",
+    ] {
         println!("cargo:rerun-if-env-changed={v}");
     }
     let out = PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
@@ -31,7 +37,11 @@ fn main() {
         println!("cargo:rerun-if-changed={}", f.display());
     }
 
-    let nvcc = if env::var("KESTREL_NO_NVCC").is_ok_and(|v| v == "1") { None } else { find_nvcc() };
+    let nvcc = if env::var("KESTREL_NO_NVCC").is_ok_and(|v| v == "1") {
+        None
+    } else {
+        find_nvcc()
+    };
     if nvcc.is_none() && env::var("KESTREL_REQUIRE_NVCC").is_ok_and(|v| v == "1") {
         panic!("KESTREL_REQUIRE_NVCC=1 but no nvcc found (KESTREL_NVCC, CUDA_HOME/bin/nvcc, PATH)");
     }
@@ -75,12 +85,23 @@ fn find_nvcc() -> Option<PathBuf> {
             return Some(p);
         }
     }
-    env::var_os("PATH").and_then(|path| env::split_paths(&path).map(|d| d.join("nvcc")).find(|p| p.is_file()))
+    env::var_os("PATH").and_then(|path| {
+        env::split_paths(&path)
+            .map(|d| d.join("nvcc"))
+            .find(|p| p.is_file())
+    })
 }
 
 fn compile_ptx(nvcc: &Path, src: &Path, out: &Path) {
     let res = Command::new(nvcc)
-        .args(["-ptx", &format!("-arch={ARCH}"), "-std=c++17", "-lineinfo", "-Ikernels", "-o"])
+        .args([
+            "-ptx",
+            &format!("-arch={ARCH}"),
+            "-std=c++17",
+            "-lineinfo",
+            "-Ikernels",
+            "-o",
+        ])
         .arg(out)
         .arg(src)
         .output()
@@ -107,7 +128,8 @@ fn inline_includes(src: &str, dir: &Path, seen: &mut Vec<String>) -> String {
                 seen.push(name.clone());
                 let path = dir.join(&name);
                 println!("cargo:rerun-if-changed={}", path.display());
-                let text = fs::read_to_string(&path).unwrap_or_else(|e| panic!("include {}: {e}", path.display()));
+                let text = fs::read_to_string(&path)
+                    .unwrap_or_else(|e| panic!("include {}: {e}", path.display()));
                 out.push_str(&inline_includes(&text, dir, seen));
             }
             continue;
@@ -135,9 +157,19 @@ fn parse_entries(src: &str) -> Vec<String> {
         let mut upto = head;
         let mut offset = 0;
         loop {
-            let p = upto[offset..].find('(').map(|p| p + offset).unwrap_or(paren);
+            let p = upto[offset..]
+                .find('(')
+                .map(|p| p + offset)
+                .unwrap_or(paren);
             let before = upto[..p].trim_end();
-            let ident: String = before.chars().rev().take_while(|c| c.is_alphanumeric() || *c == '_').collect::<Vec<_>>().into_iter().rev().collect();
+            let ident: String = before
+                .chars()
+                .rev()
+                .take_while(|c| c.is_alphanumeric() || *c == '_')
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect();
             if ident == "__launch_bounds__" {
                 let close = upto[p..].find(')').map(|c| c + p + 1).unwrap_or(upto.len());
                 offset = close;

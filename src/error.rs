@@ -12,11 +12,19 @@ pub enum Error {
 
     /// Inputs of one op live on different devices.
     #[error("{op}: inputs on different devices: {a} and {b}")]
-    DeviceMismatch { op: &'static str, a: String, b: String },
+    DeviceMismatch {
+        op: &'static str,
+        a: String,
+        b: String,
+    },
 
     /// The op does not support this dtype (or this dtype on this device).
     #[error("{op}: unsupported dtype {dtype} ({msg})")]
-    DType { op: &'static str, dtype: String, msg: String },
+    DType {
+        op: &'static str,
+        dtype: String,
+        msg: String,
+    },
 
     /// An argument is out of its domain (stride 0, negative size, ...).
     #[error("{op}: invalid argument: {msg}")]
@@ -32,7 +40,12 @@ pub enum Error {
 
     /// NVRTC could not compile a kernel source file.
     #[error("NVRTC failed to compile {file} (needed for kernel `{kernel}`): {msg}\n{log}")]
-    Nvrtc { file: String, kernel: String, msg: String, log: String },
+    Nvrtc {
+        file: String,
+        kernel: String,
+        msg: String,
+        log: String,
+    },
 
     /// A kernel name that no kernels/*.cu file declares.
     #[error("unknown kernel `{0}` (see `kestrel kernels`)")]
@@ -48,7 +61,10 @@ pub enum Error {
 
     /// A file could not be read or written.
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 
     /// A safetensors file is malformed.
     #[error("{path}: bad safetensors file: {msg}")]
@@ -65,14 +81,23 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 impl Error {
     /// Shorthand for [`Error::Shape`].
     pub fn shape(op: &'static str, msg: impl Into<String>) -> Self {
-        Error::Shape { op, msg: msg.into() }
+        Error::Shape {
+            op,
+            msg: msg.into(),
+        }
     }
     /// Shorthand for [`Error::InvalidArgument`].
     pub fn invalid(op: &'static str, msg: impl Into<String>) -> Self {
-        Error::InvalidArgument { op, msg: msg.into() }
+        Error::InvalidArgument {
+            op,
+            msg: msg.into(),
+        }
     }
     /// Shorthand for [`Error::Cuda`].
     pub fn cuda(ctx: impl Into<String>, e: impl std::fmt::Display) -> Self {
-        Error::Cuda { ctx: ctx.into(), msg: e.to_string() }
+        Error::Cuda {
+            ctx: ctx.into(),
+            msg: e.to_string(),
+        }
     }
 }

@@ -14,10 +14,12 @@
 //! ```
 
 pub mod autograd;
+pub mod detection;
 pub mod device;
 pub mod error;
 pub mod io;
 pub mod ops;
+pub mod optim;
 pub mod rng;
 pub mod tensor;
 

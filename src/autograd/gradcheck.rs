@@ -22,13 +22,23 @@ pub struct GradcheckReport {
 /// Every element of every input listed in `wrt` is perturbed by `eps`. Fails with
 /// an error listing the worst element when the error exceeds `tol` (relative to
 /// max(1, |numeric|)).
-pub fn gradcheck<F>(f: F, inputs: &[Tensor], wrt: &[usize], seed: u64, eps: f64, tol: f64) -> Result<GradcheckReport>
+pub fn gradcheck<F>(
+    f: F,
+    inputs: &[Tensor],
+    wrt: &[usize],
+    seed: u64,
+    eps: f64,
+    tol: f64,
+) -> Result<GradcheckReport>
 where
     F: Fn(&[Tensor]) -> Result<Tensor>,
 {
     for (i, t) in inputs.iter().enumerate() {
         if t.dtype() != DType::F64 || t.device().is_cuda() {
-            return Err(Error::invalid("gradcheck", format!("input {i} must be an f64 CPU tensor")));
+            return Err(Error::invalid(
+                "gradcheck",
+                format!("input {i} must be an f64 CPU tensor"),
+            ));
         }
     }
     let tape = Tape::new();
@@ -47,7 +57,11 @@ where
         let y = super::no_grad(|| f(xs))?;
         Ok(y.to_vec::<f64>()?.iter().zip(&gy).map(|(a, b)| a * b).sum())
     };
-    let mut report = GradcheckReport { max_abs_err: 0.0, max_rel_err: 0.0, checked: 0 };
+    let mut report = GradcheckReport {
+        max_abs_err: 0.0,
+        max_rel_err: 0.0,
+        checked: 0,
+    };
     let mut worst = String::new();
     for &i in wrt {
         let analytic = match grads.get(&inputs[i]) {
@@ -71,12 +85,18 @@ where
             report.max_abs_err = report.max_abs_err.max(abs);
             if rel > report.max_rel_err {
                 report.max_rel_err = rel;
-                worst = format!("input {i} element {k}: analytic {} numeric {numeric}", analytic[k]);
+                worst = format!(
+                    "input {i} element {k}: analytic {} numeric {numeric}",
+                    analytic[k]
+                );
             }
         }
     }
     if report.max_rel_err > tol {
-        return Err(Error::Autograd(format!("gradcheck failed (seed {seed}): max rel err {:.3e} > {tol:.1e} at {worst}", report.max_rel_err)));
+        return Err(Error::Autograd(format!(
+            "gradcheck failed (seed {seed}): max rel err {:.3e} > {tol:.1e} at {worst}",
+            report.max_rel_err
+        )));
     }
     Ok(report)
 }

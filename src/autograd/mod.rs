@@ -97,7 +97,11 @@ impl Tape {
 
     /// Make `t` a leaf whose gradient [`Tape::backward`] will return.
     pub fn watch(&self, t: &Tensor) {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).tracked.insert(t.id());
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .tracked
+            .insert(t.id());
     }
 
     /// Make this the active tape of the current thread until the guard drops.
@@ -120,7 +124,10 @@ impl Tape {
     /// the recorded ops (a tape is backpropagated once).
     pub fn backward(&self, loss: &Tensor) -> Result<Gradients> {
         if loss.numel() != 1 {
-            return Err(Error::Autograd(format!("backward needs a scalar loss, got shape {}", loss.shape())));
+            return Err(Error::Autograd(format!(
+                "backward needs a scalar loss, got shape {}",
+                loss.shape()
+            )));
         }
         let seed = Tensor::full(loss.shape().clone(), 1.0, loss.dtype(), loss.device())?;
         self.backward_with(loss, seed)
@@ -129,25 +136,37 @@ impl Tape {
     /// Gradients given dL/d(output) = `grad` for a non-scalar `output`.
     pub fn backward_with(&self, output: &Tensor, grad: Tensor) -> Result<Gradients> {
         if grad.shape() != output.shape() {
-            return Err(Error::Autograd(format!("seed gradient {} for output {}", grad.shape(), output.shape())));
+            return Err(Error::Autograd(format!(
+                "seed gradient {} for output {}",
+                grad.shape(),
+                output.shape()
+            )));
         }
         let (nodes, tracked) = {
             let mut inner = self.0.lock().unwrap_or_else(|p| p.into_inner());
             (std::mem::take(&mut inner.nodes), inner.tracked.clone())
         };
         if !tracked.contains(&output.id()) {
-            return Err(Error::Autograd("the output does not depend on any watched tensor through recorded ops".into()));
+            return Err(Error::Autograd(
+                "the output does not depend on any watched tensor through recorded ops".into(),
+            ));
         }
         no_grad(|| {
             let mut grads: HashMap<TensorId, Tensor> = HashMap::new();
             grads.insert(output.id(), grad);
             for node in nodes.into_iter().rev() {
-                let Some(g) = grads.get(&node.output).cloned() else { continue };
+                let Some(g) = grads.get(&node.output).cloned() else {
+                    continue;
+                };
                 let needs: Vec<bool> = node.inputs.iter().map(|i| tracked.contains(i)).collect();
                 let op = node.op;
                 let gin = (node.backward)(&g, &needs)?;
                 if gin.len() != node.inputs.len() {
-                    return Err(Error::Autograd(format!("{op} backward returned {} gradients for {} inputs", gin.len(), node.inputs.len())));
+                    return Err(Error::Autograd(format!(
+                        "{op} backward returned {} gradients for {} inputs",
+                        gin.len(),
+                        node.inputs.len()
+                    )));
                 }
                 for ((id, gi), need) in node.inputs.iter().zip(gin).zip(needs) {
                     let Some(gi) = gi else { continue };
@@ -177,7 +196,13 @@ impl Gradients {
     }
     /// dL/dt, or an error naming the tensor when the loss does not depend on it.
     pub fn expect(&self, t: &Tensor) -> Result<&Tensor> {
-        self.get(t).ok_or_else(|| Error::Autograd(format!("no gradient for tensor {:?} of shape {}", t.id(), t.shape())))
+        self.get(t).ok_or_else(|| {
+            Error::Autograd(format!(
+                "no gradient for tensor {:?} of shape {}",
+                t.id(),
+                t.shape()
+            ))
+        })
     }
     /// Take dL/dt out.
     pub fn remove(&mut self, t: &Tensor) -> Option<Tensor> {

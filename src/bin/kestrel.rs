@@ -4,7 +4,11 @@ use clap::{Parser, Subcommand};
 use kestrel::device::kernels;
 
 #[derive(Parser)]
-#[command(name = "kestrel", version, about = "CUDA-kernel-centric Faster R-CNN engine")]
+#[command(
+    name = "kestrel",
+    version,
+    about = "CUDA-kernel-centric Faster R-CNN engine"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,

@@ -4,7 +4,10 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use cudarc::driver::{result as drv, CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{
+    result as drv, CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr,
+    LaunchConfig, PushKernelArg,
+};
 
 use super::gpu::{validate_launch, GpuBackend, GpuBuffer, KernelArg, LaunchCfg};
 use super::kernels;
@@ -28,20 +31,36 @@ impl CudaBackend {
     /// Open device `ordinal`. Errors (no panic) without a driver or device.
     pub fn open(ordinal: usize) -> Result<Arc<Self>> {
         if !driver_present() {
-            return Err(Error::CudaUnavailable("no CUDA driver library (libcuda.so) on this machine".into()));
+            return Err(Error::CudaUnavailable(
+                "no CUDA driver library (libcuda.so) on this machine".into(),
+            ));
         }
         drv::init().map_err(|e| Error::CudaUnavailable(format!("cuInit failed: {e}")))?;
-        let count = CudaContext::device_count().map_err(|e| Error::CudaUnavailable(format!("{e}")))?;
+        let count =
+            CudaContext::device_count().map_err(|e| Error::CudaUnavailable(format!("{e}")))?;
         if ordinal >= count.max(0) as usize {
-            return Err(Error::CudaUnavailable(format!("cuda:{ordinal} requested but {count} device(s) present")));
+            return Err(Error::CudaUnavailable(format!(
+                "cuda:{ordinal} requested but {count} device(s) present"
+            )));
         }
-        let ctx = CudaContext::new(ordinal).map_err(|e| Error::CudaUnavailable(format!("cuda:{ordinal}: {e}")))?;
+        let ctx = CudaContext::new(ordinal)
+            .map_err(|e| Error::CudaUnavailable(format!("cuda:{ordinal}: {e}")))?;
         let stream = ctx.default_stream();
-        Ok(Arc::new(CudaBackend { ctx, stream, modules: Mutex::new(HashMap::new()), functions: Mutex::new(HashMap::new()) }))
+        Ok(Arc::new(CudaBackend {
+            ctx,
+            stream,
+            modules: Mutex::new(HashMap::new()),
+            functions: Mutex::new(HashMap::new()),
+        }))
     }
 
     fn function(&self, kernel: &str) -> Result<CudaFunction> {
-        if let Some(f) = self.functions.lock().unwrap_or_else(|p| p.into_inner()).get(kernel) {
+        if let Some(f) = self
+            .functions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(kernel)
+        {
             return Ok(f.clone());
         }
         let file = kernels::file_of(kernel)?;
@@ -60,8 +79,13 @@ impl CudaBackend {
                 }
             }
         };
-        let f = module.load_function(kernel).map_err(|e| Error::cuda(format!("loading function {kernel}"), e))?;
-        self.functions.lock().unwrap_or_else(|p| p.into_inner()).insert(kernel.to_string(), f.clone());
+        let f = module
+            .load_function(kernel)
+            .map_err(|e| Error::cuda(format!("loading function {kernel}"), e))?;
+        self.functions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(kernel.to_string(), f.clone());
         Ok(f)
     }
 }
@@ -77,7 +101,10 @@ impl GpuBackend for CudaBackend {
 
     fn alloc(&self, bytes: usize) -> Result<GpuBuffer> {
         // Zero-sized tensors still get a distinct, valid address.
-        let slice: CudaSlice<u8> = self.stream.alloc_zeros(bytes.max(1)).map_err(|e| Error::cuda(format!("alloc {bytes} bytes"), e))?;
+        let slice: CudaSlice<u8> = self
+            .stream
+            .alloc_zeros(bytes.max(1))
+            .map_err(|e| Error::cuda(format!("alloc {bytes} bytes"), e))?;
         let ptr = {
             let (p, _sync) = slice.device_ptr(&self.stream);
             p
@@ -87,12 +114,17 @@ impl GpuBackend for CudaBackend {
 
     fn copy_htod(&self, src: &[u8], dst: &GpuBuffer) -> Result<()> {
         if src.len() > dst.bytes() {
-            return Err(Error::invalid("copy_htod", format!("{} bytes into a {}-byte buffer", src.len(), dst.bytes())));
+            return Err(Error::invalid(
+                "copy_htod",
+                format!("{} bytes into a {}-byte buffer", src.len(), dst.bytes()),
+            ));
         }
         if src.is_empty() {
             return Ok(());
         }
-        self.ctx.bind_to_thread().map_err(|e| Error::cuda("bind context", e))?;
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| Error::cuda("bind context", e))?;
         // SAFETY: dst is a live allocation of at least src.len() bytes; the copy is
         // synchronous with respect to the host buffer.
         unsafe { drv::memcpy_htod_sync(dst.ptr(), src) }.map_err(|e| Error::cuda("memcpy htod", e))
@@ -100,9 +132,14 @@ impl GpuBackend for CudaBackend {
 
     fn copy_dtoh(&self, src: &GpuBuffer, dst: &mut [u8]) -> Result<()> {
         if dst.len() > src.bytes() {
-            return Err(Error::invalid("copy_dtoh", format!("{} bytes from a {}-byte buffer", dst.len(), src.bytes())));
+            return Err(Error::invalid(
+                "copy_dtoh",
+                format!("{} bytes from a {}-byte buffer", dst.len(), src.bytes()),
+            ));
         }
-        self.stream.synchronize().map_err(|e| Error::cuda("synchronize before dtoh", e))?;
+        self.stream
+            .synchronize()
+            .map_err(|e| Error::cuda("synchronize before dtoh", e))?;
         if dst.is_empty() {
             return Ok(());
         }
@@ -112,13 +149,21 @@ impl GpuBackend for CudaBackend {
 
     fn copy_dtod(&self, src: &GpuBuffer, dst: &GpuBuffer, bytes: usize) -> Result<()> {
         if bytes > src.bytes() || bytes > dst.bytes() {
-            return Err(Error::invalid("copy_dtod", format!("{bytes} bytes between buffers of {} and {}", src.bytes(), dst.bytes())));
+            return Err(Error::invalid(
+                "copy_dtod",
+                format!(
+                    "{bytes} bytes between buffers of {} and {}",
+                    src.bytes(),
+                    dst.bytes()
+                ),
+            ));
         }
         if bytes == 0 {
             return Ok(());
         }
         // SAFETY: both allocations are live and hold at least `bytes` bytes.
-        unsafe { drv::memcpy_dtod_async(dst.ptr(), src.ptr(), bytes, self.stream.cu_stream()) }.map_err(|e| Error::cuda("memcpy dtod", e))
+        unsafe { drv::memcpy_dtod_async(dst.ptr(), src.ptr(), bytes, self.stream.cu_stream()) }
+            .map_err(|e| Error::cuda("memcpy dtod", e))
     }
 
     fn launch(&self, kernel: &str, cfg: &LaunchCfg, args: &[KernelArg]) -> Result<()> {
@@ -135,16 +180,25 @@ impl GpuBackend for CudaBackend {
                 KernelArg::F64(v) => b.arg(v),
             };
         }
-        let lc = LaunchConfig { grid_dim: cfg.grid, block_dim: cfg.block, shared_mem_bytes: cfg.shared_bytes };
+        let lc = LaunchConfig {
+            grid_dim: cfg.grid,
+            block_dim: cfg.block,
+            shared_mem_bytes: cfg.shared_bytes,
+        };
         // SAFETY: argument count and types follow the kernel's signature (each op's
         // launcher is written beside its kernel and tested for parity); every pointer
         // is a live allocation held by the caller until the stream synchronises.
-        unsafe { b.launch(lc) }.map_err(|e| Error::Launch { kernel: kernel.to_string(), msg: e.to_string() })?;
+        unsafe { b.launch(lc) }.map_err(|e| Error::Launch {
+            kernel: kernel.to_string(),
+            msg: e.to_string(),
+        })?;
         Ok(())
     }
 
     fn synchronize(&self) -> Result<()> {
-        self.stream.synchronize().map_err(|e| Error::cuda("synchronize", e))
+        self.stream
+            .synchronize()
+            .map_err(|e| Error::cuda("synchronize", e))
     }
 }
 

@@ -23,7 +23,11 @@ pub struct GpuBuffer {
 impl GpuBuffer {
     /// Wrap an address owned by `owner` (freed when the last clone drops).
     pub fn new(ptr: u64, bytes: usize, owner: Arc<dyn Any + Send + Sync>) -> Self {
-        GpuBuffer { ptr, bytes, _owner: owner }
+        GpuBuffer {
+            ptr,
+            bytes,
+            _owner: owner,
+        }
     }
     /// Device address of the first byte.
     pub fn ptr(&self) -> u64 {
@@ -35,7 +39,10 @@ impl GpuBuffer {
     }
     /// A kernel argument pointing at this buffer.
     pub fn arg(&self) -> KernelArg {
-        KernelArg::Ptr { ptr: self.ptr, bytes: self.bytes }
+        KernelArg::Ptr {
+            ptr: self.ptr,
+            bytes: self.bytes,
+        }
     }
 }
 
@@ -50,7 +57,10 @@ impl std::fmt::Debug for GpuBuffer {
 pub enum KernelArg {
     /// A device pointer; `bytes` is the size of the allocation behind it, for
     /// launch-time checks on emulated devices.
-    Ptr { ptr: u64, bytes: usize },
+    Ptr {
+        ptr: u64,
+        bytes: usize,
+    },
     I32(i32),
     U32(u32),
     I64(i64),
@@ -70,13 +80,21 @@ impl LaunchCfg {
     /// A 1-D launch with `threads` threads per block covering `n` elements.
     pub fn linear(n: usize, threads: u32) -> Self {
         let blocks = n.div_ceil(threads as usize).clamp(1, i32::MAX as usize) as u32;
-        LaunchCfg { grid: (blocks, 1, 1), block: (threads, 1, 1), shared_bytes: 0 }
+        LaunchCfg {
+            grid: (blocks, 1, 1),
+            block: (threads, 1, 1),
+            shared_bytes: 0,
+        }
     }
     /// A 1-D launch of 256-thread blocks covering `n` elements (grid-stride kernels
     /// cope with `n` beyond the grid).
     pub fn for_elems(n: usize) -> Self {
         let blocks = n.div_ceil(256).clamp(1, 65535 * 16) as u32;
-        LaunchCfg { grid: (blocks, 1, 1), block: (256, 1, 1), shared_bytes: 0 }
+        LaunchCfg {
+            grid: (blocks, 1, 1),
+            block: (256, 1, 1),
+            shared_bytes: 0,
+        }
     }
 }
 
@@ -119,7 +137,12 @@ impl GpuDevice {
 
 impl std::fmt::Debug for GpuDevice {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "GpuDevice(cuda:{}, {})", self.ordinal, self.backend.name())
+        write!(
+            f,
+            "GpuDevice(cuda:{}, {})",
+            self.ordinal,
+            self.backend.name()
+        )
     }
 }
 
@@ -127,7 +150,8 @@ impl std::fmt::Debug for GpuDevice {
 pub type BackendFactory = fn(usize) -> Result<Arc<dyn GpuBackend>>;
 
 fn registry() -> &'static Mutex<(Option<BackendFactory>, HashMap<usize, GpuDevice>)> {
-    static REG: OnceLock<Mutex<(Option<BackendFactory>, HashMap<usize, GpuDevice>)>> = OnceLock::new();
+    static REG: OnceLock<Mutex<(Option<BackendFactory>, HashMap<usize, GpuDevice>)>> =
+        OnceLock::new();
     REG.get_or_init(|| Mutex::new((None, HashMap::new())))
 }
 
@@ -150,7 +174,10 @@ pub fn device(n: usize) -> Result<GpuDevice> {
         Some(factory) => factory(n)?,
         None => super::cuda::CudaBackend::open(n)? as Arc<dyn GpuBackend>,
     };
-    let dev = GpuDevice { ordinal: n, backend };
+    let dev = GpuDevice {
+        ordinal: n,
+        backend,
+    };
     reg.1.insert(n, dev.clone());
     Ok(dev)
 }
@@ -159,9 +186,17 @@ pub fn device(n: usize) -> Result<GpuDevice> {
 pub fn validate_launch(kernel: &str, cfg: &LaunchCfg) -> Result<()> {
     let (bx, by, bz) = cfg.block;
     let threads = bx as u64 * by as u64 * bz as u64;
-    let err = |msg: String| Err(Error::Launch { kernel: kernel.to_string(), msg });
+    let err = |msg: String| {
+        Err(Error::Launch {
+            kernel: kernel.to_string(),
+            msg,
+        })
+    };
     if threads == 0 || threads > 1024 {
-        return err(format!("block {:?} has {threads} threads (1..=1024 allowed)", cfg.block));
+        return err(format!(
+            "block {:?} has {threads} threads (1..=1024 allowed)",
+            cfg.block
+        ));
     }
     if bz > 64 {
         return err(format!("block z dimension {bz} exceeds 64"));
@@ -171,7 +206,10 @@ pub fn validate_launch(kernel: &str, cfg: &LaunchCfg) -> Result<()> {
         return err(format!("grid {:?} out of range", cfg.grid));
     }
     if cfg.shared_bytes > 227 * 1024 {
-        return err(format!("{} bytes of dynamic shared memory exceeds 227 KiB", cfg.shared_bytes));
+        return err(format!(
+            "{} bytes of dynamic shared memory exceeds 227 KiB",
+            cfg.shared_bytes
+        ));
     }
     Ok(())
 }

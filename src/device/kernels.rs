@@ -71,7 +71,10 @@ pub fn nvrtc_ptx(f: &'static KernelFile, kernel: &str) -> Result<String> {
         return Ok(p.clone());
     }
     let ptx = compile_source(f.file, f.source, kernel)?;
-    cache.lock().unwrap_or_else(|p| p.into_inner()).insert(f.file, ptx.clone());
+    cache
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(f.file, ptx.clone());
     Ok(ptx)
 }
 
@@ -85,7 +88,8 @@ pub fn compile_source(file: &str, source: &str, kernel: &str) -> Result<String> 
     };
     if !nvrtc_present() {
         return Err(fail(
-            "libnvrtc not found: install the CUDA 13.0 NVRTC library and put it on LD_LIBRARY_PATH".into(),
+            "libnvrtc not found: install the CUDA 13.0 NVRTC library and put it on LD_LIBRARY_PATH"
+                .into(),
             String::new(),
         ));
     }
@@ -97,9 +101,10 @@ pub fn compile_source(file: &str, source: &str, kernel: &str) -> Result<String> 
     };
     match cudarc::nvrtc::compile_ptx_with_opts(source, opts) {
         Ok(ptx) => Ok(ptx.to_src()),
-        Err(cudarc::nvrtc::CompileError::CompileError { nvrtc, log, .. }) => {
-            Err(fail(format!("{nvrtc:?}"), log.to_string_lossy().into_owned()))
-        }
+        Err(cudarc::nvrtc::CompileError::CompileError { nvrtc, log, .. }) => Err(fail(
+            format!("{nvrtc:?}"),
+            log.to_string_lossy().into_owned(),
+        )),
         Err(e) => Err(fail(format!("{e:?}"), String::new())),
     }
 }

@@ -35,7 +35,12 @@ impl Device {
                 .strip_prefix("cuda:")
                 .and_then(|n| n.parse().ok())
                 .map(Device::Cuda)
-                .ok_or_else(|| Error::invalid("device", format!("`{s}`: expected cpu, cuda, cuda:N or auto"))),
+                .ok_or_else(|| {
+                    Error::invalid(
+                        "device",
+                        format!("`{s}`: expected cpu, cuda, cuda:N or auto"),
+                    )
+                }),
         }
     }
 

@@ -21,12 +21,25 @@ impl TensorFile {
     /// Read and validate the header of `path`.
     pub fn open(path: impl AsRef<Path>) -> Result<TensorFile> {
         let path = path.as_ref().to_path_buf();
-        let bytes = std::fs::read(&path).map_err(|source| Error::Io { path: path.clone(), source })?;
-        let (_, meta) = SafeTensors::read_metadata(&bytes).map_err(|e| Error::Safetensors { path: path.clone(), msg: e.to_string() })?;
+        let bytes = std::fs::read(&path).map_err(|source| Error::Io {
+            path: path.clone(),
+            source,
+        })?;
+        let (_, meta) = SafeTensors::read_metadata(&bytes).map_err(|e| Error::Safetensors {
+            path: path.clone(),
+            msg: e.to_string(),
+        })?;
         let metadata = meta.metadata().clone().unwrap_or_default();
         // Validate offsets of every tensor now, so later lookups cannot fail on format.
-        SafeTensors::deserialize(&bytes).map_err(|e| Error::Safetensors { path: path.clone(), msg: e.to_string() })?;
-        Ok(TensorFile { path, bytes, metadata })
+        SafeTensors::deserialize(&bytes).map_err(|e| Error::Safetensors {
+            path: path.clone(),
+            msg: e.to_string(),
+        })?;
+        Ok(TensorFile {
+            path,
+            bytes,
+            metadata,
+        })
     }
 
     /// The file's path.
@@ -58,13 +71,25 @@ impl TensorFile {
 
     /// The `params` metadata entry parsed as JSON (the fixtures' case settings).
     pub fn params(&self) -> Result<serde_json::Value> {
-        let s = self.metadata.get("params").ok_or_else(|| Error::Safetensors { path: self.path.clone(), msg: "no `params` metadata".into() })?;
-        serde_json::from_str(s).map_err(|e| Error::Safetensors { path: self.path.clone(), msg: format!("`params` is not JSON: {e}") })
+        let s = self
+            .metadata
+            .get("params")
+            .ok_or_else(|| Error::Safetensors {
+                path: self.path.clone(),
+                msg: "no `params` metadata".into(),
+            })?;
+        serde_json::from_str(s).map_err(|e| Error::Safetensors {
+            path: self.path.clone(),
+            msg: format!("`params` is not JSON: {e}"),
+        })
     }
 
     fn raw(&self, name: &str) -> Result<(StDtype, Vec<usize>, &[u8])> {
         let st = SafeTensors::deserialize(&self.bytes).expect("validated in TensorFile::open");
-        let v = st.tensor(name).map_err(|_| Error::Tensor { name: name.to_string(), msg: format!("missing from {}", self.path.display()) })?;
+        let v = st.tensor(name).map_err(|_| Error::Tensor {
+            name: name.to_string(),
+            msg: format!("missing from {}", self.path.display()),
+        })?;
         let (dtype, shape) = (v.dtype(), v.shape().to_vec());
         let off = v.data().as_ptr() as usize - self.bytes.as_ptr() as usize;
         let len = v.data().len();
@@ -77,7 +102,13 @@ impl TensorFile {
         match dtype {
             StDtype::F32 => Tensor::from_vec(read_le::<4, f32>(data, f32::from_le_bytes), shape),
             StDtype::F64 => Tensor::from_vec(read_le::<8, f64>(data, f64::from_le_bytes), shape),
-            other => Err(Error::Tensor { name: name.into(), msg: format!("dtype {other:?} where a float tensor is expected ({})", self.path.display()) }),
+            other => Err(Error::Tensor {
+                name: name.into(),
+                msg: format!(
+                    "dtype {other:?} where a float tensor is expected ({})",
+                    self.path.display()
+                ),
+            }),
         }
     }
 
@@ -85,9 +116,22 @@ impl TensorFile {
     pub fn tensor_shaped(&self, name: &str, shape: &Shape) -> Result<Tensor> {
         let t = self.tensor(name)?;
         if t.shape() != shape {
-            return Err(Error::Tensor { name: name.into(), msg: format!("shape {} in {}, expected {shape}", t.shape(), self.path.display()) });
+            return Err(Error::Tensor {
+                name: name.into(),
+                msg: format!(
+                    "shape {} in {}, expected {shape}",
+                    t.shape(),
+                    self.path.display()
+                ),
+            });
         }
         Ok(t)
+    }
+
+    /// An integer tensor (I64, I32, U8 or BOOL) as an i64 [`Tensor`] on the CPU.
+    pub fn int_tensor(&self, name: &str) -> Result<Tensor> {
+        let (v, shape) = self.ints(name)?;
+        Tensor::from_vec_i64(v, shape)
     }
 
     /// An integer tensor (I64, I32 or U8) as i64 values and its shape.
@@ -95,26 +139,46 @@ impl TensorFile {
         let (dtype, shape, data) = self.raw(name)?;
         let v = match dtype {
             StDtype::I64 => read_le::<8, i64>(data, i64::from_le_bytes),
-            StDtype::I32 => read_le::<4, i32>(data, i32::from_le_bytes).into_iter().map(i64::from).collect(),
+            StDtype::I32 => read_le::<4, i32>(data, i32::from_le_bytes)
+                .into_iter()
+                .map(i64::from)
+                .collect(),
             StDtype::U8 => data.iter().map(|&b| b as i64).collect(),
             StDtype::BOOL => data.iter().map(|&b| (b != 0) as i64).collect(),
-            other => return Err(Error::Tensor { name: name.into(), msg: format!("dtype {other:?} where an integer tensor is expected") }),
+            other => {
+                return Err(Error::Tensor {
+                    name: name.into(),
+                    msg: format!("dtype {other:?} where an integer tensor is expected"),
+                })
+            }
         };
         Ok((v, Shape::new(shape)))
     }
 }
 
 fn read_le<const N: usize, T>(data: &[u8], f: fn([u8; N]) -> T) -> Vec<T> {
-    data.chunks_exact(N).map(|c| f(c.try_into().expect("chunks_exact gives N bytes"))).collect()
+    data.chunks_exact(N)
+        .map(|c| f(c.try_into().expect("chunks_exact gives N bytes")))
+        .collect()
 }
 
 /// Write `path` so that a crash at any point leaves either the old file or the new
 /// one: write a temporary file beside it, fsync, rename over, fsync the directory.
 pub fn write_atomic(path: impl AsRef<Path>, bytes: &[u8]) -> Result<()> {
     let path = path.as_ref();
-    let io = |source| Error::Io { path: path.to_path_buf(), source };
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(".{}.tmp-{}", path.file_name().and_then(|n| n.to_str()).unwrap_or("file"), std::process::id()));
+    let io = |source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}",
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("file"),
+        std::process::id()
+    ));
     {
         let mut f = std::fs::File::create(&tmp).map_err(io)?;
         f.write_all(bytes).map_err(io)?;
@@ -128,13 +192,36 @@ pub fn write_atomic(path: impl AsRef<Path>, bytes: &[u8]) -> Result<()> {
 }
 
 /// Save named tensors (copied to the host) with string metadata, atomically.
-pub fn save_safetensors(path: impl AsRef<Path>, tensors: &[(&str, &Tensor)], metadata: Option<HashMap<String, String>>) -> Result<()> {
+pub fn save_safetensors(
+    path: impl AsRef<Path>,
+    tensors: &[(&str, &Tensor)],
+    metadata: Option<HashMap<String, String>>,
+) -> Result<()> {
     let path = path.as_ref();
     let mut owned: Vec<(String, StDtype, Vec<usize>, Vec<u8>)> = Vec::with_capacity(tensors.len());
     for (name, t) in tensors {
         let (dt, bytes) = match t.dtype() {
-            DType::F32 => (StDtype::F32, t.to_vec::<f32>()?.iter().flat_map(|v| v.to_le_bytes()).collect()),
-            DType::F64 => (StDtype::F64, t.to_vec::<f64>()?.iter().flat_map(|v| v.to_le_bytes()).collect()),
+            DType::F32 => (
+                StDtype::F32,
+                t.to_vec::<f32>()?
+                    .iter()
+                    .flat_map(|v| v.to_le_bytes())
+                    .collect(),
+            ),
+            DType::F64 => (
+                StDtype::F64,
+                t.to_vec::<f64>()?
+                    .iter()
+                    .flat_map(|v| v.to_le_bytes())
+                    .collect(),
+            ),
+            DType::I64 => (
+                StDtype::I64,
+                t.to_vec_i64()?
+                    .iter()
+                    .flat_map(|v| v.to_le_bytes())
+                    .collect(),
+            ),
         };
         owned.push((name.to_string(), dt, t.dims().to_vec(), bytes));
     }
@@ -143,9 +230,15 @@ pub fn save_safetensors(path: impl AsRef<Path>, tensors: &[(&str, &Tensor)], met
         .map(|(n, dt, shape, b)| {
             safetensors::tensor::TensorView::new(*dt, shape.clone(), b)
                 .map(|v| (n.clone(), v))
-                .map_err(|e| Error::Tensor { name: n.clone(), msg: e.to_string() })
+                .map_err(|e| Error::Tensor {
+                    name: n.clone(),
+                    msg: e.to_string(),
+                })
         })
         .collect::<Result<_>>()?;
-    let bytes = safetensors::serialize(views, metadata).map_err(|e| Error::Safetensors { path: path.to_path_buf(), msg: e.to_string() })?;
+    let bytes = safetensors::serialize(views, metadata).map_err(|e| Error::Safetensors {
+        path: path.to_path_buf(),
+        msg: e.to_string(),
+    })?;
     write_atomic(path, &bytes)
 }

@@ -4,8 +4,8 @@ use crate::autograd::record;
 use crate::device::Device;
 use crate::error::Result;
 use crate::tensor::{same_device, same_dtype, Element, Tensor};
-use num_traits::Zero;
 use crate::with_dtype;
+use num_traits::Zero;
 
 use super::{arg, check_same_shape, gpu_dev, launch_elems};
 
@@ -26,23 +26,46 @@ fn map2<T: Element>(a: &Tensor, b: &Tensor, f: impl Fn(T, T) -> T + Sync + Send)
 fn gpu_binary(op: &'static str, kernel: &str, a: &Tensor, b: &Tensor) -> Result<Tensor> {
     let dev = gpu_dev(op, a)?;
     let y = Tensor::gpu_zeros(&dev, a.shape().clone())?;
-    launch_elems(&dev, kernel, a.numel(), &[arg(a)?, arg(b)?, arg(&y)?, crate::device::gpu::KernelArg::I64(a.numel() as i64)])?;
+    launch_elems(
+        &dev,
+        kernel,
+        a.numel(),
+        &[
+            arg(a)?,
+            arg(b)?,
+            arg(&y)?,
+            crate::device::gpu::KernelArg::I64(a.numel() as i64),
+        ],
+    )?;
     Ok(y)
 }
 
 /// `max(x, 0)`, any shape.
 pub fn relu(x: &Tensor) -> Result<Tensor> {
     let y = match x.device() {
-        Device::Cpu => with_dtype!(x.dtype(), T => map1::<T>(x, |v| if v > T::zero() { v } else { T::zero() }))?,
+        Device::Cpu => {
+            with_dtype!(x.dtype(), T => map1::<T>(x, |v| if v > T::zero() { v } else { T::zero() }))?
+        }
         Device::Cuda(_) => {
             let dev = gpu_dev("relu", x)?;
             let y = Tensor::gpu_zeros(&dev, x.shape().clone())?;
-            launch_elems(&dev, "relu_fwd_f32", x.numel(), &[arg(x)?, arg(&y)?, crate::device::gpu::KernelArg::I64(x.numel() as i64)])?;
+            launch_elems(
+                &dev,
+                "relu_fwd_f32",
+                x.numel(),
+                &[
+                    arg(x)?,
+                    arg(&y)?,
+                    crate::device::gpu::KernelArg::I64(x.numel() as i64),
+                ],
+            )?;
             y
         }
     };
     let yc = y.clone();
-    record("relu", &[x], &y, move |gy, _| Ok(vec![Some(relu_backward(&yc, gy)?)]));
+    record("relu", &[x], &y, move |gy, _| {
+        Ok(vec![Some(relu_backward(&yc, gy)?)])
+    });
     Ok(y)
 }
 
@@ -50,7 +73,9 @@ pub fn relu(x: &Tensor) -> Result<Tensor> {
 pub fn relu_backward(y: &Tensor, gy: &Tensor) -> Result<Tensor> {
     check_same_shape("relu_backward", y, gy)?;
     match same_device("relu_backward", &[y, gy])? {
-        Device::Cpu => with_dtype!(same_dtype("relu_backward", &[y, gy])?, T => map2::<T>(y, gy, |y, g| if y > T::zero() { g } else { T::zero() })),
+        Device::Cpu => {
+            with_dtype!(same_dtype("relu_backward", &[y, gy])?, T => map2::<T>(y, gy, |y, g| if y > T::zero() { g } else { T::zero() }))
+        }
         Device::Cuda(_) => gpu_binary("relu_backward", "relu_bwd_f32", y, gy),
     }
 }
@@ -59,10 +84,14 @@ pub fn relu_backward(y: &Tensor, gy: &Tensor) -> Result<Tensor> {
 pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     check_same_shape("add", a, b)?;
     let y = match same_device("add", &[a, b])? {
-        Device::Cpu => with_dtype!(same_dtype("add", &[a, b])?, T => map2::<T>(a, b, |x, y| x + y))?,
+        Device::Cpu => {
+            with_dtype!(same_dtype("add", &[a, b])?, T => map2::<T>(a, b, |x, y| x + y))?
+        }
         Device::Cuda(_) => gpu_binary("add", "add_f32", a, b)?,
     };
-    record("add", &[a, b], &y, |gy, _| Ok(vec![Some(gy.clone()), Some(gy.clone())]));
+    record("add", &[a, b], &y, |gy, _| {
+        Ok(vec![Some(gy.clone()), Some(gy.clone())])
+    });
     Ok(y)
 }
 
@@ -72,8 +101,16 @@ pub fn mul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     let y = mul_plain(a, b)?;
     let (ac, bc) = (a.clone(), b.clone());
     record("mul", &[a, b], &y, move |gy, needs| {
-        let ga = if needs[0] { Some(mul_plain(gy, &bc)?) } else { None };
-        let gb = if needs[1] { Some(mul_plain(gy, &ac)?) } else { None };
+        let ga = if needs[0] {
+            Some(mul_plain(gy, &bc)?)
+        } else {
+            None
+        };
+        let gb = if needs[1] {
+            Some(mul_plain(gy, &ac)?)
+        } else {
+            None
+        };
         Ok(vec![ga, gb])
     });
     Ok(y)
@@ -89,7 +126,9 @@ fn mul_plain(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 /// `s * x` for a host scalar `s`.
 pub fn scale(x: &Tensor, s: f64) -> Result<Tensor> {
     let y = scale_plain(x, s)?;
-    record("scale", &[x], &y, move |gy, _| Ok(vec![Some(scale_plain(gy, s)?)]));
+    record("scale", &[x], &y, move |gy, _| {
+        Ok(vec![Some(scale_plain(gy, s)?)])
+    });
     Ok(y)
 }
 
@@ -100,7 +139,17 @@ fn scale_plain(x: &Tensor, s: f64) -> Result<Tensor> {
             let dev = gpu_dev("scale", x)?;
             let y = Tensor::gpu_zeros(&dev, x.shape().clone())?;
             use crate::device::gpu::KernelArg;
-            launch_elems(&dev, "scale_f32", x.numel(), &[arg(x)?, KernelArg::F32(s as f32), arg(&y)?, KernelArg::I64(x.numel() as i64)])?;
+            launch_elems(
+                &dev,
+                "scale_f32",
+                x.numel(),
+                &[
+                    arg(x)?,
+                    KernelArg::F32(s as f32),
+                    arg(&y)?,
+                    KernelArg::I64(x.numel() as i64),
+                ],
+            )?;
             Ok(y)
         }
     }

@@ -3,9 +3,20 @@
 //! the same name in kernels/. Every differentiable op records its backward on the
 //! active tape (see [`crate::autograd`]).
 
+pub mod boxes;
+pub mod conv2d;
 pub mod elementwise;
+pub mod linear;
+pub mod losses;
+pub mod nms;
+pub mod norm;
+pub mod pool;
 pub mod reduce;
 pub mod reshape;
+pub mod roi_align;
+pub mod shape;
+pub mod topk;
+pub mod upsample;
 
 pub use elementwise::{add, mul, relu, scale};
 pub use reduce::{mean, sum};
@@ -25,6 +36,13 @@ macro_rules! with_dtype {
                 type $T = f64;
                 $body
             }
+            $crate::tensor::DType::I64 => {
+                return Err($crate::Error::DType {
+                    op: "float op",
+                    dtype: "i64".into(),
+                    msg: "integer tensor where a float tensor is expected".into(),
+                })
+            }
         }
     };
 }
@@ -36,7 +54,11 @@ use crate::tensor::{DType, Tensor};
 /// The GPU device of a CUDA tensor; errors for non-f32 tensors (CUDA ops are f32).
 pub(crate) fn gpu_dev(op: &'static str, t: &Tensor) -> Result<GpuDevice> {
     if t.dtype() != DType::F32 {
-        return Err(Error::DType { op, dtype: t.dtype().to_string(), msg: "CUDA ops take f32".into() });
+        return Err(Error::DType {
+            op,
+            dtype: t.dtype().to_string(),
+            msg: "CUDA ops take f32".into(),
+        });
     }
     Ok(t.gpu()?.dev.clone())
 }
@@ -47,7 +69,12 @@ pub(crate) fn arg(t: &Tensor) -> Result<KernelArg> {
 }
 
 /// Launch a grid-stride elementwise kernel over `n` elements.
-pub(crate) fn launch_elems(dev: &GpuDevice, kernel: &str, n: usize, args: &[KernelArg]) -> Result<()> {
+pub(crate) fn launch_elems(
+    dev: &GpuDevice,
+    kernel: &str,
+    n: usize,
+    args: &[KernelArg],
+) -> Result<()> {
     if n == 0 {
         return Ok(());
     }

@@ -33,15 +33,38 @@ fn scaled_sum(op: &'static str, x: &Tensor, k: f64) -> Result<Tensor> {
             let blocks = n.div_ceil(256).clamp(1, 1024);
             let partial = Tensor::gpu_zeros(&dev, [blocks])?;
             let y = Tensor::gpu_zeros(&dev, Shape::new(vec![]))?;
-            let cfg = LaunchCfg { grid: (blocks as u32, 1, 1), block: (256, 1, 1), shared_bytes: 0 };
-            dev.launch("sum_partial_f32", cfg, &[arg(x)?, arg(&partial)?, KernelArg::I64(n as i64)])?;
-            let cfg1 = LaunchCfg { grid: (1, 1, 1), block: (1024, 1, 1), shared_bytes: 0 };
-            dev.launch("sum_final_f32", cfg1, &[arg(&partial)?, arg(&y)?, KernelArg::I32(blocks as i32), KernelArg::F32(k as f32)])?;
+            let cfg = LaunchCfg {
+                grid: (blocks as u32, 1, 1),
+                block: (256, 1, 1),
+                shared_bytes: 0,
+            };
+            dev.launch(
+                "sum_partial_f32",
+                cfg,
+                &[arg(x)?, arg(&partial)?, KernelArg::I64(n as i64)],
+            )?;
+            let cfg1 = LaunchCfg {
+                grid: (1, 1, 1),
+                block: (1024, 1, 1),
+                shared_bytes: 0,
+            };
+            dev.launch(
+                "sum_final_f32",
+                cfg1,
+                &[
+                    arg(&partial)?,
+                    arg(&y)?,
+                    KernelArg::I32(blocks as i32),
+                    KernelArg::F32(k as f32),
+                ],
+            )?;
             y
         }
     };
     let shape = x.shape().clone();
-    record(op, &[x], &y, move |gy, _| Ok(vec![Some(broadcast_scalar(gy, &shape, k)?)]));
+    record(op, &[x], &y, move |gy, _| {
+        Ok(vec![Some(broadcast_scalar(gy, &shape, k)?)])
+    });
     Ok(y)
 }
 
@@ -55,9 +78,18 @@ pub fn broadcast_scalar(g: &Tensor, shape: &Shape, k: f64) -> Result<Tensor> {
         Device::Cuda(_) => {
             let dev = gpu_dev("broadcast_scalar", g)?;
             let y = Tensor::gpu_zeros(&dev, shape.clone())?;
-            launch_elems(&dev, "fill_from_dev_f32", shape.numel(), &[arg(g)?, KernelArg::F32(k as f32), arg(&y)?, KernelArg::I64(shape.numel() as i64)])?;
+            launch_elems(
+                &dev,
+                "fill_from_dev_f32",
+                shape.numel(),
+                &[
+                    arg(g)?,
+                    KernelArg::F32(k as f32),
+                    arg(&y)?,
+                    KernelArg::I64(shape.numel() as i64),
+                ],
+            )?;
             Ok(y)
         }
     }
 }
-

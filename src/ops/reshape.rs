@@ -8,6 +8,8 @@ use crate::tensor::{Shape, Tensor};
 pub fn reshape(x: &Tensor, shape: impl Into<Shape>) -> Result<Tensor> {
     let y = x.reshape_detached(shape)?;
     let orig = x.shape().clone();
-    record("reshape", &[x], &y, move |gy, _| Ok(vec![Some(gy.reshape_detached(orig)?)]));
+    record("reshape", &[x], &y, move |gy, _| {
+        Ok(vec![Some(gy.reshape_detached(orig)?)])
+    });
     Ok(y)
 }

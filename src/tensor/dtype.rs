@@ -6,6 +6,8 @@ use std::fmt;
 pub enum DType {
     F32,
     F64,
+    /// Indices, labels and keep lists (CPU and CUDA).
+    I64,
 }
 
 impl DType {
@@ -14,6 +16,7 @@ impl DType {
         match self {
             DType::F32 => 4,
             DType::F64 => 8,
+            DType::I64 => 8,
         }
     }
 }
@@ -23,6 +26,7 @@ impl fmt::Display for DType {
         f.write_str(match self {
             DType::F32 => "f32",
             DType::F64 => "f64",
+            DType::I64 => "i64",
         })
     }
 }

@@ -33,9 +33,11 @@ impl TensorId {
 pub enum CpuStorage {
     F32(Vec<f32>),
     F64(Vec<f64>),
+    I64(Vec<i64>),
 }
 
-/// Device storage: a buffer and the device that owns it (f32 only).
+/// Device storage: a buffer and the device that owns it (f32 or i64; the dtype is
+/// the tensor's).
 #[derive(Clone, Debug)]
 pub struct GpuStorage {
     pub dev: GpuDevice,
@@ -62,24 +64,40 @@ pub struct Tensor(Arc<Inner>);
 
 impl std::fmt::Debug for Tensor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Tensor({:?}, {}, {}, {:?})", self.0.id, self.0.shape, self.0.dtype, self.device())
+        write!(
+            f,
+            "Tensor({:?}, {}, {}, {:?})",
+            self.0.id,
+            self.0.shape,
+            self.0.dtype,
+            self.device()
+        )
     }
 }
 
 impl Tensor {
     fn make(shape: Shape, dtype: DType, storage: Arc<Storage>) -> Tensor {
-        Tensor(Arc::new(Inner { id: TensorId::fresh(), shape, dtype, storage }))
+        Tensor(Arc::new(Inner {
+            id: TensorId::fresh(),
+            shape,
+            dtype,
+            storage,
+        }))
     }
 
     /// A CPU tensor from its elements. Errors when `data.len()` differs from the shape.
     pub fn from_vec<T: Element>(data: Vec<T>, shape: impl Into<Shape>) -> Result<Tensor> {
         let shape = shape.into();
         if data.len() != shape.numel() {
-            return Err(Error::shape("Tensor::from_vec", format!("{} elements for shape {shape}", data.len())));
+            return Err(Error::shape(
+                "Tensor::from_vec",
+                format!("{} elements for shape {shape}", data.len()),
+            ));
         }
         let storage = match T::DTYPE {
             DType::F32 => CpuStorage::F32(bytemuck::cast_slice::<T, f32>(&data).to_vec()),
             DType::F64 => CpuStorage::F64(bytemuck::cast_slice::<T, f64>(&data).to_vec()),
+            DType::I64 => unreachable!("Element is implemented for f32 and f64 only"),
         };
         Ok(Self::make(shape, T::DTYPE, Arc::new(Storage::Cpu(storage))))
     }
@@ -89,9 +107,29 @@ impl Tensor {
         Self::from_vec(data.to_vec(), shape)
     }
 
+    /// A CPU tensor of i64 (indices, labels, keep lists).
+    pub fn from_vec_i64(data: Vec<i64>, shape: impl Into<Shape>) -> Result<Tensor> {
+        let shape = shape.into();
+        if data.len() != shape.numel() {
+            return Err(Error::shape(
+                "Tensor::from_vec_i64",
+                format!("{} elements for shape {shape}", data.len()),
+            ));
+        }
+        Ok(Self::make(
+            shape,
+            DType::I64,
+            Arc::new(Storage::Cpu(CpuStorage::I64(data))),
+        ))
+    }
+
     /// A rank-0 f32 tensor on the CPU.
     pub fn scalar(v: f32) -> Tensor {
-        Self::make(Shape::new(vec![]), DType::F32, Arc::new(Storage::Cpu(CpuStorage::F32(vec![v]))))
+        Self::make(
+            Shape::new(vec![]),
+            DType::F32,
+            Arc::new(Storage::Cpu(CpuStorage::F32(vec![v]))),
+        )
     }
 
     /// Zeros of `dtype` on `device`.
@@ -100,19 +138,50 @@ impl Tensor {
     }
 
     /// A tensor filled with `value`.
-    pub fn full(shape: impl Into<Shape>, value: f64, dtype: DType, device: Device) -> Result<Tensor> {
+    pub fn full(
+        shape: impl Into<Shape>,
+        value: f64,
+        dtype: DType,
+        device: Device,
+    ) -> Result<Tensor> {
         let shape = shape.into();
         let n = shape.numel();
         let t = match dtype {
             DType::F32 => Tensor::from_vec(vec![value as f32; n], shape)?,
             DType::F64 => Tensor::from_vec(vec![value; n], shape)?,
+            DType::I64 => Tensor::from_vec_i64(vec![value as i64; n], shape)?,
         };
         t.to_device(device)
     }
 
     /// Wrap a device buffer holding `shape.numel()` f32 values (used by CUDA launchers).
     pub fn from_gpu(dev: GpuDevice, buf: GpuBuffer, shape: impl Into<Shape>) -> Tensor {
-        Self::make(shape.into(), DType::F32, Arc::new(Storage::Cuda(GpuStorage { dev, buf })))
+        Self::make(
+            shape.into(),
+            DType::F32,
+            Arc::new(Storage::Cuda(GpuStorage { dev, buf })),
+        )
+    }
+
+    /// Wrap a device buffer holding `shape.numel()` values of `dtype`.
+    pub fn from_gpu_typed(
+        dev: GpuDevice,
+        buf: GpuBuffer,
+        shape: impl Into<Shape>,
+        dtype: DType,
+    ) -> Tensor {
+        Self::make(
+            shape.into(),
+            dtype,
+            Arc::new(Storage::Cuda(GpuStorage { dev, buf })),
+        )
+    }
+
+    /// A zero-filled i64 device tensor.
+    pub fn gpu_zeros_i64(dev: &GpuDevice, shape: impl Into<Shape>) -> Result<Tensor> {
+        let shape = shape.into();
+        let buf = dev.alloc(shape.numel() * 8)?;
+        Ok(Self::from_gpu_typed(dev.clone(), buf, shape, DType::I64))
     }
 
     /// An uninitialised-by-contract (zero-filled) f32 device tensor.
@@ -157,10 +226,21 @@ impl Tensor {
     /// The host elements, when the tensor is on the CPU with element type `T`.
     pub fn cpu_slice<T: Element>(&self) -> Result<&[T]> {
         match &*self.0.storage {
-            Storage::Cpu(CpuStorage::F32(v)) if T::DTYPE == DType::F32 => Ok(bytemuck::cast_slice(v)),
-            Storage::Cpu(CpuStorage::F64(v)) if T::DTYPE == DType::F64 => Ok(bytemuck::cast_slice(v)),
-            Storage::Cpu(_) => Err(Error::DType { op: "cpu_slice", dtype: self.dtype().to_string(), msg: format!("asked for {}", T::DTYPE) }),
-            Storage::Cuda(_) => Err(Error::invalid("cpu_slice", format!("tensor {} is on {}", self.shape(), self.device()))),
+            Storage::Cpu(CpuStorage::F32(v)) if T::DTYPE == DType::F32 => {
+                Ok(bytemuck::cast_slice(v))
+            }
+            Storage::Cpu(CpuStorage::F64(v)) if T::DTYPE == DType::F64 => {
+                Ok(bytemuck::cast_slice(v))
+            }
+            Storage::Cpu(_) => Err(Error::DType {
+                op: "cpu_slice",
+                dtype: self.dtype().to_string(),
+                msg: format!("asked for {}", T::DTYPE),
+            }),
+            Storage::Cuda(_) => Err(Error::invalid(
+                "cpu_slice",
+                format!("tensor {} is on {}", self.shape(), self.device()),
+            )),
         }
     }
 
@@ -168,19 +248,71 @@ impl Tensor {
     pub fn gpu(&self) -> Result<&GpuStorage> {
         match &*self.0.storage {
             Storage::Cuda(g) => Ok(g),
-            Storage::Cpu(_) => Err(Error::invalid("gpu", format!("tensor {} is on the CPU", self.shape()))),
+            Storage::Cpu(_) => Err(Error::invalid(
+                "gpu",
+                format!("tensor {} is on the CPU", self.shape()),
+            )),
         }
     }
 
-    /// Copy of the elements on the host, converting f32 <-> f64 if needed.
+    /// The host elements of a CPU i64 tensor.
+    pub fn cpu_i64(&self) -> Result<&[i64]> {
+        match &*self.0.storage {
+            Storage::Cpu(CpuStorage::I64(v)) => Ok(v),
+            Storage::Cpu(_) => Err(Error::DType {
+                op: "cpu_i64",
+                dtype: self.dtype().to_string(),
+                msg: "asked for i64".into(),
+            }),
+            Storage::Cuda(_) => Err(Error::invalid(
+                "cpu_i64",
+                format!("tensor {} is on {}", self.shape(), self.device()),
+            )),
+        }
+    }
+
+    /// Copy of the elements on the host, converting between float types (and from
+    /// i64) if needed.
     pub fn to_vec<T: Element>(&self) -> Result<Vec<T>> {
         match &*self.0.storage {
             Storage::Cpu(CpuStorage::F32(v)) => Ok(v.iter().map(|&x| T::of(x as f64)).collect()),
             Storage::Cpu(CpuStorage::F64(v)) => Ok(v.iter().map(|&x| T::of(x)).collect()),
+            Storage::Cpu(CpuStorage::I64(v)) => Ok(v.iter().map(|&x| T::of(x as f64)).collect()),
+            Storage::Cuda(g) => match self.dtype() {
+                DType::I64 => Ok(self
+                    .to_vec_i64()?
+                    .into_iter()
+                    .map(|x| T::of(x as f64))
+                    .collect()),
+                _ => {
+                    let mut host = vec![0f32; self.numel()];
+                    g.dev
+                        .backend
+                        .copy_dtoh(&g.buf, bytemuck::cast_slice_mut(&mut host))?;
+                    Ok(host.into_iter().map(|x| T::of(x as f64)).collect())
+                }
+            },
+        }
+    }
+
+    /// Copy of the elements of an i64 tensor on the host.
+    pub fn to_vec_i64(&self) -> Result<Vec<i64>> {
+        if self.dtype() != DType::I64 {
+            return Err(Error::DType {
+                op: "to_vec_i64",
+                dtype: self.dtype().to_string(),
+                msg: "not an integer tensor".into(),
+            });
+        }
+        match &*self.0.storage {
+            Storage::Cpu(CpuStorage::I64(v)) => Ok(v.clone()),
+            Storage::Cpu(_) => unreachable!("dtype is I64"),
             Storage::Cuda(g) => {
-                let mut host = vec![0f32; self.numel()];
-                g.dev.backend.copy_dtoh(&g.buf, bytemuck::cast_slice_mut(&mut host))?;
-                Ok(host.into_iter().map(|x| T::of(x as f64)).collect())
+                let mut host = vec![0i64; self.numel()];
+                g.dev
+                    .backend
+                    .copy_dtoh(&g.buf, bytemuck::cast_slice_mut(&mut host))?;
+                Ok(host)
             }
         }
     }
@@ -188,7 +320,10 @@ impl Tensor {
     /// The single value of a one-element tensor, as f64.
     pub fn item(&self) -> Result<f64> {
         if self.numel() != 1 {
-            return Err(Error::shape("item", format!("tensor of shape {} is not a scalar", self.shape())));
+            return Err(Error::shape(
+                "item",
+                format!("tensor of shape {} is not a scalar", self.shape()),
+            ));
         }
         Ok(self.to_vec::<f64>()?[0])
     }
@@ -199,20 +334,33 @@ impl Tensor {
         if self.device() == device {
             return Ok(self.clone());
         }
-        let storage = match device {
-            Device::Cpu => Storage::Cpu(CpuStorage::F32(self.to_vec::<f32>()?)),
-            Device::Cuda(n) => {
-                if self.dtype() != DType::F32 {
-                    return Err(Error::DType { op: "to_device", dtype: self.dtype().to_string(), msg: "CUDA tensors are f32".into() });
-                }
+        let storage = match (device, self.dtype()) {
+            (Device::Cpu, DType::I64) => Storage::Cpu(CpuStorage::I64(self.to_vec_i64()?)),
+            (Device::Cpu, _) => Storage::Cpu(CpuStorage::F32(self.to_vec::<f32>()?)),
+            (Device::Cuda(_), DType::F64) => {
+                return Err(Error::DType {
+                    op: "to_device",
+                    dtype: "f64".into(),
+                    msg: "CUDA tensors are f32 or i64".into(),
+                });
+            }
+            (Device::Cuda(n), dtype) => {
                 let dev = gpu::device(n)?;
-                let host = self.to_vec::<f32>()?;
-                let buf = dev.alloc(host.len() * 4)?;
-                dev.backend.copy_htod(bytemuck::cast_slice(&host), &buf)?;
+                let bytes: Vec<u8> = match dtype {
+                    DType::I64 => bytemuck::cast_slice(&self.to_vec_i64()?).to_vec(),
+                    _ => bytemuck::cast_slice(&self.to_vec::<f32>()?).to_vec(),
+                };
+                let buf = dev.alloc(bytes.len())?;
+                dev.backend.copy_htod(&bytes, &buf)?;
                 Storage::Cuda(GpuStorage { dev, buf })
             }
         };
-        Ok(Self::make(self.shape().clone(), DType::F32, Arc::new(storage)))
+        let dtype = if self.dtype() == DType::I64 {
+            DType::I64
+        } else {
+            DType::F32
+        };
+        Ok(Self::make(self.shape().clone(), dtype, Arc::new(storage)))
     }
 
     /// The same values as `dtype` (CPU only; a clone if already that type).
@@ -221,11 +369,22 @@ impl Tensor {
             return Ok(self.clone());
         }
         if self.device() != Device::Cpu {
-            return Err(Error::DType { op: "to_dtype", dtype: dtype.to_string(), msg: "only f32 on CUDA".into() });
+            return Err(Error::DType {
+                op: "to_dtype",
+                dtype: dtype.to_string(),
+                msg: "dtype conversion runs on the CPU".into(),
+            });
         }
         match dtype {
             DType::F32 => Tensor::from_vec(self.to_vec::<f32>()?, self.shape().clone()),
             DType::F64 => Tensor::from_vec(self.to_vec::<f64>()?, self.shape().clone()),
+            DType::I64 => Tensor::from_vec_i64(
+                self.to_vec::<f64>()?
+                    .into_iter()
+                    .map(|v| v as i64)
+                    .collect(),
+                self.shape().clone(),
+            ),
         }
     }
 
@@ -234,7 +393,10 @@ impl Tensor {
     pub fn reshape_detached(&self, shape: impl Into<Shape>) -> Result<Tensor> {
         let shape = shape.into();
         if shape.numel() != self.numel() {
-            return Err(Error::shape("reshape", format!("{} to {shape}", self.shape())));
+            return Err(Error::shape(
+                "reshape",
+                format!("{} to {shape}", self.shape()),
+            ));
         }
         Ok(Self::make(shape, self.dtype(), self.0.storage.clone()))
     }
@@ -251,7 +413,11 @@ pub fn same_device(op: &'static str, ts: &[&Tensor]) -> Result<Device> {
     let d = ts.first().map(|t| t.device()).unwrap_or(Device::Cpu);
     for t in ts.iter().skip(1) {
         if t.device() != d {
-            return Err(Error::DeviceMismatch { op, a: format!("{} {}", d, ts[0].shape()), b: format!("{} {}", t.device(), t.shape()) });
+            return Err(Error::DeviceMismatch {
+                op,
+                a: format!("{} {}", d, ts[0].shape()),
+                b: format!("{} {}", t.device(), t.shape()),
+            });
         }
     }
     Ok(d)
@@ -262,7 +428,11 @@ pub fn same_dtype(op: &'static str, ts: &[&Tensor]) -> Result<DType> {
     let d = ts.first().map(|t| t.dtype()).unwrap_or(DType::F32);
     for t in ts.iter().skip(1) {
         if t.dtype() != d {
-            return Err(Error::DType { op, dtype: t.dtype().to_string(), msg: format!("mixed with {d}") });
+            return Err(Error::DType {
+                op,
+                dtype: t.dtype().to_string(),
+                msg: format!("mixed with {d}"),
+            });
         }
     }
     Ok(d)

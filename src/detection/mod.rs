@@ -1,0 +1,1 @@
+//! Detection building blocks: anchors, box coding, matching, sampling.
