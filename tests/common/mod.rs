@@ -24,7 +24,12 @@ pub fn fixture(rel: &str) -> TensorFile {
 /// The case names of a fixture file (the keys of its `params`), sorted.
 pub fn cases(f: &TensorFile) -> Vec<String> {
     let p = f.params().expect("params metadata");
-    let mut v: Vec<String> = p.as_object().expect("params is an object").keys().cloned().collect();
+    let mut v: Vec<String> = p
+        .as_object()
+        .expect("params is an object")
+        .keys()
+        .cloned()
+        .collect();
     v.sort();
     v
 }
@@ -32,7 +37,12 @@ pub fn cases(f: &TensorFile) -> Vec<String> {
 /// ‖a − b‖ / ‖b‖ (‖a − b‖ when b is zero).
 pub fn rel_err(a: &[f64], b: &[f64]) -> f64 {
     assert_eq!(a.len(), b.len(), "length mismatch");
-    let d: f64 = a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum::<f64>().sqrt();
+    let d: f64 = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (x - y) * (x - y))
+        .sum::<f64>()
+        .sqrt();
     let n: f64 = b.iter().map(|y| y * y).sum::<f64>().sqrt();
     if n == 0.0 {
         d
@@ -43,17 +53,34 @@ pub fn rel_err(a: &[f64], b: &[f64]) -> f64 {
 
 /// Assert that tensor `got` matches `want` in shape and within relative error `tol`.
 pub fn assert_close(what: &str, got: &Tensor, want: &Tensor, tol: f64) {
-    assert_eq!(got.dims(), want.dims(), "{what}: shape {:?} vs expected {:?}", got.dims(), want.dims());
+    assert_eq!(
+        got.dims(),
+        want.dims(),
+        "{what}: shape {:?} vs expected {:?}",
+        got.dims(),
+        want.dims()
+    );
     let (g, w) = (got.to_vec::<f64>().unwrap(), want.to_vec::<f64>().unwrap());
-    assert!(g.iter().all(|v| v.is_finite()) || w.iter().any(|v| !v.is_finite()), "{what}: non-finite output");
+    assert!(
+        g.iter().all(|v| v.is_finite()) || w.iter().any(|v| !v.is_finite()),
+        "{what}: non-finite output"
+    );
     let e = rel_err(&g, &w);
-    assert!(e <= tol, "{what}: relative error {e:.3e} > {tol:.1e} (first got {:?}, want {:?})", &g[..g.len().min(4)], &w[..w.len().min(4)]);
+    assert!(
+        e <= tol,
+        "{what}: relative error {e:.3e} > {tol:.1e} (first got {:?}, want {:?})",
+        &g[..g.len().min(4)],
+        &w[..w.len().min(4)]
+    );
 }
 
 /// The CUDA device tests run on (`KESTREL_TEST_CUDA`, default cuda:0). Panics with a
 /// clear message when none: CUDA tests are `#[ignore]`d and only run on purpose.
 pub fn cuda() -> Device {
-    let n = std::env::var("KESTREL_TEST_CUDA").ok().and_then(|s| s.parse().ok()).unwrap_or(0);
+    let n = std::env::var("KESTREL_TEST_CUDA")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
     kestrel::device::gpu::device(n).unwrap_or_else(|e| panic!("CUDA test needs a device: {e}"));
     Device::Cuda(n)
 }
