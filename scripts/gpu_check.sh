@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# One prepared GPU check for a lent device machine (no Rust there).
+#
+#   scripts/gpu_check.sh build   # here: build test + bench binaries with nvcc PTX,
+#                                # stage them and the fixtures under .device/
+#   then, with the device tool:  run(command="scripts/gpu_check.sh run", carry=[".device"])
+#
+# `run` executes every test binary with --include-ignored (so the CUDA parity tests
+# run), then every bench's CUDA and CPU groups briefly, and prints a short table.
+# Logs go to $OUT (or .device/out). Append the table to BENCH_RESULTS.md with the
+# card and date.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+STAGE=.device
+
+build() {
+  local venv="${KESTREL_VENV:-$PWD/.venv}"
+  local cu
+  cu="$("$venv/bin/python" -c 'import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], "cu13"))')"
+  export KESTREL_NVCC="$cu/bin/nvcc" KESTREL_REQUIRE_NVCC=1
+  rm -rf "$STAGE"; mkdir -p "$STAGE/bin" "$STAGE/bench"
+  grep -qx '/.device/' .git/info/exclude 2>/dev/null || echo '/.device/' >> .git/info/exclude
+  cargo test --release --no-run --message-format=json 2>/dev/null \
+    | python3 -c 'import sys,json
+for l in sys.stdin:
+    m=json.loads(l)
+    if m.get("reason")=="compiler-artifact" and m.get("executable") and m["target"]["kind"]==["test"]:
+        print(m["executable"])' | while read -r exe; do cp "$exe" "$STAGE/bin/$(basename "$exe" | sed 's/-[0-9a-f]*$//')"; done
+  cargo bench --no-run --message-format=json 2>/dev/null \
+    | python3 -c 'import sys,json
+for l in sys.stdin:
+    m=json.loads(l)
+    if m.get("reason")=="compiler-artifact" and m.get("executable") and m["target"]["kind"]==["bench"]:
+        print(m["executable"])' | while read -r exe; do cp "$exe" "$STAGE/bench/$(basename "$exe" | sed 's/-[0-9a-f]*$//')"; done
+  # The whole fixture set is over the 64 MiB a call may carry: take what the tests read.
+  mkdir -p "$STAGE/fixtures"; cp -r ../shared/fixtures/ops ../shared/fixtures/cocoeval "$STAGE/fixtures/"
+  du -sh "$STAGE"
+}
+
+run() {
+  local out="${OUT:-$STAGE/out}"; mkdir -p "$out"
+  export KESTREL_FIXTURES="$PWD/$STAGE/fixtures"
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/card.txt" || true
+  local table="$out/table.txt"; : > "$table"
+  for t in "$STAGE"/bin/*; do
+    local name; name="$(basename "$t")"
+    if "$t" --include-ignored --test-threads=1 > "$out/test-$name.log" 2>&1; then s=ok; else s=FAIL; fi
+    printf '%-28s %-5s %s\n' "test:$name" "$s" "$(grep -E '^test result' "$out/test-$name.log" | tail -1)" >> "$table"
+  done
+  for b in "$STAGE"/bench/*; do
+    local name; name="$(basename "$b")"
+    "$b" --bench --warm-up-time 0.5 --measurement-time 2 cuda > "$out/bench-$name.log" 2>&1 || echo "bench $name failed" >> "$table"
+    grep -E '^(\S+/cuda/\S+)|time:' "$out/bench-$name.log" | paste - - | awk '{print "bench:" $1, $3, $4, $5, $6, $7}' >> "$table" || true
+  done
+  cat "$table"
+}
+
+case "${1:-}" in
+  build) build ;;
+  run) run ;;
+  *) echo "usage: $0 build|run" >&2; exit 2 ;;
+esac
