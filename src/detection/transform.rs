@@ -1,0 +1,209 @@
+//! torchvision's GeneralizedRCNNTransform: normalise, resize, batch with padding; and
+//! the mapping of boxes between original and resized image coordinates.
+
+use crate::device::gpu::KernelArg;
+use crate::device::Device;
+use crate::error::{Error, Result};
+use crate::ops::{arg, gpu_dev, launch_elems};
+use crate::tensor::{DType, Tensor};
+
+/// Settings of the transform (torchvision defaults: ImageNet mean/std, divisible by 32).
+#[derive(Clone, Debug, PartialEq)]
+pub struct TransformConfig {
+    /// Target length of the shorter side, pixels.
+    pub min_size: usize,
+    /// Upper bound on the longer side, pixels.
+    pub max_size: usize,
+    /// Per-channel mean of 0..1 RGB.
+    pub mean: [f32; 3],
+    /// Per-channel std of 0..1 RGB.
+    pub std: [f32; 3],
+    /// Batch height and width are rounded up to a multiple of this.
+    pub size_divisible: usize,
+}
+
+impl TransformConfig {
+    /// torchvision's settings for the given sizes.
+    pub fn new(min_size: usize, max_size: usize) -> Self {
+        TransformConfig {
+            min_size,
+            max_size,
+            mean: [0.485, 0.456, 0.406],
+            std: [0.229, 0.224, 0.225],
+            size_divisible: 32,
+        }
+    }
+}
+
+/// A padded batch and the size of each image inside it (after resizing).
+#[derive(Clone, Debug)]
+pub struct ImageList {
+    /// `[N, 3, H, W]`, H and W multiples of `size_divisible`.
+    pub tensors: Tensor,
+    /// (height, width) of each resized image, pixels.
+    pub image_sizes: Vec<(usize, usize)>,
+}
+
+/// Size after resizing an `h` x `w` image, exactly as torchvision computes it: the
+/// scale as a Python float (f64), the size as floor(in * scale) (`interpolate` with
+/// `recompute_scale_factor=True`). The rounding matters: 451 * (480 / 451) is just
+/// under 480 in f64, so the side becomes 479.
+pub fn resized_size(h: usize, w: usize, min_size: usize, max_size: usize) -> (usize, usize) {
+    let (short, long) = (h.min(w) as f64, h.max(w) as f64);
+    let scale = (min_size as f64 / short).min(max_size as f64 / long);
+    (
+        (h as f64 * scale).floor() as usize,
+        (w as f64 * scale).floor() as usize,
+    )
+}
+
+/// An image tensor `[3, H, W]` in 0..1 from 8-bit RGB in CHW order.
+pub fn image_from_u8(data: &[u8], h: usize, w: usize) -> Result<Tensor> {
+    if data.len() != 3 * h * w {
+        return Err(Error::shape(
+            "image_from_u8",
+            format!("{} bytes for a 3x{h}x{w} image", data.len()),
+        ));
+    }
+    Tensor::from_vec(
+        data.iter().map(|&v| v as f32 / 255.0).collect::<Vec<f32>>(),
+        [3, h, w],
+    )
+}
+
+/// Normalise, resize and batch `images` (each f32 `[3, H, W]` in 0..1, all on one
+/// device) into an [`ImageList`] on that device.
+pub fn transform(images: &[Tensor], cfg: &TransformConfig) -> Result<ImageList> {
+    if images.is_empty() {
+        return Err(Error::invalid("transform", "no images"));
+    }
+    let device = crate::tensor::same_device("transform", &images.iter().collect::<Vec<_>>())?;
+    let mut sizes = Vec::with_capacity(images.len());
+    for (i, im) in images.iter().enumerate() {
+        if im.dims().len() != 3 || im.dims()[0] != 3 || im.dims()[1] == 0 || im.dims()[2] == 0 {
+            return Err(Error::shape(
+                "transform",
+                format!("image {i} has shape {}, expected [3, H, W]", im.shape()),
+            ));
+        }
+        if im.dtype() != DType::F32 {
+            return Err(Error::DType {
+                op: "transform",
+                dtype: im.dtype().to_string(),
+                msg: format!("image {i} must be f32"),
+            });
+        }
+        sizes.push(resized_size(
+            im.dims()[1],
+            im.dims()[2],
+            cfg.min_size,
+            cfg.max_size,
+        ));
+    }
+    let d = cfg.size_divisible.max(1);
+    let ph = sizes.iter().map(|s| s.0).max().unwrap_or(0).div_ceil(d) * d;
+    let pw = sizes.iter().map(|s| s.1).max().unwrap_or(0).div_ceil(d) * d;
+    let n = images.len();
+    let tensors = match device {
+        Device::Cpu => {
+            let mut out = vec![0f32; n * 3 * ph * pw];
+            for (b, (im, &(oh, ow))) in images.iter().zip(&sizes).enumerate() {
+                let src = im.cpu_slice::<f32>()?;
+                let dst = &mut out[b * 3 * ph * pw..(b + 1) * 3 * ph * pw];
+                resize_normalize_cpu(src, im.dims()[1], im.dims()[2], dst, oh, ow, ph, pw, cfg);
+            }
+            Tensor::from_vec(out, [n, 3, ph, pw])?
+        }
+        Device::Cuda(_) => {
+            let dev = gpu_dev("transform", &images[0])?;
+            let out = Tensor::gpu_zeros(&dev, [n, 3, ph, pw])?;
+            for (b, (im, &(oh, ow))) in images.iter().zip(&sizes).enumerate() {
+                let (h, w) = (im.dims()[1] as i32, im.dims()[2] as i32);
+                let (m, s) = (cfg.mean, cfg.std);
+                let args = [
+                    arg(im)?,
+                    KernelArg::I32(h),
+                    KernelArg::I32(w),
+                    arg(&out)?,
+                    KernelArg::I32(b as i32),
+                    KernelArg::I32(oh as i32),
+                    KernelArg::I32(ow as i32),
+                    KernelArg::I32(ph as i32),
+                    KernelArg::I32(pw as i32),
+                    KernelArg::F32(m[0]),
+                    KernelArg::F32(m[1]),
+                    KernelArg::F32(m[2]),
+                    KernelArg::F32(s[0]),
+                    KernelArg::F32(s[1]),
+                    KernelArg::F32(s[2]),
+                ];
+                launch_elems(&dev, "resize_normalize_f32", 3 * oh * ow, &args)?;
+            }
+            out
+        }
+    };
+    Ok(ImageList {
+        tensors,
+        image_sizes: sizes,
+    })
+}
+
+/// CPU twin of `resize_normalize_f32`: same float operations in the same order.
+#[allow(clippy::too_many_arguments)]
+fn resize_normalize_cpu(
+    src: &[f32],
+    h: usize,
+    w: usize,
+    dst: &mut [f32],
+    oh: usize,
+    ow: usize,
+    ph: usize,
+    pw: usize,
+    cfg: &TransformConfig,
+) {
+    let (sh, sw) = (h as f32 / oh as f32, w as f32 / ow as f32);
+    // Source index pairs and weights per output column and row, as PyTorch's
+    // upsample_bilinear2d computes them (source clamped at 0, no "+1" past the edge).
+    let taps = |scale: f32, o: usize, len: usize| {
+        let f = (scale * (o as f32 + 0.5) - 0.5).max(0.0);
+        let i0 = f as usize;
+        let i1 = i0 + usize::from(i0 < len - 1);
+        let l1 = f - i0 as f32;
+        (i0, i1, 1.0 - l1, l1)
+    };
+    let cols: Vec<_> = (0..ow).map(|x| taps(sw, x, w)).collect();
+    for c in 0..3 {
+        let (mean, std) = (cfg.mean[c], cfg.std[c]);
+        let p = &src[c * h * w..(c + 1) * h * w];
+        let norm = |y: usize, x: usize| (p[y * w + x] - mean) / std;
+        for oy in 0..oh {
+            let (y0, y1, ly0, ly1) = taps(sh, oy, h);
+            let row = &mut dst[(c * ph + oy) * pw..(c * ph + oy) * pw + ow];
+            for (ox, o) in row.iter_mut().enumerate() {
+                let (x0, x1, lx0, lx1) = cols[ox];
+                *o = ly0 * (lx0 * norm(y0, x0) + lx1 * norm(y0, x1))
+                    + ly1 * (lx0 * norm(y1, x0) + lx1 * norm(y1, x1));
+            }
+        }
+    }
+}
+
+/// Scale boxes `[K, 4]` (x1, y1, x2, y2) from an image of size `from` to size `to`
+/// (height, width), with torchvision's f32 ratios `to / from`.
+pub fn resize_boxes(boxes: &Tensor, from: (usize, usize), to: (usize, usize)) -> Result<Tensor> {
+    if boxes.dims().len() != 2 || boxes.dims()[1] != 4 {
+        return Err(Error::shape(
+            "resize_boxes",
+            format!("boxes of shape {}, expected [K, 4]", boxes.shape()),
+        ));
+    }
+    let rh = to.0 as f32 / from.0 as f32;
+    let rw = to.1 as f32 / from.1 as f32;
+    let device = boxes.device();
+    let v: Vec<f32> = boxes
+        .to_vec::<f32>()?
+        .chunks_exact(4)
+        .flat_map(|b| [b[0] * rw, b[1] * rh, b[2] * rw, b[3] * rh])
+        .collect();
+    Tensor::from_vec(v, boxes.shape().clone())?.to_device(device)
+}
