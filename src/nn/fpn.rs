@@ -1,0 +1,59 @@
+//! torchvision's FeaturePyramidNetwork with LastLevelMaxPool.
+
+use super::{Conv2d, Ctx, Init, ParamSpec};
+use crate::error::{Error, Result};
+use crate::ops::pool::max_pool2d;
+use crate::ops::upsample::upsample_nearest_add;
+use crate::tensor::Tensor;
+
+/// FPN over C2..C5 giving P2..P5 and P6 ("pool": a stride-2 max pool of P5).
+pub struct Fpn {
+    inner: Vec<Conv2d>,
+    layer: Vec<Conv2d>,
+    pub out_channels: usize,
+}
+
+impl Fpn {
+    /// Tensors named `{prefix}inner_blocks.{i}.0.*` and `{prefix}layer_blocks.{i}.0.*`.
+    pub fn new(prefix: &str, in_channels: &[usize], out_channels: usize) -> Fpn {
+        // torchvision: kaiming_uniform_(a=1) => bound sqrt(3 / fan_in); bias 0.
+        let conv = |name: String, cin: usize, k: usize, p: usize| {
+            let bound = (3.0 / (cin * k * k) as f32).sqrt();
+            Conv2d::new(name, cin, out_channels, k, 1, p, true).with_init(Init::Uniform(bound))
+        };
+        let inner = in_channels.iter().enumerate().map(|(i, &c)| conv(format!("{prefix}inner_blocks.{i}.0"), c, 1, 0)).collect();
+        let layer = (0..in_channels.len()).map(|i| conv(format!("{prefix}layer_blocks.{i}.0"), out_channels, 3, 1)).collect();
+        Fpn { inner, layer, out_channels }
+    }
+
+    /// The tensors of the FPN (biases start at zero, as torchvision's).
+    pub fn specs(&self, out: &mut Vec<ParamSpec>) {
+        for c in self.inner.iter().chain(&self.layer) {
+            let start = out.len();
+            c.specs(out);
+            for s in &mut out[start..] {
+                if s.name.ends_with(".bias") {
+                    s.init = Init::Const(0.0);
+                }
+            }
+        }
+    }
+
+    /// [C2..C5] to [P2, P3, P4, P5, P6].
+    pub fn forward(&self, ctx: &Ctx, feats: &[Tensor]) -> Result<Vec<Tensor>> {
+        if feats.len() != self.inner.len() {
+            return Err(Error::invalid("fpn", format!("{} feature maps for {} levels", feats.len(), self.inner.len())));
+        }
+        let n = feats.len();
+        let mut last_inner = self.inner[n - 1].forward(ctx, &feats[n - 1])?;
+        let mut results = vec![self.layer[n - 1].forward(ctx, &last_inner)?];
+        for i in (0..n - 1).rev() {
+            let lateral = self.inner[i].forward(ctx, &feats[i])?;
+            last_inner = upsample_nearest_add(&lateral, &last_inner)?;
+            results.insert(0, self.layer[i].forward(ctx, &last_inner)?);
+        }
+        let pool = max_pool2d(&results[n - 1], 1, 2, 0)?;
+        results.push(pool);
+        Ok(results)
+    }
+}
