@@ -421,9 +421,10 @@ pub struct ScheduleConfig {
     pub momentum: f64,
     pub weight_decay: f64,
     pub nesterov: bool,
-    /// Regular schedule and whether it counts epochs (else iterations).
+    /// Regular schedule, and whether it counts epochs or iterations (by default the
+    /// unit of `max`).
     pub policy: PolicyKind,
-    pub lr_by_epoch: bool,
+    pub lr_by_epoch: Option<bool>,
     /// `step`: milestones (epochs or iterations) and factor.
     pub steps: Vec<usize>,
     pub gamma: f64,
@@ -451,7 +452,7 @@ impl Default for ScheduleConfig {
             weight_decay: 1e-4,
             nesterov: false,
             policy: PolicyKind::Step,
-            lr_by_epoch: true,
+            lr_by_epoch: None,
             steps: vec![16, 22],
             gamma: 0.1,
             min_lr: None,
@@ -680,10 +681,10 @@ impl Config {
             Schedule::Epochs(0) | Schedule::Iters(0) => {
                 return Err(invalid("schedule.max", "zero length".into()))
             }
-            Schedule::Iters(_) if s.lr_by_epoch => {
+            Schedule::Iters(_) if s.lr_by_epoch == Some(true) => {
                 return Err(invalid(
                     "schedule.lr_by_epoch",
-                    "true with a schedule in iterations: set it to false".into(),
+                    "true with a schedule in iterations (`max = { iters = .. }`)".into(),
                 ))
             }
             _ => {}
@@ -746,7 +747,10 @@ impl Config {
     /// The LR updater hook of the schedule.
     pub fn lr_updater_hook(&self) -> LrUpdaterHook {
         let s = &self.schedule;
-        let hook = LrUpdaterHook::new(self.lr_policy(), s.lr_by_epoch);
+        let by_epoch = s
+            .lr_by_epoch
+            .unwrap_or(matches!(s.max, Schedule::Epochs(_)));
+        let hook = LrUpdaterHook::new(self.lr_policy(), by_epoch);
         let warmup = match s.warmup {
             WarmupKind::None => return hook,
             WarmupKind::Constant => Warmup::Constant,
