@@ -621,10 +621,17 @@ impl Config {
                 ),
             ));
         }
-        if m.anchors.sizes.is_empty() || m.anchors.sizes.iter().any(|s| !(*s > 0.0)) {
-            return Err(invalid("model.anchors.sizes", format!("{:?}", m.anchors.sizes)));
+        if m.anchors.sizes.is_empty() || m.anchors.sizes.iter().any(|s| s.is_nan() || *s <= 0.0) {
+            return Err(invalid(
+                "model.anchors.sizes",
+                format!("{:?}", m.anchors.sizes),
+            ));
         }
-        if m.anchors.aspect_ratios.is_empty() || m.anchors.aspect_ratios.iter().any(|s| !(*s > 0.0))
+        if m.anchors.aspect_ratios.is_empty()
+            || m.anchors
+                .aspect_ratios
+                .iter()
+                .any(|s| s.is_nan() || *s <= 0.0)
         {
             return Err(invalid(
                 "model.anchors.aspect_ratios",
@@ -646,10 +653,16 @@ impl Config {
             fraction(k, v)?;
         }
         if m.rpn.bg_iou_thresh > m.rpn.fg_iou_thresh {
-            return Err(invalid("model.rpn.bg_iou_thresh", "above fg_iou_thresh".into()));
+            return Err(invalid(
+                "model.rpn.bg_iou_thresh",
+                "above fg_iou_thresh".into(),
+            ));
         }
         if m.roi.bg_iou_thresh > m.roi.fg_iou_thresh {
-            return Err(invalid("model.roi.bg_iou_thresh", "above fg_iou_thresh".into()));
+            return Err(invalid(
+                "model.roi.bg_iou_thresh",
+                "above fg_iou_thresh".into(),
+            ));
         }
         positive("model.rpn.batch_size_per_image", m.rpn.batch_size_per_image)?;
         positive("model.roi.batch_size_per_image", m.roi.batch_size_per_image)?;
@@ -669,7 +682,10 @@ impl Config {
         positive("runtime.log_interval", r.log_interval)?;
         if let Some(e) = &r.ema {
             if !(e.momentum > 0.0 && e.momentum < 1.0) {
-                return Err(invalid("runtime.ema.momentum", format!("{} (0 < m < 1)", e.momentum)));
+                return Err(invalid(
+                    "runtime.ema.momentum",
+                    format!("{} (0 < m < 1)", e.momentum),
+                ));
             }
         }
         Ok(())
@@ -689,17 +705,29 @@ impl Config {
             }
             _ => {}
         }
-        if !(s.lr > 0.0) {
-            return Err(invalid("schedule.lr", format!("{} (must be positive)", s.lr)));
+        if s.lr.is_nan() || s.lr <= 0.0 {
+            return Err(invalid(
+                "schedule.lr",
+                format!("{} (must be positive)", s.lr),
+            ));
         }
         if !(0.0..1.0).contains(&s.momentum) {
-            return Err(invalid("schedule.momentum", format!("{} (0 <= m < 1)", s.momentum)));
+            return Err(invalid(
+                "schedule.momentum",
+                format!("{} (0 <= m < 1)", s.momentum),
+            ));
         }
-        if !(s.weight_decay >= 0.0) {
-            return Err(invalid("schedule.weight_decay", format!("{}", s.weight_decay)));
+        if s.weight_decay.is_nan() || s.weight_decay < 0.0 {
+            return Err(invalid(
+                "schedule.weight_decay",
+                format!("{}", s.weight_decay),
+            ));
         }
         if s.policy == PolicyKind::Step && s.steps.windows(2).any(|w| w[0] >= w[1]) {
-            return Err(invalid("schedule.steps", format!("{:?} are not increasing", s.steps)));
+            return Err(invalid(
+                "schedule.steps",
+                format!("{:?} are not increasing", s.steps),
+            ));
         }
         if s.warmup != WarmupKind::None {
             positive("schedule.warmup_iters", s.warmup_iters)?;
@@ -830,7 +858,12 @@ fn describe_toml_error(text: &str, e: &toml::de::Error) -> String {
         .find(|l| l.starts_with('['))
         .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim().to_string());
     let key = if line.trim_start().starts_with('[') {
-        Some(line.trim().trim_matches(|c| c == '[' || c == ']').trim().to_string())
+        Some(
+            line.trim()
+                .trim_matches(|c| c == '[' || c == ']')
+                .trim()
+                .to_string(),
+        )
     } else {
         line.split_once('=').map(|(k, _)| {
             let k = k.trim().trim_matches('"').to_string();

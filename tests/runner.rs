@@ -16,8 +16,8 @@ use kestrel::runner::hooks::{
     NanGuardHook, OptimizerHook, Warmup,
 };
 use kestrel::runner::{
-    epoch_permutation, parse_losses, DataLoader, Hook, Mode, Model, Optimizer, Priority,
-    Runner, Schedule, VecLoader,
+    epoch_permutation, parse_losses, DataLoader, Hook, Mode, Model, Optimizer, Priority, Runner,
+    Schedule, VecLoader,
 };
 use kestrel::{ops, Error, Result, Tensor};
 
@@ -124,11 +124,17 @@ impl Optimizer for TestSgd {
             let Some(g) = g else { continue };
             let pv = p.to_vec::<f32>()?;
             let gv = g.to_vec::<f32>()?;
-            let d: Vec<f32> = gv.iter().zip(&pv).map(|(g, p)| g + self.weight_decay * p).collect();
+            let d: Vec<f32> = gv
+                .iter()
+                .zip(&pv)
+                .map(|(g, p)| g + self.weight_decay * p)
+                .collect();
             let b = match buf.take() {
-                Some(b) if self.momentum != 0.0 => {
-                    b.iter().zip(&d).map(|(b, d)| self.momentum * b + d).collect()
-                }
+                Some(b) if self.momentum != 0.0 => b
+                    .iter()
+                    .zip(&d)
+                    .map(|(b, d)| self.momentum * b + d)
+                    .collect(),
                 _ => d,
             };
             let np: Vec<f32> = pv.iter().zip(&b).map(|(p, b)| p - lr * b).collect();
@@ -148,8 +154,12 @@ impl Optimizer for TestSgd {
             .iter()
             .enumerate()
             .filter_map(|(i, b)| {
-                b.as_ref()
-                    .map(|b| (format!("momentum_buffer.{i}"), Tensor::from_slice(b, [b.len()]).unwrap()))
+                b.as_ref().map(|b| {
+                    (
+                        format!("momentum_buffer.{i}"),
+                        Tensor::from_slice(b, [b.len()]).unwrap(),
+                    )
+                })
             })
             .collect()
     }
@@ -197,18 +207,32 @@ fn tmp_dir(name: &str) -> PathBuf {
 }
 
 fn runner(dir: &Path, schedule: Schedule, lr: f64) -> Runner<LinReg> {
-    let mut r = Runner::new(LinReg::new(), Box::new(TestSgd::new(lr, 0.9, 1e-4)), dir, schedule, 5);
+    let mut r = Runner::new(
+        LinReg::new(),
+        Box::new(TestSgd::new(lr, 0.9, 1e-4)),
+        dir,
+        schedule,
+        5,
+    );
     r.log.quiet = true;
     r.set_train_loader(loader());
     r
 }
 
 fn bits(t: &Tensor) -> Vec<u32> {
-    t.to_vec::<f32>().unwrap().iter().map(|v| v.to_bits()).collect()
+    t.to_vec::<f32>()
+        .unwrap()
+        .iter()
+        .map(|v| v.to_bits())
+        .collect()
 }
 
 fn param_bits<M: Model>(r: &Runner<M>) -> Vec<(String, Vec<u32>)> {
-    r.model.params().iter().map(|(n, t)| (n.clone(), bits(t))).collect()
+    r.model
+        .params()
+        .iter()
+        .map(|(n, t)| (n.clone(), bits(t)))
+        .collect()
 }
 
 /// Records `name@stage` into a shared list.
@@ -298,7 +322,10 @@ impl<M: Model> Hook<M> for Crash {
     }
     fn after_train_iter(&mut self, r: &mut Runner<M>) -> Result<()> {
         if r.iter() + 1 == self.at {
-            return Err(Error::Training(format!("simulated crash after iteration {}", self.at)));
+            return Err(Error::Training(format!(
+                "simulated crash after iteration {}",
+                self.at
+            )));
         }
         Ok(())
     }
@@ -307,7 +334,10 @@ impl<M: Model> Hook<M> for Crash {
 fn assert_close(got: &[f64], want: &[f64], tol: f64) {
     assert_eq!(got.len(), want.len(), "got {got:?}, want {want:?}");
     for (i, (g, w)) in got.iter().zip(want).enumerate() {
-        assert!((g - w).abs() <= tol * w.abs().max(1.0), "[{i}] got {g}, want {w} (all: {got:?})");
+        assert!(
+            (g - w).abs() <= tol * w.abs().max(1.0),
+            "[{i}] got {g}, want {w} (all: {got:?})"
+        );
     }
 }
 
@@ -360,13 +390,29 @@ fn hooks_run_in_priority_order_ties_in_registration_order() {
             .map(|c| c.split('@').next().unwrap().to_string())
             .collect()
     };
-    let names = ["highest", "very_high", "p45", "normal_a", "normal_b", "low", "lowest"];
-    for stage in ["before_run", "before_train_epoch", "after_train_iter0", "after_run"] {
+    let names = [
+        "highest",
+        "very_high",
+        "p45",
+        "normal_a",
+        "normal_b",
+        "low",
+        "lowest",
+    ];
+    for stage in [
+        "before_run",
+        "before_train_epoch",
+        "after_train_iter0",
+        "after_run",
+    ] {
         assert_eq!(at(stage), names, "stage {stage}");
     }
     // The order is printed at the start of the run (log.txt mirrors stdout).
     let txt = std::fs::read_to_string(dir.join("log.txt")).unwrap();
-    assert!(txt.contains("Hooks, in the order they run:\n(HIGHEST     ) highest"), "{txt}");
+    assert!(
+        txt.contains("Hooks, in the order they run:\n(HIGHEST     ) highest"),
+        "{txt}"
+    );
 }
 
 #[test]
@@ -437,11 +483,20 @@ fn stages_follow_mmcv_epoch_runner_with_val_phase() {
 #[test]
 fn parse_losses_sums_entries_named_loss_and_logs_all() {
     let losses = vec![
-        ("loss_cls".to_string(), Tensor::from_vec(vec![0.5f32], Vec::<usize>::new()).unwrap()),
+        (
+            "loss_cls".to_string(),
+            Tensor::from_vec(vec![0.5f32], Vec::<usize>::new()).unwrap(),
+        ),
         // non-scalar: averaged, (1 + 2 + 3 + 6) / 4 = 3
-        ("loss_box".to_string(), Tensor::from_vec(vec![1.0f32, 2.0, 3.0, 6.0], [2, 2]).unwrap()),
+        (
+            "loss_box".to_string(),
+            Tensor::from_vec(vec![1.0f32, 2.0, 3.0, 6.0], [2, 2]).unwrap(),
+        ),
         // not a loss: logged, not summed
-        ("acc".to_string(), Tensor::from_vec(vec![0.75f32], [1]).unwrap()),
+        (
+            "acc".to_string(),
+            Tensor::from_vec(vec![0.75f32], [1]).unwrap(),
+        ),
     ];
     let (total, vars) = parse_losses(losses).unwrap();
     assert_eq!(total.item().unwrap(), 3.5);
@@ -470,7 +525,10 @@ fn lr_policies_match_hand_computed_values() {
         gamma: 0.1,
         min_lr: None,
     };
-    let got: Vec<f64> = [0, 15, 16, 21, 22, 25].iter().map(|&e| step.lr(0.02, e, 26)).collect();
+    let got: Vec<f64> = [0, 15, 16, 21, 22, 25]
+        .iter()
+        .map(|&e| step.lr(0.02, e, 26))
+        .collect();
     assert_close(&got, &[0.02, 0.02, 0.002, 0.002, 0.0002, 0.0002], 1e-12);
     // step with a floor: 1.0 * 0.1 = 0.1 floored to 0.5.
     let floored = LrPolicy::Step {
@@ -493,7 +551,12 @@ fn lr_policies_match_hand_computed_values() {
         min_lr: 0.0,
         min_lr_ratio: None,
     };
-    let got = [cos.lr(0.1, 0, 10), cos.lr(0.1, 5, 10), cos.lr(0.1, 10, 10), cos.lr(0.1, 2, 8)];
+    let got = [
+        cos.lr(0.1, 0, 10),
+        cos.lr(0.1, 5, 10),
+        cos.lr(0.1, 10, 10),
+        cos.lr(0.1, 2, 8),
+    ];
     assert_close(&got, &[0.1, 0.05, 0.0, 0.08535533905932738], 1e-12);
     // cosine to 10% of base 0.1 at half way: 0.01 + 0.5 * 0.09 * 1 = 0.055.
     let cos_ratio = LrPolicy::Cosine {
@@ -526,14 +589,23 @@ fn warmups_match_hand_computed_values() {
     //   iter 0:   k = 1 * 0.999 = 0.999        -> 0.02 * 0.001    = 2e-5
     //   iter 500: k = 0.5 * 0.999 = 0.4995     -> 0.02 * 0.5005   = 0.01001
     //   iter 999: k = 0.001 * 0.999 = 0.000999 -> 0.02 * 0.999001 = 0.01998002
-    let lin: Vec<f64> = [0, 500, 999].iter().map(|&i| Warmup::Linear.lr(0.02, i, 1000, 0.001)).collect();
+    let lin: Vec<f64> = [0, 500, 999]
+        .iter()
+        .map(|&i| Warmup::Linear.lr(0.02, i, 1000, 0.001))
+        .collect();
     assert_close(&lin, &[2e-5, 0.01001, 0.01998002], 1e-12);
     // constant: 0.02 * 0.001 at any warmup iteration.
-    let c: Vec<f64> = [0, 500, 999].iter().map(|&i| Warmup::Constant.lr(0.02, i, 1000, 0.001)).collect();
+    let c: Vec<f64> = [0, 500, 999]
+        .iter()
+        .map(|&i| Warmup::Constant.lr(0.02, i, 1000, 0.001))
+        .collect();
     assert_close(&c, &[2e-5, 2e-5, 2e-5], 1e-12);
     // exp: 0.02 * 0.001^(1 - i/1000): i 0 -> 2e-5; i 500 -> 0.02 * 0.0316227766016838
     // = 6.32455532033676e-4.
-    let e: Vec<f64> = [0, 500].iter().map(|&i| Warmup::Exp.lr(0.02, i, 1000, 0.001)).collect();
+    let e: Vec<f64> = [0, 500]
+        .iter()
+        .map(|&i| Warmup::Exp.lr(0.02, i, 1000, 0.001))
+        .collect();
     assert_close(&e, &[2e-5, 6.32455532033676e-4], 1e-12);
 }
 
@@ -587,7 +659,14 @@ fn lr_hook_by_iter_cosine_with_exp_warmup() {
     );
     r.register_hook(LrProbe(lrs.clone()));
     r.run(&[(Mode::Train, 1)]).unwrap();
-    let want = [0.01, 0.09330127018922194, 0.75, 0.5, 0.25, 0.06698729810778065];
+    let want = [
+        0.01,
+        0.09330127018922194,
+        0.75,
+        0.5,
+        0.25,
+        0.06698729810778065,
+    ];
     assert_close(&lrs.borrow(), &want, 1e-12);
 }
 
@@ -627,7 +706,11 @@ fn lr_hook_warmup_by_epochs() {
     );
     r.register_hook(LrProbe(lrs.clone()));
     r.run(&[(Mode::Train, 1)]).unwrap();
-    assert_close(&lrs.borrow(), &[0.2, 0.4, 0.6, 0.8, 1.0, 1.0, 1.0, 1.0], 1e-12);
+    assert_close(
+        &lrs.borrow(),
+        &[0.2, 0.4, 0.6, 0.8, 1.0, 1.0, 1.0, 1.0],
+        1e-12,
+    );
 }
 
 // ---- resume -------------------------------------------------------------------------
@@ -678,7 +761,10 @@ fn resume_mid_epoch_iter_based_is_bit_exact() {
     // The training stream continued too.
     assert_eq!(second.rng.state(), full.rng.state());
     // And the weights moved: the test is not vacuous.
-    assert_ne!(param_bits(&second), param_bits(&iter_runner(&tmp_dir("resume_init"), 1)));
+    assert_ne!(
+        param_bits(&second),
+        param_bits(&iter_runner(&tmp_dir("resume_init"), 1))
+    );
 }
 
 /// Epoch-based with everything stateful: momentum, weight decay, warmup + step by
@@ -688,7 +774,9 @@ fn epoch_runner(dir: &Path) -> Runner<LinReg> {
     r.set_val_loader(Box::new(VecLoader::new(dataset(), 4, false, 0).unwrap()));
     r.register_training_hooks(
         Some(step_warmup_hook(true, vec![2, 3])),
-        OptimizerHook::new().with_cumulative_iters(2).with_grad_clip(1.0, 2.0),
+        OptimizerHook::new()
+            .with_cumulative_iters(2)
+            .with_grad_clip(1.0, 2.0),
         Some(CheckpointHook::new(1, false)),
         Some(2),
     );
@@ -711,7 +799,10 @@ fn resume_after_crash_epoch_based_with_accumulation_and_ema_is_bit_exact() {
     first.register_hook(Crash { at: 7 });
     let err = first.run(&wf).unwrap_err();
     assert!(err.to_string().contains("simulated crash"), "{err}");
-    assert!(first.grads.iter().any(Option::is_some), "gradients pending at the crash");
+    assert!(
+        first.grads.iter().any(Option::is_some),
+        "gradients pending at the crash"
+    );
 
     let mut second = epoch_runner(&dir);
     second.resume_latest().unwrap().expect("latest exists");
@@ -721,7 +812,10 @@ fn resume_after_crash_epoch_based_with_accumulation_and_ema_is_bit_exact() {
     assert_eq!(second.iter(), 16);
     assert_eq!(param_bits(&second), param_bits(&full));
     let ema = |r: &Runner<LinReg>| -> Vec<(String, Vec<u32>)> {
-        r.extra_tensors.iter().map(|(n, t)| (n.clone(), bits(t))).collect()
+        r.extra_tensors
+            .iter()
+            .map(|(n, t)| (n.clone(), bits(t)))
+            .collect()
     };
     assert_eq!(ema(&second).len(), 2);
     assert_eq!(ema(&second), ema(&full));
@@ -734,20 +828,31 @@ fn checkpoint_write_killed_midway_leaves_previous_checkpoint_intact() {
     let dir = tmp_dir("atomic");
     let ckpt_runner = |max| {
         let mut r = runner(&dir, Schedule::Iters(max), 0.1);
-        r.register_training_hooks(None, OptimizerHook::new(), Some(CheckpointHook::new(2, false)), None);
+        r.register_training_hooks(
+            None,
+            OptimizerHook::new(),
+            Some(CheckpointHook::new(2, false)),
+            None,
+        );
         r
     };
     let mut a = ckpt_runner(2);
     a.run(&[(Mode::Train, 1)]).unwrap();
     let good = dir.join("iter_2.safetensors");
     let good_bytes = std::fs::read(&good).unwrap();
-    assert_eq!(std::fs::read_to_string(dir.join("latest")).unwrap().trim(), "iter_2.safetensors");
+    assert_eq!(
+        std::fs::read_to_string(dir.join("latest")).unwrap().trim(),
+        "iter_2.safetensors"
+    );
 
     // 1. A crash between writing and renaming leaves half-written temporary files
     //    (the names kestrel::io::write_atomic uses) and nothing else.
     let pid = std::process::id();
-    std::fs::write(dir.join(format!(".iter_4.safetensors.tmp-{pid}")), &good_bytes[..good_bytes.len() / 2])
-        .unwrap();
+    std::fs::write(
+        dir.join(format!(".iter_4.safetensors.tmp-{pid}")),
+        &good_bytes[..good_bytes.len() / 2],
+    )
+    .unwrap();
     std::fs::write(dir.join(format!(".latest.tmp-{pid}")), b"iter_").unwrap();
     let mut b = ckpt_runner(4);
     let used = b.resume_latest().unwrap().unwrap();
@@ -765,7 +870,10 @@ fn checkpoint_write_killed_midway_leaves_previous_checkpoint_intact() {
     assert!(matches!(err, Error::Io { .. }), "{err}");
     assert!(err.to_string().contains("iter_4.safetensors"), "{err}");
     assert!(!dir.join("iter_4.safetensors").exists());
-    assert_eq!(std::fs::read_to_string(dir.join("latest")).unwrap().trim(), "iter_2.safetensors");
+    assert_eq!(
+        std::fs::read_to_string(dir.join("latest")).unwrap().trim(),
+        "iter_2.safetensors"
+    );
     assert_eq!(std::fs::read(&good).unwrap(), good_bytes);
     let mut c = ckpt_runner(4);
     c.resume_latest().unwrap();
@@ -781,7 +889,10 @@ fn checkpoint_write_killed_midway_leaves_previous_checkpoint_intact() {
     // 4. With the obstacle gone the run completes and `latest` moves on.
     std::fs::remove_dir(&tmp).unwrap();
     c.run(&[(Mode::Train, 1)]).unwrap();
-    assert_eq!(std::fs::read_to_string(dir.join("latest")).unwrap().trim(), "iter_4.safetensors");
+    assert_eq!(
+        std::fs::read_to_string(dir.join("latest")).unwrap().trim(),
+        "iter_4.safetensors"
+    );
 }
 
 #[test]
@@ -799,7 +910,10 @@ fn checkpoint_hook_keeps_the_newest_and_can_skip_optimizer_state() {
         .collect();
     files.sort();
     assert_eq!(files, ["iter_4.safetensors", "iter_5.safetensors"]);
-    assert_eq!(std::fs::read_to_string(dir.join("latest")).unwrap().trim(), "iter_5.safetensors");
+    assert_eq!(
+        std::fs::read_to_string(dir.join("latest")).unwrap().trim(),
+        "iter_5.safetensors"
+    );
     let f = kestrel::io::TensorFile::open(dir.join("iter_5.safetensors")).unwrap();
     assert_eq!(f.names(), ["b", "w"], "weights only, under their own names");
     let meta = kestrel::runner::read_checkpoint_meta(&f).unwrap();
@@ -854,7 +968,10 @@ struct Dot {
 impl Model for Dot {
     type Batch = Vec<Vec<f32>>;
     fn params(&self) -> Vec<(String, Tensor)> {
-        vec![("w1".into(), self.w1.clone()), ("w2".into(), self.w2.clone())]
+        vec![
+            ("w1".into(), self.w1.clone()),
+            ("w2".into(), self.w2.clone()),
+        ]
     }
     fn set_params(&mut self, p: Vec<Tensor>) -> Result<()> {
         self.w1 = p[0].clone();
@@ -866,19 +983,32 @@ impl Model for Dot {
         let c = &batch[0];
         let c1 = Tensor::from_vec(c[..2].to_vec(), [2])?;
         let c2 = Tensor::from_vec(c[2..].to_vec(), [1])?;
-        let l = ops::add(&ops::sum(&ops::mul(&self.w1, &c1)?)?, &ops::sum(&ops::mul(&self.w2, &c2)?)?)?;
+        let l = ops::add(
+            &ops::sum(&ops::mul(&self.w1, &c1)?)?,
+            &ops::sum(&ops::mul(&self.w2, &c2)?)?,
+        )?;
         Ok(vec![("loss_dot".into(), l)])
     }
 }
 
-fn dot_runner(items: Vec<Vec<f32>>, iters: usize, hook: OptimizerHook) -> (Runner<Dot>, Rc<RefCell<usize>>) {
+fn dot_runner(
+    items: Vec<Vec<f32>>,
+    iters: usize,
+    hook: OptimizerHook,
+) -> (Runner<Dot>, Rc<RefCell<usize>>) {
     let model = Dot {
         w1: Tensor::from_vec(vec![0.0f32, 0.0], [2]).unwrap(),
         w2: Tensor::from_vec(vec![0.0f32], [1]).unwrap(),
     };
     let opt = TestSgd::new(1.0, 0.0, 0.0);
     let steps = opt.steps.clone();
-    let mut r = Runner::new(model, Box::new(opt), tmp_dir("dot"), Schedule::Iters(iters), 0);
+    let mut r = Runner::new(
+        model,
+        Box::new(opt),
+        tmp_dir("dot"),
+        Schedule::Iters(iters),
+        0,
+    );
     r.log.quiet = true;
     r.set_train_loader(Box::new(VecLoader::new(items, 1, false, 0).unwrap()));
     r.register_hook(hook);
@@ -886,7 +1016,11 @@ fn dot_runner(items: Vec<Vec<f32>>, iters: usize, hook: OptimizerHook) -> (Runne
 }
 
 fn weights(r: &Runner<Dot>) -> Vec<f32> {
-    r.model.params().iter().flat_map(|(_, t)| t.to_vec::<f32>().unwrap()).collect()
+    r.model
+        .params()
+        .iter()
+        .flat_map(|(_, t)| t.to_vec::<f32>().unwrap())
+        .collect()
 }
 
 #[test]
@@ -894,7 +1028,11 @@ fn gradient_clipping_by_total_norm_as_torch() {
     // Gradients (3, 4) and (12): total 2-norm sqrt(9 + 16 + 144) = 13.
     // max_norm 6.5: coefficient 6.5 / (13 + 1e-6) = 0.49999996153846454; with SGD at
     // lr 1 from zero the weights are -coef * (3, 4, 12).
-    let (mut r, _) = dot_runner(vec![vec![3.0, 4.0, 12.0]], 1, OptimizerHook::new().with_grad_clip(6.5, 2.0));
+    let (mut r, _) = dot_runner(
+        vec![vec![3.0, 4.0, 12.0]],
+        1,
+        OptimizerHook::new().with_grad_clip(6.5, 2.0),
+    );
     r.register_hook(LoggerHook::new(1));
     r.run(&[(Mode::Train, 1)]).unwrap();
     let coef = 0.49999996153846454f64;
@@ -907,13 +1045,20 @@ fn gradient_clipping_by_total_norm_as_torch() {
     assert_eq!(v["grad_norm"].as_f64().unwrap(), 13.0);
 
     // Below the threshold nothing changes: exactly -(3, 4, 12).
-    let (mut r, _) = dot_runner(vec![vec![3.0, 4.0, 12.0]], 1, OptimizerHook::new().with_grad_clip(100.0, 2.0));
+    let (mut r, _) = dot_runner(
+        vec![vec![3.0, 4.0, 12.0]],
+        1,
+        OptimizerHook::new().with_grad_clip(100.0, 2.0),
+    );
     r.run(&[(Mode::Train, 1)]).unwrap();
     assert_eq!(weights(&r), [-3.0, -4.0, -12.0]);
 
     // Infinity norm: max |g| = 12; max_norm 6 -> coef 6 / (12 + 1e-6) = 0.49999995833333...
-    let (mut r, _) =
-        dot_runner(vec![vec![3.0, 4.0, 12.0]], 1, OptimizerHook::new().with_grad_clip(6.0, f64::INFINITY));
+    let (mut r, _) = dot_runner(
+        vec![vec![3.0, 4.0, 12.0]],
+        1,
+        OptimizerHook::new().with_grad_clip(6.0, f64::INFINITY),
+    );
     r.run(&[(Mode::Train, 1)]).unwrap();
     let coef = 6.0 / (12.0 + 1e-6);
     let got: Vec<f64> = weights(&r).iter().map(|&v| v as f64).collect();
@@ -970,7 +1115,10 @@ fn ema_follows_the_weights_and_eval_uses_it() {
     .save_best("score");
     r.register_hook(eval);
     r.run(&[(Mode::Train, 1)]).unwrap();
-    assert_eq!(r.extra_tensors["ema.w1"].to_vec::<f32>().unwrap(), [-2.125, 0.0]);
+    assert_eq!(
+        r.extra_tensors["ema.w1"].to_vec::<f32>().unwrap(),
+        [-2.125, 0.0]
+    );
     // The evaluation saw the averaged weights; the model keeps its own.
     assert_eq!(*seen.borrow(), [-0.5, -1.25, -2.125]);
     assert_eq!(weights(&r)[0], -3.0);
@@ -985,7 +1133,11 @@ fn ema_follows_the_weights_and_eval_uses_it() {
     //   iter 0:  0.9998 * exp(-1/2000)   + 0.0002 = 0.9995002249541735
     //   iter 99: 0.9998 * exp(-100/2000) + 0.0002 = 0.9512391786158139
     let e = EmaHook::exp_momentum(0.0002, 2000);
-    assert_close(&[e.momentum_at(0), e.momentum_at(99)], &[0.9995002249541735, 0.9512391786158139], 1e-14);
+    assert_close(
+        &[e.momentum_at(0), e.momentum_at(99)],
+        &[0.9995002249541735, 0.9512391786158139],
+        1e-14,
+    );
 }
 
 // ---- logging, data ------------------------------------------------------------------
@@ -1009,10 +1161,22 @@ fn logger_writes_text_and_json_lines_with_timer_values() {
     let modes: Vec<&str> = lines.iter().map(|l| l["mode"].as_str().unwrap()).collect();
     assert_eq!(modes, ["train", "train", "val", "train", "train", "val"]);
     let t = &lines[0];
-    for k in ["epoch", "iter", "lr", "time", "data_time", "loss_mse", "w_l1", "loss"] {
+    for k in [
+        "epoch",
+        "iter",
+        "lr",
+        "time",
+        "data_time",
+        "loss_mse",
+        "w_l1",
+        "loss",
+    ] {
         assert!(t.get(k).is_some(), "{k} missing from {t}");
     }
-    assert_eq!((t["epoch"].as_u64(), t["iter"].as_u64()), (Some(1), Some(2)));
+    assert_eq!(
+        (t["epoch"].as_u64(), t["iter"].as_u64()),
+        (Some(1), Some(2))
+    );
     assert!(t["time"].as_f64().unwrap() >= t["data_time"].as_f64().unwrap());
     assert!(lines[2].get("loss_mse").is_some());
 }
@@ -1030,11 +1194,13 @@ fn data_order_depends_only_on_seed_and_epoch_and_resumes_mid_epoch() {
     let items: Vec<usize> = (0..10).collect();
     let mut full = VecLoader::new(items.clone(), 3, true, 9).unwrap();
     full.start(2, 0).unwrap();
-    let all: Vec<Vec<usize>> = std::iter::from_fn(|| full.next_batch().map(|b| b.unwrap())).collect();
+    let all: Vec<Vec<usize>> =
+        std::iter::from_fn(|| full.next_batch().map(|b| b.unwrap())).collect();
     assert_eq!(all.len(), 4);
     let mut late = VecLoader::new(items, 3, true, 9).unwrap();
     late.start(2, 2).unwrap();
-    let rest: Vec<Vec<usize>> = std::iter::from_fn(|| late.next_batch().map(|b| b.unwrap())).collect();
+    let rest: Vec<Vec<usize>> =
+        std::iter::from_fn(|| late.next_batch().map(|b| b.unwrap())).collect();
     assert_eq!(rest, all[2..]);
 }
 

@@ -58,7 +58,10 @@ impl<T: Clone> VecLoader<T> {
     /// A loader over `items`; `batch_size` must be positive.
     pub fn new(items: Vec<T>, batch_size: usize, shuffle: bool, seed: u64) -> Result<Self> {
         if batch_size == 0 {
-            return Err(crate::Error::invalid("VecLoader", "batch_size must be positive"));
+            return Err(crate::Error::invalid(
+                "VecLoader",
+                "batch_size must be positive",
+            ));
         }
         Ok(VecLoader {
             items,
@@ -93,7 +96,10 @@ impl<T: Clone> DataLoader for VecLoader<T> {
         if position > self.len() {
             return Err(crate::Error::invalid(
                 "VecLoader",
-                format!("position {position} past the end of an epoch of {} batches", self.len()),
+                format!(
+                    "position {position} past the end of an epoch of {} batches",
+                    self.len()
+                ),
             ));
         }
         self.order = if self.shuffle {
@@ -112,6 +118,9 @@ impl<T: Clone> DataLoader for VecLoader<T> {
         let lo = self.position * self.batch_size;
         let hi = (lo + self.batch_size).min(self.order.len());
         self.position += 1;
-        Some(Ok(self.order[lo..hi].iter().map(|&i| self.items[i].clone()).collect()))
+        Some(Ok(self.order[lo..hi]
+            .iter()
+            .map(|&i| self.items[i].clone())
+            .collect()))
     }
 }

@@ -50,7 +50,11 @@ impl LogBuffer {
     pub fn average(&mut self, n: usize) {
         let mut avgs = Vec::with_capacity(self.history.len());
         for (k, h) in &self.history {
-            let tail = if n == 0 || n >= h.len() { &h[..] } else { &h[h.len() - n..] };
+            let tail = if n == 0 || n >= h.len() {
+                &h[..]
+            } else {
+                &h[h.len() - n..]
+            };
             let (s, c) = tail
                 .iter()
                 .fold((0.0, 0usize), |(s, c), (v, k)| (s + v * *k as f64, c + k));

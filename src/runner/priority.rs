@@ -32,7 +32,10 @@ impl Priority {
 
     /// mmcv's name of this value (`NORMAL`), or `None` for an unnamed value such as 49.
     pub fn name(self) -> Option<&'static str> {
-        Self::NAMED.iter().find(|(_, p)| *p == self).map(|(n, _)| *n)
+        Self::NAMED
+            .iter()
+            .find(|(_, p)| *p == self)
+            .map(|(n, _)| *n)
     }
 
     /// The priority called `name` (case-insensitive), e.g. `"very_high"`.

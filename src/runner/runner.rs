@@ -264,7 +264,11 @@ impl<M: Model> Runner<M> {
     }
 
     /// Register `hook` at `priority`: after every hook of lower or equal priority.
-    pub fn register_hook_with_priority(&mut self, hook: impl Hook<M> + 'static, priority: Priority) {
+    pub fn register_hook_with_priority(
+        &mut self,
+        hook: impl Hook<M> + 'static,
+        priority: Priority,
+    ) {
         self.register_boxed_hook(Box::new(hook), priority);
     }
 
@@ -375,7 +379,10 @@ impl<M: Model> Runner<M> {
             return Err(Error::invalid("Runner::run", "no training data loader set"));
         }
         if self.train_len() == 0 {
-            return Err(Error::invalid("Runner::run", "the training loader has no batch"));
+            return Err(Error::invalid(
+                "Runner::run",
+                "the training loader has no batch",
+            ));
         }
         if workflow.iter().any(|(m, _)| *m == Mode::Val) && self.val_loader.is_none() {
             return Err(Error::invalid(
@@ -541,9 +548,8 @@ impl<M: Model> Runner<M> {
         loader.start(0, 0)?;
         self.call_hook(Stage::BeforeValEpoch)?;
         // A stream of its own, so validation never shifts the training stream.
-        let mut rng = Rng::new(
-            self.seed ^ (self.iter as u64 + 1).wrapping_mul(0xA076_1D64_78BD_642F),
-        );
+        let mut rng =
+            Rng::new(self.seed ^ (self.iter as u64 + 1).wrapping_mul(0xA076_1D64_78BD_642F));
         let mut i = 0;
         loop {
             let next = match self.val_loader.as_mut() {
@@ -610,7 +616,12 @@ impl<M: Model> Runner<M> {
             .take()
             .ok_or_else(|| Error::Autograd("this step's loss was already backpropagated".into()))?;
         let params = out.params.clone();
-        let seed = Tensor::full(loss.shape().clone(), loss_scale, loss.dtype(), loss.device())?;
+        let seed = Tensor::full(
+            loss.shape().clone(),
+            loss_scale,
+            loss.dtype(),
+            loss.device(),
+        )?;
         let grads = tape.backward_with(&loss, seed)?;
         self.ensure_grads(params.len())?;
         for (slot, p) in self.grads.iter_mut().zip(&params) {
@@ -723,10 +734,10 @@ pub fn parse_losses(losses: Vec<(String, Tensor)>) -> Result<(Tensor, Vec<(Strin
     Ok((loss.expect("parse_named requires a loss"), vars))
 }
 
-fn parse_named(
-    losses: Vec<(String, Tensor)>,
-    require_loss: bool,
-) -> Result<(Option<Tensor>, Vec<(String, f64)>)> {
+/// The total loss (if any) and every value for the log.
+type Parsed = (Option<Tensor>, Vec<(String, f64)>);
+
+fn parse_named(losses: Vec<(String, Tensor)>, require_loss: bool) -> Result<Parsed> {
     let mut total: Option<Tensor> = None;
     let mut vars: Vec<(String, f64)> = Vec::with_capacity(losses.len() + 1);
     for (name, value) in losses {
@@ -778,7 +789,11 @@ fn vector_norm(v: &[f64], p: f64) -> f64 {
 /// phase entered midway, how many of its units remain (the unit in progress
 /// included when `in_unit`). Val phases that directly follow the point are run (an
 /// uninterrupted run would run them next).
-fn workflow_cursor(workflow: &[(Mode, usize)], done: usize, in_unit: bool) -> (usize, Option<usize>) {
+fn workflow_cursor(
+    workflow: &[(Mode, usize)],
+    done: usize,
+    in_unit: bool,
+) -> (usize, Option<usize>) {
     let per_cycle: usize = workflow
         .iter()
         .filter(|(m, _)| *m == Mode::Train)

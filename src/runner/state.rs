@@ -64,14 +64,18 @@ pub fn read_checkpoint_meta(f: &TensorFile) -> Result<CheckpointMeta> {
         path: f.path().to_path_buf(),
         msg,
     };
-    let s = f
-        .metadata()
-        .get(CHECKPOINT_KEY)
-        .ok_or_else(|| bad(format!("not a Kestrel checkpoint (no `{CHECKPOINT_KEY}` metadata)")))?;
-    let m: CheckpointMeta =
-        serde_json::from_str(s).map_err(|e| bad(format!("bad `{CHECKPOINT_KEY}` metadata: {e}")))?;
+    let s = f.metadata().get(CHECKPOINT_KEY).ok_or_else(|| {
+        bad(format!(
+            "not a Kestrel checkpoint (no `{CHECKPOINT_KEY}` metadata)"
+        ))
+    })?;
+    let m: CheckpointMeta = serde_json::from_str(s)
+        .map_err(|e| bad(format!("bad `{CHECKPOINT_KEY}` metadata: {e}")))?;
     if m.format != 1 {
-        return Err(bad(format!("checkpoint format {} (this build reads 1)", m.format)));
+        return Err(bad(format!(
+            "checkpoint format {} (this build reads 1)",
+            m.format
+        )));
     }
     Ok(m)
 }
@@ -272,7 +276,8 @@ fn load_like(f: &TensorFile, name: &str, like: &Tensor) -> Result<Tensor> {
     let t = if like.dtype() == DType::I64 {
         f.int_tensor(name)?
     } else {
-        f.tensor_shaped(name, like.shape())?.to_dtype(like.dtype())?
+        f.tensor_shaped(name, like.shape())?
+            .to_dtype(like.dtype())?
     };
     if t.shape() != like.shape() {
         return Err(Error::Tensor {
@@ -307,7 +312,11 @@ fn prefixed(f: &TensorFile, prefix: &str) -> Result<Vec<(String, Tensor)>> {
 fn on_device(ts: Vec<(String, Tensor)>, device: crate::Device) -> Result<Vec<(String, Tensor)>> {
     ts.into_iter()
         .map(|(n, t)| {
-            let t = if t.dtype() == DType::F64 { t } else { t.to_device(device)? };
+            let t = if t.dtype() == DType::F64 {
+                t
+            } else {
+                t.to_device(device)?
+            };
             Ok((n, t))
         })
         .collect()

@@ -57,7 +57,10 @@ impl CheckpointHook {
     }
 
     fn save<M: Model>(&self, runner: &mut Runner<M>) -> Result<()> {
-        let dir = self.out_dir.clone().unwrap_or_else(|| runner.work_dir.clone());
+        let dir = self
+            .out_dir
+            .clone()
+            .unwrap_or_else(|| runner.work_dir.clone());
         std::fs::create_dir_all(&dir).map_err(|source| Error::Io {
             path: dir.clone(),
             source,
@@ -103,7 +106,10 @@ impl<M: Model> Hook<M> for CheckpointHook {
 
     fn before_run(&mut self, _runner: &mut Runner<M>) -> Result<()> {
         if self.interval == 0 {
-            return Err(Error::invalid("CheckpointHook", "interval must be positive"));
+            return Err(Error::invalid(
+                "CheckpointHook",
+                "interval must be positive",
+            ));
         }
         Ok(())
     }

@@ -68,7 +68,12 @@ pub fn ema_params<M: Model>(runner: &Runner<M>) -> Option<Vec<Tensor>> {
         .model
         .params()
         .iter()
-        .map(|(n, _)| runner.extra_tensors.get(&format!("{EMA_PREFIX}{n}")).cloned())
+        .map(|(n, _)| {
+            runner
+                .extra_tensors
+                .get(&format!("{EMA_PREFIX}{n}"))
+                .cloned()
+        })
         .collect()
 }
 
@@ -81,7 +86,10 @@ impl<M: Model> Hook<M> for EmaHook {
         if !(self.momentum > 0.0 && self.momentum < 1.0) || self.interval == 0 {
             return Err(Error::invalid(
                 "EmaHook",
-                format!("momentum {} (needs 0 < m < 1), interval {}", self.momentum, self.interval),
+                format!(
+                    "momentum {} (needs 0 < m < 1), interval {}",
+                    self.momentum, self.interval
+                ),
             ));
         }
         // Start the average at the current weights unless a checkpoint brought one.
@@ -102,7 +110,9 @@ impl<M: Model> Hook<M> for EmaHook {
         for (n, p) in runner.model.params() {
             let key = format!("{EMA_PREFIX}{n}");
             let ema = runner.extra_tensors.get(&key).ok_or_else(|| {
-                Error::Training(format!("EMA weights `{key}` missing (a parameter added mid-run?)"))
+                Error::Training(format!(
+                    "EMA weights `{key}` missing (a parameter added mid-run?)"
+                ))
             })?;
             let next = ema_update(ema, &p, m)?;
             runner.extra_tensors.insert(key, next);

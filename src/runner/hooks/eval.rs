@@ -65,7 +65,11 @@ impl<M: Model> EvalHook<M> {
     }
 
     fn evaluate(&mut self, runner: &mut Runner<M>) -> Result<()> {
-        let ema = if self.use_ema { ema_params(runner) } else { None };
+        let ema = if self.use_ema {
+            ema_params(runner)
+        } else {
+            None
+        };
         let metrics = match ema {
             Some(ema) => {
                 let own: Vec<_> = runner.model.params().into_iter().map(|(_, t)| t).collect();
@@ -82,13 +86,17 @@ impl<M: Model> EvalHook<M> {
         runner.log_buffer.ready = true;
         runner.metrics = metrics.clone();
         if let Some(key) = self.save_best.clone() {
-            let score = metrics.iter().find(|(k, _)| *k == key).map(|(_, v)| *v).ok_or_else(|| {
-                let names: Vec<&str> = metrics.iter().map(|(k, _)| k.as_str()).collect();
-                Error::invalid(
-                    "EvalHook",
-                    format!("save_best metric `{key}` is not among the results {names:?}"),
-                )
-            })?;
+            let score = metrics
+                .iter()
+                .find(|(k, _)| *k == key)
+                .map(|(_, v)| *v)
+                .ok_or_else(|| {
+                    let names: Vec<&str> = metrics.iter().map(|(k, _)| k.as_str()).collect();
+                    Error::invalid(
+                        "EvalHook",
+                        format!("save_best metric `{key}` is not among the results {names:?}"),
+                    )
+                })?;
             let rule = self.rule.unwrap_or_else(|| Rule::infer(&key));
             save_best(runner, &key, rule, score, self.by_epoch)?;
         }

@@ -108,7 +108,10 @@ impl LoggerHook {
             obj.insert("lr".into(), json!(lr));
             for (k, v) in &output {
                 // JSON has no NaN: a non-finite value becomes null.
-                obj.insert(k.clone(), if v.is_finite() { json!(v) } else { Value::Null });
+                obj.insert(
+                    k.clone(),
+                    if v.is_finite() { json!(v) } else { Value::Null },
+                );
             }
             let path = Self::json_path(runner);
             if let Ok(mut f) = std::fs::OpenOptions::new()
@@ -125,7 +128,11 @@ impl LoggerHook {
 
 /// Seconds as Python's `str(timedelta(seconds=int(s)))`: `1:02:03`, `2 days, 0:00:05`.
 pub fn format_duration(secs: f64) -> String {
-    let s = if secs.is_finite() && secs > 0.0 { secs as u64 } else { 0 };
+    let s = if secs.is_finite() && secs > 0.0 {
+        secs as u64
+    } else {
+        0
+    };
     let (d, rem) = (s / 86400, s % 86400);
     let hms = format!("{}:{:02}:{:02}", rem / 3600, rem % 3600 / 60, rem % 60);
     match d {

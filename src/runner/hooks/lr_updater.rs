@@ -43,7 +43,10 @@ impl LrPolicy {
                 gamma,
                 min_lr,
             } => {
-                let exp = steps.iter().position(|&s| progress < s).unwrap_or(steps.len());
+                let exp = steps
+                    .iter()
+                    .position(|&s| progress < s)
+                    .unwrap_or(steps.len());
                 floor(base_lr * gamma.powi(exp as i32), *min_lr)
             }
             LrPolicy::StepEvery {
@@ -167,7 +170,10 @@ impl LrUpdaterHook {
             return bad("a warmup needs warmup_iters > 0".into());
         }
         if !(self.warmup_ratio > 0.0 && self.warmup_ratio <= 1.0) && self.warmup.is_some() {
-            return bad(format!("warmup_ratio {} is not in (0, 1]", self.warmup_ratio));
+            return bad(format!(
+                "warmup_ratio {} is not in (0, 1]",
+                self.warmup_ratio
+            ));
         }
         if let LrPolicy::Step { steps, .. } = &self.policy {
             if steps.windows(2).any(|w| w[0] >= w[1]) {
@@ -194,8 +200,14 @@ impl LrUpdaterHook {
 
     fn warmup_lr(&self, cur_iter: usize) -> Option<f64> {
         let w = self.warmup?;
-        (cur_iter < self.warmup_iters)
-            .then(|| w.lr(self.regular_lr, cur_iter, self.warmup_iters, self.warmup_ratio))
+        (cur_iter < self.warmup_iters).then(|| {
+            w.lr(
+                self.regular_lr,
+                cur_iter,
+                self.warmup_iters,
+                self.warmup_ratio,
+            )
+        })
     }
 }
 

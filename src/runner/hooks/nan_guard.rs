@@ -32,8 +32,7 @@ impl<M: Model> Hook<M> for NanGuardHook {
         let Some(out) = runner.outputs.as_ref() else {
             return Ok(());
         };
-        let Some((name, value)) = out.log_vars.iter().find(|(_, v)| !v.is_finite()).cloned()
-        else {
+        let Some((name, value)) = out.log_vars.iter().find(|(_, v)| !v.is_finite()).cloned() else {
             return Ok(());
         };
         let n = runner.iter() + 1;

@@ -89,13 +89,19 @@ impl<M: Model> Hook<M> for OptimizerHook {
 
     fn before_run(&mut self, _runner: &mut Runner<M>) -> Result<()> {
         if self.cumulative_iters == 0 {
-            return Err(Error::invalid("OptimizerHook", "cumulative_iters must be positive"));
+            return Err(Error::invalid(
+                "OptimizerHook",
+                "cumulative_iters must be positive",
+            ));
         }
         if let Some(c) = self.grad_clip {
-            if !(c.max_norm > 0.0) || !(c.norm_type > 0.0) {
+            if !(c.max_norm > 0.0 && c.norm_type > 0.0) {
                 return Err(Error::invalid(
                     "OptimizerHook",
-                    format!("grad_clip max_norm {} norm_type {}", c.max_norm, c.norm_type),
+                    format!(
+                        "grad_clip max_norm {} norm_type {}",
+                        c.max_norm, c.norm_type
+                    ),
                 ));
             }
         }
