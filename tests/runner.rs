@@ -1150,7 +1150,10 @@ fn logger_writes_text_and_json_lines_with_timer_values() {
     r.register_training_hooks(None, OptimizerHook::new(), None, Some(2));
     r.run(&[(Mode::Train, 1), (Mode::Val, 1)]).unwrap();
     let txt = std::fs::read_to_string(dir.join("log.txt")).unwrap();
-    assert!(txt.contains("Epoch [1][2/4]\tlr: 5.000e-2, eta: "), "{txt}");
+    assert!(
+        txt.contains("Epoch [1][2/4]\tlr: 5.000e-02, eta: "),
+        "{txt}"
+    );
     assert!(txt.contains("Epoch(val) [1][2]\t"), "{txt}");
     let lines: Vec<serde_json::Value> = std::fs::read_to_string(dir.join("log.jsonl"))
         .unwrap()

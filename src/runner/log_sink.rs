@@ -43,7 +43,9 @@ impl LogSink {
     pub fn line(&self, text: &str) {
         if !self.quiet {
             match &self.bar {
-                Some(bar) => bar.println(text),
+                // The bar is redrawn below the text by erasing lines; a tab would
+                // move the cursor further than indicatif measures and leave stale bars.
+                Some(bar) => bar.println(text.replace('\t', "  ")),
                 None => println!("{text}"),
             }
         }

@@ -349,6 +349,15 @@ impl<M: Model> Runner<M> {
             self.iter
         ));
         self.log.line(&self.hook_order_text());
+        let result = self.run_stages(workflow);
+        if result.is_err() {
+            // after_run hooks did not run: take the progress bar down for the error.
+            self.log.set_progress_bar(None);
+        }
+        result
+    }
+
+    fn run_stages(&mut self, workflow: &[(Mode, usize)]) -> Result<()> {
         self.call_hook(Stage::BeforeRun)?;
         if !self.by_epoch() {
             // mmcv's IterBasedRunner wraps the whole run in one "epoch".

@@ -74,7 +74,7 @@ impl LoggerHook {
             } else {
                 format!("Iter [{iter}/{}]\t", runner.max_iters())
             };
-            s.push_str(&format!("lr: {lr:.3e}, "));
+            s.push_str(&format!("lr: {}, ", sci3(lr)));
             if let Some(t) = get("time") {
                 self.time_sec_tot += t * self.interval as f64;
                 let done = (runner.iter() + 1).saturating_sub(self.start_iter).max(1);
@@ -123,6 +123,21 @@ impl LoggerHook {
             }
         }
         runner.log_buffer.clear_output();
+    }
+}
+
+/// `{:.3e}` as Python writes it: `2.000e-02` (sign and two digits in the exponent).
+pub fn sci3(v: f64) -> String {
+    let s = format!("{v:.3e}");
+    match s.split_once('e') {
+        Some((m, e)) => {
+            let (sign, digits) = match e.strip_prefix('-') {
+                Some(d) => ('-', d),
+                None => ('+', e),
+            };
+            format!("{m}e{sign}{digits:0>2}")
+        }
+        None => s, // NaN, inf
     }
 }
 
@@ -212,5 +227,22 @@ impl<M: Model> Hook<M> for LoggerHook {
         runner.log_buffer.average(0);
         self.log(runner);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbers_are_formatted_as_python_does() {
+        // f'{0.02:.3e}' == '2.000e-02', f'{123.0:.3e}' == '1.230e+02'
+        assert_eq!(sci3(0.02), "2.000e-02");
+        assert_eq!(sci3(123.0), "1.230e+02");
+        assert_eq!(sci3(1.5e-100), "1.500e-100");
+        // str(timedelta(seconds=3723)) == '1:02:03'; 90000 s == '1 day, 1:00:00'
+        assert_eq!(format_duration(3723.9), "1:02:03");
+        assert_eq!(format_duration(90000.0), "1 day, 1:00:00");
+        assert_eq!(format_duration(2.0 * 86400.0 + 5.0), "2 days, 0:00:05");
     }
 }
