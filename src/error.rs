@@ -73,6 +73,16 @@ pub enum Error {
     /// Backward was asked for something the tape cannot give.
     #[error("autograd: {0}")]
     Autograd(String),
+
+    /// A configuration is malformed: an unknown key, a wrong type, a bad value.
+    /// `origin` is the file (or another name for the source text).
+    #[error("{origin}: {msg}")]
+    Config { origin: String, msg: String },
+
+    /// Training had to stop: a non-finite loss, a data loader that ran dry, a
+    /// checkpoint that does not fit the model.
+    #[error("training stopped: {0}")]
+    Training(String),
 }
 
 /// `Result` with Kestrel's [`Error`].

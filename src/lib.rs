@@ -14,6 +14,7 @@
 //! ```
 
 pub mod autograd;
+pub mod config;
 pub mod detection;
 pub mod device;
 pub mod error;
@@ -21,6 +22,7 @@ pub mod io;
 pub mod ops;
 pub mod optim;
 pub mod rng;
+pub mod runner;
 pub mod tensor;
 
 pub use device::Device;

@@ -1,0 +1,880 @@
+//! Training configuration: a TOML file with the sections `model`, `data`, `schedule`
+//! and `runtime`.
+//!
+//! Every key has a default; the defaults ([`Config::default`]) reproduce torchvision's
+//! reference recipe for `fasterrcnn_resnet50_fpn` (references/detection: SGD lr 0.02
+//! for 16 images per iteration, momentum 0.9, weight decay 1e-4, 1000 iterations of
+//! linear warmup from 0.001, steps at epochs 16 and 22 of 26), and [`Config::mmdet_1x`]
+//! mmdetection's `faster_rcnn_r50_fpn_1x_coco` (warmup 500, steps at 8 and 11 of 12).
+//! Both are shipped in `configs/`. A file sets only what differs. Unknown keys and
+//! wrong types are errors naming the file and the key (`schedule.lr`).
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::runner::hooks::{
+    CheckpointHook, EmaHook, LrPolicy, LrUpdaterHook, OptimizerHook, Warmup,
+};
+use crate::runner::{Mode, Schedule};
+
+/// A whole configuration.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub model: ModelConfig,
+    pub data: DataConfig,
+    pub schedule: ScheduleConfig,
+    pub runtime: RuntimeConfig,
+}
+
+// ---- model ------------------------------------------------------------------------
+
+/// The detector: ResNet-FPN Faster R-CNN, torchvision's structure and names.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelConfig {
+    /// Classes including the background (torchvision's COCO: 91, its category id
+    /// space; a contiguous mapping of COCO's 80 gives 81).
+    pub num_classes: usize,
+    pub backbone: BackboneConfig,
+    pub fpn: FpnConfig,
+    pub transform: TransformConfig,
+    pub anchors: AnchorConfig,
+    pub rpn: RpnConfig,
+    pub roi: RoiConfig,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        ModelConfig {
+            num_classes: 91,
+            backbone: BackboneConfig::default(),
+            fpn: FpnConfig::default(),
+            transform: TransformConfig::default(),
+            anchors: AnchorConfig::default(),
+            rpn: RpnConfig::default(),
+            roi: RoiConfig::default(),
+        }
+    }
+}
+
+/// ResNet block type.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BlockType {
+    /// Two 3x3 convolutions (ResNet-18/34).
+    Basic,
+    /// 1x1, 3x3, 1x1 with expansion 4 (ResNet-50/101/152).
+    Bottleneck,
+}
+
+/// Normalisation layers of the backbone.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NormType {
+    /// Fixed statistics and affine parameters (torchvision's FrozenBatchNorm2d).
+    FrozenBn,
+    /// Batch statistics and trainable affine parameters (from-scratch training).
+    BatchNorm,
+}
+
+/// The ResNet body.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BackboneConfig {
+    /// 18, 34, 50, 101 or 152: sets `layers` and `block` unless those are given.
+    pub depth: Option<usize>,
+    /// Blocks per stage (4 stages), overriding `depth`.
+    pub layers: Option<Vec<usize>>,
+    /// Block type, overriding `depth`.
+    pub block: Option<BlockType>,
+    /// Channels per group of the 3x3 convolution of a bottleneck (64; ResNeXt: 4).
+    pub width_per_group: usize,
+    /// Groups of that convolution (1; ResNeXt-32x4d: 32).
+    pub groups: usize,
+    /// Stages trained, counted from the top: 0 (none) to 5 (all, stem included).
+    pub trainable_layers: usize,
+    /// Normalisation layers.
+    pub norm: NormType,
+    /// Epsilon of the (frozen) BatchNorm.
+    pub frozen_bn_eps: f64,
+    /// ImageNet weights to start from (a safetensors state_dict), if any.
+    pub pretrained: Option<PathBuf>,
+}
+
+impl Default for BackboneConfig {
+    fn default() -> Self {
+        BackboneConfig {
+            depth: Some(50),
+            layers: None,
+            block: None,
+            width_per_group: 64,
+            groups: 1,
+            trainable_layers: 3,
+            norm: NormType::FrozenBn,
+            frozen_bn_eps: 1e-5,
+            pretrained: None,
+        }
+    }
+}
+
+impl BackboneConfig {
+    /// Blocks per stage and block type, from `layers`/`block` or else `depth`.
+    pub fn resolved(&self) -> Result<(Vec<usize>, BlockType)> {
+        let by_depth = match self.depth {
+            None => None,
+            Some(18) => Some((vec![2, 2, 2, 2], BlockType::Basic)),
+            Some(34) => Some((vec![3, 4, 6, 3], BlockType::Basic)),
+            Some(50) => Some((vec![3, 4, 6, 3], BlockType::Bottleneck)),
+            Some(101) => Some((vec![3, 4, 23, 3], BlockType::Bottleneck)),
+            Some(152) => Some((vec![3, 8, 36, 3], BlockType::Bottleneck)),
+            Some(d) => {
+                return Err(invalid(
+                    "model.backbone.depth",
+                    format!("{d} is not one of 18, 34, 50, 101, 152"),
+                ))
+            }
+        };
+        let layers = self
+            .layers
+            .clone()
+            .or_else(|| by_depth.as_ref().map(|(l, _)| l.clone()))
+            .ok_or_else(|| invalid("model.backbone", "give `depth` or `layers`".into()))?;
+        let block = self
+            .block
+            .or_else(|| by_depth.as_ref().map(|(_, b)| *b))
+            .ok_or_else(|| invalid("model.backbone", "give `depth` or `block`".into()))?;
+        Ok((layers, block))
+    }
+}
+
+/// The feature pyramid.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FpnConfig {
+    /// Channels of every pyramid level.
+    pub out_channels: usize,
+}
+
+impl Default for FpnConfig {
+    fn default() -> Self {
+        FpnConfig { out_channels: 256 }
+    }
+}
+
+/// Resizing and normalisation of input images (GeneralizedRCNNTransform).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TransformConfig {
+    /// Shorter side after resizing, pixels.
+    pub min_size: usize,
+    /// Longer side at most, pixels.
+    pub max_size: usize,
+    /// Per-channel mean and std of images scaled to [0, 1] (RGB).
+    pub image_mean: [f64; 3],
+    pub image_std: [f64; 3],
+    /// Batched images are padded to a multiple of this, pixels.
+    pub size_divisible: usize,
+}
+
+impl Default for TransformConfig {
+    fn default() -> Self {
+        TransformConfig {
+            min_size: 800,
+            max_size: 1333,
+            image_mean: [0.485, 0.456, 0.406],
+            image_std: [0.229, 0.224, 0.225],
+            size_divisible: 32,
+        }
+    }
+}
+
+/// Anchors: one size per FPN level (P2..P6), every aspect ratio at each.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AnchorConfig {
+    /// Anchor side per level, pixels.
+    pub sizes: Vec<f64>,
+    /// Height / width ratios.
+    pub aspect_ratios: Vec<f64>,
+}
+
+impl Default for AnchorConfig {
+    fn default() -> Self {
+        AnchorConfig {
+            sizes: vec![32.0, 64.0, 128.0, 256.0, 512.0],
+            aspect_ratios: vec![0.5, 1.0, 2.0],
+        }
+    }
+}
+
+/// Region proposal network (torchvision's names and defaults).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RpnConfig {
+    /// Top-scoring anchors kept per level before NMS, training / testing.
+    pub pre_nms_top_n_train: usize,
+    pub pre_nms_top_n_test: usize,
+    /// Proposals kept after NMS per image, training / testing.
+    pub post_nms_top_n_train: usize,
+    pub post_nms_top_n_test: usize,
+    /// NMS IoU threshold.
+    pub nms_thresh: f64,
+    /// Anchors with IoU >= this are positive, < `bg_iou_thresh` negative.
+    pub fg_iou_thresh: f64,
+    pub bg_iou_thresh: f64,
+    /// Anchors sampled per image for the loss, and the positive fraction.
+    pub batch_size_per_image: usize,
+    pub positive_fraction: f64,
+    /// Proposals scoring below this are dropped.
+    pub score_thresh: f64,
+    /// Smooth-L1 beta of the box loss (0: L1, mmdetection's).
+    pub box_loss_beta: f64,
+}
+
+impl Default for RpnConfig {
+    fn default() -> Self {
+        RpnConfig {
+            pre_nms_top_n_train: 2000,
+            pre_nms_top_n_test: 1000,
+            post_nms_top_n_train: 2000,
+            post_nms_top_n_test: 1000,
+            nms_thresh: 0.7,
+            fg_iou_thresh: 0.7,
+            bg_iou_thresh: 0.3,
+            batch_size_per_image: 256,
+            positive_fraction: 0.5,
+            score_thresh: 0.0,
+            box_loss_beta: 1.0 / 9.0,
+        }
+    }
+}
+
+/// RoI heads: pooling, the two-layer box head, sampling and post-processing.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RoiConfig {
+    /// MultiScaleRoIAlign output side and sampling ratio (0: adaptive).
+    pub pool_output_size: usize,
+    pub sampling_ratio: usize,
+    /// Width of the two fully connected layers (TwoMLPHead).
+    pub representation_size: usize,
+    /// Proposals with IoU >= this are foreground, < `bg_iou_thresh` background.
+    pub fg_iou_thresh: f64,
+    pub bg_iou_thresh: f64,
+    /// Proposals sampled per image for the loss, and the positive fraction.
+    pub batch_size_per_image: usize,
+    pub positive_fraction: f64,
+    /// Box coder weights (wx, wy, ww, wh).
+    pub bbox_reg_weights: [f64; 4],
+    /// Detections scoring below this are dropped; NMS threshold; detections kept.
+    pub score_thresh: f64,
+    pub nms_thresh: f64,
+    pub detections_per_img: usize,
+    /// Smooth-L1 beta of the box loss (0: L1, mmdetection's).
+    pub box_loss_beta: f64,
+}
+
+impl Default for RoiConfig {
+    fn default() -> Self {
+        RoiConfig {
+            pool_output_size: 7,
+            sampling_ratio: 2,
+            representation_size: 1024,
+            fg_iou_thresh: 0.5,
+            bg_iou_thresh: 0.5,
+            batch_size_per_image: 512,
+            positive_fraction: 0.25,
+            bbox_reg_weights: [10.0, 10.0, 5.0, 5.0],
+            score_thresh: 0.05,
+            nms_thresh: 0.5,
+            detections_per_img: 100,
+            box_loss_beta: 1.0 / 9.0,
+        }
+    }
+}
+
+// ---- data -------------------------------------------------------------------------
+
+/// Which dataset format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DatasetKind {
+    /// COCO JSON annotations and an image folder.
+    Coco,
+    /// Generated shapes (see `[data.shapes]`), written as COCO under `root`.
+    Shapes,
+}
+
+/// Training and validation data.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataConfig {
+    pub dataset: DatasetKind,
+    /// Image folder and COCO JSON of the training set.
+    pub train_images: PathBuf,
+    pub train_annotations: PathBuf,
+    /// Image folder and COCO JSON of the validation set.
+    pub val_images: PathBuf,
+    pub val_annotations: PathBuf,
+    /// Images per iteration (the reference recipes: 2 per GPU on 8 GPUs).
+    pub batch_size: usize,
+    /// Threads preparing batches ahead.
+    pub num_workers: usize,
+    /// Shuffle the training set each epoch (order depends on runtime.seed and epoch).
+    pub shuffle: bool,
+    /// Probability of a horizontal flip of a training image.
+    pub hflip_prob: f64,
+    /// Skip unreadable images with a warning instead of stopping.
+    pub skip_bad_images: bool,
+    pub shapes: ShapesConfig,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        DataConfig {
+            dataset: DatasetKind::Coco,
+            train_images: "data/coco/train2017".into(),
+            train_annotations: "data/coco/annotations/instances_train2017.json".into(),
+            val_images: "data/coco/val2017".into(),
+            val_annotations: "data/coco/annotations/instances_val2017.json".into(),
+            batch_size: 16,
+            num_workers: 4,
+            shuffle: true,
+            hflip_prob: 0.5,
+            skip_bad_images: false,
+            shapes: ShapesConfig::default(),
+        }
+    }
+}
+
+/// The synthetic shapes dataset.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShapesConfig {
+    /// Where it is written.
+    pub root: PathBuf,
+    pub seed: u64,
+    pub train_count: usize,
+    pub val_count: usize,
+    /// Side of the square images, pixels.
+    pub image_size: usize,
+}
+
+impl Default for ShapesConfig {
+    fn default() -> Self {
+        ShapesConfig {
+            root: "data/shapes".into(),
+            seed: 0,
+            train_count: 2000,
+            val_count: 200,
+            image_size: 128,
+        }
+    }
+}
+
+// ---- schedule ---------------------------------------------------------------------
+
+/// Regular learning-rate schedule.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PolicyKind {
+    Fixed,
+    Step,
+    Cosine,
+    Poly,
+}
+
+/// Warmup kind (`none` for no warmup).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WarmupKind {
+    None,
+    Constant,
+    Linear,
+    Exp,
+}
+
+/// Gradient clipping by total norm.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GradClipConfig {
+    pub max_norm: f64,
+    #[serde(default = "two")]
+    pub norm_type: f64,
+}
+
+fn two() -> f64 {
+    2.0
+}
+
+/// Optimizer and learning-rate schedule.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ScheduleConfig {
+    /// Length: `{ epochs = 26 }` or `{ iters = 90000 }`.
+    pub max: Schedule,
+    /// SGD: base learning rate, momentum, weight decay, Nesterov.
+    pub lr: f64,
+    pub momentum: f64,
+    pub weight_decay: f64,
+    pub nesterov: bool,
+    /// Regular schedule, and whether it counts epochs or iterations (by default the
+    /// unit of `max`).
+    pub policy: PolicyKind,
+    pub lr_by_epoch: Option<bool>,
+    /// `step`: milestones (epochs or iterations) and factor.
+    pub steps: Vec<usize>,
+    pub gamma: f64,
+    /// `step`, `cosine`, `poly`: floor of the rate; `cosine`: or a fraction of the base.
+    pub min_lr: Option<f64>,
+    pub min_lr_ratio: Option<f64>,
+    /// `poly`: exponent.
+    pub power: f64,
+    /// Warmup kind, length in iterations and starting fraction.
+    pub warmup: WarmupKind,
+    pub warmup_iters: usize,
+    pub warmup_ratio: f64,
+    /// Clip gradients by total norm.
+    pub grad_clip: Option<GradClipConfig>,
+    /// Iterations whose gradients make one step.
+    pub cumulative_iters: usize,
+}
+
+impl Default for ScheduleConfig {
+    fn default() -> Self {
+        ScheduleConfig {
+            max: Schedule::Epochs(26),
+            lr: 0.02,
+            momentum: 0.9,
+            weight_decay: 1e-4,
+            nesterov: false,
+            policy: PolicyKind::Step,
+            lr_by_epoch: None,
+            steps: vec![16, 22],
+            gamma: 0.1,
+            min_lr: None,
+            min_lr_ratio: None,
+            power: 1.0,
+            warmup: WarmupKind::Linear,
+            warmup_iters: 1000,
+            warmup_ratio: 0.001,
+            grad_clip: None,
+            cumulative_iters: 1,
+        }
+    }
+}
+
+// ---- runtime ----------------------------------------------------------------------
+
+/// EMA of the weights.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmaConfig {
+    /// Weight of the new parameters per update.
+    pub momentum: f64,
+    /// Exponential momentum warmup (mmdet's ExpMomentumEMA), iterations.
+    pub total_iter: Option<usize>,
+}
+
+/// Where and how the run goes.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RuntimeConfig {
+    /// Checkpoints and logs.
+    pub work_dir: PathBuf,
+    /// Seeds the training random stream and the data order.
+    pub seed: u64,
+    /// `auto`, `cpu` or `cuda:N`.
+    pub device: String,
+    /// Phases, e.g. `[["train", 1], ["val", 1]]`.
+    pub workflow: Vec<(Mode, usize)>,
+    /// Checkpoint every this many epochs (iterations when the schedule is in iterations).
+    pub checkpoint_interval: usize,
+    /// Keep the newest this many checkpoints (all when absent).
+    pub max_keep_ckpts: Option<usize>,
+    /// Put optimizer state in checkpoints (needed to resume exactly).
+    pub save_optimizer: bool,
+    /// Log every this many iterations.
+    pub log_interval: usize,
+    /// Evaluate every this many epochs (iterations); 0: never.
+    pub eval_interval: usize,
+    /// Keep the checkpoint with the best value of this metric.
+    pub save_best: Option<String>,
+    /// Average the weights.
+    pub ema: Option<EmaConfig>,
+    /// Stop with a checkpoint when a loss turns NaN or infinite.
+    pub nan_guard: bool,
+    /// Show a progress bar on a terminal.
+    pub progress_bar: bool,
+    /// Continue from `work_dir/latest` when it exists.
+    pub resume: bool,
+    /// Weights to start from (a checkpoint or a state_dict), if any.
+    pub load_from: Option<PathBuf>,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        RuntimeConfig {
+            work_dir: "work_dirs/fasterrcnn_resnet50_fpn".into(),
+            seed: 0,
+            device: "auto".into(),
+            workflow: vec![(Mode::Train, 1)],
+            checkpoint_interval: 1,
+            max_keep_ckpts: None,
+            save_optimizer: true,
+            log_interval: 20,
+            eval_interval: 1,
+            save_best: None,
+            ema: None,
+            nan_guard: true,
+            progress_bar: true,
+            resume: false,
+            load_from: None,
+        }
+    }
+}
+
+// ---- loading ----------------------------------------------------------------------
+
+impl Config {
+    /// mmdetection's `faster_rcnn_r50_fpn_1x_coco`: 12 epochs, warmup 500, steps at 8
+    /// and 11, L1 box losses, adaptive RoIAlign sampling, RPN keeping 1000 proposals,
+    /// 80 classes plus background, log every 50 iterations.
+    pub fn mmdet_1x() -> Config {
+        let mut c = Config::default();
+        c.model.num_classes = 81;
+        c.model.rpn.post_nms_top_n_train = 1000;
+        c.model.rpn.box_loss_beta = 0.0;
+        c.model.roi.sampling_ratio = 0;
+        c.model.roi.box_loss_beta = 0.0;
+        c.schedule.max = Schedule::Epochs(12);
+        c.schedule.steps = vec![8, 11];
+        c.schedule.warmup_iters = 500;
+        c.runtime.work_dir = "work_dirs/faster_rcnn_r50_fpn_1x".into();
+        c.runtime.log_interval = 50;
+        c
+    }
+
+    /// Read and check a TOML file.
+    pub fn from_file(path: impl AsRef<Path>) -> Result<Config> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_toml_str(&text, &path.display().to_string())
+    }
+
+    /// Parse and check TOML text; `origin` names it in errors (the file name).
+    pub fn from_toml_str(text: &str, origin: &str) -> Result<Config> {
+        let c: Config = toml::from_str(text).map_err(|e| Error::Config {
+            origin: origin.to_string(),
+            msg: describe_toml_error(text, &e),
+        })?;
+        c.validate().map_err(|e| match e {
+            Error::Config { msg, .. } => Error::Config {
+                origin: origin.to_string(),
+                msg,
+            },
+            other => other,
+        })?;
+        Ok(c)
+    }
+
+    /// The configuration as TOML (every key written out).
+    pub fn to_toml_string(&self) -> Result<String> {
+        toml::to_string_pretty(self).map_err(|e| Error::Config {
+            origin: "<serialise>".into(),
+            msg: e.to_string(),
+        })
+    }
+
+    /// Check values that types cannot (ranges, consistency); the error names the key.
+    pub fn validate(&self) -> Result<()> {
+        let m = &self.model;
+        let (layers, _) = m.backbone.resolved()?;
+        if layers.len() != 4 || layers.contains(&0) {
+            return Err(invalid(
+                "model.backbone.layers",
+                format!("{layers:?}: four stages of at least one block"),
+            ));
+        }
+        positive("model.num_classes", m.num_classes.saturating_sub(1))?;
+        positive("model.backbone.width_per_group", m.backbone.width_per_group)?;
+        positive("model.backbone.groups", m.backbone.groups)?;
+        if m.backbone.trainable_layers > 5 {
+            return Err(invalid(
+                "model.backbone.trainable_layers",
+                format!("{} (0 to 5)", m.backbone.trainable_layers),
+            ));
+        }
+        positive("model.fpn.out_channels", m.fpn.out_channels)?;
+        if m.transform.min_size == 0 || m.transform.max_size < m.transform.min_size {
+            return Err(invalid(
+                "model.transform.max_size",
+                format!(
+                    "min_size {} max_size {} (need 0 < min_size <= max_size)",
+                    m.transform.min_size, m.transform.max_size
+                ),
+            ));
+        }
+        if m.anchors.sizes.is_empty() || m.anchors.sizes.iter().any(|s| s.is_nan() || *s <= 0.0) {
+            return Err(invalid(
+                "model.anchors.sizes",
+                format!("{:?}", m.anchors.sizes),
+            ));
+        }
+        if m.anchors.aspect_ratios.is_empty()
+            || m.anchors
+                .aspect_ratios
+                .iter()
+                .any(|s| s.is_nan() || *s <= 0.0)
+        {
+            return Err(invalid(
+                "model.anchors.aspect_ratios",
+                format!("{:?}", m.anchors.aspect_ratios),
+            ));
+        }
+        for (k, v) in [
+            ("model.rpn.nms_thresh", m.rpn.nms_thresh),
+            ("model.rpn.fg_iou_thresh", m.rpn.fg_iou_thresh),
+            ("model.rpn.bg_iou_thresh", m.rpn.bg_iou_thresh),
+            ("model.rpn.positive_fraction", m.rpn.positive_fraction),
+            ("model.roi.fg_iou_thresh", m.roi.fg_iou_thresh),
+            ("model.roi.bg_iou_thresh", m.roi.bg_iou_thresh),
+            ("model.roi.positive_fraction", m.roi.positive_fraction),
+            ("model.roi.nms_thresh", m.roi.nms_thresh),
+            ("model.roi.score_thresh", m.roi.score_thresh),
+            ("data.hflip_prob", self.data.hflip_prob),
+        ] {
+            fraction(k, v)?;
+        }
+        if m.rpn.bg_iou_thresh > m.rpn.fg_iou_thresh {
+            return Err(invalid(
+                "model.rpn.bg_iou_thresh",
+                "above fg_iou_thresh".into(),
+            ));
+        }
+        if m.roi.bg_iou_thresh > m.roi.fg_iou_thresh {
+            return Err(invalid(
+                "model.roi.bg_iou_thresh",
+                "above fg_iou_thresh".into(),
+            ));
+        }
+        positive("model.rpn.batch_size_per_image", m.rpn.batch_size_per_image)?;
+        positive("model.roi.batch_size_per_image", m.roi.batch_size_per_image)?;
+        positive("model.roi.pool_output_size", m.roi.pool_output_size)?;
+        positive("model.roi.representation_size", m.roi.representation_size)?;
+        positive("data.batch_size", self.data.batch_size)?;
+        self.validate_schedule()?;
+        let r = &self.runtime;
+        crate::Device::parse(&r.device).map_err(|e| invalid("runtime.device", e.to_string()))?;
+        if !r.workflow.iter().any(|(m, n)| *m == Mode::Train && *n > 0) {
+            return Err(invalid(
+                "runtime.workflow",
+                format!("{:?} has no training phase", r.workflow),
+            ));
+        }
+        positive("runtime.checkpoint_interval", r.checkpoint_interval)?;
+        positive("runtime.log_interval", r.log_interval)?;
+        if let Some(e) = &r.ema {
+            if !(e.momentum > 0.0 && e.momentum < 1.0) {
+                return Err(invalid(
+                    "runtime.ema.momentum",
+                    format!("{} (0 < m < 1)", e.momentum),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_schedule(&self) -> Result<()> {
+        let s = &self.schedule;
+        match s.max {
+            Schedule::Epochs(0) | Schedule::Iters(0) => {
+                return Err(invalid("schedule.max", "zero length".into()))
+            }
+            Schedule::Iters(_) if s.lr_by_epoch == Some(true) => {
+                return Err(invalid(
+                    "schedule.lr_by_epoch",
+                    "true with a schedule in iterations (`max = { iters = .. }`)".into(),
+                ))
+            }
+            _ => {}
+        }
+        if s.lr.is_nan() || s.lr <= 0.0 {
+            return Err(invalid(
+                "schedule.lr",
+                format!("{} (must be positive)", s.lr),
+            ));
+        }
+        if !(0.0..1.0).contains(&s.momentum) {
+            return Err(invalid(
+                "schedule.momentum",
+                format!("{} (0 <= m < 1)", s.momentum),
+            ));
+        }
+        if s.weight_decay.is_nan() || s.weight_decay < 0.0 {
+            return Err(invalid(
+                "schedule.weight_decay",
+                format!("{}", s.weight_decay),
+            ));
+        }
+        if s.policy == PolicyKind::Step && s.steps.windows(2).any(|w| w[0] >= w[1]) {
+            return Err(invalid(
+                "schedule.steps",
+                format!("{:?} are not increasing", s.steps),
+            ));
+        }
+        if s.warmup != WarmupKind::None {
+            positive("schedule.warmup_iters", s.warmup_iters)?;
+            if !(s.warmup_ratio > 0.0 && s.warmup_ratio <= 1.0) {
+                return Err(invalid(
+                    "schedule.warmup_ratio",
+                    format!("{} (0 < r <= 1)", s.warmup_ratio),
+                ));
+            }
+        }
+        if let Some(c) = &s.grad_clip {
+            if !(c.max_norm > 0.0 && c.norm_type > 0.0) {
+                return Err(invalid(
+                    "schedule.grad_clip",
+                    format!("max_norm {} norm_type {}", c.max_norm, c.norm_type),
+                ));
+            }
+        }
+        positive("schedule.cumulative_iters", s.cumulative_iters)
+    }
+
+    // ---- what the runner gets ----
+
+    /// The regular LR policy.
+    pub fn lr_policy(&self) -> LrPolicy {
+        let s = &self.schedule;
+        match s.policy {
+            PolicyKind::Fixed => LrPolicy::Fixed,
+            PolicyKind::Step => LrPolicy::Step {
+                steps: s.steps.clone(),
+                gamma: s.gamma,
+                min_lr: s.min_lr,
+            },
+            PolicyKind::Cosine => LrPolicy::Cosine {
+                min_lr: s.min_lr.unwrap_or(0.0),
+                min_lr_ratio: s.min_lr_ratio,
+            },
+            PolicyKind::Poly => LrPolicy::Poly {
+                power: s.power,
+                min_lr: s.min_lr.unwrap_or(0.0),
+            },
+        }
+    }
+
+    /// The LR updater hook of the schedule.
+    pub fn lr_updater_hook(&self) -> LrUpdaterHook {
+        let s = &self.schedule;
+        let by_epoch = s
+            .lr_by_epoch
+            .unwrap_or(matches!(s.max, Schedule::Epochs(_)));
+        let hook = LrUpdaterHook::new(self.lr_policy(), by_epoch);
+        let warmup = match s.warmup {
+            WarmupKind::None => return hook,
+            WarmupKind::Constant => Warmup::Constant,
+            WarmupKind::Linear => Warmup::Linear,
+            WarmupKind::Exp => Warmup::Exp,
+        };
+        hook.with_warmup(warmup, s.warmup_iters, s.warmup_ratio)
+    }
+
+    /// The optimizer hook (clipping, accumulation).
+    pub fn optimizer_hook(&self) -> OptimizerHook {
+        let s = &self.schedule;
+        let mut h = OptimizerHook::new().with_cumulative_iters(s.cumulative_iters);
+        if let Some(c) = &s.grad_clip {
+            h = h.with_grad_clip(c.max_norm, c.norm_type);
+        }
+        h
+    }
+
+    /// The checkpoint hook (by epoch when the schedule is in epochs).
+    pub fn checkpoint_hook(&self) -> CheckpointHook {
+        let r = &self.runtime;
+        let by_epoch = matches!(self.schedule.max, Schedule::Epochs(_));
+        let mut h = CheckpointHook::new(r.checkpoint_interval, by_epoch);
+        h.save_optimizer = r.save_optimizer;
+        h.max_keep_ckpts = r.max_keep_ckpts;
+        h
+    }
+
+    /// The EMA hook, if configured.
+    pub fn ema_hook(&self) -> Option<EmaHook> {
+        self.runtime.ema.as_ref().map(|e| match e.total_iter {
+            Some(t) => EmaHook::exp_momentum(e.momentum, t),
+            None => EmaHook::new(e.momentum),
+        })
+    }
+}
+
+fn invalid(key: &str, msg: String) -> Error {
+    Error::Config {
+        origin: "<config>".into(),
+        msg: format!("key `{key}`: {msg}"),
+    }
+}
+
+fn positive(key: &str, v: usize) -> Result<()> {
+    if v == 0 {
+        return Err(invalid(key, "must be positive".into()));
+    }
+    Ok(())
+}
+
+fn fraction(key: &str, v: f64) -> Result<()> {
+    if !(0.0..=1.0).contains(&v) {
+        return Err(invalid(key, format!("{v} is not in [0, 1]")));
+    }
+    Ok(())
+}
+
+/// `key `schedule.lr`: invalid type: string "a", expected f64 (line 3, column 6)`:
+/// serde's message with the dotted key and position found from the error's span.
+fn describe_toml_error(text: &str, e: &toml::de::Error) -> String {
+    let msg = e.message().trim_end().to_string();
+    let Some(span) = e.span() else {
+        return msg;
+    };
+    let at = span.start.min(text.len());
+    let line_start = text[..at].rfind('\n').map_or(0, |i| i + 1);
+    let line_no = text[..at].matches('\n').count() + 1;
+    let col = text[line_start..at].chars().count() + 1;
+    let line_end = text[at..].find('\n').map_or(text.len(), |i| at + i);
+    let line = &text[line_start..line_end];
+    let table = text[..line_start]
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('['))
+        .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim().to_string());
+    let key = if line.trim_start().starts_with('[') {
+        Some(
+            line.trim()
+                .trim_matches(|c| c == '[' || c == ']')
+                .trim()
+                .to_string(),
+        )
+    } else {
+        line.split_once('=').map(|(k, _)| {
+            let k = k.trim().trim_matches('"').to_string();
+            match &table {
+                Some(t) => format!("{t}.{k}"),
+                None => k,
+            }
+        })
+    };
+    match key {
+        Some(k) => format!("key `{k}`: {msg} (line {line_no}, column {col})"),
+        None => format!("{msg} (line {line_no}, column {col})"),
+    }
+}

@@ -1,0 +1,80 @@
+//! What the runner drives: a [`Model`] and an [`Optimizer`].
+//!
+//! Parameters are immutable [`Tensor`]s. A train step runs with an active
+//! [`crate::autograd::Tape`] on which the runner has watched every parameter; the
+//! optimizer hook backpropagates the total loss, the optimizer returns new parameter
+//! tensors and the runner hands them back with [`Model::set_params`].
+
+use crate::error::Result;
+use crate::rng::Rng;
+use crate::tensor::Tensor;
+
+/// A trainable model, e.g. Faster R-CNN.
+pub trait Model {
+    /// One batch as the data loader yields it (images, targets, ...).
+    type Batch;
+
+    /// Trainable parameters with their names (torchvision's state_dict names, e.g.
+    /// `backbone.body.layer1.0.conv1.weight`), always in the same order: the order of
+    /// [`Model::set_params`], of the optimizer's state and of the runner's gradients.
+    fn params(&self) -> Vec<(String, Tensor)>;
+
+    /// Replace the trainable parameters; `params` is in [`Model::params`] order with
+    /// the same shapes.
+    fn set_params(&mut self, params: Vec<Tensor>) -> Result<()>;
+
+    /// Non-trainable state saved with the weights (frozen parameters, BatchNorm
+    /// running statistics), with names. None by default.
+    fn buffers(&self) -> Vec<(String, Tensor)> {
+        Vec::new()
+    }
+
+    /// Replace the buffers; `buffers` is in [`Model::buffers`] order.
+    fn set_buffers(&mut self, buffers: Vec<Tensor>) -> Result<()> {
+        let _ = buffers;
+        Ok(())
+    }
+
+    /// Forward pass of a training step: named losses (and other values to log). Runs
+    /// under an active tape on which every parameter returned by [`Model::params`] is
+    /// watched, so the losses are differentiable. Every entry whose name contains
+    /// `loss` is summed into the total loss (see [`super::parse_losses`]); non-scalar
+    /// entries are averaged first. `rng` is the runner's generator (sampling of
+    /// anchors and proposals): use it, and no other, so runs are resumable.
+    fn train_step(&mut self, batch: &Self::Batch, rng: &mut Rng) -> Result<Vec<(String, Tensor)>>;
+
+    /// A validation step: named values to log, computed without a tape. By default the
+    /// training losses. `rng` is a generator seeded per validation epoch, separate from
+    /// the training one.
+    fn val_step(&mut self, batch: &Self::Batch, rng: &mut Rng) -> Result<Vec<(String, Tensor)>> {
+        self.train_step(batch, rng)
+    }
+
+    /// Number of samples (images) in `batch`, the weight of its values in the log's
+    /// running averages.
+    fn num_samples(&self, batch: &Self::Batch) -> usize {
+        let _ = batch;
+        1
+    }
+}
+
+/// A first-order optimizer over the model's parameters (SGD, ...).
+pub trait Optimizer {
+    /// One update. `params` are replaced by their new values; `grads[i]` is dL/d
+    /// `params[i]`, `None` for a parameter the loss does not depend on (skipped
+    /// entirely, as PyTorch skips parameters whose `.grad` is `None`).
+    fn step(&mut self, params: &mut [Tensor], grads: &[Option<Tensor>]) -> Result<()>;
+
+    /// The current learning rate.
+    fn lr(&self) -> f64;
+
+    /// Set the learning rate (the LR updater hook does, before every iteration).
+    fn set_lr(&mut self, lr: f64);
+
+    /// State to checkpoint (momentum buffers, ...), named. Tensors only: encode
+    /// scalars as one-element tensors.
+    fn state(&self) -> Vec<(String, Tensor)>;
+
+    /// Restore what [`Optimizer::state`] returned.
+    fn load_state(&mut self, state: Vec<(String, Tensor)>) -> Result<()>;
+}

@@ -1,0 +1,877 @@
+//! The [`Runner`]: mmcv's epoch- and iteration-based runners in one, made resumable.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::hook::{dispatch, Hook, Stage};
+use super::log_buffer::LogBuffer;
+use super::log_sink::LogSink;
+use super::{DataLoader, Model, Optimizer, Priority};
+use crate::autograd::Tape;
+use crate::error::{Error, Result};
+use crate::ops;
+use crate::rng::Rng;
+use crate::tensor::Tensor;
+
+/// The phase of a workflow entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    Train,
+    Val,
+}
+
+/// How long training lasts: a number of epochs (mmcv's EpochBasedRunner) or of
+/// iterations (IterBasedRunner, the loader cycling through epochs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Schedule {
+    Epochs(usize),
+    Iters(usize),
+}
+
+/// What the last step produced (mmcv's `runner.outputs`).
+pub struct StepOutputs {
+    /// The total loss (sum of the entries named `*loss*`), scalar, on the tape; `None`
+    /// for a validation step that returned no loss.
+    pub loss: Option<Tensor>,
+    /// Every returned value as f64, then `loss`, the total.
+    pub log_vars: Vec<(String, f64)>,
+    /// Samples in the batch (the weight in the log's averages).
+    pub num_samples: usize,
+    tape: Option<Tape>,
+    params: Vec<Tensor>,
+}
+
+/// Counters a checkpoint restores: where a resumed run starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResumePoint {
+    /// Epoch the run is in (0-based); in iteration mode the loader's epoch.
+    pub epoch: usize,
+    /// Training iterations completed.
+    pub iter: usize,
+    /// Epoch of the train loader's order.
+    pub data_epoch: u64,
+    /// Batches of that epoch already consumed.
+    pub data_position: usize,
+}
+
+struct HookEntry<M: Model> {
+    hook: Box<dyn Hook<M>>,
+    priority: Priority,
+    name: String,
+}
+
+/// Drives a [`Model`] with an [`Optimizer`] over data loaders, calling [`Hook`]s at
+/// every stage. Everything hooks share lives here.
+///
+/// Counters follow mmcv: during `after_train_iter`, `iter` is the index of the
+/// iteration just run (0-based) and is incremented after the hooks; `epoch` likewise
+/// after `after_train_epoch`; `inner_iter` is the index within the epoch (iteration
+/// mode: within the current workflow phase).
+pub struct Runner<M: Model> {
+    /// The model trained.
+    pub model: M,
+    /// Its optimizer.
+    pub optimizer: Box<dyn Optimizer>,
+    /// Where checkpoints and logs go.
+    pub work_dir: PathBuf,
+    /// Free-form run information saved in checkpoints (mmcv's `meta`; hooks keep
+    /// `hook_msgs` here: last and best checkpoints, best score).
+    pub meta: serde_json::Map<String, serde_json::Value>,
+    /// Running averages of logged values.
+    pub log_buffer: LogBuffer,
+    /// The training random stream, handed to [`Model::train_step`]; checkpointed.
+    pub rng: Rng,
+    /// Named tensors hooks keep across a resume (the EMA weights, `ema.<param>`).
+    pub extra_tensors: BTreeMap<String, Tensor>,
+    /// The last step's outputs, until the step's hooks have run.
+    pub outputs: Option<StepOutputs>,
+    /// Accumulated dL/d(param), in [`Model::params`] order (`param.grad`); empty or
+    /// `None` entries mean zero.
+    pub grads: Vec<Option<Tensor>>,
+    /// The latest evaluation metrics (set by the eval hook).
+    pub metrics: Vec<(String, f64)>,
+    /// Text output: stdout (or above the progress bar) and `work_dir/log.txt`.
+    pub log: LogSink,
+    train_loader: Option<Box<dyn DataLoader<Batch = M::Batch>>>,
+    val_loader: Option<Box<dyn DataLoader<Batch = M::Batch>>>,
+    schedule: Schedule,
+    mode: Mode,
+    epoch: usize,
+    iter: usize,
+    inner_iter: usize,
+    data_epoch: u64,
+    data_position: usize,
+    train_started: bool,
+    stage: Option<Stage>,
+    hooks: Vec<HookEntry<M>>,
+    initial_lr: f64,
+    seed: u64,
+}
+
+impl<M: Model> Runner<M> {
+    /// A runner at epoch 0, iteration 0. `seed` seeds the training random stream
+    /// ([`Runner::rng`]); the loaders have their own seeds. The optimizer's learning
+    /// rate now is the base rate the LR schedule scales.
+    pub fn new(
+        model: M,
+        optimizer: Box<dyn Optimizer>,
+        work_dir: impl Into<PathBuf>,
+        schedule: Schedule,
+        seed: u64,
+    ) -> Self {
+        let initial_lr = optimizer.lr();
+        Runner {
+            model,
+            optimizer,
+            work_dir: work_dir.into(),
+            meta: serde_json::Map::new(),
+            log_buffer: LogBuffer::new(),
+            rng: Rng::new(seed),
+            extra_tensors: BTreeMap::new(),
+            outputs: None,
+            grads: Vec::new(),
+            metrics: Vec::new(),
+            log: LogSink::default(),
+            train_loader: None,
+            val_loader: None,
+            schedule,
+            mode: Mode::Train,
+            epoch: 0,
+            iter: 0,
+            inner_iter: 0,
+            data_epoch: 0,
+            data_position: 0,
+            train_started: false,
+            stage: None,
+            hooks: Vec::new(),
+            initial_lr,
+            seed,
+        }
+    }
+
+    /// Set the training loader.
+    pub fn set_train_loader(&mut self, loader: Box<dyn DataLoader<Batch = M::Batch>>) {
+        self.train_loader = Some(loader);
+        self.train_started = false;
+    }
+
+    /// Set the validation loader (used by `Val` workflow phases).
+    pub fn set_val_loader(&mut self, loader: Box<dyn DataLoader<Batch = M::Batch>>) {
+        self.val_loader = Some(loader);
+    }
+
+    // ---- counters -------------------------------------------------------------------
+
+    /// Current epoch, 0-based.
+    pub fn epoch(&self) -> usize {
+        self.epoch
+    }
+    /// Training iterations completed before the current one.
+    pub fn iter(&self) -> usize {
+        self.iter
+    }
+    /// Index of the current iteration within its epoch (or workflow phase).
+    pub fn inner_iter(&self) -> usize {
+        self.inner_iter
+    }
+    /// The schedule.
+    pub fn schedule(&self) -> Schedule {
+        self.schedule
+    }
+    /// True for an epoch-based schedule.
+    pub fn by_epoch(&self) -> bool {
+        matches!(self.schedule, Schedule::Epochs(_))
+    }
+    /// Number of epochs of an epoch-based schedule.
+    pub fn max_epochs(&self) -> Option<usize> {
+        match self.schedule {
+            Schedule::Epochs(n) => Some(n),
+            Schedule::Iters(_) => None,
+        }
+    }
+    /// Total training iterations (epochs times batches per epoch when epoch-based).
+    pub fn max_iters(&self) -> usize {
+        match self.schedule {
+            Schedule::Epochs(n) => n * self.train_len(),
+            Schedule::Iters(n) => n,
+        }
+    }
+    /// Batches per training epoch (0 without a loader).
+    pub fn train_len(&self) -> usize {
+        self.train_loader.as_ref().map_or(0, |l| l.len())
+    }
+    /// Batches per validation epoch (0 without a loader).
+    pub fn val_len(&self) -> usize {
+        self.val_loader.as_ref().map_or(0, |l| l.len())
+    }
+    /// Train or Val, the phase running now.
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+    /// The stage whose hooks are running (or ran last).
+    pub fn stage(&self) -> Option<Stage> {
+        self.stage
+    }
+    /// The optimizer's learning rate now.
+    pub fn current_lr(&self) -> f64 {
+        self.optimizer.lr()
+    }
+    /// The base learning rate the schedule scales (the optimizer's at creation,
+    /// restored on resume).
+    pub fn initial_lr(&self) -> f64 {
+        self.initial_lr
+    }
+    /// The seed given to [`Runner::new`].
+    pub fn seed(&self) -> u64 {
+        self.seed
+    }
+
+    /// mmcv's `every_n_epochs`: whether `epoch + 1` is a multiple of `n` (n > 0).
+    pub fn every_n_epochs(&self, n: usize) -> bool {
+        n > 0 && (self.epoch + 1) % n == 0
+    }
+    /// Whether `iter + 1` is a multiple of `n` (n > 0).
+    pub fn every_n_iters(&self, n: usize) -> bool {
+        n > 0 && (self.iter + 1) % n == 0
+    }
+    /// Whether `inner_iter + 1` is a multiple of `n` (n > 0).
+    pub fn every_n_inner_iters(&self, n: usize) -> bool {
+        n > 0 && (self.inner_iter + 1) % n == 0
+    }
+    /// Whether the current iteration is the last of its epoch.
+    pub fn end_of_epoch(&self) -> bool {
+        self.inner_iter + 1 == self.train_len()
+    }
+    /// Whether the current epoch is the last.
+    pub fn is_last_epoch(&self) -> bool {
+        self.max_epochs() == Some(self.epoch + 1)
+    }
+    /// Whether the current iteration is the last.
+    pub fn is_last_iter(&self) -> bool {
+        self.iter + 1 == self.max_iters()
+    }
+
+    // ---- hooks ----------------------------------------------------------------------
+
+    /// Register `hook` at its own [`Hook::priority`].
+    pub fn register_hook(&mut self, hook: impl Hook<M> + 'static) {
+        let p = hook.priority();
+        self.register_boxed_hook(Box::new(hook), p);
+    }
+
+    /// Register `hook` at `priority`: after every hook of lower or equal priority.
+    pub fn register_hook_with_priority(
+        &mut self,
+        hook: impl Hook<M> + 'static,
+        priority: Priority,
+    ) {
+        self.register_boxed_hook(Box::new(hook), priority);
+    }
+
+    /// Register a boxed hook at `priority`.
+    pub fn register_boxed_hook(&mut self, hook: Box<dyn Hook<M>>, priority: Priority) {
+        let name = hook.name();
+        let at = self.hooks.partition_point(|h| h.priority <= priority);
+        self.hooks.insert(
+            at,
+            HookEntry {
+                hook,
+                priority,
+                name,
+            },
+        );
+    }
+
+    /// Names and priorities of the hooks, in the order they run.
+    pub fn hook_order(&self) -> Vec<(String, Priority)> {
+        self.hooks
+            .iter()
+            .map(|h| (h.name.clone(), h.priority))
+            .collect()
+    }
+
+    /// The hook order as printed at the start of a run, one `(PRIORITY   ) Name` line
+    /// per hook.
+    pub fn hook_order_text(&self) -> String {
+        let mut s = String::from("Hooks, in the order they run:");
+        for (name, p) in self.hook_order() {
+            s.push_str(&format!("\n({:<12}) {name}", p.to_string()));
+        }
+        s
+    }
+
+    /// Call every hook's method for `stage`, in priority order; the first error stops
+    /// the stage and is returned.
+    pub fn call_hook(&mut self, stage: Stage) -> Result<()> {
+        self.stage = Some(stage);
+        let mut hooks = std::mem::take(&mut self.hooks);
+        let mut result = Ok(());
+        for h in hooks.iter_mut() {
+            result = dispatch(h.hook.as_mut(), stage, self);
+            if result.is_err() {
+                break;
+            }
+        }
+        // Hooks registered by a hook during the stage join the list in priority order.
+        let added = std::mem::replace(&mut self.hooks, hooks);
+        for h in added {
+            self.register_boxed_hook(h.hook, h.priority);
+        }
+        result
+    }
+
+    // ---- the run --------------------------------------------------------------------
+
+    /// Run `workflow`, e.g. `[(Train, 2), (Val, 1)]`: train 2 epochs (iterations when
+    /// iteration-based), validate one epoch, and so on until the schedule ends. Phases
+    /// after the last training phase still run in the final cycle, as in mmcv. A
+    /// resumed runner starts where the checkpoint left it, also within the workflow.
+    pub fn run(&mut self, workflow: &[(Mode, usize)]) -> Result<()> {
+        self.check_workflow(workflow)?;
+        std::fs::create_dir_all(&self.work_dir).map_err(|source| Error::Io {
+            path: self.work_dir.clone(),
+            source,
+        })?;
+        self.log.set_file(Some(self.work_dir.join("log.txt")));
+        self.log.line(&format!(
+            "Start running: work_dir {}, workflow {:?}, {}, from epoch {} iter {}",
+            self.work_dir.display(),
+            workflow,
+            match self.schedule {
+                Schedule::Epochs(n) => format!("max_epochs {n}"),
+                Schedule::Iters(n) => format!("max_iters {n}"),
+            },
+            self.epoch,
+            self.iter
+        ));
+        self.log.line(&self.hook_order_text());
+        let result = self.run_stages(workflow);
+        if result.is_err() {
+            // after_run hooks did not run: take the progress bar down for the error.
+            self.log.set_progress_bar(None);
+        }
+        result
+    }
+
+    fn run_stages(&mut self, workflow: &[(Mode, usize)]) -> Result<()> {
+        self.call_hook(Stage::BeforeRun)?;
+        if !self.by_epoch() {
+            // mmcv's IterBasedRunner wraps the whole run in one "epoch".
+            self.mode = Mode::Train;
+            self.call_hook(Stage::BeforeTrainEpoch)?;
+        }
+        self.run_workflow(workflow)?;
+        if !self.by_epoch() {
+            self.mode = Mode::Train;
+            self.call_hook(Stage::AfterTrainEpoch)?;
+        }
+        self.call_hook(Stage::AfterRun)
+    }
+
+    fn check_workflow(&self, workflow: &[(Mode, usize)]) -> Result<()> {
+        let train: usize = workflow
+            .iter()
+            .filter(|(m, _)| *m == Mode::Train)
+            .map(|(_, n)| n)
+            .sum();
+        if train == 0 {
+            return Err(Error::invalid(
+                "Runner::run",
+                format!("workflow {workflow:?} has no training phase of positive length"),
+            ));
+        }
+        if self.train_loader.is_none() {
+            return Err(Error::invalid("Runner::run", "no training data loader set"));
+        }
+        if self.train_len() == 0 {
+            return Err(Error::invalid(
+                "Runner::run",
+                "the training loader has no batch",
+            ));
+        }
+        if workflow.iter().any(|(m, _)| *m == Mode::Val) && self.val_loader.is_none() {
+            return Err(Error::invalid(
+                "Runner::run",
+                "the workflow has a val phase but no validation loader is set",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Training units (epochs or iterations) completed, and the schedule's total.
+    fn units(&self) -> (usize, usize) {
+        match self.schedule {
+            Schedule::Epochs(n) => (self.epoch, n),
+            Schedule::Iters(n) => (self.iter, n),
+        }
+    }
+
+    fn run_workflow(&mut self, workflow: &[(Mode, usize)]) -> Result<()> {
+        let (done, _) = self.units();
+        // Resumed inside an epoch: that epoch's training phase comes first.
+        let mid_epoch = self.by_epoch() && self.data_position > 0;
+        let (mut phase, mut first_count) = workflow_cursor(workflow, done, mid_epoch);
+        loop {
+            let (done, max) = self.units();
+            if done >= max && phase == 0 {
+                return Ok(());
+            }
+            let (mode, count) = workflow[phase];
+            let count = first_count.take().unwrap_or(count);
+            self.inner_iter = 0;
+            for _ in 0..count {
+                match mode {
+                    Mode::Train => {
+                        let (done, max) = self.units();
+                        if done >= max {
+                            break;
+                        }
+                        if self.by_epoch() {
+                            self.train_epoch()?;
+                        } else {
+                            self.train_iter_cycled()?;
+                            self.inner_iter += 1;
+                        }
+                    }
+                    Mode::Val => self.val_epoch()?,
+                }
+            }
+            phase = (phase + 1) % workflow.len();
+        }
+    }
+
+    /// One epoch of training (epoch-based), from the resumed position if any.
+    fn train_epoch(&mut self) -> Result<()> {
+        self.mode = Mode::Train;
+        if self.data_epoch != self.epoch as u64 {
+            self.data_epoch = self.epoch as u64;
+            self.data_position = 0;
+        }
+        self.start_train_loader()?;
+        self.call_hook(Stage::BeforeTrainEpoch)?;
+        let len = self.train_len();
+        while self.data_position < len {
+            self.inner_iter = self.data_position;
+            let batch = self.next_train_batch()?;
+            self.train_iter(batch)?;
+        }
+        self.mode = Mode::Train;
+        self.call_hook(Stage::AfterTrainEpoch)?;
+        self.epoch += 1;
+        self.data_epoch = self.epoch as u64;
+        self.data_position = 0;
+        self.train_started = false;
+        Ok(())
+    }
+
+    /// One training iteration of an iteration-based run, the loader cycling epochs.
+    fn train_iter_cycled(&mut self) -> Result<()> {
+        self.mode = Mode::Train;
+        if self.data_position >= self.train_len() {
+            self.data_epoch += 1;
+            self.data_position = 0;
+            self.train_started = false;
+        }
+        self.epoch = self.data_epoch as usize;
+        self.start_train_loader()?;
+        let batch = self.next_train_batch()?;
+        self.train_iter(batch)
+    }
+
+    fn start_train_loader(&mut self) -> Result<()> {
+        if !self.train_started {
+            let loader = self
+                .train_loader
+                .as_mut()
+                .ok_or_else(|| Error::invalid("Runner", "no training data loader set"))?;
+            loader.start(self.data_epoch, self.data_position)?;
+            self.train_started = true;
+        }
+        Ok(())
+    }
+
+    fn next_train_batch(&mut self) -> Result<M::Batch> {
+        let len = self.train_len();
+        let loader = self
+            .train_loader
+            .as_mut()
+            .ok_or_else(|| Error::invalid("Runner", "no training data loader set"))?;
+        let batch = loader.next_batch().ok_or_else(|| {
+            Error::Training(format!(
+                "the training loader ended after {} of its {len} batches (epoch {})",
+                self.data_position, self.data_epoch
+            ))
+        })??;
+        self.data_position += 1;
+        Ok(batch)
+    }
+
+    fn train_iter(&mut self, batch: M::Batch) -> Result<()> {
+        self.mode = Mode::Train;
+        self.call_hook(Stage::BeforeTrainIter)?;
+        self.train_step(&batch)?;
+        self.call_hook(Stage::AfterTrainIter)?;
+        self.outputs = None;
+        self.iter += 1;
+        Ok(())
+    }
+
+    /// The forward pass of a training step: watch the parameters, run the model under
+    /// the tape, parse its losses, log them. The backward pass and the update are the
+    /// optimizer hook's ([`Runner::backward`], [`Runner::optimizer_step`]).
+    fn train_step(&mut self, batch: &M::Batch) -> Result<()> {
+        let params: Vec<Tensor> = self.model.params().into_iter().map(|(_, t)| t).collect();
+        let tape = Tape::new();
+        for p in &params {
+            tape.watch(p);
+        }
+        let num_samples = self.model.num_samples(batch);
+        let (loss, log_vars) = {
+            let _active = tape.activate();
+            let losses = self.model.train_step(batch, &mut self.rng)?;
+            parse_named(losses, true)?
+        };
+        self.log_buffer.update(&log_vars, num_samples);
+        self.outputs = Some(StepOutputs {
+            loss,
+            log_vars,
+            num_samples,
+            tape: Some(tape),
+            params,
+        });
+        Ok(())
+    }
+
+    /// One pass over the validation loader (mmcv's `runner.val`): the model's
+    /// [`Model::val_step`] on each batch, without a tape, its values logged.
+    pub fn val_epoch(&mut self) -> Result<()> {
+        self.mode = Mode::Val;
+        let loader = self
+            .val_loader
+            .as_mut()
+            .ok_or_else(|| Error::invalid("Runner::val_epoch", "no validation loader set"))?;
+        loader.start(0, 0)?;
+        self.call_hook(Stage::BeforeValEpoch)?;
+        // A stream of its own, so validation never shifts the training stream.
+        let mut rng =
+            Rng::new(self.seed ^ (self.iter as u64 + 1).wrapping_mul(0xA076_1D64_78BD_642F));
+        let mut i = 0;
+        loop {
+            let next = match self.val_loader.as_mut() {
+                Some(l) => l.next_batch(),
+                None => None,
+            };
+            let Some(batch) = next else { break };
+            let batch = batch?;
+            self.inner_iter = i;
+            self.mode = Mode::Val;
+            self.call_hook(Stage::BeforeValIter)?;
+            let num_samples = self.model.num_samples(&batch);
+            let values = self.model.val_step(&batch, &mut rng)?;
+            let (loss, log_vars) = parse_named(values, false)?;
+            self.log_buffer.update(&log_vars, num_samples);
+            self.outputs = Some(StepOutputs {
+                loss,
+                log_vars,
+                num_samples,
+                tape: None,
+                params: Vec::new(),
+            });
+            self.call_hook(Stage::AfterValIter)?;
+            self.outputs = None;
+            i += 1;
+        }
+        self.mode = Mode::Val;
+        self.call_hook(Stage::AfterValEpoch)
+    }
+
+    // ---- what the optimizer hook does -------------------------------------------------
+
+    fn ensure_grads(&mut self, n: usize) -> Result<()> {
+        if self.grads.len() != n {
+            if self.grads.iter().any(Option::is_some) {
+                return Err(Error::Training(format!(
+                    "{} accumulated gradients for a model with {n} parameters",
+                    self.grads.len()
+                )));
+            }
+            self.grads = vec![None; n];
+        }
+        Ok(())
+    }
+
+    /// Forget the accumulated gradients (`optimizer.zero_grad()`).
+    pub fn zero_grad(&mut self) {
+        self.grads.iter_mut().for_each(|g| *g = None);
+    }
+
+    /// Backpropagate `loss_scale * loss` of the current step and add the gradients to
+    /// [`Runner::grads`] (`(loss * loss_scale).backward()`). Once per step.
+    pub fn backward(&mut self, loss_scale: f64) -> Result<()> {
+        let out = self
+            .outputs
+            .as_mut()
+            .ok_or_else(|| Error::Autograd("backward outside a training step".into()))?;
+        let loss = out
+            .loss
+            .clone()
+            .ok_or_else(|| Error::Autograd("the step has no loss".into()))?;
+        let tape = out
+            .tape
+            .take()
+            .ok_or_else(|| Error::Autograd("this step's loss was already backpropagated".into()))?;
+        let params = out.params.clone();
+        let seed = Tensor::full(
+            loss.shape().clone(),
+            loss_scale,
+            loss.dtype(),
+            loss.device(),
+        )?;
+        let grads = tape.backward_with(&loss, seed)?;
+        self.ensure_grads(params.len())?;
+        for (slot, p) in self.grads.iter_mut().zip(&params) {
+            if let Some(g) = grads.get(p) {
+                *slot = Some(match slot.take() {
+                    Some(prev) => ops::add(&prev, g)?,
+                    None => g.clone(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Scale the gradients so that their total `norm_type`-norm is at most `max_norm`,
+    /// as `torch.nn.utils.clip_grad_norm_` does (coefficient `max_norm / (total +
+    /// 1e-6)`, clamped to 1). `norm_type` may be `f64::INFINITY`. Returns the total norm
+    /// before clipping.
+    pub fn clip_grad_norm(&mut self, max_norm: f64, norm_type: f64) -> Result<f64> {
+        let mut norms = Vec::new();
+        for g in self.grads.iter().flatten() {
+            norms.push(vector_norm(&g.to_vec::<f64>()?, norm_type));
+        }
+        if norms.is_empty() {
+            return Ok(0.0);
+        }
+        let total = vector_norm(&norms, norm_type);
+        let coef = (max_norm / (total + 1e-6)).min(1.0);
+        if coef < 1.0 {
+            for g in self.grads.iter_mut().flatten() {
+                *g = ops::scale(g, coef)?;
+            }
+        }
+        Ok(total)
+    }
+
+    /// Apply the optimizer to the model's parameters with [`Runner::grads`].
+    pub fn optimizer_step(&mut self) -> Result<()> {
+        let mut params: Vec<Tensor> = self.model.params().into_iter().map(|(_, t)| t).collect();
+        self.ensure_grads(params.len())?;
+        self.optimizer.step(&mut params, &self.grads)?;
+        self.model.set_params(params)
+    }
+
+    // ---- checkpoint counters ----------------------------------------------------------
+
+    /// Where a run resumed from a checkpoint saved now should start: after the
+    /// iteration whose `after_train_iter` hooks are running, after the epoch whose
+    /// `after_train_epoch` hooks are running, else at the current counters.
+    pub fn resume_point(&self) -> ResumePoint {
+        let here = ResumePoint {
+            epoch: self.epoch,
+            iter: self.iter,
+            data_epoch: self.data_epoch,
+            data_position: self.data_position,
+        };
+        match (self.stage, self.mode) {
+            (Some(Stage::AfterTrainIter), Mode::Train) => ResumePoint {
+                iter: self.iter + 1,
+                ..here
+            },
+            (Some(Stage::BeforeTrainIter), Mode::Train) => self.point_before_current_iter(),
+            (Some(Stage::AfterTrainEpoch), _) if self.by_epoch() => ResumePoint {
+                epoch: self.epoch + 1,
+                data_epoch: self.epoch as u64 + 1,
+                data_position: 0,
+                ..here
+            },
+            _ => here,
+        }
+    }
+
+    /// The point just before the current training iteration: resuming there runs it
+    /// again (the NaN guard saves this).
+    pub fn point_before_current_iter(&self) -> ResumePoint {
+        ResumePoint {
+            epoch: self.epoch,
+            iter: self.iter,
+            data_epoch: self.data_epoch,
+            data_position: self.data_position.saturating_sub(1),
+        }
+    }
+
+    pub(crate) fn set_resume_point(&mut self, p: ResumePoint) {
+        self.epoch = p.epoch;
+        self.iter = p.iter;
+        self.data_epoch = p.data_epoch;
+        self.data_position = p.data_position;
+        self.inner_iter = p.data_position;
+        self.train_started = false;
+        self.outputs = None;
+    }
+
+    pub(crate) fn set_initial_lr(&mut self, lr: f64) {
+        self.initial_lr = lr;
+    }
+
+    /// `work_dir/name`.
+    pub fn work_path(&self, name: impl AsRef<Path>) -> PathBuf {
+        self.work_dir.join(name)
+    }
+}
+
+/// mmcv's `parse_losses`: each entry is averaged to a scalar; the entries whose name
+/// contains `loss` are summed, in order, into the total `loss`; every value (f64) is
+/// kept for the log, followed by `loss`. Errors when no entry is a loss, on duplicate
+/// names, and on an entry named `loss` (it would be overwritten by the total).
+pub fn parse_losses(losses: Vec<(String, Tensor)>) -> Result<(Tensor, Vec<(String, f64)>)> {
+    let (loss, vars) = parse_named(losses, true)?;
+    // parse_named(.., true) returns a loss or an error.
+    Ok((loss.expect("parse_named requires a loss"), vars))
+}
+
+/// The total loss (if any) and every value for the log.
+type Parsed = (Option<Tensor>, Vec<(String, f64)>);
+
+fn parse_named(losses: Vec<(String, Tensor)>, require_loss: bool) -> Result<Parsed> {
+    let mut total: Option<Tensor> = None;
+    let mut vars: Vec<(String, f64)> = Vec::with_capacity(losses.len() + 1);
+    for (name, value) in losses {
+        if name == "loss" || vars.iter().any(|(n, _)| *n == name) {
+            return Err(Error::invalid(
+                "parse_losses",
+                format!("the model returned `{name}` twice or as the reserved name `loss`"),
+            ));
+        }
+        let scalar = if value.numel() == 1 {
+            ops::reshape(&value, Vec::<usize>::new())?
+        } else {
+            ops::mean(&value)?
+        };
+        vars.push((name.clone(), scalar.item()?));
+        if name.contains("loss") {
+            total = Some(match total {
+                Some(t) => ops::add(&t, &scalar)?,
+                None => scalar,
+            });
+        }
+    }
+    match &total {
+        Some(t) => vars.push(("loss".into(), t.item()?)),
+        None if require_loss => {
+            let names: Vec<&str> = vars.iter().map(|(n, _)| n.as_str()).collect();
+            return Err(Error::invalid(
+                "parse_losses",
+                format!("no value named `*loss*` among {names:?}"),
+            ));
+        }
+        None => {}
+    }
+    Ok((total, vars))
+}
+
+/// ‖v‖ₚ, with p = ∞ the largest magnitude.
+fn vector_norm(v: &[f64], p: f64) -> f64 {
+    if p.is_infinite() {
+        v.iter().fold(0.0f64, |m, x| m.max(x.abs()))
+    } else if p == 2.0 {
+        v.iter().map(|x| x * x).sum::<f64>().sqrt()
+    } else {
+        v.iter().map(|x| x.abs().powf(p)).sum::<f64>().powf(1.0 / p)
+    }
+}
+
+/// Where to start in `workflow` after `done` training units: the phase and, for a
+/// phase entered midway, how many of its units remain (the unit in progress
+/// included when `in_unit`). Val phases that directly follow the point are run (an
+/// uninterrupted run would run them next).
+fn workflow_cursor(
+    workflow: &[(Mode, usize)],
+    done: usize,
+    in_unit: bool,
+) -> (usize, Option<usize>) {
+    let per_cycle: usize = workflow
+        .iter()
+        .filter(|(m, _)| *m == Mode::Train)
+        .map(|(_, n)| n)
+        .sum();
+    if per_cycle == 0 || (done == 0 && !in_unit) {
+        return (0, None);
+    }
+    let mut offset = done % per_cycle;
+    if in_unit {
+        for (i, (mode, n)) in workflow.iter().enumerate() {
+            if *mode == Mode::Train {
+                if offset < *n {
+                    return (i, Some(n - offset));
+                }
+                offset -= n;
+            }
+        }
+    }
+    if offset == 0 {
+        // A whole cycle done: continue after its last training phase.
+        let last_train = workflow
+            .iter()
+            .rposition(|(m, _)| *m == Mode::Train)
+            .unwrap_or(0);
+        return ((last_train + 1) % workflow.len(), None);
+    }
+    for (i, (mode, n)) in workflow.iter().enumerate() {
+        if *mode != Mode::Train {
+            continue;
+        }
+        if offset < *n {
+            return (i, Some(n - offset));
+        }
+        offset -= n;
+        if offset == 0 {
+            return ((i + 1) % workflow.len(), None);
+        }
+    }
+    (0, None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn workflow_cursor_resumes_mid_cycle() {
+        let wf = [(Mode::Train, 2), (Mode::Val, 1)];
+        assert_eq!(workflow_cursor(&wf, 0, false), (0, None));
+        assert_eq!(workflow_cursor(&wf, 1, false), (0, Some(1)));
+        // Two epochs done: the val phase after them runs next.
+        assert_eq!(workflow_cursor(&wf, 2, false), (1, None));
+        assert_eq!(workflow_cursor(&wf, 3, false), (0, Some(1)));
+        // Inside epoch 2 (0-based): the training phase, both epochs of it left.
+        assert_eq!(workflow_cursor(&wf, 2, true), (0, Some(2)));
+        assert_eq!(workflow_cursor(&wf, 0, true), (0, Some(2)));
+        assert_eq!(workflow_cursor(&wf, 1, true), (0, Some(1)));
+        let wf2 = [(Mode::Train, 1), (Mode::Val, 1), (Mode::Train, 2)];
+        assert_eq!(workflow_cursor(&wf2, 1, false), (1, None));
+        assert_eq!(workflow_cursor(&wf2, 2, false), (2, Some(1)));
+        assert_eq!(workflow_cursor(&wf2, 3, false), (0, None));
+        assert_eq!(workflow_cursor(&wf2, 1, true), (2, Some(2)));
+    }
+
+    #[test]
+    fn vector_norms() {
+        assert_eq!(vector_norm(&[3.0, -4.0], 2.0), 5.0);
+        assert_eq!(vector_norm(&[3.0, -4.0], f64::INFINITY), 4.0);
+        assert!((vector_norm(&[3.0, -4.0], 1.0) - 7.0).abs() < 1e-12);
+    }
+}
