@@ -718,6 +718,18 @@ fn check_shape_ops_on(device: Device) {
 #[test]
 fn shape_ops_match_reference_cpu() {
     check_shape_ops_on(Device::Cpu);
+    // Large enough for the CPU permute to split the output into several chunks.
+    let d = vec![2, 12, 40, 64];
+    for perm in [[0, 2, 3, 1], [3, 0, 2, 1]] {
+        let g = permute_ref(&d, &perm);
+        check_gather(
+            "permute, several chunks",
+            Device::Cpu,
+            std::slice::from_ref(&d),
+            &g,
+            |xs| permute(&xs[0], &perm),
+        );
+    }
 }
 
 #[test]

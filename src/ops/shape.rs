@@ -472,17 +472,29 @@ fn permute_plain(x: &Tensor, perm: &[usize]) -> Result<Tensor> {
 fn cpu_permute<T: HostElem>(x: &Tensor, perm: &[usize], out_shape: Shape) -> Result<Tensor> {
     let src = T::host(x)?;
     let (dims, strides) = permute_plan(x.dims(), perm);
-    let (last, last_stride) = (dims[dims.len() - 1], strides[strides.len() - 1]);
     let mut out = vec![T::default(); x.numel()];
-    // One output row (the innermost axis) per task: a strided gather from `src`.
-    crate::device::cpu::for_chunks(&mut out, last, |r, row| {
-        let (mut rem, mut base) = (r, 0);
-        for d in (0..dims.len() - 1).rev() {
-            base += (rem % dims[d]) * strides[d];
+    // Fixed-size chunks of the output in parallel; within a chunk an odometer over
+    // the output index advances the source offset without divisions.
+    const CHUNK: usize = 1 << 14;
+    crate::device::cpu::for_chunks(&mut out, CHUNK, |c, chunk| {
+        let mut idx = vec![0; dims.len()];
+        let (mut rem, mut off) = (c * CHUNK, 0);
+        for d in (0..dims.len()).rev() {
+            idx[d] = rem % dims[d];
+            off += idx[d] * strides[d];
             rem /= dims[d];
         }
-        for (j, o) in row.iter_mut().enumerate() {
-            *o = src[base + j * last_stride];
+        for o in chunk.iter_mut() {
+            *o = src[off];
+            for d in (0..dims.len()).rev() {
+                idx[d] += 1;
+                off += strides[d];
+                if idx[d] < dims[d] {
+                    break;
+                }
+                off -= idx[d] * strides[d];
+                idx[d] = 0;
+            }
         }
     });
     T::tensor(out, out_shape)
