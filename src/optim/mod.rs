@@ -1,1 +1,5 @@
 //! Optimizers.
+
+pub mod sgd;
+
+pub use sgd::{Sgd, SgdConfig};

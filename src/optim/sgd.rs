@@ -1,0 +1,347 @@
+//! Stochastic gradient descent with momentum, as `torch.optim.SGD`.
+//!
+//! Per parameter `p` with gradient `g`, exactly PyTorch's update:
+//!
+//! ```text
+//! d = g + weight_decay * p
+//! if momentum != 0:
+//!     buf = d                                        (first step)
+//!     buf = momentum * buf + (1 - dampening) * d     (later steps)
+//!     d = nesterov ? d + momentum * buf : buf
+//! p = p - lr * d
+//! ```
+//!
+//! Tensors are immutable values: a step replaces each parameter with a new tensor
+//! (a new id) and keeps the new momentum buffers. On CUDA one fused kernel
+//! (`sgd_step_f32`, kernels/sgd.cu) reads `p`, `g`, `buf` and writes the new `p` and
+//! `buf` in one pass.
+
+use crate::device::cpu::fill_indexed as fill;
+use crate::device::gpu::KernelArg;
+use crate::device::Device;
+use crate::error::{Error, Result};
+use crate::ops::{arg, gpu_dev, launch_elems};
+use crate::tensor::{DType, Element, Tensor};
+use crate::with_dtype;
+
+/// Hyperparameters of [`Sgd`]: torch.optim.SGD's names and defaults.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SgdConfig {
+    /// Learning rate (>= 0).
+    pub lr: f64,
+    /// Momentum factor (>= 0); 0 disables the momentum buffer.
+    pub momentum: f64,
+    /// L2 penalty added to the gradient (>= 0).
+    pub weight_decay: f64,
+    /// Dampening of the gradient's contribution to the momentum buffer.
+    pub dampening: f64,
+    /// Nesterov momentum (needs momentum > 0 and dampening 0).
+    pub nesterov: bool,
+}
+
+impl Default for SgdConfig {
+    fn default() -> Self {
+        SgdConfig {
+            lr: 1e-3,
+            momentum: 0.0,
+            weight_decay: 0.0,
+            dampening: 0.0,
+            nesterov: false,
+        }
+    }
+}
+
+impl SgdConfig {
+    /// The checks torch.optim.SGD makes, as errors.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |msg: String| Err(Error::invalid("Sgd", msg));
+        for (name, v) in [
+            ("lr", self.lr),
+            ("momentum", self.momentum),
+            ("weight_decay", self.weight_decay),
+        ] {
+            if !(v >= 0.0 && v.is_finite()) {
+                return bad(format!("{name} must be finite and >= 0, got {v}"));
+            }
+        }
+        if !self.dampening.is_finite() {
+            return bad(format!("dampening must be finite, got {}", self.dampening));
+        }
+        if self.nesterov && (self.momentum <= 0.0 || self.dampening != 0.0) {
+            return bad(format!(
+                "nesterov needs momentum > 0 and dampening 0, got momentum {} dampening {}",
+                self.momentum, self.dampening
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// SGD over a list of parameters, with one momentum buffer per parameter index.
+#[derive(Clone, Debug)]
+pub struct Sgd {
+    cfg: SgdConfig,
+    /// Momentum buffer of parameter `i`; `None` before its first step.
+    buffers: Vec<Option<Tensor>>,
+}
+
+/// The state name of parameter `i`'s momentum buffer.
+fn buffer_name(i: usize) -> String {
+    format!("momentum_buffer.{i}")
+}
+
+impl Sgd {
+    /// An optimizer with `cfg`; errors when `cfg` is out of range (see
+    /// [`SgdConfig::validate`]).
+    pub fn new(cfg: SgdConfig) -> Result<Sgd> {
+        cfg.validate()?;
+        Ok(Sgd {
+            cfg,
+            buffers: Vec::new(),
+        })
+    }
+
+    /// The hyperparameters.
+    pub fn config(&self) -> &SgdConfig {
+        &self.cfg
+    }
+
+    /// The current learning rate.
+    pub fn lr(&self) -> f64 {
+        self.cfg.lr
+    }
+
+    /// Set the learning rate (schedulers call this before a step); must be >= 0.
+    pub fn set_lr(&mut self, lr: f64) -> Result<()> {
+        SgdConfig { lr, ..self.cfg }.validate()?;
+        self.cfg.lr = lr;
+        Ok(())
+    }
+
+    /// One step: replaces `params[i]` by its updated value for every `i`, given
+    /// `grads[i]` of the same shape, dtype and device. Parameters must come in the
+    /// same order every step (buffers are keyed by index). On error nothing changes.
+    pub fn step(&mut self, params: &mut [Tensor], grads: &[Tensor]) -> Result<()> {
+        let grads: Vec<Option<&Tensor>> = grads.iter().map(Some).collect();
+        self.step_optional(params, &grads)
+    }
+
+    /// [`Sgd::step`] where a parameter without a gradient (`None`) is left as it is,
+    /// its momentum buffer too (PyTorch skips parameters whose `.grad` is None).
+    pub fn step_optional(
+        &mut self,
+        params: &mut [Tensor],
+        grads: &[Option<&Tensor>],
+    ) -> Result<()> {
+        if grads.len() != params.len() {
+            return Err(Error::invalid(
+                "Sgd::step",
+                format!("{} gradients for {} parameters", grads.len(), params.len()),
+            ));
+        }
+        if self.buffers.len() > params.len() {
+            return Err(Error::invalid(
+                "Sgd::step",
+                format!(
+                    "optimizer state holds buffers for {} parameters, {} given",
+                    self.buffers.len(),
+                    params.len()
+                ),
+            ));
+        }
+        self.buffers.resize(params.len(), None);
+        // Compute every update before replacing anything, so an error leaves the
+        // parameters and buffers as they were.
+        let mut updates = Vec::with_capacity(params.len());
+        for (i, (p, g)) in params.iter().zip(grads).enumerate() {
+            let Some(g) = g else {
+                updates.push(None);
+                continue;
+            };
+            let buf = match &self.buffers[i] {
+                Some(b) if self.cfg.momentum != 0.0 => Some(conform(b, p, i)?),
+                _ => None,
+            };
+            updates.push(Some(update(&self.cfg, i, p, g, buf.as_ref())?));
+        }
+        for (i, u) in updates.into_iter().enumerate() {
+            if let Some((p, buf)) = u {
+                params[i] = p;
+                if buf.is_some() {
+                    self.buffers[i] = buf;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The momentum buffers as named tensors (`momentum_buffer.<param index>`), for
+    /// checkpoints. Empty without momentum or before the first step.
+    pub fn state(&self) -> Vec<(String, Tensor)> {
+        self.buffers
+            .iter()
+            .enumerate()
+            .filter_map(|(i, b)| b.as_ref().map(|b| (buffer_name(i), b.clone())))
+            .collect()
+    }
+
+    /// Replace the momentum buffers by those of [`Sgd::state`]. Buffers may sit on
+    /// another device or in another float type than the parameters (a checkpoint read
+    /// on the CPU): the next step converts them. Unknown names are an error.
+    pub fn load_state(&mut self, state: &[(String, Tensor)]) -> Result<()> {
+        let mut buffers: Vec<Option<Tensor>> = Vec::new();
+        for (name, t) in state {
+            let i: usize = name
+                .strip_prefix("momentum_buffer.")
+                .and_then(|s| s.parse().ok())
+                .ok_or_else(|| {
+                    Error::invalid(
+                        "Sgd::load_state",
+                        format!("unknown state entry `{name}` (expected momentum_buffer.<index>)"),
+                    )
+                })?;
+            if t.dtype() == DType::I64 {
+                return Err(Error::DType {
+                    op: "Sgd::load_state",
+                    dtype: "i64".into(),
+                    msg: format!("`{name}` must be a float tensor"),
+                });
+            }
+            if buffers.len() <= i {
+                buffers.resize(i + 1, None);
+            }
+            buffers[i] = Some(t.clone());
+        }
+        self.buffers = buffers;
+        Ok(())
+    }
+}
+
+/// `buf` on `p`'s device and dtype, with `p`'s shape (an error otherwise).
+fn conform(buf: &Tensor, p: &Tensor, i: usize) -> Result<Tensor> {
+    if buf.shape() != p.shape() {
+        return Err(Error::shape(
+            "Sgd::step",
+            format!(
+                "momentum buffer {} for parameter {i} of shape {}",
+                buf.shape(),
+                p.shape()
+            ),
+        ));
+    }
+    let b = buf.to_device(p.device())?;
+    if b.dtype() != p.dtype() && p.device() == Device::Cpu {
+        return b.to_dtype(p.dtype());
+    }
+    Ok(b)
+}
+
+/// The new parameter and (with momentum) the new buffer of parameter `i`.
+fn update(
+    cfg: &SgdConfig,
+    i: usize,
+    p: &Tensor,
+    g: &Tensor,
+    buf: Option<&Tensor>,
+) -> Result<(Tensor, Option<Tensor>)> {
+    if g.shape() != p.shape() || g.device() != p.device() || g.dtype() != p.dtype() {
+        return Err(Error::shape(
+            "Sgd::step",
+            format!(
+                "gradient {} {} {} for parameter {i}: {} {} {}",
+                g.shape(),
+                g.dtype(),
+                g.device(),
+                p.shape(),
+                p.dtype(),
+                p.device()
+            ),
+        ));
+    }
+    match p.device() {
+        Device::Cpu => with_dtype!(p.dtype(), T => cpu_update::<T>(cfg, p, g, buf)),
+        Device::Cuda(_) => gpu_update(cfg, p, g, buf),
+    }
+}
+
+fn cpu_update<T: Element>(
+    cfg: &SgdConfig,
+    p: &Tensor,
+    g: &Tensor,
+    buf: Option<&Tensor>,
+) -> Result<(Tensor, Option<Tensor>)> {
+    let (ps, gs) = (p.cpu_slice::<T>()?, g.cpu_slice::<T>()?);
+    let (lr, m, wd) = (T::of(cfg.lr), T::of(cfg.momentum), T::of(cfg.weight_decay));
+    let keep = T::of(1.0 - cfg.dampening);
+    let d = |i: usize| {
+        if cfg.weight_decay != 0.0 {
+            gs[i] + wd * ps[i]
+        } else {
+            gs[i]
+        }
+    };
+    let mut new_p = vec![T::zero(); ps.len()];
+    if cfg.momentum == 0.0 {
+        fill(&mut new_p, |i| ps[i] - lr * d(i));
+        return Ok((Tensor::from_vec(new_p, p.shape().clone())?, None));
+    }
+    let mut new_buf = vec![T::zero(); ps.len()];
+    match buf {
+        None => fill(&mut new_buf, d),
+        Some(b) => {
+            let bs = b.cpu_slice::<T>()?;
+            fill(&mut new_buf, |i| m * bs[i] + keep * d(i));
+        }
+    }
+    fill(&mut new_p, |i| {
+        let step = if cfg.nesterov {
+            d(i) + m * new_buf[i]
+        } else {
+            new_buf[i]
+        };
+        ps[i] - lr * step
+    });
+    Ok((
+        Tensor::from_vec(new_p, p.shape().clone())?,
+        Some(Tensor::from_vec(new_buf, p.shape().clone())?),
+    ))
+}
+
+fn gpu_update(
+    cfg: &SgdConfig,
+    p: &Tensor,
+    g: &Tensor,
+    buf: Option<&Tensor>,
+) -> Result<(Tensor, Option<Tensor>)> {
+    let dev = gpu_dev("Sgd::step", p)?;
+    let n = p.numel();
+    let new_p = Tensor::gpu_zeros(&dev, p.shape().clone())?;
+    let with_momentum = cfg.momentum != 0.0;
+    let new_buf = if with_momentum {
+        Some(Tensor::gpu_zeros(&dev, p.shape().clone())?)
+    } else {
+        None
+    };
+    // Unused buffer arguments (no momentum, or the first step) point at p / new_p:
+    // the kernel never reads or writes them then.
+    launch_elems(
+        &dev,
+        "sgd_step_f32",
+        n,
+        &[
+            arg(p)?,
+            arg(g)?,
+            arg(buf.unwrap_or(p))?,
+            arg(&new_p)?,
+            arg(new_buf.as_ref().unwrap_or(&new_p))?,
+            KernelArg::I64(n as i64),
+            KernelArg::F32(cfg.lr as f32),
+            KernelArg::F32(cfg.momentum as f32),
+            KernelArg::F32(cfg.weight_decay as f32),
+            KernelArg::F32((1.0 - cfg.dampening) as f32),
+            KernelArg::I32(cfg.nesterov as i32),
+            KernelArg::I32(buf.is_none() as i32),
+        ],
+    )?;
+    Ok((new_p, new_buf))
+}
