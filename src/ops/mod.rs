@@ -19,8 +19,10 @@ pub mod topk;
 pub mod upsample;
 
 pub use elementwise::{add, mul, relu, scale};
+pub use losses::{bce_with_logits, cross_entropy, l1_loss, smooth_l1, Reduction};
 pub use reduce::{mean, sum};
 pub use reshape::reshape;
+pub use shape::{concat, flatten, index_select, narrow, permute, stack};
 
 /// Run `$body` with `$T` bound to the Rust type of `$dtype`.
 #[macro_export]

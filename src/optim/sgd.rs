@@ -345,3 +345,24 @@ fn gpu_update(
     )?;
     Ok((new_p, new_buf))
 }
+
+impl crate::runner::Optimizer for Sgd {
+    fn step(&mut self, params: &mut [Tensor], grads: &[Option<Tensor>]) -> Result<()> {
+        let grads: Vec<Option<&Tensor>> = grads.iter().map(Option::as_ref).collect();
+        self.step_optional(params, &grads)
+    }
+    fn lr(&self) -> f64 {
+        Sgd::lr(self)
+    }
+    fn set_lr(&mut self, lr: f64) {
+        // The LR updater only produces finite, non-negative rates from a valid
+        // config; a bad one was refused when the schedule was built.
+        let _ = Sgd::set_lr(self, lr);
+    }
+    fn state(&self) -> Vec<(String, Tensor)> {
+        Sgd::state(self)
+    }
+    fn load_state(&mut self, state: Vec<(String, Tensor)>) -> Result<()> {
+        Sgd::load_state(self, &state)
+    }
+}
