@@ -15,9 +15,11 @@
 
 pub mod autograd;
 pub mod config;
+pub mod data;
 pub mod detection;
 pub mod device;
 pub mod error;
+pub mod eval;
 pub mod io;
 pub mod ops;
 pub mod optim;
