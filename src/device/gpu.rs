@@ -163,6 +163,23 @@ pub fn set_backend_factory(factory: BackendFactory) {
     reg.1.clear();
 }
 
+/// Make `Device::Cuda(ordinal)` mean `backend` for the rest of the process (replacing
+/// whatever that ordinal was), without touching any other ordinal: real devices and
+/// an emulated one (see [`super::emu`], which uses a reserved ordinal) live side by
+/// side. Returns the device handle.
+pub fn register_backend(ordinal: usize, backend: Arc<dyn GpuBackend>) -> GpuDevice {
+    let mut reg = registry().lock().unwrap_or_else(|p| p.into_inner());
+    let dev = GpuDevice { ordinal, backend };
+    reg.1.insert(ordinal, dev.clone());
+    dev
+}
+
+/// The device registered or opened under `ordinal`, if any (opens nothing).
+pub fn registered(ordinal: usize) -> Option<GpuDevice> {
+    let reg = registry().lock().unwrap_or_else(|p| p.into_inner());
+    reg.1.get(&ordinal).cloned()
+}
+
 /// The device for ordinal `n`, opened on first use and cached for the process.
 /// Errors (never panics) when there is no driver, no GPU or no such ordinal.
 pub fn device(n: usize) -> Result<GpuDevice> {
