@@ -1,13 +1,15 @@
 // The emulated CUDA device's runtime: runs a kernel's grid on the host.
 //
 // A launch is split into blocks that a pool of worker OS threads take in turn. A
-// worker runs one block at a time; the block's threads are fibers with their own
-// small stacks, switched by a few instructions of assembly (x86-64) or ucontext
-// elsewhere. The scheduler resumes every runnable fiber in order; a fiber runs until
-// it returns or waits at a barrier. When no fiber can run, the barriers whose
-// threads have all arrived are released (warp barriers first, then the block
-// barrier); when none can be released the block is deadlocked and the launch fails
-// with a message naming the kernel and block.
+// worker runs one block at a time; the block's threads run on fibers (small stacks
+// of their own, switched by a few instructions of assembly on x86-64, ucontext
+// elsewhere). A fiber runs the block's threads one after the other until one waits
+// at a barrier; that thread keeps the fiber and another fiber goes on with the next
+// thread. Then every runnable thread is resumed in order, each running until it
+// returns or waits again. When no thread can run, the barriers whose threads have
+// all arrived are released (warp barriers first, then the block barrier); when none
+// can be released the block is deadlocked and the launch fails with a message
+// naming the kernel and block.
 //
 // Device memory comes from kemu_alloc. Normally every buffer ends exactly at a
 // PROT_NONE guard page, so a read or write past its end faults and the SIGSEGV
@@ -75,8 +77,10 @@ struct Ctx {
 };
 extern "C" void kemu_ctx_switch(void** save_sp, void* new_sp);
 extern "C" void kemu_fiber_entry();
-// Saves the callee-saved registers, MXCSR and the x87 control word on the current
-// stack, stores the stack pointer in *save_sp, and restores the same from new_sp.
+// Saves the callee-saved registers on the current stack, stores the stack pointer in
+// *save_sp, and restores the same from new_sp. MXCSR and the x87 control word are not
+// switched: fibers never leave the worker thread that made them, and kernels cannot
+// change the floating-point environment.
 asm(R"(
     .text
     .p2align 4
@@ -90,14 +94,8 @@ kemu_ctx_switch:
     pushq %r13
     pushq %r14
     pushq %r15
-    subq $8, %rsp
-    stmxcsr (%rsp)
-    fnstcw 4(%rsp)
     movq %rsp, (%rdi)
     movq %rsi, %rsp
-    ldmxcsr (%rsp)
-    fldcw 4(%rsp)
-    addq $8, %rsp
     popq %r15
     popq %r14
     popq %r13
@@ -121,19 +119,14 @@ kemu_fiber_entry:
 void ctx_init(Ctx& c, char* stack_lo, size_t bytes, Fiber* f) {
     uintptr_t top = ((uintptr_t)(stack_lo + bytes)) & ~(uintptr_t)15;
     uintptr_t x = top - 16;  // rsp after the first `ret`: 16-aligned, as the ABI wants
-    uint64_t* frame = (uint64_t*)(x - 64);
-    uint32_t mxcsr;
-    uint16_t fcw;
-    asm volatile("stmxcsr %0" : "=m"(mxcsr));
-    asm volatile("fnstcw %0" : "=m"(fcw));
-    frame[0] = (uint64_t)mxcsr | ((uint64_t)fcw << 32);
-    frame[1] = 0;                            // r15
-    frame[2] = 0;                            // r14
-    frame[3] = 0;                            // r13
-    frame[4] = (uint64_t)f;                  // r12: the fiber, handed to kemu_fiber_main
-    frame[5] = 0;                            // rbx
-    frame[6] = 0;                            // rbp
-    frame[7] = (uint64_t)&kemu_fiber_entry;  // return address
+    uint64_t* frame = (uint64_t*)(x - 56);
+    frame[0] = 0;                            // r15
+    frame[1] = 0;                            // r14
+    frame[2] = 0;                            // r13
+    frame[3] = (uint64_t)f;                  // r12: the fiber, handed to kemu_fiber_main
+    frame[4] = 0;                            // rbx
+    frame[5] = 0;                            // rbp
+    frame[6] = (uint64_t)&kemu_fiber_entry;  // return address
     c.sp = frame;
 }
 inline void ctx_switch(Ctx& from, Ctx& to) { kemu_ctx_switch(&from.sp, to.sp); }
@@ -159,7 +152,6 @@ inline void ctx_switch(Ctx& from, Ctx& to) { swapcontext(&from.uc, &to.uc); }
 // ------------------------------------------------------------------------------
 // Fibers, workers and the block scheduler
 // ------------------------------------------------------------------------------
-enum State : uint8_t { RUNNABLE, AT_BLOCK, AT_WARP, DONE };
 
 const size_t PAGE = (size_t)sysconf(_SC_PAGESIZE);
 
@@ -188,18 +180,36 @@ struct Fiber {
     size_t map_bytes = 0;
     char* stack_lo = nullptr;
     size_t stack_size = 0;
-    uint3 tid{0, 0, 0};
-    unsigned linear = 0;
-    State state = DONE;
-    unsigned wait_mask = 0;
+    int thread = -1;  // the CUDA thread it runs, -1 when idle
     void* asan_fake = nullptr;
     void* tsan = nullptr;
 };
 
+// NEW: not started yet. A fiber picks up NEW threads one after the other (plain
+// calls, no switch) until one of them waits at a barrier; that thread keeps the
+// fiber and another fiber carries on. Kernels without barriers so cost one fiber
+// switch per block, and the order of execution is the same as one fiber per thread.
+enum State : uint8_t { NEW, RUNNABLE, AT_BLOCK, AT_WARP, DONE };
+
+struct Thread {
+    uint3 tid;
+    State state;
+    unsigned wait_mask;
+    Fiber* fiber;
+};
+
 struct Worker {
     Ctx sched;
-    std::vector<Fiber*> fibers;
-    Fiber* cur = nullptr;
+    std::vector<Fiber*> all;   // every fiber of this worker
+    std::vector<Fiber*> idle;  // fibers without a thread
+    std::vector<Thread> threads;
+    unsigned cur = 0;  // the running CUDA thread (linear index in the block)
+    Fiber* cur_fiber = nullptr;
+    unsigned started = 0;
+    bool reverse = false;
+    // ThreadSanitizer must see every thread of a block on its own fiber, or it
+    // would take the threads run one after the other on a fiber as ordered.
+    bool one_per_fiber = false;
     // The launch being run.
     void (*fn)(void**) = nullptr;
     void** args = nullptr;
@@ -210,8 +220,11 @@ struct Worker {
     size_t dyn_bytes = 0;
     volatile bool in_kernel = false;
     std::string error;
-    // Exchange slots of the warp primitives, one per lane.
+    // Exchange slots of the warp primitives, one per lane: written before a warp
+    // barrier, copied to `published` when it is released, read from there (so a lane
+    // that runs ahead into its next exchange cannot overwrite a value not yet read).
     unsigned long long slots[32][32];
+    unsigned long long published[32][32];
     // __syncthreads_count/and/or.
     int red_true = 0, red_arrived = 0;
     unsigned red_gen = 0;
@@ -258,8 +271,11 @@ void fiber_free(Fiber* f) {
 
 // Scheduler -> fiber.
 void resume(Worker* w, Fiber* f) {
-    w->cur = f;
-    threadIdx = f->tid;
+    w->cur_fiber = f;
+    if (f->thread >= 0) {
+        w->cur = (unsigned)f->thread;
+        threadIdx = w->threads[w->cur].tid;
+    }
 #if defined(KEMU_ASAN)
     __sanitizer_start_switch_fiber(&w->sched_fake, f->stack_lo, f->stack_size);
 #endif
@@ -270,7 +286,7 @@ void resume(Worker* w, Fiber* f) {
 #if defined(KEMU_ASAN)
     __sanitizer_finish_switch_fiber(w->sched_fake, nullptr, nullptr);
 #endif
-    w->cur = nullptr;
+    w->cur_fiber = nullptr;
 }
 
 // Fiber -> scheduler; returns when the scheduler resumes this fiber.
@@ -333,11 +349,11 @@ bool release_barriers(Worker* w) {
         unsigned exists = cnt == 32 ? 0xffffffffu : ((1u << cnt) - 1);
         unsigned waiting = 0, done = 0, need = 0;
         for (unsigned l = 0; l < cnt; ++l) {
-            Fiber* f = w->fibers[lo + l];
-            if (f->state == AT_WARP) {
+            const Thread& t = w->threads[lo + l];
+            if (t.state == AT_WARP) {
                 waiting |= 1u << l;
-                need |= f->wait_mask | (1u << l);
-            } else if (f->state == DONE) {
+                need |= t.wait_mask | (1u << l);
+            } else if (t.state == DONE) {
                 done |= 1u << l;
             }
         }
@@ -352,20 +368,23 @@ bool release_barriers(Worker* w) {
         }
         if ((need & ~waiting) == 0) {
             for (unsigned l = 0; l < cnt; ++l)
-                if (waiting & (1u << l)) w->fibers[lo + l]->state = RUNNABLE;
+                if (waiting & (1u << l)) {
+                    w->threads[lo + l].state = RUNNABLE;
+                    w->published[warp][l] = w->slots[warp][l];
+                }
             any = true;
         }
     }
     if (any) return true;
     unsigned at_block = 0, live = 0;
     for (unsigned i = 0; i < w->nthreads; ++i) {
-        State s = w->fibers[i]->state;
+        State s = w->threads[i].state;
         live += s != DONE;
         at_block += s == AT_BLOCK;
     }
     if (live > 0 && at_block == live) {
         for (unsigned i = 0; i < w->nthreads; ++i)
-            if (w->fibers[i]->state == AT_BLOCK) w->fibers[i]->state = RUNNABLE;
+            if (w->threads[i].state == AT_BLOCK) w->threads[i].state = RUNNABLE;
         return true;
     }
     fmt(w->error,
@@ -375,44 +394,68 @@ bool release_barriers(Worker* w) {
     return false;
 }
 
-// Runs one block to completion. False on a barrier error (fibers are discarded).
+// A fiber for the next NEW thread: any idle one, or (one_per_fiber) the k-th.
+Fiber* fiber_for_start(Worker* w) {
+    if (w->one_per_fiber) {
+        while (w->all.size() <= w->started) {
+            Fiber* f = fiber_new();
+            if (!f) return nullptr;
+            w->all.push_back(f);
+        }
+        return w->all[w->started];
+    }
+    if (!w->idle.empty()) {
+        Fiber* f = w->idle.back();
+        w->idle.pop_back();
+        return f;
+    }
+    Fiber* f = fiber_new();
+    if (f) w->all.push_back(f);
+    return f;
+}
+
+void drop_fibers(Worker* w) {
+    // Some fibers are stuck inside the kernel: drop them all (their frames leak).
+    for (Fiber* f : w->all) fiber_free(f);
+    w->all.clear();
+    w->idle.clear();
+}
+
+// Runs one block to completion. False on an error (w->error; fibers are dropped).
 bool run_block(Worker* w, uint3 bid) {
     blockIdx = bid;
     if (w->dyn_bytes) memset(w->dyn, 0xff, w->dyn_bytes);
     w->red_true = w->red_arrived = 0;
-    unsigned n = w->nthreads;
-    while (w->fibers.size() < n) {
-        Fiber* f = fiber_new();
-        if (!f) {
-            fmt(w->error, "cannot map a %zu KiB fiber stack (KESTREL_EMU_STACK_KB)", stack_bytes() / 1024);
-            return false;
-        }
-        w->fibers.push_back(f);
-    }
-    unsigned bx = blockDim.x, by = blockDim.y;
-    for (unsigned i = 0; i < n; ++i) {
-        Fiber* f = w->fibers[i];
-        f->tid = uint3{i % bx, (i / bx) % by, i / (bx * by)};
-        f->linear = i;
-        f->state = RUNNABLE;
-    }
+    unsigned n = w->nthreads, bx = blockDim.x, by = blockDim.y;
+    w->threads.resize(n);
+    for (unsigned i = 0; i < n; ++i)
+        w->threads[i] = Thread{uint3{i % bx, (i / bx) % by, i / (bx * by)}, NEW, 0, nullptr};
+    w->started = 0;
+    w->reverse = schedule() == 1;
     tsan_release(&w->tsan_block_start);
-    bool reverse = schedule() == 1;
     for (;;) {
-        if (reverse) {
-            for (unsigned i = n; i-- > 0;)
-                if (w->fibers[i]->state == RUNNABLE) resume(w, w->fibers[i]);
-        } else {
-            for (unsigned i = 0; i < n; ++i)
-                if (w->fibers[i]->state == RUNNABLE) resume(w, w->fibers[i]);
+        while (w->started < n) {
+            Fiber* f = fiber_for_start(w);
+            if (!f) {
+                fmt(w->error, "cannot map a %zu KiB fiber stack (KESTREL_EMU_STACK_KB)", stack_bytes() / 1024);
+                drop_fibers(w);
+                return false;
+            }
+            resume(w, f);
+            if (f->thread < 0 && !w->one_per_fiber) w->idle.push_back(f);
+        }
+        for (unsigned k = 0; k < n; ++k) {
+            unsigned i = w->reverse ? n - 1 - k : k;
+            if (w->threads[i].state != RUNNABLE) continue;
+            Fiber* f = w->threads[i].fiber;
+            resume(w, f);
+            if (f->thread < 0 && !w->one_per_fiber) w->idle.push_back(f);
         }
         bool all_done = true;
-        for (unsigned i = 0; i < n && all_done; ++i) all_done = w->fibers[i]->state == DONE;
+        for (unsigned i = 0; i < n && all_done; ++i) all_done = w->threads[i].state == DONE;
         if (all_done) break;
         if (!release_barriers(w)) {
-            // The fibers are stuck inside the kernel: drop them (their frames leak).
-            for (Fiber* f : w->fibers) fiber_free(f);
-            w->fibers.clear();
+            drop_fibers(w);
             return false;
         }
     }
@@ -423,10 +466,10 @@ bool run_block(Worker* w, uint3 bid) {
 Worker* cur_worker() { return t_worker; }
 
 void wait_at(Worker* w, State s, unsigned mask) {
-    Fiber* f = w->cur;
-    f->state = s;
-    f->wait_mask = mask;
-    yield(w, f);
+    Thread& t = w->threads[w->cur];
+    t.state = s;
+    t.wait_mask = mask;
+    yield(w, w->cur_fiber);
 }
 
 }  // namespace
@@ -438,10 +481,24 @@ extern "C" void kemu_fiber_main(void* fiber) {
     __sanitizer_finish_switch_fiber(nullptr, &w->sched_bottom, &w->sched_size);
 #endif
     for (;;) {
-        tsan_acquire(&w->tsan_block_start);
-        w->fn(w->args);
-        tsan_release(&w->tsan_block_end);
-        f->state = DONE;
+        bool ran = false;
+        while (w->started < w->nthreads && !(ran && w->one_per_fiber)) {
+            unsigned i = w->reverse ? w->nthreads - 1 - w->started : w->started;
+            w->started++;
+            Thread& t = w->threads[i];
+            t.state = RUNNABLE;
+            t.fiber = f;
+            f->thread = (int)i;
+            w->cur = i;
+            threadIdx = t.tid;
+            tsan_acquire(&w->tsan_block_start);
+            w->fn(w->args);
+            tsan_release(&w->tsan_block_end);
+            w->threads[i].state = DONE;
+            w->threads[i].fiber = nullptr;
+            f->thread = -1;
+            ran = true;
+        }
         yield(w, f);
     }
 }
@@ -474,7 +531,7 @@ int syncthreads_reduce(int pred, int op) {
 }
 
 static void warp_barrier(Worker* w, unsigned mask) {
-    char* sync = &w->tsan_warp_bar[w->cur->linear / 32];
+    char* sync = &w->tsan_warp_bar[w->cur / 32];
     tsan_release(sync);
     wait_at(w, AT_WARP, mask);
     tsan_acquire(sync);
@@ -482,50 +539,44 @@ static void warp_barrier(Worker* w, unsigned mask) {
 
 void syncwarp(unsigned mask) { warp_barrier(cur_worker(), mask); }
 
+// One barrier per exchange: every released lane reads `published` before any
+// barrier of its warp can be released again (releases wait until nothing can run).
 unsigned long long warp_exchange(unsigned mask, unsigned long long v, int src) {
     Worker* w = cur_worker();
-    unsigned me = w->cur->linear, warp = me / 32;
+    unsigned me = w->cur, warp = me / 32;
     w->slots[warp][me % 32] = v;
     warp_barrier(w, mask);
-    unsigned long long r = w->slots[warp][(unsigned)src % 32];
-    warp_barrier(w, mask);  // nobody overwrites a slot before every lane has read
-    return r;
+    return w->published[warp][(unsigned)src % 32];
 }
 
 unsigned warp_ballot(unsigned mask, int pred) {
     Worker* w = cur_worker();
-    unsigned me = w->cur->linear, warp = me / 32;
+    unsigned me = w->cur, warp = me / 32;
     w->slots[warp][me % 32] = pred != 0;
     warp_barrier(w, mask);
     unsigned lo = warp * 32, bits = 0;
     for (unsigned l = 0; l < 32 && lo + l < w->nthreads; ++l)
-        if ((mask & (1u << l)) && w->slots[warp][l]) bits |= 1u << l;
-    warp_barrier(w, mask);
+        if ((mask & (1u << l)) && w->published[warp][l]) bits |= 1u << l;
     return bits;
 }
 
 int warp_all(unsigned mask, int pred) {
+    unsigned bits = warp_ballot(mask, pred);
     Worker* w = cur_worker();
-    unsigned me = w->cur->linear, warp = me / 32;
-    w->slots[warp][me % 32] = pred != 0;
-    warp_barrier(w, mask);
-    unsigned lo = warp * 32;
-    int all = 1;
-    for (unsigned l = 0; l < 32 && lo + l < w->nthreads; ++l)
-        if ((mask & (1u << l)) && !w->slots[warp][l]) all = 0;
-    warp_barrier(w, mask);
-    return all;
+    unsigned lo = w->cur / 32 * 32, cnt = w->nthreads - lo < 32 ? w->nthreads - lo : 32;
+    unsigned exists = cnt == 32 ? 0xffffffffu : ((1u << cnt) - 1);
+    return (bits & mask & exists) == (mask & exists);
 }
 
 unsigned active_mask() {
     Worker* w = cur_worker();
-    unsigned lo = w->cur->linear / 32 * 32, bits = 0;
+    unsigned lo = w->cur / 32 * 32, bits = 0;
     for (unsigned l = 0; l < 32 && lo + l < w->nthreads; ++l)
-        if (w->fibers[lo + l]->state != DONE) bits |= 1u << l;
+        if (w->threads[lo + l].state != DONE) bits |= 1u << l;
     return bits;
 }
 
-unsigned lane_id() { return cur_worker()->cur->linear % 32; }
+unsigned lane_id() { return cur_worker()->cur % 32; }
 
 unsigned char* dynamic_shared() { return cur_worker()->dyn; }
 
@@ -590,7 +641,7 @@ struct sigaction g_old_segv, g_old_bus;
 void on_fault(int sig, siginfo_t* si, void* uc) {
     (void)uc;
     Worker* w = t_worker;
-    if (!w || !w->in_kernel || !w->cur) {
+    if (!w || !w->in_kernel || !w->cur_fiber) {
         // Not a kernel's access: hand the signal to whoever had it (Rust's stack
         // overflow handler, or the default action) by re-faulting without us.
         sigaction(sig, sig == SIGSEGV ? &g_old_segv : &g_old_bus, nullptr);
@@ -605,7 +656,7 @@ void on_fault(int sig, siginfo_t* si, void* uc) {
                        (unsigned long)a);
     const char* what = " (not in any device buffer)";
     char detail[256];
-    for (Fiber* f : w->fibers) {
+    for (Fiber* f : w->all) {
         if (a >= (uintptr_t)f->map && a < (uintptr_t)f->map + PAGE) {
             snprintf(detail, sizeof detail,
                      " is a thread's stack guard: stack overflow (raise KESTREL_EMU_STACK_KB, now %zu)",
@@ -722,6 +773,7 @@ void worker_loop() {
 #endif
 #if defined(KEMU_TSAN)
     w->tsan_sched = __tsan_get_current_fiber();
+    w->one_per_fiber = true;
 #endif
     Pool& p = pool();
     for (;;) {
