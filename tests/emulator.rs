@@ -102,21 +102,37 @@ fn correct_kernels_agree_under_both_thread_orders() {
 
 #[test]
 fn planted_missing_barrier_gives_a_wrong_result() {
-    let dev = emu_dev();
-    let n = 4096;
-    let x = randf(7, n);
-    let want = reversed_in_blocks(&x, 256);
-    let y = run_reverse(&dev, "emutest_block_reverse_nosync_f32", &x, 256);
-    let wrong = y.iter().zip(&want).filter(|(a, b)| a != b).count();
-    assert!(
-        wrong >= n / 4,
-        "the kernel without __syncthreads gave only {wrong} of {n} wrong values: the emulator did not expose the missing barrier"
-    );
+    let check = || {
+        let dev = emu_dev();
+        let n = 4096;
+        let x = randf(7, n);
+        let want = reversed_in_blocks(&x, 256);
+        let y = run_reverse(&dev, "emutest_block_reverse_nosync_f32", &x, 256);
+        let wrong = y.iter().zip(&want).filter(|(a, b)| a != b).count();
+        assert!(
+            wrong >= n / 4,
+            "the kernel without __syncthreads gave only {wrong} of {n} wrong values: the emulator did not expose the missing barrier"
+        );
+    };
+    if emu::sanitizer() != "thread" {
+        return check();
+    }
+    // Under ThreadSanitizer the race report would fail this whole test binary: run
+    // it in a child that does not report (the test below checks the report).
+    let test = "planted_missing_barrier_gives_a_wrong_result";
+    let opts = [("TSAN_OPTIONS", "report_bugs=0:ignore_interceptors_accesses=1")];
+    if let Some((status, err)) = in_child(test, &opts, check) {
+        assert!(status.success(), "{err}");
+    }
 }
 
 /// Run this test's body in a child process (the same test binary, this test only),
 /// for kernels that must kill the process; returns the child's stderr and status.
-fn in_child(test: &str, body: impl FnOnce()) -> Option<(std::process::ExitStatus, String)> {
+fn in_child(
+    test: &str,
+    env: &[(&str, &str)],
+    body: impl FnOnce(),
+) -> Option<(std::process::ExitStatus, String)> {
     if std::env::var("KESTREL_EMU_CHILD").as_deref() == Ok(test) {
         body();
         return None;
@@ -124,6 +140,7 @@ fn in_child(test: &str, body: impl FnOnce()) -> Option<(std::process::ExitStatus
     let out = std::process::Command::new(std::env::current_exe().unwrap())
         .args([test, "--exact", "--nocapture", "--test-threads=1"])
         .env("KESTREL_EMU_CHILD", test)
+        .envs(env.iter().copied())
         .output()
         .expect("re-running the test binary");
     Some((out.status, String::from_utf8_lossy(&out.stderr).into_owned()))
@@ -138,7 +155,7 @@ fn selftest_line(marker: &str) -> usize {
 
 #[test]
 fn planted_off_by_one_read_is_reported_with_the_kernel_name() {
-    let child = in_child("planted_off_by_one_read_is_reported_with_the_kernel_name", || {
+    let child = in_child("planted_off_by_one_read_is_reported_with_the_kernel_name", &[], || {
         let dev = emu_dev();
         let n = 1024; // 4096 bytes: the buffer ends exactly at a guard page
         let x = upload(&dev, &randf(3, n));
@@ -186,7 +203,7 @@ fn planted_missing_barrier_is_a_data_race_under_thread_sanitizer() {
         assert_ne!(y, reversed_in_blocks(&x, 256));
         return;
     }
-    let child = in_child("planted_missing_barrier_is_a_data_race_under_thread_sanitizer", || {
+    let child = in_child("planted_missing_barrier_is_a_data_race_under_thread_sanitizer", &[], || {
         let dev = emu_dev();
         let x = randf(9, 512);
         run_reverse(&dev, "emutest_block_reverse_nosync_f32", &x, 256);
@@ -458,8 +475,8 @@ fn check_elementwise_and_reduce_on(dev: Device) {
         common::assert_close(op, gpu, cpu, 1e-6);
     }
     // A sum over many blocks (partial sums, then one block).
-    let big = Tensor::from_vec(randf(5, 300_000), [300_000]).unwrap();
-    common::assert_close("sum 300k", &ops::sum(&big.to_device(dev).unwrap()).unwrap(), &ops::sum(&big).unwrap(), 1e-6);
+    let big = Tensor::from_vec(randf(5, 100_000), [100_000]).unwrap();
+    common::assert_close("sum 100k", &ops::sum(&big.to_device(dev).unwrap()).unwrap(), &ops::sum(&big).unwrap(), 1e-6);
 
     // Backward on the device: d/da sum(relu(a) * b) = b where a > 0.
     let grad_on = |a: &Tensor, b: &Tensor| {

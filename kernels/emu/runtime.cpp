@@ -882,6 +882,13 @@ const char* kemu_sanitizer() {
 #endif
 }
 
+#if defined(KEMU_TSAN)
+// Rust's own synchronisation (futexes, atomics in uninstrumented code) is invisible
+// to TSan, so its intercepted memcpy/free calls would be reported as races between
+// Rust threads. Kernel code is instrumented directly and still fully checked.
+const char* __tsan_default_options() { return "ignore_interceptors_accesses=1"; }
+#endif
+
 #if defined(KEMU_ASAN)
 // The Rust test binary does not start with the ASan runtime first in its library
 // list; the runtime is linked statically, so that check does not apply.
