@@ -230,8 +230,15 @@ mod emu {
         println!("cargo:rustc-check-cfg=cfg(kestrel_emu)");
         // Launch records (which kernels emulated tests ran) live beside the profile
         // directories, so `kestrel kernels` of any profile finds them.
-        let record = out.ancestors().nth(4).unwrap_or(out).join("kestrel-emu-launches");
-        println!("cargo:rustc-env=KESTREL_EMU_RECORD_DIR={}", record.display());
+        let record = out
+            .ancestors()
+            .nth(4)
+            .unwrap_or(out)
+            .join("kestrel-emu-launches");
+        println!(
+            "cargo:rustc-env=KESTREL_EMU_RECORD_DIR={}",
+            record.display()
+        );
         if env::var("KESTREL_EMU").is_ok_and(|v| v == "0") {
             println!("cargo:warning=KESTREL_EMU=0: the emulated CUDA device is not built");
             return;
@@ -240,7 +247,10 @@ mod emu {
         if !["", "address", "thread"].contains(&sanitize.as_str()) {
             panic!("KESTREL_EMU_SANITIZE={sanitize}: expected `address` or `thread`");
         }
-        let probe = cc::Build::new().cpp(true).cargo_warnings(false).try_get_compiler();
+        let probe = cc::Build::new()
+            .cpp(true)
+            .cargo_warnings(false)
+            .try_get_compiler();
         let cxx_ok = probe.is_ok_and(|c| {
             std::process::Command::new(c.path())
                 .arg("--version")
@@ -268,7 +278,11 @@ mod emu {
         let mut all = Vec::new();
         for f in files {
             let name = f.file_name().unwrap().to_string_lossy().into_owned();
-            let stem = f.file_stem().unwrap().to_string_lossy().replace(|c: char| !c.is_alphanumeric(), "_");
+            let stem = f
+                .file_stem()
+                .unwrap()
+                .to_string_lossy()
+                .replace(|c: char| !c.is_alphanumeric(), "_");
             let text = fs::read_to_string(f).unwrap();
             let entries = super::parse_entries(&text);
             let mut tu = String::from("#include \"shim.h\"\n");
@@ -294,7 +308,12 @@ mod emu {
         for e in &all {
             write!(table, "&kemu_info_{e}, ").unwrap();
         }
-        writeln!(table, "nullptr}};\nextern \"C\" const unsigned long kemu_entry_count = {};", all.len()).unwrap();
+        writeln!(
+            table,
+            "nullptr}};\nextern \"C\" const unsigned long kemu_entry_count = {};",
+            all.len()
+        )
+        .unwrap();
         let table_path = src.join("kemu_table.cpp");
         fs::write(&table_path, table).unwrap();
 
@@ -313,14 +332,21 @@ mod emu {
                 .cargo_metadata(false);
         };
         // Kernel units compile in parallel: g++ is the slow part of this build.
-        let jobs: usize = env::var("NUM_JOBS").ok().and_then(|j| j.parse().ok()).unwrap_or(2).max(1);
+        let jobs: usize = env::var("NUM_JOBS")
+            .ok()
+            .and_then(|j| j.parse().ok())
+            .unwrap_or(2)
+            .max(1);
         let chunks: Vec<Vec<PathBuf>> = (0..jobs)
             .map(|j| units.iter().skip(j).step_by(jobs).cloned().collect())
             .filter(|c: &Vec<PathBuf>| !c.is_empty())
             .collect();
-        let (base_ref, sanitize_ref) = (&base, &sanitize);
+        // The runtime (never instrumented: it only tells the sanitizers about its
+        // fiber switches) and the entry table compile alongside the kernels.
+        let runtime = [kdir.join("emu/runtime.cpp"), table_path.clone()];
+        let (base_ref, sanitize_ref, runtime_ref) = (&base, &sanitize, &runtime);
         let objects: Vec<PathBuf> = std::thread::scope(|s| {
-            let handles: Vec<_> = chunks
+            let mut handles: Vec<_> = chunks
                 .iter()
                 .map(|chunk| {
                     s.spawn(move || {
@@ -329,7 +355,9 @@ mod emu {
                         base(&mut b);
                         match sanitize.as_str() {
                             "address" => {
-                                b.flag("-fsanitize=address").flag("-fno-omit-frame-pointer").opt_level(1);
+                                b.flag("-fsanitize=address")
+                                    .flag("-fno-omit-frame-pointer")
+                                    .opt_level(1);
                             }
                             "thread" => {
                                 b.flag("-fsanitize=thread").opt_level(1);
@@ -337,35 +365,47 @@ mod emu {
                             _ => {}
                         }
                         b.files(chunk);
-                        b.try_compile_intermediates()
+                        b.try_compile_intermediates().map_err(|e| {
+                            format!(
+                                "the emulated CUDA device failed to compile a kernel with the host shim \
+                                 (kernels/emu/shim.h); fix the kernel or the shim, or build with KESTREL_EMU=0:\n{e}"
+                            )
+                        })
                     })
                 })
                 .collect();
+            handles.push(s.spawn(move || {
+                let mut b = cc::Build::new();
+                base_ref(&mut b);
+                match sanitize_ref.as_str() {
+                    "address" => {
+                        b.define("KEMU_ASAN", None);
+                    }
+                    "thread" => {
+                        b.define("KEMU_TSAN", None);
+                    }
+                    _ => {}
+                }
+                b.files(runtime_ref);
+                b.try_compile_intermediates().map_err(|e| {
+                    format!(
+                        "building the emulated CUDA device runtime (kernels/emu/runtime.cpp): {e}"
+                    )
+                })
+            }));
             handles
                 .into_iter()
                 .flat_map(|h| match h.join().expect("compile thread") {
                     Ok(o) => o,
-                    Err(e) => panic!(
-                        "the emulated CUDA device failed to compile a kernel with the host shim \
-                         (kernels/emu/shim.h); fix the kernel or the shim, or build with KESTREL_EMU=0:\n{e}"
-                    ),
+                    Err(e) => panic!("{e}"),
                 })
                 .collect()
         });
         let mut lib = cc::Build::new();
         base(&mut lib);
-        lib.cargo_metadata(true).file(kdir.join("emu/runtime.cpp")).file(&table_path).objects(objects);
-        match sanitize.as_str() {
-            "address" => {
-                lib.define("KEMU_ASAN", None);
-            }
-            "thread" => {
-                lib.define("KEMU_TSAN", None);
-            }
-            _ => {}
-        }
+        lib.cargo_metadata(true).objects(objects);
         if let Err(e) = lib.try_compile("kestrel_emu") {
-            panic!("building the emulated CUDA device runtime (kernels/emu/runtime.cpp): {e}");
+            panic!("archiving the emulated CUDA device: {e}");
         }
         if !sanitize.is_empty() {
             link_sanitizer_runtime(&sanitize);
@@ -421,7 +461,11 @@ mod emu {
             if let Some((ty, name)) = dynamic_shared_decl(line) {
                 let depth_before = if i == 0 { 0 } else { depths[i - 1] };
                 writeln!(out, "#undef {name}").unwrap();
-                writeln!(out, "#define {name} (reinterpret_cast<{ty}*>(::kemu::dynamic_shared()))").unwrap();
+                writeln!(
+                    out,
+                    "#define {name} (reinterpret_cast<{ty}*>(::kemu::dynamic_shared()))"
+                )
+                .unwrap();
                 writeln!(out, "#line {} \"{shown}\"", i + 2).unwrap();
                 live.push((name, depth_before));
                 continue;
@@ -447,8 +491,16 @@ mod emu {
     /// `extern __shared__ <type> <name>[];` -> (type without alignment attributes, name).
     fn dynamic_shared_decl(line: &str) -> Option<(String, String)> {
         let code = line.split("//").next().unwrap_or("").trim();
-        let rest = code.strip_prefix("extern")?.trim_start().strip_prefix("__shared__")?;
-        let rest = rest.trim().strip_suffix(';')?.trim_end().strip_suffix("[]")?.trim_end();
+        let rest = code
+            .strip_prefix("extern")?
+            .trim_start()
+            .strip_prefix("__shared__")?;
+        let rest = rest
+            .trim()
+            .strip_suffix(';')?
+            .trim_end()
+            .strip_suffix("[]")?
+            .trim_end();
         let name: String = rest
             .chars()
             .rev()

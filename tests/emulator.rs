@@ -32,7 +32,11 @@ fn upload<T: bytemuck::Pod>(dev: &GpuDevice, v: &[T]) -> GpuBuffer {
     b
 }
 
-fn download<T: bytemuck::Pod + Default + Clone>(dev: &GpuDevice, b: &GpuBuffer, n: usize) -> Vec<T> {
+fn download<T: bytemuck::Pod + Default + Clone>(
+    dev: &GpuDevice,
+    b: &GpuBuffer,
+    n: usize,
+) -> Vec<T> {
     let mut v = vec![T::default(); n];
     dev.backend
         .copy_dtoh(b, bytemuck::cast_slice_mut(&mut v))
@@ -49,7 +53,10 @@ fn cfg(grid: (u32, u32, u32), block: (u32, u32, u32), shared: u32) -> LaunchCfg 
 }
 
 fn randf(seed: u64, n: usize) -> Vec<f32> {
-    common::randn(seed, n).into_iter().map(|v| v as f32).collect()
+    common::randn(seed, n)
+        .into_iter()
+        .map(|v| v as f32)
+        .collect()
 }
 
 /// y = x reversed within each chunk of `block` elements.
@@ -120,7 +127,10 @@ fn planted_missing_barrier_gives_a_wrong_result() {
     // Under ThreadSanitizer the race report would fail this whole test binary: run
     // it in a child that does not report (the test below checks the report).
     let test = "planted_missing_barrier_gives_a_wrong_result";
-    let opts = [("TSAN_OPTIONS", "report_bugs=0:ignore_interceptors_accesses=1")];
+    let opts = [(
+        "TSAN_OPTIONS",
+        "report_bugs=0:ignore_interceptors_accesses=1",
+    )];
     if let Some((status, err)) = in_child(test, &opts, check) {
         assert!(status.success(), "{err}");
     }
@@ -143,30 +153,40 @@ fn in_child(
         .envs(env.iter().copied())
         .output()
         .expect("re-running the test binary");
-    Some((out.status, String::from_utf8_lossy(&out.stderr).into_owned()))
+    Some((
+        out.status,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
 }
 
 /// The line of kernels/emu_selftest.cu holding `marker`.
 fn selftest_line(marker: &str) -> usize {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/kernels/emu_selftest.cu");
     let src = std::fs::read_to_string(path).unwrap();
-    src.lines().position(|l| l.contains(marker)).expect("marker in emu_selftest.cu") + 1
+    src.lines()
+        .position(|l| l.contains(marker))
+        .expect("marker in emu_selftest.cu")
+        + 1
 }
 
 #[test]
 fn planted_off_by_one_read_is_reported_with_the_kernel_name() {
-    let child = in_child("planted_off_by_one_read_is_reported_with_the_kernel_name", &[], || {
-        let dev = emu_dev();
-        let n = 1024; // 4096 bytes: the buffer ends exactly at a guard page
-        let x = upload(&dev, &randf(3, n));
-        let y = dev.alloc(n * 4).unwrap();
-        let r = dev.launch(
-            "emutest_offbyone_diff_f32",
-            LaunchCfg::for_elems(n),
-            &[x.arg(), y.arg(), KernelArg::I64(n as i64)],
-        );
-        panic!("the out-of-bounds read went unnoticed (launch returned {r:?})");
-    });
+    let child = in_child(
+        "planted_off_by_one_read_is_reported_with_the_kernel_name",
+        &[],
+        || {
+            let dev = emu_dev();
+            let n = 1024; // 4096 bytes: the buffer ends exactly at a guard page
+            let x = upload(&dev, &randf(3, n));
+            let y = dev.alloc(n * 4).unwrap();
+            let r = dev.launch(
+                "emutest_offbyone_diff_f32",
+                LaunchCfg::for_elems(n),
+                &[x.arg(), y.arg(), KernelArg::I64(n as i64)],
+            );
+            panic!("the out-of-bounds read went unnoticed (launch returned {r:?})");
+        },
+    );
     let Some((status, err)) = child else { return };
     assert!(!status.success(), "child should have died: {err}");
     assert!(
@@ -203,14 +223,19 @@ fn planted_missing_barrier_is_a_data_race_under_thread_sanitizer() {
         assert_ne!(y, reversed_in_blocks(&x, 256));
         return;
     }
-    let child = in_child("planted_missing_barrier_is_a_data_race_under_thread_sanitizer", &[], || {
-        let dev = emu_dev();
-        let x = randf(9, 512);
-        run_reverse(&dev, "emutest_block_reverse_nosync_f32", &x, 256);
-    });
+    let child = in_child(
+        "planted_missing_barrier_is_a_data_race_under_thread_sanitizer",
+        &[],
+        || {
+            let dev = emu_dev();
+            let x = randf(9, 512);
+            run_reverse(&dev, "emutest_block_reverse_nosync_f32", &x, 256);
+        },
+    );
     let Some((status, err)) = child else { return };
     assert!(
-        err.contains("ThreadSanitizer: data race") && err.contains("emutest_block_reverse_nosync_f32"),
+        err.contains("ThreadSanitizer: data race")
+            && err.contains("emutest_block_reverse_nosync_f32"),
         "no race reported ({status}):\n{err}"
     );
 }
@@ -253,12 +278,24 @@ fn check_warp_ops_on(dev: &GpuDevice) {
         let sum: f64 = xs.iter().map(|&v| v as f64).sum();
         for l in 0..32 {
             let i = w * 32 + l;
-            assert!((xor[i] as f64 - sum).abs() < 1e-5, "xor warp {w} lane {l}: {} vs {sum}", xor[i]);
+            assert!(
+                (xor[i] as f64 - sum).abs() < 1e-5,
+                "xor warp {w} lane {l}: {} vs {sum}",
+                xor[i]
+            );
             let prefix: f64 = xs[..=l].iter().map(|&v| v as f64).sum();
-            assert!((scan[i] as f64 - prefix).abs() < 1e-5, "scan warp {w} lane {l}: {} vs {prefix}", scan[i]);
+            assert!(
+                (scan[i] as f64 - prefix).abs() < 1e-5,
+                "scan warp {w} lane {l}: {} vs {prefix}",
+                scan[i]
+            );
             assert_eq!(bcast[i], xs[7], "broadcast warp {w} lane {l}");
             if l == 0 {
-                assert!((down[i] as f64 - sum).abs() < 1e-5, "down warp {w}: {} vs {sum}", down[i]);
+                assert!(
+                    (down[i] as f64 - sum).abs() < 1e-5,
+                    "down warp {w}: {} vs {sum}",
+                    down[i]
+                );
             }
         }
         let ballot = xs
@@ -267,7 +304,11 @@ fn check_warp_ops_on(dev: &GpuDevice) {
             .fold(0u32, |b, (l, &v)| if v > 0.0 { b | 1 << l } else { b });
         assert_eq!(votes[3 * w], ballot, "ballot warp {w}");
         assert_eq!(votes[3 * w + 1], (ballot != 0) as u32, "any warp {w}");
-        assert_eq!(votes[3 * w + 2], (ballot == u32::MAX) as u32, "all warp {w}");
+        assert_eq!(
+            votes[3 * w + 2],
+            (ballot == u32::MAX) as u32,
+            "all warp {w}"
+        );
     }
 }
 
@@ -288,14 +329,37 @@ fn check_atomics_on(dev: &GpuDevice) {
     dev.launch(
         "emutest_atomics",
         cfg((grid, 1, 1), (block, 1, 1), 0),
-        &[count.arg(), max_id.arg(), fsum.arg(), cas.arg(), bits.arg(), min_id.arg()],
+        &[
+            count.arg(),
+            max_id.arg(),
+            fsum.arg(),
+            cas.arg(),
+            bits.arg(),
+            min_id.arg(),
+        ],
     )
     .unwrap();
-    assert_eq!(download::<u64>(dev, &count, 1)[0], threads, "atomicAdd count");
-    assert_eq!(download::<i32>(dev, &max_id, 1)[0], threads as i32 - 1, "atomicMax");
+    assert_eq!(
+        download::<u64>(dev, &count, 1)[0],
+        threads,
+        "atomicAdd count"
+    );
+    assert_eq!(
+        download::<i32>(dev, &max_id, 1)[0],
+        threads as i32 - 1,
+        "atomicMax"
+    );
     assert_eq!(download::<i32>(dev, &min_id, 1)[0], 0, "atomicMin");
-    assert_eq!(download::<f32>(dev, &fsum, 1)[0], threads as f32, "float atomicAdd");
-    assert_eq!(download::<i32>(dev, &cas, 1)[0], threads as i32, "atomicCAS loop");
+    assert_eq!(
+        download::<f32>(dev, &fsum, 1)[0],
+        threads as f32,
+        "float atomicAdd"
+    );
+    assert_eq!(
+        download::<i32>(dev, &cas, 1)[0],
+        threads as i32,
+        "atomicCAS loop"
+    );
     assert_eq!(download::<u32>(dev, &bits, 1)[0], u32::MAX, "atomicOr");
 }
 
@@ -320,7 +384,11 @@ fn check_dynamic_shared_on(dev: &GpuDevice) {
         for b in 0..grid {
             let want = (0..m).fold(0f32, |acc, k| acc + (k + b) as f32);
             assert_eq!(y[b], want, "m={m} block {b}");
-            assert_eq!(c[b], block as i32 / 2, "__syncthreads_count m={m} block {b}");
+            assert_eq!(
+                c[b],
+                block as i32 / 2,
+                "__syncthreads_count m={m} block {b}"
+            );
         }
     }
 }
@@ -375,29 +443,59 @@ fn launch_errors_that_a_gpu_would_report() {
     let n = KernelArg::I64(64);
     let one = cfg((1, 1, 1), (64, 1, 1), 0);
 
-    let e = launch_err(&dev, "relu_fwd_f32", cfg((1, 1, 1), (1025, 1, 1), 0), &[x.arg(), y.arg(), n]);
-    assert!(e.contains("1025 threads") && e.contains("relu_fwd_f32"), "{e}");
+    let e = launch_err(
+        &dev,
+        "relu_fwd_f32",
+        cfg((1, 1, 1), (1025, 1, 1), 0),
+        &[x.arg(), y.arg(), n],
+    );
+    assert!(
+        e.contains("1025 threads") && e.contains("relu_fwd_f32"),
+        "{e}"
+    );
 
-    let e = launch_err(&dev, "relu_fwd_f32", one, &[KernelArg::Ptr { ptr: 0, bytes: 256 }, y.arg(), n]);
+    let e = launch_err(
+        &dev,
+        "relu_fwd_f32",
+        one,
+        &[KernelArg::Ptr { ptr: 0, bytes: 256 }, y.arg(), n],
+    );
     assert!(e.contains("argument 0") && e.contains("null"), "{e}");
 
-    let tiny = KernelArg::Ptr { ptr: x.ptr(), bytes: 2 };
+    let tiny = KernelArg::Ptr {
+        ptr: x.ptr(),
+        bytes: 2,
+    };
     let e = launch_err(&dev, "relu_fwd_f32", one, &[tiny, y.arg(), n]);
     assert!(e.contains("smaller than one 4-byte element"), "{e}");
 
-    let past = KernelArg::Ptr { ptr: x.ptr() + 8, bytes: 256 };
+    let past = KernelArg::Ptr {
+        ptr: x.ptr() + 8,
+        bytes: 256,
+    };
     let e = launch_err(&dev, "relu_fwd_f32", one, &[past, y.arg(), n]);
     assert!(e.contains("run past the end of the 256-byte buffer"), "{e}");
 
     let host = [0f32; 4];
-    let foreign = KernelArg::Ptr { ptr: host.as_ptr() as u64, bytes: 16 };
+    let foreign = KernelArg::Ptr {
+        ptr: host.as_ptr() as u64,
+        bytes: 16,
+    };
     let e = launch_err(&dev, "relu_fwd_f32", one, &[x.arg(), foreign, n]);
-    assert!(e.contains("argument 1") && e.contains("not a live buffer"), "{e}");
+    assert!(
+        e.contains("argument 1") && e.contains("not a live buffer"),
+        "{e}"
+    );
 
     let e = launch_err(&dev, "relu_fwd_f32", one, &[x.arg(), y.arg()]);
     assert!(e.contains("2 arguments passed, the kernel takes 3"), "{e}");
 
-    let e = launch_err(&dev, "relu_fwd_f32", one, &[x.arg(), y.arg(), KernelArg::F32(64.0)]);
+    let e = launch_err(
+        &dev,
+        "relu_fwd_f32",
+        one,
+        &[x.arg(), y.arg(), KernelArg::F32(64.0)],
+    );
     assert!(e.contains("argument 2") && e.contains("long long"), "{e}");
 
     let e = launch_err(&dev, "relu_fwd_f32", one, &[x.arg(), KernelArg::I64(0), n]);
@@ -405,7 +503,12 @@ fn launch_errors_that_a_gpu_would_report() {
 
     let c = dev.alloc(4).unwrap();
     let too_much = cfg((1, 1, 1), (32, 1, 1), emu::DYNAMIC_SHARED_LIMIT + 4);
-    let e = launch_err(&dev, "emutest_dynamic_shared_f32", too_much, &[y.arg(), c.arg(), KernelArg::I32(1)]);
+    let e = launch_err(
+        &dev,
+        "emutest_dynamic_shared_f32",
+        too_much,
+        &[y.arg(), c.arg(), KernelArg::I32(1)],
+    );
     assert!(e.contains("dynamic shared memory"), "{e}");
 
     assert!(matches!(
@@ -419,9 +522,19 @@ fn divergent_barriers_are_reported_and_the_device_keeps_working() {
     let dev = emu_dev();
     let y = dev.alloc(64 * 4).unwrap();
     let c = cfg((2, 1, 1), (64, 1, 1), 0);
-    let e = launch_err(&dev, "emutest_divergent_barrier", c, &[y.arg(), KernelArg::I32(0)]);
+    let e = launch_err(
+        &dev,
+        "emutest_divergent_barrier",
+        c,
+        &[y.arg(), KernelArg::I32(0)],
+    );
     assert!(e.contains("already exited"), "{e}");
-    let e = launch_err(&dev, "emutest_divergent_barrier", c, &[y.arg(), KernelArg::I32(1)]);
+    let e = launch_err(
+        &dev,
+        "emutest_divergent_barrier",
+        c,
+        &[y.arg(), KernelArg::I32(1)],
+    );
     assert!(e.contains("barrier deadlock"), "{e}");
     check_block_reverse_on(&dev);
 }
@@ -454,14 +567,30 @@ fn device_parses_and_prints_as_emu() {
 /// The ops of src/ops/elementwise.rs and reduce.rs on `dev`, against the CPU.
 fn check_elementwise_and_reduce_on(dev: Device) {
     let shape = [3usize, 1000];
-    let a = common::rand_t(1, &shape).to_dtype(kestrel::DType::F32).unwrap();
-    let b = common::rand_t(2, &shape).to_dtype(kestrel::DType::F32).unwrap();
+    let a = common::rand_t(1, &shape)
+        .to_dtype(kestrel::DType::F32)
+        .unwrap();
+    let b = common::rand_t(2, &shape)
+        .to_dtype(kestrel::DType::F32)
+        .unwrap();
     let (ad, bd) = (a.to_device(dev).unwrap(), b.to_device(dev).unwrap());
     let pairs: Vec<(&str, Tensor, Tensor)> = vec![
         ("relu", ops::relu(&a).unwrap(), ops::relu(&ad).unwrap()),
-        ("add", ops::add(&a, &b).unwrap(), ops::add(&ad, &bd).unwrap()),
-        ("mul", ops::mul(&a, &b).unwrap(), ops::mul(&ad, &bd).unwrap()),
-        ("scale", ops::scale(&a, -2.5).unwrap(), ops::scale(&ad, -2.5).unwrap()),
+        (
+            "add",
+            ops::add(&a, &b).unwrap(),
+            ops::add(&ad, &bd).unwrap(),
+        ),
+        (
+            "mul",
+            ops::mul(&a, &b).unwrap(),
+            ops::mul(&ad, &bd).unwrap(),
+        ),
+        (
+            "scale",
+            ops::scale(&a, -2.5).unwrap(),
+            ops::scale(&ad, -2.5).unwrap(),
+        ),
         ("sum", ops::sum(&a).unwrap(), ops::sum(&ad).unwrap()),
         ("mean", ops::mean(&a).unwrap(), ops::mean(&ad).unwrap()),
         (
@@ -476,7 +605,12 @@ fn check_elementwise_and_reduce_on(dev: Device) {
     }
     // A sum over many blocks (partial sums, then one block).
     let big = Tensor::from_vec(randf(5, 100_000), [100_000]).unwrap();
-    common::assert_close("sum 100k", &ops::sum(&big.to_device(dev).unwrap()).unwrap(), &ops::sum(&big).unwrap(), 1e-6);
+    common::assert_close(
+        "sum 100k",
+        &ops::sum(&big.to_device(dev).unwrap()).unwrap(),
+        &ops::sum(&big).unwrap(),
+        1e-6,
+    );
 
     // Backward on the device: d/da sum(relu(a) * b) = b where a > 0.
     let grad_on = |a: &Tensor, b: &Tensor| {
@@ -493,12 +627,20 @@ fn check_elementwise_and_reduce_on(dev: Device) {
     // scale_by_dev_f32: no op launches it yet; y = s[0] * x.
     if let Device::Cuda(n) = dev {
         let g = gpu::device(n).unwrap();
-        let s = Tensor::from_vec(vec![0.5f32], [1]).unwrap().to_device(dev).unwrap();
+        let s = Tensor::from_vec(vec![0.5f32], [1])
+            .unwrap()
+            .to_device(dev)
+            .unwrap();
         let y = Tensor::gpu_zeros(&g, shape.to_vec()).unwrap();
         g.launch(
             "scale_by_dev_f32",
             LaunchCfg::for_elems(a.numel()),
-            &[ad.gpu().unwrap().buf.arg(), s.gpu().unwrap().buf.arg(), y.gpu().unwrap().buf.arg(), KernelArg::I64(a.numel() as i64)],
+            &[
+                ad.gpu().unwrap().buf.arg(),
+                s.gpu().unwrap().buf.arg(),
+                y.gpu().unwrap().buf.arg(),
+                KernelArg::I64(a.numel() as i64),
+            ],
         )
         .unwrap();
         common::assert_close("scale_by_dev", &y, &ops::scale(&a, 0.5).unwrap(), 1e-6);
@@ -537,5 +679,11 @@ fn emulated_and_cpu_devices_coexist_with_real_ordinals() {
         assert!(gpu::device(0).is_err());
     }
     let x = Tensor::from_vec(vec![-1f32, 3.0], [2]).unwrap();
-    assert_eq!(ops::relu(&x.to_device(d).unwrap()).unwrap().to_vec::<f32>().unwrap(), vec![0.0, 3.0]);
+    assert_eq!(
+        ops::relu(&x.to_device(d).unwrap())
+            .unwrap()
+            .to_vec::<f32>()
+            .unwrap(),
+        vec![0.0, 3.0]
+    );
 }

@@ -32,6 +32,8 @@
 // - Warps do not run in lockstep. Code that relies on implicit warp synchrony
 //   without __syncwarp (pre-Volta "warp-synchronous" reductions over volatile shared
 //   memory) is wrong on modern GPUs too, and gives wrong results here.
+// - __activemask() returns the lanes of the warp that have not exited yet (threads
+//   do not run in lockstep, so "the lanes that are here now" has no other meaning).
 // - A lane that exits while others of its warp wait in a shuffle/vote/__syncwarp
 //   that names it in the mask is reported as an error (undefined on a GPU).
 //   Threads that exit before a __syncthreads count as arrived, as on sm_70+.
@@ -53,6 +55,8 @@
 #pragma once
 
 #include <assert.h>
+#include <float.h>
+#include <limits.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdio.h>

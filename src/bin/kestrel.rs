@@ -42,8 +42,20 @@ enum Cmd {
 /// filter, bench target, bench name filter). A file not listed here runs
 /// `tests/<stem>.rs` whole and no bench.
 const KERNEL_LOOP: &[(&str, &str, &str, &str, &str)] = &[
-    ("elementwise.cu", "emulator", "elementwise_and_reduce", "ops", "relu/"),
-    ("reduce.cu", "emulator", "elementwise_and_reduce", "ops", "sum/"),
+    (
+        "elementwise.cu",
+        "emulator",
+        "elementwise_and_reduce",
+        "ops",
+        "relu/",
+    ),
+    (
+        "reduce.cu",
+        "emulator",
+        "elementwise_and_reduce",
+        "ops",
+        "sum/",
+    ),
     ("emu_selftest.cu", "emulator", "", "", ""),
 ];
 
@@ -77,14 +89,19 @@ fn main() {
 /// `emulator-1a2b3c4d5e6f7a8b` -> `emulator`: test binaries carry a hash suffix.
 fn program_name(p: &str) -> &str {
     match p.rsplit_once('-') {
-        Some((stem, hash)) if hash.len() == 16 && hash.chars().all(|c| c.is_ascii_hexdigit()) => stem,
+        Some((stem, hash)) if hash.len() == 16 && hash.chars().all(|c| c.is_ascii_hexdigit()) => {
+            stem
+        }
         _ => p,
     }
 }
 
 fn list_kernels() {
     let records = emu::recorded_launches();
-    println!("{:<34} {:<22} {:<15} emulated test", "kernel", "file", "code");
+    println!(
+        "{:<34} {:<22} {:<15} emulated test",
+        "kernel", "file", "code"
+    );
     for f in kernels::files() {
         for e in f.entries {
             let emulated = match records.get(*e) {
@@ -123,17 +140,29 @@ fn kernel_check(name: &str, bench: bool) -> kestrel::Result<()> {
     let file = kernels::files()
         .iter()
         .find(|f| {
-            f.entries.contains(&name)
-                || f.file == name
-                || f.file.strip_suffix(".cu") == Some(name)
+            f.entries.contains(&name) || f.file == name || f.file.strip_suffix(".cu") == Some(name)
         })
         .ok_or_else(|| kestrel::Error::UnknownKernel(name.to_string()))?;
     let stem = file.file.trim_end_matches(".cu");
     let (test, filter, bench_target, bench_filter) = KERNEL_LOOP
         .iter()
         .find(|r| r.0 == file.file)
-        .map(|r| (r.1.to_string(), r.2.to_string(), r.3.to_string(), r.4.to_string()))
-        .unwrap_or_else(|| (stem.to_string(), String::new(), String::new(), String::new()));
+        .map(|r| {
+            (
+                r.1.to_string(),
+                r.2.to_string(),
+                r.3.to_string(),
+                r.4.to_string(),
+            )
+        })
+        .unwrap_or_else(|| {
+            (
+                stem.to_string(),
+                String::new(),
+                String::new(),
+                String::new(),
+            )
+        });
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     if !root.join("Cargo.toml").is_file() {
         return Err(kestrel::Error::invalid(
@@ -145,7 +174,11 @@ fn kernel_check(name: &str, bench: bool) -> kestrel::Result<()> {
     println!(
         "kernel-check {name}: file {}, tests `{test}` {filter:?}, bench {}",
         file.file,
-        if bench_target.is_empty() { "none".to_string() } else { format!("`{bench_target}` {bench_filter:?}") }
+        if bench_target.is_empty() {
+            "none".to_string()
+        } else {
+            format!("`{bench_target}` {bench_filter:?}")
+        }
     );
 
     let mut steps = Vec::new();
@@ -157,10 +190,19 @@ fn kernel_check(name: &str, bench: bool) -> kestrel::Result<()> {
     if gpu {
         args.push("--include-ignored".into()); // the real-GPU parity tests too
     }
-    let what = if gpu { "tests (emulated + cuda:0)" } else { "tests (emulated; no GPU here)" };
+    let what = if gpu {
+        "tests (emulated + cuda:0)"
+    } else {
+        "tests (emulated; no GPU here)"
+    };
     steps.push(run_cargo(root, what, &args, summarize_tests));
     if bench && !bench_target.is_empty() {
-        let mut args: Vec<String> = vec!["bench".into(), "--bench".into(), bench_target.clone(), "--".into()];
+        let mut args: Vec<String> = vec![
+            "bench".into(),
+            "--bench".into(),
+            bench_target.clone(),
+            "--".into(),
+        ];
         if !bench_filter.is_empty() {
             args.push(bench_filter.clone());
         }
@@ -171,13 +213,21 @@ fn kernel_check(name: &str, bench: bool) -> kestrel::Result<()> {
     println!("\n{:<32} {:>8}  result", "step", "seconds");
     for s in &steps {
         let mut lines = s.result.lines();
-        println!("{:<32} {:>8.1}  {}", s.what, s.secs, lines.next().unwrap_or(""));
+        println!(
+            "{:<32} {:>8.1}  {}",
+            s.what,
+            s.secs,
+            lines.next().unwrap_or("")
+        );
         for l in lines {
             println!("{:<32} {:>8}  {}", "", "", l);
         }
     }
     if steps.iter().any(|s| s.result.starts_with("FAILED")) {
-        return Err(kestrel::Error::invalid("kernel-check", format!("{name}: a step failed (output above)")));
+        return Err(kestrel::Error::invalid(
+            "kernel-check",
+            format!("{name}: a step failed (output above)"),
+        ));
     }
     Ok(())
 }
@@ -233,9 +283,21 @@ fn summarize_bench(text: &str) -> String {
     for l in text.lines() {
         let t = l.trim();
         if let Some((head, rest)) = t.split_once("time:") {
-            let name = if head.trim().is_empty() { last_name } else { head.trim() };
-            let vals: Vec<&str> = rest.trim().trim_matches(['[', ']']).split_whitespace().collect();
-            let mid = if vals.len() >= 4 { format!("{} {}", vals[2], vals[3]) } else { rest.trim().to_string() };
+            let name = if head.trim().is_empty() {
+                last_name
+            } else {
+                head.trim()
+            };
+            let vals: Vec<&str> = rest
+                .trim()
+                .trim_matches(['[', ']'])
+                .split_whitespace()
+                .collect();
+            let mid = if vals.len() >= 4 {
+                format!("{} {}", vals[2], vals[3])
+            } else {
+                rest.trim().to_string()
+            };
             rows.push(format!("{name}: {mid}"));
         } else if !t.is_empty() && !t.contains(' ') {
             last_name = t; // criterion prints long names on their own line

@@ -23,7 +23,29 @@
 //! after every buffer), or, in a build with `KESTREL_EMU_SANITIZE=address`, with
 //! AddressSanitizer's report naming the kernel's file and line.
 //!
-//! Slow (a CUDA thread costs a fiber switch or two): use small shapes.
+//! Slow (a CUDA thread costs a function call, plus a fiber switch per barrier it
+//! waits at): use small shapes.
+//!
+//! # Modes and knobs
+//!
+//! - `KESTREL_EMU_SANITIZE=address cargo test --test <file>`: the emulated kernels are
+//!   built with AddressSanitizer (device buffers and dynamic shared memory are
+//!   checked; the report names the kernel's file and line). Run it on test targets
+//!   only (doc tests are not linked with the sanitizer runtime).
+//! - `KESTREL_EMU_SANITIZE=thread ...`: ThreadSanitizer. Every thread of a block is a
+//!   TSan fiber that synchronises with the others only at barriers, so a missing
+//!   `__syncthreads` before reading shared memory is reported as a data race.
+//! - `KESTREL_EMU=0` at build time leaves the emulator out.
+//! - `KESTREL_EMU_THREADS` (worker threads, default: all cores),
+//!   `KESTREL_EMU_STACK_KB` (per-thread stack, default 256, 1024 with sanitizers),
+//!   `KESTREL_EMU_SCHEDULE=reverse` (thread order, see [`set_schedule`]).
+//! - Coverage: every launch is recorded under [`record_dir`]; `kestrel kernels` shows
+//!   which test binaries ran each kernel here, and tests/zz_emu_coverage.rs fails
+//!   when a kernel entry was not launched on the emulated device by the test run.
+//! - `kestrel kernel-check NAME`: the kernel's parity tests (emulated, and on a real
+//!   GPU when present) and its bench, in one command.
+//!
+//! What the shim supports and its limits: kernels/emu/shim.h.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::path::PathBuf;
@@ -195,12 +217,20 @@ impl EmuBackend {
             Some((&start, &len)) if ptr < start + len as u64 => fail(format!(
                 "{bytes} bytes at {ptr:#x} run past the end of the {len}-byte buffer at {start:#x}"
             )),
-            _ => fail(format!("{ptr:#x} is not a live buffer of the emulated device")),
+            _ => fail(format!(
+                "{ptr:#x} is not a live buffer of the emulated device"
+            )),
         }
     }
 
     /// Check `args` against the kernel's signature and launch limits.
-    fn check_launch(&self, kernel: &str, cfg: &LaunchCfg, args: &[KernelArg], sig: &[imp::Param]) -> Result<()> {
+    fn check_launch(
+        &self,
+        kernel: &str,
+        cfg: &LaunchCfg,
+        args: &[KernelArg],
+        sig: &[imp::Param],
+    ) -> Result<()> {
         validate_launch(kernel, cfg)?;
         let fail = |msg: String| {
             Err(Error::Launch {
@@ -311,7 +341,9 @@ impl GpuBackend for EmuBackend {
     fn copy_dtoh(&self, src: &GpuBuffer, dst: &mut [u8]) -> Result<()> {
         check_copy("copy_dtoh", dst.len(), src.bytes())?;
         // SAFETY: as in copy_htod, with the roles swapped.
-        unsafe { std::ptr::copy_nonoverlapping(src.ptr() as *const u8, dst.as_mut_ptr(), dst.len()) };
+        unsafe {
+            std::ptr::copy_nonoverlapping(src.ptr() as *const u8, dst.as_mut_ptr(), dst.len())
+        };
         Ok(())
     }
 

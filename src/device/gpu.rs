@@ -149,9 +149,11 @@ impl std::fmt::Debug for GpuDevice {
 /// Opens a backend for an ordinal; replaced to route `Device::Cuda` elsewhere.
 pub type BackendFactory = fn(usize) -> Result<Arc<dyn GpuBackend>>;
 
-fn registry() -> &'static Mutex<(Option<BackendFactory>, HashMap<usize, GpuDevice>)> {
-    static REG: OnceLock<Mutex<(Option<BackendFactory>, HashMap<usize, GpuDevice>)>> =
-        OnceLock::new();
+/// The factory in use (if replaced) and the devices opened or registered so far.
+type Registry = Mutex<(Option<BackendFactory>, HashMap<usize, GpuDevice>)>;
+
+fn registry() -> &'static Registry {
+    static REG: OnceLock<Registry> = OnceLock::new();
     REG.get_or_init(|| Mutex::new((None, HashMap::new())))
 }
 
