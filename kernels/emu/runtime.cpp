@@ -806,8 +806,10 @@ Pool& pool() {
     // Leaked on purpose: workers run until the process exits.
     static Pool* p = [] {
         Pool* p = new Pool();
+        // At most 8 by default: every fiber is two memory mappings (stack and guard),
+        // and 1024-thread blocks with barriers need 1024 fibers per worker.
         unsigned hw = std::thread::hardware_concurrency();
-        g_nworkers = (unsigned)env_size("KESTREL_EMU_THREADS", hw ? hw : 1);
+        g_nworkers = (unsigned)env_size("KESTREL_EMU_THREADS", hw == 0 ? 1 : (hw > 8 ? 8 : hw));
 #if !defined(KEMU_ASAN) && !defined(KEMU_TSAN)
         install_fault_handler();
 #endif

@@ -36,7 +36,7 @@
 //!   TSan fiber that synchronises with the others only at barriers, so a missing
 //!   `__syncthreads` before reading shared memory is reported as a data race.
 //! - `KESTREL_EMU=0` at build time leaves the emulator out.
-//! - `KESTREL_EMU_THREADS` (worker threads, default: all cores),
+//! - `KESTREL_EMU_THREADS` (worker threads, default: the cores, at most 8),
 //!   `KESTREL_EMU_STACK_KB` (per-thread stack, default 256, 1024 with sanitizers),
 //!   `KESTREL_EMU_SCHEDULE=reverse` (thread order, see [`set_schedule`]).
 //! - Coverage: every launch is recorded under [`record_dir`]; `kestrel kernels` shows
