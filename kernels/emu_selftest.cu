@@ -134,3 +134,23 @@ extern "C" __global__ void emutest_divergent_barrier(float* __restrict__ y, int 
     }
     y[threadIdx.x] = 1.0f;
 }
+
+// Lanes with i < n meet in __activemask() and reduce over exactly those lanes:
+// masks[w] = the warp's active mask, sums[w] = sum of its x (lane 0 writes both).
+extern "C" __global__ void emutest_activemask_f32(const float* __restrict__ x, unsigned* __restrict__ masks,
+                                                  float* __restrict__ sums, int n) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) {
+        unsigned m = __activemask();
+        int lane = threadIdx.x & 31;
+        float v = x[i];
+        for (int o = 16; o > 0; o >>= 1) {
+            float u = __shfl_down_sync(m, v, o);
+            if (lane + o < 32 && ((m >> (lane + o)) & 1u)) v += u;
+        }
+        if (lane == 0) {
+            masks[i / 32] = m;
+            sums[i / 32] = v;
+        }
+    }
+}

@@ -317,6 +317,35 @@ fn warp_shuffles_reduce_scan_broadcast_and_vote_within_a_warp() {
     check_warp_ops_on(&emu_dev());
 }
 
+fn check_activemask_on(dev: &GpuDevice) {
+    let n = 100; // warps 0..2 full, warp 3 has lanes 0..3
+    let x = randf(13, n);
+    let xb = upload(dev, &x);
+    let masks = dev.alloc(4 * 4).unwrap();
+    let sums = dev.alloc(4 * 4).unwrap();
+    dev.launch(
+        "emutest_activemask_f32",
+        cfg((2, 1, 1), (64, 1, 1), 0),
+        &[xb.arg(), masks.arg(), sums.arg(), KernelArg::I32(n as i32)],
+    )
+    .unwrap();
+    let masks: Vec<u32> = download(dev, &masks, 4);
+    let sums: Vec<f32> = download(dev, &sums, 4);
+    assert_eq!(masks, vec![u32::MAX, u32::MAX, u32::MAX, 0xf]);
+    for (w, s) in sums.iter().enumerate() {
+        let want: f64 = x[w * 32..(w * 32 + 32).min(n)]
+            .iter()
+            .map(|&v| v as f64)
+            .sum();
+        assert!((*s as f64 - want).abs() < 1e-5, "warp {w}: {s} vs {want}");
+    }
+}
+
+#[test]
+fn activemask_is_the_set_of_lanes_that_converged() {
+    check_activemask_on(&emu_dev());
+}
+
 fn check_atomics_on(dev: &GpuDevice) {
     let (grid, block) = (64u32, 256u32);
     let threads = (grid * block) as u64;
@@ -664,6 +693,7 @@ fn selftest_kernels_behave_the_same_on_a_real_gpu() {
     let dev = real_dev();
     check_block_reverse_on(&dev);
     check_warp_ops_on(&dev);
+    check_activemask_on(&dev);
     check_atomics_on(&dev);
     check_dynamic_shared_on(&dev);
     check_index3d_on(&dev);

@@ -189,7 +189,7 @@ struct Fiber {
 // calls, no switch) until one of them waits at a barrier; that thread keeps the
 // fiber and another fiber carries on. Kernels without barriers so cost one fiber
 // switch per block, and the order of execution is the same as one fiber per thread.
-enum State : uint8_t { NEW, RUNNABLE, AT_BLOCK, AT_WARP, DONE };
+enum State : uint8_t { NEW, RUNNABLE, AT_BLOCK, AT_WARP, AT_ACTIVE, DONE };
 
 struct Thread {
     uint3 tid;
@@ -225,6 +225,8 @@ struct Worker {
     // that runs ahead into its next exchange cannot overwrite a value not yet read).
     unsigned long long slots[32][32];
     unsigned long long published[32][32];
+    // __activemask(): the lanes of each warp that met at the last one.
+    unsigned active_bits[32];
     // __syncthreads_count/and/or.
     int red_true = 0, red_arrived = 0;
     unsigned red_gen = 0;
@@ -374,6 +376,19 @@ bool release_barriers(Worker* w) {
                 }
             any = true;
         }
+    }
+    if (any) return true;
+    // __activemask(): once nothing can run, the lanes of a warp waiting in it are the
+    // ones that converged there (the others exited or wait at another barrier).
+    for (unsigned warp = 0; warp < w->nwarps; ++warp) {
+        unsigned lo = warp * 32, cnt = w->nthreads - lo < 32 ? w->nthreads - lo : 32, bits = 0;
+        for (unsigned l = 0; l < cnt; ++l)
+            if (w->threads[lo + l].state == AT_ACTIVE) bits |= 1u << l;
+        if (!bits) continue;
+        w->active_bits[warp] = bits;
+        for (unsigned l = 0; l < cnt; ++l)
+            if (bits & (1u << l)) w->threads[lo + l].state = RUNNABLE;
+        any = true;
     }
     if (any) return true;
     unsigned at_block = 0, live = 0;
@@ -570,10 +585,8 @@ int warp_all(unsigned mask, int pred) {
 
 unsigned active_mask() {
     Worker* w = cur_worker();
-    unsigned lo = w->cur / 32 * 32, bits = 0;
-    for (unsigned l = 0; l < 32 && lo + l < w->nthreads; ++l)
-        if (w->threads[lo + l].state != DONE) bits |= 1u << l;
-    return bits;
+    wait_at(w, AT_ACTIVE, 0);
+    return w->active_bits[w->cur / 32];
 }
 
 unsigned lane_id() { return cur_worker()->cur % 32; }

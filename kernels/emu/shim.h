@@ -32,8 +32,9 @@
 // - Warps do not run in lockstep. Code that relies on implicit warp synchrony
 //   without __syncwarp (pre-Volta "warp-synchronous" reductions over volatile shared
 //   memory) is wrong on modern GPUs too, and gives wrong results here.
-// - __activemask() returns the lanes of the warp that have not exited yet (threads
-//   do not run in lockstep, so "the lanes that are here now" has no other meaning).
+// - __activemask() waits until no thread of the block can run, then returns the
+//   lanes of the warp that are waiting in __activemask() (the others exited or wait
+//   at another barrier): the lanes that converged there, as on a GPU.
 // - A lane that exits while others of its warp wait in a shuffle/vote/__syncwarp
 //   that names it in the mask is reported as an error (undefined on a GPU).
 //   Threads that exit before a __syncthreads count as arrived, as on sm_70+.
