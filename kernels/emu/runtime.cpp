@@ -169,6 +169,10 @@ const size_t DEFAULT_STACK_KB = 1024;  // sanitizers make frames larger
 const size_t DEFAULT_STACK_KB = 256;
 #endif
 
+// Below each fiber stack: large enough that a frame with a big local array lands in
+// it rather than in the next stack.
+const size_t STACK_GUARD = 64 * 1024;
+
 size_t stack_bytes() {
     static size_t b = (env_size("KESTREL_EMU_STACK_KB", DEFAULT_STACK_KB) * 1024 + PAGE - 1) / PAGE * PAGE;
     return b;
@@ -244,15 +248,15 @@ thread_local Worker* t_worker = nullptr;
 Fiber* fiber_new() {
     Fiber* f = new Fiber();
     f->stack_size = stack_bytes();
-    f->map_bytes = f->stack_size + PAGE;
+    f->map_bytes = f->stack_size + STACK_GUARD;
     void* m = mmap(nullptr, f->map_bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     if (m == MAP_FAILED) {
         delete f;
         return nullptr;
     }
     f->map = (char*)m;
-    mprotect(f->map, PAGE, PROT_NONE);  // a stack overflow faults instead of corrupting
-    f->stack_lo = f->map + PAGE;
+    mprotect(f->map, STACK_GUARD, PROT_NONE);  // a stack overflow faults instead of corrupting
+    f->stack_lo = f->map + STACK_GUARD;
     ctx_init(f->ctx, f->stack_lo, f->stack_size, f);
 #if defined(KEMU_TSAN)
     f->tsan = __tsan_create_fiber(0);
@@ -669,13 +673,13 @@ void on_fault(int sig, siginfo_t* si, void* uc) {
                        (unsigned long)a);
     const char* what = " (not in any device buffer)";
     char detail[256];
-    for (Fiber* f : w->all) {
-        if (a >= (uintptr_t)f->map && a < (uintptr_t)f->map + PAGE) {
-            snprintf(detail, sizeof detail,
-                     " is a thread's stack guard: stack overflow (raise KESTREL_EMU_STACK_KB, now %zu)",
-                     stack_bytes() / 1024);
-            what = detail;
-        }
+    Fiber* f = w->cur_fiber;
+    if (a < (uintptr_t)f->stack_lo && a + (16u << 20) >= (uintptr_t)f->stack_lo) {
+        snprintf(detail, sizeof detail,
+                 " is below the thread's stack: stack overflow (large local arrays? raise "
+                 "KESTREL_EMU_STACK_KB, now %zu)",
+                 stack_bytes() / 1024);
+        what = detail;
     }
     if (g_alloc_mu.try_lock()) {
         auto it = g_allocs.upper_bound(a);
