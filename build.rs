@@ -5,6 +5,14 @@
 //! `KESTREL_REQUIRE_NVCC=1` turns a missing nvcc into a build error (CI uses it);
 //! `KESTREL_NO_NVCC=1` skips nvcc even when present (to exercise the NVRTC path).
 //! A kernel that nvcc rejects fails the build with nvcc's message.
+//!
+//! It also builds the emulated CUDA device (see `emu` below and kernels/emu/shim.h):
+//! every kernels/*.cu compiled as host C++ with the shim, plus one trampoline per
+//! entry, into a static library linked into the crate (`cfg(kestrel_emu)`). Without a
+//! C++ compiler the emulator is left out with a warning; `KESTREL_EMU=0` leaves it
+//! out on purpose. `KESTREL_EMU_SANITIZE=address|thread` builds the emulated kernels
+//! with AddressSanitizer or ThreadSanitizer and links that runtime statically into
+//! the crate's binaries and tests.
 
 use std::env;
 use std::fmt::Write as _;
@@ -21,6 +29,8 @@ fn main() {
         "CUDA_HOME",
         "KESTREL_REQUIRE_NVCC",
         "KESTREL_NO_NVCC",
+        "KESTREL_EMU",
+        "KESTREL_EMU_SANITIZE",
         "PATH",
     ] {
         println!("cargo:rerun-if-env-changed={v}");
@@ -69,6 +79,8 @@ fn main() {
     }
     gen.push_str("];\n");
     fs::write(out.join("kernels_gen.rs"), gen).unwrap();
+
+    emu::build(kdir, &files, &out);
 }
 
 fn find_nvcc() -> Option<PathBuf> {
@@ -205,4 +217,364 @@ fn strip_comments(src: &str) -> String {
         }
     }
     out
+}
+
+/// The emulated device: kernels/*.cu as host C++ (see kernels/emu/shim.h).
+mod emu {
+    use std::env;
+    use std::fmt::Write as _;
+    use std::fs;
+    use std::path::{Path, PathBuf};
+
+    pub fn build(kdir: &Path, files: &[PathBuf], out: &Path) {
+        println!("cargo:rustc-check-cfg=cfg(kestrel_emu)");
+        // Launch records (which kernels emulated tests ran) live beside the profile
+        // directories, so `kestrel kernels` of any profile finds them.
+        let record = out
+            .ancestors()
+            .nth(4)
+            .unwrap_or(out)
+            .join("kestrel-emu-launches");
+        println!(
+            "cargo:rustc-env=KESTREL_EMU_RECORD_DIR={}",
+            record.display()
+        );
+        if env::var("KESTREL_EMU").is_ok_and(|v| v == "0") {
+            println!("cargo:warning=KESTREL_EMU=0: the emulated CUDA device is not built");
+            return;
+        }
+        let sanitize = env::var("KESTREL_EMU_SANITIZE").unwrap_or_default();
+        if !["", "address", "thread"].contains(&sanitize.as_str()) {
+            panic!("KESTREL_EMU_SANITIZE={sanitize}: expected `address` or `thread`");
+        }
+        let probe = cc::Build::new()
+            .cpp(true)
+            .cargo_warnings(false)
+            .try_get_compiler();
+        let cxx_ok = probe.is_ok_and(|c| {
+            std::process::Command::new(c.path())
+                .arg("--version")
+                .output()
+                .is_ok_and(|o| o.status.success())
+        });
+        if !cxx_ok {
+            println!("cargo:warning=no C++ compiler found: the emulated CUDA device is not built");
+            return;
+        }
+
+        let src = out.join("emu");
+        fs::create_dir_all(&src).unwrap();
+        // Headers: rewritten copies, so `extern __shared__` works in them too.
+        for e in fs::read_dir(kdir).expect("kernels/").flatten() {
+            let p = e.path();
+            if p.extension().is_some_and(|x| x == "cuh") {
+                let name = p.file_name().unwrap().to_string_lossy().into_owned();
+                let text = fs::read_to_string(&p).unwrap();
+                fs::write(src.join(&name), rewrite(&text, &format!("kernels/{name}"))).unwrap();
+            }
+        }
+        let mut units = Vec::new();
+        let mut table = String::from("#include \"shim.h\"\n");
+        let mut all = Vec::new();
+        for f in files {
+            let name = f.file_name().unwrap().to_string_lossy().into_owned();
+            let stem = f
+                .file_stem()
+                .unwrap()
+                .to_string_lossy()
+                .replace(|c: char| !c.is_alphanumeric(), "_");
+            let text = fs::read_to_string(f).unwrap();
+            let entries = super::parse_entries(&text);
+            let mut tu = String::from("#include \"shim.h\"\n");
+            writeln!(tu, "namespace kemu_file_{stem} {{").unwrap();
+            tu.push_str(&rewrite(&text, &format!("kernels/{name}")));
+            tu.push_str("\n}\n");
+            for e in &entries {
+                writeln!(
+                    tu,
+                    "static void kemu_tramp_{e}(void** a) {{ kemu::Sig<decltype(kemu_file_{stem}::{e})>::call(&kemu_file_{stem}::{e}, a); }}\n\
+                     extern \"C\" const kemu::EntryInfo kemu_info_{e} = {{\"{e}\", &kemu_tramp_{e}, \
+                     kemu::Sig<decltype(kemu_file_{stem}::{e})>::n, kemu::Sig<decltype(kemu_file_{stem}::{e})>::params}};"
+                )
+                .unwrap();
+                writeln!(table, "extern \"C\" const kemu::EntryInfo kemu_info_{e};").unwrap();
+                all.push(e.clone());
+            }
+            let path = src.join(format!("{stem}.cpp"));
+            fs::write(&path, tu).unwrap();
+            units.push(path);
+        }
+        table.push_str("extern \"C\" const kemu::EntryInfo* const kemu_entries[] = {");
+        for e in &all {
+            write!(table, "&kemu_info_{e}, ").unwrap();
+        }
+        writeln!(
+            table,
+            "nullptr}};\nextern \"C\" const unsigned long kemu_entry_count = {};",
+            all.len()
+        )
+        .unwrap();
+        let table_path = src.join("kemu_table.cpp");
+        fs::write(&table_path, table).unwrap();
+
+        let base = |b: &mut cc::Build| {
+            b.cpp(true)
+                .std("c++17")
+                .include(kdir.join("emu"))
+                .include(&src)
+                .opt_level(2)
+                .debug(true)
+                .warnings(false)
+                .extra_warnings(false)
+                .flag("-pthread")
+                .flag("-ftls-model=initial-exec")
+                .flag_if_supported("-fno-strict-aliasing")
+                .cargo_metadata(false);
+        };
+        // Kernel units compile in parallel: g++ is the slow part of this build.
+        let jobs: usize = env::var("NUM_JOBS")
+            .ok()
+            .and_then(|j| j.parse().ok())
+            .unwrap_or(2)
+            .max(1);
+        let chunks: Vec<Vec<PathBuf>> = (0..jobs)
+            .map(|j| units.iter().skip(j).step_by(jobs).cloned().collect())
+            .filter(|c: &Vec<PathBuf>| !c.is_empty())
+            .collect();
+        // The runtime (never instrumented: it only tells the sanitizers about its
+        // fiber switches) and the entry table compile alongside the kernels.
+        let runtime = [kdir.join("emu/runtime.cpp"), table_path.clone()];
+        let (base_ref, sanitize_ref, runtime_ref) = (&base, &sanitize, &runtime);
+        let objects: Vec<PathBuf> = std::thread::scope(|s| {
+            let mut handles: Vec<_> = chunks
+                .iter()
+                .map(|chunk| {
+                    s.spawn(move || {
+                        let (base, sanitize) = (base_ref, sanitize_ref);
+                        let mut b = cc::Build::new();
+                        base(&mut b);
+                        match sanitize.as_str() {
+                            "address" => {
+                                b.flag("-fsanitize=address")
+                                    .flag("-fno-omit-frame-pointer")
+                                    .opt_level(1);
+                            }
+                            "thread" => {
+                                b.flag("-fsanitize=thread").opt_level(1);
+                            }
+                            _ => {}
+                        }
+                        b.files(chunk);
+                        b.try_compile_intermediates().map_err(|e| {
+                            format!(
+                                "the emulated CUDA device failed to compile a kernel with the host shim \
+                                 (kernels/emu/shim.h); fix the kernel or the shim, or build with KESTREL_EMU=0:\n{e}"
+                            )
+                        })
+                    })
+                })
+                .collect();
+            handles.push(s.spawn(move || {
+                let mut b = cc::Build::new();
+                base_ref(&mut b);
+                match sanitize_ref.as_str() {
+                    "address" => {
+                        b.define("KEMU_ASAN", None);
+                    }
+                    "thread" => {
+                        b.define("KEMU_TSAN", None);
+                    }
+                    _ => {}
+                }
+                b.files(runtime_ref);
+                b.try_compile_intermediates().map_err(|e| {
+                    format!(
+                        "building the emulated CUDA device runtime (kernels/emu/runtime.cpp): {e}"
+                    )
+                })
+            }));
+            handles
+                .into_iter()
+                .flat_map(|h| match h.join().expect("compile thread") {
+                    Ok(o) => o,
+                    Err(e) => panic!("{e}"),
+                })
+                .collect()
+        });
+        let mut lib = cc::Build::new();
+        base(&mut lib);
+        lib.cargo_metadata(true).objects(objects);
+        if let Err(e) = lib.try_compile("kestrel_emu") {
+            panic!("archiving the emulated CUDA device: {e}");
+        }
+        if !sanitize.is_empty() {
+            link_sanitizer_runtime(&sanitize);
+        }
+        println!("cargo:rustc-cfg=kestrel_emu");
+    }
+
+    /// Link libasan/libtsan statically into the crate's binaries and tests, as
+    /// `g++ -static-libasan` would: the runtime must be complete (whole archive) and
+    /// initialised first (its preinit object).
+    fn link_sanitizer_runtime(kind: &str) {
+        let lib = if kind == "address" { "asan" } else { "tsan" };
+        let cxx = cc::Build::new().cpp(true).get_compiler();
+        let find = |f: &str| -> String {
+            let o = std::process::Command::new(cxx.path())
+                .arg(format!("-print-file-name={f}"))
+                .output()
+                .expect("asking the C++ compiler for its sanitizer runtime");
+            let p = String::from_utf8_lossy(&o.stdout).trim().to_string();
+            if !Path::new(&p).is_file() {
+                panic!("KESTREL_EMU_SANITIZE={kind}: {f} not found (install the compiler's lib{lib} package)");
+            }
+            p
+        };
+        let archive = find(&format!("lib{lib}.a"));
+        let preinit = find(&format!("lib{lib}_preinit.o"));
+        for arg in [
+            "-Wl,--whole-archive".to_string(),
+            archive,
+            "-Wl,--no-whole-archive".to_string(),
+            preinit,
+            "-lstdc++".to_string(),
+            "-ldl".to_string(),
+            "-lrt".to_string(),
+            "-lm".to_string(),
+            "-lpthread".to_string(),
+        ] {
+            println!("cargo:rustc-link-arg={arg}");
+        }
+    }
+
+    /// The text g++ compiles for a kernel file or header: line-for-line the same (a
+    /// `#line` keeps reports pointing at the original), with each
+    /// `extern __shared__ T name[];` turned into a macro for the block's dynamic
+    /// shared memory, undefined again where the enclosing block closes.
+    pub fn rewrite(text: &str, shown: &str) -> String {
+        let mut out = format!("#line 1 \"{shown}\"\n");
+        let depths = brace_depths(text);
+        // (macro name, depth of the block that declared it)
+        let mut live: Vec<(String, i64)> = Vec::new();
+        for (i, line) in text.lines().enumerate() {
+            let depth_after = depths[i];
+            if let Some((ty, name)) = dynamic_shared_decl(line) {
+                let depth_before = if i == 0 { 0 } else { depths[i - 1] };
+                writeln!(out, "#undef {name}").unwrap();
+                writeln!(
+                    out,
+                    "#define {name} (reinterpret_cast<{ty}*>(::kemu::dynamic_shared()))"
+                )
+                .unwrap();
+                writeln!(out, "#line {} \"{shown}\"", i + 2).unwrap();
+                live.push((name, depth_before));
+                continue;
+            }
+            out.push_str(line);
+            out.push('\n');
+            let closed: Vec<String> = live
+                .iter()
+                .filter(|(_, d)| *d > 0 && depth_after < *d)
+                .map(|(n, _)| n.clone())
+                .collect();
+            if !closed.is_empty() {
+                for n in &closed {
+                    writeln!(out, "#undef {n}").unwrap();
+                }
+                writeln!(out, "#line {} \"{shown}\"", i + 2).unwrap();
+                live.retain(|(n, _)| !closed.contains(n));
+            }
+        }
+        out
+    }
+
+    /// `extern __shared__ <type> <name>[];` -> (type without alignment attributes, name).
+    fn dynamic_shared_decl(line: &str) -> Option<(String, String)> {
+        let code = line.split("//").next().unwrap_or("").trim();
+        let rest = code
+            .strip_prefix("extern")?
+            .trim_start()
+            .strip_prefix("__shared__")?;
+        let rest = rest
+            .trim()
+            .strip_suffix(';')?
+            .trim_end()
+            .strip_suffix("[]")?
+            .trim_end();
+        let name: String = rest
+            .chars()
+            .rev()
+            .take_while(|c| c.is_alphanumeric() || *c == '_')
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect();
+        if name.is_empty() {
+            return None;
+        }
+        let mut ty = rest[..rest.len() - name.len()].to_string();
+        for attr in ["__align__", "alignas", "__attribute__"] {
+            while let Some(s) = ty.find(attr) {
+                let open = ty[s..].find('(').map(|o| o + s)?;
+                let mut depth = 0;
+                let mut end = open;
+                for (k, c) in ty[open..].char_indices() {
+                    match c {
+                        '(' => depth += 1,
+                        ')' => {
+                            depth -= 1;
+                            if depth == 0 {
+                                end = open + k + 1;
+                                break;
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+                ty.replace_range(s..end, "");
+            }
+        }
+        let ty = ty.split_whitespace().collect::<Vec<_>>().join(" ");
+        (!ty.is_empty()).then_some((ty, name))
+    }
+
+    /// Brace depth at the end of each line, ignoring comments, strings and chars.
+    fn brace_depths(text: &str) -> Vec<i64> {
+        let mut depths = Vec::new();
+        let mut depth = 0i64;
+        let mut in_block = false;
+        for line in text.lines() {
+            let b = line.as_bytes();
+            let mut k = 0;
+            while k < b.len() {
+                if in_block {
+                    if b[k] == b'*' && k + 1 < b.len() && b[k + 1] == b'/' {
+                        in_block = false;
+                        k += 1;
+                    }
+                } else if b[k] == b'/' && k + 1 < b.len() && b[k + 1] == b'/' {
+                    break;
+                } else if b[k] == b'/' && k + 1 < b.len() && b[k + 1] == b'*' {
+                    in_block = true;
+                    k += 1;
+                } else if b[k] == b'"' || b[k] == b'\'' {
+                    let q = b[k];
+                    k += 1;
+                    while k < b.len() && b[k] != q {
+                        if b[k] == b'\\' {
+                            k += 1;
+                        }
+                        k += 1;
+                    }
+                } else if b[k] == b'{' {
+                    depth += 1;
+                } else if b[k] == b'}' {
+                    depth -= 1;
+                }
+                k += 1;
+            }
+            depths.push(depth);
+        }
+        depths
+    }
 }

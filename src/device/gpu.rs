@@ -149,9 +149,11 @@ impl std::fmt::Debug for GpuDevice {
 /// Opens a backend for an ordinal; replaced to route `Device::Cuda` elsewhere.
 pub type BackendFactory = fn(usize) -> Result<Arc<dyn GpuBackend>>;
 
-fn registry() -> &'static Mutex<(Option<BackendFactory>, HashMap<usize, GpuDevice>)> {
-    static REG: OnceLock<Mutex<(Option<BackendFactory>, HashMap<usize, GpuDevice>)>> =
-        OnceLock::new();
+/// The factory in use (if replaced) and the devices opened or registered so far.
+type Registry = Mutex<(Option<BackendFactory>, HashMap<usize, GpuDevice>)>;
+
+fn registry() -> &'static Registry {
+    static REG: OnceLock<Registry> = OnceLock::new();
     REG.get_or_init(|| Mutex::new((None, HashMap::new())))
 }
 
@@ -161,6 +163,23 @@ pub fn set_backend_factory(factory: BackendFactory) {
     let mut reg = registry().lock().unwrap_or_else(|p| p.into_inner());
     reg.0 = Some(factory);
     reg.1.clear();
+}
+
+/// Make `Device::Cuda(ordinal)` mean `backend` for the rest of the process (replacing
+/// whatever that ordinal was), without touching any other ordinal: real devices and
+/// an emulated one (see [`super::emu`], which uses a reserved ordinal) live side by
+/// side. Returns the device handle.
+pub fn register_backend(ordinal: usize, backend: Arc<dyn GpuBackend>) -> GpuDevice {
+    let mut reg = registry().lock().unwrap_or_else(|p| p.into_inner());
+    let dev = GpuDevice { ordinal, backend };
+    reg.1.insert(ordinal, dev.clone());
+    dev
+}
+
+/// The device registered or opened under `ordinal`, if any (opens nothing).
+pub fn registered(ordinal: usize) -> Option<GpuDevice> {
+    let reg = registry().lock().unwrap_or_else(|p| p.into_inner());
+    reg.1.get(&ordinal).cloned()
 }
 
 /// The device for ordinal `n`, opened on first use and cached for the process.

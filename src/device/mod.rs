@@ -7,6 +7,7 @@
 
 pub mod cpu;
 pub mod cuda;
+pub mod emu;
 pub mod gpu;
 pub mod kernels;
 
@@ -25,10 +26,12 @@ pub enum Device {
 }
 
 impl Device {
-    /// Parse `cpu`, `cuda`, `cuda:N` or `auto` (best device present).
+    /// Parse `cpu`, `cuda`, `cuda:N`, `emu` (the emulated CUDA device, see
+    /// [`emu::device`]) or `auto` (best device present).
     pub fn parse(s: &str) -> Result<Device> {
         match s {
             "cpu" => Ok(Device::Cpu),
+            "emu" => emu::device(),
             "cuda" => Ok(Device::Cuda(0)),
             "auto" => Ok(Device::best()),
             _ => s
@@ -38,7 +41,7 @@ impl Device {
                 .ok_or_else(|| {
                     Error::invalid(
                         "device",
-                        format!("`{s}`: expected cpu, cuda, cuda:N or auto"),
+                        format!("`{s}`: expected cpu, cuda, cuda:N, emu or auto"),
                     )
                 }),
         }
@@ -63,6 +66,7 @@ impl fmt::Display for Device {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Device::Cpu => f.write_str("cpu"),
+            Device::Cuda(emu::EMU_ORDINAL) => f.write_str("emu"),
             Device::Cuda(n) => write!(f, "cuda:{n}"),
         }
     }
