@@ -1,1 +1,2 @@
 //! Detection building blocks: anchors, box coding, matching, sampling.
+pub mod poolers;
