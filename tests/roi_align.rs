@@ -55,31 +55,53 @@ fn check_roi_align_fixtures_on(dev: Device) {
     for case in common::cases(&f) {
         let p = params_of(&params[&case]);
         let t = |n: &str| f.tensor(&format!("{case}.{n}")).unwrap();
-        let (input, rois) = (t("input").to_device(dev).unwrap(), t("rois").to_device(dev).unwrap());
+        let (input, rois) = (
+            t("input").to_device(dev).unwrap(),
+            t("rois").to_device(dev).unwrap(),
+        );
         let gy = t("gy").to_device(dev).unwrap();
         let (y, gin) = roi_align_with_grad(&input, &rois, &gy, p);
         assert_eq!(y.device(), dev);
         assert_close(&format!("{case} y ({p:?})"), &y, &t("y"), FWD_TOL);
-        assert_close(&format!("{case} ginput ({p:?})"), &gin, &t("ginput"), GRAD_TOL);
+        assert_close(
+            &format!("{case} ginput ({p:?})"),
+            &gin,
+            &t("ginput"),
+            GRAD_TOL,
+        );
     }
 }
 
 /// The fixture's pooler settings and per-image tensors.
-fn multiscale_fixture(dev: Device) -> (MultiScaleRoIAlign, Vec<Tensor>, Vec<Tensor>, Vec<(usize, usize)>, Tensor) {
+fn multiscale_fixture(
+    dev: Device,
+) -> (
+    MultiScaleRoIAlign,
+    Vec<Tensor>,
+    Vec<Tensor>,
+    Vec<(usize, usize)>,
+    Tensor,
+) {
     let f = fixture("ops/multiscale_roi_align.safetensors");
     let params = f.params().unwrap();
     let mut pools = Vec::new();
     for case in common::cases(&f) {
         let c = &params[&case];
         let os = c["output_size"].as_u64().unwrap() as usize;
-        let mut m = MultiScaleRoIAlign::new((os, os), c["sampling_ratio"].as_u64().unwrap() as usize);
+        let mut m =
+            MultiScaleRoIAlign::new((os, os), c["sampling_ratio"].as_u64().unwrap() as usize);
         m.canonical_level = c["canonical_level"].as_f64().unwrap();
         m.canonical_scale = c["canonical_scale"].as_f64().unwrap();
         let sizes: Vec<(usize, usize)> = c["image_sizes"]
             .as_array()
             .unwrap()
             .iter()
-            .map(|s| (s[0].as_u64().unwrap() as usize, s[1].as_u64().unwrap() as usize))
+            .map(|s| {
+                (
+                    s[0].as_u64().unwrap() as usize,
+                    s[1].as_u64().unwrap() as usize,
+                )
+            })
             .collect();
         pools.push((m, sizes));
     }
@@ -91,7 +113,12 @@ fn multiscale_fixture(dev: Device) -> (MultiScaleRoIAlign, Vec<Tensor>, Vec<Tens
         .map(|n| f.tensor(&n).unwrap().to_device(dev).unwrap())
         .collect();
     let props: Vec<Tensor> = (0..sizes.len())
-        .map(|i| f.tensor(&format!("proposals{i}")).unwrap().to_device(dev).unwrap())
+        .map(|i| {
+            f.tensor(&format!("proposals{i}"))
+                .unwrap()
+                .to_device(dev)
+                .unwrap()
+        })
         .collect();
     (m, feats, props, sizes, f.tensor("y").unwrap())
 }
@@ -125,10 +152,16 @@ fn check_multiscale_backward_on(dev: Device) {
         .enumerate()
         .flat_map(|(i, p)| {
             let v = p.to_vec::<f64>().unwrap();
-            v.chunks(4).map(|b| (i, [b[0], b[1], b[2], b[3]])).collect::<Vec<_>>()
+            v.chunks(4)
+                .map(|b| (i, [b[0], b[1], b[2], b[3]]))
+                .collect::<Vec<_>>()
         })
         .collect();
-    let setup = MultiScaleRoIAlign::setup(&feats.iter().map(|f| f.dims()[2]).collect::<Vec<_>>(), &sizes).unwrap();
+    let setup = MultiScaleRoIAlign::setup(
+        &feats.iter().map(|f| f.dims()[2]).collect::<Vec<_>>(),
+        &sizes,
+    )
+    .unwrap();
     let mut levels_seen = [0usize; 4];
     for (l, feat) in feats.iter().enumerate() {
         let mut rois = Vec::new();
@@ -144,9 +177,17 @@ fn check_multiscale_backward_on(dev: Device) {
         let p = RoiAlignParams::new((7, 7), setup.scales[l], m.sampling_ratio);
         let want = naive_backward(feat.dims(), &rois, &gy_l, p);
         let want = Tensor::from_vec(want, feat.dims().to_vec()).unwrap();
-        assert_close(&format!("multiscale grad level {l}"), grads.expect(feat).unwrap(), &want, GRAD_TOL);
+        assert_close(
+            &format!("multiscale grad level {l}"),
+            grads.expect(feat).unwrap(),
+            &want,
+            GRAD_TOL,
+        );
     }
-    assert!(levels_seen.iter().filter(|&&n| n > 0).count() >= 2, "fixture RoIs hit levels {levels_seen:?}");
+    assert!(
+        levels_seen.iter().filter(|&&n| n > 0).count() >= 2,
+        "fixture RoIs hit levels {levels_seen:?}"
+    );
 }
 
 #[test]
@@ -220,7 +261,15 @@ fn naive_taps(h: usize, w: usize, mut y: f64, mut x: f64) -> Option<([f64; 4], [
 }
 
 /// Visit every sample of bin (ph_i, pw_i) of `roi` with its taps and the bin's count.
-fn naive_samples(roi: &[f64; 5], h: usize, w: usize, p: RoiAlignParams, ph_i: usize, pw_i: usize, mut f: impl FnMut(Option<([f64; 4], [usize; 4])>, f64)) {
+fn naive_samples(
+    roi: &[f64; 5],
+    h: usize,
+    w: usize,
+    p: RoiAlignParams,
+    ph_i: usize,
+    pw_i: usize,
+    mut f: impl FnMut(Option<([f64; 4], [usize; 4])>, f64),
+) {
     let off = if p.aligned { 0.5 } else { 0.0 };
     let s = p.spatial_scale;
     let (sw, sh) = (roi[1] * s - off, roi[2] * s - off);
@@ -231,7 +280,13 @@ fn naive_samples(roi: &[f64; 5], h: usize, w: usize, p: RoiAlignParams, ph_i: us
     }
     let (ph, pw) = p.output_size;
     let (bh, bw) = (rh / ph as f64, rw / pw as f64);
-    let grid = |r: f64, n: usize| if p.sampling_ratio > 0 { p.sampling_ratio } else { (r / n as f64).ceil().max(0.0) as usize };
+    let grid = |r: f64, n: usize| {
+        if p.sampling_ratio > 0 {
+            p.sampling_ratio
+        } else {
+            (r / n as f64).ceil().max(0.0) as usize
+        }
+    };
     let (gh, gw) = (grid(rh, ph), grid(rw, pw));
     let count = (gh * gw).max(1) as f64;
     for iy in 0..gh {
@@ -312,7 +367,11 @@ fn random_rois(rng: &mut Rng, k: usize, n: usize, h: usize, w: usize, scale: f64
 }
 
 fn rois_tensor(rois: &[[f64; 5]]) -> Tensor {
-    Tensor::from_vec(rois.iter().flatten().copied().collect::<Vec<f64>>(), [rois.len(), 5]).unwrap()
+    Tensor::from_vec(
+        rois.iter().flatten().copied().collect::<Vec<f64>>(),
+        [rois.len(), 5],
+    )
+    .unwrap()
 }
 
 fn f32_on(t: &Tensor, dev: Device) -> Tensor {
@@ -332,19 +391,33 @@ fn check_random_on(dev: Device) {
     .into_iter()
     .enumerate()
     {
-        let p = RoiAlignParams { output_size: out, spatial_scale: scale, sampling_ratio: ratio, aligned };
+        let p = RoiAlignParams {
+            output_size: out,
+            spatial_scale: scale,
+            sampling_ratio: ratio,
+            aligned,
+        };
         let input = common::rand_t(100 + i as u64, &dims);
         let rois = random_rois(&mut rng, 16, dims[0], dims[2], dims[3], scale);
         let rois_t = rois_tensor(&rois);
         // f32 inputs, f64 reference on the same (rounded) values.
         let (x32, r32) = (f32_on(&input, dev), f32_on(&rois_t, dev));
         let xv = x32.to_vec::<f64>().unwrap();
-        let rv: Vec<[f64; 5]> = r32.to_vec::<f64>().unwrap().chunks(5).map(|r| [r[0], r[1], r[2], r[3], r[4]]).collect();
+        let rv: Vec<[f64; 5]> = r32
+            .to_vec::<f64>()
+            .unwrap()
+            .chunks(5)
+            .map(|r| [r[0], r[1], r[2], r[3], r[4]])
+            .collect();
         let k = rois.len();
         let gy_v = common::randn(200 + i as u64, k * dims[1] * out.0 * out.1);
-        let gy = f32_on(&Tensor::from_vec(gy_v.clone(), [k, dims[1], out.0, out.1]).unwrap(), dev);
+        let gy = f32_on(
+            &Tensor::from_vec(gy_v.clone(), [k, dims[1], out.0, out.1]).unwrap(),
+            dev,
+        );
         let (y, gin) = roi_align_with_grad(&x32, &r32, &gy, p);
-        let want_y = Tensor::from_vec(naive_forward(&xv, &dims, &rv, p), y.dims().to_vec()).unwrap();
+        let want_y =
+            Tensor::from_vec(naive_forward(&xv, &dims, &rv, p), y.dims().to_vec()).unwrap();
         let want_g = Tensor::from_vec(naive_backward(&dims, &rv, &gy_v, p), dims.to_vec()).unwrap();
         assert_close(&format!("random y {p:?}"), &y, &want_y, FWD_TOL);
         assert_close(&format!("random ginput {p:?}"), &gin, &want_g, GRAD_TOL);
@@ -352,7 +425,12 @@ fn check_random_on(dev: Device) {
         if dev == Device::Cpu {
             let y64 = roi_align(&input, &rois_t, p).unwrap();
             let want = naive_forward(&input.to_vec::<f64>().unwrap(), &dims, &rois, p);
-            assert_close(&format!("random f64 y {p:?}"), &y64, &Tensor::from_vec(want, y64.dims().to_vec()).unwrap(), 1e-12);
+            assert_close(
+                &format!("random f64 y {p:?}"),
+                &y64,
+                &Tensor::from_vec(want, y64.dims().to_vec()).unwrap(),
+                1e-12,
+            );
         }
     }
 }
@@ -384,10 +462,19 @@ fn roi_align_gradcheck() {
             aligned: seed % 2 == 1,
         };
         // Coordinates with irrational-ish offsets: no sample lands on a grid point.
-        let rois: Vec<[f64; 5]> = random_rois(&mut rng, 6, dims[0], dims[2], dims[3], p.spatial_scale)
-            .into_iter()
-            .map(|r| [r[0], r[1] + 0.0137, r[2] + 0.0291, r[3] + 0.0173, r[4] + 0.0119])
-            .collect();
+        let rois: Vec<[f64; 5]> =
+            random_rois(&mut rng, 6, dims[0], dims[2], dims[3], p.spatial_scale)
+                .into_iter()
+                .map(|r| {
+                    [
+                        r[0],
+                        r[1] + 0.0137,
+                        r[2] + 0.0291,
+                        r[3] + 0.0173,
+                        r[4] + 0.0119,
+                    ]
+                })
+                .collect();
         let input = common::rand_t(seed + 50, &dims);
         let rep = gradcheck(
             |xs| roi_align(&xs[0], &xs[1], p),
@@ -403,7 +490,14 @@ fn roi_align_gradcheck() {
 }
 
 /// A small pyramid (P2..P5 of a 64x64 batch) with boxes of every level, f64.
-fn small_pyramid(seed: u64) -> (MultiScaleRoIAlign, Vec<Tensor>, Vec<Tensor>, Vec<(usize, usize)>) {
+fn small_pyramid(
+    seed: u64,
+) -> (
+    MultiScaleRoIAlign,
+    Vec<Tensor>,
+    Vec<Tensor>,
+    Vec<(usize, usize)>,
+) {
     let mut rng = Rng::new(seed);
     let feats: Vec<Tensor> = [16usize, 8, 4, 2]
         .iter()
@@ -423,7 +517,12 @@ fn small_pyramid(seed: u64) -> (MultiScaleRoIAlign, Vec<Tensor>, Vec<Tensor>, Ve
             Tensor::from_vec(v, [5, 4]).unwrap()
         })
         .collect();
-    (MultiScaleRoIAlign::new((3, 2), seed as usize % 3), feats, props, vec![(64, 60), (60, 64)])
+    (
+        MultiScaleRoIAlign::new((3, 2), seed as usize % 3),
+        feats,
+        props,
+        vec![(64, 60), (60, 64)],
+    )
 }
 
 #[test]
@@ -460,8 +559,16 @@ fn level_mapper_follows_torchvision() {
     assert_eq!(lvl(448.0), Some(3));
     assert_eq!(lvl(5000.0), Some(3));
     assert_eq!(lvl(1.0), Some(0));
-    assert_eq!(lvl(0.0), Some(0), "zero area maps to -inf, clamped to k_min");
-    assert_eq!(m.level_of([10.0f32, 10.0, 5.0, 20.0], 2, 5), None, "negative area");
+    assert_eq!(
+        lvl(0.0),
+        Some(0),
+        "zero area maps to -inf, clamped to k_min"
+    );
+    assert_eq!(
+        m.level_of([10.0f32, 10.0, 5.0, 20.0], 2, 5),
+        None,
+        "negative area"
+    );
     assert_eq!(m.level_of([f32::NAN, 10.0, 5.0, 20.0], 2, 5), None);
 }
 
@@ -474,7 +581,10 @@ fn scales_follow_torchvision_infer_scale() {
     let s = MultiScaleRoIAlign::setup(&[200, 100, 50, 25], &[(800, 1216), (768, 1216)]).unwrap();
     assert_eq!((s.k_min, s.k_max), (2, 5));
     assert_eq!(s.scales, vec![0.25, 0.125, 0.0625, 0.03125]);
-    assert!(MultiScaleRoIAlign::setup(&[200, 50], &[(800, 1216)]).is_err(), "P2, P4: not consecutive");
+    assert!(
+        MultiScaleRoIAlign::setup(&[200, 50], &[(800, 1216)]).is_err(),
+        "P2, P4: not consecutive"
+    );
     assert!(MultiScaleRoIAlign::setup(&[200], &[]).is_err());
 }
 
@@ -487,7 +597,12 @@ fn check_edge_cases_on(dev: Device) {
     let input = f32_on(&common::rand_t(3, &dims), dev);
     let xv = input.to_vec::<f64>().unwrap();
     let p = RoiAlignParams::new((2, 2), 1.0, 0);
-    let rois = |v: Vec<f32>| Tensor::from_vec(v.clone(), [v.len() / 5, 5]).unwrap().to_device(dev).unwrap();
+    let rois = |v: Vec<f32>| {
+        Tensor::from_vec(v.clone(), [v.len() / 5, 5])
+            .unwrap()
+            .to_device(dev)
+            .unwrap()
+    };
 
     // No RoIs: an empty output; its backward is a zero gradient.
     let y = roi_align(&input, &rois(vec![]), p).unwrap();
@@ -500,18 +615,38 @@ fn check_edge_cases_on(dev: Device) {
     // Degenerate RoIs (zero width and height): not aligned, widened to one pixel.
     let r = vec![0.0, 2.3, 1.7, 2.3, 1.7];
     let y = roi_align(&input, &rois(r.clone()), p).unwrap();
-    let roi = [0.0, 2.3f32 as f64, 1.7f32 as f64, 2.3f32 as f64, 1.7f32 as f64];
+    let roi = [
+        0.0,
+        2.3f32 as f64,
+        1.7f32 as f64,
+        2.3f32 as f64,
+        1.7f32 as f64,
+    ];
     let want = naive_forward(&xv, &dims, &[roi], p);
-    assert_close("zero-size RoI", &y, &Tensor::from_vec(want, [1, 2, 2, 2]).unwrap(), FWD_TOL);
+    assert_close(
+        "zero-size RoI",
+        &y,
+        &Tensor::from_vec(want, [1, 2, 2, 2]).unwrap(),
+        FWD_TOL,
+    );
     // Aligned: the adaptive grid is empty, so the output is 0.
     let pa = RoiAlignParams { aligned: true, ..p };
     let y = roi_align(&input, &rois(r.clone()), pa).unwrap();
     assert!(y.to_vec::<f64>().unwrap().iter().all(|&v| v == 0.0));
     // Aligned, fixed grid: every sample at one point.
-    let pf = RoiAlignParams { aligned: true, sampling_ratio: 2, ..p };
+    let pf = RoiAlignParams {
+        aligned: true,
+        sampling_ratio: 2,
+        ..p
+    };
     let y = roi_align(&input, &rois(r), pf).unwrap();
     let want = naive_forward(&xv, &dims, &[roi], pf);
-    assert_close("zero-size aligned RoI", &y, &Tensor::from_vec(want, [1, 2, 2, 2]).unwrap(), FWD_TOL);
+    assert_close(
+        "zero-size aligned RoI",
+        &y,
+        &Tensor::from_vec(want, [1, 2, 2, 2]).unwrap(),
+        FWD_TOL,
+    );
 
     // RoIs entirely outside the map: zeros.
     let y = roi_align(&input, &rois(vec![0.0, 100.0, 100.0, 120.0, 130.0]), p).unwrap();
@@ -519,16 +654,26 @@ fn check_edge_cases_on(dev: Device) {
 
     // Non-finite coordinates: zeros and no gradient (documented rule), finite rows intact.
     for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
-        let r = rois(vec![0.0, 1.0, 1.0, 4.0, 3.0, 0.0, bad, 1.0, 4.0, 3.0, 0.0, 0.5, 0.5, 1.5, bad]);
+        let r = rois(vec![
+            0.0, 1.0, 1.0, 4.0, 3.0, 0.0, bad, 1.0, 4.0, 3.0, 0.0, 0.5, 0.5, 1.5, bad,
+        ]);
         let gy = Tensor::full([3, 2, 2, 2], 1.0, DType::F32, dev).unwrap();
         let (y, gin) = roi_align_with_grad(&input, &r, &gy, p);
         let yv = y.to_vec::<f64>().unwrap();
-        assert!(yv[8..].iter().all(|&v| v == 0.0), "non-finite RoI ({bad}) must pool zeros: {yv:?}");
+        assert!(
+            yv[8..].iter().all(|&v| v == 0.0),
+            "non-finite RoI ({bad}) must pool zeros: {yv:?}"
+        );
         let want = naive_forward(&xv, &dims, &[[0.0, 1.0, 1.0, 4.0, 3.0]], p);
         let want = Tensor::from_vec([want, vec![0.0; 16]].concat(), [3, 2, 2, 2]).unwrap();
         assert_close(&format!("finite row beside {bad}"), &y, &want, FWD_TOL);
         let want_g = naive_backward(&dims, &[[0.0, 1.0, 1.0, 4.0, 3.0]], &[1.0; 8], p);
-        assert_close(&format!("gradient beside {bad}"), &gin, &Tensor::from_vec(want_g, dims.to_vec()).unwrap(), GRAD_TOL);
+        assert_close(
+            &format!("gradient beside {bad}"),
+            &gin,
+            &Tensor::from_vec(want_g, dims.to_vec()).unwrap(),
+            GRAD_TOL,
+        );
     }
 
     // Batch index out of range: an error on the CPU; zeros (no out-of-bounds read) on
@@ -544,14 +689,22 @@ fn check_edge_cases_on(dev: Device) {
             }
             Device::Cuda(_) => {
                 let y = roi_align(&input, &r, p).unwrap();
-                assert!(y.to_vec::<f64>().unwrap().iter().all(|&v| v == 0.0), "batch {b}");
+                assert!(
+                    y.to_vec::<f64>().unwrap().iter().all(|&v| v == 0.0),
+                    "batch {b}"
+                );
             }
         }
     }
     // A batch index of -0.5 truncates to 0, as in torchvision.
     let y = roi_align(&input, &rois(vec![-0.5, 1.0, 1.0, 4.0, 3.0]), p).unwrap();
     let want = naive_forward(&xv, &dims, &[[0.0, 1.0, 1.0, 4.0, 3.0]], p);
-    assert_close("batch -0.5", &y, &Tensor::from_vec(want, [1, 2, 2, 2]).unwrap(), FWD_TOL);
+    assert_close(
+        "batch -0.5",
+        &y,
+        &Tensor::from_vec(want, [1, 2, 2, 2]).unwrap(),
+        FWD_TOL,
+    );
 }
 
 fn check_errors_on(dev: Device) {
@@ -559,27 +712,60 @@ fn check_errors_on(dev: Device) {
     let rois = Tensor::zeros([3, 5], DType::F32, dev).unwrap();
     let p = RoiAlignParams::new((2, 2), 1.0, 0);
     let err = |r: kestrel::Result<Tensor>| r.unwrap_err().to_string();
-    let e = err(roi_align(&Tensor::zeros([2, 5, 6], DType::F32, dev).unwrap(), &rois, p));
+    let e = err(roi_align(
+        &Tensor::zeros([2, 5, 6], DType::F32, dev).unwrap(),
+        &rois,
+        p,
+    ));
     assert!(e.contains("roi_align") && e.contains("[2, 5, 6]"), "{e}");
-    let e = err(roi_align(&input, &Tensor::zeros([3, 4], DType::F32, dev).unwrap(), p));
+    let e = err(roi_align(
+        &input,
+        &Tensor::zeros([3, 4], DType::F32, dev).unwrap(),
+        p,
+    ));
     assert!(e.contains("[3, 4]"), "{e}");
     assert!(roi_align(&input, &Tensor::zeros([5], DType::F32, dev).unwrap(), p).is_err());
     for bad in [
-        RoiAlignParams { output_size: (0, 2), ..p },
-        RoiAlignParams { spatial_scale: 0.0, ..p },
-        RoiAlignParams { spatial_scale: f64::NAN, ..p },
-        RoiAlignParams { sampling_ratio: 1 << 20, ..p },
+        RoiAlignParams {
+            output_size: (0, 2),
+            ..p
+        },
+        RoiAlignParams {
+            spatial_scale: 0.0,
+            ..p
+        },
+        RoiAlignParams {
+            spatial_scale: f64::NAN,
+            ..p
+        },
+        RoiAlignParams {
+            sampling_ratio: 1 << 20,
+            ..p
+        },
     ] {
         assert!(roi_align(&input, &rois, bad).is_err(), "{bad:?}");
     }
-    assert!(roi_align(&Tensor::zeros([1, 2, 0, 6], DType::F32, dev).unwrap(), &rois, p).is_err());
+    assert!(roi_align(
+        &Tensor::zeros([1, 2, 0, 6], DType::F32, dev).unwrap(),
+        &rois,
+        p
+    )
+    .is_err());
     let gy = Tensor::zeros([3, 2, 2, 3], DType::F32, dev).unwrap();
     assert!(roi_align_backward(&gy, &rois, [1, 2, 5, 6], p).is_err());
     if dev == Device::Cpu {
-        let e = err(roi_align(&input, &Tensor::zeros([3, 5], DType::F64, dev).unwrap(), p));
+        let e = err(roi_align(
+            &input,
+            &Tensor::zeros([3, 5], DType::F64, dev).unwrap(),
+            p,
+        ));
         assert!(e.contains("dtype"), "{e}");
     } else {
-        let e = err(roi_align(&input, &Tensor::zeros([3, 5], DType::F32, Device::Cpu).unwrap(), p));
+        let e = err(roi_align(
+            &input,
+            &Tensor::zeros([3, 5], DType::F32, Device::Cpu).unwrap(),
+            p,
+        ));
         assert!(e.contains("different devices"), "{e}");
     }
 }
@@ -590,24 +776,59 @@ fn check_multiscale_edges_on(dev: Device) {
     let props: Vec<Tensor> = props.iter().map(|p| f32_on(p, dev)).collect();
     // An image without proposals, and an inverted box (NaN level: zeros, as torchvision).
     let empty = Tensor::zeros([0, 4], DType::F32, dev).unwrap();
-    let inv = Tensor::from_vec(vec![30.0f32, 30.0, 10.0, 50.0, 0.0, 0.0, 40.0, 40.0], [2, 4]).unwrap().to_device(dev).unwrap();
-    let y = m.forward(&feats, &[empty.clone(), inv.clone()], &sizes).unwrap();
+    let inv = Tensor::from_vec(
+        vec![30.0f32, 30.0, 10.0, 50.0, 0.0, 0.0, 40.0, 40.0],
+        [2, 4],
+    )
+    .unwrap()
+    .to_device(dev)
+    .unwrap();
+    let y = m
+        .forward(&feats, &[empty.clone(), inv.clone()], &sizes)
+        .unwrap();
     assert_eq!(y.dims(), [2, 2, 3, 2]);
     let yv = y.to_vec::<f64>().unwrap();
-    assert!(yv[..12].iter().all(|&v| v == 0.0), "inverted box pools zeros");
+    assert!(
+        yv[..12].iter().all(|&v| v == 0.0),
+        "inverted box pools zeros"
+    );
     assert!(yv[12..].iter().any(|&v| v != 0.0));
     // Its row order: the second image's rows follow the first's.
     let y_all = m.forward(&feats, &props, &sizes).unwrap();
-    let y_one = m.forward(&feats, &[props[0].clone(), empty.clone()], &sizes).unwrap();
+    let y_one = m
+        .forward(&feats, &[props[0].clone(), empty.clone()], &sizes)
+        .unwrap();
     let n0 = props[0].dims()[0] * 12;
-    assert_eq!(y_all.to_vec::<f32>().unwrap()[..n0], y_one.to_vec::<f32>().unwrap()[..]);
+    assert_eq!(
+        y_all.to_vec::<f32>().unwrap()[..n0],
+        y_one.to_vec::<f32>().unwrap()[..]
+    );
     // No proposals at all.
-    let y = m.forward(&feats, &[empty.clone(), empty.clone()], &sizes).unwrap();
+    let y = m
+        .forward(&feats, &[empty.clone(), empty.clone()], &sizes)
+        .unwrap();
     assert_eq!(y.dims(), [0, 2, 3, 2]);
     // Errors: proposals for a third image, wrong box width, non-consecutive levels.
-    assert!(m.forward(&feats, &[empty.clone(), empty.clone(), empty.clone()], &sizes).is_err());
-    assert!(m.forward(&feats, &[empty.clone(), Tensor::zeros([2, 5], DType::F32, dev).unwrap()], &sizes).is_err());
-    assert!(m.forward(&[feats[0].clone(), feats[2].clone()], &props, &sizes).is_err());
+    assert!(m
+        .forward(
+            &feats,
+            &[empty.clone(), empty.clone(), empty.clone()],
+            &sizes
+        )
+        .is_err());
+    assert!(m
+        .forward(
+            &feats,
+            &[
+                empty.clone(),
+                Tensor::zeros([2, 5], DType::F32, dev).unwrap()
+            ],
+            &sizes
+        )
+        .is_err());
+    assert!(m
+        .forward(&[feats[0].clone(), feats[2].clone()], &props, &sizes)
+        .is_err());
     assert!(m.forward(&feats, &props, &sizes[..1]).is_err());
     assert!(m.forward(&[], &props, &sizes).is_err());
 }
@@ -650,7 +871,11 @@ fn multiscale_roi_align_edge_cases_cuda() {
 fn multiscale_f32_and_f64_agree() {
     let (m, feats, props, sizes) = small_pyramid(3);
     let y64 = m.forward(&feats, &props, &sizes).unwrap();
-    let f32s = |v: &[Tensor]| v.iter().map(|t| t.to_dtype(DType::F32).unwrap()).collect::<Vec<_>>();
+    let f32s = |v: &[Tensor]| {
+        v.iter()
+            .map(|t| t.to_dtype(DType::F32).unwrap())
+            .collect::<Vec<_>>()
+    };
     let y32 = m.forward(&f32s(&feats), &f32s(&props), &sizes).unwrap();
     assert_close("f32 vs f64", &y32, &y64, FWD_TOL);
 }

@@ -88,10 +88,16 @@ impl MultiScaleRoIAlign {
         if max_h == 0 || feature_heights.is_empty() {
             return Err(Error::invalid(
                 OP,
-                format!("{} feature maps for image sizes {image_sizes:?}", feature_heights.len()),
+                format!(
+                    "{} feature maps for image sizes {image_sizes:?}",
+                    feature_heights.len()
+                ),
             ));
         }
-        let scales: Vec<f64> = feature_heights.iter().map(|&h| infer_scale(h, max_h)).collect();
+        let scales: Vec<f64> = feature_heights
+            .iter()
+            .map(|&h| infer_scale(h, max_h))
+            .collect();
         // -log2 in f32 then int(): exact for the powers of two above.
         let level = |s: f64| (-(s as f32).log2()) as i64;
         let (k_min, k_max) = (level(scales[0]), level(scales[scales.len() - 1]));
@@ -120,7 +126,8 @@ impl MultiScaleRoIAlign {
     pub fn level_of<T: Element>(&self, b: [T; 4], k_min: i64, k_max: i64) -> Option<usize> {
         let area = (b[2] - b[0]) * (b[3] - b[1]);
         let s = area.sqrt();
-        let lvl = (T::of(self.canonical_level) + (s / T::of(self.canonical_scale)).log2()
+        let lvl = (T::of(self.canonical_level)
+            + (s / T::of(self.canonical_scale)).log2()
             + T::of(LEVEL_EPS))
         .floor();
         if lvl.is_nan() {
@@ -157,7 +164,9 @@ impl MultiScaleRoIAlign {
     ) -> Result<Tensor> {
         let geo = self.check(features, proposals, image_sizes)?;
         let y = match geo.device {
-            Device::Cpu => with_dtype!(geo.dtype, T => self.forward_cpu::<T>(features, proposals, &geo))?,
+            Device::Cpu => {
+                with_dtype!(geo.dtype, T => self.forward_cpu::<T>(features, proposals, &geo))?
+            }
             Device::Cuda(_) => self.forward_cuda(features, proposals, &geo)?,
         };
         self.record(features, proposals, image_sizes, &y);
@@ -225,9 +234,10 @@ impl MultiScaleRoIAlign {
         image_sizes: &[(usize, usize)],
     ) -> Result<Geometry> {
         self.params(1.0).validate(OP)?;
-        if !(self.canonical_scale.is_finite() && self.canonical_scale > 0.0)
-            || !self.canonical_level.is_finite()
-        {
+        let canonical_ok = self.canonical_scale.is_finite()
+            && self.canonical_scale > 0.0
+            && self.canonical_level.is_finite();
+        if !canonical_ok {
             return Err(Error::invalid(
                 OP,
                 format!(
@@ -251,7 +261,10 @@ impl MultiScaleRoIAlign {
             return Err(Error::DType {
                 op: OP,
                 dtype: dtype.to_string(),
-                msg: format!("features and proposals must share one float dtype ({})", shapes()),
+                msg: format!(
+                    "features and proposals must share one float dtype ({})",
+                    shapes()
+                ),
             });
         }
         let d0 = f0.dims();
@@ -306,7 +319,11 @@ impl MultiScaleRoIAlign {
     }
 
     /// Per level, the plans of its RoIs in output-row order.
-    fn plans<T: Element>(&self, proposals: &[Tensor], geo: &Geometry) -> Result<Vec<Vec<RoiPlan<T>>>> {
+    fn plans<T: Element>(
+        &self,
+        proposals: &[Tensor],
+        geo: &Geometry,
+    ) -> Result<Vec<Vec<RoiPlan<T>>>> {
         let mut per_level: Vec<Vec<RoiPlan<T>>> = vec![Vec::new(); geo.maps.len()];
         let mut row = 0;
         for (img, props) in proposals.iter().enumerate() {
@@ -315,7 +332,9 @@ impl MultiScaleRoIAlign {
                 if let Some(l) = self.level_of(b, geo.setup.k_min, geo.setup.k_max) {
                     let [_, _, h, w] = geo.maps[l];
                     let scale = geo.setup.scales[l];
-                    if let Some(plan) = plan_roi(row, img, b, T::of(scale), (h, w), self.params(scale)) {
+                    if let Some(plan) =
+                        plan_roi(row, img, b, T::of(scale), (h, w), self.params(scale))
+                    {
                         per_level[l].push(plan);
                     }
                 }
@@ -421,7 +440,12 @@ impl MultiScaleRoIAlign {
                 dev.launch(
                     "roi_align_pack_rois_f32",
                     LaunchCfg::for_elems(n * 5),
-                    &[arg(p)?, KernelArg::I64(n as i64), KernelArg::F32(img as f32), view.arg()],
+                    &[
+                        arg(p)?,
+                        KernelArg::I64(n as i64),
+                        KernelArg::F32(img as f32),
+                        view.arg(),
+                    ],
                 )?;
             }
             row += n;
@@ -429,7 +453,12 @@ impl MultiScaleRoIAlign {
         Ok(rois)
     }
 
-    fn forward_cuda(&self, features: &[Tensor], proposals: &[Tensor], geo: &Geometry) -> Result<Tensor> {
+    fn forward_cuda(
+        &self,
+        features: &[Tensor],
+        proposals: &[Tensor],
+        geo: &Geometry,
+    ) -> Result<Tensor> {
         let dev = gpu_dev(OP, &features[0])?;
         let (ph, pw) = self.output_size;
         let y = Tensor::gpu_zeros(&dev, [geo.k, geo.c, ph, pw])?;
@@ -444,11 +473,20 @@ impl MultiScaleRoIAlign {
             .collect::<Result<Vec<_>>>()?;
         args.extend(self.kernel_args(geo, &rois)?);
         args.extend([arg(&y)?, KernelArg::I64(total as i64)]);
-        dev.launch("multiscale_roi_align_fwd_f32", LaunchCfg::for_elems(total), &args)?;
+        dev.launch(
+            "multiscale_roi_align_fwd_f32",
+            LaunchCfg::for_elems(total),
+            &args,
+        )?;
         Ok(y)
     }
 
-    fn backward_cuda(&self, gy: &Tensor, proposals: &[Tensor], geo: &Geometry) -> Result<Vec<Tensor>> {
+    fn backward_cuda(
+        &self,
+        gy: &Tensor,
+        proposals: &[Tensor],
+        geo: &Geometry,
+    ) -> Result<Vec<Tensor>> {
         let dev = gpu_dev(OP, gy)?;
         let grads = geo
             .maps
@@ -467,7 +505,11 @@ impl MultiScaleRoIAlign {
         }
         args.extend(self.kernel_args(geo, &rois)?);
         args.push(KernelArg::I64(total as i64));
-        dev.launch("multiscale_roi_align_bwd_f32", LaunchCfg::for_elems(total), &args)?;
+        dev.launch(
+            "multiscale_roi_align_bwd_f32",
+            LaunchCfg::for_elems(total),
+            &args,
+        )?;
         Ok(grads)
     }
 }

@@ -89,10 +89,7 @@ impl RoiAlignParams {
         if self.sampling_ratio > MAX_GRID {
             return Err(Error::invalid(
                 op,
-                format!(
-                    "sampling_ratio {} exceeds {MAX_GRID}",
-                    self.sampling_ratio
-                ),
+                format!("sampling_ratio {} exceeds {MAX_GRID}", self.sampling_ratio),
             ));
         }
         Ok(())
@@ -167,7 +164,10 @@ fn check_rois(op: &'static str, rois: &Tensor) -> Result<()> {
     if rois.dims().len() != 2 || rois.dims()[1] != 5 {
         return Err(Error::shape(
             op,
-            format!("rois {} must be [K, 5] (batch, x1, y1, x2, y2)", rois.shape()),
+            format!(
+                "rois {} must be [K, 5] (batch, x1, y1, x2, y2)",
+                rois.shape()
+            ),
         ));
     }
     Ok(())
@@ -311,7 +311,10 @@ pub(crate) fn plan_roi<T: Element>(
     let start_h = b[1] * scale - offset;
     let end_w = b[2] * scale - offset;
     let end_h = b[3] * scale - offset;
-    if ![start_w, start_h, end_w, end_h].iter().all(|v| v.is_finite()) {
+    if ![start_w, start_h, end_w, end_h]
+        .iter()
+        .all(|v| v.is_finite())
+    {
         return None;
     }
     let mut roi_w = end_w - start_w;
@@ -379,7 +382,14 @@ fn plan_all<T: Element>(
         .enumerate()
         .map(|(k, r)| {
             let b = batch_index(op, r[0], k, dims[0])?;
-            Ok(plan_roi(k, b, [r[1], r[2], r[3], r[4]], scale, (dims[2], dims[3]), p))
+            Ok(plan_roi(
+                k,
+                b,
+                [r[1], r[2], r[3], r[4]],
+                scale,
+                (dims[2], dims[3]),
+                p,
+            ))
         })
         .collect::<Result<_>>()?;
     Ok(plans.into_iter().flatten().collect())
@@ -444,11 +454,13 @@ pub(crate) fn forward_levels<T: Element>(
             }
         });
     let mut y = vec![T::zero(); k * c * bins];
-    y.par_chunks_mut(c * bins).enumerate().for_each(|(ki, row)| {
-        for (ci, dst) in row.chunks_mut(bins).enumerate() {
-            dst.copy_from_slice(&by_channel[(ci * k + ki) * bins..][..bins]);
-        }
-    });
+    y.par_chunks_mut(c * bins)
+        .enumerate()
+        .for_each(|(ki, row)| {
+            for (ci, dst) in row.chunks_mut(bins).enumerate() {
+                dst.copy_from_slice(&by_channel[(ci * k + ki) * bins..][..bins]);
+            }
+        });
     y
 }
 
@@ -578,7 +590,8 @@ fn common_args(rois: &Tensor, dims: [usize; 4], p: RoiAlignParams) -> Result<Vec
 
 /// A size as a kernel `int`; an error past `i32::MAX`.
 pub(crate) fn i32_of(op: &'static str, v: usize) -> Result<i32> {
-    i32::try_from(v).map_err(|_| Error::invalid(op, format!("size {v} exceeds the CUDA kernels' int range")))
+    i32::try_from(v)
+        .map_err(|_| Error::invalid(op, format!("size {v} exceeds the CUDA kernels' int range")))
 }
 
 fn forward_cuda(
