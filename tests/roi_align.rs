@@ -879,3 +879,34 @@ fn multiscale_f32_and_f64_agree() {
     let y32 = m.forward(&f32s(&feats), &f32s(&props), &sizes).unwrap();
     assert_close("f32 vs f64", &y32, &y64, FWD_TOL);
 }
+
+/// The CPU path does torchvision's floating-point operations in torchvision's order
+/// (forward sums per sample, backward accumulation per RoI, bin, sample and tap), so on
+/// the fixtures its f32 results are bit-identical, not only within tolerance.
+#[test]
+fn roi_align_cpu_is_bit_exact_with_torchvision() {
+    let f = fixture("ops/roi_align.safetensors");
+    let params = f.params().unwrap();
+    for case in common::cases(&f) {
+        let p = params_of(&params[&case]);
+        let t = |n: &str| f.tensor(&format!("{case}.{n}")).unwrap();
+        let (y, gin) = roi_align_with_grad(&t("input"), &t("rois"), &t("gy"), p);
+        let same =
+            |a: &Tensor, b: &Tensor| a.to_vec::<f32>().unwrap() == b.to_vec::<f32>().unwrap();
+        assert!(
+            same(&y, &t("y")),
+            "{case}: y differs from torchvision's bits"
+        );
+        assert!(
+            same(&gin, &t("ginput")),
+            "{case}: ginput differs from torchvision's bits"
+        );
+    }
+    let (m, feats, props, sizes, want) = multiscale_fixture(Device::Cpu);
+    let y = m.forward(&feats, &props, &sizes).unwrap();
+    assert_eq!(
+        y.to_vec::<f32>().unwrap(),
+        want.to_vec::<f32>().unwrap(),
+        "multiscale y bits"
+    );
+}

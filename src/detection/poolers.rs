@@ -21,7 +21,7 @@ use crate::device::gpu::{GpuBuffer, KernelArg, LaunchCfg};
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::ops::roi_align::{
-    backward_levels, forward_levels, i32_of, plan_roi, Level, RoiAlignParams, RoiPlan,
+    backward_levels, check_plane, forward_levels, i32_of, plan_roi, Level, RoiAlignParams, RoiPlan,
 };
 use crate::ops::{arg, gpu_dev};
 use crate::tensor::{same_device, DType, Element, Tensor};
@@ -298,6 +298,10 @@ impl MultiScaleRoIAlign {
                     features.len()
                 ),
             ));
+        }
+        for t in features {
+            let d = t.dims();
+            check_plane(OP, [d[0], d[1], d[2], d[3]])?;
         }
         let heights: Vec<usize> = features.iter().map(|t| t.dims()[2]).collect();
         let setup = Self::setup(&heights, image_sizes)?;
