@@ -66,30 +66,31 @@ fn bench_device(c: &mut Criterion, dev: Device, name: &str) {
     let gy = Tensor::full([ROIS, CHANNELS, 7, 7], 0.5, kestrel::DType::F32, dev).unwrap();
     let dims = [1, CHANNELS, 200, 304];
 
-    let mut g = c.benchmark_group("roi_align");
-    g.sample_size(10).measurement_time(Duration::from_secs(4));
-    g.bench_function(format!("roi_align/{name}/fwd_1000x256x7x7_p2"), |bch| {
+    c.bench_function(&format!("roi_align/{name}/fwd_1000x256x7x7_p2"), |bch| {
         bch.iter(|| {
             let y = roi_align(&feats[0], &rois, p).unwrap();
             sync(dev);
             y
         })
     });
-    g.bench_function(format!("roi_align/{name}/bwd_1000x256x7x7_p2"), |bch| {
+    c.bench_function(&format!("roi_align/{name}/bwd_1000x256x7x7_p2"), |bch| {
         bch.iter(|| {
             let gx = roi_align_backward(&gy, &rois, dims, p).unwrap();
             sync(dev);
             gx
         })
     });
-    g.bench_function(format!("roi_align/{name}/fwd_bwd_1000x256x7x7_p2"), |bch| {
-        bch.iter(|| {
-            let y = roi_align(&feats[0], &rois, p).unwrap();
-            let gx = roi_align_backward(&gy, &rois, dims, p).unwrap();
-            sync(dev);
-            (y, gx)
-        })
-    });
+    c.bench_function(
+        &format!("roi_align/{name}/fwd_bwd_1000x256x7x7_p2"),
+        |bch| {
+            bch.iter(|| {
+                let y = roi_align(&feats[0], &rois, p).unwrap();
+                let gx = roi_align_backward(&gy, &rois, dims, p).unwrap();
+                sync(dev);
+                (y, gx)
+            })
+        },
+    );
 
     let m = MultiScaleRoIAlign::new((7, 7), 2);
     let props = [Tensor::from_vec(b, [ROIS, 4])
@@ -97,8 +98,8 @@ fn bench_device(c: &mut Criterion, dev: Device, name: &str) {
         .to_device(dev)
         .unwrap()];
     let image_sizes = [IMAGE];
-    g.bench_function(
-        format!("multiscale_roi_align/{name}/fwd_1000x256x7x7_p2-p5"),
+    c.bench_function(
+        &format!("multiscale_roi_align/{name}/fwd_1000x256x7x7_p2-p5"),
         |bch| {
             bch.iter(|| {
                 let y = m.forward(&feats, &props, &image_sizes).unwrap();
@@ -107,8 +108,8 @@ fn bench_device(c: &mut Criterion, dev: Device, name: &str) {
             })
         },
     );
-    g.bench_function(
-        format!("multiscale_roi_align/{name}/bwd_1000x256x7x7_p2-p5"),
+    c.bench_function(
+        &format!("multiscale_roi_align/{name}/bwd_1000x256x7x7_p2-p5"),
         |bch| {
             bch.iter(|| {
                 let gs = m.backward(&gy, &feats, &props, &image_sizes).unwrap();
@@ -117,7 +118,6 @@ fn bench_device(c: &mut Criterion, dev: Device, name: &str) {
             })
         },
     );
-    g.finish();
 }
 
 fn benches(c: &mut Criterion) {
@@ -127,5 +127,10 @@ fn benches(c: &mut Criterion) {
     }
 }
 
-criterion_group!(roi_align_benches, benches);
+criterion_group! {
+    name = roi_align_benches;
+    // Small samples: each iteration is tens to hundreds of milliseconds on the CPU.
+    config = Criterion::default().sample_size(10).measurement_time(Duration::from_secs(4));
+    targets = benches
+}
 criterion_main!(roi_align_benches);

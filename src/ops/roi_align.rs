@@ -537,11 +537,11 @@ fn scatter_roi<T: Element, const B: usize>(
     planes: &mut [&mut [T]; B],
     plan: &RoiPlan<T>,
     gy_rows: [&[T]; B],
-    pw: usize,
+    (bins, pw): (usize, usize),
     avg: impl Fn(T) -> T,
 ) {
-    for b in 0..gy_rows[0].len() {
-        let g: [T; B] = std::array::from_fn(|j| gy_rows[j][b]);
+    for b in 0..bins {
+        let g: [T; B] = gy_rows.map(|row| row[b]);
         let (ys, xs) = bin_samples(plan, b, pw);
         for y in ys.iter().filter(|y| y.ok) {
             let (ylo, yhi) = (y.lo as usize, y.hi as usize);
@@ -575,8 +575,8 @@ fn scatter_channels<T: Element, const B: usize>(
             std::array::from_fn(|j| &gy[(plan.row * c + c0 + j) * bins..][..bins]);
         match plan.inv_count {
             // Scaling by a power of two is exact: the same result as the division.
-            Some(r) => scatter_roi(planes, plan, rows, pw, |v| v * r),
-            None => scatter_roi(planes, plan, rows, pw, |v| v / plan.count),
+            Some(r) => scatter_roi(planes, plan, rows, (bins, pw), |v| v * r),
+            None => scatter_roi(planes, plan, rows, (bins, pw), |v| v / plan.count),
         }
     }
 }
