@@ -21,11 +21,13 @@
 //!   kernels cannot report it without a host synchronisation, so there such a RoI gives
 //!   zeros and no gradient, and never an out-of-bounds access.
 //!
-//! The CPU implementation shares the per-RoI sampling tables ([`RoiPlan`]) between all
-//! channels, and runs one task per channel (forward) or per feature plane (backward), so
-//! that the plane being read or accumulated stays in cache and no two threads write the
-//! same memory. The backward accumulates in torchvision's order (RoI, bin, sample, tap),
-//! so its sums are the same floating-point operations in the same order.
+//! The CPU implementation computes each RoI's sampling tables once and shares them
+//! between all channels. The forward runs one task per block of channels and the
+//! backward one task per block of feature planes, so that the planes being read or
+//! accumulated stay in cache and no two threads write the same memory. Both do
+//! torchvision's floating-point operations in torchvision's order (the backward
+//! accumulates per RoI, bin, sample and tap), so f32 results match its CPU kernel bit
+//! for bit. The CUDA backward scatters with atomicAdd, as torchvision's does.
 
 use rayon::prelude::*;
 
