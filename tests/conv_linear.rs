@@ -292,6 +292,13 @@ fn check_conv2d_vs_direct_on(dev: Device) {
         p((2, 2), (3, 3), (1, 1)),
         40,
     );
+    compare_with_direct(
+        dev,
+        &[1, 2, 13, 31],
+        &[3, 2, 3, 3],
+        p((1, 3), (2, 1), (1, 2)),
+        70,
+    );
 }
 
 #[test]
@@ -355,6 +362,16 @@ fn conv2d_gradcheck() {
         ),
         ([2, 4, 4, 5], [3, 4, 1, 1], Conv2dParams::default(), true),
         ([1, 3, 6, 6], [2, 3, 1, 1], Conv2dParams::new(2, 0, 1), true),
+        (
+            [1, 2, 5, 11],
+            [2, 2, 2, 2],
+            Conv2dParams {
+                stride: (1, 3),
+                padding: (0, 1),
+                dilation: (1, 2),
+            },
+            true,
+        ),
     ];
     for (i, (xd, wd, p, bias)) in configs.iter().enumerate() {
         for seed in 0..3u64 {

@@ -432,11 +432,17 @@ mod cpu {
                 }
                 let iw0 = (lo * sw) as isize + off;
                 let iw0 = iw0 as usize;
-                if sw == 1 {
-                    dst.copy_from_slice(&src[iw0..iw0 + dst.len()]);
-                } else {
-                    for (j, o) in dst.iter_mut().enumerate() {
-                        *o = src[iw0 + j * sw];
+                let n = dst.len();
+                match sw {
+                    1 => dst.copy_from_slice(&src[iw0..iw0 + n]),
+                    // The stem's case: whole pairs let the compiler vectorise the gather.
+                    2 if iw0 + 2 * n <= src.len() => {
+                        let pairs = src[iw0..iw0 + 2 * n].chunks_exact(2);
+                        dst.iter_mut().zip(pairs).for_each(|(o, p)| *o = p[0]);
+                    }
+                    _ => {
+                        let taps = src[iw0..].iter().step_by(sw);
+                        dst.iter_mut().zip(taps).for_each(|(o, &v)| *o = v);
                     }
                 }
             });
