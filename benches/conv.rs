@@ -104,14 +104,23 @@ fn record(id: &str, flops: u64, secs_per_iter: f64) {
     }
 }
 
+/// The square 1024³ product of a device: the speed each conv is compared with. The
+/// machines these benches run on are often shared, so one reference run is timed
+/// after every conv sample (recorded as `<conv id>#ref`) and each ratio compares
+/// samples taken in the same window.
+struct Reference<'a> {
+    run: Box<dyn FnMut() + 'a>,
+    flops: u64,
+}
+
 /// Bench `f` as `group/name` with `flops` per call; `sync` waits for the device.
 fn bench(
     c: &mut Criterion,
-    group: &str,
-    name: &str,
+    (group, name): (&str, &str),
     flops: u64,
     f: &mut dyn FnMut(),
     sync: &dyn Fn(),
+    mut reference: Option<&mut Reference<'_>>,
 ) {
     let id = format!("{group}/{name}");
     let mut g = c.benchmark_group(group);
@@ -128,13 +137,19 @@ fn bench(
             sync();
             let el = t.elapsed();
             record(&id, flops, el.as_secs_f64() / iters as f64);
+            if let Some(r) = reference.as_deref_mut() {
+                let t = Instant::now();
+                (r.run)();
+                sync();
+                record(&format!("{id}#ref"), r.flops, t.elapsed().as_secs_f64());
+            }
             el
         })
     });
     g.finish();
 }
 
-fn conv_benches(c: &mut Criterion, dev: Device, tag: &str, sync: &dyn Fn()) {
+fn conv_benches(c: &mut Criterion, dev: Device, tag: &str, sync: &dyn Fn(), r: &mut Reference<'_>) {
     for (i, l) in LAYERS.iter().enumerate() {
         let x = random(&[1, l.cin, l.hw.0, l.hw.1], i as u64)
             .to_device(dev)
@@ -147,27 +162,32 @@ fn conv_benches(c: &mut Criterion, dev: Device, tag: &str, sync: &dyn Fn()) {
         let mut run = || {
             conv2d_forward(&x, &w, Some(&b), &p).unwrap();
         };
+        let group = format!("conv2d/{tag}");
         bench(
             c,
-            &format!("conv2d/{tag}"),
-            l.name,
+            (&group, l.name),
             l.flops(),
             &mut run,
             sync,
+            Some(&mut *r),
         );
     }
 }
 
-/// The gemm crate's square product, all threads: the CPU's reference speed. Timed
-/// again after the convs (samples recorded under the same id), so that a machine
-/// whose load changes during the run does not skew the ratios.
-fn gemm_cpu(c: &mut Criterion, again: bool) {
-    let n = 1024;
-    let a = random(&[n, n], 1).to_vec::<f32>().unwrap();
-    let b = random(&[n, n], 2).to_vec::<f32>().unwrap();
-    let mut d = vec![0f32; n * n];
+const GEMM_N: usize = 1024;
+
+/// Operands of the square product.
+fn square_operands(dev: Device) -> (Tensor, Tensor) {
+    let a = random(&[GEMM_N, GEMM_N], 1).to_device(dev).unwrap();
+    let b = random(&[GEMM_N, GEMM_N], 2).to_device(dev).unwrap();
+    (a, b)
+}
+
+/// The gemm crate's square product on all threads: the CPU reference.
+fn gemm_cpu_reference<'a>(a: &'a [f32], b: &'a [f32], d: &'a mut [f32]) -> Reference<'a> {
+    let n = GEMM_N;
     let par = gemm::Parallelism::Rayon(rayon::current_num_threads());
-    let mut run = || {
+    let run = move || {
         // SAFETY: three dense n x n row-major matrices (column stride 1, row stride n).
         unsafe {
             gemm::gemm(
@@ -193,32 +213,20 @@ fn gemm_cpu(c: &mut Criterion, again: bool) {
             )
         }
     };
-    bench(
-        c,
-        "gemm/cpu",
-        "1024",
-        2 * (n * n * n) as u64,
-        &mut run,
-        &|| {},
-    );
+    Reference {
+        run: Box::new(run),
+        flops: 2 * (n * n * n) as u64,
+    }
 }
 
-/// Our SGEMM kernel on the square product: the CUDA reference speed.
-fn gemm_cuda(c: &mut Criterion, dev: Device, sync: &dyn Fn()) {
-    let n = 1024;
-    let a = random(&[n, n], 1).to_device(dev).unwrap();
-    let b = random(&[n, n], 2).to_device(dev).unwrap();
-    let mut run = || {
-        matmul(&a, &b).unwrap();
-    };
-    bench(
-        c,
-        "gemm/cuda",
-        "1024",
-        2 * (n * n * n) as u64,
-        &mut run,
-        sync,
-    );
+/// Our SGEMM kernel on the square product: the CUDA reference.
+fn gemm_cuda_reference<'a>(a: &'a Tensor, b: &'a Tensor) -> Reference<'a> {
+    Reference {
+        run: Box::new(move || {
+            matmul(a, b).unwrap();
+        }),
+        flops: 2 * (GEMM_N * GEMM_N * GEMM_N) as u64,
+    }
 }
 
 /// The fastest sample: on a machine shared with other work, the least disturbed one.
@@ -226,49 +234,68 @@ fn best(v: &[f64]) -> f64 {
     v.iter().copied().fold(f64::INFINITY, f64::min)
 }
 
-/// GFLOP/s (best sample) of each bench and each conv's ratio to the GEMM
-/// reference of its device.
+/// GFLOP/s (best sample) of each bench, and each conv's ratio to the reference
+/// product timed beside it.
 fn print_table() {
     let s = SAMPLES.lock().unwrap_or_else(|p| p.into_inner());
-    if s.is_empty() {
-        return;
-    }
-    let gflops = |v: &[f64], f: u64| f as f64 / best(v) / 1e9;
-    let reference = |dev: &str| {
-        s.iter()
-            .find(|(id, _, _)| id == &format!("gemm/{dev}/1024"))
-            .map(|(_, f, v)| gflops(v, *f))
-    };
+    let gflops = |f: u64, v: &[f64]| f as f64 / best(v) / 1e9;
     println!(
-        "\n{:<48} {:>9} {:>10} {:>9} {:>8}",
-        "bench", "GFLOP", "ms", "GFLOP/s", "vs gemm"
+        "\n{:<48} {:>8} {:>9} {:>9} {:>9} {:>7}",
+        "bench", "GFLOP", "ms", "GFLOP/s", "ref GF/s", "ratio"
     );
-    for (id, f, v) in s.iter() {
-        let dev = id.split('/').nth(1).unwrap_or("");
-        let g = gflops(v, *f);
-        let ratio = reference(dev).map_or("-".to_string(), |r| format!("{:.0}%", 100.0 * g / r));
+    for (id, f, v) in s.iter().filter(|(id, _, _)| !id.ends_with("#ref")) {
+        let g = gflops(*f, v);
+        let r = s.iter().find(|(r, _, _)| *r == format!("{id}#ref"));
+        let (rg, ratio) = match r {
+            Some((_, rf, rv)) => {
+                let rg = gflops(*rf, rv);
+                (format!("{rg:.1}"), format!("{:.0}%", 100.0 * g / rg))
+            }
+            None => ("-".into(), "-".into()),
+        };
         println!(
-            "{id:<48} {:>9.2} {:>10.2} {g:>9.1} {ratio:>8}",
+            "{id:<48} {:>8.2} {:>9.2} {g:>9.1} {rg:>9} {ratio:>7}",
             *f as f64 / 1e9,
             best(v) * 1e3
         );
     }
     println!(
-        "(threads: {}; best sample of each; gemm timed before and after the convs)",
+        "(threads: {}; best sample of each; ref = the device's {GEMM_N}³ GEMM timed after each sample)",
         rayon::current_num_threads()
     );
 }
 
 fn main() {
     let mut c = Criterion::default().configure_from_args();
-    gemm_cpu(&mut c, false);
-    conv_benches(&mut c, Device::Cpu, "cpu", &|| {});
-    gemm_cpu(&mut c, true);
+    let (a, b) = square_operands(Device::Cpu);
+    let (a, b) = (a.to_vec::<f32>().unwrap(), b.to_vec::<f32>().unwrap());
+    let mut d = vec![0f32; GEMM_N * GEMM_N];
+    let mut r = gemm_cpu_reference(&a, &b, &mut d);
+    let flops = r.flops;
+    bench(
+        &mut c,
+        ("gemm/cpu", "1024"),
+        flops,
+        &mut r.run,
+        &|| {},
+        None,
+    );
+    conv_benches(&mut c, Device::Cpu, "cpu", &|| {}, &mut r);
     if let Ok(gpu) = kestrel::device::gpu::device(0) {
         let sync = move || gpu.backend.synchronize().expect("device synchronize");
         let dev = Device::Cuda(0);
-        gemm_cuda(&mut c, dev, &sync);
-        conv_benches(&mut c, dev, "cuda", &sync);
+        let (a, b) = square_operands(dev);
+        let mut r = gemm_cuda_reference(&a, &b);
+        let flops = r.flops;
+        bench(
+            &mut c,
+            ("gemm/cuda", "1024"),
+            flops,
+            &mut r.run,
+            &sync,
+            None,
+        );
+        conv_benches(&mut c, dev, "cuda", &sync, &mut r);
     }
     c.final_summary();
     print_table();
