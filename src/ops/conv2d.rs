@@ -699,6 +699,9 @@ mod cuda {
         let dev = devices("conv2d", &all)?;
         let (k, ohw, hw) = (g.k(), g.ohw(), g.hw());
         let y = Tensor::gpu_zeros(&dev, g.y_dims())?;
+        if g.n == 0 {
+            return Ok(y);
+        }
         let wm = GpuMat::dense(w, k);
         let y_items = (0, ohw, g.cout * ohw);
         if g.pointwise() {
@@ -745,6 +748,9 @@ mod cuda {
         let dev = devices("conv2d_backward_input", &[gy, w])?;
         let (k, ohw, hw) = (g.k(), g.ohw(), g.hw());
         let gx = Tensor::gpu_zeros(&dev, g.x_dims())?;
+        if g.n == 0 {
+            return Ok(gx);
+        }
         let wt = GpuMat::dense(w, k).t();
         if g.pointwise() {
             let gym = GpuMat::dense(gy, ohw).at(0, g.cout * ohw);
@@ -788,6 +794,9 @@ mod cuda {
         let dev = devices("conv2d_backward_weight", &[x, gy])?;
         let (k, ohw, hw) = (g.k(), g.ohw(), g.hw());
         let gw = Tensor::gpu_zeros(&dev, g.w_dims())?;
+        if g.n == 0 {
+            return Ok(gw);
+        }
         let gw_item = (0, k, 0);
         if g.pointwise() {
             let gym = GpuMat::dense(gy, ohw).at(0, g.cout * ohw);
