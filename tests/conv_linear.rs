@@ -633,3 +633,25 @@ fn linear_and_matmul_reject_bad_inputs() {
     shape_err(matmul(&x, &rand_t(2, &[4, 3])), "inner mismatch", "matmul");
     shape_err(matmul(&x, &rand_t(2, &[5])), "rank-1 operand", "matmul");
 }
+
+// The CUDA paths above, on the emulated device (kernels run on the host).
+
+#[test]
+fn conv2d_matches_torch_emulated() {
+    check_conv2d_on(common::emulated());
+}
+
+#[test]
+fn linear_matches_torch_emulated() {
+    check_linear_on(common::emulated());
+}
+
+#[test]
+fn conv2d_matches_direct_reference_emulated() {
+    check_conv2d_vs_direct_on(common::emulated());
+}
+
+#[test]
+fn matmul_matches_definition_emulated() {
+    check_matmul_on(common::emulated());
+}

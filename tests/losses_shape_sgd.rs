@@ -1164,3 +1164,61 @@ fn sgd_errors() {
         "a failed step must not change the parameters"
     );
 }
+
+// The CUDA paths above, on the emulated device (kernels run on the host).
+
+#[test]
+fn losses_match_pytorch_fixture_emulated() {
+    check_losses_fixture_on(common::emulated());
+}
+
+#[test]
+fn pointwise_losses_match_reference_emulated() {
+    check_pointwise_losses_on(common::emulated(), 1000);
+}
+
+#[test]
+fn cross_entropy_matches_reference_emulated() {
+    check_cross_entropy_on(common::emulated(), 37, 5);
+    check_cross_entropy_on(common::emulated(), 300, 91);
+}
+
+#[test]
+fn loss_errors_emulated() {
+    let dev = common::emulated();
+    check_loss_errors_on(dev);
+    let x = f32_on(&[0.1, 0.2], &[2], dev);
+    let t = f32_on(&[0.1, 0.2], &[2], Device::Cpu);
+    assert_err_mentions(
+        bce_with_logits(&x, &t, Reduction::Mean),
+        &["bce_with_logits", "different devices"],
+    );
+}
+
+#[test]
+fn shape_ops_match_reference_emulated() {
+    check_shape_ops_on(common::emulated());
+}
+
+#[test]
+fn shape_errors_emulated() {
+    let dev = common::emulated();
+    check_shape_errors_on(dev);
+    let a = f32_on(&[1.0, 2.0], &[2], dev);
+    let b = f32_on(&[1.0, 2.0], &[2], Device::Cpu);
+    assert_err_mentions(concat(&[&a, &b], 0), &["concat", "different devices"]);
+    assert_err_mentions(
+        index_select(&a, 0, &i64_on(&[0], Device::Cpu)),
+        &["index_select", "different devices"],
+    );
+}
+
+#[test]
+fn sgd_matches_pytorch_formula_emulated() {
+    check_sgd_on(common::emulated(), DType::F32, 1e-6);
+}
+
+#[test]
+fn sgd_resume_is_exact_emulated() {
+    check_sgd_resume_on(common::emulated());
+}

@@ -910,3 +910,40 @@ fn roi_align_cpu_is_bit_exact_with_torchvision() {
         "multiscale y bits"
     );
 }
+
+// The CUDA paths above, on the emulated device (kernels run on the host).
+
+#[test]
+fn roi_align_matches_torchvision_emulated() {
+    check_roi_align_fixtures_on(common::emulated());
+}
+
+#[test]
+fn multiscale_roi_align_matches_torchvision_emulated() {
+    check_multiscale_fixture_on(common::emulated());
+}
+
+#[test]
+fn multiscale_roi_align_backward_matches_per_level_reference_emulated() {
+    check_multiscale_backward_on(common::emulated());
+}
+
+#[test]
+fn roi_align_matches_direct_reference_on_random_inputs_emulated() {
+    check_random_on(common::emulated());
+}
+
+#[test]
+fn roi_align_edge_cases_emulated() {
+    check_edge_cases_on(common::emulated());
+}
+
+#[test]
+fn roi_align_errors_emulated() {
+    check_errors_on(common::emulated());
+}
+
+#[test]
+fn multiscale_roi_align_edge_cases_emulated() {
+    check_multiscale_edges_on(common::emulated());
+}

@@ -112,3 +112,10 @@ fn resize_boxes_scales_each_axis() {
         .unwrap();
     assert_eq!(r, vec![20.0, 10.0, 60.0, 20.0]);
 }
+
+// The CUDA paths above, on the emulated device (kernels run on the host).
+
+#[test]
+fn transform_matches_torchvision_emulated() {
+    check_transform_on(common::emulated());
+}

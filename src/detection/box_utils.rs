@@ -14,7 +14,12 @@ pub fn base_anchors(size: f32, ratios: &[f32]) -> Vec<[f32; 4]> {
             let hr = r.sqrt();
             let wr = 1.0 / hr;
             let (ws, hs) = (wr * size, hr * size);
-            [(-ws / 2.0).round(), (-hs / 2.0).round(), (ws / 2.0).round(), (hs / 2.0).round()]
+            [
+                (-ws / 2.0).round(),
+                (-hs / 2.0).round(),
+                (ws / 2.0).round(),
+                (hs / 2.0).round(),
+            ]
         })
         .collect()
 }
@@ -22,7 +27,12 @@ pub fn base_anchors(size: f32, ratios: &[f32]) -> Vec<[f32; 4]> {
 /// Anchors of every level, concatenated level by level, in torchvision's order
 /// (row, column, then base anchor). `grids` are feature sizes (h, w); `image` the
 /// padded batch size (h, w); the stride is `image / grid` per axis (integer division).
-pub fn grid_anchors(image: (usize, usize), grids: &[(usize, usize)], sizes: &[f32], ratios: &[f32]) -> Vec<[f32; 4]> {
+pub fn grid_anchors(
+    image: (usize, usize),
+    grids: &[(usize, usize)],
+    sizes: &[f32],
+    ratios: &[f32],
+) -> Vec<[f32; 4]> {
     let mut out = Vec::new();
     for (&(gh, gw), &size) in grids.iter().zip(sizes) {
         let base = base_anchors(size, ratios);
@@ -49,7 +59,10 @@ pub struct BoxCoder {
 impl BoxCoder {
     /// A coder with `weights` and torchvision's clamp.
     pub fn new(weights: [f32; 4]) -> Self {
-        BoxCoder { weights, clip: (1000.0f64 / 16.0).ln() as f32 }
+        BoxCoder {
+            weights,
+            clip: (1000.0f64 / 16.0).ln() as f32,
+        }
     }
 
     /// Deltas that turn `proposal` into `gt` (torchvision's `encode_boxes`).
@@ -59,7 +72,12 @@ impl BoxCoder {
         let (ex, ey) = (proposal[0] + 0.5 * ew, proposal[1] + 0.5 * eh);
         let (gw, gh) = (gt[2] - gt[0], gt[3] - gt[1]);
         let (gx, gy) = (gt[0] + 0.5 * gw, gt[1] + 0.5 * gh);
-        [wx * (gx - ex) / ew, wy * (gy - ey) / eh, ww * (gw / ew).ln(), wh * (gh / eh).ln()]
+        [
+            wx * (gx - ex) / ew,
+            wy * (gy - ey) / eh,
+            ww * (gw / ew).ln(),
+            wh * (gh / eh).ln(),
+        ]
     }
 
     /// Box from `deltas` applied to `reference` (torchvision's `decode_single`).
@@ -68,7 +86,10 @@ impl BoxCoder {
         let (w, h) = (reference[2] - reference[0], reference[3] - reference[1]);
         let (cx, cy) = (reference[0] + 0.5 * w, reference[1] + 0.5 * h);
         let (dx, dy) = (deltas[0] / wx, deltas[1] / wy);
-        let (dw, dh) = ((deltas[2] / ww).min(self.clip), (deltas[3] / wh).min(self.clip));
+        let (dw, dh) = (
+            (deltas[2] / ww).min(self.clip),
+            (deltas[3] / wh).min(self.clip),
+        );
         let (px, py) = (dx * w + cx, dy * h + cy);
         let (pw, ph) = (dw.exp() * w, dh.exp() * h);
         let (hw, hh) = (0.5 * pw, 0.5 * ph);
@@ -89,7 +110,14 @@ pub fn iou(a: &[f32; 4], b: &[f32; 4]) -> f32 {
 /// torchvision's `Matcher`: for each of `n` candidates the index of its best GT,
 /// -1 below `low`, -2 between `low` and `high`; with `low_quality`, each GT's best
 /// candidates (ties included) keep their match whatever its IoU. `iou[g * n + i]`.
-pub fn match_boxes(iou: &[f32], num_gt: usize, n: usize, high: f32, low: f32, low_quality: bool) -> Vec<i64> {
+pub fn match_boxes(
+    iou: &[f32],
+    num_gt: usize,
+    n: usize,
+    high: f32,
+    low: f32,
+    low_quality: bool,
+) -> Vec<i64> {
     let mut matches = vec![-1i64; n];
     let mut best = vec![f32::NEG_INFINITY; n];
     for i in 0..n {
@@ -128,7 +156,12 @@ pub fn match_boxes(iou: &[f32], num_gt: usize, n: usize, high: f32, low: f32, lo
 /// `labels >= 1`, negatives `labels == 0`; returns the sampled (positive, negative)
 /// indices, each ascending. With a batch size at least the number of candidates,
 /// every candidate is taken and `rng` is not used.
-pub fn sample(labels: &[i64], batch_size: usize, positive_fraction: f64, rng: &mut Rng) -> (Vec<usize>, Vec<usize>) {
+pub fn sample(
+    labels: &[i64],
+    batch_size: usize,
+    positive_fraction: f64,
+    rng: &mut Rng,
+) -> (Vec<usize>, Vec<usize>) {
     let pos: Vec<usize> = (0..labels.len()).filter(|&i| labels[i] >= 1).collect();
     let neg: Vec<usize> = (0..labels.len()).filter(|&i| labels[i] == 0).collect();
     let num_pos = ((batch_size as f64 * positive_fraction) as usize).min(pos.len());
@@ -153,8 +186,18 @@ fn choose(mut v: Vec<usize>, k: usize, rng: &mut Rng) -> Vec<usize> {
 /// (a stable sort), NaN last.
 pub fn topk(scores: &[f32], k: usize) -> Vec<usize> {
     let mut idx: Vec<usize> = (0..scores.len()).collect();
-    let key = |i: usize| if scores[i].is_nan() { f32::NEG_INFINITY } else { scores[i] };
-    idx.sort_by(|&a, &b| key(b).partial_cmp(&key(a)).unwrap_or(std::cmp::Ordering::Equal));
+    let key = |i: usize| {
+        if scores[i].is_nan() {
+            f32::NEG_INFINITY
+        } else {
+            scores[i]
+        }
+    };
+    idx.sort_by(|&a, &b| {
+        key(b)
+            .partial_cmp(&key(a))
+            .unwrap_or(std::cmp::Ordering::Equal)
+    });
     idx.truncate(k);
     idx
 }

@@ -2,9 +2,10 @@
 //! heads, transform) and the Faster R-CNN model.
 
 pub mod box_utils;
+pub mod poolers;
 pub mod transform;
 // Wired in once the ops they use (conv2d, norms, pooling, NMS, RoIAlign) are merged:
-// pub mod faster_rcnn; pub mod poolers; pub mod roi_heads; pub mod rpn;
+// pub mod faster_rcnn; pub mod roi_heads; pub mod rpn;
 // pub use faster_rcnn::{FasterRcnn, FasterRcnnConfig};
 
 /// Detections of one image: boxes (x1, y1, x2, y2, pixels), scores, labels (1..).

@@ -95,3 +95,10 @@ pub fn randn(seed: u64, n: usize) -> Vec<f64> {
 pub fn rand_t(seed: u64, shape: &[usize]) -> Tensor {
     Tensor::from_vec(randn(seed, shape.iter().product()), shape.to_vec()).unwrap()
 }
+
+/// The emulated CUDA device (kernels/*.cu compiled for the host, run through the same
+/// launch code as a GPU). Panics with the reason when this build has no emulator.
+pub fn emulated() -> Device {
+    kestrel::device::emu::device()
+        .unwrap_or_else(|e| panic!("emulated CUDA device unavailable: {e}"))
+}
