@@ -1,3 +1,4 @@
+#![allow(clippy::type_complexity)] // fixture loaders return (pooler, maps, proposals, sizes, ...) tuples
 //! RoIAlign and MultiScaleRoIAlign: parity with torchvision's fixtures (forward and
 //! input gradients), a slow direct transcription of torchvision's loops as a second
 //! reference on random inputs, f64 gradient checks, edge cases and errors. Every check

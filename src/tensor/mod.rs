@@ -94,10 +94,14 @@ impl Tensor {
                 format!("{} elements for shape {shape}", data.len()),
             ));
         }
-        let storage = match T::DTYPE {
-            DType::F32 => CpuStorage::F32(bytemuck::cast_slice::<T, f32>(&data).to_vec()),
-            DType::F64 => CpuStorage::F64(bytemuck::cast_slice::<T, f64>(&data).to_vec()),
-            DType::I64 => unreachable!("Element is implemented for f32 and f64 only"),
+        // Move the Vec in (no copy): `T` is f32 or f64, the only `Element`s.
+        let any: Box<dyn std::any::Any> = Box::new(data);
+        let storage = match any.downcast::<Vec<f32>>() {
+            Ok(v) => CpuStorage::F32(*v),
+            Err(any) => match any.downcast::<Vec<f64>>() {
+                Ok(v) => CpuStorage::F64(*v),
+                Err(_) => unreachable!("Element is implemented for f32 and f64 only"),
+            },
         };
         Ok(Self::make(shape, T::DTYPE, Arc::new(Storage::Cpu(storage))))
     }
