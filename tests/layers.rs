@@ -305,6 +305,8 @@ fn check_upsample_shapes_on(dev: Device) {
         ([1, 2, 5, 6], [1, 2, 8, 9]),
         ([1, 2, 4, 5], [1, 2, 4, 5]),
         ([2, 1, 6, 3], [2, 1, 1, 1]),
+        // An FPN level of an 800x1216 image: 25x38 <- 13x19.
+        ([1, 2, 25, 38], [1, 2, 13, 19]),
     ]
     .into_iter()
     .enumerate()
@@ -532,20 +534,25 @@ fn frozen_batch_norm_rejects_bad_input() {
 // ---------------------------------------------------------------------------------
 // batch_norm
 
-/// Textbook batch norm in f64 on `[N, C, H, W]` values: per channel, the mean and
-/// variance over the N * H * W values; returns (y, new running mean, new running var,
-/// gx, gw, gb) for upstream `gy`.
-#[allow(clippy::type_complexity)]
+/// What [`reference_batch_norm`] computes.
+struct BnReference {
+    y: Vec<f64>,
+    running_mean: Vec<f64>,
+    running_var: Vec<f64>,
+    gx: Vec<f64>,
+    gw: Vec<f64>,
+    gb: Vec<f64>,
+}
+
+/// Textbook batch norm in f64 on `[N, C, H, W]` values `[x, w, b, rm, rv, gy]`: per
+/// channel, the mean and variance over the N * H * W values; the gradients are for
+/// upstream `gy`.
 fn reference_batch_norm(
-    x: &[f64],
+    inputs: [&[f64]; 6],
     dims: [usize; 4],
-    w: &[f64],
-    b: &[f64],
-    rm: &[f64],
-    rv: &[f64],
-    gy: &[f64],
     cfg: BatchNormConfig,
-) -> (Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>) {
+) -> BnReference {
+    let [x, w, b, rm, rv, gy] = inputs;
     let [n, c, h, wd] = dims;
     let hw = h * wd;
     let m = (n * hw) as f64;
@@ -583,7 +590,14 @@ fn reference_batch_norm(
             nrv[ch] = cfg.momentum * var_b * m / (m - 1.0) + (1.0 - cfg.momentum) * rv[ch];
         }
     }
-    (y, nrm, nrv, gx, gw, gb)
+    BnReference {
+        y,
+        running_mean: nrm,
+        running_var: nrv,
+        gx,
+        gw,
+        gb,
+    }
 }
 
 fn check_batch_norm_on(dev: Device) {
@@ -619,8 +633,11 @@ fn check_batch_norm_on(dev: Device) {
             },
         ] {
             let v = |t: &Tensor| t.to_vec::<f64>().unwrap();
-            let want =
-                reference_batch_norm(&v(&x), dims, &v(&w), &v(&b), &v(&rm), &v(&rv), &v(&gy), cfg);
+            let want = reference_batch_norm(
+                [&v(&x), &v(&w), &v(&b), &v(&rm), &v(&rv), &v(&gy)],
+                dims,
+                cfg,
+            );
             let on = |t: &Tensor| f32_on(t, dev);
             let (xd, wd, bd, rmd, rvd) = (on(&x), on(&w), on(&b), on(&rm), on(&rv));
             let mut stats = None;
@@ -632,25 +649,35 @@ fn check_batch_norm_on(dev: Device) {
             let (nrm, nrv) = stats.unwrap();
             let what = |s: &str| format!("batch_norm {dims:?} {cfg:?} {s}");
             let t = |v: Vec<f64>, d: &[usize]| Tensor::from_vec(v, d.to_vec()).unwrap();
-            assert_close(&what("y"), &y, &t(want.0, &dims), FWD_TOL);
-            assert_close(&what("running_mean"), &nrm, &t(want.1, &[c]), FWD_TOL);
-            assert_close(&what("running_var"), &nrv, &t(want.2, &[c]), FWD_TOL);
+            assert_close(&what("y"), &y, &t(want.y, &dims), FWD_TOL);
+            assert_close(
+                &what("running_mean"),
+                &nrm,
+                &t(want.running_mean, &[c]),
+                FWD_TOL,
+            );
+            assert_close(
+                &what("running_var"),
+                &nrv,
+                &t(want.running_var, &[c]),
+                FWD_TOL,
+            );
             assert_close(
                 &what("gx"),
                 grads.get(&xd).unwrap(),
-                &t(want.3, &dims),
+                &t(want.gx, &dims),
                 GRAD_TOL,
             );
             assert_close(
                 &what("gw"),
                 grads.get(&wd).unwrap(),
-                &t(want.4, &[c]),
+                &t(want.gw, &[c]),
                 GRAD_TOL,
             );
             assert_close(
                 &what("gb"),
                 grads.get(&bd).unwrap(),
-                &t(want.5, &[c]),
+                &t(want.gb, &[c]),
                 GRAD_TOL,
             );
         }
@@ -689,13 +716,13 @@ fn check_batch_norm_by_hand_on(dev: Device) {
     // Channel 1: mean 1; squared deviations 1+1+1+1 = 4: biased 1, unbiased 4/3.
     //   running_mean = 0.1 * 1 + 0.9 * 0.5 = 0.55
     //   running_var  = 0.1 * 4/3 + 0.9 * 2 = 1.9333333
-    let close = |got: Vec<f32>, want: &[f32]| {
+    let close = |got: Vec<f64>, want: &[f64]| {
         got.iter()
             .zip(want)
             .all(|(g, w)| (g - w).abs() <= 1e-6 * w.abs().max(1.0))
     };
-    let rm_new = out.running_mean.to_vec::<f32>().unwrap();
-    let rv_new = out.running_var.to_vec::<f32>().unwrap();
+    let rm_new = out.running_mean.to_vec::<f64>().unwrap();
+    let rv_new = out.running_var.to_vec::<f64>().unwrap();
     assert!(
         close(rm_new.clone(), &[0.3, 0.55]),
         "running_mean {rm_new:?}"
@@ -704,9 +731,9 @@ fn check_batch_norm_by_hand_on(dev: Device) {
         close(rv_new.clone(), &[1.3666667, 1.9333333]),
         "running_var {rv_new:?}"
     );
-    // Channel 1 normalised: (x - 1) / sqrt(1) = -1, 1, -1, 1; times 2 plus 0.5.
+    // Channel 1 normalised: (x - 1) / sqrt(1) = -1, 1, -1, 1; times 2 plus 0.5: -1.5, 2.5, -1.5, 2.5.
     // Channel 0: (x - 3) / sqrt(3.5) = -1.0690450, -0.5345225, 0, 1.6035675.
-    let y = out.y.to_vec::<f32>().unwrap();
+    let y = out.y.to_vec::<f64>().unwrap();
     let want = [-1.0690450, -0.5345225, -1.5, 2.5, 0.0, 1.6035675, -1.5, 2.5];
     assert!(close(y.clone(), &want), "y {y:?}");
     // Eval mode leaves the running statistics as they were.
