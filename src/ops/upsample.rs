@@ -1,1 +1,186 @@
+//! upsample_nearest_add: the FPN top-down step,
+//! `y = lateral + F.interpolate(top, size=lateral.shape[-2:], mode="nearest")`.
+//!
+//! PyTorch's "nearest" maps output index `d` to source `min(floor(d * (in / out)), in - 1)`
+//! with the scale and the product in f32; any target size works, not only 2x (an FPN
+//! input whose side is not a multiple of 32 gives odd sizes).
 
+use rayon::prelude::*;
+
+use crate::autograd::record;
+use crate::device::gpu::KernelArg;
+use crate::device::Device;
+use crate::error::{Error, Result};
+use crate::tensor::{same_device, same_dtype, DType, Element, Tensor};
+use crate::with_dtype;
+
+use super::{arg, gpu_dev, launch_elems};
+
+/// Source index of output index `dst` when resizing `in_size` to `out_size` by
+/// PyTorch's nearest rule (f32 arithmetic, as its CPU and CUDA kernels do).
+pub fn nearest_source_index(dst: usize, in_size: usize, out_size: usize) -> usize {
+    let scale = in_size as f32 / out_size as f32;
+    ((dst as f32 * scale).floor() as usize).min(in_size - 1)
+}
+
+/// Sizes of one call: `planes = N * C`, lateral `H x W`, top `h x w`.
+#[derive(Clone, Copy, Debug)]
+struct Geom {
+    planes: usize,
+    hl: usize,
+    wl: usize,
+    ht: usize,
+    wt: usize,
+}
+
+fn geometry(op: &'static str, l: &[usize], t: &[usize]) -> Result<Geom> {
+    let bad = l.len() != 4 || t.len() != 4 || l[0] != t[0] || l[1] != t[1];
+    if bad || t[2] == 0 || t[3] == 0 {
+        return Err(Error::shape(
+            op,
+            format!(
+                "lateral {l:?} and top {t:?} must be [N, C, H, W] and [N, C, h, w] with h, w > 0"
+            ),
+        ));
+    }
+    // The kernels index within a plane with 32-bit ints.
+    if l[2] * l[3] > i32::MAX as usize {
+        return Err(Error::shape(
+            op,
+            format!("lateral plane {}x{} exceeds 2^31 elements", l[2], l[3]),
+        ));
+    }
+    Ok(Geom {
+        planes: l[0] * l[1],
+        hl: l[2],
+        wl: l[3],
+        ht: t[2],
+        wt: t[3],
+    })
+}
+
+fn float_input(op: &'static str, x: &Tensor) -> Result<()> {
+    if x.dtype() == DType::I64 {
+        return Err(Error::DType {
+            op,
+            dtype: "i64".into(),
+            msg: format!("input {} must be a float tensor", x.shape()),
+        });
+    }
+    Ok(())
+}
+
+fn geom_args(g: &Geom) -> [KernelArg; 5] {
+    let i = |v: usize| KernelArg::I32(v as i32);
+    [
+        KernelArg::I64(g.planes as i64),
+        i(g.hl),
+        i(g.wl),
+        i(g.ht),
+        i(g.wt),
+    ]
+}
+
+/// `lateral + nearest_upsample(top)`: lateral `[N, C, H, W]`, top `[N, C, h, w]`
+/// (any h, w > 0), output `[N, C, H, W]`. Differentiable in both inputs.
+pub fn upsample_nearest_add(lateral: &Tensor, top: &Tensor) -> Result<Tensor> {
+    const OP: &str = "upsample_nearest_add";
+    let g = geometry(OP, lateral.dims(), top.dims())?;
+    float_input(OP, lateral)?;
+    float_input(OP, top)?;
+    let y = match same_device(OP, &[lateral, top])? {
+        Device::Cpu => with_dtype!(same_dtype(OP, &[lateral, top])?, T => {
+            let y = cpu_forward::<T>(lateral.cpu_slice::<T>()?, top.cpu_slice::<T>()?, &g);
+            Tensor::from_vec(y, lateral.shape().clone())?
+        }),
+        Device::Cuda(_) => {
+            let dev = gpu_dev(OP, lateral)?;
+            gpu_dev(OP, top)?;
+            let y = Tensor::gpu_zeros(&dev, lateral.shape().clone())?;
+            let mut args = vec![arg(lateral)?, arg(top)?, arg(&y)?];
+            args.extend(geom_args(&g));
+            launch_elems(&dev, "upsample_nearest_add_fwd_f32", y.numel(), &args)?;
+            y
+        }
+    };
+    let top_shape = top.shape().clone();
+    record(OP, &[lateral, top], &y, move |gy, needs| {
+        let gtop = if needs[1] {
+            Some(upsample_nearest_backward(gy, top_shape.dims())?)
+        } else {
+            None
+        };
+        Ok(vec![Some(gy.clone()), gtop])
+    });
+    Ok(y)
+}
+
+/// Source row and column of every output row and column.
+fn index_tables(g: &Geom) -> (Vec<usize>, Vec<usize>) {
+    let rows = (0..g.hl).map(|d| nearest_source_index(d, g.ht, g.hl));
+    let cols = (0..g.wl).map(|d| nearest_source_index(d, g.wt, g.wl));
+    (rows.collect(), cols.collect())
+}
+
+fn cpu_forward<T: Element>(lateral: &[T], top: &[T], g: &Geom) -> Vec<T> {
+    let (rows, cols) = index_tables(g);
+    let (lhw, thw) = (g.hl * g.wl, g.ht * g.wt);
+    let mut y = lateral.to_vec();
+    if lhw == 0 {
+        return y;
+    }
+    y.par_chunks_mut(lhw).enumerate().for_each(|(plane, yp)| {
+        let tp = &top[plane * thw..(plane + 1) * thw];
+        for (r, &sr) in rows.iter().enumerate() {
+            for (c, &sc) in cols.iter().enumerate() {
+                yp[r * g.wl + c] += tp[sr * g.wt + sc];
+            }
+        }
+    });
+    y
+}
+
+/// dL/dtop `[N, C, h, w]` of the nearest upsampling from dL/dy `[N, C, H, W]`: each
+/// top pixel receives the sum of the gradients of the output pixels copied from it.
+pub fn upsample_nearest_backward(gy: &Tensor, top_dims: &[usize]) -> Result<Tensor> {
+    const OP: &str = "upsample_nearest_backward";
+    if top_dims.len() != 4 {
+        return Err(Error::shape(
+            OP,
+            format!("top shape {top_dims:?} is not [N, C, h, w]"),
+        ));
+    }
+    let g = geometry(OP, gy.dims(), top_dims)?;
+    float_input(OP, gy)?;
+    match gy.device() {
+        Device::Cpu => with_dtype!(gy.dtype(), T => {
+            Tensor::from_vec(cpu_backward::<T>(gy.cpu_slice::<T>()?, &g), top_dims)
+        }),
+        Device::Cuda(_) => {
+            let dev = gpu_dev(OP, gy)?;
+            let gtop = Tensor::gpu_zeros(&dev, top_dims)?;
+            let mut args = vec![arg(gy)?, arg(&gtop)?];
+            args.extend(geom_args(&g));
+            launch_elems(&dev, "upsample_nearest_bwd_f32", gtop.numel(), &args)?;
+            Ok(gtop)
+        }
+    }
+}
+
+/// Scatter-add every output gradient onto its source pixel, plane by plane.
+fn cpu_backward<T: Element>(gy: &[T], g: &Geom) -> Vec<T> {
+    let (rows, cols) = index_tables(g);
+    let (lhw, thw) = (g.hl * g.wl, g.ht * g.wt);
+    let mut gtop = vec![T::zero(); g.planes * thw];
+    gtop.par_chunks_mut(thw)
+        .enumerate()
+        .for_each(|(plane, tp)| {
+            let gp = &gy[plane * lhw..(plane + 1) * lhw];
+            for (r, &sr) in rows.iter().enumerate() {
+                for (c, &sc) in cols.iter().enumerate() {
+                    tp[sr * g.wt + sc] += gp[r * g.wl + c];
+                }
+            }
+        });
+    gtop
+}
