@@ -1,0 +1,306 @@
+//! Detection ops against torchvision (fixtures ops/boxes, ops/nms, ops/detection):
+//! box ops, NMS, box coding, anchors, matcher, top-k, sampler; edge cases; CUDA
+//! against the CPU on random inputs.
+//!
+//! Each `check_*_on(device)` runs the same checks on the CPU (plain tests) and on a
+//! CUDA device (`#[ignore]`d tests, run with `--ignored` where a GPU is present).
+
+mod common;
+
+use std::collections::BTreeSet;
+
+use common::{assert_close, cuda, fixture};
+use kestrel::io::TensorFile;
+use kestrel::ops::boxes;
+use kestrel::rng::Rng;
+use kestrel::{Device, Tensor};
+use serde_json::Value;
+
+// ---------------------------------------------------------------- helpers
+
+/// Case names of a fixture file: the `<case>` prefixes of its tensor names.
+fn tensor_cases(f: &TensorFile) -> Vec<String> {
+    let set: BTreeSet<String> = f
+        .names()
+        .iter()
+        .filter_map(|n| n.rsplit_once('.').map(|(c, _)| c.to_string()))
+        .collect();
+    set.into_iter().collect()
+}
+
+/// `params[case]` of a fixture file (an empty object when the case has none).
+fn case_params(f: &TensorFile, case: &str) -> Value {
+    f.params()
+        .expect("params")
+        .get(case)
+        .cloned()
+        .unwrap_or(Value::Object(Default::default()))
+}
+
+fn f64_param(p: &Value, key: &str) -> f64 {
+    p[key]
+        .as_f64()
+        .unwrap_or_else(|| panic!("param {key} missing in {p}"))
+}
+
+fn on(t: &Tensor, device: Device) -> Tensor {
+    t.to_device(device).unwrap()
+}
+
+fn ints(t: &Tensor) -> Vec<i64> {
+    t.to_vec_i64().unwrap()
+}
+
+fn floats(t: &Tensor) -> Vec<f32> {
+    t.to_vec::<f32>().unwrap()
+}
+
+fn f32_t(v: Vec<f32>, shape: &[usize]) -> Tensor {
+    Tensor::from_vec(v, shape.to_vec()).unwrap()
+}
+
+fn i64_t(v: Vec<i64>) -> Tensor {
+    let n = v.len();
+    Tensor::from_vec_i64(v, [n]).unwrap()
+}
+
+/// Random boxes clustered like detector outputs: `n` boxes around `clusters`
+/// centres in an image of `w` x `h` pixels, with jittered sizes; scores in [0, 1).
+fn clustered_boxes(seed: u64, n: usize, clusters: usize, w: f64, h: f64) -> (Vec<f32>, Vec<f32>) {
+    let mut r = Rng::new(seed);
+    let centres: Vec<(f64, f64, f64, f64)> = (0..clusters.max(1))
+        .map(|_| {
+            let (bw, bh) = (r.range(8.0, w / 4.0), r.range(8.0, h / 4.0));
+            (r.range(0.0, w), r.range(0.0, h), bw, bh)
+        })
+        .collect();
+    let mut boxes = Vec::with_capacity(4 * n);
+    let mut scores = Vec::with_capacity(n);
+    for _ in 0..n {
+        let (cx, cy, bw, bh) = centres[r.below(centres.len() as u64) as usize];
+        let (jx, jy) = (r.normal() * 0.15 * bw, r.normal() * 0.15 * bh);
+        let (sw, sh) = (bw * r.range(0.7, 1.3), bh * r.range(0.7, 1.3));
+        let (x1, y1) = (cx + jx - sw / 2.0, cy + jy - sh / 2.0);
+        boxes.extend_from_slice(&[x1 as f32, y1 as f32, (x1 + sw) as f32, (y1 + sh) as f32]);
+        scores.push(r.uniform() as f32);
+    }
+    (boxes, scores)
+}
+
+// ---------------------------------------------------------------- box ops
+
+fn check_box_ops_on(device: Device) {
+    let f = fixture("ops/boxes.safetensors");
+    let cases = tensor_cases(&f);
+    assert!(!cases.is_empty(), "no cases in ops/boxes");
+    for case in &cases {
+        let p = case_params(&f, case);
+        let t = |n: &str| f.tensor(&format!("{case}.{n}")).unwrap();
+        match case.as_str() {
+            "iou" => {
+                let got =
+                    boxes::box_iou(&on(&t("boxes1"), device), &on(&t("boxes2"), device)).unwrap();
+                assert_close(&format!("{device} iou"), &got, &t("iou"), 1e-5);
+            }
+            "clip" => {
+                let size = (
+                    f64_param(&p, "height") as usize,
+                    f64_param(&p, "width") as usize,
+                );
+                let got = boxes::clip_boxes_to_image(&on(&t("boxes"), device), size).unwrap();
+                assert_close(&format!("{device} clip"), &got, &t("clipped"), 1e-5);
+            }
+            "small" => {
+                let got =
+                    boxes::remove_small_boxes(&on(&t("boxes"), device), f64_param(&p, "min_size"))
+                        .unwrap();
+                let want = ints(&f.int_tensor(&format!("{case}.keep")).unwrap());
+                assert_eq!(got.device(), device);
+                assert_eq!(ints(&got), want, "{device} remove_small_boxes");
+            }
+            other => panic!("ops/boxes: unknown case {other}"),
+        }
+    }
+}
+
+#[test]
+fn box_ops_match_torchvision_cpu() {
+    check_box_ops_on(Device::Cpu);
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn box_ops_match_torchvision_cuda() {
+    check_box_ops_on(cuda());
+}
+
+/// Hand-computed values and the edge cases: empty sets, zero-width boxes, NaN and
+/// infinite coordinates.
+fn check_box_edge_cases_on(device: Device) {
+    let b = on(
+        &f32_t(
+            vec![0., 0., 2., 3., 1., 1., 3., 4., 5., 5., 5., 9.],
+            &[3, 4],
+        ),
+        device,
+    );
+    assert_eq!(floats(&boxes::box_area(&b).unwrap()), vec![6.0, 6.0, 0.0]);
+    let iou = floats(&boxes::box_iou(&b, &b).unwrap());
+    // [0,0,2,3] and [1,1,3,4] overlap in [1,1,2,3]: 2 / (6 + 6 - 2) = 0.2.
+    assert_eq!(iou[0], 1.0);
+    assert!(
+        (iou[1] - 0.2).abs() < 1e-7 && (iou[3] - 0.2).abs() < 1e-7,
+        "{iou:?}"
+    );
+    assert_eq!(iou[2], 0.0);
+    // A zero-width box against itself: 0 / 0 is NaN, as in torchvision.
+    assert!(iou[8].is_nan(), "{iou:?}");
+
+    let empty = on(&f32_t(vec![], &[0, 4]), device);
+    assert_eq!(boxes::box_iou(&empty, &b).unwrap().dims(), &[0, 3]);
+    assert_eq!(boxes::box_iou(&b, &empty).unwrap().dims(), &[3, 0]);
+    assert_eq!(boxes::box_area(&empty).unwrap().dims(), &[0]);
+    assert_eq!(
+        boxes::clip_boxes_to_image(&empty, (10, 10)).unwrap().dims(),
+        &[0, 4]
+    );
+    assert_eq!(
+        ints(&boxes::remove_small_boxes(&empty, 1.0).unwrap()),
+        Vec::<i64>::new()
+    );
+
+    let nan = f32::NAN;
+    let odd = on(
+        &f32_t(
+            vec![
+                nan,
+                0.,
+                4.,
+                4.,
+                -5.,
+                -1.,
+                f32::INFINITY,
+                20.,
+                1.,
+                1.,
+                1.,
+                3.,
+                0.,
+                0.,
+                1.0,
+                0.5,
+            ],
+            &[4, 4],
+        ),
+        device,
+    );
+    let clipped = floats(&boxes::clip_boxes_to_image(&odd, (10, 8)).unwrap());
+    assert!(clipped[0].is_nan());
+    assert_eq!(&clipped[1..8], &[0., 4., 4., 0., 0., 8., 10.]);
+    // Widths 4 (NaN x1: NaN >= m is false), inf, 0, 1; heights 4, 21, 2, 0.5.
+    assert_eq!(
+        ints(&boxes::remove_small_boxes(&odd, 0.5).unwrap()),
+        vec![1, 3]
+    );
+    assert_eq!(
+        ints(&boxes::remove_small_boxes(&odd, 0.0).unwrap()),
+        vec![1, 2, 3]
+    );
+    let iou = floats(&boxes::box_iou(&odd, &b).unwrap());
+    assert!(
+        iou[0..3].iter().all(|v| v.is_nan()),
+        "NaN box gives NaN IoU: {iou:?}"
+    );
+}
+
+#[test]
+fn box_edge_cases_cpu() {
+    check_box_edge_cases_on(Device::Cpu);
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn box_edge_cases_cuda() {
+    check_box_edge_cases_on(cuda());
+}
+
+#[test]
+fn box_ops_f64_match_f32() {
+    let (b, _) = clustered_boxes(3, 50, 5, 300.0, 200.0);
+    let b32 = f32_t(b, &[50, 4]);
+    let b64 = b32.to_dtype(kestrel::DType::F64).unwrap();
+    let (i32_, i64_) = (
+        boxes::box_iou(&b32, &b32).unwrap(),
+        boxes::box_iou(&b64, &b64).unwrap(),
+    );
+    assert_eq!(i64_.dtype(), kestrel::DType::F64);
+    assert_close("iou f64 vs f32", &i32_, &i64_, 1e-5);
+    let k64 = boxes::remove_small_boxes(&b64, 30.0).unwrap();
+    assert_eq!(
+        ints(&k64),
+        ints(&boxes::remove_small_boxes(&b32, 30.0).unwrap())
+    );
+}
+
+#[test]
+fn box_ops_reject_bad_input() {
+    let bad = f32_t(vec![0.0; 6], &[2, 3]);
+    let ok = f32_t(vec![0.0; 8], &[2, 4]);
+    for e in [
+        boxes::box_area(&bad).unwrap_err(),
+        boxes::box_iou(&bad, &ok).unwrap_err(),
+        boxes::box_iou(&ok, &bad).unwrap_err(),
+        boxes::remove_small_boxes(&bad, 1.0).unwrap_err(),
+        boxes::clip_boxes_to_image(&bad, (4, 4)).unwrap_err(),
+    ] {
+        assert!(matches!(e, kestrel::Error::Shape { .. }), "{e}");
+    }
+    let idx = i64_t(vec![0, 1]);
+    assert!(boxes::box_area(&idx).is_err());
+    assert!(boxes::remove_small_boxes(&ok, f64::NAN).is_err());
+    let ok64 = ok.to_dtype(kestrel::DType::F64).unwrap();
+    assert!(boxes::box_iou(&ok, &ok64).is_err());
+}
+
+fn check_box_ops_random_on(device: Device) {
+    for seed in 0..3 {
+        let (b1, _) = clustered_boxes(seed, 300, 7, 640.0, 480.0);
+        let (b2, _) = clustered_boxes(seed + 100, 200, 7, 640.0, 480.0);
+        let (t1, t2) = (f32_t(b1, &[300, 4]), f32_t(b2, &[200, 4]));
+        let want = boxes::box_iou(&t1, &t2).unwrap();
+        let got = boxes::box_iou(&on(&t1, device), &on(&t2, device)).unwrap();
+        assert_eq!(floats(&got), floats(&want), "{device} box_iou seed {seed}");
+        let want = boxes::clip_boxes_to_image(&t1, (480, 640)).unwrap();
+        let got = boxes::clip_boxes_to_image(&on(&t1, device), (480, 640)).unwrap();
+        assert_eq!(floats(&got), floats(&want), "{device} clip seed {seed}");
+        let want = boxes::remove_small_boxes(&t1, 60.0).unwrap();
+        let got = boxes::remove_small_boxes(&on(&t1, device), 60.0).unwrap();
+        assert_eq!(ints(&got), ints(&want), "{device} remove_small seed {seed}");
+        let want = boxes::box_area(&t2).unwrap();
+        let got = boxes::box_area(&on(&t2, device)).unwrap();
+        assert_eq!(floats(&got), floats(&want), "{device} area seed {seed}");
+    }
+}
+
+#[test]
+fn box_ops_random_cpu() {
+    check_box_ops_random_on(Device::Cpu);
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn box_ops_random_cuda_matches_cpu() {
+    check_box_ops_random_on(cuda());
+}
+
+// ---------------------------------------------------------------- device check list
+
+/// Every `check_*_on` function, for runners that bring their own device (an
+/// emulated CUDA device runs this list).
+pub fn device_checks() -> Vec<(&'static str, fn(Device))> {
+    vec![
+        ("box_ops", check_box_ops_on),
+        ("box_edge_cases", check_box_edge_cases_on),
+        ("box_ops_random", check_box_ops_random_on),
+    ]
+}
