@@ -1,1 +1,4 @@
-//! Detection building blocks: anchors, box coding, matching, sampling.
+//! Detection building blocks with torchvision's semantics: anchors, box coding,
+//! matching, sampling. Boxes are `(x1, y1, x2, y2)` in pixels.
+
+pub mod box_coder;
