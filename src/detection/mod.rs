@@ -3,3 +3,4 @@
 
 pub mod anchors;
 pub mod box_coder;
+pub mod matcher;
