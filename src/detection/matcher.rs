@@ -43,7 +43,7 @@ impl Matcher {
         low_threshold: f64,
         allow_low_quality_matches: bool,
     ) -> Result<Self> {
-        if !(low_threshold <= high_threshold) {
+        if low_threshold.is_nan() || high_threshold.is_nan() || low_threshold > high_threshold {
             return Err(Error::invalid(
                 "Matcher",
                 format!("low threshold {low_threshold} must be <= high threshold {high_threshold}"),
@@ -67,7 +67,8 @@ impl Matcher {
                 ))
             }
         };
-        if !(self.low_threshold <= self.high_threshold) {
+        let (low, high) = (self.low_threshold, self.high_threshold);
+        if low.is_nan() || high.is_nan() || low > high {
             return Err(Error::invalid("Matcher", format!("thresholds {self:?}")));
         }
         if match_quality.dtype() == DType::I64 {
@@ -170,7 +171,8 @@ fn best_gt<T: Element>(iou: &[T], g: usize, a: usize, j: usize) -> (T, usize) {
     let (mut best, mut arg) = (iou[j], 0);
     for r in 0..g {
         let v = iou[r * a + j];
-        if !(v <= best) {
+        // torch's `!(v <= best)`: also true when either is NaN.
+        if v > best || v.is_nan() || best.is_nan() {
             best = v;
             arg = r;
             if v.is_nan() {
