@@ -14,7 +14,7 @@ use kestrel::detection::anchors::AnchorGenerator;
 use kestrel::detection::box_coder::BoxCoder;
 use kestrel::detection::matcher::Matcher;
 use kestrel::io::TensorFile;
-use kestrel::ops::{boxes, nms};
+use kestrel::ops::{boxes, nms, topk};
 use kestrel::rng::Rng;
 use kestrel::{Device, Tensor};
 use serde_json::Value;
@@ -1064,6 +1064,181 @@ fn matcher_rejects_bad_input() {
     assert_eq!(ints(&m.matches(&f64_iou).unwrap()), vec![0, -1]);
 }
 
+// ---------------------------------------------------------------- top-k
+
+fn check_topk_fixture_on(device: Device) {
+    let f = fixture("ops/detection.safetensors");
+    let p = case_params(&f, "topk");
+    assert_eq!(
+        p["dim"].as_i64(),
+        Some(1),
+        "topk fixture is over the last dim"
+    );
+    let k = p["k"].as_u64().unwrap() as usize;
+    let (v, i) = topk::topk(&on(&f.tensor("topk.input").unwrap(), device), k).unwrap();
+    assert_eq!(i.device(), device);
+    assert_eq!(
+        ints(&i),
+        ints(&f.int_tensor("topk.indices").unwrap()),
+        "{device} topk indices"
+    );
+    assert_close(
+        &format!("{device} topk values"),
+        &v,
+        &f.tensor("topk.values").unwrap(),
+        1e-6,
+    );
+}
+
+#[test]
+fn topk_matches_torch_cpu() {
+    check_topk_fixture_on(Device::Cpu);
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn topk_matches_torch_cuda() {
+    check_topk_fixture_on(cuda());
+}
+
+/// Top-k by a full sort (the obvious definition): descending, NaN first, ties by index.
+fn topk_by_sort(v: &[f32], k: usize) -> Vec<i64> {
+    let mut idx: Vec<usize> = (0..v.len()).collect();
+    idx.sort_by(|&a, &b| {
+        let key = |x: f32| if x.is_nan() { f32::INFINITY } else { x };
+        let (na, nb) = (v[a].is_nan(), v[b].is_nan());
+        nb.cmp(&na)
+            .then(key(v[b]).partial_cmp(&key(v[a])).unwrap())
+            .then(a.cmp(&b))
+    });
+    idx.into_iter().take(k).map(|i| i as i64).collect()
+}
+
+/// Per-level top-k on random rows: the sampled-threshold path, the exact radix path
+/// (many equal values) and short levels, against a full sort.
+fn check_topk_levels_on(device: Device) {
+    let levels = [20000usize, 5000, 1300, 300, 77];
+    let a: usize = levels.iter().sum();
+    let k = 1000;
+    let kinds = [
+        (41u64, "random"),
+        (42, "ties"),
+        (43, "nan"),
+        (44, "constant"),
+        (45, "unsampled"),
+    ];
+    for (seed, kind) in kinds {
+        let mut v: Vec<f32> = common::randn(seed, 2 * a)
+            .iter()
+            .map(|x| (x * 4.0) as f32)
+            .collect();
+        match kind {
+            "ties" => v.iter_mut().for_each(|x| *x = (*x * 2.0).round() / 2.0),
+            "nan" => v.iter_mut().step_by(97).for_each(|x| *x = f32::NAN),
+            "constant" => v.iter_mut().for_each(|x| *x = 0.25),
+            // The CUDA kernel samples every (len / 2048)-th element (9th here): make
+            // those the smallest so that its threshold fails and the exact select runs.
+            "unsampled" => v.iter_mut().step_by(9).for_each(|x| *x = -10.0),
+            _ => {}
+        }
+        let (vals, idx) =
+            topk::topk_levels(&on(&f32_t(v.clone(), &[2, a]), device), &levels, k).unwrap();
+        let out_row: usize = levels.iter().map(|&l| l.min(k)).sum();
+        assert_eq!(idx.dims(), &[2, out_row]);
+        let (idx, vals) = (ints(&idx), floats(&vals));
+        let mut pos = 0;
+        for r in 0..2 {
+            let mut off = 0;
+            for &l in &levels {
+                let row = &v[r * a + off..r * a + off + l];
+                let want: Vec<i64> = topk_by_sort(row, k)
+                    .into_iter()
+                    .map(|i| i + off as i64)
+                    .collect();
+                let n = want.len();
+                assert_eq!(
+                    &idx[pos..pos + n],
+                    &want[..],
+                    "{device} {kind} row {r} level of {l}"
+                );
+                for (j, &c) in want.iter().enumerate() {
+                    let x = v[r * a + c as usize];
+                    assert!(vals[pos + j] == x || (x.is_nan() && vals[pos + j].is_nan()));
+                }
+                pos += n;
+                off += l;
+            }
+        }
+    }
+}
+
+#[test]
+fn topk_levels_cpu() {
+    check_topk_levels_on(Device::Cpu);
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn topk_levels_cuda() {
+    check_topk_levels_on(cuda());
+}
+
+fn check_topk_edge_cases_on(device: Device) {
+    let run = |v: Vec<f32>, k: usize| {
+        let n = v.len();
+        let (vals, idx) = topk::topk(&on(&f32_t(v, &[1, n]), device), k).unwrap();
+        (floats(&vals), ints(&idx))
+    };
+    // All values equal: the first k indices.
+    assert_eq!(run(vec![0.5; 9], 4).1, vec![0, 1, 2, 3]);
+    // NaN ranks first, then +inf; -0.0 ties with +0.0 by index.
+    let (v, i) = run(
+        vec![0.0, f32::NAN, -0.0, f32::INFINITY, 1.0, f32::NEG_INFINITY],
+        6,
+    );
+    assert_eq!(i, vec![1, 3, 4, 0, 2, 5]);
+    assert!(v[0].is_nan() && v[1] == f32::INFINITY && v[5] == f32::NEG_INFINITY);
+    // k = 0, k = C, one element.
+    assert_eq!(run(vec![1.0, 2.0], 0).1, Vec::<i64>::new());
+    assert_eq!(
+        run(vec![1.0, 3.0, 2.0], 3),
+        (vec![3.0, 2.0, 1.0], vec![1, 2, 0])
+    );
+    assert_eq!(run(vec![7.0], 1).1, vec![0]);
+    // Levels shorter than k keep everything; an empty level contributes nothing.
+    let x = on(&f32_t(vec![1.0, 5.0, 3.0, 2.0, 9.0], &[1, 5]), device);
+    let (_, i) = topk::topk_levels(&x, &[2, 0, 3], 2).unwrap();
+    assert_eq!(ints(&i), vec![1, 0, 4, 2]);
+    // No rows.
+    let (_, i) = topk::topk(&on(&f32_t(vec![], &[0, 5]), device), 2).unwrap();
+    assert_eq!(i.dims(), &[0, 2]);
+}
+
+#[test]
+fn topk_edge_cases_cpu() {
+    check_topk_edge_cases_on(Device::Cpu);
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn topk_edge_cases_cuda() {
+    check_topk_edge_cases_on(cuda());
+}
+
+#[test]
+fn topk_rejects_bad_input() {
+    let x = f32_t(vec![0.0; 6], &[2, 3]);
+    assert!(topk::topk(&x, 4).is_err(), "k larger than the row");
+    assert!(topk::topk(&f32_t(vec![0.0; 6], &[6]), 1).is_err());
+    assert!(
+        topk::topk_levels(&x, &[1, 1], 1).is_err(),
+        "levels do not sum to the row"
+    );
+    assert!(topk::topk(&i64_t(vec![0; 6]).reshape_detached([2, 3]).unwrap(), 1).is_err());
+    let x64 = x.to_dtype(kestrel::DType::F64).unwrap();
+    assert_eq!(topk::topk(&x64, 2).unwrap().0.dtype(), kestrel::DType::F64);
+}
+
 // ---------------------------------------------------------------- device check list
 
 /// Every `check_*_on` function, for runners that bring their own device (an
@@ -1085,5 +1260,8 @@ pub fn device_checks() -> Vec<(&'static str, fn(Device))> {
         ("matcher", check_matcher_fixtures_on),
         ("matcher_edge_cases", check_matcher_edge_cases_on),
         ("matcher_random", check_matcher_random_on),
+        ("topk", check_topk_fixture_on),
+        ("topk_levels", check_topk_levels_on),
+        ("topk_edge_cases", check_topk_edge_cases_on),
     ]
 }
