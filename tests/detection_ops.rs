@@ -13,6 +13,7 @@ use common::{assert_close, cuda, fixture};
 use kestrel::detection::anchors::AnchorGenerator;
 use kestrel::detection::box_coder::BoxCoder;
 use kestrel::detection::matcher::Matcher;
+use kestrel::detection::sampler::{BalancedPositiveNegativeSampler, Sampled};
 use kestrel::io::TensorFile;
 use kestrel::ops::{boxes, nms, topk};
 use kestrel::rng::Rng;
@@ -1239,6 +1240,137 @@ fn topk_rejects_bad_input() {
     assert_eq!(topk::topk(&x64, 2).unwrap().0.dtype(), kestrel::DType::F64);
 }
 
+// ---------------------------------------------------------------- sampler
+
+fn sampler_labels() -> Vec<i64> {
+    // 10 positives (labels 1..3), 30 negatives, 10 ignored, interleaved.
+    (0..50)
+        .map(|i| match i % 5 {
+            0 => 1 + (i / 5) % 3,
+            1 | 2 | 3 => 0,
+            _ => -1,
+        })
+        .collect()
+}
+
+#[test]
+fn sampler_takes_every_candidate_when_the_batch_allows() {
+    let labels = sampler_labels();
+    let s = BalancedPositiveNegativeSampler::new(1_000_000, 0.5).unwrap();
+    let mut rng = Rng::new(5);
+    let got = s.sample(&i64_t(labels.clone()), &mut rng).unwrap();
+    let pos: Vec<i64> = (0..50).filter(|&i| labels[i as usize] >= 1).collect();
+    let neg: Vec<i64> = (0..50).filter(|&i| labels[i as usize] == 0).collect();
+    assert_eq!(
+        got,
+        Sampled {
+            positive: pos,
+            negative: neg
+        }
+    );
+    assert_eq!(
+        rng,
+        Rng::new(5),
+        "taking everything must not draw random numbers"
+    );
+}
+
+#[test]
+fn sampler_is_balanced_reproducible_and_valid() {
+    let labels = sampler_labels();
+    let s = BalancedPositiveNegativeSampler::new(16, 0.25).unwrap();
+    let draw = |seed| s.sample_labels(&labels, &mut Rng::new(seed)).unwrap();
+    let a = draw(1);
+    assert_eq!(a, draw(1), "same seed, same sample");
+    assert_ne!(a, draw(2), "another seed, another sample");
+    // floor(16 * 0.25) = 4 positives, 12 negatives; ascending, unique, right labels.
+    assert_eq!((a.positive.len(), a.negative.len()), (4, 12));
+    for (list, ok) in [
+        (&a.positive, &(|l: i64| l >= 1) as &dyn Fn(i64) -> bool),
+        (&a.negative, &|l| l == 0),
+    ] {
+        assert!(list.windows(2).all(|w| w[0] < w[1]), "{list:?}");
+        assert!(list.iter().all(|&i| ok(labels[i as usize])), "{list:?}");
+    }
+    // Few positives: negatives fill the batch.
+    let s = BalancedPositiveNegativeSampler::new(30, 0.5).unwrap();
+    let b = s.sample_labels(&labels, &mut Rng::new(3)).unwrap();
+    assert_eq!((b.positive.len(), b.negative.len()), (10, 20));
+    // Every positive is about equally likely (4 of 10 per draw).
+    let s = BalancedPositiveNegativeSampler::new(8, 0.5).unwrap();
+    let mut counts = [0usize; 50];
+    let mut rng = Rng::new(9);
+    for _ in 0..4000 {
+        for i in s.sample_labels(&labels, &mut rng).unwrap().positive {
+            counts[i as usize] += 1;
+        }
+    }
+    for i in (0..50).filter(|&i| labels[i] >= 1) {
+        assert!(
+            (1400..=1800).contains(&counts[i]),
+            "positive {i} drawn {} times of ~1600",
+            counts[i]
+        );
+    }
+}
+
+/// Labels on the device sample exactly as on the host.
+fn check_sampler_on(device: Device) {
+    let labels = i64_t(sampler_labels());
+    let s = BalancedPositiveNegativeSampler::new(16, 0.25).unwrap();
+    let want = s.sample(&labels, &mut Rng::new(4)).unwrap();
+    assert_eq!(
+        s.sample(&on(&labels, device), &mut Rng::new(4)).unwrap(),
+        want,
+        "{device}"
+    );
+}
+
+#[test]
+fn sampler_labels_on_any_device_cpu() {
+    check_sampler_on(Device::Cpu);
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn sampler_labels_on_any_device_cuda() {
+    check_sampler_on(cuda());
+}
+
+#[test]
+fn sampler_edge_cases() {
+    let s = BalancedPositiveNegativeSampler::new(4, 0.5).unwrap();
+    let mut rng = Rng::new(0);
+    let empty = Sampled {
+        positive: vec![],
+        negative: vec![],
+    };
+    assert_eq!(s.sample_labels(&[], &mut rng).unwrap(), empty);
+    assert_eq!(s.sample_labels(&[-1, -1, -2], &mut rng).unwrap(), empty);
+    assert_eq!(
+        s.sample_labels(&[0, 0], &mut rng).unwrap().negative,
+        vec![0, 1]
+    );
+    let none = BalancedPositiveNegativeSampler::new(0, 0.5).unwrap();
+    assert_eq!(
+        none.sample_labels(&sampler_labels(), &mut rng).unwrap(),
+        empty
+    );
+    assert!(BalancedPositiveNegativeSampler::new(4, 1.5).is_err());
+    assert!(BalancedPositiveNegativeSampler::new(4, f64::NAN).is_err());
+    assert!(s.sample(&f32_t(vec![1.0], &[1]), &mut rng).is_err());
+    let batch = s
+        .sample_batch(&[i64_t(vec![1, 0]), i64_t(vec![0, 1])], &mut rng)
+        .unwrap();
+    assert_eq!(
+        batch[1],
+        Sampled {
+            positive: vec![1],
+            negative: vec![0]
+        }
+    );
+}
+
 // ---------------------------------------------------------------- device check list
 
 /// Every `check_*_on` function, for runners that bring their own device (an
@@ -1263,5 +1395,6 @@ pub fn device_checks() -> Vec<(&'static str, fn(Device))> {
         ("topk", check_topk_fixture_on),
         ("topk_levels", check_topk_levels_on),
         ("topk_edge_cases", check_topk_edge_cases_on),
+        ("sampler", check_sampler_on),
     ]
 }

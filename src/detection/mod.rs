@@ -4,3 +4,4 @@
 pub mod anchors;
 pub mod box_coder;
 pub mod matcher;
+pub mod sampler;
