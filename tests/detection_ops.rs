@@ -1247,7 +1247,7 @@ fn sampler_labels() -> Vec<i64> {
     (0..50)
         .map(|i| match i % 5 {
             0 => 1 + (i / 5) % 3,
-            1 | 2 | 3 => 0,
+            1..=3 => 0,
             _ => -1,
         })
         .collect()
