@@ -7,7 +7,9 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use kestrel::ops::nms;
+use kestrel::detection::anchors::AnchorGenerator;
+use kestrel::detection::box_coder::BoxCoder;
+use kestrel::ops::{nms, topk};
 use kestrel::rng::Rng;
 use kestrel::{Device, Tensor};
 
@@ -85,5 +87,71 @@ fn bench_nms(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, bench_nms);
+/// FPN grids of an 800 x 1216 image (P2..P6): 242,991 anchors with 3 per location.
+const GRIDS_800X1216: [(usize, usize); 5] = [(200, 304), (100, 152), (50, 76), (25, 38), (13, 19)];
+
+fn level_sizes() -> Vec<usize> {
+    GRIDS_800X1216.iter().map(|(h, w)| h * w * 3).collect()
+}
+
+fn bench_topk(c: &mut Criterion) {
+    let levels = level_sizes();
+    let a: usize = levels.iter().sum();
+    let mut r = Rng::new(7);
+    for device in devices() {
+        let mut g = c.benchmark_group(format!("topk_levels/{device}"));
+        for batch in [1usize, 2] {
+            let scores: Vec<f32> = (0..batch * a).map(|_| r.normal() as f32 * 3.0).collect();
+            let x = Tensor::from_vec(scores, [batch, a])
+                .unwrap()
+                .to_device(device)
+                .unwrap();
+            g.bench_function(format!("{batch}x{a}_k1000"), |bch| {
+                bch.iter(|| {
+                    let out = topk::topk_levels(&x, &levels, 1000).unwrap();
+                    sync(device);
+                    black_box(out)
+                })
+            });
+        }
+        g.finish();
+    }
+}
+
+fn bench_anchors(c: &mut Criterion) {
+    let gen = AnchorGenerator::fpn_default();
+    for device in devices() {
+        c.bench_function(&format!("anchors/{device}/800x1216"), |bch| {
+            bch.iter(|| {
+                let out = gen.anchors((800, 1216), &GRIDS_800X1216, device).unwrap();
+                sync(device);
+                black_box(out)
+            })
+        });
+    }
+}
+
+fn bench_decode(c: &mut Criterion) {
+    let a: usize = level_sizes().iter().sum();
+    let gen = AnchorGenerator::fpn_default();
+    let coder = BoxCoder::new([1.0; 4]);
+    let mut r = Rng::new(8);
+    let deltas: Vec<f32> = (0..4 * a).map(|_| r.normal() as f32 * 0.5).collect();
+    for device in devices() {
+        let anchors = gen.anchors((800, 1216), &GRIDS_800X1216, device).unwrap();
+        let d = Tensor::from_vec(deltas.clone(), [a, 4])
+            .unwrap()
+            .to_device(device)
+            .unwrap();
+        c.bench_function(&format!("box_decode/{device}/{a}"), |bch| {
+            bch.iter(|| {
+                let out = coder.decode(&d, &anchors).unwrap();
+                sync(device);
+                black_box(out)
+            })
+        });
+    }
+}
+
+criterion_group!(benches, bench_nms, bench_topk, bench_anchors, bench_decode);
 criterion_main!(benches);

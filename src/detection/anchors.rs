@@ -159,24 +159,23 @@ impl AnchorGenerator {
             .sum();
         match device {
             Device::Cpu => {
-                let mut out = Vec::with_capacity(4 * total);
+                let mut out = vec![0f32; 4 * total];
+                let mut rest = &mut out[..];
                 for ((&(gh, gw), &(sh, sw)), cells) in
                     grid_sizes.iter().zip(&strides).zip(&self.cells)
                 {
-                    for y in 0..gh {
+                    let (level, tail) = rest.split_at_mut(4 * gh * gw * cells.len());
+                    rest = tail;
+                    // One grid row per task: 4 * gw * cells f32 values.
+                    crate::device::cpu::for_chunks(level, 4 * gw * cells.len(), |y, row| {
                         let sy = y as f32 * sh as f32;
-                        for x in 0..gw {
+                        for (x, loc) in row.chunks_exact_mut(4 * cells.len()).enumerate() {
                             let sx = x as f32 * sw as f32;
-                            for b in cells {
-                                out.extend_from_slice(&[
-                                    sx + b[0],
-                                    sy + b[1],
-                                    sx + b[2],
-                                    sy + b[3],
-                                ]);
+                            for (b, o) in cells.iter().zip(loc.chunks_exact_mut(4)) {
+                                o.copy_from_slice(&[sx + b[0], sy + b[1], sx + b[2], sy + b[3]]);
                             }
                         }
-                    }
+                    });
                 }
                 Tensor::from_vec(out, [total, 4])
             }
