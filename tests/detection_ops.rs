@@ -545,9 +545,10 @@ fn check_batched_nms_edge_cases_on(device: Device) {
     );
     // The device form: keep [N] padded with -1, count [1].
     let out = nms::nms_device(&b, &s, None, 0.5).unwrap();
-    assert_eq!(out.keep.device(), device);
+    assert_eq!((out.keep.device(), out.count.device()), (device, device));
     assert_eq!(ints(&out.count), vec![1]);
-    assert_eq!(ints(&out.keep)[0], 1);
+    assert_eq!(ints(&out.keep), vec![1, -1, -1]);
+    assert_eq!(ints(&out.into_keep().unwrap()), vec![1]);
 }
 
 #[test]

@@ -45,8 +45,8 @@ use crate::with_dtype;
 use super::boxes::{check_boxes, prefix_i64};
 
 /// NMS result left on the device: `keep` `[N]` i64 holds the kept original indices
-/// in its first `count` entries (the rest are -1); `count` `[1]` i64. On the CPU
-/// both are CPU tensors.
+/// in its first `count` entries (the rest are -1); `count` `[1]` i64. Both are on
+/// the input's device (CPU tensors for CPU inputs).
 #[derive(Clone, Debug)]
 pub struct NmsOutput {
     pub keep: Tensor,
@@ -57,13 +57,8 @@ impl NmsOutput {
     /// The kept indices as an exact-length tensor on the same device (reads the count:
     /// one synchronisation on CUDA).
     pub fn into_keep(self) -> Result<Tensor> {
-        match self.keep.device() {
-            Device::Cpu => Ok(self.keep),
-            Device::Cuda(_) => {
-                let k = self.count.to_vec_i64()?[0] as usize;
-                prefix_i64(&self.keep, k)
-            }
-        }
+        let k = self.count.to_vec_i64()?[0] as usize;
+        prefix_i64(&self.keep, k)
     }
 }
 
@@ -101,8 +96,10 @@ pub fn nms_device(
                 nms_cpu(b, s, cls, iou_threshold)
             });
             let k = keep.len();
+            let mut padded = keep;
+            padded.resize(n, -1);
             Ok(NmsOutput {
-                keep: Tensor::from_vec_i64(keep, [k])?,
+                keep: Tensor::from_vec_i64(padded, [n])?,
                 count: Tensor::from_vec_i64(vec![k as i64], [1])?,
             })
         }
