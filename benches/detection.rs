@@ -1,9 +1,157 @@
-//! Placeholder: replaced by the benches of this group.
-use criterion::{criterion_group, criterion_main, Criterion};
+//! Detection benches: NMS, top-k, anchors, box decoding, on the CPU and (when one is
+//! present) CUDA. Names: `<op>/<device>/<shape>`.
+//!
+//! `cargo bench --bench detection` (filter with e.g. `-- nms/cpu`).
 
-fn placeholder(c: &mut Criterion) {
-    c.bench_function("noop", |b| b.iter(|| 1 + 1));
+use std::hint::black_box;
+use std::time::Duration;
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use kestrel::detection::anchors::AnchorGenerator;
+use kestrel::detection::box_coder::BoxCoder;
+use kestrel::ops::{nms, topk};
+use kestrel::rng::Rng;
+use kestrel::{Device, Tensor};
+
+/// Devices to bench: the CPU, and CUDA device 0 when it opens.
+fn devices() -> Vec<Device> {
+    let mut d = vec![Device::Cpu];
+    if kestrel::device::gpu::device(0).is_ok() {
+        d.push(Device::Cuda(0));
+    }
+    d
 }
 
-criterion_group!(benches, placeholder);
+/// Wait for queued device work so a timing covers it.
+fn sync(device: Device) {
+    if let Device::Cuda(n) = device {
+        kestrel::device::gpu::device(n)
+            .and_then(|d| d.backend.synchronize())
+            .expect("synchronize");
+    }
+}
+
+/// `n` boxes clustered like a detector's raw outputs on a 1216 x 800 image: about
+/// one object per 50 boxes, object sizes log-uniform in 16..400 pixels, each output
+/// a jittered copy of its object's box; scores in [0, 1).
+pub fn detector_like_boxes(seed: u64, n: usize) -> (Vec<f32>, Vec<f32>) {
+    let mut r = Rng::new(seed);
+    let objects: Vec<[f64; 4]> = (0..(n / 50).max(1))
+        .map(|_| {
+            let (w, h) = (
+                (r.range(16f64.ln(), 400f64.ln())).exp(),
+                (r.range(16f64.ln(), 400f64.ln())).exp(),
+            );
+            [r.range(0.0, 1216.0), r.range(0.0, 800.0), w, h]
+        })
+        .collect();
+    let mut boxes = Vec::with_capacity(4 * n);
+    let mut scores = Vec::with_capacity(n);
+    for _ in 0..n {
+        let [cx, cy, w, h] = objects[r.below(objects.len() as u64) as usize];
+        let (cx, cy) = (cx + 0.1 * w * r.normal(), cy + 0.1 * h * r.normal());
+        let (w, h) = (w * r.range(0.8, 1.25), h * r.range(0.8, 1.25));
+        boxes.extend_from_slice(&[
+            (cx - w / 2.0) as f32,
+            (cy - h / 2.0) as f32,
+            (cx + w / 2.0) as f32,
+            (cy + h / 2.0) as f32,
+        ]);
+        scores.push(r.uniform() as f32);
+    }
+    (boxes, scores)
+}
+
+fn bench_nms(c: &mut Criterion) {
+    for device in devices() {
+        for n in [1000usize, 5000, 20000, 100_000] {
+            let (b, s) = detector_like_boxes(n as u64, n);
+            let boxes = Tensor::from_vec(b, [n, 4])
+                .unwrap()
+                .to_device(device)
+                .unwrap();
+            let scores = Tensor::from_vec(s, [n]).unwrap().to_device(device).unwrap();
+            let mut g = c.benchmark_group(format!("nms/{device}"));
+            if n >= 20000 {
+                g.sample_size(10).measurement_time(Duration::from_secs(5));
+            }
+            g.bench_function(format!("{n}"), |bch| {
+                bch.iter(|| {
+                    let out = nms::nms_device(&boxes, &scores, None, 0.7).unwrap();
+                    sync(device);
+                    black_box(out)
+                })
+            });
+            g.finish();
+        }
+    }
+}
+
+/// FPN grids of an 800 x 1216 image (P2..P6): 242,991 anchors with 3 per location.
+const GRIDS_800X1216: [(usize, usize); 5] = [(200, 304), (100, 152), (50, 76), (25, 38), (13, 19)];
+
+fn level_sizes() -> Vec<usize> {
+    GRIDS_800X1216.iter().map(|(h, w)| h * w * 3).collect()
+}
+
+fn bench_topk(c: &mut Criterion) {
+    let levels = level_sizes();
+    let a: usize = levels.iter().sum();
+    let mut r = Rng::new(7);
+    for device in devices() {
+        let mut g = c.benchmark_group(format!("topk_levels/{device}"));
+        for batch in [1usize, 2] {
+            let scores: Vec<f32> = (0..batch * a).map(|_| r.normal() as f32 * 3.0).collect();
+            let x = Tensor::from_vec(scores, [batch, a])
+                .unwrap()
+                .to_device(device)
+                .unwrap();
+            g.bench_function(format!("{batch}x{a}_k1000"), |bch| {
+                bch.iter(|| {
+                    let out = topk::topk_levels(&x, &levels, 1000).unwrap();
+                    sync(device);
+                    black_box(out)
+                })
+            });
+        }
+        g.finish();
+    }
+}
+
+fn bench_anchors(c: &mut Criterion) {
+    let gen = AnchorGenerator::fpn_default();
+    for device in devices() {
+        c.bench_function(&format!("anchors/{device}/800x1216"), |bch| {
+            bch.iter(|| {
+                let out = gen.anchors((800, 1216), &GRIDS_800X1216, device).unwrap();
+                sync(device);
+                black_box(out)
+            })
+        });
+    }
+}
+
+fn bench_decode(c: &mut Criterion) {
+    let a: usize = level_sizes().iter().sum();
+    let gen = AnchorGenerator::fpn_default();
+    let coder = BoxCoder::new([1.0; 4]);
+    let mut r = Rng::new(8);
+    let deltas: Vec<f32> = (0..4 * a).map(|_| r.normal() as f32 * 0.5).collect();
+    for device in devices() {
+        let anchors = gen.anchors((800, 1216), &GRIDS_800X1216, device).unwrap();
+        let d = Tensor::from_vec(deltas.clone(), [a, 4])
+            .unwrap()
+            .to_device(device)
+            .unwrap();
+        c.bench_function(&format!("box_decode/{device}/{a}"), |bch| {
+            bch.iter(|| {
+                let out = coder.decode(&d, &anchors).unwrap();
+                sync(device);
+                black_box(out)
+            })
+        });
+    }
+}
+
+criterion_group!(benches, bench_nms, bench_topk, bench_anchors, bench_decode);
 criterion_main!(benches);

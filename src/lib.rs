@@ -21,6 +21,7 @@ pub mod device;
 pub mod error;
 pub mod eval;
 pub mod io;
+pub mod nn;
 pub mod ops;
 pub mod optim;
 pub mod rng;

@@ -1,12 +1,19 @@
-//! Detection building blocks (anchors, box coding, matching, sampling, RPN, RoI
-//! heads, transform) and the Faster R-CNN model.
+//! Detection with torchvision's semantics: anchors, box coding, matching, sampling,
+//! the transform, RPN, RoI heads and the Faster R-CNN model. Boxes are
+//! `(x1, y1, x2, y2)` in pixels.
 
+pub mod anchors;
+pub mod box_coder;
 pub mod box_utils;
+pub mod faster_rcnn;
+pub mod matcher;
 pub mod poolers;
+pub mod roi_heads;
+pub mod rpn;
+pub mod sampler;
 pub mod transform;
-// Wired in once the ops they use (conv2d, norms, pooling, NMS, RoIAlign) are merged:
-// pub mod faster_rcnn; pub mod roi_heads; pub mod rpn;
-// pub use faster_rcnn::{FasterRcnn, FasterRcnnConfig};
+
+pub use faster_rcnn::{FasterRcnn, FasterRcnnConfig};
 
 /// Detections of one image: boxes (x1, y1, x2, y2, pixels), scores, labels (1..).
 #[derive(Clone, Debug, Default, PartialEq)]

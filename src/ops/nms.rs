@@ -1,1 +1,868 @@
+//! Greedy non-maximum suppression, exactly torchvision's result.
+//!
+//! Semantics (torchvision `nms`, CPU kernel): boxes are visited in the order of a
+//! stable descending sort of the scores (equal scores keep their input order); a box
+//! is kept unless a kept box before it has `IoU > iou_threshold` with it. The IoU of
+//! kept box `a` and candidate `b` is computed as torchvision's CPU kernel does, in the
+//! boxes' float type: `xx1 = std::max(a.x1, b.x1)` (and min/max for the others, with
+//! C++'s NaN behaviour), `w = max(0, xx2 - xx1)`, `inter = w * h`,
+//! `ovr = inter / (area_a + area_b - inter)`, compared as `f64` with the threshold.
+//! The keep list holds original indices in that visiting order.
+//!
+//! Non-finite inputs follow from those formulas and are never an error:
+//! - a NaN score ranks above `+inf` (torch's sort), NaN scores keep input order;
+//!   `-0.0` and `+0.0` are equal scores;
+//! - a box with a NaN coordinate has a NaN area, so every IoU with it is NaN: it is
+//!   kept (in score order), never suppresses and is never suppressed; the same holds
+//!   for boxes with an infinite side whenever the threshold is `>= 0`.
+//!
+//! A NaN threshold is an error. Thresholds below 0 are allowed (every box a kept box
+//! overlaps with a finite IoU is suppressed) and use the plain O(N²) loop.
+//!
+//! CPU: sort once (parallel for large N), gather the boxes in sorted order, and
+//! check each candidate only against kept boxes that share a cell of a uniform grid
+//! with it; with a threshold `>= 0` only boxes that overlap can suppress each other,
+//! so this visits exactly the pairs that can matter. Large inputs are processed in
+//! chunks: each chunk is first checked in parallel against the boxes kept before it,
+//! then its survivors are resolved in order. CUDA: the whole computation stays on the
+//! device (kernels/nms.cu): key sort, IoU bitmask, a one-block walk of the mask, and a
+//! device keep list plus count ([`nms_device`]).
+//!
+//! [`batched_nms`] suppresses only within equal `idxs` (classes or FPN levels). It is
+//! torchvision's per-class ("vanilla") result, kept indices in descending score order
+//! (ties by index). torchvision itself switches to an offset trick for small inputs
+//! (up to 1000 boxes on the CPU); that trick adds `idx * (max + 1)` to the
+//! coordinates and can round IoUs differently — only per-class NMS is defined here.
 
+use rayon::prelude::*;
+
+use crate::device::gpu::{GpuBuffer, GpuDevice, KernelArg, LaunchCfg};
+use crate::device::Device;
+use crate::error::{Error, Result};
+use crate::tensor::{same_device, DType, Element, Tensor};
+use crate::with_dtype;
+
+use super::boxes::{check_boxes, prefix_i64};
+
+/// NMS result left on the device: `keep` `[N]` i64 holds the kept original indices
+/// in its first `count` entries (the rest are -1); `count` `[1]` i64. Both are on
+/// the input's device (CPU tensors for CPU inputs).
+#[derive(Clone, Debug)]
+pub struct NmsOutput {
+    pub keep: Tensor,
+    pub count: Tensor,
+}
+
+impl NmsOutput {
+    /// The kept indices as an exact-length tensor on the same device (reads the count:
+    /// one synchronisation on CUDA).
+    pub fn into_keep(self) -> Result<Tensor> {
+        let k = self.count.to_vec_i64()?[0] as usize;
+        prefix_i64(&self.keep, k)
+    }
+}
+
+/// Indices (i64) of the boxes `[N, 4]` kept by greedy NMS with `scores` `[N]`, in
+/// descending score order (see the module docs for the exact rule).
+pub fn nms(boxes: &Tensor, scores: &Tensor, iou_threshold: f64) -> Result<Tensor> {
+    nms_device(boxes, scores, None, iou_threshold)?.into_keep()
+}
+
+/// NMS within groups: boxes with different `idxs` `[N]` (i64 class or level
+/// indices) never suppress each other. Kept indices in descending score order.
+pub fn batched_nms(
+    boxes: &Tensor,
+    scores: &Tensor,
+    idxs: &Tensor,
+    iou_threshold: f64,
+) -> Result<Tensor> {
+    nms_device(boxes, scores, Some(idxs), iou_threshold)?.into_keep()
+}
+
+/// [`nms`] (or [`batched_nms`] with `idxs`) without reading anything back: on CUDA
+/// every step runs on the device and the result is a device keep list plus count.
+pub fn nms_device(
+    boxes: &Tensor,
+    scores: &Tensor,
+    idxs: Option<&Tensor>,
+    iou_threshold: f64,
+) -> Result<NmsOutput> {
+    let n = check_inputs(boxes, scores, idxs, iou_threshold)?;
+    match boxes.device() {
+        Device::Cpu => {
+            let cls = idxs.map(|t| t.cpu_i64()).transpose()?;
+            let keep = with_dtype!(boxes.dtype(), T => {
+                let (b, s) = (boxes.cpu_slice::<T>()?, scores.cpu_slice::<T>()?);
+                nms_cpu(b, s, cls, iou_threshold)
+            });
+            let k = keep.len();
+            let mut padded = keep;
+            padded.resize(n, -1);
+            Ok(NmsOutput {
+                keep: Tensor::from_vec_i64(padded, [n])?,
+                count: Tensor::from_vec_i64(vec![k as i64], [1])?,
+            })
+        }
+        Device::Cuda(_) => nms_cuda(boxes, scores, idxs, n, iou_threshold),
+    }
+}
+
+/// torchvision's CPU NMS loop, transcribed: O(N²), for tests and as the definition.
+/// CPU tensors only.
+pub fn nms_reference(
+    boxes: &Tensor,
+    scores: &Tensor,
+    idxs: Option<&Tensor>,
+    iou_threshold: f64,
+) -> Result<Tensor> {
+    check_inputs(boxes, scores, idxs, iou_threshold)?;
+    let cls = idxs.map(|t| t.cpu_i64()).transpose()?;
+    let keep = with_dtype!(boxes.dtype(), T => {
+        let (b, s) = (boxes.cpu_slice::<T>()?, scores.cpu_slice::<T>()?);
+        let order = sort_descending(s);
+        let sb = gather(b, cls, &order);
+        greedy_reference(&sb, iou_threshold)
+            .into_iter()
+            .map(|p| order[p] as i64)
+            .collect::<Vec<i64>>()
+    });
+    let k = keep.len();
+    Tensor::from_vec_i64(keep, [k])
+}
+
+fn check_inputs(
+    boxes: &Tensor,
+    scores: &Tensor,
+    idxs: Option<&Tensor>,
+    iou_threshold: f64,
+) -> Result<usize> {
+    let n = check_boxes("nms", boxes)?;
+    if scores.dims() != [n] {
+        return Err(Error::shape(
+            "nms",
+            format!("scores {:?} for boxes {:?}", scores.dims(), boxes.dims()),
+        ));
+    }
+    if scores.dtype() != boxes.dtype() {
+        return Err(Error::DType {
+            op: "nms",
+            dtype: scores.dtype().to_string(),
+            msg: format!("scores must have the boxes' dtype {}", boxes.dtype()),
+        });
+    }
+    let mut all = vec![boxes, scores];
+    if let Some(c) = idxs {
+        if c.dtype() != DType::I64 || c.dims() != [n] {
+            return Err(Error::shape(
+                "batched_nms",
+                format!("idxs must be i64 [{n}], got {} {:?}", c.dtype(), c.dims()),
+            ));
+        }
+        all.push(c);
+    }
+    same_device("nms", &all)?;
+    if iou_threshold.is_nan() {
+        return Err(Error::invalid("nms", "iou_threshold is NaN"));
+    }
+    if n > u32::MAX as usize {
+        return Err(Error::invalid(
+            "nms",
+            format!("{n} boxes (at most 2^32 - 1)"),
+        ));
+    }
+    Ok(n)
+}
+
+// ------------------------------------------------------------------ CPU
+
+/// Sort key whose ascending order is torch's stable descending order of scores:
+/// NaN first, then +inf .. -inf, with -0.0 == +0.0. Widening f32 to f64 keeps order.
+pub(crate) fn descending_key(s: f64) -> u64 {
+    let s = if s.is_nan() {
+        f64::NAN
+    } else if s == 0.0 {
+        0.0
+    } else {
+        s
+    };
+    let b = s.to_bits();
+    let ascending = if b >> 63 == 1 { !b } else { b | (1 << 63) };
+    !ascending
+}
+
+/// Below this many boxes the CPU paths run on one thread.
+const PAR_MIN: usize = 16 * 1024;
+
+/// Positions `0..n` in torch's stable descending order of `scores`.
+pub(crate) fn sort_descending<T: Element>(scores: &[T]) -> Vec<u32> {
+    // (key, index) pairs are unique, so an unstable sort gives the stable order.
+    let mut keyed: Vec<(u64, u32)> = scores
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (descending_key(s.f64()), i as u32))
+        .collect();
+    if keyed.len() >= PAR_MIN {
+        keyed.par_sort_unstable();
+    } else {
+        keyed.sort_unstable();
+    }
+    keyed.into_iter().map(|(_, i)| i).collect()
+}
+
+/// One box in sorted order: its position, coordinates, area and class (0 when not
+/// batched). Kept boxes are copied into the index lists, so a candidate's checks
+/// read memory sequentially.
+#[derive(Clone, Copy, Debug)]
+struct Rec<T> {
+    pos: u32,
+    x1: T,
+    y1: T,
+    x2: T,
+    y2: T,
+    area: T,
+    cls: i64,
+}
+
+/// C++ `std::max(a, b)`: `a < b ? b : a` (NaN in `b` is ignored, in `a` kept).
+#[inline(always)]
+fn std_max<T: Element>(a: T, b: T) -> T {
+    if a < b {
+        b
+    } else {
+        a
+    }
+}
+
+/// C++ `std::min(a, b)`: `b < a ? b : a`.
+#[inline(always)]
+fn std_min<T: Element>(a: T, b: T) -> T {
+    if b < a {
+        b
+    } else {
+        a
+    }
+}
+
+impl<T: Element> Rec<T> {
+    /// Whether kept box `self` suppresses candidate `c`: torchvision's CPU arithmetic.
+    #[inline(always)]
+    fn suppresses(&self, c: &Rec<T>, thr: f64) -> bool {
+        if self.cls != c.cls {
+            return false;
+        }
+        let xx1 = std_max(self.x1, c.x1);
+        let yy1 = std_max(self.y1, c.y1);
+        let xx2 = std_min(self.x2, c.x2);
+        let yy2 = std_min(self.y2, c.y2);
+        let w = std_max(T::zero(), xx2 - xx1);
+        let h = std_max(T::zero(), yy2 - yy1);
+        let inter = w * h;
+        let ovr = inter / (self.area + c.area - inter);
+        ovr.f64() > thr
+    }
+
+    /// Whether the box can take part in a suppression at a threshold >= 0: only
+    /// finite boxes of positive width and height can have a positive intersection
+    /// and a finite union (others give IoU 0, -0 or NaN with every box).
+    fn participates(&self) -> bool {
+        let (x1, y1, x2, y2) = (self.x1, self.y1, self.x2, self.y2);
+        x1.is_finite() && y1.is_finite() && x2.is_finite() && y2.is_finite() && x2 > x1 && y2 > y1
+    }
+
+    fn f64s(&self) -> [f64; 4] {
+        [self.x1.f64(), self.y1.f64(), self.x2.f64(), self.y2.f64()]
+    }
+}
+
+/// The boxes in sorted order.
+fn gather<T: Element>(boxes: &[T], cls: Option<&[i64]>, order: &[u32]) -> Vec<Rec<T>> {
+    order
+        .iter()
+        .enumerate()
+        .map(|(p, &i)| {
+            let b = &boxes[4 * i as usize..4 * i as usize + 4];
+            Rec {
+                pos: p as u32,
+                x1: b[0],
+                y1: b[1],
+                x2: b[2],
+                y2: b[3],
+                area: (b[2] - b[0]) * (b[3] - b[1]),
+                cls: cls.map_or(0, |c| c[i as usize]),
+            }
+        })
+        .collect()
+}
+
+fn nms_cpu<T: Element>(boxes: &[T], scores: &[T], cls: Option<&[i64]>, thr: f64) -> Vec<i64> {
+    let order = sort_descending(scores);
+    let sb = gather(boxes, cls, &order);
+    let kept = if thr >= 0.0 {
+        greedy_grid(&sb, thr)
+    } else {
+        greedy_reference(&sb, thr)
+    };
+    kept.into_iter().map(|p| order[p] as i64).collect()
+}
+
+/// torchvision's loop over sorted positions.
+fn greedy_reference<T: Element>(sb: &[Rec<T>], thr: f64) -> Vec<usize> {
+    let n = sb.len();
+    let mut suppressed = vec![false; n];
+    let mut keep = Vec::new();
+    for i in 0..n {
+        if suppressed[i] {
+            continue;
+        }
+        keep.push(i);
+        for j in i + 1..n {
+            if !suppressed[j] && sb[i].suppresses(&sb[j], thr) {
+                suppressed[j] = true;
+            }
+        }
+    }
+    keep
+}
+
+/// Boxes processed per chunk by the parallel path.
+const CHUNK: usize = 4096;
+
+/// From this threshold up the CPU path indexes kept boxes by scale and centre
+/// ([`ScaleIndex`]); below it by the cells they cover ([`OverlapGrid`]).
+const SCALE_INDEX_MIN_THR: f64 = 0.6;
+
+/// Greedy NMS over sorted positions for a threshold >= 0: each candidate is checked
+/// only against kept boxes that an index says could suppress it.
+fn greedy_grid<T: Element>(sb: &[Rec<T>], thr: f64) -> Vec<usize> {
+    let part: Vec<bool> = sb.iter().map(Rec::participates).collect();
+    if thr >= SCALE_INDEX_MIN_THR {
+        greedy_indexed(sb, thr, &part, ScaleIndex::new(sb, &part, thr))
+    } else {
+        greedy_indexed(sb, thr, &part, OverlapGrid::new(sb, &part))
+    }
+}
+
+/// Kept boxes, organised so that a candidate finds the ones that could suppress it.
+/// Lists hold sorted positions in increasing order (boxes are kept in that order).
+trait KeptIndex<T>: Sync {
+    /// Record kept box `r` (a participant).
+    fn insert(&mut self, r: &Rec<T>);
+    /// Whether a kept box at sorted position >= `since` suppresses candidate `j`.
+    fn hit(&self, c: &Rec<T>, since: usize, thr: f64) -> bool;
+}
+
+/// Whether a box of `list` at position >= `since` suppresses `j` (walks back from the
+/// newest entry, so the `since` cut is a prefix of the walk).
+#[inline]
+fn any_since<T: Element>(list: &[Rec<T>], c: &Rec<T>, since: usize, thr: f64) -> bool {
+    let since = since as u32;
+    list.iter()
+        .rev()
+        .take_while(|k| k.pos >= since)
+        .any(|k| k.suppresses(c, thr))
+}
+
+fn greedy_indexed<T: Element, I: KeptIndex<T>>(
+    sb: &[Rec<T>],
+    thr: f64,
+    part: &[bool],
+    mut index: I,
+) -> Vec<usize> {
+    let n = sb.len();
+    let mut kept = Vec::with_capacity(n);
+    let chunk = if n >= PAR_MIN { CHUNK } else { n.max(1) };
+    for start in (0..n).step_by(chunk) {
+        let end = (start + chunk).min(n);
+        // Against the boxes kept before this chunk, in parallel (read-only index).
+        let early: Vec<bool> = if start > 0 && n >= PAR_MIN {
+            (start..end)
+                .into_par_iter()
+                .map(|j| part[j] && index.hit(&sb[j], 0, thr))
+                .collect()
+        } else {
+            vec![false; end - start]
+        };
+        // Then in order, against the boxes kept within this chunk.
+        for j in start..end {
+            if !part[j] {
+                kept.push(j);
+                continue;
+            }
+            if early[j - start] || index.hit(&sb[j], start, thr) {
+                continue;
+            }
+            kept.push(j);
+            index.insert(&sb[j]);
+        }
+    }
+    kept
+}
+
+/// Cell of coordinate `v` on an axis of `g` cells from `origin`, `inv` cells per
+/// unit: monotone non-decreasing in `v`, which is all the lookups rely on.
+#[inline]
+fn axis_cell(v: f64, origin: f64, inv: f64, g: usize) -> u32 {
+    ((v - origin) * inv).floor().clamp(0.0, (g - 1) as f64) as u32
+}
+
+/// Cells per axis and cells per unit for `extent` split into cells of `size`.
+fn axis_cells(extent: f64, size: f64) -> usize {
+    if extent.is_finite() && extent > 0.0 && size > 0.0 {
+        (extent / size).ceil().clamp(1.0, 1024.0) as usize
+    } else {
+        1
+    }
+}
+
+fn axis_inv(extent: f64, g: usize) -> f64 {
+    if extent > 0.0 && extent.is_finite() {
+        g as f64 / extent
+    } else {
+        0.0
+    }
+}
+
+/// Kept boxes by the grid cells they cover (any threshold >= 0): a uniform grid
+/// over the participating boxes, cells about the median box size. A box is listed in
+/// every cell it covers (or, if it covers many, in `big`); two overlapping boxes
+/// share the cell of the larger of their left edges and of their top edges.
+struct OverlapGrid<T> {
+    gx: usize,
+    cells: Vec<Vec<Rec<T>>>,
+    big: Vec<Rec<T>>,
+    all: Vec<Rec<T>>,
+    cell_range: Vec<[u32; 4]>,
+}
+
+/// A box covering more cells than this is listed in `big` instead.
+const BIG_CELLS: usize = 64;
+/// A candidate covering more cells than this is checked against every kept box.
+const SCAN_CELLS: usize = 256;
+
+impl<T: Element> OverlapGrid<T> {
+    fn new(sb: &[Rec<T>], part: &[bool]) -> Self {
+        let ps: Vec<usize> = (0..sb.len()).filter(|&p| part[p]).collect();
+        let (mut lo, mut hi) = ([f64::MAX; 2], [f64::MIN; 2]);
+        for &p in &ps {
+            let [x1, y1, x2, y2] = sb[p].f64s();
+            lo = [lo[0].min(x1), lo[1].min(y1)];
+            hi = [hi[0].max(x2), hi[1].max(y2)];
+        }
+        let mut g = [1usize, 1usize];
+        if !ps.is_empty() {
+            let mw = median(&ps, |p| sb[p].f64s()[2] - sb[p].f64s()[0]);
+            let mh = median(&ps, |p| sb[p].f64s()[3] - sb[p].f64s()[1]);
+            g = [axis_cells(hi[0] - lo[0], mw), axis_cells(hi[1] - lo[1], mh)];
+            // Keep the grid proportional to the number of boxes.
+            let cap = (2 * ps.len()).max(16);
+            while g[0] * g[1] > cap {
+                g = [g[0].div_ceil(2), g[1].div_ceil(2)];
+            }
+        }
+        let inv = [axis_inv(hi[0] - lo[0], g[0]), axis_inv(hi[1] - lo[1], g[1])];
+        let mut cell_range = vec![[0u32; 4]; sb.len()];
+        for &p in &ps {
+            let [x1, y1, x2, y2] = sb[p].f64s();
+            cell_range[p] = [
+                axis_cell(x1, lo[0], inv[0], g[0]),
+                axis_cell(y1, lo[1], inv[1], g[1]),
+                axis_cell(x2, lo[0], inv[0], g[0]),
+                axis_cell(y2, lo[1], inv[1], g[1]),
+            ];
+        }
+        OverlapGrid {
+            gx: g[0],
+            cells: vec![Vec::new(); g[0] * g[1]],
+            big: Vec::new(),
+            all: Vec::new(),
+            cell_range,
+        }
+    }
+
+    fn cells_of(&self, p: u32) -> usize {
+        let [cx0, cy0, cx1, cy1] = self.cell_range[p as usize];
+        (cx1 - cx0 + 1) as usize * (cy1 - cy0 + 1) as usize
+    }
+}
+
+impl<T: Element> KeptIndex<T> for OverlapGrid<T> {
+    fn insert(&mut self, r: &Rec<T>) {
+        self.all.push(*r);
+        if self.cells_of(r.pos) > BIG_CELLS {
+            self.big.push(*r);
+            return;
+        }
+        let [cx0, cy0, cx1, cy1] = self.cell_range[r.pos as usize];
+        for cy in cy0..=cy1 {
+            for cx in cx0..=cx1 {
+                self.cells[cy as usize * self.gx + cx as usize].push(*r);
+            }
+        }
+    }
+
+    fn hit(&self, c: &Rec<T>, since: usize, thr: f64) -> bool {
+        if self.cells_of(c.pos) > SCAN_CELLS {
+            return any_since(&self.all, c, since, thr);
+        }
+        if any_since(&self.big, c, since, thr) {
+            return true;
+        }
+        let [cx0, cy0, cx1, cy1] = self.cell_range[c.pos as usize];
+        (cy0..=cy1).any(|cy| {
+            (cx0..=cx1).any(|cx| {
+                any_since(
+                    &self.cells[cy as usize * self.gx + cx as usize],
+                    c,
+                    since,
+                    thr,
+                )
+            })
+        })
+    }
+}
+
+/// Median of `f` over the positions `ps` (on a sample of at most ~2048 of them).
+fn median(ps: &[usize], f: impl Fn(usize) -> f64) -> f64 {
+    let step = (ps.len() / 2048).max(1);
+    let mut v: Vec<f64> = ps.iter().step_by(step).map(|&p| f(p)).collect();
+    let mid = v.len() / 2;
+    *v.select_nth_unstable_by(mid, |a, b| a.total_cmp(b)).1
+}
+
+/// Kept boxes by scale and centre, for thresholds `t >= 0.6` (below, the query
+/// windows grow and the [`OverlapGrid`] is faster). In exact arithmetic
+/// `IoU(a, b) > t` implies `t < area_a / area_b < 1 / t` (IoU <= min/max area),
+/// `w_a < w_b / t` (as `inter > t * w_a * h_a` and `inter <= iw * h_a`, so
+/// `w_b >= iw > t * w_a`) and `|cx_a - cx_b| < (w_a + w_b) / 2` (overlap); the same
+/// for heights. A candidate therefore looks only at kept boxes in its own and the
+/// neighbouring area classes (binades of the area) whose centres lie within
+/// `w * (1 + 1/t) / 2` of its own. The float IoU that decides differs from the exact
+/// one by a relative 2e-6 at most for boxes with sides in [1e-10, 1e12] (no underflow
+/// or overflow), so the bounds use `t * (1 - 1e-4)`; other boxes ("odd") are checked
+/// against everything.
+struct ScaleIndex<T> {
+    t: f64,
+    geo: Vec<[f64; 5]>,
+    class: Vec<i32>,
+    e_min: i32,
+    grids: Vec<Option<ClassGrid<T>>>,
+    odd: Vec<Rec<T>>,
+    all: Vec<Rec<T>>,
+}
+
+/// The centre grid of one area class.
+struct ClassGrid<T> {
+    origin: [f64; 2],
+    inv: [f64; 2],
+    g: [usize; 2],
+    cells: Vec<Vec<Rec<T>>>,
+}
+
+/// Not in any area class (not participating, or sides outside [1e-10, 1e12]).
+const NO_CLASS: i32 = i32::MIN;
+
+/// floor(log2(v)) for a positive normal f64, read from its exponent bits (exact and
+/// monotone).
+fn binade(v: f64) -> i32 {
+    ((v.to_bits() >> 52) & 0x7ff) as i32 - 1023
+}
+
+impl<T: Element> ScaleIndex<T> {
+    fn new(sb: &[Rec<T>], part: &[bool], thr: f64) -> Self {
+        // [cx, cy, w, h, area] in f64.
+        let geo: Vec<[f64; 5]> = sb
+            .iter()
+            .map(|r| {
+                let [x1, y1, x2, y2] = r.f64s();
+                let (w, h) = (x2 - x1, y2 - y1);
+                [0.5 * (x1 + x2), 0.5 * (y1 + y2), w, h, w * h]
+            })
+            .collect();
+        let sides = 1e-10..=1e12;
+        let class: Vec<i32> = geo
+            .iter()
+            .zip(part)
+            .map(|(g, &p)| {
+                if p && sides.contains(&g[2]) && sides.contains(&g[3]) {
+                    binade(g[4])
+                } else {
+                    NO_CLASS
+                }
+            })
+            .collect();
+        let present = class.iter().filter(|&&c| c != NO_CLASS);
+        let (e_min, e_max) =
+            present.fold((i32::MAX, i32::MIN), |(lo, hi), &c| (lo.min(c), hi.max(c)));
+        let mut grids = Vec::new();
+        if e_min <= e_max {
+            let mut members: Vec<Vec<usize>> = vec![Vec::new(); (e_max - e_min + 1) as usize];
+            for (p, &c) in class.iter().enumerate() {
+                if c != NO_CLASS {
+                    members[(c - e_min) as usize].push(p);
+                }
+            }
+            grids = members
+                .iter()
+                .enumerate()
+                .map(|(i, m)| (!m.is_empty()).then(|| ClassGrid::new(&geo, m, e_min + i as i32)))
+                .collect();
+        }
+        ScaleIndex {
+            t: thr * (1.0 - 1e-4),
+            geo,
+            class,
+            e_min,
+            grids,
+            odd: Vec::new(),
+            all: Vec::new(),
+        }
+    }
+
+    fn grid(&self, e: i32) -> Option<&ClassGrid<T>> {
+        let i = e.checked_sub(self.e_min)?;
+        self.grids.get(usize::try_from(i).ok()?)?.as_ref()
+    }
+}
+
+impl<T> ClassGrid<T> {
+    fn new(geo: &[[f64; 5]], members: &[usize], e: i32) -> Self {
+        let (mut lo, mut hi) = ([f64::MAX; 2], [f64::MIN; 2]);
+        for &p in members {
+            for a in 0..2 {
+                lo[a] = lo[a].min(geo[p][a]);
+                hi[a] = hi[a].max(geo[p][a]);
+            }
+        }
+        // Cells about the side of a square box of this area class.
+        let side = 2f64.powf(e as f64 / 2.0);
+        let mut g = [
+            axis_cells(hi[0] - lo[0], side),
+            axis_cells(hi[1] - lo[1], side),
+        ];
+        let cap = 4 * members.len() + 16;
+        while g[0] * g[1] > cap {
+            g = [g[0].div_ceil(2), g[1].div_ceil(2)];
+        }
+        ClassGrid {
+            origin: lo,
+            inv: [axis_inv(hi[0] - lo[0], g[0]), axis_inv(hi[1] - lo[1], g[1])],
+            g,
+            cells: (0..g[0] * g[1]).map(|_| Vec::new()).collect(),
+        }
+    }
+
+    fn cell(&self, a: usize, v: f64) -> u32 {
+        axis_cell(v, self.origin[a], self.inv[a], self.g[a])
+    }
+}
+
+impl<T: Element> KeptIndex<T> for ScaleIndex<T> {
+    fn insert(&mut self, r: &Rec<T>) {
+        self.all.push(*r);
+        let p = r.pos as usize;
+        let c = self.class[p];
+        if c == NO_CLASS {
+            self.odd.push(*r);
+            return;
+        }
+        let [cx, cy, ..] = self.geo[p];
+        let grid = self.grids[(c - self.e_min) as usize]
+            .as_mut()
+            .expect("a class with members has a grid");
+        let (x, y) = (grid.cell(0, cx) as usize, grid.cell(1, cy) as usize);
+        let gx = grid.g[0];
+        grid.cells[y * gx + x].push(*r);
+    }
+
+    fn hit(&self, c: &Rec<T>, since: usize, thr: f64) -> bool {
+        let p = c.pos as usize;
+        if self.class[p] == NO_CLASS {
+            return any_since(&self.all, c, since, thr);
+        }
+        if any_since(&self.odd, c, since, thr) {
+            return true;
+        }
+        let [cx, cy, w, h, area] = self.geo[p];
+        let t = self.t;
+        let (e_lo, e_hi) = (
+            binade(area * t * (1.0 - 1e-9)),
+            binade(area / t * (1.0 + 1e-9)),
+        );
+        let k = 0.5 * (1.0 + 1.0 / t) * (1.0 + 1e-9);
+        let rx = w * k + 1e-9 * cx.abs() + 1e-300;
+        let ry = h * k + 1e-9 * cy.abs() + 1e-300;
+        (e_lo..=e_hi).any(|e| {
+            let Some(g) = self.grid(e) else { return false };
+            let (x0, x1) = (g.cell(0, cx - rx), g.cell(0, cx + rx));
+            let (y0, y1) = (g.cell(1, cy - ry), g.cell(1, cy + ry));
+            (y0..=y1).any(|y| {
+                (x0..=x1)
+                    .any(|x| any_since(&g.cells[y as usize * g.g[0] + x as usize], c, since, thr))
+            })
+        })
+    }
+}
+
+// ------------------------------------------------------------------ CUDA
+
+/// Keys sorted per block in shared memory (NMS_TILE in kernels/nms.cu).
+const SORT_TILE: usize = 2048;
+/// The mask grid is (blocks, blocks): CUDA caps grid.y at 65535.
+const MAX_GRID_Y: usize = 65535;
+
+fn nms_cuda(
+    boxes: &Tensor,
+    scores: &Tensor,
+    idxs: Option<&Tensor>,
+    n: usize,
+    thr: f64,
+) -> Result<NmsOutput> {
+    let dev = boxes.gpu()?.dev.clone();
+    let count = Tensor::gpu_zeros_i64(&dev, [1])?;
+    if n == 0 {
+        return Ok(NmsOutput {
+            keep: Tensor::gpu_zeros_i64(&dev, [0])?,
+            count,
+        });
+    }
+    let col_blocks = n.div_ceil(64);
+    if col_blocks > MAX_GRID_Y {
+        return Err(Error::invalid(
+            "nms",
+            format!("{n} boxes on CUDA (at most {} supported)", MAX_GRID_Y * 64),
+        ));
+    }
+    let keys = sort_keys_cuda(&dev, scores, n)?;
+
+    let sboxes = dev.alloc(n * 16)?;
+    let areas = dev.alloc(n * 4)?;
+    let order = dev.alloc(n * 8)?;
+    let scls = dev.alloc(if idxs.is_some() { n * 8 } else { 8 })?;
+    let cls_arg = match idxs {
+        Some(c) => c.gpu()?.buf.arg(),
+        None => order.arg(),
+    };
+    dev.launch(
+        "nms_gather_f32",
+        LaunchCfg::for_elems(n),
+        &[
+            boxes.gpu()?.buf.arg(),
+            keys.arg(),
+            KernelArg::I64(n as i64),
+            sboxes.arg(),
+            areas.arg(),
+            order.arg(),
+            cls_arg,
+            scls.arg(),
+            KernelArg::I32(idxs.is_some() as i32),
+        ],
+    )?;
+
+    let mask = dev.alloc(n * col_blocks * 8)?;
+    let grid = LaunchCfg {
+        grid: (col_blocks as u32, col_blocks as u32, 1),
+        block: (64, 1, 1),
+        shared_bytes: 0,
+    };
+    let common = [KernelArg::I64(n as i64), KernelArg::I64(col_blocks as i64)];
+    match idxs {
+        None => dev.launch(
+            "nms_mask_f32",
+            grid,
+            &[
+                sboxes.arg(),
+                areas.arg(),
+                common[0],
+                common[1],
+                KernelArg::F64(thr),
+                mask.arg(),
+            ],
+        )?,
+        Some(_) => dev.launch(
+            "nms_mask_batched_f32",
+            grid,
+            &[
+                sboxes.arg(),
+                areas.arg(),
+                scls.arg(),
+                common[0],
+                common[1],
+                KernelArg::F64(thr),
+                mask.arg(),
+            ],
+        )?,
+    }
+
+    let keep = Tensor::gpu_zeros_i64(&dev, [n])?;
+    let removed = dev.alloc(col_blocks * 8)?;
+    let threads = (col_blocks.div_ceil(32) * 32).clamp(32, 1024) as u32;
+    dev.launch(
+        "nms_reduce_f32",
+        LaunchCfg::linear(threads as usize, threads),
+        &[
+            mask.arg(),
+            order.arg(),
+            common[0],
+            common[1],
+            removed.arg(),
+            keep.gpu()?.buf.arg(),
+            count.gpu()?.buf.arg(),
+        ],
+    )?;
+    Ok(NmsOutput { keep, count })
+}
+
+/// Device buffer of `next_pow2(max(n, 64))` u64 keys `(desc_key(score) << 32) | i`,
+/// sorted ascending (padding last): the stable descending order of `scores`.
+fn sort_keys_cuda(dev: &GpuDevice, scores: &Tensor, n: usize) -> Result<GpuBuffer> {
+    let padded = n.next_power_of_two().max(64);
+    let keys = dev.alloc(padded * 8)?;
+    dev.launch(
+        "nms_keys_f32",
+        LaunchCfg::for_elems(padded),
+        &[
+            scores.gpu()?.buf.arg(),
+            KernelArg::I64(n as i64),
+            keys.arg(),
+            KernelArg::I64(padded as i64),
+        ],
+    )?;
+    let tile = padded.min(SORT_TILE);
+    dev.launch(
+        "nms_sort_tile_f32",
+        LaunchCfg {
+            grid: ((padded / tile) as u32, 1, 1),
+            block: ((tile / 2) as u32, 1, 1),
+            shared_bytes: 0,
+        },
+        &[keys.arg(), KernelArg::I32(tile as i32)],
+    )?;
+    let mut k = 2 * SORT_TILE;
+    while k <= padded {
+        let mut j = k / 2;
+        while j >= SORT_TILE {
+            dev.launch(
+                "nms_sort_step_f32",
+                LaunchCfg::for_elems(padded / 2),
+                &[
+                    keys.arg(),
+                    KernelArg::I64(padded as i64),
+                    KernelArg::I64(k as i64),
+                    KernelArg::I64(j as i64),
+                ],
+            )?;
+            j /= 2;
+        }
+        dev.launch(
+            "nms_sort_merge_f32",
+            LaunchCfg {
+                grid: ((padded / SORT_TILE) as u32, 1, 1),
+                block: ((SORT_TILE / 2) as u32, 1, 1),
+                shared_bytes: 0,
+            },
+            &[keys.arg(), KernelArg::I64(k as i64)],
+        )?;
+        k *= 2;
+    }
+    Ok(keys)
+}

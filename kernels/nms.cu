@@ -1,0 +1,234 @@
+// Greedy NMS entirely on the device, torchvision's CPU result exactly:
+//   1. nms_keys_f32: 64-bit sort keys (descending score, NaN first, ties by index).
+//   2. nms_sort_*_f32: bitonic sort of the keys (unique keys, so the order is the
+//      stable descending order).
+//   3. nms_gather_f32: boxes, areas, classes and original indices in sorted order.
+//   4. nms_mask_f32 / nms_mask_batched_f32: IoU bitmask, 64-bit words, blocks of 64
+//      boxes; bit j of mask[i][cb] says sorted box i suppresses box cb*64+j (j > i).
+//   5. nms_reduce_f32: one block walks the mask in score order and writes the kept
+//      original indices and their count; the mask never leaves the device.
+#include "detection.cuh"
+
+#define NMS_TILE 2048          // keys sorted per block in shared memory
+#define NMS_BLOCK 64           // boxes per mask word
+#define NMS_SMEM_WORDS 4096    // removed-words kept in shared memory up to this many
+
+// keys[i] = (desc_key(score[i]) << 32) | i for i < n; padding sorts last.
+extern "C" __global__ void nms_keys_f32(const float* __restrict__ scores, long long n,
+                                        kestrel_u64* __restrict__ keys, long long padded) {
+    KESTREL_LOOP(i, padded) {
+        keys[i] = (i < n) ? (((kestrel_u64)det_desc_key(scores[i]) << 32) | (kestrel_u64)i)
+                          : ~0ull;
+    }
+}
+
+// Sort each tile of `tile` keys (a power of two <= NMS_TILE; blockDim.x = tile / 2)
+// through every bitonic stage k <= tile; directions follow the global index so the
+// tiles form the first stages of the whole network.
+extern "C" __global__ void nms_sort_tile_f32(kestrel_u64* __restrict__ keys, int tile) {
+    __shared__ kestrel_u64 s[NMS_TILE];
+    long long base = (long long)blockIdx.x * tile;
+    for (int t = threadIdx.x; t < tile; t += blockDim.x) s[t] = keys[base + t];
+    for (int k = 2; k <= tile; k <<= 1) {
+        for (int j = k >> 1; j > 0; j >>= 1) {
+            __syncthreads();
+            for (int t = threadIdx.x; t < (tile >> 1); t += blockDim.x) {
+                int i = 2 * t - (t & (j - 1));
+                bool up = ((base + i) & k) == 0;
+                kestrel_u64 a = s[i], b = s[i + j];
+                if ((a > b) == up) {
+                    s[i] = b;
+                    s[i + j] = a;
+                }
+            }
+        }
+    }
+    __syncthreads();
+    for (int t = threadIdx.x; t < tile; t += blockDim.x) keys[base + t] = s[t];
+}
+
+// One global compare-exchange step (stage k, distance j >= NMS_TILE) over `padded` keys.
+extern "C" __global__ void nms_sort_step_f32(kestrel_u64* __restrict__ keys, long long padded,
+                                             long long k, long long j) {
+    KESTREL_LOOP(t, padded >> 1) {
+        long long i = 2 * t - (t & (j - 1));
+        bool up = (i & k) == 0;
+        kestrel_u64 a = keys[i], b = keys[i + j];
+        if ((a > b) == up) {
+            keys[i] = b;
+            keys[i + j] = a;
+        }
+    }
+}
+
+// The steps j = NMS_TILE / 2 .. 1 of stage k (k > NMS_TILE) for each tile, in shared
+// memory. blockDim.x = NMS_TILE / 2.
+extern "C" __global__ void nms_sort_merge_f32(kestrel_u64* __restrict__ keys, long long k) {
+    __shared__ kestrel_u64 s[NMS_TILE];
+    long long base = (long long)blockIdx.x * NMS_TILE;
+    for (int t = threadIdx.x; t < NMS_TILE; t += blockDim.x) s[t] = keys[base + t];
+    for (int j = NMS_TILE >> 1; j > 0; j >>= 1) {
+        __syncthreads();
+        for (int t = threadIdx.x; t < (NMS_TILE >> 1); t += blockDim.x) {
+            int i = 2 * t - (t & (j - 1));
+            bool up = ((base + i) & k) == 0;
+            kestrel_u64 a = s[i], b = s[i + j];
+            if ((a > b) == up) {
+                s[i] = b;
+                s[i + j] = a;
+            }
+        }
+    }
+    __syncthreads();
+    for (int t = threadIdx.x; t < NMS_TILE; t += blockDim.x) keys[base + t] = s[t];
+}
+
+// Sorted boxes [n, 4], areas [n], original indices [n]; classes too when `has_cls`.
+extern "C" __global__ void nms_gather_f32(const float* __restrict__ boxes, const kestrel_u64* __restrict__ keys,
+                                          long long n, float* __restrict__ sboxes, float* __restrict__ areas,
+                                          long long* __restrict__ order, const long long* __restrict__ cls,
+                                          long long* __restrict__ scls, int has_cls) {
+    KESTREL_LOOP(p, n) {
+        long long i = (long long)(keys[p] & 0xffffffffull);
+        const float* b = boxes + 4 * i;
+        float x1 = b[0], y1 = b[1], x2 = b[2], y2 = b[3];
+        sboxes[4 * p + 0] = x1;
+        sboxes[4 * p + 1] = y1;
+        sboxes[4 * p + 2] = x2;
+        sboxes[4 * p + 3] = y2;
+        areas[p] = det_mul(det_sub(x2, x1), det_sub(y2, y1));
+        order[p] = i;
+        if (has_cls) scls[p] = cls[i];
+    }
+}
+
+// torchvision's CPU test `ovr > iou_threshold` for kept box a and candidate b,
+// operation by operation (std::max / std::min NaN behaviour, comparison in double).
+__device__ __forceinline__ bool nms_suppresses(float ax1, float ay1, float ax2, float ay2, float aarea,
+                                               float bx1, float by1, float bx2, float by2, float barea,
+                                               double thr) {
+    float xx1 = det_std_max(ax1, bx1), yy1 = det_std_max(ay1, by1);
+    float xx2 = det_std_min(ax2, bx2), yy2 = det_std_min(ay2, by2);
+    float w = det_std_max(0.f, det_sub(xx2, xx1));
+    float h = det_std_max(0.f, det_sub(yy2, yy1));
+    float inter = det_mul(w, h);
+    float ovr = inter / det_sub(det_add(aarea, barea), inter);
+    return (double)ovr > thr;
+}
+
+// Block (cb, rb) of the mask: thread t handles sorted row rb*64+t against the 64
+// column boxes of block cb. Only blocks with rb <= cb are computed (and read).
+__device__ __forceinline__ void nms_mask_block(const float* sboxes, const float* areas, const long long* scls,
+                                               long long n, long long col_blocks, double thr,
+                                               kestrel_u64* mask) {
+    long long rb = blockIdx.y, cb = blockIdx.x;
+    if (rb > cb) return;
+    __shared__ float cx1[NMS_BLOCK], cy1[NMS_BLOCK], cx2[NMS_BLOCK], cy2[NMS_BLOCK], ca[NMS_BLOCK];
+    __shared__ long long ccls[NMS_BLOCK];
+    long long rows = n - rb * NMS_BLOCK, cols = n - cb * NMS_BLOCK;
+    if (rows > NMS_BLOCK) rows = NMS_BLOCK;
+    if (cols > NMS_BLOCK) cols = NMS_BLOCK;
+    int t = threadIdx.x;
+    if (t < cols) {
+        long long j = cb * NMS_BLOCK + t;
+        cx1[t] = sboxes[4 * j + 0];
+        cy1[t] = sboxes[4 * j + 1];
+        cx2[t] = sboxes[4 * j + 2];
+        cy2[t] = sboxes[4 * j + 3];
+        ca[t] = areas[j];
+        ccls[t] = scls ? scls[j] : 0;
+    }
+    __syncthreads();
+    if (t < rows) {
+        long long i = rb * NMS_BLOCK + t;
+        float x1 = sboxes[4 * i + 0], y1 = sboxes[4 * i + 1], x2 = sboxes[4 * i + 2], y2 = sboxes[4 * i + 3];
+        float a = areas[i];
+        long long c = scls ? scls[i] : 0;
+        kestrel_u64 bits = 0;
+        for (int j = (rb == cb) ? t + 1 : 0; j < cols; ++j) {
+            if (ccls[j] == c && nms_suppresses(x1, y1, x2, y2, a, cx1[j], cy1[j], cx2[j], cy2[j], ca[j], thr))
+                bits |= 1ull << j;
+        }
+        mask[i * col_blocks + cb] = bits;
+    }
+}
+
+// grid (col_blocks, col_blocks), block NMS_BLOCK.
+extern "C" __global__ void nms_mask_f32(const float* __restrict__ sboxes, const float* __restrict__ areas,
+                                        long long n, long long col_blocks, double thr,
+                                        kestrel_u64* __restrict__ mask) {
+    nms_mask_block(sboxes, areas, 0, n, col_blocks, thr, mask);
+}
+
+// As nms_mask_f32, suppressing only within equal classes (batched NMS).
+extern "C" __global__ void nms_mask_batched_f32(const float* __restrict__ sboxes, const float* __restrict__ areas,
+                                                const long long* __restrict__ scls, long long n,
+                                                long long col_blocks, double thr,
+                                                kestrel_u64* __restrict__ mask) {
+    nms_mask_block(sboxes, areas, scls, n, col_blocks, thr, mask);
+}
+
+// One block walks the mask in score order, 64 boxes at a time: warp 0 resolves the
+// block against the boxes removed so far and its own diagonal word, writes the kept
+// original indices, then all threads OR the kept rows into the removed words of the
+// later blocks. `removed_g` (col_blocks zeroed words) is used when the words do not
+// fit in shared memory. keep[count..n) is filled with -1.
+extern "C" __global__ void nms_reduce_f32(const kestrel_u64* __restrict__ mask, const long long* __restrict__ order,
+                                          long long n, long long col_blocks, kestrel_u64* __restrict__ removed_g,
+                                          long long* __restrict__ keep, long long* __restrict__ count) {
+    __shared__ kestrel_u64 removed_s[NMS_SMEM_WORDS];
+    __shared__ kestrel_u64 kept_s;
+    kestrel_u64* removed = (col_blocks <= NMS_SMEM_WORDS) ? removed_s : removed_g;
+    if (col_blocks <= NMS_SMEM_WORDS)
+        for (long long w = threadIdx.x; w < col_blocks; w += blockDim.x) removed_s[w] = 0;
+    __syncthreads();
+    long long total = 0;
+    for (long long nb = 0; nb < col_blocks; ++nb) {
+        long long base = nb * NMS_BLOCK;
+        long long rows = n - base;
+        if (rows > NMS_BLOCK) rows = NMS_BLOCK;
+        if (threadIdx.x < 32) {
+            int lane = threadIdx.x;
+            kestrel_u64 d0 = (lane < rows) ? mask[(base + lane) * col_blocks + nb] : 0ull;
+            kestrel_u64 d1 = (lane + 32 < rows) ? mask[(base + lane + 32) * col_blocks + nb] : 0ull;
+            kestrel_u64 valid = (rows == NMS_BLOCK) ? ~0ull : ((1ull << rows) - 1ull);
+            kestrel_u64 rem = removed[nb];
+            kestrel_u64 kept = 0;
+            kestrel_u64 cand = ~rem & valid;
+            while (cand) {  // uniform across the warp: every lane holds the same rem
+                int t = __ffsll((long long)cand) - 1;
+                kept |= 1ull << t;
+                kestrel_u64 lo = det_shfl_u64(d0, t & 31);
+                kestrel_u64 hi = det_shfl_u64(d1, t & 31);
+                rem |= (t < 32) ? lo : hi;
+                kestrel_u64 above = (t == 63) ? 0ull : (~0ull << (t + 1));
+                cand = ~rem & valid & above;
+            }
+            if (lane == 0) kept_s = kept;
+            for (int r = lane; r < rows; r += 32) {
+                if ((kept >> r) & 1ull) {
+                    kestrel_u64 below = (r == 0) ? 0ull : (kept & (~0ull >> (64 - r)));
+                    keep[total + __popcll((long long)below)] = order[base + r];
+                }
+            }
+        }
+        __syncthreads();
+        kestrel_u64 kept = kept_s;
+        if (kept) {
+            for (long long w = nb + 1 + threadIdx.x; w < col_blocks; w += blockDim.x) {
+                kestrel_u64 acc = removed[w];
+                kestrel_u64 kk = kept;
+                while (kk) {
+                    int t = __ffsll((long long)kk) - 1;
+                    kk &= kk - 1ull;
+                    acc |= mask[(base + t) * col_blocks + w];
+                }
+                removed[w] = acc;
+            }
+        }
+        total += __popcll((long long)kept);
+        __syncthreads();
+    }
+    for (long long p = total + threadIdx.x; p < n; p += blockDim.x) keep[p] = -1;
+    if (threadIdx.x == 0) count[0] = total;
+}
