@@ -48,8 +48,11 @@ impl From<[usize; 2]> for Size2d {
 /// Kernel, stride and padding of a 2-D pooling window, in pixels.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Pool2d {
+    /// Window size.
     pub kernel: Size2d,
+    /// Step between windows.
     pub stride: Size2d,
+    /// Implicit -inf border added on each side.
     pub padding: Size2d,
 }
 
@@ -293,7 +296,10 @@ fn geom_args(g: &Geom) -> Vec<KernelArg> {
 }
 
 /// dL/dx `[N, C, H, W]` of max pooling, from dL/dy `[N, C, OH, OW]` and the argmax
-/// `indices` of [`max_pool2d_with_indices`]. `input_shape` is x's shape.
+/// `indices` of [`max_pool2d_with_indices`]. `input_shape` is x's shape. The CPU
+/// rejects an index outside its plane; the CUDA kernel gathers, for each input
+/// pixel, the outputs whose window covers it and names it, so such an index is
+/// dropped there.
 pub fn max_pool2d_backward(
     gy: &Tensor,
     indices: &Tensor,
