@@ -20,11 +20,13 @@
 //! overlaps with a finite IoU is suppressed) and use the plain O(N²) loop.
 //!
 //! CPU: sort once (parallel for large N), gather the boxes in sorted order, and
-//! check each candidate only against kept boxes that share a cell of a uniform grid
-//! with it; with a threshold `>= 0` only boxes that overlap can suppress each other,
-//! so this visits exactly the pairs that can matter. Large inputs are processed in
-//! chunks: each chunk is first checked in parallel against the boxes kept before it,
-//! then its survivors are resolved in order. CUDA: the whole computation stays on the
+//! check each candidate only against the kept boxes that could suppress it, found
+//! through an index: below a threshold of 0.6 a uniform grid of the cells each kept
+//! box covers (only overlapping boxes can suppress each other), from 0.6 a grid per
+//! area class keyed by box centre (a suppressor has a similar area and a nearby
+//! centre). The IoU test itself is always torchvision's. Large inputs are processed
+//! in chunks: each chunk is first checked in parallel against the boxes kept before
+//! it, then its survivors are resolved in order. CUDA: the whole computation stays on the
 //! device (kernels/nms.cu): key sort, IoU bitmask, a one-block walk of the mask, and a
 //! device keep list plus count ([`nms_device`]).
 //!
@@ -402,7 +404,8 @@ fn greedy_indexed<T: Element, I: KeptIndex<T>>(
 /// unit: monotone non-decreasing in `v`, which is all the lookups rely on.
 #[inline]
 fn axis_cell(v: f64, origin: f64, inv: f64, g: usize) -> u32 {
-    ((v - origin) * inv).floor().clamp(0.0, (g - 1) as f64) as u32
+    // Clamping first makes the truncating cast a floor (and avoids a libm call).
+    ((v - origin) * inv).clamp(0.0, (g - 1) as f64) as u32
 }
 
 /// Cells per axis and cells per unit for `extent` split into cells of `size`.

@@ -394,12 +394,13 @@ fn grad_terms(x: &Tensor, gy: &Tensor, aff: &Affine, d: Dims) -> Result<GradTerm
 fn backward_x(x: &Tensor, gy: &Tensor, aff: &Affine, t: &GradTerms, d: Dims) -> Result<Tensor> {
     match x.device() {
         Device::Cpu => with_dtype!(x.dtype(), T => {
-            let gx = cpu_backward_x(
-                x.cpu_slice::<T>()?,
-                gy.cpu_slice::<T>()?,
-                [&aff.mean, &aff.scale, &t.k1, &t.k2].map(|v| v.cpu_slice::<T>()).into_iter().collect::<Result<Vec<_>>>()?,
-                d,
-            );
+            let terms = [
+                aff.mean.cpu_slice::<T>()?,
+                aff.scale.cpu_slice::<T>()?,
+                t.k1.cpu_slice::<T>()?,
+                t.k2.cpu_slice::<T>()?,
+            ];
+            let gx = cpu_backward_x(x.cpu_slice::<T>()?, gy.cpu_slice::<T>()?, terms, d);
             Tensor::from_vec(gx, x.shape().clone())
         }),
         Device::Cuda(_) => {
@@ -528,8 +529,8 @@ fn cpu_grad_terms<T: Element>(x: &Tensor, gy: &Tensor, aff: &Affine, d: Dims) ->
 }
 
 /// `terms` = [mean, scale, k1, k2], each `[C]`.
-fn cpu_backward_x<T: Element>(x: &[T], gy: &[T], terms: Vec<&[T]>, d: Dims) -> Vec<T> {
-    let (mean, scale, k1, k2) = (terms[0], terms[1], terms[2], terms[3]);
+fn cpu_backward_x<T: Element>(x: &[T], gy: &[T], terms: [&[T]; 4], d: Dims) -> Vec<T> {
+    let [mean, scale, k1, k2] = terms;
     let mut gx = vec![T::zero(); x.len()];
     if d.hw == 0 {
         return gx;

@@ -48,8 +48,11 @@ impl From<[usize; 2]> for Size2d {
 /// Kernel, stride and padding of a 2-D pooling window, in pixels.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Pool2d {
+    /// Window size.
     pub kernel: Size2d,
+    /// Step between windows.
     pub stride: Size2d,
+    /// Implicit -inf border added on each side.
     pub padding: Size2d,
 }
 
@@ -184,51 +187,60 @@ fn forward(x: &Tensor, p: Pool2d, with_indices: bool) -> Result<(Tensor, Option<
     let out_shape = Shape::new(vec![x.dims()[0], x.dims()[1], g.oh, g.ow]);
     match x.device() {
         Device::Cpu => with_dtype!(x.dtype(), T => {
-            let (y, idx) = cpu_forward::<T>(x.cpu_slice::<T>()?, &g);
-            let idx = if with_indices {
-                Some(Tensor::from_vec_i64(idx, out_shape.clone())?)
-            } else {
-                None
-            };
+            let (y, idx) = cpu_forward::<T>(x.cpu_slice::<T>()?, &g, with_indices);
+            let idx = idx.map(|i| Tensor::from_vec_i64(i, out_shape.clone())).transpose()?;
             Ok((Tensor::from_vec(y, out_shape)?, idx))
         }),
         Device::Cuda(_) => gpu_forward(x, &g, out_shape, with_indices),
     }
 }
 
-fn cpu_forward<T: Element>(x: &[T], g: &Geom) -> (Vec<T>, Vec<i64>) {
+fn cpu_forward<T: Element>(x: &[T], g: &Geom, with_indices: bool) -> (Vec<T>, Option<Vec<i64>>) {
     let (ihw, ohw) = (g.h * g.w, g.oh * g.ow);
     let mut y = vec![T::zero(); g.planes * ohw];
-    let mut idx = vec![0i64; g.planes * ohw];
     if ohw == 0 {
-        return (y, idx);
+        return (y, with_indices.then(Vec::new));
     }
-    y.par_chunks_mut(ohw)
-        .zip(idx.par_chunks_mut(ohw))
-        .enumerate()
-        .for_each(|(plane, (yp, ip))| {
-            let xp = &x[plane * ihw..(plane + 1) * ihw];
-            for oh in 0..g.oh {
-                let (h0, h1) = window(oh, g.p.stride.h, g.p.padding.h, g.p.kernel.h, g.h);
-                for ow in 0..g.ow {
-                    let (w0, w1) = window(ow, g.p.stride.w, g.p.padding.w, g.p.kernel.w, g.w);
-                    let mut best = T::neg_infinity();
-                    let mut arg = h0 * g.w + w0;
-                    for ih in h0..h1 {
-                        for iw in w0..w1 {
-                            let v = xp[ih * g.w + iw];
-                            if v > best || v.is_nan() {
-                                best = v;
-                                arg = ih * g.w + iw;
-                            }
-                        }
+    let plane_of = |p: usize| &x[p * ihw..(p + 1) * ihw];
+    if with_indices {
+        let mut idx = vec![0i64; g.planes * ohw];
+        y.par_chunks_mut(ohw)
+            .zip(idx.par_chunks_mut(ohw))
+            .enumerate()
+            .for_each(|(p, (yp, ip))| pool_plane(plane_of(p), g, yp, Some(ip)));
+        (y, Some(idx))
+    } else {
+        y.par_chunks_mut(ohw)
+            .enumerate()
+            .for_each(|(p, yp)| pool_plane(plane_of(p), g, yp, None));
+        (y, None)
+    }
+}
+
+/// Max pooling of one input plane `xp` `[H, W]` into `yp` `[OH, OW]`, and the argmax
+/// plane indices into `ip` when given.
+fn pool_plane<T: Element>(xp: &[T], g: &Geom, yp: &mut [T], mut ip: Option<&mut [i64]>) {
+    for oh in 0..g.oh {
+        let (h0, h1) = window(oh, g.p.stride.h, g.p.padding.h, g.p.kernel.h, g.h);
+        for ow in 0..g.ow {
+            let (w0, w1) = window(ow, g.p.stride.w, g.p.padding.w, g.p.kernel.w, g.w);
+            let mut best = T::neg_infinity();
+            let mut arg = h0 * g.w + w0;
+            for ih in h0..h1 {
+                let row = &xp[ih * g.w + w0..ih * g.w + w1];
+                for (k, &v) in row.iter().enumerate() {
+                    if v > best || v.is_nan() {
+                        best = v;
+                        arg = ih * g.w + w0 + k;
                     }
-                    yp[oh * g.ow + ow] = best;
-                    ip[oh * g.ow + ow] = arg as i64;
                 }
             }
-        });
-    (y, idx)
+            yp[oh * g.ow + ow] = best;
+            if let Some(ip) = ip.as_deref_mut() {
+                ip[oh * g.ow + ow] = arg as i64;
+            }
+        }
+    }
 }
 
 /// Input range `[start, end)` covered by output `o` along one axis, clipped to the input.
@@ -284,7 +296,10 @@ fn geom_args(g: &Geom) -> Vec<KernelArg> {
 }
 
 /// dL/dx `[N, C, H, W]` of max pooling, from dL/dy `[N, C, OH, OW]` and the argmax
-/// `indices` of [`max_pool2d_with_indices`]. `input_shape` is x's shape.
+/// `indices` of [`max_pool2d_with_indices`]. `input_shape` is x's shape. The CPU
+/// rejects an index outside its plane; the CUDA kernel gathers, for each input
+/// pixel, the outputs whose window covers it and names it, so such an index is
+/// dropped there.
 pub fn max_pool2d_backward(
     gy: &Tensor,
     indices: &Tensor,
