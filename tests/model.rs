@@ -37,7 +37,10 @@ fn images(f: &TensorFile, device: Device) -> Vec<Tensor> {
         .map(|n| {
             let (v, s) = f.ints(&n).unwrap();
             let bytes: Vec<u8> = v.into_iter().map(|x| x as u8).collect();
-            image_from_u8(&bytes, s.dim(1), s.dim(2)).unwrap().to_device(device).unwrap()
+            image_from_u8(&bytes, s.dim(1), s.dim(2))
+                .unwrap()
+                .to_device(device)
+                .unwrap()
         })
         .collect()
 }
@@ -50,12 +53,18 @@ fn image_list(f: &TensorFile, device: Device) -> kestrel::detection::transform::
     let (sizes, _) = f.ints("transform.image_sizes").unwrap();
     kestrel::detection::transform::ImageList {
         tensors: on(f.tensor("transform.batch").unwrap(), device),
-        image_sizes: sizes.chunks(2).map(|s| (s[0] as usize, s[1] as usize)).collect(),
+        image_sizes: sizes
+            .chunks(2)
+            .map(|s| (s[0] as usize, s[1] as usize))
+            .collect(),
     }
 }
 
 fn feature_names(f: &TensorFile) -> Vec<String> {
-    let mut v: Vec<String> = (0..).map(|i| format!("features.{i}")).take_while(|n| f.contains(n)).collect();
+    let mut v: Vec<String> = (0..)
+        .map(|i| format!("features.{i}"))
+        .take_while(|n| f.contains(n))
+        .collect();
     v.push("features.pool".into());
     v
 }
@@ -75,24 +84,48 @@ fn check_stages_on(device: Device) {
     }
 
     // RPN head from the fixture's features.
-    let ffeats: Vec<Tensor> = names.iter().map(|n| on(f.tensor(n).unwrap(), device)).collect();
+    let ffeats: Vec<Tensor> = names
+        .iter()
+        .map(|n| on(f.tensor(n).unwrap(), device))
+        .collect();
     let head = m.rpn.head(&ctx, &ffeats).unwrap();
     for (i, (o, d)) in head.objectness.iter().zip(&head.deltas).enumerate() {
-        assert_close(&format!("rpn.objectness{i}"), o, &f.tensor(&format!("rpn.objectness{i}")).unwrap(), STAGE_TOL);
-        assert_close(&format!("rpn.deltas{i}"), d, &f.tensor(&format!("rpn.deltas{i}")).unwrap(), STAGE_TOL);
+        assert_close(
+            &format!("rpn.objectness{i}"),
+            o,
+            &f.tensor(&format!("rpn.objectness{i}")).unwrap(),
+            STAGE_TOL,
+        );
+        assert_close(
+            &format!("rpn.deltas{i}"),
+            d,
+            &f.tensor(&format!("rpn.deltas{i}")).unwrap(),
+            STAGE_TOL,
+        );
     }
 
     // Anchors: exact.
     let anchors = m.anchors(&il, &ffeats).unwrap();
     let want = f.tensor("rpn.anchors").unwrap().to_vec::<f32>().unwrap();
-    assert_eq!(anchors.iter().flatten().copied().collect::<Vec<f32>>(), want, "anchors");
+    assert_eq!(
+        anchors.iter().flatten().copied().collect::<Vec<f32>>(),
+        want,
+        "anchors"
+    );
 
     // Proposals from the fixture's head outputs: same count and order.
     let fhead = RpnHeadOutput {
-        objectness: (0..ffeats.len()).map(|i| on(f.tensor(&format!("rpn.objectness{i}")).unwrap(), device)).collect(),
-        deltas: (0..ffeats.len()).map(|i| on(f.tensor(&format!("rpn.deltas{i}")).unwrap(), device)).collect(),
+        objectness: (0..ffeats.len())
+            .map(|i| on(f.tensor(&format!("rpn.objectness{i}")).unwrap(), device))
+            .collect(),
+        deltas: (0..ffeats.len())
+            .map(|i| on(f.tensor(&format!("rpn.deltas{i}")).unwrap(), device))
+            .collect(),
     };
-    let props = m.rpn.proposals(&fhead, &anchors, &il.image_sizes, false).unwrap();
+    let props = m
+        .rpn
+        .proposals(&fhead, &anchors, &il.image_sizes, false)
+        .unwrap();
     for (i, p) in props.iter().enumerate() {
         let want = f.tensor(&format!("rpn.proposals{i}")).unwrap();
         assert_eq!(p.dims(), want.dims(), "proposals{i} count");
@@ -100,20 +133,48 @@ fn check_stages_on(device: Device) {
     }
 
     // Box head from the fixture's features and proposals.
-    let fprops: Vec<Tensor> = (0..props.len()).map(|i| on(f.tensor(&format!("rpn.proposals{i}")).unwrap(), device)).collect();
-    let pooled = m.roi_heads.pool(&ffeats[..4], &fprops, &il.image_sizes).unwrap();
-    assert_close("roi.pooled", &pooled, &f.tensor("roi.pooled").unwrap(), STAGE_TOL);
+    let fprops: Vec<Tensor> = (0..props.len())
+        .map(|i| on(f.tensor(&format!("rpn.proposals{i}")).unwrap(), device))
+        .collect();
+    let pooled = m
+        .roi_heads
+        .pool(&ffeats[..4], &fprops, &il.image_sizes)
+        .unwrap();
+    assert_close(
+        "roi.pooled",
+        &pooled,
+        &f.tensor("roi.pooled").unwrap(),
+        STAGE_TOL,
+    );
     let fpooled = on(f.tensor("roi.pooled").unwrap(), device);
     let h = m.roi_heads.box_head(&ctx, &fpooled).unwrap();
     assert_close("roi.head", &h, &f.tensor("roi.head").unwrap(), STAGE_TOL);
-    let (cl, br) = m.roi_heads.predictor(&ctx, &on(f.tensor("roi.head").unwrap(), device)).unwrap();
-    assert_close("roi.class_logits", &cl, &f.tensor("roi.class_logits").unwrap(), STAGE_TOL);
-    assert_close("roi.box_regression", &br, &f.tensor("roi.box_regression").unwrap(), STAGE_TOL);
+    let (cl, br) = m
+        .roi_heads
+        .predictor(&ctx, &on(f.tensor("roi.head").unwrap(), device))
+        .unwrap();
+    assert_close(
+        "roi.class_logits",
+        &cl,
+        &f.tensor("roi.class_logits").unwrap(),
+        STAGE_TOL,
+    );
+    assert_close(
+        "roi.box_regression",
+        &br,
+        &f.tensor("roi.box_regression").unwrap(),
+        STAGE_TOL,
+    );
 
     // Detections from the fixture's head outputs: same count, order, labels.
     let dets = m
         .roi_heads
-        .postprocess(&on(f.tensor("roi.class_logits").unwrap(), device), &on(f.tensor("roi.box_regression").unwrap(), device), &fprops, &il.image_sizes)
+        .postprocess(
+            &on(f.tensor("roi.class_logits").unwrap(), device),
+            &on(f.tensor("roi.box_regression").unwrap(), device),
+            &fprops,
+            &il.image_sizes,
+        )
         .unwrap();
     let orig = orig_sizes(&f);
     for (i, d) in dets.into_iter().enumerate() {
@@ -121,8 +182,15 @@ fn check_stages_on(device: Device) {
         let want = fixture_dets(&f, i);
         assert_eq!(d.labels, want.labels, "det{i} labels");
         let (gb, wb): (Vec<f64>, Vec<f64>) = (flat(&d.boxes), flat(&want.boxes));
-        assert!(common::rel_err(&gb, &wb) <= STAGE_TOL, "det{i} boxes: {}", common::rel_err(&gb, &wb));
-        let (gs, ws): (Vec<f64>, Vec<f64>) = (d.scores.iter().map(|&v| v as f64).collect(), want.scores.iter().map(|&v| v as f64).collect());
+        assert!(
+            common::rel_err(&gb, &wb) <= STAGE_TOL,
+            "det{i} boxes: {}",
+            common::rel_err(&gb, &wb)
+        );
+        let (gs, ws): (Vec<f64>, Vec<f64>) = (
+            d.scores.iter().map(|&v| v as f64).collect(),
+            want.scores.iter().map(|&v| v as f64).collect(),
+        );
         assert!(common::rel_err(&gs, &ws) <= STAGE_TOL, "det{i} scores");
     }
 }
@@ -132,14 +200,35 @@ fn flat(b: &[[f32; 4]]) -> Vec<f64> {
 }
 
 fn orig_sizes(f: &TensorFile) -> Vec<(usize, usize)> {
-    f.params().unwrap()["original_sizes"].as_array().unwrap().iter().map(|s| (s[0].as_u64().unwrap() as usize, s[1].as_u64().unwrap() as usize)).collect()
+    f.params().unwrap()["original_sizes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s[0].as_u64().unwrap() as usize,
+                s[1].as_u64().unwrap() as usize,
+            )
+        })
+        .collect()
 }
 
 fn fixture_dets(f: &TensorFile, i: usize) -> Detections {
-    let b = f.tensor(&format!("det{i}.boxes")).unwrap().to_vec::<f32>().unwrap();
+    let b = f
+        .tensor(&format!("det{i}.boxes"))
+        .unwrap()
+        .to_vec::<f32>()
+        .unwrap();
     Detections {
-        boxes: b.chunks_exact(4).map(|c| [c[0], c[1], c[2], c[3]]).collect(),
-        scores: f.tensor(&format!("det{i}.scores")).unwrap().to_vec::<f32>().unwrap(),
+        boxes: b
+            .chunks_exact(4)
+            .map(|c| [c[0], c[1], c[2], c[3]])
+            .collect(),
+        scores: f
+            .tensor(&format!("det{i}.scores"))
+            .unwrap()
+            .to_vec::<f32>()
+            .unwrap(),
         labels: f.ints(&format!("det{i}.labels")).unwrap().0,
     }
 }
@@ -159,7 +248,10 @@ fn check_end_to_end_on(device: Device) {
         let mut matched = 0;
         for k in 0..want.boxes.len() {
             let hit = (0..d.boxes.len()).find(|&j| {
-                !used[j] && d.labels[j] == want.labels[k] && (d.scores[j] - want.scores[k]).abs() <= 1e-3 && iou(&d.boxes[j], &want.boxes[k]) > 0.99
+                !used[j]
+                    && d.labels[j] == want.labels[k]
+                    && (d.scores[j] - want.scores[k]).abs() <= 1e-3
+                    && iou(&d.boxes[j], &want.boxes[k]) > 0.99
             });
             if let Some(j) = hit {
                 used[j] = true;
@@ -167,7 +259,12 @@ fn check_end_to_end_on(device: Device) {
             }
         }
         let frac = matched as f64 / want.boxes.len().max(1) as f64;
-        assert!(frac >= 0.98, "image {i}: {matched} of {} torchvision detections matched ({} found)", want.boxes.len(), d.boxes.len());
+        assert!(
+            frac >= 0.98,
+            "image {i}: {matched} of {} torchvision detections matched ({} found)",
+            want.boxes.len(),
+            d.boxes.len()
+        );
     }
 }
 
@@ -178,8 +275,18 @@ fn check_training_on(device: Device) {
     let imgs = images(&e, device);
     let targets: Vec<Target> = (0..imgs.len())
         .map(|i| {
-            let b = f.tensor(&format!("target{i}.boxes")).unwrap().to_vec::<f32>().unwrap();
-            Target { boxes: b.chunks_exact(4).map(|c| [c[0], c[1], c[2], c[3]]).collect(), labels: f.ints(&format!("target{i}.labels")).unwrap().0 }
+            let b = f
+                .tensor(&format!("target{i}.boxes"))
+                .unwrap()
+                .to_vec::<f32>()
+                .unwrap();
+            Target {
+                boxes: b
+                    .chunks_exact(4)
+                    .map(|c| [c[0], c[1], c[2], c[3]])
+                    .collect(),
+                labels: f.ints(&format!("target{i}.labels")).unwrap().0,
+            }
         })
         .collect();
     let tape = Tape::new();
@@ -193,14 +300,25 @@ fn check_training_on(device: Device) {
         m.losses(&ctx, &imgs, &targets, &mut Rng::new(0)).unwrap()
     };
     for (name, v) in &losses {
-        let want = f.tensor(&format!("loss.{name}")).unwrap().to_vec::<f64>().unwrap()[0];
+        let want = f
+            .tensor(&format!("loss.{name}"))
+            .unwrap()
+            .to_vec::<f64>()
+            .unwrap()[0];
         let got = v.item().unwrap();
-        assert!(((got - want) / want).abs() <= 1e-4, "{name}: {got} vs torchvision {want}");
+        assert!(
+            ((got - want) / want).abs() <= 1e-4,
+            "{name}: {got} vs torchvision {want}"
+        );
     }
-    let mut total = losses[0].1.clone();
-    for (_, l) in &losses[1..] {
-        total = kestrel::ops::add(&total, l).unwrap();
-    }
+    let total = {
+        let _g = tape.activate();
+        let mut total = losses[0].1.clone();
+        for (_, l) in &losses[1..] {
+            total = kestrel::ops::add(&total, l).unwrap();
+        }
+        total
+    };
     let grads = tape.backward(&total).unwrap();
     let mut checked = 0;
     for n in &names {
@@ -208,7 +326,9 @@ fn check_training_on(device: Device) {
         if !f.contains(&key) {
             continue;
         }
-        let g = grads.get(m.params.get(n).unwrap()).unwrap_or_else(|| panic!("no gradient for {n}"));
+        let g = grads
+            .get(m.params.get(n).unwrap())
+            .unwrap_or_else(|| panic!("no gradient for {n}"));
         assert_close(&key, g, &f.tensor(&key).unwrap(), 1e-3);
         checked += 1;
     }
@@ -255,10 +375,19 @@ fn weights_with_a_missing_or_misshaped_tensor_are_refused() {
     let cfg = FasterRcnnConfig::from_params(&file.params().unwrap()).unwrap();
     let mut wrong = cfg.clone();
     wrong.roi.num_classes += 1;
-    let err = FasterRcnn::load(wrong, &path).err().expect("mis-shaped predictor accepted").to_string();
-    assert!(err.contains("roi_heads.box_predictor.cls_score.weight"), "{err}");
+    let err = FasterRcnn::load(wrong, &path)
+        .err()
+        .expect("mis-shaped predictor accepted")
+        .to_string();
+    assert!(
+        err.contains("roi_heads.box_predictor.cls_score.weight"),
+        "{err}"
+    );
     let mut deeper = cfg;
     deeper.backbone.layers[0] += 1;
-    let err = FasterRcnn::load(deeper, &path).err().expect("missing block accepted").to_string();
+    let err = FasterRcnn::load(deeper, &path)
+        .err()
+        .expect("missing block accepted")
+        .to_string();
     assert!(err.contains("missing `backbone.body.layer1.1."), "{err}");
 }

@@ -44,18 +44,42 @@ impl FasterRcnnConfig {
     /// width_per_group, fpn_channels, representation_size, num_classes, min_size,
     /// max_size, bn_eps).
     pub fn from_params(p: &serde_json::Value) -> Result<Self> {
-        let bad = |k: &str| Error::invalid("FasterRcnnConfig::from_params", format!("missing or invalid `{k}`"));
-        let u = |k: &str| p.get(k).and_then(|v| v.as_u64()).map(|v| v as usize).ok_or_else(|| bad(k));
+        let bad = |k: &str| {
+            Error::invalid(
+                "FasterRcnnConfig::from_params",
+                format!("missing or invalid `{k}`"),
+            )
+        };
+        let u = |k: &str| {
+            p.get(k)
+                .and_then(|v| v.as_u64())
+                .map(|v| v as usize)
+                .ok_or_else(|| bad(k))
+        };
         let block = match p.get("block").and_then(|v| v.as_str()) {
             Some("bottleneck") => BlockKind::Bottleneck,
             Some("basic") => BlockKind::Basic,
             _ => return Err(bad("block")),
         };
-        let layers: Vec<usize> = p.get("layers").and_then(|v| v.as_array()).ok_or_else(|| bad("layers"))?.iter().filter_map(|v| v.as_u64().map(|x| x as usize)).collect();
+        let layers: Vec<usize> = p
+            .get("layers")
+            .and_then(|v| v.as_array())
+            .ok_or_else(|| bad("layers"))?
+            .iter()
+            .filter_map(|v| v.as_u64().map(|x| x as usize))
+            .collect();
         let layers: [usize; 4] = layers.try_into().map_err(|_| bad("layers"))?;
-        let eps = p.get("bn_eps").and_then(|v| v.as_f64()).ok_or_else(|| bad("bn_eps"))?;
+        let eps = p
+            .get("bn_eps")
+            .and_then(|v| v.as_f64())
+            .ok_or_else(|| bad("bn_eps"))?;
         Ok(FasterRcnnConfig {
-            backbone: ResNetConfig { block, layers, width_per_group: u("width_per_group")?, norm: NormKind::Frozen { eps } },
+            backbone: ResNetConfig {
+                block,
+                layers,
+                width_per_group: u("width_per_group")?,
+                norm: NormKind::Frozen { eps },
+            },
             fpn_channels: u("fpn_channels")?,
             transform: TransformConfig::new(u("min_size")?, u("max_size")?),
             rpn: RpnConfig::default(),
@@ -85,7 +109,11 @@ pub struct InferenceTrace {
 impl FasterRcnn {
     fn build(config: FasterRcnnConfig) -> Result<(ResNet, Fpn, Rpn, RoiHeads)> {
         let body = ResNet::new("backbone.body.", config.backbone.clone())?;
-        let fpn = Fpn::new("backbone.fpn.", &config.backbone.out_channels(), config.fpn_channels);
+        let fpn = Fpn::new(
+            "backbone.fpn.",
+            &config.backbone.out_channels(),
+            config.fpn_channels,
+        );
         let rpn = Rpn::new(config.fpn_channels, config.rpn.clone());
         let roi = RoiHeads::new(config.fpn_channels, config.roi.clone());
         Ok((body, fpn, rpn, roi))
@@ -104,7 +132,14 @@ impl FasterRcnn {
     pub fn new(config: FasterRcnnConfig, seed: u64) -> Result<FasterRcnn> {
         let (body, fpn, rpn, roi_heads) = Self::build(config.clone())?;
         let params = ParamStore::init(&Self::specs_of(&body, &fpn, &rpn, &roi_heads), seed)?;
-        Ok(FasterRcnn { config, body, fpn, rpn, roi_heads, params })
+        Ok(FasterRcnn {
+            config,
+            body,
+            fpn,
+            rpn,
+            roi_heads,
+            params,
+        })
     }
 
     /// A model with weights from a safetensors file under torchvision's key names. A
@@ -113,7 +148,14 @@ impl FasterRcnn {
         let (body, fpn, rpn, roi_heads) = Self::build(config.clone())?;
         let file = TensorFile::open(path)?;
         let params = ParamStore::load(&file, &Self::specs_of(&body, &fpn, &rpn, &roi_heads))?;
-        Ok(FasterRcnn { config, body, fpn, rpn, roi_heads, params })
+        Ok(FasterRcnn {
+            config,
+            body,
+            fpn,
+            rpn,
+            roi_heads,
+            params,
+        })
     }
 
     /// The tensors the model expects.
@@ -152,40 +194,74 @@ impl FasterRcnn {
             .zip(&il.image_sizes)
             .map(|((d, im), &size)| d.resized(size, (im.dims()[1], im.dims()[2])))
             .collect::<Result<_>>()?;
-        Ok(InferenceTrace { images: il, features, proposals, detections })
+        Ok(InferenceTrace {
+            images: il,
+            features,
+            proposals,
+            detections,
+        })
     }
 
     /// RPN proposals per image for a batch's features.
-    pub fn proposals(&self, ctx: &Ctx, il: &ImageList, features: &[Tensor], training: bool) -> Result<Vec<Tensor>> {
+    pub fn proposals(
+        &self,
+        ctx: &Ctx,
+        il: &ImageList,
+        features: &[Tensor],
+        training: bool,
+    ) -> Result<Vec<Tensor>> {
         let head = self.rpn.head(ctx, features)?;
         let anchors = self.anchors(il, features)?;
-        self.rpn.proposals(&head, &anchors, &il.image_sizes, training)
+        self.rpn
+            .proposals(&head, &anchors, &il.image_sizes, training)
     }
 
     /// Anchors of one image of the batch.
     pub fn anchors(&self, il: &ImageList, features: &[Tensor]) -> Result<Vec<[f32; 4]>> {
         let d = il.tensors.dims();
-        let grids: Vec<(usize, usize)> = features.iter().map(|f| (f.dims()[2], f.dims()[3])).collect();
+        let grids: Vec<(usize, usize)> = features
+            .iter()
+            .map(|f| (f.dims()[2], f.dims()[3]))
+            .collect();
         self.rpn.anchors((d[2], d[3]), &grids)
     }
 
     /// Box-head detections (resized-image pixels) for given proposals.
-    pub fn detect_from(&self, ctx: &Ctx, il: &ImageList, features: &[Tensor], proposals: &[Tensor]) -> Result<Vec<Detections>> {
-        let pooled = self.roi_heads.pool(&features[..4], proposals, &il.image_sizes)?;
+    pub fn detect_from(
+        &self,
+        ctx: &Ctx,
+        il: &ImageList,
+        features: &[Tensor],
+        proposals: &[Tensor],
+    ) -> Result<Vec<Detections>> {
+        let pooled = self
+            .roi_heads
+            .pool(&features[..4], proposals, &il.image_sizes)?;
         let x = self.roi_heads.box_head(ctx, &pooled)?;
         let (logits, regs) = self.roi_heads.predictor(ctx, &x)?;
-        self.roi_heads.postprocess(&logits, &regs, proposals, &il.image_sizes)
+        self.roi_heads
+            .postprocess(&logits, &regs, proposals, &il.image_sizes)
     }
 
     /// The four training losses for `images` and their `targets` (original image
     /// pixels): loss_objectness, loss_rpn_box_reg, loss_classifier, loss_box_reg.
     /// Run it under an active tape with the parameters watched to train.
-    pub fn losses(&self, ctx: &Ctx, images: &[Tensor], targets: &[Target], rng: &mut Rng) -> Result<Vec<(String, Tensor)>> {
+    pub fn losses(
+        &self,
+        ctx: &Ctx,
+        images: &[Tensor],
+        targets: &[Target],
+        rng: &mut Rng,
+    ) -> Result<Vec<(String, Tensor)>> {
         if images.len() != targets.len() {
-            return Err(Error::invalid("FasterRcnn::losses", format!("{} images and {} targets", images.len(), targets.len())));
+            return Err(Error::invalid(
+                "FasterRcnn::losses",
+                format!("{} images and {} targets", images.len(), targets.len()),
+            ));
         }
         for (i, t) in targets.iter().enumerate() {
-            t.validate().map_err(|m| Error::invalid("FasterRcnn::losses", format!("target {i}: {m}")))?;
+            t.validate()
+                .map_err(|m| Error::invalid("FasterRcnn::losses", format!("target {i}: {m}")))?;
         }
         let il = transform(images, &self.config.transform)?;
         let targets: Vec<Target> = targets
@@ -197,10 +273,16 @@ impl FasterRcnn {
         let features = self.features(ctx, &il.tensors)?;
         let head = self.rpn.head(ctx, &features)?;
         let anchors = self.anchors(&il, &features)?;
-        let proposals = crate::autograd::no_grad(|| self.rpn.proposals(&head, &anchors, &il.image_sizes, true))?;
+        let proposals = crate::autograd::no_grad(|| {
+            self.rpn.proposals(&head, &anchors, &il.image_sizes, true)
+        })?;
         let (loss_obj, loss_rpn_box) = self.rpn.losses(&head, &anchors, &targets, rng)?;
-        let samples = self.roi_heads.select_training_samples(&proposals, &targets, rng)?;
-        let pooled = self.roi_heads.pool(&features[..4], &samples.proposals, &il.image_sizes)?;
+        let samples = self
+            .roi_heads
+            .select_training_samples(&proposals, &targets, rng)?;
+        let pooled = self
+            .roi_heads
+            .pool(&features[..4], &samples.proposals, &il.image_sizes)?;
         let x = self.roi_heads.box_head(ctx, &pooled)?;
         let (logits, regs) = self.roi_heads.predictor(ctx, &x)?;
         let (loss_cls, loss_box) = self.roi_heads.losses(&logits, &regs, &samples)?;
@@ -217,9 +299,18 @@ impl Detections {
     /// The same detections with boxes scaled from an image of size `from` to `to`.
     pub fn resized(self, from: (usize, usize), to: (usize, usize)) -> Result<Detections> {
         let k = self.boxes.len();
-        let t = Tensor::from_vec(self.boxes.iter().flatten().copied().collect::<Vec<f32>>(), [k, 4])?;
+        let t = Tensor::from_vec(
+            self.boxes.iter().flatten().copied().collect::<Vec<f32>>(),
+            [k, 4],
+        )?;
         let r = resize_boxes(&t, from, to)?.to_vec::<f32>()?;
-        Ok(Detections { boxes: r.chunks_exact(4).map(|b| [b[0], b[1], b[2], b[3]]).collect(), ..self })
+        Ok(Detections {
+            boxes: r
+                .chunks_exact(4)
+                .map(|b| [b[0], b[1], b[2], b[3]])
+                .collect(),
+            ..self
+        })
     }
 }
 
@@ -228,14 +319,25 @@ impl Target {
     pub fn resized(&self, from: (usize, usize), to: (usize, usize)) -> Target {
         let rh = to.0 as f32 / from.0 as f32;
         let rw = to.1 as f32 / from.1 as f32;
-        Target { boxes: self.boxes.iter().map(|b| [b[0] * rw, b[1] * rh, b[2] * rw, b[3] * rh]).collect(), labels: self.labels.clone() }
+        Target {
+            boxes: self
+                .boxes
+                .iter()
+                .map(|b| [b[0] * rw, b[1] * rh, b[2] * rw, b[3] * rh])
+                .collect(),
+            labels: self.labels.clone(),
+        }
     }
 
     /// Error text unless boxes are finite with positive width and height and labels
     /// are positive and as many as boxes.
     pub fn validate(&self) -> std::result::Result<(), String> {
         if self.boxes.len() != self.labels.len() {
-            return Err(format!("{} boxes and {} labels", self.boxes.len(), self.labels.len()));
+            return Err(format!(
+                "{} boxes and {} labels",
+                self.boxes.len(),
+                self.labels.len()
+            ));
         }
         for (i, b) in self.boxes.iter().enumerate() {
             if b.iter().any(|v| !v.is_finite()) || b[2] <= b[0] || b[3] <= b[1] {

@@ -95,7 +95,12 @@ impl RoiHeads {
     }
 
     /// Pooled features `[R, C, 7, 7]` of the proposals over P2..P5.
-    pub fn pool(&self, feats: &[Tensor], proposals: &[Tensor], image_sizes: &[(usize, usize)]) -> Result<Tensor> {
+    pub fn pool(
+        &self,
+        feats: &[Tensor],
+        proposals: &[Tensor],
+        image_sizes: &[(usize, usize)],
+    ) -> Result<Tensor> {
         self.pooler.forward(feats, proposals, image_sizes)
     }
 
@@ -109,13 +114,22 @@ impl RoiHeads {
 
     /// FastRCNNPredictor: class logits `[R, classes]` and box deltas `[R, 4 classes]`.
     pub fn predictor(&self, ctx: &Ctx, x: &Tensor) -> Result<(Tensor, Tensor)> {
-        Ok((self.cls_score.forward(ctx, x)?, self.bbox_pred.forward(ctx, x)?))
+        Ok((
+            self.cls_score.forward(ctx, x)?,
+            self.bbox_pred.forward(ctx, x)?,
+        ))
     }
 
     /// Detections per image in resized-image pixels (torchvision's
     /// `postprocess_detections`): softmax, per-class boxes, clip, score > thresh, drop
     /// tiny boxes, per-class NMS, best `detections_per_img`.
-    pub fn postprocess(&self, class_logits: &Tensor, box_regression: &Tensor, proposals: &[Tensor], image_sizes: &[(usize, usize)]) -> Result<Vec<Detections>> {
+    pub fn postprocess(
+        &self,
+        class_logits: &Tensor,
+        box_regression: &Tensor,
+        proposals: &[Tensor],
+        image_sizes: &[(usize, usize)],
+    ) -> Result<Vec<Detections>> {
         let c = self.config.num_classes;
         let logits = class_logits.to_vec::<f32>()?;
         let regs = box_regression.to_vec::<f32>()?;
@@ -129,9 +143,19 @@ impl RoiHeads {
                 let probs = softmax(&logits[r * c..(r + 1) * c]);
                 let pb = [pb[0], pb[1], pb[2], pb[3]];
                 for (j, &s) in probs.iter().enumerate().skip(1) {
-                    let b = self.coder.decode(&regs[(r * c + j) * 4..(r * c + j) * 4 + 4], &pb);
-                    let b = [b[0].clamp(0.0, w as f32), b[1].clamp(0.0, h as f32), b[2].clamp(0.0, w as f32), b[3].clamp(0.0, h as f32)];
-                    if s > self.config.score_thresh && b[2] - b[0] >= self.config.min_size && b[3] - b[1] >= self.config.min_size {
+                    let b = self
+                        .coder
+                        .decode(&regs[(r * c + j) * 4..(r * c + j) * 4 + 4], &pb);
+                    let b = [
+                        b[0].clamp(0.0, w as f32),
+                        b[1].clamp(0.0, h as f32),
+                        b[2].clamp(0.0, w as f32),
+                        b[3].clamp(0.0, h as f32),
+                    ];
+                    if s > self.config.score_thresh
+                        && b[2] - b[0] >= self.config.min_size
+                        && b[3] - b[1] >= self.config.min_size
+                    {
                         boxes.extend_from_slice(&b);
                         scores.push(s);
                         labels.push(j as i64);
@@ -146,9 +170,24 @@ impl RoiHeads {
                 &Tensor::from_vec_i64(labels.clone(), [k])?,
                 self.config.nms_thresh,
             )?;
-            let keep: Vec<usize> = keep.to_vec_i64()?.into_iter().take(self.config.detections_per_img).map(|i| i as usize).collect();
+            let keep: Vec<usize> = keep
+                .to_vec_i64()?
+                .into_iter()
+                .take(self.config.detections_per_img)
+                .map(|i| i as usize)
+                .collect();
             out.push(Detections {
-                boxes: keep.iter().map(|&i| [boxes[4 * i], boxes[4 * i + 1], boxes[4 * i + 2], boxes[4 * i + 3]]).collect(),
+                boxes: keep
+                    .iter()
+                    .map(|&i| {
+                        [
+                            boxes[4 * i],
+                            boxes[4 * i + 1],
+                            boxes[4 * i + 2],
+                            boxes[4 * i + 3],
+                        ]
+                    })
+                    .collect(),
                 scores: keep.iter().map(|&i| scores[i]).collect(),
                 labels: keep.iter().map(|&i| labels[i]).collect(),
             });
@@ -158,12 +197,25 @@ impl RoiHeads {
 
     /// torchvision's `select_training_samples`: append GT boxes to the proposals,
     /// match (0.5 / 0.5, no low-quality matches), sample, encode targets.
-    pub fn select_training_samples(&self, proposals: &[Tensor], targets: &[Target], rng: &mut Rng) -> Result<TrainingSamples> {
+    pub fn select_training_samples(
+        &self,
+        proposals: &[Tensor],
+        targets: &[Target],
+        rng: &mut Rng,
+    ) -> Result<TrainingSamples> {
         let cfg = &self.config;
-        let mut out = TrainingSamples { proposals: Vec::new(), labels: Vec::new(), regression_targets: Vec::new() };
+        let mut out = TrainingSamples {
+            proposals: Vec::new(),
+            labels: Vec::new(),
+            regression_targets: Vec::new(),
+        };
         for (p, t) in proposals.iter().zip(targets) {
             let device = p.device();
-            let mut boxes: Vec<[f32; 4]> = p.to_vec::<f32>()?.chunks_exact(4).map(|b| [b[0], b[1], b[2], b[3]]).collect();
+            let mut boxes: Vec<[f32; 4]> = p
+                .to_vec::<f32>()?
+                .chunks_exact(4)
+                .map(|b| [b[0], b[1], b[2], b[3]])
+                .collect();
             boxes.extend(t.boxes.iter().copied());
             let n = boxes.len();
             let (matches, labels) = if t.boxes.is_empty() {
@@ -175,7 +227,14 @@ impl RoiHeads {
                         iou[g * n + i] = box_utils::iou(gt, b);
                     }
                 }
-                let m = box_utils::match_boxes(&iou, t.boxes.len(), n, cfg.fg_iou_thresh, cfg.bg_iou_thresh, false);
+                let m = box_utils::match_boxes(
+                    &iou,
+                    t.boxes.len(),
+                    n,
+                    cfg.fg_iou_thresh,
+                    cfg.bg_iou_thresh,
+                    false,
+                );
                 let labels = m.iter().map(|&v| match v {
                     -1 => 0,
                     -2 => -1,
@@ -183,24 +242,51 @@ impl RoiHeads {
                 });
                 (m.clone(), labels.collect())
             };
-            let (pos, neg) = box_utils::sample(&labels, cfg.batch_size_per_image, cfg.positive_fraction, rng);
+            let (pos, neg) = box_utils::sample(
+                &labels,
+                cfg.batch_size_per_image,
+                cfg.positive_fraction,
+                rng,
+            );
             let mut sampled: Vec<usize> = pos.into_iter().chain(neg).collect();
             sampled.sort_unstable();
-            let gt_of = |i: usize| t.boxes.get(matches[i].max(0) as usize).copied().unwrap_or([0.0; 4]);
-            out.regression_targets.push(sampled.iter().map(|&i| self.coder.encode(&gt_of(i), &boxes[i])).collect());
-            out.labels.push(sampled.iter().map(|&i| labels[i]).collect());
+            let gt_of = |i: usize| {
+                t.boxes
+                    .get(matches[i].max(0) as usize)
+                    .copied()
+                    .unwrap_or([0.0; 4])
+            };
+            out.regression_targets.push(
+                sampled
+                    .iter()
+                    .map(|&i| self.coder.encode(&gt_of(i), &boxes[i]))
+                    .collect(),
+            );
+            out.labels
+                .push(sampled.iter().map(|&i| labels[i]).collect());
             let flat: Vec<f32> = sampled.iter().flat_map(|&i| boxes[i]).collect();
-            out.proposals.push(Tensor::from_vec(flat, [sampled.len(), 4])?.to_device(device)?);
+            out.proposals
+                .push(Tensor::from_vec(flat, [sampled.len(), 4])?.to_device(device)?);
         }
         Ok(out)
     }
 
     /// `loss_classifier` (cross-entropy, mean) and `loss_box_reg` (smooth L1, beta
     /// 1/9, over positives of their class, divided by the number of sampled RoIs).
-    pub fn losses(&self, class_logits: &Tensor, box_regression: &Tensor, samples: &TrainingSamples) -> Result<(Tensor, Tensor)> {
+    pub fn losses(
+        &self,
+        class_logits: &Tensor,
+        box_regression: &Tensor,
+        samples: &TrainingSamples,
+    ) -> Result<(Tensor, Tensor)> {
         let device = class_logits.device();
         let labels: Vec<i64> = samples.labels.iter().flatten().copied().collect();
-        let targets: Vec<[f32; 4]> = samples.regression_targets.iter().flatten().copied().collect();
+        let targets: Vec<[f32; 4]> = samples
+            .regression_targets
+            .iter()
+            .flatten()
+            .copied()
+            .collect();
         let r = labels.len();
         if r == 0 {
             return Err(Error::invalid("roi_heads.losses", "no RoIs sampled"));
@@ -213,8 +299,17 @@ impl RoiHeads {
         let tg: Vec<f32> = pos.iter().flat_map(|&i| targets[i]).collect();
         let np = pos.len();
         let per_class = ops::reshape(box_regression, [r * c, 4])?;
-        let picked = ops::index_select(&per_class, 0, &Tensor::from_vec_i64(rows, [np])?.to_device(device)?)?;
-        let sum = ops::smooth_l1(&picked, &Tensor::from_vec(tg, [np, 4])?.to_device(device)?, 1.0 / 9.0, Reduction::Sum)?;
+        let picked = ops::index_select(
+            &per_class,
+            0,
+            &Tensor::from_vec_i64(rows, [np])?.to_device(device)?,
+        )?;
+        let sum = ops::smooth_l1(
+            &picked,
+            &Tensor::from_vec(tg, [np, 4])?.to_device(device)?,
+            1.0 / 9.0,
+            Reduction::Sum,
+        )?;
         Ok((loss_cls, ops::scale(&sum, 1.0 / r as f64)?))
     }
 }
@@ -226,4 +321,3 @@ fn softmax(x: &[f32]) -> Vec<f32> {
     let s: f32 = e.iter().sum();
     e.iter().map(|v| v / s).collect()
 }
-

@@ -21,9 +21,19 @@ impl Fpn {
             let bound = (3.0 / (cin * k * k) as f32).sqrt();
             Conv2d::new(name, cin, out_channels, k, 1, p, true).with_init(Init::Uniform(bound))
         };
-        let inner = in_channels.iter().enumerate().map(|(i, &c)| conv(format!("{prefix}inner_blocks.{i}.0"), c, 1, 0)).collect();
-        let layer = (0..in_channels.len()).map(|i| conv(format!("{prefix}layer_blocks.{i}.0"), out_channels, 3, 1)).collect();
-        Fpn { inner, layer, out_channels }
+        let inner = in_channels
+            .iter()
+            .enumerate()
+            .map(|(i, &c)| conv(format!("{prefix}inner_blocks.{i}.0"), c, 1, 0))
+            .collect();
+        let layer = (0..in_channels.len())
+            .map(|i| conv(format!("{prefix}layer_blocks.{i}.0"), out_channels, 3, 1))
+            .collect();
+        Fpn {
+            inner,
+            layer,
+            out_channels,
+        }
     }
 
     /// The tensors of the FPN (biases start at zero, as torchvision's).
@@ -42,7 +52,14 @@ impl Fpn {
     /// [C2..C5] to [P2, P3, P4, P5, P6].
     pub fn forward(&self, ctx: &Ctx, feats: &[Tensor]) -> Result<Vec<Tensor>> {
         if feats.len() != self.inner.len() {
-            return Err(Error::invalid("fpn", format!("{} feature maps for {} levels", feats.len(), self.inner.len())));
+            return Err(Error::invalid(
+                "fpn",
+                format!(
+                    "{} feature maps for {} levels",
+                    feats.len(),
+                    self.inner.len()
+                ),
+            ));
         }
         let n = feats.len();
         let mut last_inner = self.inner[n - 1].forward(ctx, &feats[n - 1])?;

@@ -23,9 +23,25 @@ pub struct Conv2d {
 
 impl Conv2d {
     /// A square-kernel convolution with PyTorch's default initialiser.
-    pub fn new(name: impl Into<String>, cin: usize, cout: usize, k: usize, stride: usize, padding: usize, bias: bool) -> Self {
+    pub fn new(
+        name: impl Into<String>,
+        cin: usize,
+        cout: usize,
+        k: usize,
+        stride: usize,
+        padding: usize,
+        bias: bool,
+    ) -> Self {
         let bound = 1.0 / ((cin * k * k) as f32).sqrt();
-        Conv2d { name: name.into(), cin, cout, kernel: (k, k), params: Conv2dParams::new(stride, padding, 1), bias, init: Init::Uniform(bound) }
+        Conv2d {
+            name: name.into(),
+            cin,
+            cout,
+            kernel: (k, k),
+            params: Conv2dParams::new(stride, padding, 1),
+            bias,
+            init: Init::Uniform(bound),
+        }
     }
     /// Use `init` for the weight.
     pub fn with_init(mut self, init: Init) -> Self {
@@ -35,19 +51,31 @@ impl Conv2d {
     /// `x` `[N, cin, H, W]` to `[N, cout, OH, OW]`.
     pub fn forward(&self, ctx: &Ctx, x: &Tensor) -> Result<Tensor> {
         let w = ctx.params.get(&format!("{}.weight", self.name))?;
-        let b = if self.bias { Some(ctx.params.get(&format!("{}.bias", self.name))?) } else { None };
+        let b = if self.bias {
+            Some(ctx.params.get(&format!("{}.bias", self.name))?)
+        } else {
+            None
+        };
         conv2d(x, w, b, &self.params)
     }
     /// The tensors this layer expects.
     pub fn specs(&self, out: &mut Vec<ParamSpec>) {
         let (kh, kw) = self.kernel;
-        out.push(ParamSpec::param(format!("{}.weight", self.name), [self.cout, self.cin, kh, kw], self.init));
+        out.push(ParamSpec::param(
+            format!("{}.weight", self.name),
+            [self.cout, self.cin, kh, kw],
+            self.init,
+        ));
         if self.bias {
             let bias_init = match self.init {
                 Init::Uniform(_) => Init::Uniform(1.0 / ((self.cin * kh * kw) as f32).sqrt()),
                 _ => Init::Const(0.0),
             };
-            out.push(ParamSpec::param(format!("{}.bias", self.name), [self.cout], bias_init));
+            out.push(ParamSpec::param(
+                format!("{}.bias", self.name),
+                [self.cout],
+                bias_init,
+            ));
         }
     }
 }
@@ -64,7 +92,12 @@ pub struct Linear {
 impl Linear {
     /// A linear layer with PyTorch's default initialiser.
     pub fn new(name: impl Into<String>, fin: usize, fout: usize) -> Self {
-        Linear { name: name.into(), fin, fout, init: Init::Uniform(1.0 / (fin as f32).sqrt()) }
+        Linear {
+            name: name.into(),
+            fin,
+            fout,
+            init: Init::Uniform(1.0 / (fin as f32).sqrt()),
+        }
     }
     /// Use `init` for the weight (the bias then starts at zero).
     pub fn with_init(mut self, init: Init) -> Self {
@@ -79,12 +112,20 @@ impl Linear {
     }
     /// The tensors this layer expects.
     pub fn specs(&self, out: &mut Vec<ParamSpec>) {
-        out.push(ParamSpec::param(format!("{}.weight", self.name), [self.fout, self.fin], self.init));
+        out.push(ParamSpec::param(
+            format!("{}.weight", self.name),
+            [self.fout, self.fin],
+            self.init,
+        ));
         let bias_init = match self.init {
             Init::Uniform(_) => Init::Uniform(1.0 / (self.fin as f32).sqrt()),
             _ => Init::Const(0.0),
         };
-        out.push(ParamSpec::param(format!("{}.bias", self.name), [self.fout], bias_init));
+        out.push(ParamSpec::param(
+            format!("{}.bias", self.name),
+            [self.fout],
+            bias_init,
+        ));
     }
 }
 
@@ -109,11 +150,20 @@ impl Norm2d {
     /// `x` `[N, c, H, W]` normalised per channel.
     pub fn forward(&self, ctx: &Ctx, x: &Tensor) -> Result<Tensor> {
         let p = |s: &str| ctx.params.get(&format!("{}.{s}", self.name));
-        let (w, b, rm, rv) = (p("weight")?, p("bias")?, p("running_mean")?, p("running_var")?);
+        let (w, b, rm, rv) = (
+            p("weight")?,
+            p("bias")?,
+            p("running_mean")?,
+            p("running_var")?,
+        );
         match self.kind {
             NormKind::Frozen { eps } => frozen_batch_norm(x, w, b, rm, rv, eps),
             NormKind::Batch { eps, momentum } => {
-                let cfg = BatchNormConfig { training: ctx.training, momentum, eps };
+                let cfg = BatchNormConfig {
+                    training: ctx.training,
+                    momentum,
+                    eps,
+                };
                 let out = batch_norm(x, w, b, rm, rv, cfg)?;
                 if ctx.training {
                     let mut u = ctx.buffer_updates.borrow_mut();
@@ -129,15 +179,39 @@ impl Norm2d {
         let c = self.c;
         match self.kind {
             NormKind::Frozen { .. } => {
-                out.push(ParamSpec::buffer(format!("{}.weight", self.name), [c], Init::Const(1.0)));
-                out.push(ParamSpec::buffer(format!("{}.bias", self.name), [c], Init::Const(0.0)));
+                out.push(ParamSpec::buffer(
+                    format!("{}.weight", self.name),
+                    [c],
+                    Init::Const(1.0),
+                ));
+                out.push(ParamSpec::buffer(
+                    format!("{}.bias", self.name),
+                    [c],
+                    Init::Const(0.0),
+                ));
             }
             NormKind::Batch { .. } => {
-                out.push(ParamSpec::param(format!("{}.weight", self.name), [c], Init::Const(1.0)));
-                out.push(ParamSpec::param(format!("{}.bias", self.name), [c], Init::Const(0.0)));
+                out.push(ParamSpec::param(
+                    format!("{}.weight", self.name),
+                    [c],
+                    Init::Const(1.0),
+                ));
+                out.push(ParamSpec::param(
+                    format!("{}.bias", self.name),
+                    [c],
+                    Init::Const(0.0),
+                ));
             }
         }
-        out.push(ParamSpec::buffer(format!("{}.running_mean", self.name), [c], Init::Const(0.0)));
-        out.push(ParamSpec::buffer(format!("{}.running_var", self.name), [c], Init::Const(1.0)));
+        out.push(ParamSpec::buffer(
+            format!("{}.running_mean", self.name),
+            [c],
+            Init::Const(0.0),
+        ));
+        out.push(ParamSpec::buffer(
+            format!("{}.running_var", self.name),
+            [c],
+            Init::Const(1.0),
+        ));
     }
 }

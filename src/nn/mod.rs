@@ -5,9 +5,9 @@
 //! optimizer can then replace parameters between steps without rebuilding the model,
 //! and a torchvision state_dict loads by its own key names.
 
+pub mod fpn;
 mod layers;
 mod params;
-pub mod fpn;
 pub mod resnet;
 
 pub use layers::{Conv2d, Linear, Norm2d, NormKind};
@@ -29,7 +29,11 @@ pub struct Ctx<'a> {
 impl<'a> Ctx<'a> {
     /// A context over `params`.
     pub fn new(params: &'a ParamStore, training: bool) -> Self {
-        Ctx { params, training, buffer_updates: RefCell::new(Vec::new()) }
+        Ctx {
+            params,
+            training,
+            buffer_updates: RefCell::new(Vec::new()),
+        }
     }
     /// Take the buffer updates collected so far.
     pub fn take_buffer_updates(&self) -> Vec<(String, crate::Tensor)> {

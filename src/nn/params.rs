@@ -38,11 +38,21 @@ pub struct ParamSpec {
 impl ParamSpec {
     /// A trainable parameter.
     pub fn param(name: impl Into<String>, shape: impl Into<Shape>, init: Init) -> Self {
-        ParamSpec { name: name.into(), shape: shape.into(), kind: ParamKind::Trainable, init }
+        ParamSpec {
+            name: name.into(),
+            shape: shape.into(),
+            kind: ParamKind::Trainable,
+            init,
+        }
     }
     /// A buffer.
     pub fn buffer(name: impl Into<String>, shape: impl Into<Shape>, init: Init) -> Self {
-        ParamSpec { name: name.into(), shape: shape.into(), kind: ParamKind::Buffer, init }
+        ParamSpec {
+            name: name.into(),
+            shape: shape.into(),
+            kind: ParamKind::Buffer,
+            init,
+        }
     }
 }
 
@@ -62,14 +72,28 @@ impl ParamStore {
             let n = s.shape.numel();
             let v: Vec<f32> = match s.init {
                 Init::Const(c) => vec![c; n],
-                Init::Uniform(b) => (0..n).map(|_| rng.range(-(b as f64), b as f64) as f32).collect(),
+                Init::Uniform(b) => (0..n)
+                    .map(|_| rng.range(-(b as f64), b as f64) as f32)
+                    .collect(),
                 Init::Normal(std) => (0..n).map(|_| (rng.normal() * std as f64) as f32).collect(),
             };
-            if map.insert(s.name.clone(), (Tensor::from_vec(v, s.shape.clone())?, s.kind)).is_some() {
-                return Err(Error::Tensor { name: s.name.clone(), msg: "declared twice by the model".into() });
+            if map
+                .insert(
+                    s.name.clone(),
+                    (Tensor::from_vec(v, s.shape.clone())?, s.kind),
+                )
+                .is_some()
+            {
+                return Err(Error::Tensor {
+                    name: s.name.clone(),
+                    msg: "declared twice by the model".into(),
+                });
             }
         }
-        Ok(ParamStore { map, frozen: Vec::new() })
+        Ok(ParamStore {
+            map,
+            frozen: Vec::new(),
+        })
     }
 
     /// Load `specs` from a safetensors file by name. A missing, unexpected or
@@ -86,11 +110,17 @@ impl ParamStore {
                 Ok(t) if t.shape() == &s.shape => {
                     map.insert(s.name.clone(), (t.to_dtype(DType::F32)?, s.kind));
                 }
-                Ok(t) => problems.push(format!("`{}` has shape {}, the model expects {}", s.name, t.shape(), s.shape)),
+                Ok(t) => problems.push(format!(
+                    "`{}` has shape {}, the model expects {}",
+                    s.name,
+                    t.shape(),
+                    s.shape
+                )),
                 Err(e) => problems.push(e.to_string()),
             }
         }
-        let expected: std::collections::HashSet<&str> = specs.iter().map(|s| s.name.as_str()).collect();
+        let expected: std::collections::HashSet<&str> =
+            specs.iter().map(|s| s.name.as_str()).collect();
         for name in file.names() {
             // torchvision's FrozenBatchNorm2d has no num_batches_tracked; BatchNorm2d does.
             if !expected.contains(name.as_str()) && !name.ends_with("num_batches_tracked") {
@@ -98,21 +128,43 @@ impl ParamStore {
             }
         }
         if !problems.is_empty() {
-            return Err(Error::Tensor { name: file.path().display().to_string(), msg: problems.join("; ") });
+            return Err(Error::Tensor {
+                name: file.path().display().to_string(),
+                msg: problems.join("; "),
+            });
         }
-        Ok(ParamStore { map, frozen: Vec::new() })
+        Ok(ParamStore {
+            map,
+            frozen: Vec::new(),
+        })
     }
 
     /// The tensor called `name`.
     pub fn get(&self, name: &str) -> Result<&Tensor> {
-        self.map.get(name).map(|e| &e.0).ok_or_else(|| Error::Tensor { name: name.into(), msg: "not in the parameter store".into() })
+        self.map
+            .get(name)
+            .map(|e| &e.0)
+            .ok_or_else(|| Error::Tensor {
+                name: name.into(),
+                msg: "not in the parameter store".into(),
+            })
     }
 
     /// Replace `name` with a tensor of the same shape.
     pub fn set(&mut self, name: &str, t: Tensor) -> Result<()> {
-        let e = self.map.get_mut(name).ok_or_else(|| Error::Tensor { name: name.into(), msg: "not in the parameter store".into() })?;
+        let e = self.map.get_mut(name).ok_or_else(|| Error::Tensor {
+            name: name.into(),
+            msg: "not in the parameter store".into(),
+        })?;
         if e.0.shape() != t.shape() {
-            return Err(Error::Tensor { name: name.into(), msg: format!("new value has shape {}, expected {}", t.shape(), e.0.shape()) });
+            return Err(Error::Tensor {
+                name: name.into(),
+                msg: format!(
+                    "new value has shape {}, expected {}",
+                    t.shape(),
+                    e.0.shape()
+                ),
+            });
         }
         e.0 = t;
         Ok(())
@@ -127,7 +179,9 @@ impl ParamStore {
     pub fn trainable_names(&self) -> Vec<String> {
         self.map
             .iter()
-            .filter(|(n, (_, k))| *k == ParamKind::Trainable && !self.frozen.iter().any(|p| n.starts_with(p.as_str())))
+            .filter(|(n, (_, k))| {
+                *k == ParamKind::Trainable && !self.frozen.iter().any(|p| n.starts_with(p.as_str()))
+            })
             .map(|(n, _)| n.clone())
             .collect()
     }
@@ -149,7 +203,10 @@ impl ParamStore {
 
     /// Total elements of the trainable parameters.
     pub fn num_trainable(&self) -> usize {
-        self.trainable_names().iter().map(|n| self.map[n].0.numel()).sum()
+        self.trainable_names()
+            .iter()
+            .map(|n| self.map[n].0.numel())
+            .sum()
     }
 
     /// The same store with every tensor on `device`.
@@ -158,12 +215,20 @@ impl ParamStore {
         for (n, (t, k)) in &self.map {
             map.insert(n.clone(), (t.to_device(device)?, *k));
         }
-        Ok(ParamStore { map, frozen: self.frozen.clone() })
+        Ok(ParamStore {
+            map,
+            frozen: self.frozen.clone(),
+        })
     }
 
     /// Save every tensor under its name (atomically), with `metadata`.
-    pub fn save(&self, path: impl AsRef<Path>, metadata: Option<HashMap<String, String>>) -> Result<()> {
-        let named: Vec<(&str, &Tensor)> = self.map.iter().map(|(n, (t, _))| (n.as_str(), t)).collect();
+    pub fn save(
+        &self,
+        path: impl AsRef<Path>,
+        metadata: Option<HashMap<String, String>>,
+    ) -> Result<()> {
+        let named: Vec<(&str, &Tensor)> =
+            self.map.iter().map(|(n, (t, _))| (n.as_str(), t)).collect();
         save_safetensors(path, &named, metadata)
     }
 }

@@ -47,9 +47,19 @@ impl ResNetConfig {
             50 => (BlockKind::Bottleneck, [3, 4, 6, 3]),
             101 => (BlockKind::Bottleneck, [3, 4, 23, 3]),
             152 => (BlockKind::Bottleneck, [3, 8, 36, 3]),
-            _ => return Err(Error::invalid("ResNetConfig::depth", format!("no ResNet-{depth}"))),
+            _ => {
+                return Err(Error::invalid(
+                    "ResNetConfig::depth",
+                    format!("no ResNet-{depth}"),
+                ))
+            }
         };
-        Ok(ResNetConfig { block, layers, width_per_group: 64, norm: NormKind::Frozen { eps: 1e-5 } })
+        Ok(ResNetConfig {
+            block,
+            layers,
+            width_per_group: 64,
+            norm: NormKind::Frozen { eps: 1e-5 },
+        })
     }
 
     /// Channels of C2..C5.
@@ -80,13 +90,23 @@ impl ResNet {
     /// A ResNet whose tensors are named `{prefix}conv1.weight`, `{prefix}layer1.0.conv1.weight`, ...
     pub fn new(prefix: &str, config: ResNetConfig) -> Result<ResNet> {
         if config.block == BlockKind::Basic && config.width_per_group != 64 {
-            return Err(Error::invalid("ResNet", "BasicBlock supports only width_per_group = 64"));
+            return Err(Error::invalid(
+                "ResNet",
+                "BasicBlock supports only width_per_group = 64",
+            ));
         }
-        let norm = |name: String, c: usize| Norm2d { name, c, kind: config.norm };
+        let norm = |name: String, c: usize| Norm2d {
+            name,
+            c,
+            kind: config.norm,
+        };
         let conv = |name: String, cin: usize, cout: usize, k: usize, s: usize, p: usize| {
             Conv2d::new(name, cin, cout, k, s, p, false).with_init(kaiming_out(cout, k))
         };
-        let stem = (conv(format!("{prefix}conv1"), 3, 64, 7, 2, 3), norm(format!("{prefix}bn1"), 64));
+        let stem = (
+            conv(format!("{prefix}conv1"), 3, 64, 7, 2, 3),
+            norm(format!("{prefix}bn1"), 64),
+        );
         let mut inplanes = 64;
         let mut stages = Vec::new();
         for (si, &n) in config.layers.iter().enumerate() {
@@ -99,26 +119,49 @@ impl ResNet {
                 let out = planes * config.block.expansion();
                 let convs = match config.block {
                     BlockKind::Basic => vec![
-                        (conv(format!("{p}conv1"), inplanes, planes, 3, s, 1), norm(format!("{p}bn1"), planes)),
-                        (conv(format!("{p}conv2"), planes, planes, 3, 1, 1), norm(format!("{p}bn2"), planes)),
+                        (
+                            conv(format!("{p}conv1"), inplanes, planes, 3, s, 1),
+                            norm(format!("{p}bn1"), planes),
+                        ),
+                        (
+                            conv(format!("{p}conv2"), planes, planes, 3, 1, 1),
+                            norm(format!("{p}bn2"), planes),
+                        ),
                     ],
                     BlockKind::Bottleneck => {
                         let width = planes * config.width_per_group / 64;
                         vec![
-                            (conv(format!("{p}conv1"), inplanes, width, 1, 1, 0), norm(format!("{p}bn1"), width)),
-                            (conv(format!("{p}conv2"), width, width, 3, s, 1), norm(format!("{p}bn2"), width)),
-                            (conv(format!("{p}conv3"), width, out, 1, 1, 0), norm(format!("{p}bn3"), out)),
+                            (
+                                conv(format!("{p}conv1"), inplanes, width, 1, 1, 0),
+                                norm(format!("{p}bn1"), width),
+                            ),
+                            (
+                                conv(format!("{p}conv2"), width, width, 3, s, 1),
+                                norm(format!("{p}bn2"), width),
+                            ),
+                            (
+                                conv(format!("{p}conv3"), width, out, 1, 1, 0),
+                                norm(format!("{p}bn3"), out),
+                            ),
                         ]
                     }
                 };
-                let downsample = (s != 1 || inplanes != out)
-                    .then(|| (conv(format!("{p}downsample.0"), inplanes, out, 1, s, 0), norm(format!("{p}downsample.1"), out)));
+                let downsample = (s != 1 || inplanes != out).then(|| {
+                    (
+                        conv(format!("{p}downsample.0"), inplanes, out, 1, s, 0),
+                        norm(format!("{p}downsample.1"), out),
+                    )
+                });
                 blocks.push(Block { convs, downsample });
                 inplanes = out;
             }
             stages.push(blocks);
         }
-        Ok(ResNet { config, stem, stages })
+        Ok(ResNet {
+            config,
+            stem,
+            stages,
+        })
     }
 
     /// The tensors of the body.

@@ -20,9 +20,12 @@ pub mod upsample;
 
 pub use elementwise::{add, mul, relu, scale};
 pub use losses::{bce_with_logits, cross_entropy, l1_loss, smooth_l1, Reduction};
+pub use norm::{batch_norm, frozen_batch_norm, BatchNormConfig, BatchNormOutput};
+pub use pool::max_pool2d;
 pub use reduce::{mean, sum};
 pub use reshape::reshape;
 pub use shape::{concat, flatten, index_select, narrow, permute, stack};
+pub use upsample::upsample_nearest_add;
 
 /// Run `$body` with `$T` bound to the Rust type of `$dtype`.
 #[macro_export]
