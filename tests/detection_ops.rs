@@ -1374,9 +1374,12 @@ fn sampler_edge_cases() {
 
 // ---------------------------------------------------------------- device check list
 
+/// A named check to run on a given device.
+pub type DeviceCheck = (&'static str, fn(Device));
+
 /// Every `check_*_on` function, for runners that bring their own device (an
 /// emulated CUDA device runs this list).
-pub fn device_checks() -> Vec<(&'static str, fn(Device))> {
+pub fn device_checks() -> Vec<DeviceCheck> {
     vec![
         ("box_ops", check_box_ops_on),
         ("box_edge_cases", check_box_edge_cases_on),
@@ -1398,4 +1401,101 @@ pub fn device_checks() -> Vec<(&'static str, fn(Device))> {
         ("topk_edge_cases", check_topk_edge_cases_on),
         ("sampler", check_sampler_on),
     ]
+}
+
+// The CUDA paths above, on the emulated device (kernels run on the host).
+
+#[test]
+fn box_ops_match_torchvision_emulated() {
+    check_box_ops_on(common::emulated());
+}
+
+#[test]
+fn box_edge_cases_emulated() {
+    check_box_edge_cases_on(common::emulated());
+}
+
+#[test]
+fn box_ops_random_emulated_matches_cpu() {
+    check_box_ops_random_on(common::emulated());
+}
+
+#[test]
+fn nms_matches_torchvision_emulated() {
+    check_nms_fixtures_on(common::emulated());
+}
+
+#[test]
+fn nms_edge_cases_emulated() {
+    check_nms_edge_cases_on(common::emulated());
+}
+
+#[test]
+fn batched_nms_edge_cases_emulated() {
+    check_batched_nms_edge_cases_on(common::emulated());
+}
+
+#[test]
+fn nms_random_emulated_matches_cpu() {
+    check_nms_random_on(common::emulated());
+}
+
+#[test]
+fn box_coder_matches_torchvision_emulated() {
+    check_box_coder_fixtures_on(common::emulated());
+}
+
+#[test]
+fn box_coder_edge_cases_emulated() {
+    check_box_coder_edge_cases_on(common::emulated());
+}
+
+#[test]
+fn box_coder_random_emulated_matches_cpu() {
+    check_box_coder_random_on(common::emulated());
+}
+
+#[test]
+fn anchors_match_torchvision_emulated() {
+    check_anchors_fixtures_on(common::emulated());
+}
+
+#[test]
+fn anchors_edge_cases_emulated() {
+    check_anchors_edge_cases_on(common::emulated());
+}
+
+#[test]
+fn matcher_matches_torchvision_emulated() {
+    check_matcher_fixtures_on(common::emulated());
+}
+
+#[test]
+fn matcher_edge_cases_emulated() {
+    check_matcher_edge_cases_on(common::emulated());
+}
+
+#[test]
+fn matcher_random_emulated_matches_cpu() {
+    check_matcher_random_on(common::emulated());
+}
+
+#[test]
+fn topk_matches_torch_emulated() {
+    check_topk_fixture_on(common::emulated());
+}
+
+#[test]
+fn topk_levels_emulated() {
+    check_topk_levels_on(common::emulated());
+}
+
+#[test]
+fn topk_edge_cases_emulated() {
+    check_topk_edge_cases_on(common::emulated());
+}
+
+#[test]
+fn sampler_labels_on_any_device_emulated() {
+    check_sampler_on(common::emulated());
 }

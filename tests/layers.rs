@@ -890,3 +890,37 @@ fn batch_norm_cuda() {
 fn layers_cuda_reject_mixed_devices() {
     check_mixed_devices_on(common::cuda());
 }
+
+// The CUDA paths above, on the emulated device (kernels run on the host).
+
+#[test]
+fn max_pool2d_emulated() {
+    let dev = common::emulated();
+    check_max_pool2d_on(dev);
+    check_max_pool2d_ties_on(dev);
+    check_max_pool2d_rectangular_on(dev);
+}
+
+#[test]
+fn upsample_nearest_add_emulated() {
+    let dev = common::emulated();
+    check_upsample_nearest_add_on(dev);
+    check_upsample_shapes_on(dev);
+}
+
+#[test]
+fn frozen_batch_norm_emulated() {
+    check_frozen_batch_norm_on(common::emulated());
+}
+
+#[test]
+fn batch_norm_emulated() {
+    let dev = common::emulated();
+    check_batch_norm_on(dev);
+    check_batch_norm_by_hand_on(dev);
+}
+
+#[test]
+fn layers_emulated_reject_mixed_devices() {
+    check_mixed_devices_on(common::emulated());
+}

@@ -241,6 +241,10 @@ pub fn remove_small_boxes_device(boxes: &Tensor, min_size: f64) -> Result<(Tenso
     let dev = gpu_dev("remove_small_boxes", boxes)?;
     let keep = Tensor::gpu_zeros_i64(&dev, [n])?;
     let count = Tensor::gpu_zeros_i64(&dev, [1])?;
+    if n == 0 {
+        // Nothing to scan: the count is already 0 (and an empty buffer is no argument).
+        return Ok((keep, count));
+    }
     let threads = (n.div_ceil(32) * 32).clamp(32, 1024) as u32;
     dev.launch(
         "box_remove_small_f32",
