@@ -113,27 +113,10 @@ fn check_stages_on(device: Device) {
         "anchors"
     );
 
-    // Proposals from the fixture's head outputs: same count and order.
-    let fhead = RpnHeadOutput {
-        objectness: (0..ffeats.len())
-            .map(|i| on(f.tensor(&format!("rpn.objectness{i}")).unwrap(), device))
-            .collect(),
-        deltas: (0..ffeats.len())
-            .map(|i| on(f.tensor(&format!("rpn.deltas{i}")).unwrap(), device))
-            .collect(),
-    };
-    let props = m
-        .rpn
-        .proposals(&fhead, &anchors, &il.image_sizes, false)
-        .unwrap();
-    for (i, p) in props.iter().enumerate() {
-        let want = f.tensor(&format!("rpn.proposals{i}")).unwrap();
-        assert_eq!(p.dims(), want.dims(), "proposals{i} count");
-        assert_close(&format!("rpn.proposals{i}"), p, &want, 1e-5);
-    }
+    check_proposal_stage(&f, &m, device);
 
     // Box head from the fixture's features and proposals.
-    let fprops: Vec<Tensor> = (0..props.len())
+    let fprops: Vec<Tensor> = (0..il.image_sizes.len())
         .map(|i| on(f.tensor(&format!("rpn.proposals{i}")).unwrap(), device))
         .collect();
     let pooled = m
@@ -166,7 +149,42 @@ fn check_stages_on(device: Device) {
         STAGE_TOL,
     );
 
-    // Detections from the fixture's head outputs: same count, order, labels.
+    check_postprocess_stage(&f, &m, device);
+}
+
+/// Proposals from the fixture's head outputs and anchors: same count and order.
+fn check_proposal_stage(f: &TensorFile, m: &FasterRcnn, device: Device) {
+    let il = image_list(f, device);
+    let levels = feature_names(f).len();
+    let fhead = RpnHeadOutput {
+        objectness: (0..levels)
+            .map(|i| on(f.tensor(&format!("rpn.objectness{i}")).unwrap(), device))
+            .collect(),
+        deltas: (0..levels)
+            .map(|i| on(f.tensor(&format!("rpn.deltas{i}")).unwrap(), device))
+            .collect(),
+    };
+    let anchors = on(f.tensor("rpn.anchors").unwrap(), device);
+    let props = m
+        .rpn
+        .proposals(&fhead, &anchors, &il.image_sizes, false)
+        .unwrap();
+    assert_eq!(props.len(), il.image_sizes.len(), "images with proposals");
+    for (i, p) in props.iter().enumerate() {
+        assert_eq!(p.device(), device, "proposals{i} device");
+        let want = f.tensor(&format!("rpn.proposals{i}")).unwrap();
+        assert_eq!(p.dims(), want.dims(), "proposals{i} count");
+        assert_close(&format!("rpn.proposals{i}"), p, &want, 1e-5);
+    }
+}
+
+/// Detections from the fixture's head outputs and proposals: same count, order,
+/// labels.
+fn check_postprocess_stage(f: &TensorFile, m: &FasterRcnn, device: Device) {
+    let il = image_list(f, device);
+    let fprops: Vec<Tensor> = (0..il.image_sizes.len())
+        .map(|i| on(f.tensor(&format!("rpn.proposals{i}")).unwrap(), device))
+        .collect();
     let dets = m
         .roi_heads
         .postprocess(
@@ -176,10 +194,10 @@ fn check_stages_on(device: Device) {
             &il.image_sizes,
         )
         .unwrap();
-    let orig = orig_sizes(&f);
+    let orig = orig_sizes(f);
     for (i, d) in dets.into_iter().enumerate() {
         let d = d.resized(il.image_sizes[i], orig[i]).unwrap();
-        let want = fixture_dets(&f, i);
+        let want = fixture_dets(f, i);
         assert_eq!(d.labels, want.labels, "det{i} labels");
         let (gb, wb): (Vec<f64>, Vec<f64>) = (flat(&d.boxes), flat(&want.boxes));
         assert!(
@@ -234,7 +252,10 @@ fn fixture_dets(f: &TensorFile, i: usize) -> Detections {
 }
 
 fn iou(a: &[f32; 4], b: &[f32; 4]) -> f32 {
-    kestrel::detection::box_utils::iou(a, b)
+    let area = |b: &[f32; 4]| (b[2] - b[0]) * (b[3] - b[1]);
+    let w = (a[2].min(b[2]) - a[0].max(b[0])).max(0.0);
+    let h = (a[3].min(b[3]) - a[1].max(b[1])).max(0.0);
+    w * h / (area(a) + area(b) - w * h)
 }
 
 fn check_end_to_end_on(device: Device) {
@@ -366,6 +387,45 @@ fn detections_match_torchvision_end_to_end_cuda() {
 #[ignore = "needs a CUDA device"]
 fn training_losses_and_gradients_match_torchvision_cuda() {
     check_training_on(common::cuda());
+}
+
+// The emulated CUDA device runs the real kernels on the CPU (slowly): the proposal
+// stage and the box-head postprocess from the fixture's tensors, and the whole model.
+
+fn emulated_model() -> (TensorFile, FasterRcnn, Device) {
+    let device = common::emulated();
+    (
+        common::fixture("model/eval.safetensors"),
+        load_model(device),
+        device,
+    )
+}
+
+#[test]
+fn proposal_stage_matches_torchvision_emulated() {
+    let (f, m, device) = emulated_model();
+    check_proposal_stage(&f, &m, device);
+}
+
+#[test]
+fn postprocess_stage_matches_torchvision_emulated() {
+    let (f, m, device) = emulated_model();
+    check_postprocess_stage(&f, &m, device);
+}
+
+#[test]
+fn stages_match_torchvision_emulated() {
+    check_stages_on(common::emulated());
+}
+
+#[test]
+fn detections_match_torchvision_end_to_end_emulated() {
+    check_end_to_end_on(common::emulated());
+}
+
+#[test]
+fn training_losses_and_gradients_match_torchvision_emulated() {
+    check_training_on(common::emulated());
 }
 
 #[test]
