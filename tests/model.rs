@@ -152,8 +152,22 @@ fn check_stages_on(device: Device) {
     check_postprocess_stage(&f, &m, device);
 }
 
-/// Proposals from the fixture's head outputs and anchors: same count and order.
+/// Proposals from the fixture's head outputs and anchors, in inference and in training
+/// mode (its own pre/post NMS counts): same count and order.
 fn check_proposal_stage(f: &TensorFile, m: &FasterRcnn, device: Device) {
+    let t = common::fixture("model/train.safetensors");
+    for (want, training) in [(f, false), (&t, true)] {
+        check_proposals_mode(f, want, m, device, training);
+    }
+}
+
+fn check_proposals_mode(
+    f: &TensorFile,
+    want_file: &TensorFile,
+    m: &FasterRcnn,
+    device: Device,
+    training: bool,
+) {
     let il = image_list(f, device);
     let levels = feature_names(f).len();
     let fhead = RpnHeadOutput {
@@ -167,14 +181,15 @@ fn check_proposal_stage(f: &TensorFile, m: &FasterRcnn, device: Device) {
     let anchors = on(f.tensor("rpn.anchors").unwrap(), device);
     let props = m
         .rpn
-        .proposals(&fhead, &anchors, &il.image_sizes, false)
+        .proposals(&fhead, &anchors, &il.image_sizes, training)
         .unwrap();
     assert_eq!(props.len(), il.image_sizes.len(), "images with proposals");
     for (i, p) in props.iter().enumerate() {
-        assert_eq!(p.device(), device, "proposals{i} device");
-        let want = f.tensor(&format!("rpn.proposals{i}")).unwrap();
-        assert_eq!(p.dims(), want.dims(), "proposals{i} count");
-        assert_close(&format!("rpn.proposals{i}"), p, &want, 1e-5);
+        let what = format!("rpn.proposals{i} (training {training})");
+        assert_eq!(p.device(), device, "{what} device");
+        let want = want_file.tensor(&format!("rpn.proposals{i}")).unwrap();
+        assert_eq!(p.dims(), want.dims(), "{what} count");
+        assert_close(&what, p, &want, 1e-5);
     }
 }
 
@@ -210,6 +225,67 @@ fn check_postprocess_stage(f: &TensorFile, m: &FasterRcnn, device: Device) {
             want.scores.iter().map(|&v| v as f64).collect(),
         );
         assert!(common::rel_err(&gs, &ws) <= STAGE_TOL, "det{i} scores");
+    }
+}
+
+/// The fixture's training targets, in original image pixels.
+fn fixture_targets(f: &TensorFile) -> Vec<Target> {
+    (0..)
+        .take_while(|i| f.contains(&format!("target{i}.boxes")))
+        .map(|i| {
+            let b = f
+                .tensor(&format!("target{i}.boxes"))
+                .unwrap()
+                .to_vec::<f32>()
+                .unwrap();
+            Target {
+                boxes: b
+                    .chunks_exact(4)
+                    .map(|c| [c[0], c[1], c[2], c[3]])
+                    .collect(),
+                labels: f.ints(&format!("target{i}.labels")).unwrap().0,
+            }
+        })
+        .collect()
+}
+
+/// RPN anchor labels (matching on the device) and regression targets against the
+/// fixture's anchors and targets: labels exact, targets within the stage tolerance.
+fn check_rpn_targets_on(device: Device) {
+    let e = common::fixture("model/eval.safetensors");
+    let f = common::fixture("model/train.safetensors");
+    let m = load_model(device);
+    let il = image_list(&e, device);
+    let anchors = on(e.tensor("rpn.anchors").unwrap(), device);
+    let coder = kestrel::detection::box_coder::BoxCoder::new([1.0; 4]);
+    for (i, t) in fixture_targets(&f).iter().enumerate() {
+        let t = t.resized(orig_sizes(&e)[i], il.image_sizes[i]);
+        let matches = m.rpn.assign(&anchors, &t).unwrap();
+        assert_eq!(matches.device(), device, "matches stay on the device");
+        let matches = matches.to_vec_i64().unwrap();
+        let labels: Vec<f32> = matches
+            .iter()
+            .map(|&v| match v {
+                v if v >= 0 => 1.0,
+                -1 => 0.0,
+                _ => -1.0,
+            })
+            .collect();
+        let want = f.tensor(&format!("rpn.labels{i}")).unwrap();
+        assert_eq!(labels, want.to_vec::<f32>().unwrap(), "rpn.labels{i}");
+        let gt: Vec<f32> = matches
+            .iter()
+            .flat_map(|&v| t.boxes[v.max(0) as usize])
+            .collect();
+        let gt = on(Tensor::from_vec(gt, [matches.len(), 4]).unwrap(), device);
+        let targets = coder.encode(&gt, &anchors).unwrap();
+        let want = f.tensor(&format!("rpn.regression_targets{i}")).unwrap();
+        assert_close(
+            &format!("rpn.regression_targets{i}"),
+            &targets,
+            &want,
+            STAGE_TOL,
+        );
     }
 }
 
@@ -294,22 +370,8 @@ fn check_training_on(device: Device) {
     let f = common::fixture("model/train.safetensors");
     let m = load_model(device);
     let imgs = images(&e, device);
-    let targets: Vec<Target> = (0..imgs.len())
-        .map(|i| {
-            let b = f
-                .tensor(&format!("target{i}.boxes"))
-                .unwrap()
-                .to_vec::<f32>()
-                .unwrap();
-            Target {
-                boxes: b
-                    .chunks_exact(4)
-                    .map(|c| [c[0], c[1], c[2], c[3]])
-                    .collect(),
-                labels: f.ints(&format!("target{i}.labels")).unwrap().0,
-            }
-        })
-        .collect();
+    let targets = fixture_targets(&f);
+    assert_eq!(targets.len(), imgs.len(), "one target per image");
     let tape = Tape::new();
     let names = m.params.trainable_names();
     for n in &names {
@@ -411,6 +473,22 @@ fn proposal_stage_matches_torchvision_emulated() {
 fn postprocess_stage_matches_torchvision_emulated() {
     let (f, m, device) = emulated_model();
     check_postprocess_stage(&f, &m, device);
+}
+
+#[test]
+fn rpn_targets_match_torchvision_cpu() {
+    check_rpn_targets_on(Device::Cpu);
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn rpn_targets_match_torchvision_cuda() {
+    check_rpn_targets_on(common::cuda());
+}
+
+#[test]
+fn rpn_targets_match_torchvision_emulated() {
+    check_rpn_targets_on(common::emulated());
 }
 
 #[test]
