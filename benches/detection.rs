@@ -1,4 +1,4 @@
-//! Detection benches: NMS, top-k, anchors, box decoding, on the CPU and (when one is
+//! Detection benches: NMS, top-k, anchors, box decoding, the RPN proposal stage, on the CPU and (when one is
 //! present) CUDA. Names: `<op>/<device>/<shape>`.
 //!
 //! `cargo bench --bench detection` (filter with e.g. `-- nms/cpu`).
@@ -9,6 +9,7 @@ use std::time::Duration;
 use criterion::{criterion_group, criterion_main, Criterion};
 use kestrel::detection::anchors::AnchorGenerator;
 use kestrel::detection::box_coder::BoxCoder;
+use kestrel::detection::rpn::{Rpn, RpnConfig, RpnHeadOutput};
 use kestrel::ops::{nms, topk};
 use kestrel::rng::Rng;
 use kestrel::{Device, Tensor};
@@ -153,5 +154,54 @@ fn bench_decode(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, bench_nms, bench_topk, bench_anchors, bench_decode);
+/// The RPN head outputs of a batch at 800 x 1216 (P2..P6, 3 anchors per location):
+/// objectness logits mostly negative with a tail of confident ones, deltas of a
+/// trained head's spread.
+fn rpn_head_800x1216(batch: usize, seed: u64, device: Device) -> RpnHeadOutput {
+    let mut r = Rng::new(seed);
+    let mut t = |shape: [usize; 4], f: &mut dyn FnMut(&mut Rng) -> f32| {
+        let v: Vec<f32> = (0..shape.iter().product()).map(|_| f(&mut r)).collect();
+        Tensor::from_vec(v, shape)
+            .unwrap()
+            .to_device(device)
+            .unwrap()
+    };
+    let (mut objectness, mut deltas) = (Vec::new(), Vec::new());
+    for &(h, w) in &GRIDS_800X1216 {
+        objectness.push(t([batch, 3, h, w], &mut |r| {
+            (r.normal() * 2.5 - 4.0) as f32
+        }));
+        deltas.push(t([batch, 12, h, w], &mut |r| (r.normal() * 0.3) as f32));
+    }
+    RpnHeadOutput { objectness, deltas }
+}
+
+/// The whole proposal stage of a batch of 2 (test mode: 1000 per level, NMS 0.7,
+/// 1000 per image), padded outputs, no read back.
+fn bench_proposals(c: &mut Criterion) {
+    let rpn = Rpn::new(256, RpnConfig::default()).unwrap();
+    for device in devices() {
+        let head = rpn_head_800x1216(2, 9, device);
+        let anchors = rpn.anchors((800, 1216), &GRIDS_800X1216, device).unwrap();
+        let sizes = [(800, 1216), (800, 1216)];
+        c.bench_function(&format!("proposals/{device}/batch2_800x1216"), |bch| {
+            bch.iter(|| {
+                let out = rpn
+                    .proposals_padded(&head, &anchors, &sizes, false)
+                    .unwrap();
+                sync(device);
+                black_box(out)
+            })
+        });
+    }
+}
+
+criterion_group!(
+    benches,
+    bench_nms,
+    bench_topk,
+    bench_anchors,
+    bench_decode,
+    bench_proposals
+);
 criterion_main!(benches);

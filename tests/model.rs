@@ -113,27 +113,10 @@ fn check_stages_on(device: Device) {
         "anchors"
     );
 
-    // Proposals from the fixture's head outputs: same count and order.
-    let fhead = RpnHeadOutput {
-        objectness: (0..ffeats.len())
-            .map(|i| on(f.tensor(&format!("rpn.objectness{i}")).unwrap(), device))
-            .collect(),
-        deltas: (0..ffeats.len())
-            .map(|i| on(f.tensor(&format!("rpn.deltas{i}")).unwrap(), device))
-            .collect(),
-    };
-    let props = m
-        .rpn
-        .proposals(&fhead, &anchors, &il.image_sizes, false)
-        .unwrap();
-    for (i, p) in props.iter().enumerate() {
-        let want = f.tensor(&format!("rpn.proposals{i}")).unwrap();
-        assert_eq!(p.dims(), want.dims(), "proposals{i} count");
-        assert_close(&format!("rpn.proposals{i}"), p, &want, 1e-5);
-    }
+    check_proposal_stage(&f, &m, device);
 
     // Box head from the fixture's features and proposals.
-    let fprops: Vec<Tensor> = (0..props.len())
+    let fprops: Vec<Tensor> = (0..il.image_sizes.len())
         .map(|i| on(f.tensor(&format!("rpn.proposals{i}")).unwrap(), device))
         .collect();
     let pooled = m
@@ -166,7 +149,57 @@ fn check_stages_on(device: Device) {
         STAGE_TOL,
     );
 
-    // Detections from the fixture's head outputs: same count, order, labels.
+    check_postprocess_stage(&f, &m, device);
+}
+
+/// Proposals from the fixture's head outputs and anchors, in inference and in training
+/// mode (its own pre/post NMS counts): same count and order.
+fn check_proposal_stage(f: &TensorFile, m: &FasterRcnn, device: Device) {
+    let t = common::fixture("model/train.safetensors");
+    for (want, training) in [(f, false), (&t, true)] {
+        check_proposals_mode(f, want, m, device, training);
+    }
+}
+
+fn check_proposals_mode(
+    f: &TensorFile,
+    want_file: &TensorFile,
+    m: &FasterRcnn,
+    device: Device,
+    training: bool,
+) {
+    let il = image_list(f, device);
+    let levels = feature_names(f).len();
+    let fhead = RpnHeadOutput {
+        objectness: (0..levels)
+            .map(|i| on(f.tensor(&format!("rpn.objectness{i}")).unwrap(), device))
+            .collect(),
+        deltas: (0..levels)
+            .map(|i| on(f.tensor(&format!("rpn.deltas{i}")).unwrap(), device))
+            .collect(),
+    };
+    let anchors = on(f.tensor("rpn.anchors").unwrap(), device);
+    let props = m
+        .rpn
+        .proposals(&fhead, &anchors, &il.image_sizes, training)
+        .unwrap();
+    assert_eq!(props.len(), il.image_sizes.len(), "images with proposals");
+    for (i, p) in props.iter().enumerate() {
+        let what = format!("rpn.proposals{i} (training {training})");
+        assert_eq!(p.device(), device, "{what} device");
+        let want = want_file.tensor(&format!("rpn.proposals{i}")).unwrap();
+        assert_eq!(p.dims(), want.dims(), "{what} count");
+        assert_close(&what, p, &want, 1e-5);
+    }
+}
+
+/// Detections from the fixture's head outputs and proposals: same count, order,
+/// labels.
+fn check_postprocess_stage(f: &TensorFile, m: &FasterRcnn, device: Device) {
+    let il = image_list(f, device);
+    let fprops: Vec<Tensor> = (0..il.image_sizes.len())
+        .map(|i| on(f.tensor(&format!("rpn.proposals{i}")).unwrap(), device))
+        .collect();
     let dets = m
         .roi_heads
         .postprocess(
@@ -176,10 +209,10 @@ fn check_stages_on(device: Device) {
             &il.image_sizes,
         )
         .unwrap();
-    let orig = orig_sizes(&f);
+    let orig = orig_sizes(f);
     for (i, d) in dets.into_iter().enumerate() {
         let d = d.resized(il.image_sizes[i], orig[i]).unwrap();
-        let want = fixture_dets(&f, i);
+        let want = fixture_dets(f, i);
         assert_eq!(d.labels, want.labels, "det{i} labels");
         let (gb, wb): (Vec<f64>, Vec<f64>) = (flat(&d.boxes), flat(&want.boxes));
         assert!(
@@ -192,6 +225,67 @@ fn check_stages_on(device: Device) {
             want.scores.iter().map(|&v| v as f64).collect(),
         );
         assert!(common::rel_err(&gs, &ws) <= STAGE_TOL, "det{i} scores");
+    }
+}
+
+/// The fixture's training targets, in original image pixels.
+fn fixture_targets(f: &TensorFile) -> Vec<Target> {
+    (0..)
+        .take_while(|i| f.contains(&format!("target{i}.boxes")))
+        .map(|i| {
+            let b = f
+                .tensor(&format!("target{i}.boxes"))
+                .unwrap()
+                .to_vec::<f32>()
+                .unwrap();
+            Target {
+                boxes: b
+                    .chunks_exact(4)
+                    .map(|c| [c[0], c[1], c[2], c[3]])
+                    .collect(),
+                labels: f.ints(&format!("target{i}.labels")).unwrap().0,
+            }
+        })
+        .collect()
+}
+
+/// RPN anchor labels (matching on the device) and regression targets against the
+/// fixture's anchors and targets: labels exact, targets within the stage tolerance.
+fn check_rpn_targets_on(device: Device) {
+    let e = common::fixture("model/eval.safetensors");
+    let f = common::fixture("model/train.safetensors");
+    let m = load_model(device);
+    let il = image_list(&e, device);
+    let anchors = on(e.tensor("rpn.anchors").unwrap(), device);
+    let coder = kestrel::detection::box_coder::BoxCoder::new([1.0; 4]);
+    for (i, t) in fixture_targets(&f).iter().enumerate() {
+        let t = t.resized(orig_sizes(&e)[i], il.image_sizes[i]);
+        let matches = m.rpn.assign(&anchors, &t).unwrap();
+        assert_eq!(matches.device(), device, "matches stay on the device");
+        let matches = matches.to_vec_i64().unwrap();
+        let labels: Vec<f32> = matches
+            .iter()
+            .map(|&v| match v {
+                v if v >= 0 => 1.0,
+                -1 => 0.0,
+                _ => -1.0,
+            })
+            .collect();
+        let want = f.tensor(&format!("rpn.labels{i}")).unwrap();
+        assert_eq!(labels, want.to_vec::<f32>().unwrap(), "rpn.labels{i}");
+        let gt: Vec<f32> = matches
+            .iter()
+            .flat_map(|&v| t.boxes[v.max(0) as usize])
+            .collect();
+        let gt = on(Tensor::from_vec(gt, [matches.len(), 4]).unwrap(), device);
+        let targets = coder.encode(&gt, &anchors).unwrap();
+        let want = f.tensor(&format!("rpn.regression_targets{i}")).unwrap();
+        assert_close(
+            &format!("rpn.regression_targets{i}"),
+            &targets,
+            &want,
+            STAGE_TOL,
+        );
     }
 }
 
@@ -234,7 +328,10 @@ fn fixture_dets(f: &TensorFile, i: usize) -> Detections {
 }
 
 fn iou(a: &[f32; 4], b: &[f32; 4]) -> f32 {
-    kestrel::detection::box_utils::iou(a, b)
+    let area = |b: &[f32; 4]| (b[2] - b[0]) * (b[3] - b[1]);
+    let w = (a[2].min(b[2]) - a[0].max(b[0])).max(0.0);
+    let h = (a[3].min(b[3]) - a[1].max(b[1])).max(0.0);
+    w * h / (area(a) + area(b) - w * h)
 }
 
 fn check_end_to_end_on(device: Device) {
@@ -273,22 +370,8 @@ fn check_training_on(device: Device) {
     let f = common::fixture("model/train.safetensors");
     let m = load_model(device);
     let imgs = images(&e, device);
-    let targets: Vec<Target> = (0..imgs.len())
-        .map(|i| {
-            let b = f
-                .tensor(&format!("target{i}.boxes"))
-                .unwrap()
-                .to_vec::<f32>()
-                .unwrap();
-            Target {
-                boxes: b
-                    .chunks_exact(4)
-                    .map(|c| [c[0], c[1], c[2], c[3]])
-                    .collect(),
-                labels: f.ints(&format!("target{i}.labels")).unwrap().0,
-            }
-        })
-        .collect();
+    let targets = fixture_targets(&f);
+    assert_eq!(targets.len(), imgs.len(), "one target per image");
     let tape = Tape::new();
     let names = m.params.trainable_names();
     for n in &names {
@@ -366,6 +449,61 @@ fn detections_match_torchvision_end_to_end_cuda() {
 #[ignore = "needs a CUDA device"]
 fn training_losses_and_gradients_match_torchvision_cuda() {
     check_training_on(common::cuda());
+}
+
+// The emulated CUDA device runs the real kernels on the CPU (slowly): the proposal
+// stage and the box-head postprocess from the fixture's tensors, and the whole model.
+
+fn emulated_model() -> (TensorFile, FasterRcnn, Device) {
+    let device = common::emulated();
+    (
+        common::fixture("model/eval.safetensors"),
+        load_model(device),
+        device,
+    )
+}
+
+#[test]
+fn proposal_stage_matches_torchvision_emulated() {
+    let (f, m, device) = emulated_model();
+    check_proposal_stage(&f, &m, device);
+}
+
+#[test]
+fn postprocess_stage_matches_torchvision_emulated() {
+    let (f, m, device) = emulated_model();
+    check_postprocess_stage(&f, &m, device);
+}
+
+#[test]
+fn rpn_targets_match_torchvision_cpu() {
+    check_rpn_targets_on(Device::Cpu);
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn rpn_targets_match_torchvision_cuda() {
+    check_rpn_targets_on(common::cuda());
+}
+
+#[test]
+fn rpn_targets_match_torchvision_emulated() {
+    check_rpn_targets_on(common::emulated());
+}
+
+#[test]
+fn stages_match_torchvision_emulated() {
+    check_stages_on(common::emulated());
+}
+
+#[test]
+fn detections_match_torchvision_end_to_end_emulated() {
+    check_end_to_end_on(common::emulated());
+}
+
+#[test]
+fn training_losses_and_gradients_match_torchvision_emulated() {
+    check_training_on(common::emulated());
 }
 
 #[test]

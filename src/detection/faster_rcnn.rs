@@ -114,7 +114,7 @@ impl FasterRcnn {
             &config.backbone.out_channels(),
             config.fpn_channels,
         );
-        let rpn = Rpn::new(config.fpn_channels, config.rpn.clone());
+        let rpn = Rpn::new(config.fpn_channels, config.rpn.clone())?;
         let roi = RoiHeads::new(config.fpn_channels, config.roi.clone());
         Ok((body, fpn, rpn, roi))
     }
@@ -211,19 +211,29 @@ impl FasterRcnn {
         training: bool,
     ) -> Result<Vec<Tensor>> {
         let head = self.rpn.head(ctx, features)?;
-        let anchors = self.anchors(il, features)?;
+        let anchors = self.anchors_tensor(il, features)?;
         self.rpn
             .proposals(&head, &anchors, &il.image_sizes, training)
     }
 
-    /// Anchors of one image of the batch.
+    /// Anchors of one image of the batch, on the host (for inspection; the model
+    /// itself uses them on the features' device).
     pub fn anchors(&self, il: &ImageList, features: &[Tensor]) -> Result<Vec<[f32; 4]>> {
+        let v = self.anchors_tensor(il, features)?.to_vec::<f32>()?;
+        Ok(v.chunks_exact(4)
+            .map(|b| [b[0], b[1], b[2], b[3]])
+            .collect())
+    }
+
+    /// Anchors `[A, 4]` of one image of the batch on the features' device.
+    fn anchors_tensor(&self, il: &ImageList, features: &[Tensor]) -> Result<Tensor> {
         let d = il.tensors.dims();
         let grids: Vec<(usize, usize)> = features
             .iter()
             .map(|f| (f.dims()[2], f.dims()[3]))
             .collect();
-        self.rpn.anchors((d[2], d[3]), &grids)
+        let device = features.first().map_or(Device::Cpu, |f| f.device());
+        self.rpn.anchors((d[2], d[3]), &grids, device)
     }
 
     /// Box-head detections (resized-image pixels) for given proposals.
@@ -272,7 +282,7 @@ impl FasterRcnn {
             .collect();
         let features = self.features(ctx, &il.tensors)?;
         let head = self.rpn.head(ctx, &features)?;
-        let anchors = self.anchors(&il, &features)?;
+        let anchors = self.anchors_tensor(&il, &features)?;
         let proposals = crate::autograd::no_grad(|| {
             self.rpn.proposals(&head, &anchors, &il.image_sizes, true)
         })?;

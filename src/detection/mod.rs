@@ -4,10 +4,10 @@
 
 pub mod anchors;
 pub mod box_coder;
-pub mod box_utils;
 pub mod faster_rcnn;
 pub mod matcher;
 pub mod poolers;
+pub mod proposals;
 pub mod roi_heads;
 pub mod rpn;
 pub mod sampler;

@@ -2,11 +2,15 @@
 //! FastRCNNPredictor, training-sample selection, the Fast R-CNN losses and the
 //! postprocessing of detections.
 
-use super::box_utils::{self, BoxCoder};
+use super::box_coder::BoxCoder;
+use super::matcher::{Matcher, BELOW_LOW_THRESHOLD};
 use super::poolers::MultiScaleRoIAlign;
+use super::proposals::{select_detections, DetectionParams};
+use super::sampler::BalancedPositiveNegativeSampler;
 use super::{Detections, Target};
 use crate::error::{Error, Result};
 use crate::nn::{Ctx, Linear, ParamSpec};
+use crate::ops::boxes::box_iou;
 use crate::ops::{self, Reduction};
 use crate::rng::Rng;
 use crate::tensor::Tensor;
@@ -67,8 +71,9 @@ pub struct TrainingSamples {
     pub proposals: Vec<Tensor>,
     /// Per image class label per RoI (0 = background).
     pub labels: Vec<Vec<i64>>,
-    /// Per image encoded GT box per RoI (weights 10, 10, 5, 5).
-    pub regression_targets: Vec<Vec<[f32; 4]>>,
+    /// Per image `[K_i, 4]` encoded GT box per RoI (weights 10, 10, 5, 5), on the
+    /// proposals' device.
+    pub regression_targets: Vec<Tensor>,
 }
 
 impl RoiHeads {
@@ -81,7 +86,7 @@ impl RoiHeads {
             fc7: Linear::new("roi_heads.box_head.fc7", rep, rep),
             cls_score: Linear::new("roi_heads.box_predictor.cls_score", rep, c),
             bbox_pred: Linear::new("roi_heads.box_predictor.bbox_pred", rep, 4 * c),
-            coder: BoxCoder::new(config.bbox_reg_weights),
+            coder: BoxCoder::new(config.bbox_reg_weights.map(f64::from)),
             pooler,
             config,
         }
@@ -122,7 +127,8 @@ impl RoiHeads {
 
     /// Detections per image in resized-image pixels (torchvision's
     /// `postprocess_detections`): softmax, per-class boxes, clip, score > thresh, drop
-    /// tiny boxes, per-class NMS, best `detections_per_img`.
+    /// tiny boxes, per-class NMS, best `detections_per_img`. Runs on the inputs'
+    /// device ([`select_detections`]); the result is read back once at the end.
     pub fn postprocess(
         &self,
         class_logits: &Tensor,
@@ -130,73 +136,54 @@ impl RoiHeads {
         proposals: &[Tensor],
         image_sizes: &[(usize, usize)],
     ) -> Result<Vec<Detections>> {
-        let c = self.config.num_classes;
-        let logits = class_logits.to_vec::<f32>()?;
-        let regs = box_regression.to_vec::<f32>()?;
-        let mut row = 0;
-        let mut out = Vec::with_capacity(proposals.len());
-        for (p, &(h, w)) in proposals.iter().zip(image_sizes) {
-            let pv = p.to_vec::<f32>()?;
-            let (mut boxes, mut scores, mut labels) = (Vec::new(), Vec::new(), Vec::new());
-            for (k, pb) in pv.chunks_exact(4).enumerate() {
-                let r = row + k;
-                let probs = softmax(&logits[r * c..(r + 1) * c]);
-                let pb = [pb[0], pb[1], pb[2], pb[3]];
-                for (j, &s) in probs.iter().enumerate().skip(1) {
-                    let b = self
-                        .coder
-                        .decode(&regs[(r * c + j) * 4..(r * c + j) * 4 + 4], &pb);
-                    let b = [
-                        b[0].clamp(0.0, w as f32),
-                        b[1].clamp(0.0, h as f32),
-                        b[2].clamp(0.0, w as f32),
-                        b[3].clamp(0.0, h as f32),
-                    ];
-                    if s > self.config.score_thresh
-                        && b[2] - b[0] >= self.config.min_size
-                        && b[3] - b[1] >= self.config.min_size
-                    {
-                        boxes.extend_from_slice(&b);
-                        scores.push(s);
-                        labels.push(j as i64);
-                    }
+        let cfg = &self.config;
+        let rows: Vec<usize> = proposals.iter().map(|p| p.dims()[0]).collect();
+        let all = ops::concat(&proposals.iter().collect::<Vec<_>>(), 0)?;
+        let sel = select_detections(
+            class_logits,
+            box_regression,
+            &all,
+            &rows,
+            image_sizes,
+            &self.coder,
+            &DetectionParams {
+                score_thresh: cfg.score_thresh,
+                min_size: cfg.min_size,
+                nms_thresh: cfg.nms_thresh,
+                detections_per_img: cfg.detections_per_img,
+            },
+        )?;
+        let counts = sel.host_counts()?;
+        let (boxes, scores) = (sel.boxes.to_vec::<f32>()?, sel.scores.to_vec::<f32>()?);
+        let indices = sel.indices.to_vec_i64()?;
+        let (top, per_row) = (cfg.detections_per_img, cfg.num_classes as i64 - 1);
+        Ok(counts
+            .iter()
+            .enumerate()
+            .map(|(n, &k)| {
+                let rows = n * top..n * top + k;
+                Detections {
+                    boxes: rows
+                        .clone()
+                        .map(|o| {
+                            [
+                                boxes[4 * o],
+                                boxes[4 * o + 1],
+                                boxes[4 * o + 2],
+                                boxes[4 * o + 3],
+                            ]
+                        })
+                        .collect(),
+                    scores: scores[rows.clone()].to_vec(),
+                    labels: indices[rows].iter().map(|&i| i % per_row + 1).collect(),
                 }
-            }
-            row += pv.len() / 4;
-            let k = scores.len();
-            let keep = ops::nms::batched_nms(
-                &Tensor::from_vec(boxes.clone(), [k, 4])?,
-                &Tensor::from_vec(scores.clone(), [k])?,
-                &Tensor::from_vec_i64(labels.clone(), [k])?,
-                self.config.nms_thresh,
-            )?;
-            let keep: Vec<usize> = keep
-                .to_vec_i64()?
-                .into_iter()
-                .take(self.config.detections_per_img)
-                .map(|i| i as usize)
-                .collect();
-            out.push(Detections {
-                boxes: keep
-                    .iter()
-                    .map(|&i| {
-                        [
-                            boxes[4 * i],
-                            boxes[4 * i + 1],
-                            boxes[4 * i + 2],
-                            boxes[4 * i + 3],
-                        ]
-                    })
-                    .collect(),
-                scores: keep.iter().map(|&i| scores[i]).collect(),
-                labels: keep.iter().map(|&i| labels[i]).collect(),
-            });
-        }
-        Ok(out)
+            })
+            .collect())
     }
 
     /// torchvision's `select_training_samples`: append GT boxes to the proposals,
-    /// match (0.5 / 0.5, no low-quality matches), sample, encode targets.
+    /// match (0.5 / 0.5, no low-quality matches) on the proposals' device, sample on
+    /// the host (it reads each image's matches), encode targets on the device.
     pub fn select_training_samples(
         &self,
         proposals: &[Tensor],
@@ -204,6 +191,9 @@ impl RoiHeads {
         rng: &mut Rng,
     ) -> Result<TrainingSamples> {
         let cfg = &self.config;
+        let matcher = Matcher::new(cfg.fg_iou_thresh as f64, cfg.bg_iou_thresh as f64, false)?;
+        let sampler =
+            BalancedPositiveNegativeSampler::new(cfg.batch_size_per_image, cfg.positive_fraction)?;
         let mut out = TrainingSamples {
             proposals: Vec::new(),
             labels: Vec::new(),
@@ -211,62 +201,41 @@ impl RoiHeads {
         };
         for (p, t) in proposals.iter().zip(targets) {
             let device = p.device();
-            let mut boxes: Vec<[f32; 4]> = p
-                .to_vec::<f32>()?
-                .chunks_exact(4)
-                .map(|b| [b[0], b[1], b[2], b[3]])
+            let g = t.boxes.len();
+            let gt_flat: Vec<f32> = t.boxes.iter().flatten().copied().collect();
+            let gt = Tensor::from_vec(gt_flat, [g, 4])?.to_device(device)?;
+            let boxes = ops::concat(&[p, &gt], 0)?;
+            let matches = matcher.matches(&box_iou(&gt, &boxes)?)?.to_vec_i64()?;
+            let labels: Vec<i64> = matches
+                .iter()
+                .map(|&m| match m {
+                    BELOW_LOW_THRESHOLD => 0,
+                    m if m < 0 => -1,
+                    m => t.labels[m as usize],
+                })
                 .collect();
-            boxes.extend(t.boxes.iter().copied());
-            let n = boxes.len();
-            let (matches, labels) = if t.boxes.is_empty() {
-                (vec![0i64; n], vec![0i64; n])
-            } else {
-                let mut iou = vec![0f32; t.boxes.len() * n];
-                for (g, gt) in t.boxes.iter().enumerate() {
-                    for (i, b) in boxes.iter().enumerate() {
-                        iou[g * n + i] = box_utils::iou(gt, b);
-                    }
-                }
-                let m = box_utils::match_boxes(
-                    &iou,
-                    t.boxes.len(),
-                    n,
-                    cfg.fg_iou_thresh,
-                    cfg.bg_iou_thresh,
-                    false,
-                );
-                let labels = m.iter().map(|&v| match v {
-                    -1 => 0,
-                    -2 => -1,
-                    g => t.labels[g as usize],
-                });
-                (m.clone(), labels.collect())
-            };
-            let (pos, neg) = box_utils::sample(
-                &labels,
-                cfg.batch_size_per_image,
-                cfg.positive_fraction,
-                rng,
-            );
-            let mut sampled: Vec<usize> = pos.into_iter().chain(neg).collect();
+            let s = sampler.sample_labels(&labels, rng)?;
+            let mut sampled: Vec<i64> = s.positive.into_iter().chain(s.negative).collect();
             sampled.sort_unstable();
-            let gt_of = |i: usize| {
-                t.boxes
-                    .get(matches[i].max(0) as usize)
-                    .copied()
-                    .unwrap_or([0.0; 4])
-            };
-            out.regression_targets.push(
-                sampled
-                    .iter()
-                    .map(|&i| self.coder.encode(&gt_of(i), &boxes[i]))
-                    .collect(),
-            );
+            let k = sampled.len();
+            // torchvision matches background RoIs to GT 0 (or a zero box without GT).
+            let matched: Vec<f32> = sampled
+                .iter()
+                .flat_map(|&i| {
+                    t.boxes
+                        .get(matches[i as usize].max(0) as usize)
+                        .copied()
+                        .unwrap_or([0.0; 4])
+                })
+                .collect();
+            let idx = Tensor::from_vec_i64(sampled.clone(), [k])?.to_device(device)?;
+            let rois = ops::index_select(&boxes, 0, &idx)?;
+            let matched = Tensor::from_vec(matched, [k, 4])?.to_device(device)?;
+            out.regression_targets
+                .push(self.coder.encode(&matched, &rois)?);
             out.labels
-                .push(sampled.iter().map(|&i| labels[i]).collect());
-            let flat: Vec<f32> = sampled.iter().flat_map(|&i| boxes[i]).collect();
-            out.proposals
-                .push(Tensor::from_vec(flat, [sampled.len(), 4])?.to_device(device)?);
+                .push(sampled.iter().map(|&i| labels[i as usize]).collect());
+            out.proposals.push(rois);
         }
         Ok(out)
     }
@@ -281,12 +250,6 @@ impl RoiHeads {
     ) -> Result<(Tensor, Tensor)> {
         let device = class_logits.device();
         let labels: Vec<i64> = samples.labels.iter().flatten().copied().collect();
-        let targets: Vec<[f32; 4]> = samples
-            .regression_targets
-            .iter()
-            .flatten()
-            .copied()
-            .collect();
         let r = labels.len();
         if r == 0 {
             return Err(Error::invalid("roi_heads.losses", "no RoIs sampled"));
@@ -296,28 +259,18 @@ impl RoiHeads {
         let loss_cls = ops::cross_entropy(class_logits, &lab_t, Reduction::Mean)?;
         let pos: Vec<usize> = (0..r).filter(|&i| labels[i] > 0).collect();
         let rows: Vec<i64> = pos.iter().map(|&i| (i * c) as i64 + labels[i]).collect();
-        let tg: Vec<f32> = pos.iter().flat_map(|&i| targets[i]).collect();
         let np = pos.len();
+        let targets = ops::concat(&samples.regression_targets.iter().collect::<Vec<_>>(), 0)?;
+        let pos_t = Tensor::from_vec_i64(pos.iter().map(|&i| i as i64).collect(), [np])?
+            .to_device(device)?;
+        let tg = ops::index_select(&targets, 0, &pos_t)?;
         let per_class = ops::reshape(box_regression, [r * c, 4])?;
         let picked = ops::index_select(
             &per_class,
             0,
             &Tensor::from_vec_i64(rows, [np])?.to_device(device)?,
         )?;
-        let sum = ops::smooth_l1(
-            &picked,
-            &Tensor::from_vec(tg, [np, 4])?.to_device(device)?,
-            1.0 / 9.0,
-            Reduction::Sum,
-        )?;
+        let sum = ops::smooth_l1(&picked, &tg, 1.0 / 9.0, Reduction::Sum)?;
         Ok((loss_cls, ops::scale(&sum, 1.0 / r as f64)?))
     }
-}
-
-/// Softmax of one row in f32, as torch computes it (max-shifted).
-fn softmax(x: &[f32]) -> Vec<f32> {
-    let m = x.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-    let e: Vec<f32> = x.iter().map(|v| (v - m).exp()).collect();
-    let s: f32 = e.iter().sum();
-    e.iter().map(|v| v / s).collect()
 }

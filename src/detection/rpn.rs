@@ -1,10 +1,16 @@
 //! torchvision's RegionProposalNetwork: the head, anchors, the proposal stage and the
 //! RPN losses.
 
-use super::box_utils::{self, BoxCoder};
+use super::anchors::AnchorGenerator;
+use super::box_coder::BoxCoder;
+use super::matcher::{Matcher, BELOW_LOW_THRESHOLD};
+use super::proposals::{select_proposals, ProposalParams, Selected};
+use super::sampler::BalancedPositiveNegativeSampler;
 use super::Target;
+use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::nn::{Conv2d, Ctx, Init, ParamSpec};
+use crate::ops::boxes::box_iou;
 use crate::ops::{self, Reduction};
 use crate::rng::Rng;
 use crate::tensor::Tensor;
@@ -58,6 +64,7 @@ pub struct Rpn {
     cls_logits: Conv2d,
     bbox_pred: Conv2d,
     coder: BoxCoder,
+    anchor_generator: AnchorGenerator,
 }
 
 /// Head outputs per level: objectness `[N, A, H, W]` and deltas `[N, 4A, H, W]`.
@@ -67,11 +74,22 @@ pub struct RpnHeadOutput {
 }
 
 impl Rpn {
-    /// An RPN over `channels`-channel feature maps.
-    pub fn new(channels: usize, config: RpnConfig) -> Rpn {
+    /// An RPN over `channels`-channel feature maps. The anchor sizes and ratios are
+    /// read here; the other settings of `config` whenever they are used.
+    pub fn new(channels: usize, config: RpnConfig) -> Result<Rpn> {
         let a = config.aspect_ratios.len();
+        let ratios: Vec<f64> = config.aspect_ratios.iter().map(|&r| r as f64).collect();
+        let anchor_generator = AnchorGenerator::new(
+            config
+                .anchor_sizes
+                .iter()
+                .map(|&s| vec![s as f64])
+                .collect(),
+            vec![ratios; config.anchor_sizes.len()],
+        )?;
+
         let init = Init::Normal(0.01);
-        Rpn {
+        Ok(Rpn {
             conv: Conv2d::new("rpn.head.conv.0.0", channels, channels, 3, 1, 1, true)
                 .with_init(init),
             cls_logits: Conv2d::new("rpn.head.cls_logits", channels, a, 1, 1, 0, true)
@@ -79,8 +97,9 @@ impl Rpn {
             bbox_pred: Conv2d::new("rpn.head.bbox_pred", channels, 4 * a, 1, 1, 0, true)
                 .with_init(init),
             coder: BoxCoder::new([1.0; 4]),
+            anchor_generator,
             config,
-        }
+        })
     }
 
     /// The tensors of the head (weights N(0, 0.01²), biases 0, as torchvision's).
@@ -108,13 +127,15 @@ impl Rpn {
         Ok(RpnHeadOutput { objectness, deltas })
     }
 
-    /// Anchors of one image of the batch (all images share them), level by level.
-    /// `batch_hw` is the padded batch size, `grids` each level's (h, w).
+    /// Anchors `[A, 4]` (f32, pixels) of one image of the batch on `device` (all
+    /// images share them), level by level, generated there. `batch_hw` is the padded
+    /// batch size, `grids` each level's (h, w).
     pub fn anchors(
         &self,
         batch_hw: (usize, usize),
         grids: &[(usize, usize)],
-    ) -> Result<Vec<[f32; 4]>> {
+        device: Device,
+    ) -> Result<Tensor> {
         if grids.len() != self.config.anchor_sizes.len() {
             return Err(Error::invalid(
                 "rpn",
@@ -125,129 +146,137 @@ impl Rpn {
                 ),
             ));
         }
-        Ok(box_utils::grid_anchors(
-            batch_hw,
-            grids,
-            &self.config.anchor_sizes,
-            &self.config.aspect_ratios,
-        ))
+        self.anchor_generator.anchors(batch_hw, grids, device)
     }
 
-    /// Proposals per image (`[K, 4]` f32 on the features' device), torchvision's
-    /// `filter_proposals`: per level top-k on objectness, decode, clip, drop small
-    /// boxes and low scores, NMS per level, keep the best `post_nms_top_n`.
-    pub fn proposals(
-        &self,
-        head: &RpnHeadOutput,
-        anchors: &[[f32; 4]],
-        image_sizes: &[(usize, usize)],
-        training: bool,
-    ) -> Result<Vec<Tensor>> {
+    /// The selection settings of one mode (training or inference).
+    pub fn proposal_params(&self, training: bool) -> ProposalParams {
         let cfg = &self.config;
         let (pre, post) = if training {
             (cfg.pre_nms_top_n_train, cfg.post_nms_top_n_train)
         } else {
             (cfg.pre_nms_top_n_test, cfg.post_nms_top_n_test)
         };
-        let device = head.objectness[0].device();
-        let levels: Vec<LevelScores> = head
+        ProposalParams {
+            pre_nms_top_n: pre,
+            post_nms_top_n: post,
+            nms_thresh: cfg.nms_thresh,
+            score_thresh: cfg.score_thresh,
+            min_size: cfg.min_size,
+        }
+    }
+
+    /// Proposals of the batch, padded (`boxes [N, post_nms_top_n, 4]` and `counts
+    /// [N]` on the head's device), torchvision's `filter_proposals`: per level top-k
+    /// on objectness, decode, clip, drop small boxes and low scores, NMS per level,
+    /// keep the best `post_nms_top_n`. Reads nothing back from a CUDA device.
+    pub fn proposals_padded(
+        &self,
+        head: &RpnHeadOutput,
+        anchors: &Tensor,
+        image_sizes: &[(usize, usize)],
+        training: bool,
+    ) -> Result<Selected> {
+        let (obj, deltas) = crate::autograd::no_grad(|| flatten_head(head))?;
+        let n = image_sizes.len();
+        let a = anchors.dims().first().copied().unwrap_or(0);
+        if obj.numel() != n * a {
+            return Err(Error::shape(
+                "rpn.proposals",
+                format!(
+                    "{} objectness values for {n} images of {a} anchors",
+                    obj.numel()
+                ),
+            ));
+        }
+        let level_sizes: Vec<usize> = head
             .objectness
             .iter()
-            .zip(&head.deltas)
-            .map(|(o, d)| LevelScores::read(o, d))
-            .collect::<Result<_>>()?;
-        let mut out = Vec::with_capacity(image_sizes.len());
-        for (n, &(h, w)) in image_sizes.iter().enumerate() {
-            let mut boxes = Vec::new();
-            let mut scores = Vec::new();
-            let mut lvls = Vec::new();
-            let mut offset = 0;
-            for (l, lv) in levels.iter().enumerate() {
-                let obj = lv.objectness(n);
-                for i in box_utils::topk(obj, pre.min(obj.len())) {
-                    let b = self.coder.decode(&lv.delta(n, i), &anchors[offset + i]);
-                    let b = [
-                        b[0].clamp(0.0, w as f32),
-                        b[1].clamp(0.0, h as f32),
-                        b[2].clamp(0.0, w as f32),
-                        b[3].clamp(0.0, h as f32),
-                    ];
-                    let s = sigmoid(obj[i]);
-                    if b[2] - b[0] >= cfg.min_size
-                        && b[3] - b[1] >= cfg.min_size
-                        && s >= cfg.score_thresh
-                    {
-                        boxes.extend_from_slice(&b);
-                        scores.push(s);
-                        lvls.push(l as i64);
-                    }
-                }
-                offset += obj.len();
-            }
-            let k = scores.len();
-            let bt = Tensor::from_vec(boxes, [k, 4])?;
-            let keep = ops::nms::batched_nms(
-                &bt,
-                &Tensor::from_vec(scores, [k])?,
-                &Tensor::from_vec_i64(lvls, [k])?,
-                cfg.nms_thresh,
-            )?;
-            let keep: Vec<i64> = keep.to_vec_i64()?.into_iter().take(post).collect();
-            let kept =
-                ops::index_select(&bt, 0, &Tensor::from_vec_i64(keep.clone(), [keep.len()])?)?;
-            out.push(kept.to_device(device)?);
-        }
-        Ok(out)
+            .map(|o| o.numel() / n.max(1))
+            .collect();
+        select_proposals(
+            &obj.reshape_detached([n, a])?,
+            &deltas.reshape_detached([n, a, 4])?,
+            anchors,
+            &level_sizes,
+            image_sizes,
+            &self.proposal_params(training),
+        )
+    }
+
+    /// Proposals per image (`[K_n, 4]` f32 on the head's device): [`Rpn::proposals_padded`]
+    /// split by image, which reads the counts (one synchronisation on CUDA).
+    pub fn proposals(
+        &self,
+        head: &RpnHeadOutput,
+        anchors: &Tensor,
+        image_sizes: &[(usize, usize)],
+        training: bool,
+    ) -> Result<Vec<Tensor>> {
+        let sel = self.proposals_padded(head, anchors, image_sizes, training)?;
+        sel.host_counts()?
+            .into_iter()
+            .enumerate()
+            .map(|(n, k)| sel.image_boxes(n, k))
+            .collect()
     }
 
     /// `loss_objectness` (BCE over sampled anchors) and `loss_rpn_box_reg` (smooth L1,
-    /// beta 1/9, over positives, divided by the number sampled).
+    /// beta 1/9, over positives, divided by the number sampled). Matching runs on the
+    /// anchors' device; the sampler on the host (it reads each image's matches).
     pub fn losses(
         &self,
         head: &RpnHeadOutput,
-        anchors: &[[f32; 4]],
+        anchors: &Tensor,
         targets: &[Target],
         rng: &mut Rng,
     ) -> Result<(Tensor, Tensor)> {
         let (obj, deltas) = flatten_head(head)?;
-        let total = anchors.len();
+        let total = anchors.dims()[0];
         let device = obj.device();
-        let mut labels = Vec::with_capacity(targets.len() * total);
-        let mut reg_targets = Vec::new();
-        let (mut pos_all, mut neg_all) = (Vec::new(), Vec::new());
+        let sampler = BalancedPositiveNegativeSampler::new(
+            self.config.batch_size_per_image,
+            self.config.positive_fraction,
+        )?;
+        let (mut pos_all, mut neg_all, mut reg_targets) = (Vec::new(), Vec::new(), Vec::new());
         for (n, t) in targets.iter().enumerate() {
-            let (lab, matched) = self.assign(anchors, t);
-            let lab_i: Vec<i64> = lab.iter().map(|&v| v as i64).collect();
-            let (pos, neg) = box_utils::sample(
-                &lab_i,
-                self.config.batch_size_per_image,
-                self.config.positive_fraction,
-                rng,
-            );
-            for &i in &pos {
-                let gt = t.boxes[matched[i].max(0) as usize];
-                reg_targets.extend_from_slice(&self.coder.encode(&gt, &anchors[i]));
+            let matches = self.assign(anchors, t)?.to_vec_i64()?;
+            let labels: Vec<i64> = matches.iter().map(|&m| anchor_label(m)).collect();
+            let s = sampler.sample_labels(&labels, rng)?;
+            if !s.positive.is_empty() {
+                let matched: Vec<f32> = s
+                    .positive
+                    .iter()
+                    .flat_map(|&i| t.boxes[matches[i as usize] as usize])
+                    .collect();
+                let np = s.positive.len();
+                let gt = Tensor::from_vec(matched, [np, 4])?.to_device(device)?;
+                let idx = Tensor::from_vec_i64(s.positive.clone(), [np])?.to_device(device)?;
+                let pos_anchors = ops::index_select(anchors, 0, &idx)?;
+                reg_targets.push(self.coder.encode(&gt, &pos_anchors)?);
             }
-            pos_all.extend(pos.iter().map(|&i| (n * total + i) as i64));
-            neg_all.extend(neg.iter().map(|&i| (n * total + i) as i64));
-            labels.extend(lab);
+            let base = (n * total) as i64;
+            pos_all.extend(s.positive.iter().map(|&i| base + i));
+            neg_all.extend(s.negative.iter().map(|&i| base + i));
         }
-        let sampled: Vec<i64> = pos_all.iter().chain(&neg_all).copied().collect();
-        let num_sampled = sampled.len();
+        let (np, num_sampled) = (pos_all.len(), pos_all.len() + neg_all.len());
         if num_sampled == 0 {
             return Err(Error::invalid(
                 "rpn.losses",
                 "no anchors sampled (empty images?)",
             ));
         }
-        let idx = Tensor::from_vec_i64(sampled.clone(), [num_sampled])?.to_device(device)?;
-        let sampled_labels: Vec<f32> = sampled.iter().map(|&i| labels[i as usize]).collect();
+        let sampled: Vec<i64> = pos_all.iter().chain(&neg_all).copied().collect();
+        let idx = Tensor::from_vec_i64(sampled, [num_sampled])?.to_device(device)?;
+        let sampled_labels: Vec<f32> = (0..num_sampled).map(|i| (i < np) as u8 as f32).collect();
         let lab_t = Tensor::from_vec(sampled_labels, [num_sampled])?.to_device(device)?;
         let loss_obj =
             ops::bce_with_logits(&ops::index_select(&obj, 0, &idx)?, &lab_t, Reduction::Mean)?;
-        let np = pos_all.len();
         let pos_idx = Tensor::from_vec_i64(pos_all, [np])?.to_device(device)?;
-        let tgt = Tensor::from_vec(reg_targets, [np, 4])?.to_device(device)?;
+        let tgt = match reg_targets.len() {
+            0 => Tensor::zeros([0, 4], obj.dtype(), device)?,
+            _ => ops::concat(&reg_targets.iter().collect::<Vec<_>>(), 0)?,
+        };
         let box_sum = ops::smooth_l1(
             &ops::index_select(&deltas, 0, &pos_idx)?,
             &tgt,
@@ -258,94 +287,32 @@ impl Rpn {
         Ok((loss_obj, loss_box))
     }
 
-    /// Labels (1 fg, 0 bg, -1 ignored) and matched GT index per anchor.
-    pub fn assign(&self, anchors: &[[f32; 4]], t: &Target) -> (Vec<f32>, Vec<i64>) {
-        if t.boxes.is_empty() {
-            return (vec![0.0; anchors.len()], vec![-1; anchors.len()]);
-        }
-        let n = anchors.len();
-        let mut iou = vec![0f32; t.boxes.len() * n];
-        for (g, gt) in t.boxes.iter().enumerate() {
-            for (i, a) in anchors.iter().enumerate() {
-                iou[g * n + i] = box_utils::iou(gt, a);
-            }
-        }
-        let m = box_utils::match_boxes(
-            &iou,
-            t.boxes.len(),
-            n,
-            self.config.fg_iou_thresh,
-            self.config.bg_iou_thresh,
+    /// Matches `[A]` (i64 on the anchors' device: GT index, -1 below 0.3, -2 between)
+    /// of `anchors` `[A, 4]` to the GT boxes of `t` (box_iou and the Matcher with
+    /// low-quality matches on the device).
+    pub fn assign(&self, anchors: &Tensor, t: &Target) -> Result<Tensor> {
+        let device = anchors.device();
+        let g = t.boxes.len();
+        let gt = Tensor::from_vec(
+            t.boxes.iter().flatten().copied().collect::<Vec<f32>>(),
+            [g, 4],
+        )?
+        .to_device(device)?;
+        let matcher = Matcher::new(
+            self.config.fg_iou_thresh as f64,
+            self.config.bg_iou_thresh as f64,
             true,
-        );
-        let labels = m
-            .iter()
-            .map(|&v| {
-                if v >= 0 {
-                    1.0
-                } else if v == -1 {
-                    0.0
-                } else {
-                    -1.0
-                }
-            })
-            .collect();
-        (labels, m)
+        )?;
+        matcher.matches(&box_iou(&gt, anchors)?)
     }
 }
 
-fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + (-x).exp())
-}
-
-/// One level's objectness and deltas on the host, indexed as torchvision flattens
-/// them: anchor i of image n is (row, column, base anchor).
-struct LevelScores {
-    obj: Vec<f32>,
-    deltas: Vec<f32>,
-    a: usize,
-    hw: usize,
-}
-
-impl LevelScores {
-    fn read(o: &Tensor, d: &Tensor) -> Result<Self> {
-        let dims = o.dims();
-        if dims.len() != 4 || d.dims() != [dims[0], 4 * dims[1], dims[2], dims[3]] {
-            return Err(Error::shape(
-                "rpn",
-                format!("objectness {} and deltas {}", o.shape(), d.shape()),
-            ));
-        }
-        let (n, a, hw) = (dims[0], dims[1], dims[2] * dims[3]);
-        let (ov, dv) = (o.to_vec::<f32>()?, d.to_vec::<f32>()?);
-        // Reorder [N, A, H, W] to [N, HW, A] and [N, A, 4, H, W] to [N, HW, A, 4].
-        let mut obj = vec![0f32; n * hw * a];
-        let mut deltas = vec![0f32; n * hw * a * 4];
-        for b in 0..n {
-            for ai in 0..a {
-                for p in 0..hw {
-                    obj[(b * hw + p) * a + ai] = ov[(b * a + ai) * hw + p];
-                    for c in 0..4 {
-                        deltas[((b * hw + p) * a + ai) * 4 + c] =
-                            dv[((b * a + ai) * 4 + c) * hw + p];
-                    }
-                }
-            }
-        }
-        Ok(LevelScores { obj, deltas, a, hw })
-    }
-    fn objectness(&self, n: usize) -> &[f32] {
-        let k = self.hw * self.a;
-        &self.obj[n * k..(n + 1) * k]
-    }
-    fn delta(&self, n: usize, i: usize) -> [f32; 4] {
-        let o = (n * self.hw * self.a + i) * 4;
-        [
-            self.deltas[o],
-            self.deltas[o + 1],
-            self.deltas[o + 2],
-            self.deltas[o + 3],
-        ]
+/// Anchor label from its match: 1 foreground, 0 background, -1 ignored.
+fn anchor_label(m: i64) -> i64 {
+    match m {
+        m if m >= 0 => 1,
+        BELOW_LOW_THRESHOLD => 0,
+        _ => -1,
     }
 }
 

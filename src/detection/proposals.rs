@@ -1,0 +1,533 @@
+//! Selection of RPN proposals and of box-head detections for a whole batch, on the
+//! batch's device, with torchvision's semantics (`RegionProposalNetwork.filter_proposals`
+//! and `RoIHeads.postprocess_detections`).
+//!
+//! Both are one fixed-size pipeline per batch, never a loop over images:
+//! - proposals: [`topk_levels`] on the objectness logits (all levels and images in one
+//!   launch), gather the selected anchors and deltas, [`BoxCoder::decode`] them, then a
+//!   filter (clip to the image, sigmoid, drop boxes with a side `< min_size` or a score
+//!   `< score_thresh`);
+//! - detections: [`BoxCoder::decode`] of every class's box, then a filter (softmax,
+//!   drop background, clip, score `> score_thresh`, drop boxes with a side `< min_size`);
+//!
+//! then one batched NMS over the batch ([`nms_device`]; groups are (image, level) or
+//! (image, class)) and a selection of each image's first kept boxes. A candidate that
+//! fails the filter is not removed (that would need its count on the host): it gets
+//! the score `-inf` and the group -1, so it ranks after every real candidate and is
+//! never selected. The result is padded (`[N, top, 4]`) with a count per image, so on
+//! CUDA nothing is read back; reading the counts is left to the caller.
+//!
+//! Order: NMS visits boxes by descending score, ties by candidate index; candidate
+//! indices are image-major, then (level, top-k rank) or (proposal, class), so each
+//! image's result is exactly torchvision's per-image order. CPU and CUDA run the same
+//! steps (the CUDA kernels are kernels/proposals.cu; the CPU twins are below).
+
+use crate::device::gpu::{KernelArg, LaunchCfg};
+use crate::device::Device;
+use crate::error::{Error, Result};
+use crate::ops::nms::{nms_device, NmsOutput};
+use crate::ops::topk::topk_levels;
+use crate::ops::{arg, gpu_dev, launch_elems};
+use crate::tensor::{DType, Tensor};
+
+use super::box_coder::BoxCoder;
+
+/// Most FPN levels the proposal filter takes (PROPOSALS_MAX_LEVELS in
+/// kernels/proposals.cu; top-k on CUDA takes as many).
+pub const MAX_LEVELS: usize = 8;
+
+/// Settings of the proposal selection (one mode of the RPN: train or test).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ProposalParams {
+    /// Candidates per level and image taken by top-k on objectness.
+    pub pre_nms_top_n: usize,
+    /// Proposals kept per image after NMS.
+    pub post_nms_top_n: usize,
+    /// IoU above which NMS suppresses (within one level of one image).
+    pub nms_thresh: f64,
+    /// Proposals need `sigmoid(objectness) >= score_thresh`.
+    pub score_thresh: f32,
+    /// Proposals need both sides `>= min_size` pixels after clipping.
+    pub min_size: f32,
+}
+
+/// Settings of the box-head postprocess.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct DetectionParams {
+    /// Detections need a class probability `> score_thresh`.
+    pub score_thresh: f32,
+    /// Detections need both sides `>= min_size` pixels after clipping.
+    pub min_size: f32,
+    /// IoU above which NMS suppresses (within one class of one image).
+    pub nms_thresh: f64,
+    /// Detections kept per image.
+    pub detections_per_img: usize,
+}
+
+/// Boxes selected per image, padded to `top` rows, on the inputs' device.
+#[derive(Clone, Debug)]
+pub struct Selected {
+    /// `[N, top, 4]` boxes (x1, y1, x2, y2, pixels); rows past the count are zero.
+    pub boxes: Tensor,
+    /// `[N, top]` scores (sigmoid objectness or class probability); zero padding.
+    pub scores: Tensor,
+    /// `[N, top]` i64 candidate index of each box (see the module docs); -1 padding.
+    pub indices: Tensor,
+    /// `[N]` i64: how many rows of each image are real.
+    pub counts: Tensor,
+}
+
+impl Selected {
+    /// The counts on the host (one read on CUDA).
+    pub fn host_counts(&self) -> Result<Vec<usize>> {
+        Ok(self
+            .counts
+            .to_vec_i64()?
+            .into_iter()
+            .map(|c| c as usize)
+            .collect())
+    }
+
+    /// Image `n`'s boxes `[counts[n], 4]` (a copy on the same device).
+    pub fn image_boxes(&self, n: usize, count: usize) -> Result<Tensor> {
+        let top = self.boxes.dims()[1];
+        let flat = self
+            .boxes
+            .reshape_detached([self.boxes.dims()[0] * top, 4])?;
+        crate::ops::narrow(&flat, 0, n * top, count)
+    }
+}
+
+/// Candidates for one batched NMS: boxes `[M, 4]`, scores `[M]` (`-inf` for rejected
+/// ones), groups `[M]` i64 (-1 for rejected ones).
+struct Candidates {
+    boxes: Tensor,
+    scores: Tensor,
+    groups: Tensor,
+}
+
+/// torchvision's `filter_proposals` for a batch: objectness logits `[N, A]` and
+/// deltas `[N, A, 4]` in the flattened head order, anchors `[A, 4]` (shared by the
+/// images), `level_sizes` (anchors per level, summing to `A`), `image_sizes[n] = (h,
+/// w)` pixels. Returns up to `post_nms_top_n` proposals per image, padded.
+pub fn select_proposals(
+    objectness: &Tensor,
+    deltas: &Tensor,
+    anchors: &Tensor,
+    level_sizes: &[usize],
+    image_sizes: &[(usize, usize)],
+    p: &ProposalParams,
+) -> Result<Selected> {
+    let (n, a) = match objectness.dims() {
+        [n, a] => (*n, *a),
+        d => return Err(shape_err(format!("objectness {d:?} (expected [N, A])"))),
+    };
+    if deltas.dims() != [n, a, 4] || anchors.dims() != [a, 4] || image_sizes.len() != n {
+        return Err(shape_err(format!(
+            "objectness {:?}, deltas {:?}, anchors {:?} and {} image sizes",
+            objectness.dims(),
+            deltas.dims(),
+            anchors.dims(),
+            image_sizes.len()
+        )));
+    }
+    if level_sizes.is_empty() || level_sizes.len() > MAX_LEVELS {
+        return Err(Error::invalid(
+            "select_proposals",
+            format!("{} levels (1 to {MAX_LEVELS})", level_sizes.len()),
+        ));
+    }
+    check_f32("select_proposals", &[objectness, deltas, anchors])?;
+    crate::tensor::same_device("select_proposals", &[objectness, deltas, anchors])?;
+    let (logits, idx) = topk_levels(objectness, level_sizes, p.pre_nms_top_n)?;
+    let k = logits.dims()[1];
+    let (codes, refs) = gather(&idx, deltas, anchors)?;
+    let decoded = BoxCoder::new([1.0; 4]).decode(&codes, &refs)?;
+    let mut ends = Vec::with_capacity(level_sizes.len());
+    let mut end = 0;
+    for &l in level_sizes {
+        end += l.min(p.pre_nms_top_n);
+        ends.push(end);
+    }
+    let sizes = sizes_tensor(image_sizes, objectness.device())?;
+    let c = filter_proposals(&decoded, &logits, &sizes, n, k, &ends, p)?;
+    let keep = nms_device(&c.boxes, &c.scores, Some(&c.groups), p.nms_thresh)?;
+    select(&keep, &c, level_sizes.len(), n, p.post_nms_top_n)
+}
+
+/// torchvision's `postprocess_detections` for a batch: class logits `[R, C]`, box
+/// regression `[R, 4C]` (weights `coder`), the proposals `[R, 4]` of all images
+/// concatenated with `rows_per_image[n]` rows of image `n`. Returns up to
+/// `detections_per_img` detections per image, padded; a detection's class is
+/// `indices % (C - 1) + 1`.
+pub fn select_detections(
+    class_logits: &Tensor,
+    box_regression: &Tensor,
+    proposals: &Tensor,
+    rows_per_image: &[usize],
+    image_sizes: &[(usize, usize)],
+    coder: &BoxCoder,
+    p: &DetectionParams,
+) -> Result<Selected> {
+    let (r, c) = match class_logits.dims() {
+        [r, c] if *c >= 1 => (*r, *c),
+        d => return Err(shape_err(format!("class logits {d:?} (expected [R, C])"))),
+    };
+    if box_regression.dims() != [r, 4 * c]
+        || proposals.dims() != [r, 4]
+        || rows_per_image.iter().sum::<usize>() != r
+        || rows_per_image.len() != image_sizes.len()
+    {
+        return Err(shape_err(format!(
+            "class logits {:?}, box regression {:?}, proposals {:?}, rows per image {:?}, {} image sizes",
+            class_logits.dims(),
+            box_regression.dims(),
+            proposals.dims(),
+            rows_per_image,
+            image_sizes.len()
+        )));
+    }
+    check_f32(
+        "select_detections",
+        &[class_logits, box_regression, proposals],
+    )?;
+    let device = crate::tensor::same_device(
+        "select_detections",
+        &[class_logits, box_regression, proposals],
+    )?;
+    let decoded = coder.decode(box_regression, proposals)?;
+    let row_image: Vec<i64> = rows_per_image
+        .iter()
+        .enumerate()
+        .flat_map(|(n, &k)| std::iter::repeat_n(n as i64, k))
+        .collect();
+    let row_image = Tensor::from_vec_i64(row_image, [r])?.to_device(device)?;
+    let sizes = sizes_tensor(image_sizes, device)?;
+    let cand = filter_detections(class_logits, &decoded, &row_image, &sizes, p)?;
+    let keep = nms_device(&cand.boxes, &cand.scores, Some(&cand.groups), p.nms_thresh)?;
+    select(&keep, &cand, c, image_sizes.len(), p.detections_per_img)
+}
+
+fn shape_err(msg: String) -> Error {
+    Error::shape("proposals", msg)
+}
+
+fn check_f32(op: &'static str, ts: &[&Tensor]) -> Result<()> {
+    match ts.iter().find(|t| t.dtype() != DType::F32) {
+        Some(t) => Err(Error::DType {
+            op,
+            dtype: t.dtype().to_string(),
+            msg: "detection selection takes f32 tensors".into(),
+        }),
+        None => Ok(()),
+    }
+}
+
+/// Image sizes as `[N, 2]` f32 (h, w) on `device` (an upload, no read back).
+fn sizes_tensor(image_sizes: &[(usize, usize)], device: Device) -> Result<Tensor> {
+    let v: Vec<f32> = image_sizes
+        .iter()
+        .flat_map(|&(h, w)| [h as f32, w as f32])
+        .collect();
+    Tensor::from_vec(v, [image_sizes.len(), 2])?.to_device(device)
+}
+
+/// The deltas and anchors of the top-k columns `idx` `[N, K]`: both `[N * K, 4]`.
+fn gather(idx: &Tensor, deltas: &Tensor, anchors: &Tensor) -> Result<(Tensor, Tensor)> {
+    let (n, k) = (idx.dims()[0], idx.dims()[1]);
+    let a = anchors.dims()[0];
+    match idx.device() {
+        Device::Cpu => {
+            let (idx, d, an) = (
+                idx.cpu_i64()?,
+                deltas.cpu_slice::<f32>()?,
+                anchors.cpu_slice::<f32>()?,
+            );
+            let mut codes = Vec::with_capacity(4 * n * k);
+            let mut refs = Vec::with_capacity(4 * n * k);
+            for (e, &j) in idx.iter().enumerate() {
+                let (img, j) = (e / k.max(1), j as usize);
+                codes.extend_from_slice(&d[4 * (img * a + j)..4 * (img * a + j) + 4]);
+                refs.extend_from_slice(&an[4 * j..4 * j + 4]);
+            }
+            Ok((
+                Tensor::from_vec(codes, [n * k, 4])?,
+                Tensor::from_vec(refs, [n * k, 4])?,
+            ))
+        }
+        Device::Cuda(_) => {
+            let dev = gpu_dev("select_proposals", deltas)?;
+            let codes = Tensor::gpu_zeros(&dev, [n * k, 4])?;
+            let refs = Tensor::gpu_zeros(&dev, [n * k, 4])?;
+            launch_elems(
+                &dev,
+                "proposals_gather_f32",
+                n * k,
+                &[
+                    idx.gpu()?.buf.arg(),
+                    arg(deltas)?,
+                    arg(anchors)?,
+                    KernelArg::I64(n as i64),
+                    KernelArg::I64(k as i64),
+                    KernelArg::I64(a as i64),
+                    arg(&codes)?,
+                    arg(&refs)?,
+                ],
+            )?;
+            Ok((codes, refs))
+        }
+    }
+}
+
+/// torch.clamp(v, 0, hi), NaN passing through.
+fn clamp(v: f32, hi: f32) -> f32 {
+    let v = if v < 0.0 { 0.0 } else { v };
+    if hi < v {
+        hi
+    } else {
+        v
+    }
+}
+
+/// A box clipped to an image of height `h` and width `w`.
+fn clip(b: &[f32], h: f32, w: f32) -> [f32; 4] {
+    [
+        clamp(b[0], w),
+        clamp(b[1], h),
+        clamp(b[2], w),
+        clamp(b[3], h),
+    ]
+}
+
+fn big_enough(b: &[f32; 4], min_size: f32) -> bool {
+    b[2] - b[0] >= min_size && b[3] - b[1] >= min_size
+}
+
+/// RPN candidates from decoded boxes `[N * K, 4]` and their logits `[N, K]`
+/// (proposals_filter_f32).
+fn filter_proposals(
+    decoded: &Tensor,
+    logits: &Tensor,
+    sizes: &Tensor,
+    n: usize,
+    k: usize,
+    ends: &[usize],
+    p: &ProposalParams,
+) -> Result<Candidates> {
+    let levels = ends.len();
+    match decoded.device() {
+        Device::Cpu => {
+            let (d, l, s) = (
+                decoded.cpu_slice::<f32>()?,
+                logits.cpu_slice::<f32>()?,
+                sizes.cpu_slice::<f32>()?,
+            );
+            let mut boxes = Vec::with_capacity(4 * n * k);
+            let mut scores = Vec::with_capacity(n * k);
+            let mut groups = Vec::with_capacity(n * k);
+            for e in 0..n * k {
+                let (img, j) = (e / k, e % k);
+                let level = ends[..levels - 1].iter().filter(|&&end| j >= end).count();
+                let b = clip(&d[4 * e..4 * e + 4], s[2 * img], s[2 * img + 1]);
+                let score = 1.0 / (1.0 + (-l[e]).exp());
+                let ok = big_enough(&b, p.min_size) && score >= p.score_thresh;
+                boxes.extend_from_slice(&b);
+                scores.push(if ok { score } else { f32::NEG_INFINITY });
+                groups.push(if ok {
+                    (img * levels + level) as i64
+                } else {
+                    -1
+                });
+            }
+            Ok(Candidates {
+                boxes: Tensor::from_vec(boxes, [n * k, 4])?,
+                scores: Tensor::from_vec(scores, [n * k])?,
+                groups: Tensor::from_vec_i64(groups, [n * k])?,
+            })
+        }
+        Device::Cuda(_) => {
+            let dev = gpu_dev("select_proposals", decoded)?;
+            let c = gpu_candidates(&dev, n * k)?;
+            let mut args = vec![
+                arg(decoded)?,
+                arg(logits)?,
+                arg(sizes)?,
+                KernelArg::I64(n as i64),
+                KernelArg::I64(k as i64),
+                KernelArg::I32(levels as i32),
+            ];
+            args.extend(
+                (0..MAX_LEVELS).map(|l| KernelArg::I64(ends.get(l).copied().unwrap_or(k) as i64)),
+            );
+            args.extend([
+                KernelArg::F32(p.min_size),
+                KernelArg::F32(p.score_thresh),
+                arg(&c.boxes)?,
+                arg(&c.scores)?,
+                c.groups.gpu()?.buf.arg(),
+            ]);
+            launch_elems(&dev, "proposals_filter_f32", n * k, &args)?;
+            Ok(c)
+        }
+    }
+}
+
+/// Box-head candidates `[R * (C - 1)]` (proposals_roi_filter_f32).
+fn filter_detections(
+    logits: &Tensor,
+    decoded: &Tensor,
+    row_image: &Tensor,
+    sizes: &Tensor,
+    p: &DetectionParams,
+) -> Result<Candidates> {
+    let (r, c) = (logits.dims()[0], logits.dims()[1]);
+    let m = r * (c - 1);
+    match logits.device() {
+        Device::Cpu => {
+            let (x, d, ri, s) = (
+                logits.cpu_slice::<f32>()?,
+                decoded.cpu_slice::<f32>()?,
+                row_image.cpu_i64()?,
+                sizes.cpu_slice::<f32>()?,
+            );
+            let mut boxes = Vec::with_capacity(4 * m);
+            let mut scores = Vec::with_capacity(m);
+            let mut groups = Vec::with_capacity(m);
+            for row in 0..r {
+                let probs = softmax(&x[row * c..(row + 1) * c]);
+                let img = ri[row] as usize;
+                for (j, &prob) in probs.iter().enumerate().skip(1) {
+                    let o = 4 * (row * c + j);
+                    let b = clip(&d[o..o + 4], s[2 * img], s[2 * img + 1]);
+                    let ok = prob > p.score_thresh && big_enough(&b, p.min_size);
+                    boxes.extend_from_slice(&b);
+                    scores.push(if ok { prob } else { f32::NEG_INFINITY });
+                    groups.push(if ok { (img * c + j) as i64 } else { -1 });
+                }
+            }
+            Ok(Candidates {
+                boxes: Tensor::from_vec(boxes, [m, 4])?,
+                scores: Tensor::from_vec(scores, [m])?,
+                groups: Tensor::from_vec_i64(groups, [m])?,
+            })
+        }
+        Device::Cuda(_) => {
+            let dev = gpu_dev("select_detections", logits)?;
+            let cand = gpu_candidates(&dev, m)?;
+            launch_elems(
+                &dev,
+                "proposals_roi_filter_f32",
+                m,
+                &[
+                    arg(logits)?,
+                    arg(decoded)?,
+                    row_image.gpu()?.buf.arg(),
+                    arg(sizes)?,
+                    KernelArg::I64(r as i64),
+                    KernelArg::I64(c as i64),
+                    KernelArg::F32(p.score_thresh),
+                    KernelArg::F32(p.min_size),
+                    arg(&cand.boxes)?,
+                    arg(&cand.scores)?,
+                    cand.groups.gpu()?.buf.arg(),
+                ],
+            )?;
+            Ok(cand)
+        }
+    }
+}
+
+fn gpu_candidates(dev: &crate::device::gpu::GpuDevice, m: usize) -> Result<Candidates> {
+    Ok(Candidates {
+        boxes: Tensor::gpu_zeros(dev, [m, 4])?,
+        scores: Tensor::gpu_zeros(dev, [m])?,
+        groups: Tensor::gpu_zeros_i64(dev, [m])?,
+    })
+}
+
+/// Softmax of one row in f32 as torch computes it: shifted by the maximum, summed in
+/// order.
+fn softmax(x: &[f32]) -> Vec<f32> {
+    let m = x
+        .iter()
+        .fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
+    let e: Vec<f32> = x.iter().map(|v| (v - m).exp()).collect();
+    let s = e.iter().fold(0.0f32, |s, v| s + v);
+    e.iter().map(|v| v / s).collect()
+}
+
+/// Each image's first `top` kept candidates (proposals_select_f32).
+fn select(
+    keep: &NmsOutput,
+    c: &Candidates,
+    groups_per_image: usize,
+    n: usize,
+    top: usize,
+) -> Result<Selected> {
+    match c.boxes.device() {
+        Device::Cpu => {
+            let count = keep.count.cpu_i64()?[0] as usize;
+            let (kp, g) = (&keep.keep.cpu_i64()?[..count], c.groups.cpu_i64()?);
+            let (b, s) = (c.boxes.cpu_slice::<f32>()?, c.scores.cpu_slice::<f32>()?);
+            let mut boxes = vec![0f32; n * top * 4];
+            let mut scores = vec![0f32; n * top];
+            let mut indices = vec![-1i64; n * top];
+            let mut counts = vec![0i64; n];
+            for &i in kp {
+                let i = i as usize;
+                if g[i] < 0 {
+                    continue;
+                }
+                let img = g[i] as usize / groups_per_image;
+                let pos = counts[img] as usize;
+                if pos < top {
+                    let o = img * top + pos;
+                    boxes[4 * o..4 * o + 4].copy_from_slice(&b[4 * i..4 * i + 4]);
+                    scores[o] = s[i];
+                    indices[o] = i as i64;
+                    counts[img] += 1;
+                }
+            }
+            Ok(Selected {
+                boxes: Tensor::from_vec(boxes, [n, top, 4])?,
+                scores: Tensor::from_vec(scores, [n, top])?,
+                indices: Tensor::from_vec_i64(indices, [n, top])?,
+                counts: Tensor::from_vec_i64(counts, [n])?,
+            })
+        }
+        Device::Cuda(_) => {
+            let dev = gpu_dev("select_proposals", &c.boxes)?;
+            let out = Selected {
+                boxes: Tensor::gpu_zeros(&dev, [n, top, 4])?,
+                scores: Tensor::gpu_zeros(&dev, [n, top])?,
+                indices: Tensor::gpu_zeros_i64(&dev, [n, top])?,
+                counts: Tensor::gpu_zeros_i64(&dev, [n])?,
+            };
+            if n == 0 {
+                return Ok(out);
+            }
+            dev.launch(
+                "proposals_select_f32",
+                LaunchCfg {
+                    grid: (n as u32, 1, 1),
+                    block: (256, 1, 1),
+                    shared_bytes: 0,
+                },
+                &[
+                    keep.keep.gpu()?.buf.arg(),
+                    keep.count.gpu()?.buf.arg(),
+                    c.groups.gpu()?.buf.arg(),
+                    KernelArg::I64(groups_per_image as i64),
+                    arg(&c.boxes)?,
+                    arg(&c.scores)?,
+                    KernelArg::I64(top as i64),
+                    arg(&out.boxes)?,
+                    arg(&out.scores)?,
+                    out.indices.gpu()?.buf.arg(),
+                    out.counts.gpu()?.buf.arg(),
+                ],
+            )?;
+            Ok(out)
+        }
+    }
+}
