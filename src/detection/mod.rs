@@ -5,12 +5,14 @@
 pub mod anchors;
 pub mod box_coder;
 pub mod box_utils;
+pub mod draw;
 pub mod faster_rcnn;
 pub mod matcher;
 pub mod poolers;
 pub mod roi_heads;
 pub mod rpn;
 pub mod sampler;
+pub mod trainer;
 pub mod transform;
 
 pub use faster_rcnn::{FasterRcnn, FasterRcnnConfig};
