@@ -422,36 +422,192 @@ pub fn freeze_backbone(model: &mut FasterRcnn, trainable_layers: usize) {
     }
 }
 
-/// The small detector of `kestrel demo` and the end-to-end test: ResNet of
-/// BasicBlocks [1, 1, 1, 1] with trainable BatchNorm, FPN of 32 channels, anchors
-/// 16..256, images kept at `image_size` (no resizing), fewer proposals and sampled
-/// RoIs than torchvision's defaults (small images, few objects).
-pub fn small_config(num_classes: usize, image_size: usize) -> FasterRcnnConfig {
-    let mut transform = TransformConfig::new(image_size, image_size);
-    transform.size_divisible = 32;
-    let rpn = RpnConfig {
-        anchor_sizes: vec![16.0, 32.0, 64.0, 128.0, 256.0],
-        pre_nms_top_n_train: 1000,
-        pre_nms_top_n_test: 500,
-        post_nms_top_n_train: 500,
-        post_nms_top_n_test: 300,
-        ..RpnConfig::default()
+/// The `[model]` section of the small detector of `kestrel demo` and the
+/// end-to-end test: ResNet of BasicBlocks [1, 1, 1, 1] with trainable BatchNorm, FPN
+/// of 32 channels, anchors 16..256, images kept at `image_size` (no resizing), fewer
+/// proposals and sampled RoIs than torchvision's defaults (small images, few objects).
+pub fn small_model(num_classes: usize, image_size: usize) -> ModelConfig {
+    let mut m = ModelConfig {
+        num_classes,
+        ..ModelConfig::default()
     };
-    let mut roi = RoiHeadsConfig::new(num_classes, 256);
-    roi.batch_size_per_image = 128;
-    FasterRcnnConfig {
-        backbone: ResNetConfig {
-            block: BlockKind::Basic,
-            layers: [1, 1, 1, 1],
-            width_per_group: 64,
-            norm: NormKind::Batch {
-                eps: 1e-5,
-                momentum: 0.1,
+    m.backbone.depth = None;
+    m.backbone.layers = Some(vec![1, 1, 1, 1]);
+    m.backbone.block = Some(BlockType::Basic);
+    m.backbone.norm = NormType::BatchNorm;
+    m.backbone.trainable_layers = 5;
+    m.fpn.out_channels = 32;
+    m.transform.min_size = image_size;
+    m.transform.max_size = image_size;
+    m.anchors.sizes = vec![16.0, 32.0, 64.0, 128.0, 256.0];
+    m.rpn.pre_nms_top_n_train = 1000;
+    m.rpn.pre_nms_top_n_test = 500;
+    m.rpn.post_nms_top_n_train = 500;
+    m.rpn.post_nms_top_n_test = 300;
+    m.roi.representation_size = 256;
+    m.roi.batch_size_per_image = 128;
+    m
+}
+
+/// [`small_model`] as a [`FasterRcnnConfig`].
+pub fn small_config(num_classes: usize, image_size: usize) -> FasterRcnnConfig {
+    model_config(&small_model(num_classes, image_size))
+        .expect("the small model's config is valid")
+        .0
+}
+
+/// Load the parameters and buffers of `model` from a checkpoint or state_dict holding
+/// them under their names (other tensors, such as optimizer state, are ignored).
+pub fn load_weights(model: &mut FasterRcnn, path: &std::path::Path) -> Result<()> {
+    let f = crate::io::TensorFile::open(path)?;
+    let device = model
+        .params
+        .iter()
+        .next()
+        .map_or(Device::Cpu, |(_, t)| t.device());
+    let names: Vec<String> = model.params.iter().map(|(n, _)| n.clone()).collect();
+    let missing: Vec<&String> = names.iter().filter(|n| !f.contains(n)).collect();
+    if !missing.is_empty() {
+        return Err(Error::Tensor {
+            name: path.display().to_string(),
+            msg: format!(
+                "{} model tensors missing, e.g. `{}` (a checkpoint of another model?)",
+                missing.len(),
+                missing[0]
+            ),
+        });
+    }
+    for n in &names {
+        let t = f.tensor(n)?.to_dtype(crate::tensor::DType::F32)?;
+        model.params.set(n, t.to_device(device)?)?;
+    }
+    Ok(())
+}
+
+/// Settings of a training run on generated shapes (`kestrel demo`, the end-to-end
+/// test).
+#[derive(Clone, Debug)]
+pub struct ShapesRun {
+    pub work_dir: std::path::PathBuf,
+    pub device: Device,
+    pub seed: u64,
+    pub train_count: usize,
+    pub val_count: usize,
+    pub image_size: usize,
+    pub batch_size: usize,
+    pub max_iters: usize,
+    pub lr: f64,
+    pub warmup_iters: usize,
+    /// LR steps (x0.1), iterations.
+    pub steps: Vec<usize>,
+    /// Checkpoint every this many iterations (0: only at the end).
+    pub checkpoint_interval: usize,
+    pub log_interval: usize,
+    /// Print nothing (tests).
+    pub quiet: bool,
+}
+
+impl ShapesRun {
+    /// The demo's recipe for `max_iters` iterations: batch 4, SGD 0.02 with momentum
+    /// 0.9 and weight decay 1e-4, 100 iterations of linear warmup, x0.1 at 75%.
+    pub fn demo(work_dir: impl Into<std::path::PathBuf>, device: Device, max_iters: usize) -> Self {
+        ShapesRun {
+            work_dir: work_dir.into(),
+            device,
+            seed: 0,
+            train_count: 2000,
+            val_count: 200,
+            image_size: 128,
+            batch_size: 4,
+            max_iters,
+            lr: 0.02,
+            warmup_iters: 100.min(max_iters / 4).max(1),
+            steps: vec![max_iters * 3 / 4],
+            checkpoint_interval: 0,
+            log_interval: 20,
+            quiet: false,
+        }
+    }
+
+    /// The generated training and validation sets (disjoint: different seeds).
+    pub fn datasets(&self) -> Result<(crate::data::ShapesData, crate::data::ShapesData)> {
+        use crate::data::{generate_shapes_in_memory, ShapesConfig};
+        let train = generate_shapes_in_memory(&ShapesConfig::new(
+            self.seed,
+            self.train_count,
+            self.image_size,
+        ))?;
+        let val = generate_shapes_in_memory(&ShapesConfig::new(
+            self.seed.wrapping_add(1_000_003),
+            self.val_count,
+            self.image_size,
+        ))?;
+        Ok((train, val))
+    }
+
+    /// A runner with its model, SGD, loader and hooks (LR, optimizer, checkpoint,
+    /// timer, logger, NaN guard), ready to `run(&[(Mode::Train, 1)])`.
+    pub fn runner(
+        &self,
+        train: Arc<dyn Dataset>,
+    ) -> Result<runner::Runner<DetectorModel>> {
+        use crate::optim::{Sgd, SgdConfig};
+        use crate::runner::hooks::{
+            CheckpointHook, LrPolicy, LrUpdaterHook, NanGuardHook, OptimizerHook, Warmup,
+        };
+        let num_classes = crate::data::shapes::SHAPE_CLASSES.len() + 1;
+        let mut model = FasterRcnn::new(small_config(num_classes, self.image_size), self.seed)?;
+        model.to_device(self.device)?;
+        let sgd = Sgd::new(SgdConfig {
+            lr: self.lr,
+            momentum: 0.9,
+            weight_decay: 1e-4,
+            ..SgdConfig::default()
+        })?;
+        let mut r = runner::Runner::new(
+            DetectorModel::new(model, self.device),
+            Box::new(sgd),
+            &self.work_dir,
+            runner::Schedule::Iters(self.max_iters),
+            self.seed,
+        );
+        r.log.quiet = self.quiet;
+        let loader = Loader::new(
+            train,
+            crate::data::LoaderConfig {
+                batch_size: self.batch_size,
+                shuffle: true,
+                seed: self.seed,
+                drop_last: true,
+                hflip_prob: 0.5,
+                workers: 1,
+                prefetch: 2,
             },
-        },
-        fpn_channels: 32,
-        transform,
-        rpn,
-        roi,
+        )?;
+        r.set_train_loader(Box::new(DetLoader::new(loader)));
+        let lr = LrUpdaterHook::new(
+            LrPolicy::Step {
+                steps: self.steps.clone(),
+                gamma: 0.1,
+                min_lr: None,
+            },
+            false,
+        )
+        .with_warmup(Warmup::Linear, self.warmup_iters, 0.001);
+        let interval = if self.checkpoint_interval == 0 {
+            self.max_iters
+        } else {
+            self.checkpoint_interval
+        };
+        let mut ckpt = CheckpointHook::new(interval, false);
+        ckpt.max_keep_ckpts = Some(2);
+        r.register_training_hooks(
+            Some(lr),
+            OptimizerHook::new(),
+            Some(ckpt),
+            Some(self.log_interval),
+        );
+        r.register_hook(NanGuardHook::new());
+        Ok(r)
     }
 }
