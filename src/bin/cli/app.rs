@@ -19,7 +19,7 @@ use kestrel::runner::{Mode, Runner};
 use kestrel::{Device, Error, Result};
 
 /// Iterations of the demo on a CPU, sized to finish in about 10 minutes on 2 cores.
-const DEMO_ITERS_CPU: usize = 2200;
+const DEMO_ITERS_CPU: usize = 1800;
 /// Iterations of the demo on a GPU.
 const DEMO_ITERS_GPU: usize = 3000;
 
