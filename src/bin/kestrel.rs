@@ -7,6 +7,9 @@ use std::time::Instant;
 use clap::{Parser, Subcommand};
 use kestrel::device::{emu, kernels};
 
+#[path = "cli/app.rs"]
+mod app;
+
 #[derive(Parser)]
 #[command(
     name = "kestrel",
@@ -60,6 +63,59 @@ enum Cmd {
         /// Skip the bench.
         #[arg(long)]
         no_bench: bool,
+    },
+    /// Generate shapes, train a small ResNet-FPN Faster R-CNN on them, evaluate it and
+    /// draw detections of a few validation images (everything under --out).
+    Demo {
+        /// Where everything goes.
+        #[arg(long, default_value = "kestrel-demo")]
+        out: std::path::PathBuf,
+        /// auto, cpu or cuda:N.
+        #[arg(long, default_value = "auto")]
+        device: String,
+        /// Training iterations (default: the tuned demo schedule).
+        #[arg(long)]
+        iters: Option<usize>,
+    },
+    /// Train with a TOML config (see configs/).
+    Train {
+        config: std::path::PathBuf,
+        /// Continue from work_dir/latest.
+        #[arg(long)]
+        resume: bool,
+        /// auto, cpu or cuda:N (default: the config's runtime.device).
+        #[arg(long)]
+        device: Option<String>,
+    },
+    /// Evaluate a checkpoint on a config's validation set (pycocotools summary).
+    Eval {
+        config: std::path::PathBuf,
+        checkpoint: std::path::PathBuf,
+        /// auto, cpu or cuda:N (default: the config's runtime.device).
+        #[arg(long)]
+        device: Option<String>,
+        /// Also write the COCO results (detections) to this JSON file.
+        #[arg(long)]
+        results: Option<std::path::PathBuf>,
+    },
+    /// Detect objects in images with a checkpoint; writes boxes as JSON and drawn PNGs.
+    Infer {
+        checkpoint: std::path::PathBuf,
+        #[arg(required = true)]
+        images: Vec<std::path::PathBuf>,
+        /// Output directory.
+        #[arg(long, default_value = "kestrel-infer")]
+        out: std::path::PathBuf,
+        /// The config the checkpoint was trained with (default: the one saved next to
+        /// it, else the demo model).
+        #[arg(long)]
+        config: Option<std::path::PathBuf>,
+        /// Draw detections scoring at least this.
+        #[arg(long, default_value_t = 0.5)]
+        min_score: f32,
+        /// auto, cpu or cuda:N.
+        #[arg(long, default_value = "auto")]
+        device: String,
     },
 }
 
@@ -115,6 +171,26 @@ fn main() {
             size,
         } => shapes(&out, seed, count, size),
         Cmd::KernelCheck { name, no_bench } => kernel_check(&name, !no_bench),
+        Cmd::Demo { out, device, iters } => app::demo(&out, &device, iters),
+        Cmd::Train {
+            config,
+            resume,
+            device,
+        } => app::train(&config, resume, device.as_deref()),
+        Cmd::Eval {
+            config,
+            checkpoint,
+            device,
+            results,
+        } => app::eval(&config, &checkpoint, device.as_deref(), results.as_deref()),
+        Cmd::Infer {
+            checkpoint,
+            images,
+            out,
+            config,
+            min_score,
+            device,
+        } => app::infer(&checkpoint, &images, &out, config.as_deref(), min_score, &device),
     };
     if let Err(e) = res {
         eprintln!("error: {e}");

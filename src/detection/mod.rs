@@ -4,6 +4,7 @@
 
 pub mod anchors;
 pub mod box_coder;
+pub mod draw;
 pub mod faster_rcnn;
 pub mod matcher;
 pub mod poolers;
@@ -11,6 +12,7 @@ pub mod proposals;
 pub mod roi_heads;
 pub mod rpn;
 pub mod sampler;
+pub mod trainer;
 pub mod transform;
 
 pub use faster_rcnn::{FasterRcnn, FasterRcnnConfig};
