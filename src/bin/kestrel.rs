@@ -7,6 +7,9 @@ use std::time::Instant;
 use clap::{Parser, Subcommand};
 use kestrel::device::{emu, kernels};
 
+#[path = "../app/bench.rs"]
+mod bench;
+
 #[derive(Parser)]
 #[command(
     name = "kestrel",
@@ -61,6 +64,9 @@ enum Cmd {
         #[arg(long)]
         no_bench: bool,
     },
+    /// Time full-size ResNet-50-FPN Faster R-CNN per stage (inference, and with
+    /// --train one training step): ms per stage, images/s, peak memory.
+    Bench(bench::BenchArgs),
 }
 
 /// Which tests and bench exercise each kernel file: (file, test target, test name
@@ -115,6 +121,7 @@ fn main() {
             size,
         } => shapes(&out, seed, count, size),
         Cmd::KernelCheck { name, no_bench } => kernel_check(&name, !no_bench),
+        Cmd::Bench(args) => bench::run(&args),
     };
     if let Err(e) = res {
         eprintln!("error: {e}");

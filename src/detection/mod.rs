@@ -8,6 +8,7 @@ pub mod box_utils;
 pub mod faster_rcnn;
 pub mod matcher;
 pub mod poolers;
+pub mod profile;
 pub mod roi_heads;
 pub mod rpn;
 pub mod sampler;
