@@ -59,7 +59,12 @@ struct Row {
 
 /// Parse `800x1216` into (800, 1216).
 fn parse_size(s: &str) -> Result<(usize, usize)> {
-    let bad = || Error::invalid("bench", format!("--size `{s}`: expected HxW, e.g. 800x1216"));
+    let bad = || {
+        Error::invalid(
+            "bench",
+            format!("--size `{s}`: expected HxW, e.g. 800x1216"),
+        )
+    };
     let (h, w) = s.split_once(['x', 'X']).ok_or_else(bad)?;
     let h: usize = h.trim().parse().map_err(|_| bad())?;
     let w: usize = w.trim().parse().map_err(|_| bad())?;
@@ -70,7 +75,12 @@ fn parse_size(s: &str) -> Result<(usize, usize)> {
 }
 
 /// `n` images `[3, H, W]` of seeded uniform noise in 0..1 on `device`.
-fn synthetic_images(n: usize, (h, w): (usize, usize), seed: u64, device: Device) -> Result<Vec<Tensor>> {
+fn synthetic_images(
+    n: usize,
+    (h, w): (usize, usize),
+    seed: u64,
+    device: Device,
+) -> Result<Vec<Tensor>> {
     let mut rng = Rng::new(seed);
     (0..n)
         .map(|_| {
@@ -91,8 +101,7 @@ fn synthetic_targets(n: usize, (h, w): (usize, usize), seed: u64) -> Vec<Target>
                 let bh = rng.range(32.0, 400.0_f64.min(h as f64 - 1.0));
                 let x1 = rng.range(0.0, w as f64 - bw);
                 let y1 = rng.range(0.0, h as f64 - bh);
-                t.boxes
-                    .push([x1, y1, x1 + bw, y1 + bh].map(|v| v as f32));
+                t.boxes.push([x1, y1, x1 + bw, y1 + bh].map(|v| v as f32));
                 t.labels.push(1 + rng.below(90) as i64);
             }
             t
@@ -176,7 +185,10 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         ));
     }
     if a.no_infer && !a.train {
-        return Err(Error::invalid("bench", "--no-infer without --train times nothing"));
+        return Err(Error::invalid(
+            "bench",
+            "--no-infer without --train times nothing",
+        ));
     }
     let cfg = FasterRcnnConfig::resnet50_fpn(91, 0.0)?;
     let mut model = FasterRcnn::new(cfg, a.seed)?;

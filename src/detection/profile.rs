@@ -175,16 +175,15 @@ impl FasterRcnn {
             let head = self.rpn.head(&ctx, &features)?;
             laps.lap("rpn_head")?;
             let anchors = self.anchors(&il, &features)?;
-            let proposals =
-                no_grad(|| self.rpn.proposals(&head, &anchors, &il.image_sizes, true))?;
+            let proposals = no_grad(|| self.rpn.proposals(&head, &anchors, &il.image_sizes, true))?;
             let (loss_obj, loss_rpn_box) = self.rpn.losses(&head, &anchors, &targets, rng)?;
             laps.lap("proposals")?;
             let samples = self
                 .roi_heads
                 .select_training_samples(&proposals, &targets, rng)?;
-            let pooled = self
-                .roi_heads
-                .pool(&features[..4], &samples.proposals, &il.image_sizes)?;
+            let pooled =
+                self.roi_heads
+                    .pool(&features[..4], &samples.proposals, &il.image_sizes)?;
             let x = self.roi_heads.box_head(&ctx, &pooled)?;
             let (logits, regs) = self.roi_heads.predictor(&ctx, &x)?;
             let (loss_cls, loss_box) = self.roi_heads.losses(&logits, &regs, &samples)?;
