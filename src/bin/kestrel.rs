@@ -9,6 +9,8 @@ use kestrel::device::{emu, kernels};
 
 #[path = "cli/app.rs"]
 mod app;
+#[path = "../app/bench.rs"]
+mod bench;
 
 #[derive(Parser)]
 #[command(
@@ -117,6 +119,9 @@ enum Cmd {
         #[arg(long, default_value = "auto")]
         device: String,
     },
+    /// Time full-size ResNet-50-FPN Faster R-CNN per stage (inference, and with
+    /// --train one training step): ms per stage, images/s, peak memory.
+    Bench(bench::BenchArgs),
 }
 
 /// Which tests and bench exercise each kernel file: (file, test target, test name
@@ -190,7 +195,15 @@ fn main() {
             config,
             min_score,
             device,
-        } => app::infer(&checkpoint, &images, &out, config.as_deref(), min_score, &device),
+        } => app::infer(
+            &checkpoint,
+            &images,
+            &out,
+            config.as_deref(),
+            min_score,
+            &device,
+        ),
+        Cmd::Bench(args) => bench::run(&args),
     };
     if let Err(e) = res {
         eprintln!("error: {e}");

@@ -226,7 +226,7 @@ impl FasterRcnn {
     }
 
     /// Anchors `[A, 4]` of one image of the batch on the features' device.
-    fn anchors_tensor(&self, il: &ImageList, features: &[Tensor]) -> Result<Tensor> {
+    pub fn anchors_tensor(&self, il: &ImageList, features: &[Tensor]) -> Result<Tensor> {
         let d = il.tensors.dims();
         let grids: Vec<(usize, usize)> = features
             .iter()

@@ -8,6 +8,7 @@ pub mod draw;
 pub mod faster_rcnn;
 pub mod matcher;
 pub mod poolers;
+pub mod profile;
 pub mod proposals;
 pub mod roi_heads;
 pub mod rpn;

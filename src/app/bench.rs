@@ -1,0 +1,349 @@
+//! `kestrel bench`: stage timings of full-size ResNet-50-FPN Faster R-CNN (random
+//! seeded weights, a synthetic image) in inference and, with `--train`, one training
+//! step (forward, losses, backward, SGD). Prints ms per stage (median over the timed
+//! iterations after a warm-up), images/s and peak memory; `--json` writes the same
+//! numbers for scripts/bench_side_by_side.sh, which prints them beside torchvision's
+//! (scripts/bench_torchvision.py prints the same table).
+
+use std::path::PathBuf;
+
+use kestrel::detection::profile::{StageTimes, INFERENCE_STAGES, TRAINING_STAGES};
+use kestrel::detection::{FasterRcnn, FasterRcnnConfig, Target};
+use kestrel::optim::{Sgd, SgdConfig};
+use kestrel::rng::Rng;
+use kestrel::{Device, Error, Result, Tensor};
+
+/// Options of `kestrel bench`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct BenchArgs {
+    /// cpu, cuda, cuda:N, emu or auto.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// Images per batch; repeat or separate by commas to time several (1,2).
+    #[arg(long, value_delimiter = ',', default_value = "1")]
+    pub batch: Vec<usize>,
+    /// Image size HxW in pixels (the transform keeps 800x1216 as it is).
+    #[arg(long, default_value = "800x1216")]
+    pub size: String,
+    /// Timed iterations per configuration (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    pub iters: usize,
+    /// Untimed warm-up iterations per configuration.
+    #[arg(long, default_value_t = 1)]
+    pub warmup: usize,
+    /// Also time one training step (forward, losses, backward, SGD step).
+    #[arg(long)]
+    pub train: bool,
+    /// Skip inference (with --train: time training only).
+    #[arg(long)]
+    pub no_infer: bool,
+    /// Seed of the weights, the image and the targets.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Also write the results as JSON to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+/// Timings of one configuration (mode and batch size).
+struct Row {
+    mode: &'static str,
+    batch: usize,
+    /// Median ms per stage, in stage order.
+    stages: Vec<(&'static str, f64)>,
+    /// Median of the per-iteration totals, ms.
+    total_ms: f64,
+    /// Peak memory during this configuration, MiB (None where not tracked).
+    peak_mib: Option<f64>,
+}
+
+/// Parse `800x1216` into (800, 1216).
+fn parse_size(s: &str) -> Result<(usize, usize)> {
+    let bad = || {
+        Error::invalid(
+            "bench",
+            format!("--size `{s}`: expected HxW, e.g. 800x1216"),
+        )
+    };
+    let (h, w) = s.split_once(['x', 'X']).ok_or_else(bad)?;
+    let h: usize = h.trim().parse().map_err(|_| bad())?;
+    let w: usize = w.trim().parse().map_err(|_| bad())?;
+    if h == 0 || w == 0 {
+        return Err(bad());
+    }
+    Ok((h, w))
+}
+
+/// `n` images `[3, H, W]` of seeded uniform noise in 0..1 on `device`.
+fn synthetic_images(
+    n: usize,
+    (h, w): (usize, usize),
+    seed: u64,
+    device: Device,
+) -> Result<Vec<Tensor>> {
+    let mut rng = Rng::new(seed);
+    (0..n)
+        .map(|_| {
+            let v: Vec<f32> = (0..3 * h * w).map(|_| rng.uniform() as f32).collect();
+            Tensor::from_vec(v, [3, h, w])?.to_device(device)
+        })
+        .collect()
+}
+
+/// Four seeded boxes per image (sides 32..400 px) with labels in 1..=90.
+fn synthetic_targets(n: usize, (h, w): (usize, usize), seed: u64) -> Vec<Target> {
+    let mut rng = Rng::new(seed ^ 0x7a11);
+    (0..n)
+        .map(|_| {
+            let mut t = Target::default();
+            for _ in 0..4 {
+                let bw = rng.range(32.0, 400.0_f64.min(w as f64 - 1.0));
+                let bh = rng.range(32.0, 400.0_f64.min(h as f64 - 1.0));
+                let x1 = rng.range(0.0, w as f64 - bw);
+                let y1 = rng.range(0.0, h as f64 - bh);
+                t.boxes.push([x1, y1, x1 + bw, y1 + bh].map(|v| v as f32));
+                t.labels.push(1 + rng.below(90) as i64);
+            }
+            t
+        })
+        .collect()
+}
+
+/// Reset the kernel's peak-RSS counter (VmHWM) so each configuration reports its own
+/// peak; returns false where that is not possible (not Linux).
+fn reset_peak_rss() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
+/// Peak resident set size since the last reset, MiB (VmHWM of /proc/self/status).
+fn peak_rss_mib() -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n == 0 {
+        f64::NAN
+    } else if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// Median per stage and of the totals over `runs`, in ms.
+fn summarize(mode: &'static str, batch: usize, runs: &[StageTimes], peak: Option<f64>) -> Row {
+    let names: Vec<&'static str> = runs
+        .first()
+        .map(|r| r.0.iter().map(|s| s.0).collect())
+        .unwrap_or_default();
+    let stages = names
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| (n, median(runs.iter().map(|r| r.0[i].1 * 1e3).collect())))
+        .collect();
+    Row {
+        mode,
+        batch,
+        stages,
+        total_ms: median(runs.iter().map(|r| r.total() * 1e3).collect()),
+        peak_mib: peak,
+    }
+}
+
+/// Run `f` `warmup` times untimed, then `iters` times, printing progress to stderr.
+fn repeat(
+    label: &str,
+    warmup: usize,
+    iters: usize,
+    mut f: impl FnMut() -> Result<StageTimes>,
+) -> Result<Vec<StageTimes>> {
+    let mut runs = Vec::with_capacity(iters);
+    for i in 0..warmup + iters {
+        let t = f()?;
+        let kind = if i < warmup { "warm-up" } else { "timed" };
+        eprintln!("  {label} {kind} {}: {:.0} ms", i + 1, t.total() * 1e3);
+        if i >= warmup {
+            runs.push(t);
+        }
+    }
+    Ok(runs)
+}
+
+/// `kestrel bench`.
+pub fn run(a: &BenchArgs) -> Result<()> {
+    let device = Device::parse(&a.device)?;
+    let size = parse_size(&a.size)?;
+    if a.iters == 0 || a.batch.is_empty() || a.batch.contains(&0) {
+        return Err(Error::invalid(
+            "bench",
+            "--iters and every --batch must be at least 1",
+        ));
+    }
+    if a.no_infer && !a.train {
+        return Err(Error::invalid(
+            "bench",
+            "--no-infer without --train times nothing",
+        ));
+    }
+    let cfg = FasterRcnnConfig::resnet50_fpn(91, 0.0)?;
+    let mut model = FasterRcnn::new(cfg, a.seed)?;
+    model.to_device(device)?;
+    let max_batch = *a.batch.iter().max().expect("checked non-empty");
+    let images = synthetic_images(max_batch, size, a.seed, device)?;
+    let targets = synthetic_targets(max_batch, size, a.seed);
+    let tracks_rss = !device.is_cuda() && reset_peak_rss();
+    eprintln!(
+        "kestrel bench: {} trainable parameters, device {device}",
+        model.params.num_trainable()
+    );
+
+    let mut rows = Vec::new();
+    let peak = |tracks: bool| if tracks { peak_rss_mib() } else { None };
+    if !a.no_infer {
+        for &b in &a.batch {
+            reset_peak_rss();
+            let label = format!("infer b{b}");
+            let runs = repeat(&label, a.warmup, a.iters, || {
+                Ok(model.detect_profiled(&images[..b])?.1)
+            })?;
+            rows.push(summarize("infer", b, &runs, peak(tracks_rss)));
+        }
+    }
+    if a.train {
+        // torchvision's reference recipe; a small lr keeps random weights finite.
+        let mut sgd = Sgd::new(SgdConfig {
+            lr: 1e-4,
+            momentum: 0.9,
+            weight_decay: 1e-4,
+            ..SgdConfig::default()
+        })?;
+        let mut rng = Rng::new(a.seed);
+        for &b in &a.batch {
+            reset_peak_rss();
+            let label = format!("train b{b}");
+            let runs = repeat(&label, a.warmup, a.iters, || {
+                let (loss, t) =
+                    model.train_step_profiled(&images[..b], &targets[..b], &mut sgd, &mut rng)?;
+                if !loss.is_finite() {
+                    eprintln!("  (loss is {loss}: timings still stand)");
+                }
+                Ok(t)
+            })?;
+            rows.push(summarize("train", b, &runs, peak(tracks_rss)));
+        }
+    }
+
+    let memory_note = if device.is_cuda() {
+        "peak memory: not tracked on CUDA (GpuBackend keeps no allocation counter)"
+    } else if tracks_rss {
+        "peak memory: peak RSS of the process (VmHWM, reset per column)"
+    } else {
+        "peak memory: peak RSS of the process (VmHWM, since start)"
+    };
+    println!(
+        "kestrel bench: fasterrcnn_resnet50_fpn (random weights, seed {}), input {}x{}, device {device} ({} CPU threads), warm-up {}, median of {}",
+        a.seed,
+        size.0,
+        size.1,
+        rayon::current_num_threads(),
+        a.warmup,
+        a.iters
+    );
+    print_table(&rows);
+    println!("{memory_note}");
+    if let Some(path) = &a.json {
+        write_json(path, device, size, a, &rows)?;
+    }
+    Ok(())
+}
+
+/// The table scripts/bench_torchvision.py also prints: a row per stage, a column per
+/// configuration.
+fn print_table(rows: &[Row]) {
+    let mut stages: Vec<&str> = Vec::new();
+    for s in INFERENCE_STAGES.iter().chain(TRAINING_STAGES.iter()) {
+        if !stages.contains(s) && rows.iter().any(|r| r.stages.iter().any(|x| x.0 == *s)) {
+            stages.push(s);
+        }
+    }
+    print!("{:<14}", "ms");
+    for r in rows {
+        print!(" {:>12}", format!("{} b{}", r.mode, r.batch));
+    }
+    println!();
+    for s in &stages {
+        print!("{s:<14}");
+        for r in rows {
+            match r.stages.iter().find(|x| x.0 == *s) {
+                Some((_, ms)) => print!(" {ms:>12.1}"),
+                None => print!(" {:>12}", "-"),
+            }
+        }
+        println!();
+    }
+    print!("{:<14}", "total");
+    for r in rows {
+        print!(" {:>12.1}", r.total_ms);
+    }
+    println!();
+    print!("{:<14}", "images/s");
+    for r in rows {
+        print!(" {:>12.3}", r.batch as f64 * 1e3 / r.total_ms);
+    }
+    println!();
+    print!("{:<14}", "peak MiB");
+    for r in rows {
+        match r.peak_mib {
+            Some(m) => print!(" {m:>12.0}"),
+            None => print!(" {:>12}", "n/a"),
+        }
+    }
+    println!();
+}
+
+fn write_json(
+    path: &std::path::Path,
+    device: Device,
+    size: (usize, usize),
+    a: &BenchArgs,
+    rows: &[Row],
+) -> Result<()> {
+    use serde_json::json;
+    let results: Vec<serde_json::Value> = rows
+        .iter()
+        .map(|r| {
+            let stages: serde_json::Map<String, serde_json::Value> = r
+                .stages
+                .iter()
+                .map(|(n, ms)| (n.to_string(), json!(ms)))
+                .collect();
+            json!({
+                "mode": r.mode,
+                "batch": r.batch,
+                "stages_ms": stages,
+                "total_ms": r.total_ms,
+                "images_per_s": r.batch as f64 * 1e3 / r.total_ms,
+                "peak_mib": r.peak_mib,
+            })
+        })
+        .collect();
+    let doc = json!({
+        "impl": "kestrel",
+        "device": device.to_string(),
+        "threads": rayon::current_num_threads(),
+        "size": [size.0, size.1],
+        "warmup": a.warmup,
+        "iters": a.iters,
+        "results": results,
+    });
+    let text = serde_json::to_string_pretty(&doc).expect("numbers serialise");
+    std::fs::write(path, text).map_err(|source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    })
+}
