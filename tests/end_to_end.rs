@@ -87,7 +87,11 @@ fn shapes_train_reaches_ap50_and_resume_is_bit_exact() {
     let mut resumed = run.runner(train).unwrap();
     resumed.resume(&ckpt).unwrap();
     assert_eq!(resumed.iter(), RESUME_AT);
-    assert_ne!(bits(&resumed.model), bits(&full.model), "checkpoint is the final state");
+    assert_ne!(
+        bits(&resumed.model),
+        bits(&full.model),
+        "checkpoint is the final state"
+    );
     resumed.run(&[(Mode::Train, 1)]).unwrap();
     assert_eq!(resumed.iter(), ITERS);
     assert_eq!(resumed.rng.state(), full.rng.state());

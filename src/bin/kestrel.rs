@@ -190,7 +190,14 @@ fn main() {
             config,
             min_score,
             device,
-        } => app::infer(&checkpoint, &images, &out, config.as_deref(), min_score, &device),
+        } => app::infer(
+            &checkpoint,
+            &images,
+            &out,
+            config.as_deref(),
+            min_score,
+            &device,
+        ),
     };
     if let Err(e) = res {
         eprintln!("error: {e}");

@@ -121,7 +121,11 @@ pub fn draw_detections(canvas: &mut Canvas, d: &Detections, min_score: f32) {
         .filter(|&i| d.scores[i] >= min_score)
         .collect();
     order.sort_by(|&a, &b| d.scores[a].total_cmp(&d.scores[b]));
-    let thickness = if canvas.width.max(canvas.height) > 400 { 2 } else { 1 };
+    let thickness = if canvas.width.max(canvas.height) > 400 {
+        2
+    } else {
+        1
+    };
     for i in order {
         let c = class_colour(d.labels[i]);
         canvas.rect(d.boxes[i], c, thickness);

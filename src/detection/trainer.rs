@@ -5,8 +5,8 @@
 use std::sync::Arc;
 
 use super::faster_rcnn::{FasterRcnn, FasterRcnnConfig};
-use super::rpn::RpnConfig;
 use super::roi_heads::RoiHeadsConfig;
+use super::rpn::RpnConfig;
 use super::transform::{image_from_u8, TransformConfig};
 use super::{Detections, Target};
 use crate::config::{BlockType, ModelConfig, NormType};
@@ -108,7 +108,12 @@ impl runner::Model for DetectorModel {
     fn params(&self) -> Vec<(String, Tensor)> {
         self.names
             .iter()
-            .map(|n| (n.clone(), self.model.params.get(n).cloned().expect("own name")))
+            .map(|n| {
+                (
+                    n.clone(),
+                    self.model.params.get(n).cloned().expect("own name"),
+                )
+            })
             .collect()
     }
 
@@ -120,7 +125,12 @@ impl runner::Model for DetectorModel {
     fn buffers(&self) -> Vec<(String, Tensor)> {
         self.buffer_names
             .iter()
-            .map(|n| (n.clone(), self.model.params.get(n).cloned().expect("own name")))
+            .map(|n| {
+                (
+                    n.clone(),
+                    self.model.params.get(n).cloned().expect("own name"),
+                )
+            })
             .collect()
     }
 
@@ -547,10 +557,7 @@ impl ShapesRun {
 
     /// A runner with its model, SGD, loader and hooks (LR, optimizer, checkpoint,
     /// timer, logger, NaN guard), ready to `run(&[(Mode::Train, 1)])`.
-    pub fn runner(
-        &self,
-        train: Arc<dyn Dataset>,
-    ) -> Result<runner::Runner<DetectorModel>> {
+    pub fn runner(&self, train: Arc<dyn Dataset>) -> Result<runner::Runner<DetectorModel>> {
         use crate::optim::{Sgd, SgdConfig};
         use crate::runner::hooks::{
             CheckpointHook, LrPolicy, LrUpdaterHook, NanGuardHook, OptimizerHook, Warmup,

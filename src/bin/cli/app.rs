@@ -8,8 +8,8 @@ use kestrel::config::{Config, DatasetKind};
 use kestrel::data::{CocoDataset, CocoOptions, Dataset, Loader, LoaderConfig};
 use kestrel::detection::draw::save_detections_png;
 use kestrel::detection::trainer::{
-    build_model, coco_eval_fn, detect_dataset, load_weights, model_config, small_model,
-    DetLoader, DetectorModel, ShapesRun,
+    build_model, coco_eval_fn, detect_dataset, load_weights, model_config, small_model, DetLoader,
+    DetectorModel, ShapesRun,
 };
 use kestrel::detection::FasterRcnn;
 use kestrel::eval::{evaluate, write_results, DetBox};
@@ -80,8 +80,7 @@ pub fn demo(out: &Path, device_name: &str, iters: Option<usize>) -> Result<()> {
     cfg.schedule.steps = run.steps.clone();
     cfg.runtime.work_dir = work_dir.clone();
     std::fs::create_dir_all(&work_dir).map_err(io(&work_dir))?;
-    std::fs::write(work_dir.join("config.toml"), cfg.to_toml_string()?)
-        .map_err(io(&work_dir))?;
+    std::fs::write(work_dir.join("config.toml"), cfg.to_toml_string()?).map_err(io(&work_dir))?;
     let t_train = Instant::now();
     let mut runner = run.runner(Arc::new(train))?;
     runner.run(&[(Mode::Train, 1)])?;
@@ -92,7 +91,10 @@ pub fn demo(out: &Path, device_name: &str, iters: Option<usize>) -> Result<()> {
         train_s / iters as f64
     );
 
-    println!("[3/4] evaluating on {} held-out images...", val.samples.len());
+    println!(
+        "[3/4] evaluating on {} held-out images...",
+        val.samples.len()
+    );
     let t_eval = Instant::now();
     let model = &runner.model.model;
     let res = detect_dataset(model, &val, 8, dev, &|l| Some(l))?;
@@ -115,15 +117,26 @@ pub fn demo(out: &Path, device_name: &str, iters: Option<usize>) -> Result<()> {
     println!("\nCOCO box evaluation on the held-out shapes (pycocotools' summary):");
     print!("{}", ev.summary());
     let ckpt = runner.latest_checkpoint()?;
-    println!("\nDone in {:.1} s. Everything is under {}:", t0.elapsed().as_secs_f64(), out.display());
+    println!(
+        "\nDone in {:.1} s. Everything is under {}:",
+        t0.elapsed().as_secs_f64(),
+        out.display()
+    );
     if let Some(c) = &ckpt {
         println!("  checkpoint       {}", c.display());
     }
-    println!("  config           {}", work_dir.join("config.toml").display());
+    println!(
+        "  config           {}",
+        work_dir.join("config.toml").display()
+    );
     println!("  training log     {}", work_dir.join("log.txt").display());
     println!("  ground truth     {}", val_json.display());
     println!("  detections       {}", results_json.display());
-    println!("  drawn images     {} ({} PNGs)", draw_dir.display(), drawn.len());
+    println!(
+        "  drawn images     {} ({} PNGs)",
+        draw_dir.display(),
+        drawn.len()
+    );
     println!(
         "Check the numbers with: kestrel coco-eval {} {}",
         val_json.display(),
@@ -285,9 +298,13 @@ pub fn eval(
     model.to_device(dev)?;
     load_weights(&mut model, checkpoint)?;
     let t = Instant::now();
-    let res = detect_dataset(&model, val.as_ref(), cfg.data.batch_size.min(8), dev, &|l| {
-        val.category_id(l)
-    })?;
+    let res = detect_dataset(
+        &model,
+        val.as_ref(),
+        cfg.data.batch_size.min(8),
+        dev,
+        &|l| val.category_id(l),
+    )?;
     let dets: Vec<DetBox> = res.into_iter().flat_map(|(_, _, c)| c).collect();
     if let Some(p) = results {
         write_results(p, &dets)?;
@@ -373,7 +390,8 @@ pub fn infer(
         }));
     }
     let json = out.join("detections.json");
-    let text = serde_json::to_string_pretty(&all).map_err(|e| Error::invalid("infer", e.to_string()))?;
+    let text =
+        serde_json::to_string_pretty(&all).map_err(|e| Error::invalid("infer", e.to_string()))?;
     std::fs::write(&json, text).map_err(io(&json))?;
     println!("boxes (x1, y1, x2, y2 pixels): {}", json.display());
     Ok(())
