@@ -10,10 +10,11 @@ use kestrel::runner::{Mode, Model};
 use kestrel::Device;
 
 /// Training iterations, and where the run is checkpointed and resumed.
-const ITERS: usize = 300;
-const RESUME_AT: usize = 290;
-/// AP50 on the held-out shapes after ITERS iterations, set from measurement (see the
-/// report: 2-core CPU) with a margin.
+const ITERS: usize = 600;
+const RESUME_AT: usize = 590;
+/// AP50 on the held-out shapes after ITERS iterations. Measured on the 2-core CPU:
+/// 0.530 (AP 0.285) after 600 iterations, 0.148 after 300; 0.5 is the floor issue 6
+/// sets. Training is seeded and deterministic, so the margin is not noise.
 const MIN_AP50: f64 = 0.5;
 
 fn tmp_dir(name: &str) -> PathBuf {

@@ -71,8 +71,10 @@ pub fn demo(out: &Path, device_name: &str, iters: Option<usize>) -> Result<()> {
          for {iters} iterations of {} images...",
         run.batch_size
     );
-    let mut cfg = Config::default();
-    cfg.model = small_model(4, run.image_size);
+    let mut cfg = Config {
+        model: small_model(4, run.image_size),
+        ..Config::default()
+    };
     cfg.data.dataset = DatasetKind::Shapes;
     cfg.data.batch_size = run.batch_size;
     cfg.schedule.max = kestrel::runner::Schedule::Iters(iters);
@@ -160,7 +162,7 @@ fn datasets(cfg: &Config) -> Result<Sets> {
     };
     let (train, val) = match d.dataset {
         DatasetKind::Coco => (
-            CocoDataset::open(&d.train_annotations, &d.train_images, opts.clone())?,
+            CocoDataset::open(&d.train_annotations, &d.train_images, opts)?,
             CocoDataset::open(&d.val_annotations, &d.val_images, opts)?,
         ),
         DatasetKind::Shapes => {
@@ -171,7 +173,7 @@ fn datasets(cfg: &Config) -> Result<Sets> {
                     println!("generating {count} shapes in {}", dir.display());
                     kestrel::data::generate_shapes(&dir, seed, count, s.image_size)?;
                 }
-                CocoDataset::open_dir(&dir, opts.clone())
+                CocoDataset::open_dir(&dir, opts)
             };
             (
                 open("train", s.seed, s.train_count)?,
