@@ -1,6 +1,6 @@
 //! conv2d, linear and matmul: parity with PyTorch (fixtures), f64 gradient checks, a
 //! direct-loop reference for the chunked code paths, and error cases. CUDA variants of
-//! the device checks are `#[ignore]`d and run on a GPU (or the emulated device).
+//! the device checks are ignored ("needs a CUDA device") and run on a GPU (or the emulated device).
 
 mod common;
 

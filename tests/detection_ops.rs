@@ -3,7 +3,7 @@
 //! against the CPU on random inputs.
 //!
 //! Each `check_*_on(device)` runs the same checks on the CPU (plain tests) and on a
-//! CUDA device (`#[ignore]`d tests, run with `--ignored` where a GPU is present).
+//! CUDA device (tests ignored with the reason "needs a CUDA device", run with `--include-ignored` where a GPU is present).
 
 mod common;
 

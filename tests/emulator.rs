@@ -3,7 +3,7 @@
 //! indices, the launch-time checks a GPU makes, planted kernel bugs that it must
 //! expose, and the existing ops' CUDA paths checked against the CPU on it.
 //!
-//! The correct self-test kernels also run on a real GPU (`#[ignore]`d tests), which
+//! The correct self-test kernels also run on a real GPU (tests ignored with "needs a CUDA device"), which
 //! checks that the expectations here are a GPU's and not the emulator's.
 
 mod common;

@@ -4,7 +4,7 @@ use std::path::Path;
 
 use super::roi_heads::{RoiHeads, RoiHeadsConfig};
 use super::rpn::{Rpn, RpnConfig};
-use super::transform::{resize_boxes, transform, ImageList, TransformConfig};
+use super::transform::{resize_box_list, transform, ImageList, TransformConfig};
 use super::{Detections, Target};
 use crate::device::Device;
 use crate::error::{Error, Result};
@@ -308,17 +308,8 @@ impl FasterRcnn {
 impl Detections {
     /// The same detections with boxes scaled from an image of size `from` to `to`.
     pub fn resized(self, from: (usize, usize), to: (usize, usize)) -> Result<Detections> {
-        let k = self.boxes.len();
-        let t = Tensor::from_vec(
-            self.boxes.iter().flatten().copied().collect::<Vec<f32>>(),
-            [k, 4],
-        )?;
-        let r = resize_boxes(&t, from, to)?.to_vec::<f32>()?;
         Ok(Detections {
-            boxes: r
-                .chunks_exact(4)
-                .map(|b| [b[0], b[1], b[2], b[3]])
-                .collect(),
+            boxes: resize_box_list(&self.boxes, from, to),
             ..self
         })
     }
@@ -327,14 +318,8 @@ impl Detections {
 impl Target {
     /// The same boxes scaled from an image of size `from` to `to`.
     pub fn resized(&self, from: (usize, usize), to: (usize, usize)) -> Target {
-        let rh = to.0 as f32 / from.0 as f32;
-        let rw = to.1 as f32 / from.1 as f32;
         Target {
-            boxes: self
-                .boxes
-                .iter()
-                .map(|b| [b[0] * rw, b[1] * rh, b[2] * rw, b[3] * rh])
-                .collect(),
+            boxes: resize_box_list(&self.boxes, from, to),
             labels: self.labels.clone(),
         }
     }

@@ -197,13 +197,30 @@ pub fn resize_boxes(boxes: &Tensor, from: (usize, usize), to: (usize, usize)) ->
             format!("boxes of shape {}, expected [K, 4]", boxes.shape()),
         ));
     }
-    let rh = to.0 as f32 / from.0 as f32;
-    let rw = to.1 as f32 / from.1 as f32;
     let device = boxes.device();
-    let v: Vec<f32> = boxes
+    let v: Vec<[f32; 4]> = boxes
         .to_vec::<f32>()?
         .chunks_exact(4)
-        .flat_map(|b| [b[0] * rw, b[1] * rh, b[2] * rw, b[3] * rh])
+        .map(|b| [b[0], b[1], b[2], b[3]])
         .collect();
-    Tensor::from_vec(v, boxes.shape().clone())?.to_device(device)
+    let flat: Vec<f32> = resize_box_list(&v, from, to)
+        .into_iter()
+        .flatten()
+        .collect();
+    Tensor::from_vec(flat, boxes.shape().clone())?.to_device(device)
+}
+
+/// [`resize_boxes`] on host boxes: x scaled by `to.1 / from.1`, y by `to.0 / from.0`,
+/// both ratios in f32 as torchvision computes them.
+pub fn resize_box_list(
+    boxes: &[[f32; 4]],
+    from: (usize, usize),
+    to: (usize, usize),
+) -> Vec<[f32; 4]> {
+    let rh = to.0 as f32 / from.0 as f32;
+    let rw = to.1 as f32 / from.1 as f32;
+    boxes
+        .iter()
+        .map(|b| [b[0] * rw, b[1] * rh, b[2] * rw, b[3] * rh])
+        .collect()
 }

@@ -75,7 +75,7 @@ pub fn assert_close(what: &str, got: &Tensor, want: &Tensor, tol: f64) {
 }
 
 /// The CUDA device tests run on (`KESTREL_TEST_CUDA`, default cuda:0). Panics with a
-/// clear message when none: CUDA tests are `#[ignore]`d and only run on purpose.
+/// clear message when none: CUDA tests are ignored ("needs a CUDA device") and only run on purpose.
 pub fn cuda() -> Device {
     let n = std::env::var("KESTREL_TEST_CUDA")
         .ok()
