@@ -6,6 +6,7 @@
 pub mod boxes;
 pub mod conv2d;
 pub mod elementwise;
+pub mod fused;
 pub mod linear;
 pub mod losses;
 pub mod nms;
@@ -19,8 +20,11 @@ pub mod topk;
 pub mod upsample;
 
 pub use elementwise::{add, mul, relu, scale};
+pub use fused::{conv2d_fused, linear_fused, Epilogue};
 pub use losses::{bce_with_logits, cross_entropy, l1_loss, smooth_l1, Reduction};
-pub use norm::{batch_norm, frozen_batch_norm, BatchNormConfig, BatchNormOutput};
+pub use norm::{
+    batch_norm, channel_affine, fold_frozen_bn, frozen_batch_norm, BatchNormConfig, BatchNormOutput,
+};
 pub use pool::max_pool2d;
 pub use reduce::{mean, sum};
 pub use reshape::reshape;

@@ -686,3 +686,50 @@ fn gpu_grad_terms(x: &Tensor, gy: &Tensor, aff: &Affine, d: Dims) -> Result<Grad
         k2,
     })
 }
+
+/// Fold a frozen BatchNorm into a per-channel `(scale, shift)`:
+/// `scale = weight / sqrt(running_var + eps)`, `shift = bias - running_mean * scale`,
+/// computed exactly as [`frozen_batch_norm`] does, so `x * scale + shift` reproduces it
+/// bit for bit. Compute once per weight change and reuse (e.g. in a fused conv epilogue).
+pub fn fold_frozen_bn(
+    weight: &Tensor,
+    bias: &Tensor,
+    running_mean: &Tensor,
+    running_var: &Tensor,
+    eps: f64,
+) -> Result<(Tensor, Tensor)> {
+    const OP: &str = "fold_frozen_bn";
+    let c = weight.numel();
+    for (name, t) in [
+        ("weight", weight),
+        ("bias", bias),
+        ("running_mean", running_mean),
+        ("running_var", running_var),
+    ] {
+        if t.dims() != [c] {
+            return Err(Error::shape(
+                OP,
+                format!("{name} {} (expected [{c}])", t.shape()),
+            ));
+        }
+    }
+    let all = [weight, bias, running_mean, running_var];
+    same_device(OP, &all)?;
+    if same_dtype(OP, &all)? == DType::I64 {
+        return Err(Error::DType {
+            op: OP,
+            dtype: "i64".into(),
+            msg: "batch-norm statistics must be float tensors".into(),
+        });
+    }
+    check_eps(OP, eps)?;
+    let aff = affine_from_stats(weight, bias, running_mean, running_var, eps)?;
+    Ok((aff.scale, aff.shift))
+}
+
+/// `y[n, c, ..] = x[n, c, ..] * scale[c] + shift[c]` without recording a backward.
+/// x `[N, C, *]`, scale and shift `[C]`.
+pub fn channel_affine(x: &Tensor, scale: &Tensor, shift: &Tensor) -> Result<Tensor> {
+    let d = check_inputs("channel_affine", x, &[("scale", scale), ("shift", shift)])?;
+    apply_affine(x, scale, shift, d)
+}
