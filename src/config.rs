@@ -13,7 +13,9 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::detection::FasterRcnnConfig;
 use crate::error::{Error, Result};
+pub use crate::eval::EvalConfig;
 use crate::runner::hooks::{
     CheckpointHook, EmaHook, LrPolicy, LrUpdaterHook, OptimizerHook, Warmup,
 };
@@ -23,277 +25,16 @@ use crate::runner::{Mode, Schedule};
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
-    pub model: ModelConfig,
+    /// The detector (each component's own config nested).
+    pub model: FasterRcnnConfig,
+    /// Training and validation data.
     pub data: DataConfig,
+    /// Optimizer and learning-rate schedule.
     pub schedule: ScheduleConfig,
+    /// Where and how the run goes.
     pub runtime: RuntimeConfig,
-}
-
-// ---- model ------------------------------------------------------------------------
-
-/// The detector: ResNet-FPN Faster R-CNN, torchvision's structure and names.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct ModelConfig {
-    /// Classes including the background (torchvision's COCO: 91, its category id
-    /// space; a contiguous mapping of COCO's 80 gives 81).
-    pub num_classes: usize,
-    pub backbone: BackboneConfig,
-    pub fpn: FpnConfig,
-    pub transform: TransformConfig,
-    pub anchors: AnchorConfig,
-    pub rpn: RpnConfig,
-    pub roi: RoiConfig,
-}
-
-impl Default for ModelConfig {
-    fn default() -> Self {
-        ModelConfig {
-            num_classes: 91,
-            backbone: BackboneConfig::default(),
-            fpn: FpnConfig::default(),
-            transform: TransformConfig::default(),
-            anchors: AnchorConfig::default(),
-            rpn: RpnConfig::default(),
-            roi: RoiConfig::default(),
-        }
-    }
-}
-
-/// ResNet block type.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum BlockType {
-    /// Two 3x3 convolutions (ResNet-18/34).
-    Basic,
-    /// 1x1, 3x3, 1x1 with expansion 4 (ResNet-50/101/152).
-    Bottleneck,
-}
-
-/// Normalisation layers of the backbone.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum NormType {
-    /// Fixed statistics and affine parameters (torchvision's FrozenBatchNorm2d).
-    FrozenBn,
-    /// Batch statistics and trainable affine parameters (from-scratch training).
-    BatchNorm,
-}
-
-/// The ResNet body.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct BackboneConfig {
-    /// 18, 34, 50, 101 or 152: sets `layers` and `block` unless those are given.
-    pub depth: Option<usize>,
-    /// Blocks per stage (4 stages), overriding `depth`.
-    pub layers: Option<Vec<usize>>,
-    /// Block type, overriding `depth`.
-    pub block: Option<BlockType>,
-    /// Channels per group of the 3x3 convolution of a bottleneck (64; ResNeXt: 4).
-    pub width_per_group: usize,
-    /// Groups of that convolution (1; ResNeXt-32x4d: 32).
-    pub groups: usize,
-    /// Stages trained, counted from the top: 0 (none) to 5 (all, stem included).
-    pub trainable_layers: usize,
-    /// Normalisation layers.
-    pub norm: NormType,
-    /// Epsilon of the (frozen) BatchNorm.
-    pub frozen_bn_eps: f64,
-    /// ImageNet weights to start from (a safetensors state_dict), if any.
-    pub pretrained: Option<PathBuf>,
-}
-
-impl Default for BackboneConfig {
-    fn default() -> Self {
-        BackboneConfig {
-            depth: Some(50),
-            layers: None,
-            block: None,
-            width_per_group: 64,
-            groups: 1,
-            trainable_layers: 3,
-            norm: NormType::FrozenBn,
-            frozen_bn_eps: 1e-5,
-            pretrained: None,
-        }
-    }
-}
-
-impl BackboneConfig {
-    /// Blocks per stage and block type, from `layers`/`block` or else `depth`.
-    pub fn resolved(&self) -> Result<(Vec<usize>, BlockType)> {
-        let by_depth = match self.depth {
-            None => None,
-            Some(18) => Some((vec![2, 2, 2, 2], BlockType::Basic)),
-            Some(34) => Some((vec![3, 4, 6, 3], BlockType::Basic)),
-            Some(50) => Some((vec![3, 4, 6, 3], BlockType::Bottleneck)),
-            Some(101) => Some((vec![3, 4, 23, 3], BlockType::Bottleneck)),
-            Some(152) => Some((vec![3, 8, 36, 3], BlockType::Bottleneck)),
-            Some(d) => {
-                return Err(invalid(
-                    "model.backbone.depth",
-                    format!("{d} is not one of 18, 34, 50, 101, 152"),
-                ))
-            }
-        };
-        let layers = self
-            .layers
-            .clone()
-            .or_else(|| by_depth.as_ref().map(|(l, _)| l.clone()))
-            .ok_or_else(|| invalid("model.backbone", "give `depth` or `layers`".into()))?;
-        let block = self
-            .block
-            .or_else(|| by_depth.as_ref().map(|(_, b)| *b))
-            .ok_or_else(|| invalid("model.backbone", "give `depth` or `block`".into()))?;
-        Ok((layers, block))
-    }
-}
-
-/// The feature pyramid.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct FpnConfig {
-    /// Channels of every pyramid level.
-    pub out_channels: usize,
-}
-
-impl Default for FpnConfig {
-    fn default() -> Self {
-        FpnConfig { out_channels: 256 }
-    }
-}
-
-/// Resizing and normalisation of input images (GeneralizedRCNNTransform).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct TransformConfig {
-    /// Shorter side after resizing, pixels.
-    pub min_size: usize,
-    /// Longer side at most, pixels.
-    pub max_size: usize,
-    /// Per-channel mean and std of images scaled to [0, 1] (RGB).
-    pub image_mean: [f64; 3],
-    pub image_std: [f64; 3],
-    /// Batched images are padded to a multiple of this, pixels.
-    pub size_divisible: usize,
-}
-
-impl Default for TransformConfig {
-    fn default() -> Self {
-        TransformConfig {
-            min_size: 800,
-            max_size: 1333,
-            image_mean: [0.485, 0.456, 0.406],
-            image_std: [0.229, 0.224, 0.225],
-            size_divisible: 32,
-        }
-    }
-}
-
-/// Anchors: one size per FPN level (P2..P6), every aspect ratio at each.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct AnchorConfig {
-    /// Anchor side per level, pixels.
-    pub sizes: Vec<f64>,
-    /// Height / width ratios.
-    pub aspect_ratios: Vec<f64>,
-}
-
-impl Default for AnchorConfig {
-    fn default() -> Self {
-        AnchorConfig {
-            sizes: vec![32.0, 64.0, 128.0, 256.0, 512.0],
-            aspect_ratios: vec![0.5, 1.0, 2.0],
-        }
-    }
-}
-
-/// Region proposal network (torchvision's names and defaults).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct RpnConfig {
-    /// Top-scoring anchors kept per level before NMS, training / testing.
-    pub pre_nms_top_n_train: usize,
-    pub pre_nms_top_n_test: usize,
-    /// Proposals kept after NMS per image, training / testing.
-    pub post_nms_top_n_train: usize,
-    pub post_nms_top_n_test: usize,
-    /// NMS IoU threshold.
-    pub nms_thresh: f64,
-    /// Anchors with IoU >= this are positive, < `bg_iou_thresh` negative.
-    pub fg_iou_thresh: f64,
-    pub bg_iou_thresh: f64,
-    /// Anchors sampled per image for the loss, and the positive fraction.
-    pub batch_size_per_image: usize,
-    pub positive_fraction: f64,
-    /// Proposals scoring below this are dropped.
-    pub score_thresh: f64,
-    /// Smooth-L1 beta of the box loss (0: L1, mmdetection's).
-    pub box_loss_beta: f64,
-}
-
-impl Default for RpnConfig {
-    fn default() -> Self {
-        RpnConfig {
-            pre_nms_top_n_train: 2000,
-            pre_nms_top_n_test: 1000,
-            post_nms_top_n_train: 2000,
-            post_nms_top_n_test: 1000,
-            nms_thresh: 0.7,
-            fg_iou_thresh: 0.7,
-            bg_iou_thresh: 0.3,
-            batch_size_per_image: 256,
-            positive_fraction: 0.5,
-            score_thresh: 0.0,
-            box_loss_beta: 1.0 / 9.0,
-        }
-    }
-}
-
-/// RoI heads: pooling, the two-layer box head, sampling and post-processing.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct RoiConfig {
-    /// MultiScaleRoIAlign output side and sampling ratio (0: adaptive).
-    pub pool_output_size: usize,
-    pub sampling_ratio: usize,
-    /// Width of the two fully connected layers (TwoMLPHead).
-    pub representation_size: usize,
-    /// Proposals with IoU >= this are foreground, < `bg_iou_thresh` background.
-    pub fg_iou_thresh: f64,
-    pub bg_iou_thresh: f64,
-    /// Proposals sampled per image for the loss, and the positive fraction.
-    pub batch_size_per_image: usize,
-    pub positive_fraction: f64,
-    /// Box coder weights (wx, wy, ww, wh).
-    pub bbox_reg_weights: [f64; 4],
-    /// Detections scoring below this are dropped; NMS threshold; detections kept.
-    pub score_thresh: f64,
-    pub nms_thresh: f64,
-    pub detections_per_img: usize,
-    /// Smooth-L1 beta of the box loss (0: L1, mmdetection's).
-    pub box_loss_beta: f64,
-}
-
-impl Default for RoiConfig {
-    fn default() -> Self {
-        RoiConfig {
-            pool_output_size: 7,
-            sampling_ratio: 2,
-            representation_size: 1024,
-            fg_iou_thresh: 0.5,
-            bg_iou_thresh: 0.5,
-            batch_size_per_image: 512,
-            positive_fraction: 0.25,
-            bbox_reg_weights: [10.0, 10.0, 5.0, 5.0],
-            score_thresh: 0.05,
-            nms_thresh: 0.5,
-            detections_per_img: 100,
-            box_loss_beta: 1.0 / 9.0,
-        }
-    }
+    /// COCO evaluation.
+    pub eval: EvalConfig,
 }
 
 // ---- data -------------------------------------------------------------------------
@@ -541,14 +282,17 @@ impl Default for RuntimeConfig {
 
 impl Config {
     /// mmdetection's `faster_rcnn_r50_fpn_1x_coco`: 12 epochs, warmup 500, steps at 8
-    /// and 11, L1 box losses, adaptive RoIAlign sampling, RPN keeping 1000 proposals,
-    /// 80 classes plus background, log every 50 iterations.
+    /// and 11, L1 box losses, aligned RoIAlign with adaptive sampling, RPN keeping 1000
+    /// proposals in training, BatchNorm with fixed statistics and a trained affine
+    /// (`norm_eval`), 80 classes plus background, log every 50 iterations.
     pub fn mmdet_1x() -> Config {
         let mut c = Config::default();
-        c.model.num_classes = 81;
+        c.model.roi.num_classes = 81;
+        c.model.backbone.norm = crate::nn::NormKind::FrozenStats { eps: 1e-5 };
         c.model.rpn.post_nms_top_n_train = 1000;
         c.model.rpn.box_loss_beta = 0.0;
         c.model.roi.sampling_ratio = 0;
+        c.model.roi.aligned = true;
         c.model.roi.box_loss_beta = 0.0;
         c.schedule.max = Schedule::Epochs(12);
         c.schedule.steps = vec![8, 11];
@@ -594,80 +338,8 @@ impl Config {
 
     /// Check values that types cannot (ranges, consistency); the error names the key.
     pub fn validate(&self) -> Result<()> {
-        let m = &self.model;
-        let (layers, _) = m.backbone.resolved()?;
-        if layers.len() != 4 || layers.contains(&0) {
-            return Err(invalid(
-                "model.backbone.layers",
-                format!("{layers:?}: four stages of at least one block"),
-            ));
-        }
-        positive("model.num_classes", m.num_classes.saturating_sub(1))?;
-        positive("model.backbone.width_per_group", m.backbone.width_per_group)?;
-        positive("model.backbone.groups", m.backbone.groups)?;
-        if m.backbone.trainable_layers > 5 {
-            return Err(invalid(
-                "model.backbone.trainable_layers",
-                format!("{} (0 to 5)", m.backbone.trainable_layers),
-            ));
-        }
-        positive("model.fpn.out_channels", m.fpn.out_channels)?;
-        if m.transform.min_size == 0 || m.transform.max_size < m.transform.min_size {
-            return Err(invalid(
-                "model.transform.max_size",
-                format!(
-                    "min_size {} max_size {} (need 0 < min_size <= max_size)",
-                    m.transform.min_size, m.transform.max_size
-                ),
-            ));
-        }
-        if m.anchors.sizes.is_empty() || m.anchors.sizes.iter().any(|s| s.is_nan() || *s <= 0.0) {
-            return Err(invalid(
-                "model.anchors.sizes",
-                format!("{:?}", m.anchors.sizes),
-            ));
-        }
-        if m.anchors.aspect_ratios.is_empty()
-            || m.anchors
-                .aspect_ratios
-                .iter()
-                .any(|s| s.is_nan() || *s <= 0.0)
-        {
-            return Err(invalid(
-                "model.anchors.aspect_ratios",
-                format!("{:?}", m.anchors.aspect_ratios),
-            ));
-        }
-        for (k, v) in [
-            ("model.rpn.nms_thresh", m.rpn.nms_thresh),
-            ("model.rpn.fg_iou_thresh", m.rpn.fg_iou_thresh),
-            ("model.rpn.bg_iou_thresh", m.rpn.bg_iou_thresh),
-            ("model.rpn.positive_fraction", m.rpn.positive_fraction),
-            ("model.roi.fg_iou_thresh", m.roi.fg_iou_thresh),
-            ("model.roi.bg_iou_thresh", m.roi.bg_iou_thresh),
-            ("model.roi.positive_fraction", m.roi.positive_fraction),
-            ("model.roi.nms_thresh", m.roi.nms_thresh),
-            ("model.roi.score_thresh", m.roi.score_thresh),
-            ("data.hflip_prob", self.data.hflip_prob),
-        ] {
-            fraction(k, v)?;
-        }
-        if m.rpn.bg_iou_thresh > m.rpn.fg_iou_thresh {
-            return Err(invalid(
-                "model.rpn.bg_iou_thresh",
-                "above fg_iou_thresh".into(),
-            ));
-        }
-        if m.roi.bg_iou_thresh > m.roi.fg_iou_thresh {
-            return Err(invalid(
-                "model.roi.bg_iou_thresh",
-                "above fg_iou_thresh".into(),
-            ));
-        }
-        positive("model.rpn.batch_size_per_image", m.rpn.batch_size_per_image)?;
-        positive("model.roi.batch_size_per_image", m.roi.batch_size_per_image)?;
-        positive("model.roi.pool_output_size", m.roi.pool_output_size)?;
-        positive("model.roi.representation_size", m.roi.representation_size)?;
+        self.model.validate().map_err(under("model"))?;
+        fraction("data.hflip_prob", self.data.hflip_prob)?;
         positive("data.batch_size", self.data.batch_size)?;
         self.validate_schedule()?;
         let r = &self.runtime;
@@ -680,6 +352,7 @@ impl Config {
         }
         positive("runtime.checkpoint_interval", r.checkpoint_interval)?;
         positive("runtime.log_interval", r.log_interval)?;
+        positive("eval.max_dets", self.eval.max_dets)?;
         if let Some(e) = &r.ema {
             if !(e.momentum > 0.0 && e.momentum < 1.0) {
                 return Err(invalid(
@@ -817,25 +490,44 @@ impl Config {
     }
 }
 
-fn invalid(key: &str, msg: String) -> Error {
+/// A config error naming `key` (relative to the section that checks it; see
+/// [`under`]).
+pub fn invalid(key: &str, msg: String) -> Error {
     Error::Config {
         origin: "<config>".into(),
         msg: format!("key `{key}`: {msg}"),
     }
 }
 
-fn positive(key: &str, v: usize) -> Result<()> {
+/// An error naming `key` unless `v > 0`.
+pub fn positive(key: &str, v: usize) -> Result<()> {
     if v == 0 {
         return Err(invalid(key, "must be positive".into()));
     }
     Ok(())
 }
 
-fn fraction(key: &str, v: f64) -> Result<()> {
+/// An error naming `key` unless `0 <= v <= 1`.
+pub fn fraction(key: &str, v: f64) -> Result<()> {
     if !(0.0..=1.0).contains(&v) {
         return Err(invalid(key, format!("{v} is not in [0, 1]")));
     }
     Ok(())
+}
+
+/// Prefix the key a section's `validate` named with the section's own key
+/// (`nms_thresh` -> `model.rpn.nms_thresh`), for `map_err`.
+pub fn under(section: &str) -> impl Fn(Error) -> Error + '_ {
+    move |e| match e {
+        Error::Config { origin, msg } => Error::Config {
+            origin,
+            msg: match msg.strip_prefix("key `") {
+                Some(rest) => format!("key `{section}.{rest}"),
+                None => format!("{section}: {msg}"),
+            },
+        },
+        other => other,
+    }
 }
 
 /// `key `schedule.lr`: invalid type: string "a", expected f64 (line 3, column 6)`:

@@ -2,7 +2,9 @@
 
 use std::path::PathBuf;
 
-use kestrel::config::{BlockType, Config, NormType, PolicyKind, WarmupKind};
+use kestrel::config::{Config, PolicyKind, WarmupKind};
+use kestrel::nn::resnet::BlockKind;
+use kestrel::nn::NormKind;
 use kestrel::runner::hooks::{LrPolicy, Warmup};
 use kestrel::runner::{Mode, Schedule};
 use kestrel::Error;
@@ -46,19 +48,27 @@ fn defaults_are_torchvisions_reference_recipe() {
     assert_eq!(c.data.batch_size, 16);
     // fasterrcnn_resnet50_fpn's model.
     let m = &c.model;
-    assert_eq!(m.num_classes, 91);
+    assert_eq!(m.roi.num_classes, 91);
     assert_eq!(
-        m.backbone.resolved().unwrap(),
-        (vec![3, 4, 6, 3], BlockType::Bottleneck)
+        (m.backbone.layers, m.backbone.block),
+        ([3, 4, 6, 3], BlockKind::Bottleneck)
     );
     assert_eq!(
         (m.backbone.trainable_layers, m.backbone.norm),
-        (3, NormType::FrozenBn)
+        (3, NormKind::Frozen { eps: 1e-5 })
     );
-    assert_eq!(m.backbone.frozen_bn_eps, 1e-5);
-    assert_eq!((m.fpn.out_channels, m.roi.representation_size), (256, 1024));
+    assert_eq!((m.fpn_channels, m.roi.representation_size), (256, 1024));
     assert_eq!((m.transform.min_size, m.transform.max_size), (800, 1333));
-    assert_eq!(m.anchors.sizes, [32.0, 64.0, 128.0, 256.0, 512.0]);
+    assert_eq!(m.rpn.anchor_sizes, [32.0, 64.0, 128.0, 256.0, 512.0]);
+    assert_eq!(
+        (m.roi.pool_output_size, m.roi.sampling_ratio, m.roi.aligned),
+        (7, 2, false)
+    );
+    assert_eq!(
+        (m.rpn.box_loss_beta, m.roi.box_loss_beta),
+        (1.0 / 9.0, 1.0 / 9.0)
+    );
+    assert_eq!(c.eval.max_dets, 100, "pycocotools' maxDets");
     assert_eq!(
         (m.rpn.fg_iou_thresh, m.rpn.bg_iou_thresh, m.rpn.nms_thresh),
         (0.7, 0.3, 0.7)
@@ -112,7 +122,15 @@ fn shipped_mmdet_1x_config_is_mmdetections_schedule() {
         (s.warmup, s.warmup_iters, s.warmup_ratio),
         (WarmupKind::Linear, 500, 0.001)
     );
-    assert_eq!(c.model.num_classes, 81);
+    // mmdetection's model: 80 classes + background, L1 box losses, aligned RoIAlign
+    // with adaptive sampling, 1000 post-NMS training proposals, BN with fixed
+    // statistics and a trained affine.
+    let m = &c.model;
+    assert_eq!(m.roi.num_classes, 81);
+    assert_eq!((m.rpn.box_loss_beta, m.roi.box_loss_beta), (0.0, 0.0));
+    assert_eq!((m.roi.sampling_ratio, m.roi.aligned), (0, true));
+    assert_eq!(m.rpn.post_nms_top_n_train, 1000);
+    assert_eq!(m.backbone.norm, NormKind::FrozenStats { eps: 1e-5 });
     let hook = c.lr_updater_hook();
     assert_eq!(
         hook.policy,
@@ -138,14 +156,14 @@ fn an_empty_file_is_the_defaults_and_a_file_sets_only_what_differs() {
     let c = Config::from_toml_str(
         r#"
 [model]
+fpn_channels = 32
+[model.roi]
 num_classes = 5
 [model.backbone]
 depth = 50
 layers = [1, 1, 1, 1]
 block = "basic"
 norm = "batch_norm"
-[model.fpn]
-out_channels = 32
 [schedule]
 max = { iters = 1070 }
 steps = [800]
@@ -160,10 +178,18 @@ ema = { momentum = 0.0002, total_iter = 2000 }
     .unwrap();
     // Explicit layers and block override the depth's.
     assert_eq!(
-        c.model.backbone.resolved().unwrap(),
-        (vec![1, 1, 1, 1], BlockType::Basic)
+        (c.model.backbone.layers, c.model.backbone.block),
+        ([1, 1, 1, 1], BlockKind::Basic)
     );
-    assert_eq!(c.model.fpn.out_channels, 32);
+    assert_eq!(
+        c.model.backbone.norm,
+        NormKind::Batch {
+            eps: 1e-5,
+            momentum: 0.1
+        }
+    );
+    assert_eq!(c.model.fpn_channels, 32);
+    assert_eq!(c.model.roi.num_classes, 5);
     assert_eq!(c.schedule.max, Schedule::Iters(1070));
     assert_eq!(c.schedule.lr, 0.02, "unset keys keep their defaults");
     assert_eq!(c.runtime.workflow, [(Mode::Train, 200), (Mode::Val, 1)]);
@@ -250,11 +276,31 @@ fn bad_values_are_errors_naming_file_and_key() {
             "[model.roi]\npositive_fraction = 1.5\n",
             "model.roi.positive_fraction",
         ),
-        ("[model.backbone]\ndepth = 42\n", "model.backbone.depth"),
         (
-            "[model.backbone]\nlayers = [1, 1, 1]\n",
+            "[model.backbone]\nlayers = [1, 0, 1, 1]\n",
             "model.backbone.layers",
         ),
+        (
+            "[model.roi]\nbox_loss_beta = -1.0\n",
+            "model.roi.box_loss_beta",
+        ),
+        (
+            "[model.rpn]\nbox_loss_beta = -1.0\n",
+            "model.rpn.box_loss_beta",
+        ),
+        (
+            "[model.roi]\npool_output_size = 0\n",
+            "model.roi.pool_output_size",
+        ),
+        (
+            "[model.rpn]\nanchor_sizes = [32.0]\n",
+            "model.rpn.anchor_sizes",
+        ),
+        (
+            "[model.backbone]\ntrainable_layers = 6\n",
+            "model.backbone.trainable_layers",
+        ),
+        ("[eval]\nmax_dets = 0\n", "eval.max_dets"),
         (
             "[model.transform]\nmin_size = 1400\n",
             "model.transform.max_size",
@@ -267,6 +313,20 @@ fn bad_values_are_errors_naming_file_and_key() {
         let msg = config_err(text, "bad.toml");
         assert!(msg.contains(&format!("key `{key}`")), "{text:?}: {msg}");
     }
+}
+
+#[test]
+fn backbone_shape_errors_name_the_section_and_the_value() {
+    let msg = config_err("[model.backbone]\ndepth = 42\n", "bad.toml");
+    assert!(msg.contains("model.backbone"), "{msg}");
+    assert!(msg.contains("depth 42"), "{msg}");
+    let msg = config_err("[model.backbone]\nlayers = [1, 1, 1]\n", "bad.toml");
+    assert!(msg.contains("model.backbone.layers"), "{msg}");
+    let msg = config_err("[model.backbone]\ngroups = 32\n", "bad.toml");
+    assert!(
+        msg.contains("grouped convolutions are not supported"),
+        "{msg}"
+    );
 }
 
 #[test]

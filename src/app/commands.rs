@@ -8,12 +8,12 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::eval::detect_dataset;
-use super::train::{config_datasets, config_runner, load_weights, model_config, small_model};
+use super::train::{config_datasets, config_runner, load_weights, small_config};
 use super::ShapesRun;
 use crate::config::{Config, DatasetKind};
 use crate::detection::draw::save_detections_png;
-use crate::detection::FasterRcnn;
-use crate::eval::{evaluate, write_results, DetBox};
+use crate::detection::{FasterRcnn, FasterRcnnConfig};
+use crate::eval::{evaluate, evaluate_with, write_results, DetBox};
 use crate::runner::Mode;
 use crate::{Device, Error, Result};
 
@@ -71,7 +71,7 @@ pub fn demo(out: &Path, device_name: &str, iters: Option<usize>) -> Result<()> {
         run.batch_size
     );
     let mut cfg = Config {
-        model: small_model(4, run.image_size),
+        model: small_config(4, run.image_size),
         ..Config::default()
     };
     cfg.data.dataset = DatasetKind::Shapes;
@@ -154,18 +154,11 @@ fn config_device(cfg: &Config, flag: Option<&str>) -> Result<Device> {
     device(flag.unwrap_or(&cfg.runtime.device))
 }
 
-fn warn_ignored(ignored: &[String]) {
-    for i in ignored {
-        eprintln!("warning: not supported yet, ignored: {i}");
-    }
-}
-
 /// `kestrel train CONFIG [--resume]`.
 pub fn train(config: &Path, resume: bool, device_flag: Option<&str>) -> Result<()> {
     let cfg = Config::from_file(config)?;
     let dev = config_device(&cfg, device_flag)?;
-    let (mut runner, ignored) = config_runner(&cfg, dev)?;
-    warn_ignored(&ignored);
+    let mut runner = config_runner(&cfg, dev)?;
     let r = &cfg.runtime;
     if resume || r.resume {
         match runner.resume_latest()? {
@@ -190,8 +183,7 @@ pub fn eval(
     let cfg = Config::from_file(config)?;
     let dev = config_device(&cfg, device_flag)?;
     let (_, val) = config_datasets(&cfg)?;
-    let (mut model, ignored) = super::train::build_model(&cfg.model, cfg.runtime.seed)?;
-    warn_ignored(&ignored);
+    let mut model = FasterRcnn::new(cfg.model.clone(), cfg.runtime.seed)?;
     model.to_device(dev)?;
     load_weights(&mut model, checkpoint)?;
     let t = Instant::now();
@@ -207,35 +199,45 @@ pub fn eval(
         write_results(p, &dets)?;
         println!("results: {}", p.display());
     }
-    let ev = evaluate(&val.ground_truth(), &dets)?;
+    let params = cfg.eval.params();
+    let ev = evaluate_with(&val.ground_truth(), &dets, &params)?;
     println!(
-        "evaluated {} images in {:.1} s",
+        "evaluated {} images in {:.1} s (maxDets {:?}: eval.max_dets)",
         val.len(),
-        t.elapsed().as_secs_f64()
+        t.elapsed().as_secs_f64(),
+        params.max_dets
     );
     print!("{}", ev.summary());
     Ok(())
 }
 
-/// The model of a checkpoint: `--config`, else `config.toml` next to it, else the demo's.
+/// The model of a checkpoint: `--config`, else the config in the checkpoint's
+/// metadata, else `config.toml` next to it (checkpoints of older builds), else the
+/// architecture a torchvision state_dict shows.
 fn infer_model(checkpoint: &Path, config: Option<&Path>) -> Result<FasterRcnn> {
+    if let Some(p) = config {
+        println!("model config: {}", p.display());
+        let mut m = FasterRcnn::new(Config::from_file(p)?.model, 0)?;
+        load_weights(&mut m, checkpoint)?;
+        return Ok(m);
+    }
+    let file = crate::io::TensorFile::open(checkpoint)?;
     let next_to = checkpoint
         .parent()
         .map(|p| p.join("config.toml"))
         .filter(|p| p.is_file());
-    let m = match config.map(PathBuf::from).or(next_to) {
-        Some(p) => {
+    if FasterRcnnConfig::from_metadata(&file)?.is_none() {
+        if let Some(p) = next_to {
             println!("model config: {}", p.display());
-            Config::from_file(&p)?.model
+            let mut m = FasterRcnn::new(Config::from_file(&p)?.model, 0)?;
+            load_weights(&mut m, checkpoint)?;
+            return Ok(m);
         }
-        None => {
-            println!("model config: the demo's (no config.toml next to the checkpoint)");
-            small_model(4, 128)
-        }
-    };
-    let (cfg, ignored) = model_config(&m)?;
-    warn_ignored(&ignored);
-    FasterRcnn::new(cfg, 0)
+        println!("model config: inferred from the tensors (torchvision state_dict)");
+    } else {
+        println!("model config: the checkpoint's");
+    }
+    FasterRcnn::from_checkpoint(checkpoint)
 }
 
 /// `kestrel infer CHECKPOINT IMAGE... [--out DIR]`.
@@ -250,7 +252,6 @@ pub fn infer(
     let dev = device(device_name)?;
     let mut model = infer_model(checkpoint, config)?;
     model.to_device(dev)?;
-    load_weights(&mut model, checkpoint)?;
     std::fs::create_dir_all(out).map_err(io(out))?;
     let mut all = Vec::new();
     for path in images {

@@ -8,7 +8,7 @@ use crate::data::Dataset;
 use crate::detection::{Detections, FasterRcnn};
 use crate::device::Device;
 use crate::error::{Error, Result};
-use crate::eval::{evaluate, CocoEvaluation, DetBox, GroundTruth};
+use crate::eval::{evaluate_with, CocoEvaluation, DetBox, EvalParams, GroundTruth};
 use crate::runner;
 
 /// COCO results of `model` on every image of `dataset`, `batch_size` images per
@@ -71,7 +71,8 @@ pub fn to_coco(
         .collect()
 }
 
-/// Evaluate `model` on `dataset` against `gt` (pycocotools' numbers).
+/// Evaluate `model` on `dataset` against `gt` (pycocotools' numbers with `params`,
+/// e.g. [`crate::eval::EvalConfig::params`]).
 pub fn evaluate_model(
     model: &FasterRcnn,
     dataset: &dyn Dataset,
@@ -79,10 +80,11 @@ pub fn evaluate_model(
     batch_size: usize,
     device: Device,
     category_id: &dyn Fn(i64) -> Option<i64>,
+    params: &EvalParams,
 ) -> Result<CocoEvaluation> {
     let res = detect_dataset(model, dataset, batch_size, device, category_id)?;
     let dets: Vec<DetBox> = res.into_iter().flat_map(|(_, _, c)| c).collect();
-    evaluate(gt, &dets)
+    evaluate_with(gt, &dets, params)
 }
 
 /// An [`runner::hooks::EvalHook`] function: COCO metrics of the runner's model on
@@ -92,6 +94,7 @@ pub fn coco_eval_fn(
     dataset: Arc<dyn Dataset>,
     gt: GroundTruth,
     batch_size: usize,
+    params: EvalParams,
     category_id: Arc<dyn Fn(i64) -> Option<i64>>,
 ) -> impl FnMut(&mut runner::Runner<DetectorModel>) -> Result<Vec<(String, f64)>> {
     move |r| {
@@ -102,10 +105,12 @@ pub fn coco_eval_fn(
             batch_size,
             r.model.device,
             category_id.as_ref(),
+            &params,
         )?;
         r.log.line(&format!(
-            "Evaluating bbox on {} images:\n{}",
+            "Evaluating bbox on {} images (maxDets {:?}):\n{}",
             dataset.len(),
+            params.max_dets,
             ev.summary().trim_end()
         ));
         Ok(metrics(&ev))

@@ -5,147 +5,35 @@ use std::sync::Arc;
 
 use super::eval::coco_eval_fn;
 use super::model::{DetLoader, DetectorModel};
-use crate::config::{BlockType, Config, DatasetKind, ModelConfig, NormType};
+use crate::config::{Config, DatasetKind};
 use crate::data::{CocoDataset, CocoOptions, Dataset, Loader, LoaderConfig};
 use crate::detection::faster_rcnn::{FasterRcnn, FasterRcnnConfig};
-use crate::detection::roi_heads::RoiHeadsConfig;
-use crate::detection::rpn::RpnConfig;
-use crate::detection::transform::TransformConfig;
 use crate::device::Device;
 use crate::error::{Error, Result};
-use crate::nn::resnet::{BlockKind, ResNetConfig};
+use crate::nn::resnet::BlockKind;
 use crate::nn::NormKind;
 use crate::optim::{Sgd, SgdConfig};
 use crate::runner::hooks::{EvalHook, NanGuardHook};
 use crate::runner::{self, Mode, Runner};
 
-/// The detector a config's `[model]` section describes, and the settings it has no
-/// counterpart for yet (ignored; the caller should warn about them).
-pub fn model_config(m: &ModelConfig) -> Result<(FasterRcnnConfig, Vec<String>)> {
-    let (layers, block) = m.backbone.resolved()?;
-    let layers: [usize; 4] = layers.try_into().map_err(|l: Vec<usize>| {
-        Error::invalid(
-            "model_config",
-            format!("model.backbone.layers {l:?}: four stages"),
-        )
-    })?;
-    let mut ignored = Vec::new();
-    if m.backbone.groups != 1 {
-        return Err(Error::invalid(
-            "model_config",
-            format!(
-                "model.backbone.groups = {}: grouped convolutions are not supported",
-                m.backbone.groups
-            ),
-        ));
-    }
-    let norm = match m.backbone.norm {
-        NormType::FrozenBn => NormKind::Frozen {
-            eps: m.backbone.frozen_bn_eps,
-        },
-        NormType::BatchNorm => NormKind::Batch {
-            eps: 1e-5,
-            momentum: 0.1,
-        },
+/// The small detector of `kestrel demo` and the end-to-end test: ResNet of
+/// BasicBlocks [1, 1, 1, 1] with trainable BatchNorm, FPN of 32 channels, anchors
+/// 16..256, images kept at `image_size` (no resizing), fewer proposals and sampled RoIs
+/// than torchvision's defaults (small images, few objects).
+pub fn small_config(num_classes: usize, image_size: usize) -> FasterRcnnConfig {
+    let mut m = FasterRcnnConfig::default();
+    m.roi.num_classes = num_classes;
+    m.backbone.block = BlockKind::Basic;
+    m.backbone.layers = [1, 1, 1, 1];
+    m.backbone.norm = NormKind::Batch {
+        eps: 1e-5,
+        momentum: 0.1,
     };
-    let d = crate::config::RpnConfig::default();
-    if m.rpn.box_loss_beta != d.box_loss_beta {
-        ignored.push("model.rpn.box_loss_beta (the RPN uses 1/9)".into());
-    }
-    let r = crate::config::RoiConfig::default();
-    if m.roi.box_loss_beta != r.box_loss_beta {
-        ignored.push("model.roi.box_loss_beta (the box head uses 1/9)".into());
-    }
-    if m.roi.pool_output_size != 7 || m.roi.sampling_ratio != 2 {
-        ignored.push("model.roi.pool_output_size / sampling_ratio (7 and 2 are used)".into());
-    }
-    let mut roi = RoiHeadsConfig::new(m.num_classes, m.roi.representation_size);
-    roi.fg_iou_thresh = m.roi.fg_iou_thresh as f32;
-    roi.bg_iou_thresh = m.roi.bg_iou_thresh as f32;
-    roi.batch_size_per_image = m.roi.batch_size_per_image;
-    roi.positive_fraction = m.roi.positive_fraction;
-    roi.bbox_reg_weights = m.roi.bbox_reg_weights.map(|v| v as f32);
-    roi.score_thresh = m.roi.score_thresh as f32;
-    roi.nms_thresh = m.roi.nms_thresh;
-    roi.detections_per_img = m.roi.detections_per_img;
-    let rpn = RpnConfig {
-        anchor_sizes: m.anchors.sizes.iter().map(|&s| s as f32).collect(),
-        aspect_ratios: m.anchors.aspect_ratios.iter().map(|&s| s as f32).collect(),
-        pre_nms_top_n_train: m.rpn.pre_nms_top_n_train,
-        pre_nms_top_n_test: m.rpn.pre_nms_top_n_test,
-        post_nms_top_n_train: m.rpn.post_nms_top_n_train,
-        post_nms_top_n_test: m.rpn.post_nms_top_n_test,
-        nms_thresh: m.rpn.nms_thresh,
-        fg_iou_thresh: m.rpn.fg_iou_thresh as f32,
-        bg_iou_thresh: m.rpn.bg_iou_thresh as f32,
-        batch_size_per_image: m.rpn.batch_size_per_image,
-        positive_fraction: m.rpn.positive_fraction,
-        score_thresh: m.rpn.score_thresh as f32,
-        ..RpnConfig::default()
-    };
-    let t = &m.transform;
-    let transform = TransformConfig {
-        min_size: t.min_size,
-        max_size: t.max_size,
-        mean: t.image_mean.map(|v| v as f32),
-        std: t.image_std.map(|v| v as f32),
-        size_divisible: t.size_divisible,
-    };
-    Ok((
-        FasterRcnnConfig {
-            backbone: ResNetConfig {
-                block: match block {
-                    BlockType::Basic => BlockKind::Basic,
-                    BlockType::Bottleneck => BlockKind::Bottleneck,
-                },
-                layers,
-                width_per_group: m.backbone.width_per_group,
-                norm,
-            },
-            fpn_channels: m.fpn.out_channels,
-            transform,
-            rpn,
-            roi,
-        },
-        ignored,
-    ))
-}
-
-/// A fresh model for a config's `[model]` section, with the backbone stages that
-/// `trainable_layers` excludes frozen (torchvision's `trainable_backbone_layers`).
-pub fn build_model(m: &ModelConfig, seed: u64) -> Result<(FasterRcnn, Vec<String>)> {
-    let (cfg, ignored) = model_config(m)?;
-    let mut model = FasterRcnn::new(cfg, seed)?;
-    freeze_backbone(&mut model, m.backbone.trainable_layers);
-    Ok((model, ignored))
-}
-
-/// Freeze the stem and the first `5 - trainable_layers` ResNet stages.
-pub fn freeze_backbone(model: &mut FasterRcnn, trainable_layers: usize) {
-    if trainable_layers < 5 {
-        let prefixes = model.body.stage_prefixes(5 - trainable_layers);
-        model.params.freeze(&prefixes);
-    }
-}
-
-/// The `[model]` section of the small detector of `kestrel demo` and the
-/// end-to-end test: ResNet of BasicBlocks [1, 1, 1, 1] with trainable BatchNorm, FPN
-/// of 32 channels, anchors 16..256, images kept at `image_size` (no resizing), fewer
-/// proposals and sampled RoIs than torchvision's defaults (small images, few objects).
-pub fn small_model(num_classes: usize, image_size: usize) -> ModelConfig {
-    let mut m = ModelConfig {
-        num_classes,
-        ..ModelConfig::default()
-    };
-    m.backbone.depth = None;
-    m.backbone.layers = Some(vec![1, 1, 1, 1]);
-    m.backbone.block = Some(BlockType::Basic);
-    m.backbone.norm = NormType::BatchNorm;
     m.backbone.trainable_layers = 5;
-    m.fpn.out_channels = 32;
+    m.fpn_channels = 32;
     m.transform.min_size = image_size;
     m.transform.max_size = image_size;
-    m.anchors.sizes = vec![16.0, 32.0, 64.0, 128.0, 256.0];
+    m.rpn.anchor_sizes = vec![16.0, 32.0, 64.0, 128.0, 256.0];
     m.rpn.pre_nms_top_n_train = 1000;
     m.rpn.pre_nms_top_n_test = 500;
     m.rpn.post_nms_top_n_train = 500;
@@ -153,13 +41,6 @@ pub fn small_model(num_classes: usize, image_size: usize) -> ModelConfig {
     m.roi.representation_size = 256;
     m.roi.batch_size_per_image = 128;
     m
-}
-
-/// [`small_model`] as a [`FasterRcnnConfig`].
-pub fn small_config(num_classes: usize, image_size: usize) -> FasterRcnnConfig {
-    model_config(&small_model(num_classes, image_size))
-        .expect("the small model's config is valid")
-        .0
 }
 
 /// Load the parameters and buffers of `model` from a checkpoint or state_dict holding
@@ -275,6 +156,7 @@ impl ShapesRun {
             self.seed,
         );
         r.log.quiet = self.quiet;
+        record_model_config(&mut r)?;
         let loader = Loader::new(
             train,
             crate::data::LoaderConfig {
@@ -352,11 +234,10 @@ pub fn config_datasets(cfg: &Config) -> Result<Sets> {
 
 /// The runner a config describes on `dev`: model (with `load_from` weights), SGD,
 /// loaders, the default hooks (LR, optimizer, checkpoint, logger), the NaN guard, EMA
-/// and COCO evaluation as configured; `config.toml` written to the work_dir. Also
-/// returns the settings that were ignored (the caller should warn about them).
-pub fn config_runner(cfg: &Config, dev: Device) -> Result<(Runner<DetectorModel>, Vec<String>)> {
+/// and COCO evaluation as configured; `config.toml` written to the work_dir.
+pub fn config_runner(cfg: &Config, dev: Device) -> Result<Runner<DetectorModel>> {
     let (train_set, val_set) = config_datasets(cfg)?;
-    let (mut model, ignored) = build_model(&cfg.model, cfg.runtime.seed)?;
+    let mut model = FasterRcnn::new(cfg.model.clone(), cfg.runtime.seed)?;
     model.to_device(dev)?;
     let s = &cfg.schedule;
     let sgd = Sgd::new(SgdConfig {
@@ -374,6 +255,7 @@ pub fn config_runner(cfg: &Config, dev: Device) -> Result<(Runner<DetectorModel>
         s.max,
         r.seed,
     );
+    record_model_config(&mut runner)?;
     let loader = |set: Arc<dyn Dataset>, train: bool| -> Result<DetLoader> {
         Ok(DetLoader::new(Loader::new(
             set,
@@ -412,6 +294,7 @@ pub fn config_runner(cfg: &Config, dev: Device) -> Result<(Runner<DetectorModel>
                 val_set.clone(),
                 val_set.ground_truth(),
                 cfg.data.batch_size,
+                cfg.eval.params(),
                 Arc::new(move |l| cats.category_id(l)),
             ),
             r.eval_interval,
@@ -434,5 +317,15 @@ pub fn config_runner(cfg: &Config, dev: Device) -> Result<(Runner<DetectorModel>
     if let Some(w) = &r.load_from {
         runner.load_weights(w)?;
     }
-    Ok((runner, ignored))
+    Ok(runner)
+}
+
+/// Put the model config in the runner's `meta`, which every checkpoint carries, so
+/// [`FasterRcnn::from_checkpoint`] rebuilds the model from the file alone.
+pub fn record_model_config(r: &mut Runner<DetectorModel>) -> Result<()> {
+    let v = serde_json::to_value(&r.model.model.config)
+        .map_err(|e| Error::invalid("record_model_config", e.to_string()))?;
+    r.meta
+        .insert(crate::detection::faster_rcnn::MODEL_CONFIG_KEY.into(), v);
+    Ok(())
 }

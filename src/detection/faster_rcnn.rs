@@ -44,19 +44,133 @@ pub const TRAINING_STAGES: [&str; 8] = [
 /// aborts the pass.
 pub type StageFn<'a> = &'a mut dyn FnMut(&'static str) -> Result<()>;
 
-/// Everything that shapes the model.
-#[derive(Clone, Debug, PartialEq)]
+/// Everything that shapes the model: the `[model]` section of a config, each
+/// component's own config nested (`[model.backbone]`, `[model.transform]`,
+/// `[model.rpn]`, `[model.roi]`). [`FasterRcnnConfig::default`] is torchvision's
+/// `fasterrcnn_resnet50_fpn` for COCO's 91 classes (frozen BatchNorm eps 1e-5, three
+/// trainable backbone stages).
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct FasterRcnnConfig {
+    /// The ResNet body.
     pub backbone: ResNetConfig,
+    /// Channels of every FPN level.
     pub fpn_channels: usize,
+    /// Resizing and normalisation of the input images.
     pub transform: TransformConfig,
+    /// Anchors, proposals and the RPN losses.
     pub rpn: RpnConfig,
+    /// Pooling, the box head, its losses and post-processing.
     pub roi: RoiHeadsConfig,
+}
+
+impl Default for FasterRcnnConfig {
+    fn default() -> Self {
+        FasterRcnnConfig {
+            backbone: ResNetConfig::default(),
+            fpn_channels: 256,
+            transform: TransformConfig::default(),
+            rpn: RpnConfig::default(),
+            roi: RoiHeadsConfig::default(),
+        }
+    }
+}
+
+/// Metadata key of the model config (JSON) in a safetensors file: top-level in files
+/// [`FasterRcnn::save`] writes, and inside the `meta` of a training checkpoint's
+/// metadata (the app puts it there).
+pub const MODEL_CONFIG_KEY: &str = "model_config";
+
+impl FasterRcnnConfig {
+    /// The model config a file's metadata carries, if any: under
+    /// [`MODEL_CONFIG_KEY`], top-level or in the `meta` object of a JSON metadata
+    /// value (a training checkpoint's).
+    pub fn from_metadata(file: &TensorFile) -> Result<Option<FasterRcnnConfig>> {
+        checkpoint_config(file)
+    }
+}
+
+fn checkpoint_config(file: &TensorFile) -> Result<Option<FasterRcnnConfig>> {
+    let md = file.metadata();
+    let parse = |v: &str| -> Result<FasterRcnnConfig> {
+        serde_json::from_str(v).map_err(|e| Error::Safetensors {
+            path: file.path().to_path_buf(),
+            msg: format!("bad `{MODEL_CONFIG_KEY}` metadata: {e}"),
+        })
+    };
+    if let Some(v) = md.get(MODEL_CONFIG_KEY) {
+        return parse(v).map(Some);
+    }
+    let mut keys: Vec<&String> = md.keys().collect();
+    keys.sort();
+    for k in keys {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(&md[k]) else {
+            continue;
+        };
+        if let Some(c) = v.get("meta").and_then(|m| m.get(MODEL_CONFIG_KEY)) {
+            let c: FasterRcnnConfig =
+                serde_json::from_value(c.clone()).map_err(|e| Error::Safetensors {
+                    path: file.path().to_path_buf(),
+                    msg: format!("bad `{k}.meta.{MODEL_CONFIG_KEY}` metadata: {e}"),
+                })?;
+            return Ok(Some(c));
+        }
+    }
+    Ok(None)
+}
+
+/// The architecture a torchvision state_dict's tensor names and shapes show.
+fn infer_config(file: &TensorFile) -> Result<FasterRcnnConfig> {
+    let bad = |msg: String| Error::Safetensors {
+        path: file.path().to_path_buf(),
+        msg: format!("{msg} (and no `{MODEL_CONFIG_KEY}` metadata)"),
+    };
+    let dims = |name: &str| -> Result<Vec<usize>> {
+        if !file.contains(name) {
+            return Err(bad(format!("not a Faster R-CNN state_dict: no `{name}`")));
+        }
+        Ok(file.tensor(name)?.dims().to_vec())
+    };
+    let names = file.names();
+    let mut layers = [0usize; 4];
+    for (i, l) in layers.iter_mut().enumerate() {
+        let prefix = format!("backbone.body.layer{}.", i + 1);
+        *l = names
+            .iter()
+            .filter_map(|n| {
+                n.strip_prefix(&prefix)?
+                    .split('.')
+                    .next()?
+                    .parse::<usize>()
+                    .ok()
+            })
+            .max()
+            .map_or(0, |m| m + 1);
+    }
+    let bottleneck = file.contains("backbone.body.layer1.0.conv3.weight");
+    let width_per_group = if bottleneck {
+        dims("backbone.body.layer1.0.conv1.weight")?[0]
+    } else {
+        64
+    };
+    let mut c =
+        FasterRcnnConfig::resnet50_fpn(dims("roi_heads.box_predictor.cls_score.weight")?[0], 0.0)?;
+    c.backbone.layers = layers;
+    c.backbone.block = if bottleneck {
+        BlockKind::Bottleneck
+    } else {
+        BlockKind::Basic
+    };
+    c.backbone.width_per_group = width_per_group;
+    c.fpn_channels = dims("backbone.fpn.inner_blocks.0.0.weight")?[0];
+    c.roi.representation_size = dims("roi_heads.box_head.fc6.weight")?[0];
+    Ok(c)
 }
 
 impl FasterRcnnConfig {
     /// torchvision's `fasterrcnn_resnet50_fpn` for `num_classes` classes (with
-    /// background), frozen BatchNorm with `bn_eps` (torchvision's COCO weights use 0).
+    /// background), frozen BatchNorm with `bn_eps` (torchvision's COCO weights use 0),
+    /// every parameter trainable.
     pub fn resnet50_fpn(num_classes: usize, bn_eps: f64) -> Result<Self> {
         let mut backbone = ResNetConfig::depth(50)?;
         backbone.norm = NormKind::Frozen { eps: bn_eps };
@@ -67,6 +181,33 @@ impl FasterRcnnConfig {
             rpn: RpnConfig::default(),
             roi: RoiHeadsConfig::new(num_classes, 1024),
         })
+    }
+
+    /// The config as JSON (what checkpoints carry).
+    pub fn to_json(&self) -> Result<String> {
+        serde_json::to_string(self)
+            .map_err(|e| Error::invalid("FasterRcnnConfig::to_json", e.to_string()))
+    }
+
+    /// Check what types cannot (ranges, consistency); the error names the key
+    /// (`rpn.nms_thresh`).
+    pub fn validate(&self) -> Result<()> {
+        use crate::config::under;
+        self.backbone.validate().map_err(under("backbone"))?;
+        crate::config::positive("fpn_channels", self.fpn_channels)?;
+        self.transform.validate().map_err(under("transform"))?;
+        self.rpn.validate().map_err(under("rpn"))?;
+        self.roi.validate().map_err(under("roi"))?;
+        if self.rpn.anchor_sizes.len() != 5 {
+            return Err(crate::config::invalid(
+                "rpn.anchor_sizes",
+                format!(
+                    "{} sizes for the 5 FPN levels P2..P6",
+                    self.rpn.anchor_sizes.len()
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// The configuration in the `params` of a fixture's weights file (block, layers,
@@ -108,6 +249,7 @@ impl FasterRcnnConfig {
                 layers,
                 width_per_group: u("width_per_group")?,
                 norm: NormKind::Frozen { eps },
+                trainable_layers: 5,
             },
             fpn_channels: u("fpn_channels")?,
             transform: TransformConfig::new(u("min_size")?, u("max_size")?),
@@ -137,6 +279,7 @@ pub struct InferenceTrace {
 
 impl FasterRcnn {
     fn build(config: FasterRcnnConfig) -> Result<(ResNet, Fpn, Rpn, RoiHeads)> {
+        config.validate()?;
         let body = ResNet::new("backbone.body.", config.backbone.clone())?;
         let fpn = Fpn::new(
             "backbone.fpn.",
@@ -157,18 +300,31 @@ impl FasterRcnn {
         s
     }
 
-    /// A freshly initialised model (PyTorch's initialisers, seeded).
+    /// A freshly initialised model (PyTorch's initialisers, seeded), with the backbone
+    /// stages that `backbone.trainable_layers` excludes frozen.
     pub fn new(config: FasterRcnnConfig, seed: u64) -> Result<FasterRcnn> {
         let (body, fpn, rpn, roi_heads) = Self::build(config.clone())?;
         let params = ParamStore::init(&Self::specs_of(&body, &fpn, &rpn, &roi_heads), seed)?;
-        Ok(FasterRcnn {
+        let mut m = FasterRcnn {
             config,
             body,
             fpn,
             rpn,
             roi_heads,
             params,
-        })
+        };
+        m.freeze_backbone();
+        Ok(m)
+    }
+
+    /// Freeze the stem and the first `5 - trainable_layers` ResNet stages
+    /// (torchvision's `trainable_backbone_layers`).
+    fn freeze_backbone(&mut self) {
+        let t = self.config.backbone.trainable_layers;
+        if t < 5 {
+            let prefixes = self.body.stage_prefixes(5 - t);
+            self.params.freeze(&prefixes);
+        }
     }
 
     /// A model with weights from a safetensors file under torchvision's key names. A
@@ -177,14 +333,58 @@ impl FasterRcnn {
         let (body, fpn, rpn, roi_heads) = Self::build(config.clone())?;
         let file = TensorFile::open(path)?;
         let params = ParamStore::load(&file, &Self::specs_of(&body, &fpn, &rpn, &roi_heads))?;
-        Ok(FasterRcnn {
+        let mut m = FasterRcnn {
             config,
             body,
             fpn,
             rpn,
             roi_heads,
             params,
-        })
+        };
+        m.freeze_backbone();
+        Ok(m)
+    }
+
+    /// A model from a checkpoint: a Kestrel checkpoint (the model config travels in
+    /// its metadata under [`MODEL_CONFIG_KEY`]; optimizer state, gradients and other
+    /// extra tensors are ignored) or a torchvision Faster R-CNN state_dict saved as
+    /// safetensors (no config: ResNet-FPN with the layers, block, widths and classes
+    /// its tensors show, frozen BatchNorm with eps 0 as torchvision's COCO weights,
+    /// the other settings torchvision's).
+    ///
+    /// ```no_run
+    /// let model = kestrel::FasterRcnn::from_checkpoint("work_dir/iter_1800.safetensors")?;
+    /// # Ok::<(), kestrel::Error>(())
+    /// ```
+    pub fn from_checkpoint(path: impl AsRef<Path>) -> Result<FasterRcnn> {
+        let file = TensorFile::open(path)?;
+        let config = match FasterRcnnConfig::from_metadata(&file)? {
+            Some(c) => c,
+            None => infer_config(&file)?,
+        };
+        let (body, fpn, rpn, roi_heads) = Self::build(config.clone())?;
+        let params =
+            ParamStore::load_lenient(&file, &Self::specs_of(&body, &fpn, &rpn, &roi_heads))?;
+        let mut m = FasterRcnn {
+            config,
+            body,
+            fpn,
+            rpn,
+            roi_heads,
+            params,
+        };
+        m.freeze_backbone();
+        Ok(m)
+    }
+
+    /// Save the parameters and buffers under their names, with the model config as
+    /// metadata ([`MODEL_CONFIG_KEY`]), so [`FasterRcnn::from_checkpoint`] rebuilds it.
+    pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
+        let tensors: Vec<(&str, &Tensor)> =
+            self.params.iter().map(|(n, t)| (n.as_str(), t)).collect();
+        let mut meta = std::collections::HashMap::new();
+        meta.insert(MODEL_CONFIG_KEY.to_string(), self.config.to_json()?);
+        crate::io::save_safetensors(path, &tensors, Some(meta))
     }
 
     /// The tensors the model expects.

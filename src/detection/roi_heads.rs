@@ -15,24 +15,49 @@ use crate::ops::{self, Reduction};
 use crate::rng::Rng;
 use crate::tensor::Tensor;
 
-/// Settings of the box head (torchvision's defaults in [`RoiHeadsConfig::new`]).
-#[derive(Clone, Debug, PartialEq)]
+/// Settings of the box branch (torchvision's defaults in [`RoiHeadsConfig::new`]):
+/// the `[model.roi]` section of a config.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct RoiHeadsConfig {
     /// Classes including background (index 0).
     pub num_classes: usize,
+    /// MultiScaleRoIAlign output side, bins (7).
+    pub pool_output_size: usize,
+    /// RoIAlign samples per bin and axis; 0 is adaptive, `ceil(roi side / bins)`
+    /// (torchvision 2; mmdetection 0).
+    pub sampling_ratio: usize,
+    /// RoIAlign with the half-pixel offset (mmdetection's `aligned=True`).
+    pub aligned: bool,
     /// Width of the two MLP layers.
     pub representation_size: usize,
+    /// Proposals with IoU >= this are foreground, < `bg_iou_thresh` background.
     pub fg_iou_thresh: f32,
+    /// See `fg_iou_thresh`.
     pub bg_iou_thresh: f32,
     /// RoIs sampled per image for the losses.
     pub batch_size_per_image: usize,
+    /// Fraction of positives among the sampled RoIs, at most.
     pub positive_fraction: f64,
+    /// Box coder weights (wx, wy, ww, wh).
     pub bbox_reg_weights: [f32; 4],
+    /// Detections scoring at most this are dropped.
     pub score_thresh: f32,
+    /// Per-class NMS IoU threshold.
     pub nms_thresh: f64,
+    /// Detections kept per image.
     pub detections_per_img: usize,
     /// Detections narrower or shorter than this (pixels) are dropped.
     pub min_size: f32,
+    /// Smooth-L1 beta of the box loss (torchvision 1/9; 0 is mmdetection's L1).
+    pub box_loss_beta: f64,
+}
+
+impl Default for RoiHeadsConfig {
+    /// torchvision's COCO head: 91 classes, 1024-wide MLP.
+    fn default() -> Self {
+        RoiHeadsConfig::new(91, 1024)
+    }
 }
 
 impl RoiHeadsConfig {
@@ -40,6 +65,9 @@ impl RoiHeadsConfig {
     pub fn new(num_classes: usize, representation_size: usize) -> Self {
         RoiHeadsConfig {
             num_classes,
+            pool_output_size: 7,
+            sampling_ratio: 2,
+            aligned: false,
             representation_size,
             fg_iou_thresh: 0.5,
             bg_iou_thresh: 0.5,
@@ -50,7 +78,47 @@ impl RoiHeadsConfig {
             nms_thresh: 0.5,
             detections_per_img: 100,
             min_size: 1e-2,
+            box_loss_beta: 1.0 / 9.0,
         }
+    }
+
+    /// Check what types cannot; the error names the key (`nms_thresh`).
+    pub fn validate(&self) -> Result<()> {
+        use crate::config::{fraction, invalid, positive};
+        positive("num_classes", self.num_classes.saturating_sub(1))?;
+        positive("pool_output_size", self.pool_output_size)?;
+        positive("representation_size", self.representation_size)?;
+        positive("batch_size_per_image", self.batch_size_per_image)?;
+        positive("detections_per_img", self.detections_per_img)?;
+        if self.sampling_ratio > crate::ops::roi_align::MAX_GRID {
+            return Err(invalid(
+                "sampling_ratio",
+                format!(
+                    "{} exceeds {}",
+                    self.sampling_ratio,
+                    crate::ops::roi_align::MAX_GRID
+                ),
+            ));
+        }
+        for (k, v) in [
+            ("fg_iou_thresh", self.fg_iou_thresh as f64),
+            ("bg_iou_thresh", self.bg_iou_thresh as f64),
+            ("positive_fraction", self.positive_fraction),
+            ("nms_thresh", self.nms_thresh),
+            ("score_thresh", self.score_thresh as f64),
+        ] {
+            fraction(k, v)?;
+        }
+        if self.bg_iou_thresh > self.fg_iou_thresh {
+            return Err(invalid("bg_iou_thresh", "above fg_iou_thresh".into()));
+        }
+        if !(self.box_loss_beta >= 0.0 && self.box_loss_beta.is_finite()) {
+            return Err(invalid(
+                "box_loss_beta",
+                format!("{} (>= 0)", self.box_loss_beta),
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -79,10 +147,12 @@ pub struct TrainingSamples {
 impl RoiHeads {
     /// A box head over `channels`-channel P2..P5.
     pub fn new(channels: usize, config: RoiHeadsConfig) -> RoiHeads {
-        let pooler = MultiScaleRoIAlign::new((7, 7), 2);
+        let side = config.pool_output_size;
+        let mut pooler = MultiScaleRoIAlign::new((side, side), config.sampling_ratio);
+        pooler.aligned = config.aligned;
         let (rep, c) = (config.representation_size, config.num_classes);
         RoiHeads {
-            fc6: Linear::new("roi_heads.box_head.fc6", channels * 49, rep),
+            fc6: Linear::new("roi_heads.box_head.fc6", channels * side * side, rep),
             fc7: Linear::new("roi_heads.box_head.fc7", rep, rep),
             cls_score: Linear::new("roi_heads.box_predictor.cls_score", rep, c),
             bbox_pred: Linear::new("roi_heads.box_predictor.bbox_pred", rep, 4 * c),
@@ -99,7 +169,8 @@ impl RoiHeads {
         }
     }
 
-    /// Pooled features `[R, C, 7, 7]` of the proposals over P2..P5.
+    /// Pooled features `[R, C, S, S]` (S = `pool_output_size`) of the proposals over
+    /// P2..P5.
     pub fn pool(
         &self,
         feats: &[Tensor],
@@ -109,7 +180,7 @@ impl RoiHeads {
         self.pooler.forward(feats, proposals, image_sizes)
     }
 
-    /// TwoMLPHead: `[R, C, 7, 7]` to `[R, representation_size]`.
+    /// TwoMLPHead: `[R, C, S, S]` to `[R, representation_size]`.
     pub fn box_head(&self, ctx: &Ctx, pooled: &Tensor) -> Result<Tensor> {
         let r = pooled.dims()[0];
         let x = ops::reshape(pooled, [r, pooled.numel() / r.max(1)])?;
@@ -241,7 +312,7 @@ impl RoiHeads {
     }
 
     /// `loss_classifier` (cross-entropy, mean) and `loss_box_reg` (smooth L1, beta
-    /// 1/9, over positives of their class, divided by the number of sampled RoIs).
+    /// `box_loss_beta`, over positives of their class, divided by the number of sampled RoIs).
     pub fn losses(
         &self,
         class_logits: &Tensor,
@@ -270,7 +341,7 @@ impl RoiHeads {
             0,
             &Tensor::from_vec_i64(rows, [np])?.to_device(device)?,
         )?;
-        let sum = ops::smooth_l1(&picked, &tg, 1.0 / 9.0, Reduction::Sum)?;
+        let sum = ops::smooth_l1(&picked, &tg, self.config.box_loss_beta, Reduction::Sum)?;
         Ok((loss_cls, ops::scale(&sum, 1.0 / r as f64)?))
     }
 }

@@ -15,26 +15,39 @@ use crate::ops::{self, Reduction};
 use crate::rng::Rng;
 use crate::tensor::Tensor;
 
-/// Settings of the RPN (torchvision's defaults in [`RpnConfig::default`]).
-#[derive(Clone, Debug, PartialEq)]
+/// Settings of the RPN (torchvision's defaults in [`RpnConfig::default`]): the
+/// `[model.rpn]` section of a config.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct RpnConfig {
     /// Anchor size per level, pixels (one per feature map, finest first).
     pub anchor_sizes: Vec<f32>,
     /// Aspect ratios h/w of the anchors.
     pub aspect_ratios: Vec<f32>,
+    /// Top-scoring anchors kept per level before NMS, training / testing.
     pub pre_nms_top_n_train: usize,
+    /// See `pre_nms_top_n_train`.
     pub pre_nms_top_n_test: usize,
+    /// Proposals kept per image after NMS, training (mmdetection: 1000) / testing.
     pub post_nms_top_n_train: usize,
+    /// See `post_nms_top_n_train`.
     pub post_nms_top_n_test: usize,
+    /// NMS IoU threshold.
     pub nms_thresh: f64,
+    /// Anchors with IoU >= this are positive, < `bg_iou_thresh` negative.
     pub fg_iou_thresh: f32,
+    /// See `fg_iou_thresh`.
     pub bg_iou_thresh: f32,
     /// Anchors sampled per image for the losses.
     pub batch_size_per_image: usize,
+    /// Fraction of positives among the sampled anchors, at most.
     pub positive_fraction: f64,
+    /// Proposals scoring below this (after the sigmoid) are dropped.
     pub score_thresh: f32,
     /// Proposals narrower or shorter than this (pixels) are dropped.
     pub min_size: f32,
+    /// Smooth-L1 beta of the box loss (torchvision 1/9; 0 is mmdetection's L1).
+    pub box_loss_beta: f64,
 }
 
 impl Default for RpnConfig {
@@ -53,7 +66,46 @@ impl Default for RpnConfig {
             positive_fraction: 0.5,
             score_thresh: 0.0,
             min_size: 1e-3,
+            box_loss_beta: 1.0 / 9.0,
         }
+    }
+}
+
+impl RpnConfig {
+    /// Check what types cannot; the error names the key (`nms_thresh`).
+    pub fn validate(&self) -> Result<()> {
+        use crate::config::{fraction, invalid, positive};
+        let bad = |v: &[f32]| v.is_empty() || v.iter().any(|s| !(s.is_finite() && *s > 0.0));
+        if bad(&self.anchor_sizes) {
+            return Err(invalid("anchor_sizes", format!("{:?}", self.anchor_sizes)));
+        }
+        if bad(&self.aspect_ratios) {
+            return Err(invalid(
+                "aspect_ratios",
+                format!("{:?}", self.aspect_ratios),
+            ));
+        }
+        for (k, v) in [
+            ("nms_thresh", self.nms_thresh),
+            ("fg_iou_thresh", self.fg_iou_thresh as f64),
+            ("bg_iou_thresh", self.bg_iou_thresh as f64),
+            ("positive_fraction", self.positive_fraction),
+        ] {
+            fraction(k, v)?;
+        }
+        if self.bg_iou_thresh > self.fg_iou_thresh {
+            return Err(invalid("bg_iou_thresh", "above fg_iou_thresh".into()));
+        }
+        positive("batch_size_per_image", self.batch_size_per_image)?;
+        positive("post_nms_top_n_train", self.post_nms_top_n_train)?;
+        positive("post_nms_top_n_test", self.post_nms_top_n_test)?;
+        if !(self.box_loss_beta >= 0.0 && self.box_loss_beta.is_finite()) {
+            return Err(invalid(
+                "box_loss_beta",
+                format!("{} (>= 0)", self.box_loss_beta),
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -222,7 +274,7 @@ impl Rpn {
     }
 
     /// `loss_objectness` (BCE over sampled anchors) and `loss_rpn_box_reg` (smooth L1,
-    /// beta 1/9, over positives, divided by the number sampled). Matching runs on the
+    /// beta `box_loss_beta`, over positives, divided by the number sampled). Matching runs on the
     /// anchors' device; the sampler on the host (it reads each image's matches).
     pub fn losses(
         &self,
@@ -280,7 +332,7 @@ impl Rpn {
         let box_sum = ops::smooth_l1(
             &ops::index_select(&deltas, 0, &pos_idx)?,
             &tgt,
-            1.0 / 9.0,
+            self.config.box_loss_beta,
             Reduction::Sum,
         )?;
         let loss_box = ops::scale(&box_sum, 1.0 / num_sampled as f64)?;

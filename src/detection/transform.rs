@@ -7,22 +7,53 @@ use crate::error::{Error, Result};
 use crate::ops::{arg, gpu_dev, launch_elems};
 use crate::tensor::{DType, Tensor};
 
-/// Settings of the transform (torchvision defaults: ImageNet mean/std, divisible by 32).
-#[derive(Clone, Debug, PartialEq)]
+/// Settings of the transform (torchvision defaults: ImageNet mean/std, divisible by
+/// 32): the `[model.transform]` section of a config.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct TransformConfig {
     /// Target length of the shorter side, pixels.
     pub min_size: usize,
     /// Upper bound on the longer side, pixels.
     pub max_size: usize,
     /// Per-channel mean of 0..1 RGB.
+    #[serde(rename = "image_mean")]
     pub mean: [f32; 3],
     /// Per-channel std of 0..1 RGB.
+    #[serde(rename = "image_std")]
     pub std: [f32; 3],
     /// Batch height and width are rounded up to a multiple of this.
     pub size_divisible: usize,
 }
 
+impl Default for TransformConfig {
+    /// torchvision's: 800 / 1333, ImageNet mean and std, padding to 32.
+    fn default() -> Self {
+        TransformConfig::new(800, 1333)
+    }
+}
+
 impl TransformConfig {
+    /// Check what types cannot; the error names the key (`max_size`).
+    pub fn validate(&self) -> Result<()> {
+        if self.min_size == 0 || self.max_size < self.min_size {
+            return Err(crate::config::invalid(
+                "max_size",
+                format!(
+                    "min_size {} max_size {} (need 0 < min_size <= max_size)",
+                    self.min_size, self.max_size
+                ),
+            ));
+        }
+        if self.std.iter().any(|s| !(s.is_finite() && *s > 0.0)) {
+            return Err(crate::config::invalid(
+                "image_std",
+                format!("{:?}: positive values", self.std),
+            ));
+        }
+        crate::config::positive("size_divisible", self.size_divisible)
+    }
+
     /// torchvision's settings for the given sizes.
     pub fn new(min_size: usize, max_size: usize) -> Self {
         TransformConfig {

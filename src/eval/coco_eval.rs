@@ -578,8 +578,11 @@ impl CocoEvaluation {
         let md_at = |i: usize| md.get(i).copied().unwrap_or(0);
         let last = md_at(2);
         let s = |ap, iou, area, m| self.summarize_one(ap, iou, area, m);
+        // pycocotools asks for maxDets=100 literally here, which is -1 when the
+        // largest maxDets is not 100; using the largest gives its number for the
+        // default and a real AP when a detector keeps more (dense scenes).
         [
-            s(true, None, "all", 100),
+            s(true, None, "all", last),
             s(true, Some(0.5), "all", last),
             s(true, Some(0.75), "all", last),
             s(true, None, "small", last),
@@ -646,7 +649,7 @@ fn summary_lines(stats: &[f64; 12], p: &EvalParams) -> String {
     );
     // (ap, IoU label, area, maxDets) of each stat, as `_summarizeDets` calls them.
     let rows: [(bool, &str, &str, usize); 12] = [
-        (true, &iou_range, "all", 100),
+        (true, &iou_range, "all", md(2)),
         (true, "0.50", "all", md(2)),
         (true, "0.75", "all", md(2)),
         (true, &iou_range, "small", md(2)),

@@ -18,3 +18,29 @@ pub use coco_eval::{
     GtBox, STAT_NAMES,
 };
 pub use coco_json::{load_results, write_results};
+
+/// The `[eval]` section of a config.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EvalConfig {
+    /// Detections per image the evaluation counts (pycocotools' maxDets, the third of
+    /// `[1, 10, max_dets]`): 100 by default, as pycocotools; raise it with
+    /// `roi.detections_per_img` for dense scenes, or AP undercounts the detector.
+    pub max_dets: usize,
+}
+
+impl Default for EvalConfig {
+    fn default() -> Self {
+        EvalConfig { max_dets: 100 }
+    }
+}
+
+impl EvalConfig {
+    /// pycocotools' parameters with maxDets `[1, 10, max_dets]`.
+    pub fn params(&self) -> EvalParams {
+        EvalParams {
+            max_dets: vec![1, 10, self.max_dets],
+            ..EvalParams::default()
+        }
+    }
+}

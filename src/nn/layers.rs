@@ -136,6 +136,9 @@ pub enum NormKind {
     Frozen { eps: f64 },
     /// BatchNorm2d: batch statistics in training, running ones in eval.
     Batch { eps: f64, momentum: f64 },
+    /// BatchNorm2d kept in eval mode (running statistics fixed) with a trainable
+    /// affine: mmdetection's ResNet with `norm_eval=True, requires_grad=True`.
+    FrozenStats { eps: f64 },
 }
 
 /// A batch norm over `c` channels with `{name}.weight/bias/running_mean/running_var`.
@@ -158,6 +161,21 @@ impl Norm2d {
         );
         match self.kind {
             NormKind::Frozen { eps } => frozen_batch_norm(x, w, b, rm, rv, eps),
+            // Eval-mode batch norm: the running statistics normalise, and its
+            // backward still reaches weight and bias.
+            NormKind::FrozenStats { eps } => Ok(batch_norm(
+                x,
+                w,
+                b,
+                rm,
+                rv,
+                BatchNormConfig {
+                    training: false,
+                    momentum: 0.0,
+                    eps,
+                },
+            )?
+            .y),
             NormKind::Batch { eps, momentum } => {
                 let cfg = BatchNormConfig {
                     training: ctx.training,
@@ -190,7 +208,7 @@ impl Norm2d {
                     Init::Const(0.0),
                 ));
             }
-            NormKind::Batch { .. } => {
+            NormKind::Batch { .. } | NormKind::FrozenStats { .. } => {
                 out.push(ParamSpec::param(
                     format!("{}.weight", self.name),
                     [c],

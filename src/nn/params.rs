@@ -99,6 +99,17 @@ impl ParamStore {
     /// Load `specs` from a safetensors file by name. A missing, unexpected or
     /// mis-shaped tensor is an error naming it (all of them, in one message).
     pub fn load(file: &TensorFile, specs: &[ParamSpec]) -> Result<ParamStore> {
+        Self::load_from(file, specs, true)
+    }
+
+    /// [`ParamStore::load`] ignoring tensors the model does not have (a training
+    /// checkpoint's optimizer state and gradients); missing or mis-shaped ones are
+    /// still errors.
+    pub fn load_lenient(file: &TensorFile, specs: &[ParamSpec]) -> Result<ParamStore> {
+        Self::load_from(file, specs, false)
+    }
+
+    fn load_from(file: &TensorFile, specs: &[ParamSpec], strict: bool) -> Result<ParamStore> {
         let mut map = BTreeMap::new();
         let mut problems = Vec::new();
         for s in specs {
@@ -121,7 +132,7 @@ impl ParamStore {
         }
         let expected: std::collections::HashSet<&str> =
             specs.iter().map(|s| s.name.as_str()).collect();
-        for name in file.names() {
+        for name in file.names().iter().filter(|_| strict) {
             // torchvision's FrozenBatchNorm2d has no num_batches_tracked; BatchNorm2d does.
             if !expected.contains(name.as_str()) && !name.ends_with("num_batches_tracked") {
                 problems.push(format!("unexpected `{name}`"));
@@ -130,7 +141,7 @@ impl ParamStore {
         if !problems.is_empty() {
             return Err(Error::Tensor {
                 name: file.path().display().to_string(),
-                msg: problems.join("; "),
+                msg: summarize_problems(&problems),
             });
         }
         Ok(ParamStore {
@@ -231,4 +242,15 @@ impl ParamStore {
             self.map.iter().map(|(n, (t, _))| (n.as_str(), t)).collect();
         save_safetensors(path, &named, metadata)
     }
+}
+
+/// The first few of `problems` and how many more: a checkpoint of another model can
+/// have hundreds, and a 10 KB message hides the point.
+fn summarize_problems(problems: &[String]) -> String {
+    const SHOWN: usize = 4;
+    let mut msg = problems[..problems.len().min(SHOWN)].join("; ");
+    if problems.len() > SHOWN {
+        msg.push_str(&format!("; and {} more", problems.len() - SHOWN));
+    }
+    msg
 }

@@ -26,9 +26,18 @@ impl BlockKind {
     }
 }
 
-/// Shape of a ResNet.
-#[derive(Clone, Debug, PartialEq)]
+/// Shape and training of a ResNet body: the `[model.backbone]` section of a config.
+///
+/// In TOML, `depth = 50` stands for `block = "bottleneck"`, `layers = [3, 4, 6, 3]`
+/// (explicit `block` / `layers` override it); `norm` is `"frozen_bn"`
+/// (FrozenBatchNorm2d, torchvision's), `"batch_norm"` (batch statistics, trainable
+/// affine: from-scratch training) or `"bn_eval"` (running statistics fixed, affine
+/// trained: mmdetection's `norm_eval=True, requires_grad=True`), with `bn_eps` and
+/// `bn_momentum`.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "ResNetToml", into = "ResNetToml")]
 pub struct ResNetConfig {
+    /// Residual block type.
     pub block: BlockKind,
     /// Blocks per stage, e.g. [3, 4, 6, 3] for ResNet-50.
     pub layers: [usize; 4],
@@ -36,29 +45,50 @@ pub struct ResNetConfig {
     pub width_per_group: usize,
     /// Normalisation of every conv.
     pub norm: NormKind,
+    /// Stages trained, counted from the top: 0 (none) to 5 (all, stem included);
+    /// torchvision's `trainable_backbone_layers`. The others are frozen by
+    /// [`crate::detection::FasterRcnn::new`].
+    pub trainable_layers: usize,
+}
+
+impl Default for ResNetConfig {
+    /// torchvision's detection backbone: ResNet-50, frozen BatchNorm (eps 1e-5),
+    /// three trainable stages.
+    fn default() -> Self {
+        ResNetConfig {
+            trainable_layers: 3,
+            ..ResNetConfig::depth(50).expect("50 is a ResNet depth")
+        }
+    }
 }
 
 impl ResNetConfig {
-    /// ResNet-`depth` (18, 34, 50, 101, 152) with frozen BatchNorm (eps 1e-5).
+    /// ResNet-`depth` (18, 34, 50, 101, 152) with frozen BatchNorm (eps 1e-5), every
+    /// stage trainable.
     pub fn depth(depth: usize) -> Result<Self> {
-        let (block, layers) = match depth {
-            18 => (BlockKind::Basic, [2, 2, 2, 2]),
-            34 => (BlockKind::Basic, [3, 4, 6, 3]),
-            50 => (BlockKind::Bottleneck, [3, 4, 6, 3]),
-            101 => (BlockKind::Bottleneck, [3, 4, 23, 3]),
-            152 => (BlockKind::Bottleneck, [3, 8, 36, 3]),
-            _ => {
-                return Err(Error::invalid(
-                    "ResNetConfig::depth",
-                    format!("no ResNet-{depth}"),
-                ))
-            }
-        };
+        let (block, layers) = Self::layers_of(depth).ok_or_else(|| {
+            Error::invalid(
+                "ResNetConfig::depth",
+                format!("no ResNet-{depth} (18, 34, 50, 101, 152)"),
+            )
+        })?;
         Ok(ResNetConfig {
             block,
             layers,
             width_per_group: 64,
             norm: NormKind::Frozen { eps: 1e-5 },
+            trainable_layers: 5,
+        })
+    }
+
+    fn layers_of(depth: usize) -> Option<(BlockKind, [usize; 4])> {
+        Some(match depth {
+            18 => (BlockKind::Basic, [2, 2, 2, 2]),
+            34 => (BlockKind::Basic, [3, 4, 6, 3]),
+            50 => (BlockKind::Bottleneck, [3, 4, 6, 3]),
+            101 => (BlockKind::Bottleneck, [3, 4, 23, 3]),
+            152 => (BlockKind::Bottleneck, [3, 8, 36, 3]),
+            _ => return None,
         })
     }
 
@@ -66,6 +96,143 @@ impl ResNetConfig {
     pub fn out_channels(&self) -> [usize; 4] {
         let e = self.block.expansion();
         [64 * e, 128 * e, 256 * e, 512 * e]
+    }
+
+    /// Check what types cannot; the error names the key (`layers`).
+    pub fn validate(&self) -> Result<()> {
+        if self.layers.contains(&0) {
+            return Err(crate::config::invalid(
+                "layers",
+                format!("{:?}: four stages of at least one block", self.layers),
+            ));
+        }
+        crate::config::positive("width_per_group", self.width_per_group)?;
+        if self.block == BlockKind::Basic && self.width_per_group != 64 {
+            return Err(crate::config::invalid(
+                "width_per_group",
+                format!("{}: basic blocks need 64", self.width_per_group),
+            ));
+        }
+        if self.trainable_layers > 5 {
+            return Err(crate::config::invalid(
+                "trainable_layers",
+                format!("{} (0 to 5)", self.trainable_layers),
+            ));
+        }
+        let (eps, momentum) = match self.norm {
+            NormKind::Frozen { eps } | NormKind::FrozenStats { eps } => (eps, 0.1),
+            NormKind::Batch { eps, momentum } => (eps, momentum),
+        };
+        if !(eps >= 0.0 && eps.is_finite()) {
+            return Err(crate::config::invalid("bn_eps", format!("{eps}")));
+        }
+        if !(0.0..=1.0).contains(&momentum) {
+            return Err(crate::config::invalid(
+                "bn_momentum",
+                format!("{momentum} is not in [0, 1]"),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The normalisation names of `[model.backbone] norm`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum NormName {
+    FrozenBn,
+    BatchNorm,
+    BnEval,
+}
+
+/// [`ResNetConfig`] as written in TOML (serde's `try_from`/`into` form): `depth` as a
+/// shorthand, the norm as a name and numbers.
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct ResNetToml {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    depth: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    block: Option<BlockKind>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    layers: Option<[usize; 4]>,
+    width_per_group: usize,
+    /// Groups of the 3x3 convolution (ResNeXt); only 1 is supported.
+    groups: usize,
+    trainable_layers: usize,
+    norm: NormName,
+    #[serde(alias = "frozen_bn_eps")]
+    bn_eps: f64,
+    bn_momentum: f64,
+}
+
+impl Default for ResNetToml {
+    fn default() -> Self {
+        ResNetConfig::default().into()
+    }
+}
+
+impl From<ResNetConfig> for ResNetToml {
+    fn from(c: ResNetConfig) -> Self {
+        let (norm, bn_eps, bn_momentum) = match c.norm {
+            NormKind::Frozen { eps } => (NormName::FrozenBn, eps, 0.1),
+            NormKind::FrozenStats { eps } => (NormName::BnEval, eps, 0.1),
+            NormKind::Batch { eps, momentum } => (NormName::BatchNorm, eps, momentum),
+        };
+        ResNetToml {
+            depth: None,
+            block: Some(c.block),
+            layers: Some(c.layers),
+            width_per_group: c.width_per_group,
+            groups: 1,
+            trainable_layers: c.trainable_layers,
+            norm,
+            bn_eps,
+            bn_momentum,
+        }
+    }
+}
+
+impl TryFrom<ResNetToml> for ResNetConfig {
+    type Error = String;
+
+    fn try_from(t: ResNetToml) -> std::result::Result<Self, String> {
+        let by_depth = match t.depth {
+            None => None,
+            Some(d) => Some(
+                ResNetConfig::layers_of(d)
+                    .ok_or_else(|| format!("depth {d} is not one of 18, 34, 50, 101, 152"))?,
+            ),
+        };
+        let block = t
+            .block
+            .or(by_depth.map(|b| b.0))
+            .ok_or("give `depth` or `block`")?;
+        let layers = t
+            .layers
+            .or(by_depth.map(|b| b.1))
+            .ok_or("give `depth` or `layers`")?;
+        if t.groups != 1 {
+            return Err(format!(
+                "groups = {}: grouped convolutions are not supported",
+                t.groups
+            ));
+        }
+        let norm = match t.norm {
+            NormName::FrozenBn => NormKind::Frozen { eps: t.bn_eps },
+            NormName::BnEval => NormKind::FrozenStats { eps: t.bn_eps },
+            NormName::BatchNorm => NormKind::Batch {
+                eps: t.bn_eps,
+                momentum: t.bn_momentum,
+            },
+        };
+        Ok(ResNetConfig {
+            block,
+            layers,
+            width_per_group: t.width_per_group,
+            norm,
+            trainable_layers: t.trainable_layers,
+        })
     }
 }
 
