@@ -10,7 +10,7 @@
 //! every kernels/*.cu compiled as host C++ with the shim, plus one trampoline per
 //! entry, into a static library linked into the crate (`cfg(kestrel_emu)`). Without a
 //! C++ compiler the emulator is left out with a warning; `KESTREL_EMU=0` leaves it
-//! out on purpose. `KESTREL_EMU_SANITIZE=address|thread` builds the emulated kernels
+//! out on purpose, and so does building without the `emulator` Cargo feature. `KESTREL_EMU_SANITIZE=address|thread` builds the emulated kernels
 //! with AddressSanitizer or ThreadSanitizer and links that runtime statically into
 //! the crate's binaries and tests.
 
@@ -239,6 +239,11 @@ mod emu {
             "cargo:rustc-env=KESTREL_EMU_RECORD_DIR={}",
             record.display()
         );
+        // Without the `emulator` feature (an embedding build) the C++ runtime is not
+        // compiled at all, silently: nothing asked for it.
+        if env::var_os("CARGO_FEATURE_EMULATOR").is_none() {
+            return;
+        }
         if env::var("KESTREL_EMU").is_ok_and(|v| v == "0") {
             println!("cargo:warning=KESTREL_EMU=0: the emulated CUDA device is not built");
             return;

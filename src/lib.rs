@@ -25,6 +25,7 @@ pub mod io;
 pub mod nn;
 pub mod ops;
 pub mod optim;
+mod progress;
 pub mod rng;
 pub mod runner;
 pub mod tensor;

@@ -109,9 +109,10 @@ pub fn demo(out: &Path, device_name: &str, iters: Option<usize>) -> Result<()> {
     let draw_dir = out.join("detections");
     std::fs::create_dir_all(&draw_dir).map_err(io(&draw_dir))?;
     let mut drawn = Vec::new();
+    let names: Vec<String> = val.coco.categories.iter().map(|c| c.name.clone()).collect();
     for (s, (id, d, _)) in val.samples.iter().zip(&res).take(8) {
         let p = draw_dir.join(format!("val_{id:04}.png"));
-        save_detections_png(&p, &s.image, s.height, s.width, d, 0.5)?;
+        save_detections_png(&p, &s.image, s.height, s.width, d, 0.5, &names)?;
         drawn.push(p);
     }
 
@@ -240,6 +241,22 @@ fn infer_model(checkpoint: &Path, config: Option<&Path>) -> Result<FasterRcnn> {
     FasterRcnn::from_checkpoint(checkpoint)
 }
 
+/// The class names a training checkpoint carries (`class_names` in its runner
+/// meta), or none (labels are then drawn as numbers).
+fn class_names(checkpoint: &Path) -> Vec<String> {
+    let Ok(f) = crate::io::TensorFile::open(checkpoint) else {
+        return Vec::new();
+    };
+    f.metadata()
+        .values()
+        .filter_map(|v| serde_json::from_str::<serde_json::Value>(v).ok())
+        .find_map(|v| {
+            let names = v.get("meta")?.get(super::train::CLASS_NAMES_KEY)?;
+            serde_json::from_value(names.clone()).ok()
+        })
+        .unwrap_or_default()
+}
+
 /// `kestrel infer CHECKPOINT IMAGE... [--out DIR]`.
 pub fn infer(
     checkpoint: &Path,
@@ -252,6 +269,7 @@ pub fn infer(
     let dev = device(device_name)?;
     let mut model = infer_model(checkpoint, config)?;
     model.to_device(dev)?;
+    let names = class_names(checkpoint);
     std::fs::create_dir_all(out).map_err(io(out))?;
     let mut all = Vec::new();
     for path in images {
@@ -265,7 +283,9 @@ pub fn infer(
             .file_stem()
             .map_or("image".into(), |s| s.to_string_lossy().to_string());
         let png = out.join(format!("{stem}_det.png"));
-        save_detections_png(&png, &rgb.data, rgb.height, rgb.width, &d, min_score)?;
+        save_detections_png(
+            &png, &rgb.data, rgb.height, rgb.width, &d, min_score, &names,
+        )?;
         let kept = d.scores.iter().filter(|&&s| s >= min_score).count();
         println!(
             "{}: {} detections ({kept} scoring >= {min_score}) -> {}",

@@ -157,6 +157,10 @@ impl ShapesRun {
         );
         r.log.quiet = self.quiet;
         record_model_config(&mut r)?;
+        let names = crate::data::shapes::SHAPE_CLASSES
+            .map(String::from)
+            .to_vec();
+        record_class_names(&mut r, &names);
         let loader = Loader::new(
             train,
             crate::data::LoaderConfig {
@@ -270,6 +274,12 @@ pub fn config_runner(cfg: &Config, dev: Device) -> Result<Runner<DetectorModel>>
             },
         )?))
     };
+    let names: Vec<String> = val_set
+        .categories()
+        .iter()
+        .map(|c| c.name.clone())
+        .collect();
+    record_class_names(&mut runner, &names);
     runner.set_train_loader(Box::new(loader(train_set, true)?));
     if r.workflow.iter().any(|(m, _)| *m == Mode::Val) {
         runner.set_val_loader(Box::new(loader(val_set.clone(), false)?));
@@ -328,4 +338,13 @@ pub fn record_model_config(r: &mut Runner<DetectorModel>) -> Result<()> {
     r.meta
         .insert(crate::detection::faster_rcnn::MODEL_CONFIG_KEY.into(), v);
     Ok(())
+}
+
+/// Runner `meta` key of the class names (label `k` is `names[k - 1]`).
+pub const CLASS_NAMES_KEY: &str = "class_names";
+
+/// Put the class names in the runner's `meta`, so a checkpoint's drawn detections
+/// name their classes.
+pub fn record_class_names(r: &mut Runner<DetectorModel>, names: &[String]) {
+    r.meta.insert(CLASS_NAMES_KEY.into(), names.into());
 }

@@ -410,6 +410,16 @@ impl FasterRcnn {
         Ok(self.detect_traced(images)?.detections)
     }
 
+    /// Detections in the PNG or JPEG image at `path` (original image pixels), run on
+    /// the model's device without recording gradients.
+    pub fn detect_image(&self, path: impl AsRef<Path>) -> Result<Detections> {
+        let rgb = crate::data::image_io::load_rgb(path.as_ref())?;
+        let x = super::transform::image_from_u8(&rgb.data, rgb.height, rgb.width)?
+            .to_device(model_device(self))?;
+        let mut d = crate::autograd::no_grad(|| self.detect(&[x]))?;
+        Ok(d.pop().unwrap_or_default())
+    }
+
     /// [`FasterRcnn::detect`] keeping the intermediate results.
     pub fn detect_traced(&self, images: &[Tensor]) -> Result<InferenceTrace> {
         self.detect_staged(images, &mut |_| Ok(()))
@@ -583,6 +593,14 @@ impl FasterRcnn {
             ("loss_box_reg".into(), loss_box),
         ])
     }
+}
+
+/// The device of the model's parameters (the CPU for a model without any).
+fn model_device(m: &FasterRcnn) -> Device {
+    m.params
+        .iter()
+        .next()
+        .map_or(Device::Cpu, |(_, t)| t.device())
 }
 
 impl Detections {

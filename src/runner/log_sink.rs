@@ -4,7 +4,7 @@
 use std::io::Write;
 use std::path::PathBuf;
 
-use indicatif::ProgressBar;
+use crate::progress::ProgressBar;
 
 /// Text output of a run.
 #[derive(Default)]
