@@ -3,6 +3,8 @@
 //!
 //! `cargo bench --bench detection` (filter with e.g. `-- nms/cpu`).
 
+mod common;
+
 use std::hint::black_box;
 use std::time::Duration;
 
@@ -13,24 +15,6 @@ use kestrel::detection::rpn::{Rpn, RpnConfig, RpnHeadOutput};
 use kestrel::ops::{nms, topk};
 use kestrel::rng::Rng;
 use kestrel::{Device, Tensor};
-
-/// Devices to bench: the CPU, and CUDA device 0 when it opens.
-fn devices() -> Vec<Device> {
-    let mut d = vec![Device::Cpu];
-    if kestrel::device::gpu::device(0).is_ok() {
-        d.push(Device::Cuda(0));
-    }
-    d
-}
-
-/// Wait for queued device work so a timing covers it.
-fn sync(device: Device) {
-    if let Device::Cuda(n) = device {
-        kestrel::device::gpu::device(n)
-            .and_then(|d| d.backend.synchronize())
-            .expect("synchronize");
-    }
-}
 
 /// `n` boxes clustered like a detector's raw outputs on a 1216 x 800 image: about
 /// one object per 50 boxes, object sizes log-uniform in 16..400 pixels, each output
@@ -64,7 +48,7 @@ pub fn detector_like_boxes(seed: u64, n: usize) -> (Vec<f32>, Vec<f32>) {
 }
 
 fn bench_nms(c: &mut Criterion) {
-    for device in devices() {
+    for device in common::devices() {
         for n in [1000usize, 5000, 20000, 100_000] {
             let (b, s) = detector_like_boxes(n as u64, n);
             let boxes = Tensor::from_vec(b, [n, 4])
@@ -79,7 +63,7 @@ fn bench_nms(c: &mut Criterion) {
             g.bench_function(format!("{n}"), |bch| {
                 bch.iter(|| {
                     let out = nms::nms_device(&boxes, &scores, None, 0.7).unwrap();
-                    sync(device);
+                    common::sync(device);
                     black_box(out)
                 })
             });
@@ -99,7 +83,7 @@ fn bench_topk(c: &mut Criterion) {
     let levels = level_sizes();
     let a: usize = levels.iter().sum();
     let mut r = Rng::new(7);
-    for device in devices() {
+    for device in common::devices() {
         let mut g = c.benchmark_group(format!("topk_levels/{device}"));
         for batch in [1usize, 2] {
             let scores: Vec<f32> = (0..batch * a).map(|_| r.normal() as f32 * 3.0).collect();
@@ -110,7 +94,7 @@ fn bench_topk(c: &mut Criterion) {
             g.bench_function(format!("{batch}x{a}_k1000"), |bch| {
                 bch.iter(|| {
                     let out = topk::topk_levels(&x, &levels, 1000).unwrap();
-                    sync(device);
+                    common::sync(device);
                     black_box(out)
                 })
             });
@@ -121,11 +105,11 @@ fn bench_topk(c: &mut Criterion) {
 
 fn bench_anchors(c: &mut Criterion) {
     let gen = AnchorGenerator::fpn_default();
-    for device in devices() {
+    for device in common::devices() {
         c.bench_function(&format!("anchors/{device}/800x1216"), |bch| {
             bch.iter(|| {
                 let out = gen.anchors((800, 1216), &GRIDS_800X1216, device).unwrap();
-                sync(device);
+                common::sync(device);
                 black_box(out)
             })
         });
@@ -138,7 +122,7 @@ fn bench_decode(c: &mut Criterion) {
     let coder = BoxCoder::new([1.0; 4]);
     let mut r = Rng::new(8);
     let deltas: Vec<f32> = (0..4 * a).map(|_| r.normal() as f32 * 0.5).collect();
-    for device in devices() {
+    for device in common::devices() {
         let anchors = gen.anchors((800, 1216), &GRIDS_800X1216, device).unwrap();
         let d = Tensor::from_vec(deltas.clone(), [a, 4])
             .unwrap()
@@ -147,7 +131,7 @@ fn bench_decode(c: &mut Criterion) {
         c.bench_function(&format!("box_decode/{device}/{a}"), |bch| {
             bch.iter(|| {
                 let out = coder.decode(&d, &anchors).unwrap();
-                sync(device);
+                common::sync(device);
                 black_box(out)
             })
         });
@@ -180,7 +164,7 @@ fn rpn_head_800x1216(batch: usize, seed: u64, device: Device) -> RpnHeadOutput {
 /// 1000 per image), padded outputs, no read back.
 fn bench_proposals(c: &mut Criterion) {
     let rpn = Rpn::new(256, RpnConfig::default()).unwrap();
-    for device in devices() {
+    for device in common::devices() {
         let head = rpn_head_800x1216(2, 9, device);
         let anchors = rpn.anchors((800, 1216), &GRIDS_800X1216, device).unwrap();
         let sizes = [(800, 1216), (800, 1216)];
@@ -189,7 +173,7 @@ fn bench_proposals(c: &mut Criterion) {
                 let out = rpn
                     .proposals_padded(&head, &anchors, &sizes, false)
                     .unwrap();
-                sync(device);
+                common::sync(device);
                 black_box(out)
             })
         });

@@ -2,6 +2,8 @@
 //! 800x1216 image, named `<op>/<device>/<shape>`. CUDA variants run when
 //! `kestrel::device::gpu::device(0)` opens.
 
+mod common;
+
 use criterion::{criterion_group, criterion_main, Criterion};
 use kestrel::autograd::Tape;
 use kestrel::device::gpu;
@@ -21,32 +23,16 @@ fn input(dims: &[usize], seed: u64, dev: Device) -> Tensor {
         .unwrap()
 }
 
-/// The devices to bench on: the CPU, and CUDA device 0 when present.
-fn devices() -> Vec<(Device, &'static str)> {
-    let mut d = vec![(Device::Cpu, "cpu")];
-    if gpu::device(0).is_ok() {
-        d.push((Device::Cuda(0), "cuda"));
-    }
-    d
-}
-
-/// Wait for queued kernels, so a CUDA iteration times the work and not the launch.
-fn sync(dev: Device) {
-    if let Device::Cuda(n) = dev {
-        gpu::device(n).unwrap().backend.synchronize().unwrap();
-    }
-}
-
 fn pool(c: &mut Criterion) {
     let mut g = c.benchmark_group("max_pool2d");
     g.sample_size(10);
-    for (dev, name) in devices() {
+    for (dev, name) in common::named_devices() {
         // The ResNet stem: conv1 output of an 800x1216 image, 3x3 stride 2 padding 1.
         let x = input(&[1, 64, 400, 608], 1, dev);
         g.bench_function(format!("{name}/1x64x400x608"), |b| {
             b.iter(|| {
                 let y = max_pool2d(&x, 3, 2, 1).unwrap();
-                sync(dev);
+                common::sync(dev);
                 y
             })
         });
@@ -60,7 +46,7 @@ fn pool(c: &mut Criterion) {
                     max_pool2d(&x, 3, 2, 1).unwrap()
                 };
                 let grads = tape.backward_with(&y, gy.clone()).unwrap();
-                sync(dev);
+                common::sync(dev);
                 grads
             })
         });
@@ -71,7 +57,7 @@ fn pool(c: &mut Criterion) {
 fn upsample(c: &mut Criterion) {
     let mut g = c.benchmark_group("upsample_nearest_add");
     g.sample_size(10);
-    for (dev, name) in devices() {
+    for (dev, name) in common::named_devices() {
         // FPN top-down steps of an 800x1216 image, 256 channels: P3 <- P4 (2x) and
         // P5 <- P6-sized map (not 2x: 25x38 <- 13x19).
         for (lat, top) in [
@@ -83,7 +69,7 @@ fn upsample(c: &mut Criterion) {
             g.bench_function(format!("{name}/{shape}"), |b| {
                 b.iter(|| {
                     let y = upsample_nearest_add(&l, &t).unwrap();
-                    sync(dev);
+                    common::sync(dev);
                     y
                 })
             });
@@ -97,7 +83,7 @@ fn upsample(c: &mut Criterion) {
                         upsample_nearest_add(&l, &t).unwrap()
                     };
                     let grads = tape.backward_with(&y, gy.clone()).unwrap();
-                    sync(dev);
+                    common::sync(dev);
                     grads
                 })
             });
@@ -109,7 +95,7 @@ fn upsample(c: &mut Criterion) {
 fn norm(c: &mut Criterion) {
     let mut g = c.benchmark_group("frozen_batch_norm");
     g.sample_size(10);
-    for (dev, name) in devices() {
+    for (dev, name) in common::named_devices() {
         // layer1's output of an 800x1216 image.
         let x = input(&[1, 256, 200, 304], 6, dev);
         let p = |s| input(&[256], s, dev);
@@ -118,7 +104,7 @@ fn norm(c: &mut Criterion) {
         g.bench_function(format!("{name}/1x256x200x304"), |bch| {
             bch.iter(|| {
                 let y = frozen_batch_norm(&x, &w, &b, &rm, &rv, 1e-5).unwrap();
-                sync(dev);
+                common::sync(dev);
                 y
             })
         });
@@ -127,7 +113,7 @@ fn norm(c: &mut Criterion) {
 
     let mut g = c.benchmark_group("batch_norm_train");
     g.sample_size(10);
-    for (dev, name) in devices() {
+    for (dev, name) in common::named_devices() {
         let x = input(&[2, 64, 100, 152], 10, dev);
         let gy = input(&[2, 64, 100, 152], 11, dev);
         let p = |s| input(&[64], s, dev);
@@ -144,7 +130,7 @@ fn norm(c: &mut Criterion) {
                     batch_norm(&x, &w, &b, &rm, &rv, BatchNormConfig::train()).unwrap()
                 };
                 let grads = tape.backward_with(&out.y, gy.clone()).unwrap();
-                sync(dev);
+                common::sync(dev);
                 grads
             })
         });

@@ -3,6 +3,8 @@
 //! training step pays); CUDA timings synchronise the device after each iteration.
 //! CUDA runs when `kestrel::device::gpu::device(0)` opens.
 
+mod common;
+
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion};
@@ -11,23 +13,6 @@ use kestrel::ops::losses::{bce_with_logits, cross_entropy, smooth_l1, Reduction}
 use kestrel::ops::shape::{concat, permute};
 use kestrel::optim::{Sgd, SgdConfig};
 use kestrel::{Device, Result, Tensor};
-
-/// The devices to time on: the CPU, and CUDA device 0 when there is one.
-fn devices() -> Vec<Device> {
-    let mut d = vec![Device::Cpu];
-    if kestrel::device::gpu::device(0).is_ok() {
-        d.push(Device::Cuda(0));
-    }
-    d
-}
-
-/// Wait for queued kernels so a CUDA iteration measures the work, not the launch.
-fn sync(device: Device) {
-    if let Device::Cuda(n) = device {
-        let dev = kestrel::device::gpu::device(n).expect("device opened before");
-        dev.backend.synchronize().expect("synchronize");
-    }
-}
 
 fn rand_f32(seed: u64, shape: &[usize], scale: f64, device: Device) -> Tensor {
     let mut r = kestrel::rng::Rng::new(seed);
@@ -57,13 +42,13 @@ fn bench_on(g: &mut Criterion, name: String, device: Device, f: impl Fn()) {
     g.bench_function(&name, |b| {
         b.iter(|| {
             f();
-            sync(device);
+            common::sync(device);
         })
     });
 }
 
 fn losses(g: &mut Criterion) {
-    for device in devices() {
+    for device in common::devices() {
         // RPN objectness: 256 sampled anchors x 2 images, and every anchor of an
         // 800x1216 batch of one (242991 over P2..P6).
         for n in [512usize, 242_991] {
@@ -94,7 +79,7 @@ fn losses(g: &mut Criterion) {
 }
 
 fn shape_ops(g: &mut Criterion) {
-    for device in devices() {
+    for device in common::devices() {
         // RPN head regression output of P2 for an 800x1216 image: [1, A*4, H, W] -> NHWC.
         let x = rand_f32(6, &[1, 12, 200, 304], 1.0, device);
         bench_on(g, format!("permute/{device}/1x12x200x304"), device, || {
@@ -116,7 +101,7 @@ fn shape_ops(g: &mut Criterion) {
 fn sgd(g: &mut Criterion) {
     // ResNet-50-FPN: about 41M parameters in about 160 tensors.
     let (tensors, each) = (164usize, 250_000usize);
-    for device in devices() {
+    for device in common::devices() {
         let cfg = SgdConfig {
             lr: 0.02,
             momentum: 0.9,
@@ -135,7 +120,7 @@ fn sgd(g: &mut Criterion) {
         g.bench_function(&format!("sgd_step/{device}/41M"), |b| {
             b.iter(|| {
                 opt.step(&mut params, &grads).unwrap();
-                sync(device);
+                common::sync(device);
             })
         });
     }

@@ -4,6 +4,8 @@
 //!
 //! `cargo bench --bench roi_align`
 
+mod common;
+
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion};
@@ -39,13 +41,6 @@ fn feature(seed: u64, h: usize, w: usize) -> Tensor {
     Tensor::from_vec(v, [1, CHANNELS, h, w]).expect("sizes match")
 }
 
-fn sync(dev: Device) {
-    if let Device::Cuda(n) = dev {
-        let d = kestrel::device::gpu::device(n).expect("opened before");
-        d.backend.synchronize().expect("synchronize");
-    }
-}
-
 fn bench_device(c: &mut Criterion, dev: Device, name: &str) {
     let b = boxes(1);
     let rois: Vec<f32> = b
@@ -69,14 +64,14 @@ fn bench_device(c: &mut Criterion, dev: Device, name: &str) {
     c.bench_function(&format!("roi_align/{name}/fwd_1000x256x7x7_p2"), |bch| {
         bch.iter(|| {
             let y = roi_align(&feats[0], &rois, p).unwrap();
-            sync(dev);
+            common::sync(dev);
             y
         })
     });
     c.bench_function(&format!("roi_align/{name}/bwd_1000x256x7x7_p2"), |bch| {
         bch.iter(|| {
             let gx = roi_align_backward(&gy, &rois, dims, p).unwrap();
-            sync(dev);
+            common::sync(dev);
             gx
         })
     });
@@ -86,7 +81,7 @@ fn bench_device(c: &mut Criterion, dev: Device, name: &str) {
             bch.iter(|| {
                 let y = roi_align(&feats[0], &rois, p).unwrap();
                 let gx = roi_align_backward(&gy, &rois, dims, p).unwrap();
-                sync(dev);
+                common::sync(dev);
                 (y, gx)
             })
         },
@@ -103,7 +98,7 @@ fn bench_device(c: &mut Criterion, dev: Device, name: &str) {
         |bch| {
             bch.iter(|| {
                 let y = m.forward(&feats, &props, &image_sizes).unwrap();
-                sync(dev);
+                common::sync(dev);
                 y
             })
         },
@@ -113,7 +108,7 @@ fn bench_device(c: &mut Criterion, dev: Device, name: &str) {
         |bch| {
             bch.iter(|| {
                 let gs = m.backward(&gy, &feats, &props, &image_sizes).unwrap();
-                sync(dev);
+                common::sync(dev);
                 gs
             })
         },

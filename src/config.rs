@@ -53,12 +53,15 @@ pub enum DatasetKind {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DataConfig {
+    /// COCO files or generated shapes.
     pub dataset: DatasetKind,
     /// Image folder and COCO JSON of the training set.
     pub train_images: PathBuf,
+    /// COCO JSON of the training set.
     pub train_annotations: PathBuf,
     /// Image folder and COCO JSON of the validation set.
     pub val_images: PathBuf,
+    /// COCO JSON of the validation set.
     pub val_annotations: PathBuf,
     /// Images per iteration (the reference recipes: 2 per GPU on 8 GPUs).
     pub batch_size: usize,
@@ -70,6 +73,7 @@ pub struct DataConfig {
     pub hflip_prob: f64,
     /// Skip unreadable images with a warning instead of stopping.
     pub skip_bad_images: bool,
+    /// The generated shapes (`dataset = "shapes"`).
     pub shapes: ShapesConfig,
 }
 
@@ -97,8 +101,11 @@ impl Default for DataConfig {
 pub struct ShapesConfig {
     /// Where it is written.
     pub root: PathBuf,
+    /// Seed of the training images (validation: another seed).
     pub seed: u64,
+    /// Training images.
     pub train_count: usize,
+    /// Validation images.
     pub val_count: usize,
     /// Side of the square images, pixels.
     pub image_size: usize,
@@ -122,9 +129,13 @@ impl Default for ShapesConfig {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum PolicyKind {
+    /// The base rate throughout.
     Fixed,
+    /// Times `gamma` at each of `steps`.
     Step,
+    /// Cosine annealing to `min_lr`.
     Cosine,
+    /// Polynomial decay with `power`.
     Poly,
 }
 
@@ -132,9 +143,13 @@ pub enum PolicyKind {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum WarmupKind {
+    /// No warmup.
     None,
+    /// `warmup_ratio` times the rate during warmup.
     Constant,
+    /// Linear from `warmup_ratio` to 1.
     Linear,
+    /// Exponential from `warmup_ratio` to 1.
     Exp,
 }
 
@@ -142,8 +157,10 @@ pub enum WarmupKind {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GradClipConfig {
+    /// Largest total gradient norm.
     pub max_norm: f64,
     #[serde(default = "two")]
+    /// The norm (2: Euclidean).
     pub norm_type: f64,
 }
 
@@ -159,24 +176,32 @@ pub struct ScheduleConfig {
     pub max: Schedule,
     /// SGD: base learning rate, momentum, weight decay, Nesterov.
     pub lr: f64,
+    /// SGD momentum.
     pub momentum: f64,
+    /// L2 weight decay.
     pub weight_decay: f64,
+    /// Nesterov momentum.
     pub nesterov: bool,
     /// Regular schedule, and whether it counts epochs or iterations (by default the
     /// unit of `max`).
     pub policy: PolicyKind,
+    /// Whether the schedule counts epochs (default: the unit of `max`).
     pub lr_by_epoch: Option<bool>,
     /// `step`: milestones (epochs or iterations) and factor.
     pub steps: Vec<usize>,
+    /// `step`: factor at each step.
     pub gamma: f64,
     /// `step`, `cosine`, `poly`: floor of the rate; `cosine`: or a fraction of the base.
     pub min_lr: Option<f64>,
+    /// `cosine`: floor as a fraction of the base rate.
     pub min_lr_ratio: Option<f64>,
     /// `poly`: exponent.
     pub power: f64,
     /// Warmup kind, length in iterations and starting fraction.
     pub warmup: WarmupKind,
+    /// Warmup length, iterations.
     pub warmup_iters: usize,
+    /// Warmup starting fraction of the rate.
     pub warmup_ratio: f64,
     /// Clip gradients by total norm.
     pub grad_clip: Option<GradClipConfig>,

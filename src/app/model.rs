@@ -15,8 +15,11 @@ use crate::tensor::Tensor;
 /// ground truth in pixels.
 #[derive(Clone, Debug)]
 pub struct DetBatch {
+    /// Images `[3, H, W]` in 0..1.
     pub images: Vec<Tensor>,
+    /// Ground truth per image, pixels.
     pub targets: Vec<Target>,
+    /// COCO image id per image.
     pub image_ids: Vec<i64>,
 }
 
@@ -46,6 +49,7 @@ impl DetBatch {
 /// frozen affine) a buffer. A training step applies the BatchNorm running-statistic
 /// updates of its forward pass.
 pub struct DetectorModel {
+    /// The detector.
     pub model: FasterRcnn,
     /// Where batches are moved before the forward pass.
     pub device: Device,

@@ -75,20 +75,31 @@ pub fn load_weights(model: &mut FasterRcnn, path: &std::path::Path) -> Result<()
 /// test).
 #[derive(Clone, Debug)]
 pub struct ShapesRun {
+    /// Checkpoints and logs.
     pub work_dir: std::path::PathBuf,
+    /// Where the model trains.
     pub device: Device,
+    /// Seeds the weights, the data and the sampling.
     pub seed: u64,
+    /// Generated training images.
     pub train_count: usize,
+    /// Generated validation images (another seed).
     pub val_count: usize,
+    /// Side of the square images, pixels.
     pub image_size: usize,
+    /// Images per iteration.
     pub batch_size: usize,
+    /// Training iterations.
     pub max_iters: usize,
+    /// Base learning rate of SGD.
     pub lr: f64,
+    /// Iterations of linear warmup.
     pub warmup_iters: usize,
     /// LR steps (x0.1), iterations.
     pub steps: Vec<usize>,
     /// Checkpoint every this many iterations (0: only at the end).
     pub checkpoint_interval: usize,
+    /// Log every this many iterations.
     pub log_interval: usize,
     /// Print nothing (tests).
     pub quiet: bool,

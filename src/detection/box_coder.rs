@@ -30,7 +30,9 @@ pub fn default_bbox_xform_clip() -> f64 {
 /// RPN, `(10, 10, 5, 5)` for the box head.
 #[derive(Clone, Debug, PartialEq)]
 pub struct BoxCoder {
+    /// Weights (wx, wy, ww, wh) of the encoding.
     pub weights: [f64; 4],
+    /// Upper clamp of dw, dh before `exp` (log(1000/16)).
     pub bbox_xform_clip: f64,
 }
 

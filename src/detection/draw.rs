@@ -102,8 +102,11 @@ pub fn label_text(label: i64, score: f32, names: &[String]) -> String {
 
 /// An RGB image being drawn on, row-major HWC.
 pub struct Canvas {
+    /// Width, pixels.
     pub width: usize,
+    /// Height, pixels.
     pub height: usize,
+    /// Pixels, row-major HWC.
     pub rgb: Vec<u8>,
 }
 

@@ -261,19 +261,29 @@ impl FasterRcnnConfig {
 
 /// The detector: backbone body, FPN, RPN, box head, and its parameters.
 pub struct FasterRcnn {
+    /// What shapes the model.
     pub config: FasterRcnnConfig,
+    /// The ResNet body (C2..C5).
     pub body: ResNet,
+    /// The feature pyramid (P2..P6).
     pub fpn: Fpn,
+    /// The region proposal network.
     pub rpn: Rpn,
+    /// The box branch.
     pub roi_heads: RoiHeads,
+    /// Every parameter and buffer, by torchvision name.
     pub params: ParamStore,
 }
 
 /// Intermediate results of an inference pass, for inspection and stage tests.
 pub struct InferenceTrace {
+    /// The resized, padded batch.
     pub images: ImageList,
+    /// P2..P6.
     pub features: Vec<Tensor>,
+    /// Proposals per image `[K, 4]`.
     pub proposals: Vec<Tensor>,
+    /// Final detections, original image pixels.
     pub detections: Vec<Detections>,
 }
 

@@ -31,8 +31,11 @@ pub const BETWEEN_THRESHOLDS: i64 = -2;
 /// 0.5, false) for the box head.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Matcher {
+    /// IoU at or above which a match is foreground.
     pub high_threshold: f64,
+    /// IoU below which a prediction is background.
     pub low_threshold: f64,
+    /// Also match each ground truth to its best predictions.
     pub allow_low_quality_matches: bool,
 }
 

@@ -124,7 +124,9 @@ impl RoiHeadsConfig {
 
 /// The box branch.
 pub struct RoiHeads {
+    /// Its settings.
     pub config: RoiHeadsConfig,
+    /// MultiScaleRoIAlign over P2..P5.
     pub pooler: MultiScaleRoIAlign,
     fc6: Linear,
     fc7: Linear,

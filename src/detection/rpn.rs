@@ -111,6 +111,7 @@ impl RpnConfig {
 
 /// The RPN: a shared 3x3 conv, objectness and box-delta 1x1 convs.
 pub struct Rpn {
+    /// Its settings.
     pub config: RpnConfig,
     conv: Conv2d,
     cls_logits: Conv2d,
@@ -121,7 +122,9 @@ pub struct Rpn {
 
 /// Head outputs per level: objectness `[N, A, H, W]` and deltas `[N, 4A, H, W]`.
 pub struct RpnHeadOutput {
+    /// Objectness logits per level `[N, A, H, W]`.
     pub objectness: Vec<Tensor>,
+    /// Box deltas per level `[N, 4A, H, W]`.
     pub deltas: Vec<Tensor>,
 }
 

@@ -19,7 +19,9 @@ use crate::tensor::{DType, Tensor};
 /// Sampled indices of one image, each list ascending.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Sampled {
+    /// Indices of the sampled positives.
     pub positive: Vec<i64>,
+    /// Indices of the sampled negatives.
     pub negative: Vec<i64>,
 }
 
@@ -28,7 +30,9 @@ pub struct Sampled {
 /// box head.
 #[derive(Clone, Debug, PartialEq)]
 pub struct BalancedPositiveNegativeSampler {
+    /// Samples per image.
     pub batch_size_per_image: usize,
+    /// Fraction of positives, at most.
     pub positive_fraction: f64,
 }
 

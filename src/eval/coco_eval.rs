@@ -16,7 +16,9 @@ pub struct GtBox {
     /// Annotation id. pycocotools marks "unmatched" with id 0, so a ground truth with
     /// id 0 never counts as matched there, nor here.
     pub id: i64,
+    /// The image it is in.
     pub image_id: i64,
+    /// Its category.
     pub category_id: i64,
     /// `[x, y, w, h]` in pixels.
     pub bbox: [f64; 4],
@@ -30,10 +32,13 @@ pub struct GtBox {
 /// A detection in COCO form.
 #[derive(Clone, Debug, PartialEq)]
 pub struct DetBox {
+    /// The image it is in.
     pub image_id: i64,
+    /// Its category.
     pub category_id: i64,
     /// `[x, y, w, h]` in pixels.
     pub bbox: [f64; 4],
+    /// Confidence.
     pub score: f64,
 }
 
@@ -97,6 +102,7 @@ pub const STAT_NAMES: [&str; 12] = [
 /// The result of an evaluation.
 #[derive(Clone, Debug)]
 pub struct CocoEvaluation {
+    /// The parameters used.
     pub params: EvalParams,
     /// Categories K, sorted.
     pub category_ids: Vec<i64>,

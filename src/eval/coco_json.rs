@@ -47,10 +47,13 @@ impl GroundTruth {
 /// One detection in the COCO results format.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct JsonResult {
+    /// The image it is in.
     pub image_id: i64,
+    /// Its category.
     pub category_id: i64,
     /// `[x, y, w, h]` in pixels.
     pub bbox: Vec<f64>,
+    /// Confidence.
     pub score: f64,
 }
 

@@ -10,6 +10,7 @@ use crate::tensor::Tensor;
 pub struct Fpn {
     inner: Vec<Conv2d>,
     layer: Vec<Conv2d>,
+    /// Channels of every output level.
     pub out_channels: usize,
 }
 

@@ -243,6 +243,7 @@ struct Block {
 
 /// The ResNet body.
 pub struct ResNet {
+    /// Its shape.
     pub config: ResNetConfig,
     stem: (Conv2d, Norm2d),
     stages: Vec<Vec<Block>>,

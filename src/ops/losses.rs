@@ -13,7 +13,7 @@ use num_traits::{One, Zero};
 use rayon::prelude::*;
 
 use crate::autograd::{no_grad, record};
-use crate::device::gpu::{GpuDevice, KernelArg, LaunchCfg};
+use crate::device::gpu::{KernelArg, LaunchCfg};
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::tensor::{same_device, DType, Element, Shape, Tensor};
@@ -328,45 +328,7 @@ fn gpu_pointwise(
         launch_elems(&dev, fwd, n, &args)?;
         return Ok(y);
     }
-    device_sum(&dev, partial, args, n, k)
-}
-
-/// `k * sum` of a fused loss on the device: `partial_kernel(leading..., partial, n)`
-/// writes one sum per block, `sum_final_f32` adds them into a `[]` tensor.
-fn device_sum(
-    dev: &GpuDevice,
-    partial_kernel: &str,
-    mut leading: Vec<KernelArg>,
-    n: usize,
-    k: f64,
-) -> Result<Tensor> {
-    // Same launch shape as ops::reduce, so the final pass sees at most 1024 partials.
-    let blocks = n.div_ceil(256).clamp(1, 1024);
-    let partial = Tensor::gpu_zeros(dev, [blocks])?;
-    let y = Tensor::gpu_zeros(dev, Shape::new(vec![]))?;
-    leading.extend([arg(&partial)?, KernelArg::I64(n as i64)]);
-    let cfg = LaunchCfg {
-        grid: (blocks as u32, 1, 1),
-        block: (256, 1, 1),
-        shared_bytes: 0,
-    };
-    dev.launch(partial_kernel, cfg, &leading)?;
-    let one_block = LaunchCfg {
-        grid: (1, 1, 1),
-        block: (1024, 1, 1),
-        shared_bytes: 0,
-    };
-    dev.launch(
-        "sum_final_f32",
-        one_block,
-        &[
-            arg(&partial)?,
-            arg(&y)?,
-            KernelArg::I32(blocks as i32),
-            KernelArg::F32(k as f32),
-        ],
-    )?;
-    Ok(y)
+    super::reduce::two_pass_sum(&dev, partial, args, n, k)
 }
 
 /// Check the upstream gradient of a loss: `[]`-sized for reduced losses, the loss's

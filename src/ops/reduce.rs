@@ -1,7 +1,7 @@
 //! sum and mean of all elements, to a rank-0 tensor.
 
 use crate::autograd::record;
-use crate::device::gpu::{KernelArg, LaunchCfg};
+use crate::device::gpu::{GpuDevice, KernelArg, LaunchCfg};
 use crate::device::Device;
 use crate::error::Result;
 use crate::tensor::{Element, Shape, Tensor};
@@ -29,42 +29,53 @@ fn scaled_sum(op: &'static str, x: &Tensor, k: f64) -> Result<Tensor> {
         })?,
         Device::Cuda(_) => {
             let dev = gpu_dev(op, x)?;
-            let n = x.numel();
-            let blocks = n.div_ceil(256).clamp(1, 1024);
-            let partial = Tensor::gpu_zeros(&dev, [blocks])?;
-            let y = Tensor::gpu_zeros(&dev, Shape::new(vec![]))?;
-            let cfg = LaunchCfg {
-                grid: (blocks as u32, 1, 1),
-                block: (256, 1, 1),
-                shared_bytes: 0,
-            };
-            dev.launch(
-                "sum_partial_f32",
-                cfg,
-                &[arg(x)?, arg(&partial)?, KernelArg::I64(n as i64)],
-            )?;
-            let cfg1 = LaunchCfg {
-                grid: (1, 1, 1),
-                block: (1024, 1, 1),
-                shared_bytes: 0,
-            };
-            dev.launch(
-                "sum_final_f32",
-                cfg1,
-                &[
-                    arg(&partial)?,
-                    arg(&y)?,
-                    KernelArg::I32(blocks as i32),
-                    KernelArg::F32(k as f32),
-                ],
-            )?;
-            y
+            two_pass_sum(&dev, "sum_partial_f32", vec![arg(x)?], x.numel(), k)?
         }
     };
     let shape = x.shape().clone();
     record(op, &[x], &y, move |gy, _| {
         Ok(vec![Some(broadcast_scalar(gy, &shape, k)?)])
     });
+    Ok(y)
+}
+
+/// `k * sum` on the device in two launches: `partial_kernel(leading..., partial, n)`
+/// writes one sum per block (at most 1024 blocks of 256 threads), then
+/// `sum_final_f32` adds the partials into a `[]` tensor. `sum`/`mean` and the fused
+/// losses (whose partial kernels compute the loss on the fly) share it.
+pub(crate) fn two_pass_sum(
+    dev: &GpuDevice,
+    partial_kernel: &str,
+    mut leading: Vec<KernelArg>,
+    n: usize,
+    k: f64,
+) -> Result<Tensor> {
+    // At most 1024 partials, so the final pass is one block of 1024 threads.
+    let blocks = n.div_ceil(256).clamp(1, 1024);
+    let partial = Tensor::gpu_zeros(dev, [blocks])?;
+    let y = Tensor::gpu_zeros(dev, Shape::new(vec![]))?;
+    leading.extend([arg(&partial)?, KernelArg::I64(n as i64)]);
+    let cfg = LaunchCfg {
+        grid: (blocks as u32, 1, 1),
+        block: (256, 1, 1),
+        shared_bytes: 0,
+    };
+    dev.launch(partial_kernel, cfg, &leading)?;
+    let one_block = LaunchCfg {
+        grid: (1, 1, 1),
+        block: (1024, 1, 1),
+        shared_bytes: 0,
+    };
+    dev.launch(
+        "sum_final_f32",
+        one_block,
+        &[
+            arg(&partial)?,
+            arg(&y)?,
+            KernelArg::I32(blocks as i32),
+            KernelArg::F32(k as f32),
+        ],
+    )?;
     Ok(y)
 }
 
