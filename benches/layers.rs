@@ -6,7 +6,6 @@ mod common;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use kestrel::autograd::Tape;
-use kestrel::device::gpu;
 use kestrel::ops::norm::{batch_norm, frozen_batch_norm, BatchNormConfig};
 use kestrel::ops::pool::max_pool2d;
 use kestrel::ops::upsample::upsample_nearest_add;

@@ -66,6 +66,7 @@ fn shapes_train_reaches_ap50_and_resume_is_bit_exact() {
         8,
         Device::Cpu,
         &|l| Some(l),
+        &kestrel::eval::EvalParams::default(),
     )
     .unwrap();
     eprintln!(
