@@ -8,7 +8,6 @@
 
 mod common;
 
-use kestrel::autograd::Tape;
 use kestrel::device::emu;
 use kestrel::device::gpu::{self, GpuBuffer, GpuDevice, KernelArg, LaunchCfg};
 use kestrel::{ops, Device, Error, Tensor};

@@ -156,3 +156,37 @@ fn test_name_parser_reads_plain_tests_and_device_tests() {
     .collect();
     assert_eq!(test_names(src), want);
 }
+
+/// What `kestrel kernel-check NAME` runs, for every name `kestrel kernels` lists: one
+/// `cargo test --test T -- FILTERS` per mapped target (each a file in tests/), with
+/// `--include-ignored` only where a GPU is, then the bench (a file in benches/).
+#[test]
+fn kernel_check_plan_runs_real_targets_for_every_listed_name() {
+    use kestrel::app::kernel_check::plan;
+    for f in kernels::files() {
+        for name in f.entries.iter().copied().chain([f.file]) {
+            let (_, map) = kernels::tests_for(name).unwrap();
+            let cmds = plan(name, true, false).unwrap();
+            let tests: Vec<&Vec<String>> = cmds.iter().filter(|c| c[0] == "test").collect();
+            assert_eq!(tests.len(), map.tests.len(), "{name}: {cmds:?}");
+            for (c, t) in tests.iter().zip(map.tests) {
+                assert_eq!(c[1..4], ["--test", t.target, "--"], "{name}: {c:?}");
+                assert_eq!(c[4..], *t.filters, "{name}: {c:?}");
+                target_source(t.target);
+            }
+            let benches: Vec<&Vec<String>> = cmds.iter().filter(|c| c[0] == "bench").collect();
+            assert_eq!(benches.len(), usize::from(map.bench.is_some()), "{name}");
+            for b in benches {
+                assert!(root()
+                    .join("benches")
+                    .join(format!("{}.rs", b[2]))
+                    .is_file());
+            }
+            let gpu = plan(name, false, true).unwrap();
+            assert!(gpu
+                .iter()
+                .all(|c| c[0] == "test" && c.last().unwrap() == "--include-ignored"));
+        }
+    }
+    assert!(plan("no_such_kernel_f32", true, false).is_err());
+}
