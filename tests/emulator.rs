@@ -149,6 +149,8 @@ fn in_child(
     let out = std::process::Command::new(std::env::current_exe().unwrap())
         .args([test, "--exact", "--nocapture", "--test-threads=1"])
         .env("KESTREL_EMU_CHILD", test)
+        // The child's launches belong to this test run (zz_emu_coverage).
+        .env("KESTREL_TEST_RUN", emu::run_id())
         .envs(env.iter().copied())
         .output()
         .expect("re-running the test binary");

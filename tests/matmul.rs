@@ -122,8 +122,61 @@ fn check_matmul_on(dev: Device) {
     assert_tensor_close("matmul", &y, &want, FWD_TOL);
 }
 
+/// linear forward and backward at sizes past the small-tile threshold (both sides of
+/// the product over 64), so the 128x128-tile GEMMs run: y = x w^T + b (nt),
+/// gx = gy w (nn), gw = gy^T x (tn), against f64 sums written here.
+fn check_linear_large_on(dev: Device) {
+    let (n, fin, fout) = (130, 70, 150);
+    let (x, w, gy) = (
+        rand_t(11, &[n, fin]),
+        rand_t(12, &[fout, fin]),
+        rand_t(13, &[n, fout]),
+    );
+    let (xv, wv, gv) = (
+        x.to_vec::<f64>().unwrap(),
+        w.to_vec::<f64>().unwrap(),
+        gy.to_vec::<f64>().unwrap(),
+    );
+    let y: Vec<f64> = (0..n * fout)
+        .map(|i| {
+            (0..fin)
+                .map(|l| xv[i / fout * fin + l] * wv[i % fout * fin + l])
+                .sum()
+        })
+        .collect();
+    let gx: Vec<f64> = (0..n * fin)
+        .map(|i| {
+            (0..fout)
+                .map(|o| gv[i / fin * fout + o] * wv[o * fin + i % fin])
+                .sum()
+        })
+        .collect();
+    let gw: Vec<f64> = (0..fout * fin)
+        .map(|i| {
+            (0..n)
+                .map(|r| gv[r * fout + i / fin] * xv[r * fin + i % fin])
+                .sum()
+        })
+        .collect();
+    let on = |t: &Tensor| t.to_dtype(DType::F32).unwrap().to_device(dev).unwrap();
+    let (xd, wd) = (on(&x), on(&w));
+    let tape = Tape::new();
+    tape.watch(&xd);
+    tape.watch(&wd);
+    let yd = {
+        let _g = tape.activate();
+        linear(&xd, &wd, None).unwrap()
+    };
+    assert_eq!(yd.dims(), [n, fout]);
+    assert_tensor_close("linear large y", &yd, &y, FWD_TOL);
+    let grads = tape.backward_with(&yd, on(&gy)).unwrap();
+    assert_tensor_close("linear large gx", grads.expect(&xd).unwrap(), &gx, GRAD_TOL);
+    assert_tensor_close("linear large gw", grads.expect(&wd).unwrap(), &gw, GRAD_TOL);
+}
+
 crate::device_tests! {
     matmul_matches_definition => check_matmul_on;
+    linear_large_matches_definition => check_linear_large_on;
 }
 
 // ---------------------------------------------------------------------------------

@@ -802,7 +802,7 @@ fn check_multiscale_edges_on(dev: Device) {
 
 crate::device_tests! {
     roi_align_edge_cases => check_edge_cases_on;
-    roi_align_errors => check_errors_on;
+    roi_align_errors(cpu, emulated_errors, cuda) => check_errors_on;
     multiscale_roi_align_edge_cases => check_multiscale_edges_on;
 }
 
