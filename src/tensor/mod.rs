@@ -172,7 +172,7 @@ impl Tensor {
             DType::F32 => Tensor::from_vec(vec![value as f32; n], shape)?,
             DType::F64 => Tensor::from_vec(vec![value; n], shape)?,
             DType::I64 => Tensor::from_vec_i64(vec![value as i64; n], shape)?,
-            DType::BF16 => Tensor::from_vec_bf16(vec![half::bf16::from_f64(value); n], shape)?,
+            DType::BF16 => Tensor::from_vec_bf16(vec![half::bf16::from_f32(value as f32); n], shape)?,
         };
         t.to_device(device)
     }
@@ -445,10 +445,13 @@ impl Tensor {
                     .collect(),
                 self.shape().clone(),
             ),
+            // Through f32 (exact for f32 tensors): half's `bf16::from_f64` does not
+            // round to nearest even (it drops the bits below f32's, e.g. 0x3f288004
+            // goes down), and the device kernels round from f32.
             DType::BF16 => Tensor::from_vec_bf16(
-                self.to_vec::<f64>()?
+                self.to_vec::<f32>()?
                     .into_iter()
-                    .map(half::bf16::from_f64)
+                    .map(half::bf16::from_f32)
                     .collect(),
                 self.shape().clone(),
             ),
