@@ -23,7 +23,10 @@ fn tools_present() -> bool {
 
 fn report(args: &[&str]) -> (bool, String) {
     let out = Command::new("python3")
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/sass_report.py"))
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/scripts/sass_report.py"
+        ))
         .args(args)
         .output()
         .expect("python3 runs");
@@ -45,7 +48,11 @@ fn tensor_core_kernels_have_hmma_in_the_main_loop_and_no_spills() {
     }
     let (ok, text) = report(&["--check", "tc_conv"]);
     assert!(ok, "{text}");
-    for k in ["tc_conv_fwd_bf16", "tc_conv_dgrad_bf16", "tc_conv_wgrad_bf16"] {
+    for k in [
+        "tc_conv_fwd_bf16",
+        "tc_conv_dgrad_bf16",
+        "tc_conv_wgrad_bf16",
+    ] {
         let line = text
             .lines()
             .find(|l| l.split_whitespace().nth(1) == Some(k))
@@ -54,8 +61,14 @@ fn tensor_core_kernels_have_hmma_in_the_main_loop_and_no_spills() {
         // file kernel regs spill smem block occ blk HMMA in-loop LDSM LDGSTS FFMA
         assert_eq!(cols[3], "0", "{k} spills: {line}");
         assert!(cols[9].parse::<u32>().unwrap() > 0, "{k}: {line}");
-        assert!(cols[10].parse::<u32>().unwrap() > 0, "{k} has no LDSM: {line}");
-        assert!(cols[11].parse::<u32>().unwrap() > 0, "{k} has no LDGSTS: {line}");
+        assert!(
+            cols[10].parse::<u32>().unwrap() > 0,
+            "{k} has no LDSM: {line}"
+        );
+        assert!(
+            cols[11].parse::<u32>().unwrap() > 0,
+            "{k} has no LDGSTS: {line}"
+        );
     }
 }
 

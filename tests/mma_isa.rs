@@ -242,11 +242,16 @@ fn isa_ldmatrix(i: usize, trans: bool) -> [(usize, usize); 2] {
     }
 }
 
-fn check_ldmatrix(d: &GpuDevice, count: usize, trans: bool, table: fn(usize, bool) -> [(usize, usize); 2]) -> Result<(), String> {
+fn check_ldmatrix(
+    d: &GpuDevice,
+    count: usize,
+    trans: bool,
+    table: fn(usize, bool) -> [(usize, usize); 2],
+) -> Result<(), String> {
     // 32 shared rows with distinct element values; lanes point at them in a shuffled
     // order so that row addresses, not lane numbers, decide what is loaded.
     let src: Vec<u16> = (0..256u16).map(|v| v * 3 + 1).collect();
-    let rows: Vec<i32> = (0..32).map(|l| ((l * 13 + 5) % 32) as i32).collect();
+    let rows: Vec<i32> = (0..32).map(|l| (l * 13 + 5) % 32).collect();
     let (bs, br) = (upload(d, &src), upload(d, &rows));
     let bo = d.alloc(32 * 16).unwrap();
     d.launch(
@@ -333,7 +338,11 @@ fn cp_async_copies_after_wait_and_zero_fills_past_src_size() {
                 let keep = (2 * i as i32) < src_bytes;
                 let w0 = if keep { src[l * 8 + i] } else { 0 };
                 let w1 = if keep { src[((l + 1) % 32) * 8 + i] } else { 0 };
-                assert_eq!(out[l * 8 + i], w0, "group 0 lane {l} elem {i} src_bytes {src_bytes}");
+                assert_eq!(
+                    out[l * 8 + i],
+                    w0,
+                    "group 0 lane {l} elem {i} src_bytes {src_bytes}"
+                );
                 assert_eq!(out[(32 + l) * 8 + i], w1, "group 1 lane {l} elem {i}");
             }
         }
@@ -346,7 +355,10 @@ fn cp_async_destination_is_garbage_until_its_group_is_waited_for() {
     // wait_group 1: the older group has landed, the newer one has not.
     let (src, out) = run_cp_async(&d, 16, 1);
     assert_eq!(&out[..256], &src[..], "group 0 after wait_group 1");
-    assert!(out[256..].iter().all(|&v| v == 0xffff), "group 1 must still be poison");
+    assert!(
+        out[256..].iter().all(|&v| v == 0xffff),
+        "group 1 must still be poison"
+    );
     // No wait at all: everything is poison (a kernel reading it computes NaN).
     let (_, out) = run_cp_async(&d, 16, 2);
     assert!(out.iter().all(|&v| v == 0xffff));

@@ -104,8 +104,24 @@ const CASES: &[Case] = &[
     case("stem 7x7/2 Cin 3", [2, 3, 20, 18], 64, 7, 2, 3, 1),
     case("basic 3x3/1 64", [2, 64, 9, 8], 64, 3, 1, 1, 1),
     case("downsample 3x3/2 128", [1, 64, 9, 10], 128, 3, 2, 1, 1),
-    case("bottleneck 1x1 reduce 256->64", [2, 256, 5, 4], 64, 1, 1, 0, 1),
-    case("bottleneck 1x1 expand 64->256", [1, 64, 6, 5], 256, 1, 1, 0, 1),
+    case(
+        "bottleneck 1x1 reduce 256->64",
+        [2, 256, 5, 4],
+        64,
+        1,
+        1,
+        0,
+        1,
+    ),
+    case(
+        "bottleneck 1x1 expand 64->256",
+        [1, 64, 6, 5],
+        256,
+        1,
+        1,
+        0,
+        1,
+    ),
     case("projection 1x1/2 256->512", [1, 256, 7, 6], 512, 1, 2, 0, 1),
     case("dilated 3x3 d2", [1, 32, 11, 9], 48, 3, 1, 2, 2),
     case("FPN lateral 1x1 512->64", [1, 512, 4, 5], 64, 1, 1, 0, 1),
@@ -319,7 +335,10 @@ fn check_conv_fixtures_on(dev: Device) {
         let pair = |k: &str| -> (usize, usize) {
             let v = &p[k];
             match v.as_array() {
-                Some(a) => (a[0].as_u64().unwrap() as usize, a[1].as_u64().unwrap() as usize),
+                Some(a) => (
+                    a[0].as_u64().unwrap() as usize,
+                    a[1].as_u64().unwrap() as usize,
+                ),
                 None => (v.as_u64().unwrap() as usize, v.as_u64().unwrap() as usize),
             }
         };
@@ -347,20 +366,35 @@ fn check_conv_fixtures_on(dev: Device) {
         let k = (wdims[1] * wdims[2] * wdims[3]) as f64;
         let s = host(&conv2d_forward(&ax, &aw, None, &cp).unwrap());
         let yw = host(&get("y"));
-        assert_within(&format!("fixture {case} y"), &host(&y), &yw, &fixture_bound(&s, &yw, k));
+        assert_within(
+            &format!("fixture {case} y"),
+            &host(&y),
+            &yw,
+            &fixture_bound(&s, &yw, k),
+        );
 
         let gx = tc::conv2d_tc_backward_input(&gyd, &wd, x.dims(), &cp).unwrap();
         let s = host(&conv2d_backward_input(&agy, &aw, x.dims(), &cp).unwrap());
         let k = (wdims[0] * wdims[2] * wdims[3]) as f64;
         let gxw = host(&get("gx"));
-        assert_within(&format!("fixture {case} gx"), &host(&gx), &gxw, &fixture_bound(&s, &gxw, k));
+        assert_within(
+            &format!("fixture {case} gx"),
+            &host(&gx),
+            &gxw,
+            &fixture_bound(&s, &gxw, k),
+        );
 
         let gw = tc::conv2d_tc_backward_weight(&xd, &gyd, &wdims, &cp).unwrap();
         let s = host(&conv2d_backward_weight(&ax, &agy, &wdims, &cp).unwrap());
         let gd = gy.dims();
         let k = (gd[0] * gd[2] * gd[3]) as f64;
         let gww = host(&get("gw"));
-        assert_within(&format!("fixture {case} gw"), &host(&gw), &gww, &fixture_bound(&s, &gww, k));
+        assert_within(
+            &format!("fixture {case} gw"),
+            &host(&gw),
+            &gww,
+            &fixture_bound(&s, &gww, k),
+        );
     }
 }
 
@@ -398,13 +432,28 @@ fn check_linear_fixtures_on(dev: Device) {
         }
         let y = tc::linear_tc(&xd, &wd, &ep).unwrap();
         let yw = host(&get("y"));
-        assert_within(&format!("linear {case} y"), &host(&y), &yw, &fixture_bound(&sy, &yw, kin as f64));
+        assert_within(
+            &format!("linear {case} y"),
+            &host(&y),
+            &yw,
+            &fixture_bound(&sy, &yw, kin as f64),
+        );
         let gx = tc::linear_tc_backward_input(&gyd, &wd).unwrap();
         let gxw = host(&get("gx"));
-        assert_within(&format!("linear {case} gx"), &host(&gx), &gxw, &fixture_bound(&sx, &gxw, nout as f64));
+        assert_within(
+            &format!("linear {case} gx"),
+            &host(&gx),
+            &gxw,
+            &fixture_bound(&sx, &gxw, nout as f64),
+        );
         let gw = tc::linear_tc_backward_weight(&xd, &gyd).unwrap();
         let gww = host(&get("gw"));
-        assert_within(&format!("linear {case} gw"), &host(&gw), &gww, &fixture_bound(&sw, &gww, m as f64));
+        assert_within(
+            &format!("linear {case} gw"),
+            &host(&gw),
+            &gww,
+            &fixture_bound(&sw, &gww, m as f64),
+        );
     }
 }
 
@@ -468,7 +517,12 @@ fn check_linear_on(dev: Device, m: usize, k: usize, n: usize) {
     let bound: Vec<f64> = s
         .iter()
         .zip(&wv)
-        .map(|(s, y)| 2.0 * k as f64 * 2f64.powi(-24) * s + 4.0 * 2f64.powi(-24) * (s + 1.0) + 2f64.powi(-7) * y.abs() + 1e-30)
+        .map(|(s, y)| {
+            2.0 * k as f64 * 2f64.powi(-24) * s
+                + 4.0 * 2f64.powi(-24) * (s + 1.0)
+                + 2f64.powi(-7) * y.abs()
+                + 1e-30
+        })
         .collect();
     assert_within(&format!("linear {m}x{k}x{n}"), &host(&got), &wv, &bound);
 }
@@ -519,7 +573,10 @@ fn planted_transposed_b_fragment_gives_wrong_results() {
     let (got, want) = planted(3);
     let got = got.expect("a wrong fragment is not an error the emulator can see");
     let e = common::rel_err(&host(&got), &host(&want));
-    assert!(e > 0.1, "relative error {e}: the transposed fragment went unnoticed");
+    assert!(
+        e > 0.1,
+        "relative error {e}: the transposed fragment went unnoticed"
+    );
 }
 
 // ---------------------------------------------------------------------------------
@@ -603,4 +660,53 @@ fn conv_forward_allocates_no_im2col_buffer() {
     let im2col = cin * 9 * n * h * w * 2;
     assert_eq!(total, needed, "allocated {total} bytes, expected {needed}");
     assert!(total * 4 < im2col, "{total} vs im2col {im2col}");
+}
+
+// ---------------------------------------------------------------------------------
+// DType::BF16 tensors
+// ---------------------------------------------------------------------------------
+
+#[test]
+fn bf16_tensors_convert_on_cpu_and_device_and_move_between_them() {
+    let vals: Vec<f32> = vec![
+        1.0,
+        f32::from_bits(0x3f28_8004), // just above a tie: rounds up (half's from_f64 did not)
+        f32::from_bits(0x3f80_8000), // a tie: to even (down)
+        -3.0e38,
+        1e-40,
+        0.1,
+    ];
+    let want: Vec<u16> = vals
+        .iter()
+        .map(|&v| half::bf16::from_f32(v).to_bits())
+        .collect();
+    let t = Tensor::from_vec(vals.clone(), [2, 3]).unwrap();
+    let b = t.to_dtype(DType::BF16).unwrap();
+    assert_eq!(b.dtype(), DType::BF16);
+    let bits = |t: &Tensor| -> Vec<u16> {
+        t.to_vec_bf16()
+            .unwrap()
+            .iter()
+            .map(|v| v.to_bits())
+            .collect()
+    };
+    assert_eq!(bits(&b), want, "CPU f32 -> bf16");
+    let dev = common::emulated();
+    // Host bf16 -> device -> host keeps the bits.
+    let on_dev = b.to_device(dev).unwrap();
+    assert_eq!(on_dev.dtype(), DType::BF16);
+    assert_eq!(bits(&on_dev.to_device(Device::Cpu).unwrap()), want);
+    // f32 on the device -> bf16 by the cast kernel.
+    let cast = t.to_device(dev).unwrap().to_dtype(DType::BF16).unwrap();
+    assert_eq!(bits(&cast), want, "device f32 -> bf16");
+    // And back: bf16 widens exactly.
+    let back = cast.to_dtype(DType::F32).unwrap().to_vec::<f32>().unwrap();
+    let exact: Vec<f32> = want
+        .iter()
+        .map(|&b| half::bf16::from_bits(b).to_f32())
+        .collect();
+    assert_eq!(back, exact, "device bf16 -> f32");
+    // Ops that do not take bf16 say so.
+    let e = kestrel::ops::relu(&b).unwrap_err().to_string();
+    assert!(e.contains("bf16"), "{e}");
 }

@@ -57,7 +57,8 @@ macro_rules! with_dtype {
                 return Err($crate::Error::DType {
                     op: "float op",
                     dtype: "bf16".into(),
-                    msg: "bf16 runs in the tensor-core ops (ops::tc); convert with to_dtype(F32)".into(),
+                    msg: "bf16 runs in the tensor-core ops (ops::tc); convert with to_dtype(F32)"
+                        .into(),
                 })
             }
         }

@@ -17,8 +17,7 @@ use crate::device::gpu::{GpuDevice, KernelArg, LaunchCfg};
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::ops::conv2d::{
-    conv2d_backward_input, conv2d_backward_weight, conv2d_forward, conv2d_output_size,
-    Conv2dParams,
+    conv2d_backward_input, conv2d_backward_weight, conv2d_forward, conv2d_output_size, Conv2dParams,
 };
 use crate::ops::fused::{apply_unfused, Epilogue};
 use crate::tensor::{DType, Tensor};
@@ -380,8 +379,8 @@ fn geom_args(
 }
 
 fn grid(op: &'static str, m: usize, n: usize) -> Result<LaunchCfg> {
-    let gx = u32::try_from(m.div_ceil(TILE))
-        .map_err(|_| Error::shape(op, format!("{m} GEMM rows")))?;
+    let gx =
+        u32::try_from(m.div_ceil(TILE)).map_err(|_| Error::shape(op, format!("{m} GEMM rows")))?;
     let gy = u32::try_from(n.div_ceil(TILE))
         .ok()
         .filter(|&g| g <= 65535)
@@ -463,12 +462,7 @@ pub fn conv2d_tc_packed(
 /// The forward kernel with a planted bug (1 no wait_group, 2 no barrier between
 /// stages, 3 a transposed B fragment), for the emulator's own tests.
 #[doc(hidden)]
-pub fn conv2d_tc_planted_bug(
-    x: &Tensor,
-    w: &Tensor,
-    p: &Conv2dParams,
-    bug: i32,
-) -> Result<Tensor> {
+pub fn conv2d_tc_planted_bug(x: &Tensor, w: &Tensor, p: &Conv2dParams, bug: i32) -> Result<Tensor> {
     let packed = TcConvWeight::new(w)?;
     conv_fwd_launch(
         "tc_conv_fwd_planted_bf16",
@@ -515,7 +509,11 @@ fn conv_fwd_launch(
     }
     let xp = pack_nhwc(OP, x, pad8(xd[1]))?;
     let (ep_args, flags) = epilogue_args(OP, ep, out, &y)?;
-    let mut args = vec![xp.gpu()?.buf.arg(), w.packed.gpu()?.buf.arg(), y.gpu()?.buf.arg()];
+    let mut args = vec![
+        xp.gpu()?.buf.arg(),
+        w.packed.gpu()?.buf.arg(),
+        y.gpu()?.buf.arg(),
+    ];
     args.extend(ep_args);
     args.extend(geom_args(OP, xd, cout, (oh, ow), (kh, kw), p)?);
     args.push(KernelArg::I32(flags));
@@ -557,7 +555,11 @@ fn cuda_dgrad(gy: &Tensor, w: &Tensor, x_dims: &[usize], p: &Conv2dParams) -> Re
     let gyp = pack_nhwc(OP, gy, pad8(cout))?;
     let wt = pack_weight(OP, w, true)?;
     let (ep_args, flags) = epilogue_args(OP, &Epilogue::default(), DType::F32, &dx)?;
-    let mut args = vec![gyp.gpu()?.buf.arg(), wt.gpu()?.buf.arg(), dx.gpu()?.buf.arg()];
+    let mut args = vec![
+        gyp.gpu()?.buf.arg(),
+        wt.gpu()?.buf.arg(),
+        dx.gpu()?.buf.arg(),
+    ];
     args.extend(ep_args);
     args.extend(geom_args(OP, xd, cout, (oh, ow), (kh, kw), p)?);
     args.push(KernelArg::I32(flags));
@@ -589,7 +591,11 @@ fn cuda_wgrad(x: &Tensor, gy: &Tensor, w_dims: &[usize], p: &Conv2dParams) -> Re
     let gyp = pack_nhwc(OP, gy, pad8(cout))?;
     let xp = pack_nhwc(OP, x, pad8(cin))?;
     let (ep_args, flags) = epilogue_args(OP, &Epilogue::default(), DType::F32, &dw)?;
-    let mut args = vec![gyp.gpu()?.buf.arg(), xp.gpu()?.buf.arg(), dw.gpu()?.buf.arg()];
+    let mut args = vec![
+        gyp.gpu()?.buf.arg(),
+        xp.gpu()?.buf.arg(),
+        dw.gpu()?.buf.arg(),
+    ];
     args.extend(ep_args);
     args.extend(geom_args(OP, xd, cout, (oh, ow), (kh, kw), p)?);
     args.push(KernelArg::I32(flags));

@@ -172,7 +172,9 @@ impl Tensor {
             DType::F32 => Tensor::from_vec(vec![value as f32; n], shape)?,
             DType::F64 => Tensor::from_vec(vec![value; n], shape)?,
             DType::I64 => Tensor::from_vec_i64(vec![value as i64; n], shape)?,
-            DType::BF16 => Tensor::from_vec_bf16(vec![half::bf16::from_f32(value as f32); n], shape)?,
+            DType::BF16 => {
+                Tensor::from_vec_bf16(vec![half::bf16::from_f32(value as f32); n], shape)?
+            }
         };
         t.to_device(device)
     }
