@@ -170,6 +170,20 @@ fn mma_m16n8k16_matches_the_isa_fragment_tables() {
     }
 }
 
+/// On a GPU the same check tests the transcription itself against the hardware.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn mma_m16n8k16_matches_the_isa_fragment_tables_cuda() {
+    let Device::Cuda(n) = common::cuda() else {
+        unreachable!()
+    };
+    let d = gpu::device(n).unwrap();
+    for seed in 0..4 {
+        check_mma(&d, seed, isa_a).unwrap();
+    }
+    assert!(check_mma(&d, 7, transposed_a).is_err());
+}
+
 #[test]
 fn mma_with_a_transposed_a_fragment_fails() {
     let d = dev();
@@ -291,6 +305,20 @@ fn check_ldmatrix(
 #[test]
 fn ldmatrix_x1_x2_x4_and_trans_match_the_isa() {
     let d = dev();
+    for count in [1, 2, 4] {
+        for trans in [false, true] {
+            check_ldmatrix(&d, count, trans, isa_ldmatrix).unwrap();
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn ldmatrix_x1_x2_x4_and_trans_match_the_isa_cuda() {
+    let Device::Cuda(n) = common::cuda() else {
+        unreachable!()
+    };
+    let d = gpu::device(n).unwrap();
     for count in [1, 2, 4] {
         for trans in [false, true] {
             check_ldmatrix(&d, count, trans, isa_ldmatrix).unwrap();

@@ -129,6 +129,7 @@ const CASES: &[Case] = &[
     case("RPN cls 1x1 Cout 3", [2, 64, 5, 6], 3, 1, 1, 0, 1),
     case("odd channels 5->70, K=45", [2, 5, 7, 9], 70, 3, 1, 1, 1),
     case("Cout 1", [1, 24, 6, 6], 1, 3, 1, 1, 1),
+    case("one output element", [1, 7, 3, 3], 1, 3, 1, 0, 1),
     case("1x1 map, 3x3 pad 1", [3, 40, 1, 1], 20, 3, 1, 1, 1),
     case("stride 2 even map, no pad", [1, 16, 8, 8], 16, 2, 2, 0, 1),
     case("batch 0", [0, 16, 5, 5], 8, 3, 1, 1, 1),

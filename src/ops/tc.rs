@@ -508,7 +508,9 @@ fn conv_fwd_launch(
         return Ok(y);
     }
     let xp = pack_nhwc(OP, x, pad8(xd[1]))?;
-    let (ep_args, flags) = epilogue_args(OP, ep, out, &y)?;
+    // The packed input (at least 8 bf16 per pixel) stands in for absent epilogue
+    // operands: a one-element bf16 output is too small to pass as a float pointer.
+    let (ep_args, flags) = epilogue_args(OP, ep, out, &xp)?;
     let mut args = vec![
         xp.gpu()?.buf.arg(),
         w.packed.gpu()?.buf.arg(),
@@ -554,7 +556,7 @@ fn cuda_dgrad(gy: &Tensor, w: &Tensor, x_dims: &[usize], p: &Conv2dParams) -> Re
     }
     let gyp = pack_nhwc(OP, gy, pad8(cout))?;
     let wt = pack_weight(OP, w, true)?;
-    let (ep_args, flags) = epilogue_args(OP, &Epilogue::default(), DType::F32, &dx)?;
+    let (ep_args, flags) = epilogue_args(OP, &Epilogue::default(), DType::F32, &gyp)?;
     let mut args = vec![
         gyp.gpu()?.buf.arg(),
         wt.gpu()?.buf.arg(),
@@ -590,7 +592,7 @@ fn cuda_wgrad(x: &Tensor, gy: &Tensor, w_dims: &[usize], p: &Conv2dParams) -> Re
     let dw = alloc_out(&dev, &wd, DType::F32)?;
     let gyp = pack_nhwc(OP, gy, pad8(cout))?;
     let xp = pack_nhwc(OP, x, pad8(cin))?;
-    let (ep_args, flags) = epilogue_args(OP, &Epilogue::default(), DType::F32, &dw)?;
+    let (ep_args, flags) = epilogue_args(OP, &Epilogue::default(), DType::F32, &gyp)?;
     let mut args = vec![
         gyp.gpu()?.buf.arg(),
         xp.gpu()?.buf.arg(),
