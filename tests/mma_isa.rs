@@ -163,7 +163,7 @@ fn check_mma(d: &GpuDevice, seed: u64, a_layout: Layout) -> Result<(), String> {
 }
 
 #[test]
-fn mma_m16n8k16_matches_the_isa_fragment_tables() {
+fn mma_m16n8k16_matches_the_isa_fragment_tables_emulated() {
     let d = dev();
     for seed in 0..4 {
         check_mma(&d, seed, isa_a).unwrap();
@@ -303,7 +303,7 @@ fn check_ldmatrix(
 }
 
 #[test]
-fn ldmatrix_x1_x2_x4_and_trans_match_the_isa() {
+fn ldmatrix_x1_x2_x4_and_trans_match_the_isa_emulated() {
     let d = dev();
     for count in [1, 2, 4] {
         for trans in [false, true] {

@@ -238,6 +238,18 @@ pub const KERNEL_TESTS: &[KernelTests] = &[
         tests: &[t("shape")],
         bench: Some(("losses", "permute|concat")),
     },
+    // Tensor-core implicit-GEMM conv/linear (bf16): parity, fixtures and planted bugs.
+    KernelTests {
+        stem: "tc_conv",
+        tests: &[t("tensor_core")],
+        bench: Some(("tc_conv", "")),
+    },
+    // Single-instruction probes of mma/ldmatrix/cp.async against the PTX ISA tables.
+    KernelTests {
+        stem: "tc_probe",
+        tests: &[t("mma_isa")],
+        bench: None,
+    },
     KernelTests {
         stem: "topk",
         tests: &[t("topk")],
