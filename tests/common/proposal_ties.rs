@@ -164,12 +164,16 @@ pub fn check(
             }
         })
         .collect();
-    // Match boxes to candidates: the nearest unused eligible one within MATCH_TOL,
-    // the higher logit on equal distance.
+    // Match boxes to candidates: the nearest unused eligible one within MATCH_TOL.
+    // Clipping can make boxes of several candidates equal; among equally near ones,
+    // prefer a level where no box matched so far overlaps it above the threshold
+    // (NMS kept both), then the higher logit. Any matching that passes the checks
+    // below is a witness that the list is possible.
     let mut used: Vec<Vec<bool>> = cands.iter().map(|lv| vec![false; lv.len()]).collect();
     let mut matched = Vec::with_capacity(boxes.len());
+    let mut kept: Vec<Vec<[f32; 4]>> = vec![Vec::new(); cands.len()];
     for (p, b) in boxes.iter().enumerate() {
-        let mut best: Option<(f32, f32, usize, usize)> = None;
+        let mut best: Option<((f32, bool, f32), usize, usize)> = None;
         for (l, lv) in cands.iter().enumerate() {
             for (i, c) in lv.iter().enumerate() {
                 if used[l][i] || !c.eligible || c.logit < kth[l] {
@@ -178,17 +182,27 @@ pub fn check(
                 let d = (0..4)
                     .map(|j| (c.bbox[j] - b[j]).abs())
                     .fold(0.0f32, f32::max);
-                if d <= MATCH_TOL
-                    && best.is_none_or(|(bd, bl, _, _)| d < bd || (d == bd && c.logit > bl))
-                {
-                    best = Some((d, c.logit, l, i));
+                if d > MATCH_TOL {
+                    continue;
+                }
+                let clash = kept[l].iter().any(|k| nms_iou(k, b) > rule.nms_thresh);
+                let key = (d, clash, -c.logit);
+                let better = match &best {
+                    None => true,
+                    Some((bk, _, _)) => {
+                        (key.0, key.1) < (bk.0, bk.1) || ((key.0, key.1) == (bk.0, bk.1) && key.2 < bk.2)
+                    }
+                };
+                if better {
+                    best = Some((key, l, i));
                 }
             }
         }
-        let (_, _, l, i) = best.ok_or_else(|| {
+        let (_, l, i) = best.ok_or_else(|| {
             format!("box {p} {b:?} is no eligible top-{} candidate", rule.pre_nms_top_n)
         })?;
         used[l][i] = true;
+        kept[l].push(*b);
         matched.push((l, i));
     }
     let logit = |&(l, i): &(usize, usize)| cands[l][i].logit;
