@@ -519,6 +519,7 @@ fn check_end_to_end_on(device: Device) {
         })
         .collect();
     let orig = orig_sizes(&f);
+    eprintln!("end to end: the engine's proposals are torchvision's per image: {same_proposals:?}");
     let from_fixture = if same_proposals.iter().all(|&s| s) {
         None
     } else {
@@ -586,7 +587,11 @@ fn check_roi_samples_on(device: Device) {
         .unwrap();
     assert_eq!(s.proposals.len(), targets.len(), "images sampled");
     for i in 0..targets.len() {
-        assert_eq!(s.proposals[i].device(), device, "sampled RoIs stay on the device");
+        assert_eq!(
+            s.proposals[i].device(),
+            device,
+            "sampled RoIs stay on the device"
+        );
         let (want_labels, _) = f.ints(&format!("roi.labels{i}")).unwrap();
         assert_eq!(s.labels[i], want_labels, "roi.labels{i}");
         assert_close(
@@ -664,11 +669,13 @@ fn check_training_on(device: Device) {
     assert!(!keys.is_empty(), "the train fixture holds no gradients");
     for key in &keys {
         let n = &key["grad.".len()..];
-        let p = m
-            .params
-            .get(n)
-            .unwrap_or_else(|e| panic!("torchvision trains {n}, the engine has no such parameter: {e}"));
-        assert!(names.contains(&n.to_string()), "{n} is not trainable in the engine");
+        let p = m.params.get(n).unwrap_or_else(|e| {
+            panic!("torchvision trains {n}, the engine has no such parameter: {e}")
+        });
+        assert!(
+            names.contains(&n.to_string()),
+            "{n} is not trainable in the engine"
+        );
         let g = grads
             .get(p)
             .unwrap_or_else(|| panic!("no gradient for {n}"));

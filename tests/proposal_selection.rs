@@ -95,7 +95,12 @@ fn random_case(seed: u64) -> Case {
         }
     }
     let image_sizes = (0..n)
-        .map(|_| (h - r.below(h as u64 / 4) as usize, w - r.below(w as u64 / 4) as usize))
+        .map(|_| {
+            (
+                h - r.below(h as u64 / 4) as usize,
+                w - r.below(w as u64 / 4) as usize,
+            )
+        })
         .collect();
     // CUDA's top-k takes k <= 4096 unless every level is shorter (CUDA_MAX_K).
     let largest = level_sizes.iter().copied().max().unwrap_or(0);
@@ -105,9 +110,9 @@ fn random_case(seed: u64) -> Case {
     };
     let post = [1usize, 5, 40, 1000][r.below(4) as usize];
     let (score_thresh, min_size) = match r.below(6) {
-        0 => (1.5, 1e-3),   // every box filtered by score
-        1 => (0.0, 1e4),    // every box filtered by size
-        2 => (0.6, 1e-3),   // some filtered
+        0 => (1.5, 1e-3), // every box filtered by score
+        1 => (0.0, 1e4),  // every box filtered by size
+        2 => (0.6, 1e-3), // some filtered
         _ => (0.0, 1e-3),
     };
     let nms_thresh = [0.7, 0.5, 0.3][r.below(3) as usize];
@@ -222,7 +227,11 @@ fn random_batches_emulated_equal_cpu_exactly() {
             c.n, c.level_sizes, c.params
         );
         assert_eq!(got.boxes.device(), dev, "{what}: result device");
-        assert_eq!(got.host_counts().unwrap(), want.host_counts().unwrap(), "{what}: counts");
+        assert_eq!(
+            got.host_counts().unwrap(),
+            want.host_counts().unwrap(),
+            "{what}: counts"
+        );
         assert_eq!(
             got.indices.to_vec_i64().unwrap(),
             want.indices.to_vec_i64().unwrap(),
@@ -240,7 +249,11 @@ fn random_batches_cuda_equal_cpu_exactly() {
     for seed in 0..CASES {
         let c = random_case(seed);
         let (want, got) = (run(&c, Device::Cpu), run(&c, dev));
-        assert_eq!(got.host_counts().unwrap(), want.host_counts().unwrap(), "seed {seed}");
+        assert_eq!(
+            got.host_counts().unwrap(),
+            want.host_counts().unwrap(),
+            "seed {seed}"
+        );
         assert_eq!(
             got.indices.to_vec_i64().unwrap(),
             want.indices.to_vec_i64().unwrap(),
@@ -249,4 +262,47 @@ fn random_batches_cuda_equal_cpu_exactly() {
         assert_eq!(bits(&got.boxes), bits(&want.boxes), "seed {seed}");
         assert_eq!(bits(&got.scores), bits(&want.scores), "seed {seed}");
     }
+}
+
+/// The tie rule itself, on a hand-made level: A (logit 3) overlaps B (1); C and D
+/// (both 2) overlap each other; E (0.5) overlaps nothing. torchvision keeps A, one of
+/// C and D (topk orders the tie either way), and E.
+#[test]
+fn tie_rule_accepts_exactly_the_lists_ties_allow() {
+    let anchors = [
+        [0.0f32, 0.0, 10.0, 10.0],    // A
+        [1.0, 0.0, 11.0, 10.0],       // B: IoU 0.82 with A
+        [50.0, 50.0, 60.0, 60.0],     // C
+        [51.0, 50.0, 61.0, 60.0],     // D: IoU 0.82 with C
+        [100.0, 100.0, 110.0, 110.0], // E
+    ];
+    let (a, b, c, d, e) = (anchors[0], anchors[1], anchors[2], anchors[3], anchors[4]);
+    let logits = [3.0f32, 1.0, 2.0, 2.0, 0.5];
+    let flat: Vec<f32> = anchors.iter().flatten().copied().collect();
+    let rule = |pre, post| Rule {
+        pre_nms_top_n: pre,
+        post_nms_top_n: post,
+        nms_thresh: 0.7,
+        score_thresh: 0.0,
+        min_size: 1e-3,
+    };
+    let ok = |list: &[[f32; 4]], pre, post| {
+        let r = rule(pre, post);
+        let cands = proposal_ties::candidates(&logits, &[0.0; 20], &flat, &[5], (200, 200), &r);
+        proposal_ties::check(list, &cands, &r).is_ok()
+    };
+    assert!(ok(&[a, c, e], 10, 10));
+    assert!(ok(&[a, d, e], 10, 10));
+    assert!(!ok(&[a, c, d, e], 10, 10), "C and D overlap: NMS keeps one");
+    assert!(!ok(&[a, e], 10, 10), "one of C, D must be kept");
+    assert!(!ok(&[c, a, e], 10, 10), "order by score");
+    assert!(!ok(&[a, b, c, e], 10, 10), "B is suppressed by A");
+    assert!(!ok(&[a, c], 10, 10), "E is kept when nothing is cut");
+    assert!(ok(&[a, c], 10, 2), "post_nms_top_n 2 cuts E");
+    assert!(ok(&[a, d], 2, 10), "topk 2 takes A and either of C, D");
+    assert!(!ok(&[a, c, e], 2, 10), "E is not in the top 2");
+    assert!(
+        !ok(&[a], 2, 10),
+        "topk 2 takes one of C, D, which NMS keeps"
+    );
 }

@@ -283,7 +283,11 @@ impl FasterRcnn {
         if proposals.len() != images.len() {
             return Err(Error::invalid(
                 "FasterRcnn::losses_with_proposals",
-                format!("{} images and {} proposal sets", images.len(), proposals.len()),
+                format!(
+                    "{} images and {} proposal sets",
+                    images.len(),
+                    proposals.len()
+                ),
             ));
         }
         self.losses_given(ctx, images, targets, Some(proposals), rng)

@@ -190,7 +190,8 @@ pub fn check(
                 let better = match &best {
                     None => true,
                     Some((bk, _, _)) => {
-                        (key.0, key.1) < (bk.0, bk.1) || ((key.0, key.1) == (bk.0, bk.1) && key.2 < bk.2)
+                        (key.0, key.1) < (bk.0, bk.1)
+                            || ((key.0, key.1) == (bk.0, bk.1) && key.2 < bk.2)
                     }
                 };
                 if better {
@@ -199,7 +200,10 @@ pub fn check(
             }
         }
         let (_, l, i) = best.ok_or_else(|| {
-            format!("box {p} {b:?} is no eligible top-{} candidate", rule.pre_nms_top_n)
+            format!(
+                "box {p} {b:?} is no eligible top-{} candidate",
+                rule.pre_nms_top_n
+            )
         })?;
         used[l][i] = true;
         kept[l].push(*b);
