@@ -348,7 +348,7 @@ fn assert_same_order_up_to_ties(what: &str, got: &Detections, want: &Detections)
             .find(|&e| want.scores[e] != want.scores[k])
             .unwrap_or(n);
         let mut used = vec![false; end - k];
-        for w in k..end {
+        for (w, slot) in pair.iter_mut().enumerate().take(end).skip(k) {
             let dist = |j: usize| {
                 (0..4)
                     .map(|c| (got.boxes[j][c] - want.boxes[w][c]).abs())
@@ -365,7 +365,7 @@ fn assert_same_order_up_to_ties(what: &str, got: &Detections, want: &Detections)
                     )
                 });
             used[j - k] = true;
-            pair[w] = j;
+            *slot = j;
         }
         k = end;
     }
