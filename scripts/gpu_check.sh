@@ -40,6 +40,8 @@ for l in sys.stdin:
 run() {
   local out="${OUT:-$STAGE/out}"; mkdir -p "$out"
   export KESTREL_FIXTURES="$PWD/$STAGE/fixtures"
+  # One run id for every binary below: zz_emu_coverage counts only this run's records.
+  export KESTREL_TEST_RUN="gpu-check-$$-$(date +%s)"
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/card.txt" || true
   local table="$out/table.txt"; : > "$table"
   for t in "$STAGE"/bin/*; do
@@ -49,9 +51,30 @@ run() {
   done
   for b in "$STAGE"/bench/*; do
     local name; name="$(basename "$b")"
+    [ "$name" = tc_conv ] && continue  # timed below, beside torch
     "$b" --bench --warm-up-time 0.5 --measurement-time 2 cuda > "$out/bench-$name.log" 2>&1 || echo "bench $name failed" >> "$table"
     grep -E '^(\S+/cuda/\S+)|time:' "$out/bench-$name.log" | paste - - | awk '{print "bench:" $1, $3, $4, $5, $6, $7}' >> "$table" || true
   done
+  # Tensor-core conv/linear per ResNet-50-FPN layer beside cuDNN/cuBLAS (bf16,
+  # channels_last), as TFLOP/s and ratios (goal: each conv >= 0.70 of cuDNN).
+  if [ -x "$STAGE/bench/tc_conv" ]; then
+    "$STAGE/bench/tc_conv" > "$out/tc_kestrel.jsonl" 2> "$out/tc_kestrel.err" || echo "bench tc_conv failed" >> "$table"
+    python3 scripts/bench_tc_torch.py > "$out/tc_torch.jsonl" 2> "$out/tc_torch.err" || echo "torch reference unavailable (see tc_torch.err)" >> "$table"
+    python3 - "$out/tc_kestrel.jsonl" "$out/tc_torch.jsonl" >> "$table" <<'PY' || true
+import json, sys
+def load(p):
+    try:
+        return {r["layer"]: r for r in map(json.loads, filter(str.strip, open(p)))}
+    except (OSError, ValueError):
+        return {}
+k, t = load(sys.argv[1]), load(sys.argv[2])
+print(f"{'layer':<22} {'kestrel TF/s':>12} {'torch TF/s':>10} {'ratio':>6}")
+for name, r in k.items():
+    tt = t.get(name, {}).get("tflops")
+    ratio = f"{r['tflops'] / tt:.2f}" if tt else "-"
+    print(f"{name:<22} {r['tflops']:>12} {tt if tt else '-':>10} {ratio:>6}")
+PY
+  fi
   cat "$table"
 }
 

@@ -440,9 +440,12 @@ void drop_fibers(Worker* w) {
     w->idle.clear();
 }
 
+void tc_block_start(Worker* w);  // kernels/emu/tensorcore.inc
+
 // Runs one block to completion. False on an error (w->error; fibers are dropped).
 bool run_block(Worker* w, uint3 bid) {
     blockIdx = bid;
+    tc_block_start(w);
     if (w->dyn_bytes) memset(w->dyn, 0xff, w->dyn_bytes);
     w->red_true = w->red_arrived = 0;
     unsigned n = w->nthreads, bx = blockDim.x, by = blockDim.y;
@@ -479,7 +482,9 @@ bool run_block(Worker* w, uint3 bid) {
         }
     }
     tsan_acquire(&w->tsan_block_end);
-    return true;
+    // The tensor-core model reports misuse (a read before cp.async.wait_group, a
+    // missing barrier) in w->error and lets the block finish.
+    return w->error.empty();
 }
 
 Worker* cur_worker() { return t_worker; }
@@ -602,6 +607,8 @@ long long clock_ticks() {
 }
 
 }  // namespace kemu
+
+#include "tensorcore.inc"
 
 // ------------------------------------------------------------------------------
 // Device memory

@@ -45,7 +45,9 @@
 //   show up; static shared memory keeps whatever the worker's previous block left.
 // - `extern __shared__ T name[];` must be on one line of its own (build.rs rewrites it
 //   to a macro naming the block's dynamic shared memory).
-// - No tensor cores, no inline PTX, no cooperative groups, no texture/surface
+// - Tensor cores and cp.async only through kernels/mma.cuh (mma.sync m16n8k16 bf16,
+//   ldmatrix, cp.async with commit/wait groups), modelled in kernels/emu/tensorcore.inc.
+// - No other inline PTX, no cooperative groups, no texture/surface
 //   objects, no dynamic parallelism, no __constant__ writes from the host, no
 //   clock-accurate timing. Kernels keep such paths under `#if __CUDA_ARCH__ >= ...`
 //   (undefined here, so the portable path is compiled); `KESTREL_EMULATED` is 1.
@@ -120,6 +122,19 @@ unsigned active_mask();
 unsigned lane_id();
 unsigned char* dynamic_shared();
 
+// Tensor cores and cp.async (kernels/emu/tensorcore.inc; the device side is
+// kernels/mma.cuh). Warp-collective: every lane of the warp calls them together.
+void tc_mma_bf16_16816(float d[4], const unsigned a[4], const unsigned b[2], const float c[4]);
+void tc_ldmatrix(unsigned* r, int count, bool trans, const void* row);
+void tc_cp_async(void* dst, const void* src, int bytes, int src_bytes);
+void tc_cp_async_commit();
+void tc_cp_async_wait(int n);
+unsigned short tc_f32_to_bf16(float f);
+// Called after every block barrier: shared-memory accesses tracked by the tensor-core
+// model are ordered by these epochs (a missing barrier between pipeline stages shows
+// up as two warps touching one 16-byte chunk in the same epoch).
+void tc_block_barrier();
+
 template <class T>
 inline unsigned long long to_bits(T v) {
     static_assert(sizeof(T) <= 8, "shuffles move at most 8 bytes");
@@ -191,10 +206,25 @@ struct Sig<void(A...)> {
 // ---------------------------------------------------------------------------------
 // Synchronisation
 // ---------------------------------------------------------------------------------
-inline void __syncthreads() { kemu::syncthreads(); }
-inline int __syncthreads_count(int p) { return kemu::syncthreads_reduce(p, 0); }
-inline int __syncthreads_and(int p) { return kemu::syncthreads_reduce(p, 1); }
-inline int __syncthreads_or(int p) { return kemu::syncthreads_reduce(p, 2); }
+inline void __syncthreads() {
+    kemu::syncthreads();
+    kemu::tc_block_barrier();
+}
+inline int __syncthreads_count(int p) {
+    int r = kemu::syncthreads_reduce(p, 0);
+    kemu::tc_block_barrier();
+    return r;
+}
+inline int __syncthreads_and(int p) {
+    int r = kemu::syncthreads_reduce(p, 1);
+    kemu::tc_block_barrier();
+    return r;
+}
+inline int __syncthreads_or(int p) {
+    int r = kemu::syncthreads_reduce(p, 2);
+    kemu::tc_block_barrier();
+    return r;
+}
 inline void __syncwarp(unsigned mask = 0xffffffffu) { kemu::syncwarp(mask); }
 inline void __threadfence() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
 inline void __threadfence_block() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }

@@ -222,6 +222,13 @@ pub fn save_safetensors(
                     .flat_map(|v| v.to_le_bytes())
                     .collect(),
             ),
+            DType::BF16 => (
+                StDtype::BF16,
+                t.to_vec_bf16()?
+                    .iter()
+                    .flat_map(|v| v.to_le_bytes())
+                    .collect(),
+            ),
         };
         owned.push((name.to_string(), dt, t.dims().to_vec(), bytes));
     }

@@ -16,6 +16,7 @@ pub mod reduce;
 pub mod reshape;
 pub mod roi_align;
 pub mod shape;
+pub mod tc;
 pub mod topk;
 pub mod upsample;
 
@@ -50,6 +51,14 @@ macro_rules! with_dtype {
                     op: "float op",
                     dtype: "i64".into(),
                     msg: "integer tensor where a float tensor is expected".into(),
+                })
+            }
+            $crate::tensor::DType::BF16 => {
+                return Err($crate::Error::DType {
+                    op: "float op",
+                    dtype: "bf16".into(),
+                    msg: "bf16 runs in the tensor-core ops (ops::tc); convert with to_dtype(F32)"
+                        .into(),
                 })
             }
         }

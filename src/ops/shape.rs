@@ -31,6 +31,13 @@ macro_rules! with_any_dtype {
                 type $T = i64;
                 $body
             }
+            DType::BF16 => {
+                return Err(Error::DType {
+                    op: "shape op",
+                    dtype: "bf16".into(),
+                    msg: "convert bf16 tensors with to_dtype(F32) first".into(),
+                })
+            }
         }
     };
 }
@@ -314,6 +321,13 @@ impl Filler {
                 DType::F32 => CpuFill::F32(vec![0.0; n], shape.clone()),
                 DType::F64 => CpuFill::F64(vec![0.0; n], shape.clone()),
                 DType::I64 => CpuFill::I64(vec![0; n], shape.clone()),
+                DType::BF16 => {
+                    return Err(Error::DType {
+                        op: "shape op",
+                        dtype: "bf16".into(),
+                        msg: "convert bf16 tensors with to_dtype(F32) first".into(),
+                    })
+                }
             }),
             Device::Cuda(o) => {
                 let dev = crate::device::gpu::device(o)?;

@@ -1,13 +1,17 @@
 use std::fmt;
 
 /// Element type of a tensor. f32 is the working type; f64 exists on the CPU for
-/// gradient checks.
+/// gradient checks; bf16 (crate `half`) feeds the tensor-core conv and GEMM kernels
+/// on CUDA and their CPU reference ([`crate::ops::tc`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum DType {
     F32,
     F64,
     /// Indices, labels and keep lists (CPU and CUDA).
     I64,
+    /// bfloat16 (8-bit significand, f32's exponent range), CPU and CUDA. Conversions
+    /// from f32 round to nearest even.
+    BF16,
 }
 
 impl DType {
@@ -17,6 +21,7 @@ impl DType {
             DType::F32 => 4,
             DType::F64 => 8,
             DType::I64 => 8,
+            DType::BF16 => 2,
         }
     }
 }
@@ -27,6 +32,7 @@ impl fmt::Display for DType {
             DType::F32 => "f32",
             DType::F64 => "f64",
             DType::I64 => "i64",
+            DType::BF16 => "bf16",
         })
     }
 }

@@ -34,10 +34,12 @@ pub enum CpuStorage {
     F32(Vec<f32>),
     F64(Vec<f64>),
     I64(Vec<i64>),
+    /// bfloat16 values (see [`DType::BF16`]).
+    BF16(Vec<half::bf16>),
 }
 
-/// Device storage: a buffer and the device that owns it (f32 or i64; the dtype is
-/// the tensor's).
+/// Device storage: a buffer and the device that owns it (f32, i64 or bf16; the
+/// dtype is the tensor's).
 #[derive(Clone, Debug)]
 pub struct GpuStorage {
     pub dev: GpuDevice,
@@ -127,6 +129,22 @@ impl Tensor {
         ))
     }
 
+    /// A CPU tensor of bf16 values.
+    pub fn from_vec_bf16(data: Vec<half::bf16>, shape: impl Into<Shape>) -> Result<Tensor> {
+        let shape = shape.into();
+        if data.len() != shape.numel() {
+            return Err(Error::shape(
+                "Tensor::from_vec_bf16",
+                format!("{} elements for shape {shape}", data.len()),
+            ));
+        }
+        Ok(Self::make(
+            shape,
+            DType::BF16,
+            Arc::new(Storage::Cpu(CpuStorage::BF16(data))),
+        ))
+    }
+
     /// A rank-0 f32 tensor on the CPU.
     pub fn scalar(v: f32) -> Tensor {
         Self::make(
@@ -154,6 +172,9 @@ impl Tensor {
             DType::F32 => Tensor::from_vec(vec![value as f32; n], shape)?,
             DType::F64 => Tensor::from_vec(vec![value; n], shape)?,
             DType::I64 => Tensor::from_vec_i64(vec![value as i64; n], shape)?,
+            DType::BF16 => {
+                Tensor::from_vec_bf16(vec![half::bf16::from_f32(value as f32); n], shape)?
+            }
         };
         t.to_device(device)
     }
@@ -282,11 +303,17 @@ impl Tensor {
             Storage::Cpu(CpuStorage::F32(v)) => Ok(v.iter().map(|&x| T::of(x as f64)).collect()),
             Storage::Cpu(CpuStorage::F64(v)) => Ok(v.iter().map(|&x| T::of(x)).collect()),
             Storage::Cpu(CpuStorage::I64(v)) => Ok(v.iter().map(|&x| T::of(x as f64)).collect()),
+            Storage::Cpu(CpuStorage::BF16(v)) => Ok(v.iter().map(|&x| T::of(x.to_f64())).collect()),
             Storage::Cuda(g) => match self.dtype() {
                 DType::I64 => Ok(self
                     .to_vec_i64()?
                     .into_iter()
                     .map(|x| T::of(x as f64))
+                    .collect()),
+                DType::BF16 => Ok(self
+                    .to_vec_bf16()?
+                    .into_iter()
+                    .map(|x| T::of(x.to_f64()))
                     .collect()),
                 _ => {
                     let mut host = vec![0f32; self.numel()];
@@ -321,6 +348,28 @@ impl Tensor {
         }
     }
 
+    /// Copy of the elements of a bf16 tensor on the host.
+    pub fn to_vec_bf16(&self) -> Result<Vec<half::bf16>> {
+        if self.dtype() != DType::BF16 {
+            return Err(Error::DType {
+                op: "to_vec_bf16",
+                dtype: self.dtype().to_string(),
+                msg: "not a bf16 tensor (convert with to_dtype)".into(),
+            });
+        }
+        match &*self.0.storage {
+            Storage::Cpu(CpuStorage::BF16(v)) => Ok(v.clone()),
+            Storage::Cpu(_) => unreachable!("dtype is BF16"),
+            Storage::Cuda(g) => {
+                let mut host = vec![0u16; self.numel()];
+                g.dev
+                    .backend
+                    .copy_dtoh(&g.buf, bytemuck::cast_slice_mut(&mut host))?;
+                Ok(host.into_iter().map(half::bf16::from_bits).collect())
+            }
+        }
+    }
+
     /// The single value of a one-element tensor, as f64.
     pub fn item(&self) -> Result<f64> {
         if self.numel() != 1 {
@@ -333,13 +382,14 @@ impl Tensor {
     }
 
     /// The same elements on `device` (a no-op returning a clone when already there).
-    /// Only f32 tensors can move to CUDA.
+    /// f32, i64 and bf16 tensors can move to CUDA (f64 cannot).
     pub fn to_device(&self, device: Device) -> Result<Tensor> {
         if self.device() == device {
             return Ok(self.clone());
         }
         let storage = match (device, self.dtype()) {
             (Device::Cpu, DType::I64) => Storage::Cpu(CpuStorage::I64(self.to_vec_i64()?)),
+            (Device::Cpu, DType::BF16) => Storage::Cpu(CpuStorage::BF16(self.to_vec_bf16()?)),
             (Device::Cpu, _) => Storage::Cpu(CpuStorage::F32(self.to_vec::<f32>()?)),
             (Device::Cuda(_), DType::F64) => {
                 return Err(Error::DType {
@@ -352,6 +402,11 @@ impl Tensor {
                 let dev = gpu::device(n)?;
                 let bytes: Vec<u8> = match dtype {
                     DType::I64 => bytemuck::cast_slice(&self.to_vec_i64()?).to_vec(),
+                    DType::BF16 => self
+                        .to_vec_bf16()?
+                        .iter()
+                        .flat_map(|v| v.to_bits().to_le_bytes())
+                        .collect(),
                     _ => bytemuck::cast_slice(&self.to_vec::<f32>()?).to_vec(),
                 };
                 let buf = dev.alloc(bytes.len())?;
@@ -359,20 +414,23 @@ impl Tensor {
                 Storage::Cuda(GpuStorage { dev, buf })
             }
         };
-        let dtype = if self.dtype() == DType::I64 {
-            DType::I64
-        } else {
-            DType::F32
+        let dtype = match self.dtype() {
+            DType::I64 | DType::BF16 => self.dtype(),
+            _ => DType::F32,
         };
         Ok(Self::make(self.shape().clone(), dtype, Arc::new(storage)))
     }
 
-    /// The same values as `dtype` (CPU only; a clone if already that type).
+    /// The same values as `dtype` (a clone if already that type). On the CPU any
+    /// conversion; on CUDA f32 <-> bf16 (a kernel). To bf16 rounds to nearest even.
     pub fn to_dtype(&self, dtype: DType) -> Result<Tensor> {
         if dtype == self.dtype() {
             return Ok(self.clone());
         }
         if self.device() != Device::Cpu {
+            if let Some(t) = crate::ops::tc::cast_on_device(self, dtype)? {
+                return Ok(t);
+            }
             return Err(Error::DType {
                 op: "to_dtype",
                 dtype: dtype.to_string(),
@@ -386,6 +444,16 @@ impl Tensor {
                 self.to_vec::<f64>()?
                     .into_iter()
                     .map(|v| v as i64)
+                    .collect(),
+                self.shape().clone(),
+            ),
+            // Through f32 (exact for f32 tensors): half's `bf16::from_f64` does not
+            // round to nearest even (it drops the bits below f32's, e.g. 0x3f288004
+            // goes down), and the device kernels round from f32.
+            DType::BF16 => Tensor::from_vec_bf16(
+                self.to_vec::<f32>()?
+                    .into_iter()
+                    .map(half::bf16::from_f32)
                     .collect(),
                 self.shape().clone(),
             ),

@@ -35,7 +35,7 @@ pub struct Epilogue<'a> {
 }
 
 impl Epilogue<'_> {
-    fn check(
+    pub(crate) fn check(
         &self,
         op: &'static str,
         cout: usize,
@@ -97,6 +97,11 @@ pub fn conv2d_fused(x: &Tensor, w: &Tensor, p: &Conv2dParams, ep: &Epilogue) -> 
         .ok_or_else(|| Error::shape(OP, format!("kernel {kh}x{kw} does not fit input {h}x{wd}")))?;
     ep.check(OP, cout, &[n, cout, oh, ow], x.device())?;
     match x.device() {
+        // bf16 operands or output: the tensor-core semantics (ops::tc), whose CPU
+        // side is the rounding reference.
+        Device::Cpu if crate::ops::tc::wants_bf16(x, w, ep) => {
+            crate::ops::tc::conv2d_bf16_reference(x, w, p, ep)
+        }
         Device::Cpu => cpu::conv2d_fused(x, w, p, ep),
         Device::Cuda(_) => cuda::conv2d_fused(x, w, p, ep),
     }
@@ -120,6 +125,7 @@ pub fn linear_fused(x: &Tensor, w: &Tensor, ep: &Epilogue) -> Result<Tensor> {
     let (m, nout) = (x.dims()[0], w.dims()[0]);
     ep.check(OP, nout, &[m, nout], x.device())?;
     match x.device() {
+        Device::Cpu if crate::ops::tc::wants_bf16(x, w, ep) => crate::ops::tc::linear_tc(x, w, ep),
         Device::Cpu => cpu::linear_fused(x, w, ep),
         Device::Cuda(_) => cuda::linear_fused(x, w, ep),
     }
