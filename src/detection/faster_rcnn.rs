@@ -555,6 +555,45 @@ impl FasterRcnn {
         rng: &mut Rng,
         on_stage: StageFn,
     ) -> Result<Vec<(String, Tensor)>> {
+        self.losses_given(ctx, images, targets, None, rng, on_stage)
+    }
+
+    /// [`FasterRcnn::losses`] with the RoI heads fed `proposals` (one `[K_n, 4]` per
+    /// image, resized-image pixels, on the model's device) instead of the RPN's own.
+    /// The RPN's selection leaves the order of equal objectness logits to the
+    /// implementation (see `detection::proposals`), so this is how a test reproduces
+    /// another implementation's training step exactly; the proposals carry no
+    /// gradient either way.
+    pub fn losses_with_proposals(
+        &self,
+        ctx: &Ctx,
+        images: &[Tensor],
+        targets: &[Target],
+        proposals: &[Tensor],
+        rng: &mut Rng,
+    ) -> Result<Vec<(String, Tensor)>> {
+        if proposals.len() != images.len() {
+            return Err(Error::invalid(
+                "FasterRcnn::losses_with_proposals",
+                format!(
+                    "{} images and {} proposal sets",
+                    images.len(),
+                    proposals.len()
+                ),
+            ));
+        }
+        self.losses_given(ctx, images, targets, Some(proposals), rng, &mut |_| Ok(()))
+    }
+
+    fn losses_given(
+        &self,
+        ctx: &Ctx,
+        images: &[Tensor],
+        targets: &[Target],
+        given: Option<&[Tensor]>,
+        rng: &mut Rng,
+        on_stage: StageFn,
+    ) -> Result<Vec<(String, Tensor)>> {
         if images.len() != targets.len() {
             return Err(Error::invalid(
                 "FasterRcnn::losses",
@@ -581,9 +620,12 @@ impl FasterRcnn {
         let head = self.rpn.head(ctx, &features)?;
         on_stage("rpn_head")?;
         let anchors = self.anchors_tensor(&il, &features)?;
-        let proposals = crate::autograd::no_grad(|| {
-            self.rpn.proposals(&head, &anchors, &il.image_sizes, true)
-        })?;
+        let proposals = match given {
+            Some(p) => p.to_vec(),
+            None => crate::autograd::no_grad(|| {
+                self.rpn.proposals(&head, &anchors, &il.image_sizes, true)
+            })?,
+        };
         let (loss_obj, loss_rpn_box) = self.rpn.losses(&head, &anchors, &targets, rng)?;
         on_stage("proposals")?;
         let samples = self

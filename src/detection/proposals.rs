@@ -503,8 +503,13 @@ fn select(
                 indices: Tensor::gpu_zeros_i64(&dev, [n, top])?,
                 counts: Tensor::gpu_zeros_i64(&dev, [n])?,
             };
-            if n == 0 {
-                return Ok(out);
+            // No images, no candidates (every level empty) or no rows to fill: the
+            // zero-filled result is the answer, and a launch would get empty buffers.
+            if n == 0 || top == 0 || c.groups.numel() == 0 {
+                // Indices pad with -1, as the kernel writes them (an upload, no read).
+                let indices = Tensor::from_vec_i64(vec![-1; n * top], [n, top])?
+                    .to_device(c.boxes.device())?;
+                return Ok(Selected { indices, ..out });
             }
             dev.launch(
                 "proposals_select_f32",

@@ -12,11 +12,14 @@ use kestrel::rng::Rng;
 use kestrel::{Device, Result, Tensor};
 use serde_json::Value;
 
-/// `KESTREL_FIXTURES`, else ../shared/fixtures relative to the repository root.
+pub mod proposal_ties;
+
+/// `KESTREL_FIXTURES` (any set made by make_fixtures.py), else the slim set shipped
+/// in the repository, tests/fixtures (see its README).
 pub fn fixtures_dir() -> PathBuf {
     match std::env::var_os("KESTREL_FIXTURES") {
         Some(p) => PathBuf::from(p),
-        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures"),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures"),
     }
 }
 
