@@ -429,7 +429,7 @@ impl MultiScaleRoIAlign {
     /// `[K, 5]` device RoIs (batch index first) from the per-image proposals.
     fn pack_rois(&self, proposals: &[Tensor], geo: &Geometry) -> Result<Tensor> {
         let dev = gpu_dev(OP, &proposals[0])?;
-        let rois = Tensor::gpu_zeros(&dev, [geo.k, 5])?;
+        let rois = Tensor::gpu_empty(&dev, [geo.k, 5])?;
         let buf = &rois.gpu()?.buf;
         let mut row = 0usize;
         for (img, p) in proposals.iter().enumerate() {
@@ -465,7 +465,7 @@ impl MultiScaleRoIAlign {
     ) -> Result<Tensor> {
         let dev = gpu_dev(OP, &features[0])?;
         let (ph, pw) = self.output_size;
-        let y = Tensor::gpu_zeros(&dev, [geo.k, geo.c, ph, pw])?;
+        let y = Tensor::gpu_empty(&dev, [geo.k, geo.c, ph, pw])?;
         let total = y.numel();
         if total == 0 {
             return Ok(y);
@@ -495,7 +495,7 @@ impl MultiScaleRoIAlign {
         let grads = geo
             .maps
             .iter()
-            .map(|d| Tensor::gpu_zeros(&dev, d.to_vec()))
+            .map(|d| Tensor::gpu_empty(&dev, d.to_vec()))
             .collect::<Result<Vec<_>>>()?;
         let total = gy.numel();
         if total == 0 {

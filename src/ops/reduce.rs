@@ -31,8 +31,8 @@ fn scaled_sum(op: &'static str, x: &Tensor, k: f64) -> Result<Tensor> {
             let dev = gpu_dev(op, x)?;
             let n = x.numel();
             let blocks = n.div_ceil(256).clamp(1, 1024);
-            let partial = Tensor::gpu_zeros(&dev, [blocks])?;
-            let y = Tensor::gpu_zeros(&dev, Shape::new(vec![]))?;
+            let partial = Tensor::gpu_empty(&dev, [blocks])?;
+            let y = Tensor::gpu_empty(&dev, Shape::new(vec![]))?;
             let cfg = LaunchCfg {
                 grid: (blocks as u32, 1, 1),
                 block: (256, 1, 1),
@@ -77,7 +77,7 @@ pub fn broadcast_scalar(g: &Tensor, shape: &Shape, k: f64) -> Result<Tensor> {
         }),
         Device::Cuda(_) => {
             let dev = gpu_dev("broadcast_scalar", g)?;
-            let y = Tensor::gpu_zeros(&dev, shape.clone())?;
+            let y = Tensor::gpu_empty(&dev, shape.clone())?;
             launch_elems(
                 &dev,
                 "fill_from_dev_f32",

@@ -712,7 +712,7 @@ fn forward_cuda(
     let dev = gpu_dev("roi_align", input)?;
     let (ph, pw) = p.output_size;
     let k = rois.dims()[0];
-    let y = Tensor::gpu_zeros(&dev, [k, dims[1], ph, pw])?;
+    let y = Tensor::gpu_empty(&dev, [k, dims[1], ph, pw])?;
     let n = y.numel();
     if n == 0 {
         return Ok(y);

@@ -315,10 +315,10 @@ fn gpu_update(
 ) -> Result<(Tensor, Option<Tensor>)> {
     let dev = gpu_dev("Sgd::step", p)?;
     let n = p.numel();
-    let new_p = Tensor::gpu_zeros(&dev, p.shape().clone())?;
+    let new_p = Tensor::gpu_empty(&dev, p.shape().clone())?;
     let with_momentum = cfg.momentum != 0.0;
     let new_buf = if with_momentum {
-        Some(Tensor::gpu_zeros(&dev, p.shape().clone())?)
+        Some(Tensor::gpu_empty(&dev, p.shape().clone())?)
     } else {
         None
     };
