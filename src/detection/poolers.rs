@@ -495,7 +495,7 @@ impl MultiScaleRoIAlign {
         let grads = geo
             .maps
             .iter()
-            .map(|d| Tensor::gpu_empty(&dev, d.to_vec()))
+            .map(|d| Tensor::gpu_zeros(&dev, d.to_vec()))
             .collect::<Result<Vec<_>>>()?;
         let total = gy.numel();
         if total == 0 {
@@ -508,10 +508,13 @@ impl MultiScaleRoIAlign {
             args.push(arg(&grads[l.min(last)])?);
         }
         args.extend(self.kernel_args(geo, &rois)?);
-        args.push(KernelArg::I64(total as i64));
+        // One thread per gradient plane (level, image, channel), accumulating in a
+        // fixed order: deterministic (kernels/roi_align.cu).
+        let planes = grads.len() * geo.n * geo.c;
+        args.push(KernelArg::I64(planes as i64));
         dev.launch(
             "multiscale_roi_align_bwd_f32",
-            LaunchCfg::for_elems(total),
+            LaunchCfg::linear(planes, 64),
             &args,
         )?;
         Ok(grads)

@@ -740,7 +740,9 @@ fn backward_cuda(
     let mut args = vec![arg(gy)?];
     args.extend(common_args(rois, dims, p)?);
     args.push(arg(&gin)?);
-    args.push(KernelArg::I64(n as i64));
-    dev.launch("roi_align_bwd_f32", LaunchCfg::for_elems(n), &args)?;
+    // One thread per gradient plane, accumulating in a fixed order: deterministic.
+    let planes = dims[0] * dims[1];
+    args.push(KernelArg::I64(planes as i64));
+    dev.launch("roi_align_bwd_f32", LaunchCfg::linear(planes, 64), &args)?;
     Ok(gin)
 }

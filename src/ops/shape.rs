@@ -662,7 +662,7 @@ fn index_add(gy: &Tensor, full: &Shape, dim: usize, idx: &Tensor) -> Result<Tens
             launch_elems(
                 &dev,
                 "index_add_f32",
-                outer * k * inner,
+                outer * inner,
                 &[
                     super::arg(gy)?,
                     super::arg(idx)?,
