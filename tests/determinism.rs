@@ -7,6 +7,7 @@
 mod common;
 
 use kestrel::autograd::Tape;
+use kestrel::app::profile::train_step_profiled;
 use kestrel::detection::transform::image_from_u8;
 use kestrel::detection::{FasterRcnn, FasterRcnnConfig, Target};
 use kestrel::io::TensorFile;
@@ -148,7 +149,7 @@ fn train(device: Device, steps: usize) -> Vec<(String, Vec<u32>)> {
     .unwrap();
     let mut rng = Rng::new(3);
     for _ in 0..steps {
-        m.train_step_profiled(&images, &targets, &mut sgd, &mut rng).unwrap();
+        train_step_profiled(&mut m, &images, &targets, &mut sgd, &mut rng).unwrap();
     }
     let mut names = m.params.trainable_names();
     names.sort();

@@ -5,6 +5,7 @@
 
 mod common;
 
+use kestrel::app::profile::train_step_profiled;
 use kestrel::detection::transform::image_from_u8;
 use kestrel::detection::{FasterRcnn, FasterRcnnConfig, Target};
 use kestrel::device::emu;
@@ -155,11 +156,11 @@ fn a_training_step_after_a_warm_up_allocates_nothing_from_the_driver_emulated() 
     // Warm-up: two steps, since the first has no momentum buffers to read (the
     // second holds the old and the new buffers at once).
     for _ in 0..2 {
-        m.train_step_profiled(&imgs, &t, &mut sgd, &mut rng).unwrap();
+        train_step_profiled(&mut m, &imgs, &t, &mut sgd, &mut rng).unwrap();
     }
     device.reset_peak_memory();
     let c = device.counters();
-    let (loss, stages) = m.train_step_profiled(&imgs, &t, &mut sgd, &mut rng).unwrap();
+    let (loss, stages) = train_step_profiled(&mut m, &imgs, &t, &mut sgd, &mut rng).unwrap();
     let d = c.delta();
     let mem = device.memory();
     eprintln!(
