@@ -102,7 +102,10 @@ fn memory_statistics_follow_the_blocks() {
     drop(b);
     let after = d.memory();
     assert_eq!(after.allocated, before.allocated);
-    assert_eq!(after.peak_allocated, during.peak_allocated, "the peak stays");
+    assert_eq!(
+        after.peak_allocated, during.peak_allocated,
+        "the peak stays"
+    );
     assert_eq!(after.reserved, during.reserved, "the block stays cached");
     d.reset_peak_memory();
     assert_eq!(d.memory().peak_allocated, after.allocated);
@@ -118,7 +121,17 @@ fn memory_statistics_follow_the_blocks() {
 
 #[test]
 fn size_classes_bound_the_waste() {
-    for bytes in [1usize, 100, 512, 513, 4096, 4097, 1 << 20, (1 << 20) + 1, 123_456_789] {
+    for bytes in [
+        1usize,
+        100,
+        512,
+        513,
+        4096,
+        4097,
+        1 << 20,
+        (1 << 20) + 1,
+        123_456_789,
+    ] {
         let c = size_class(bytes);
         assert!(c >= bytes);
         assert!(c == 512 || (c - bytes) * 5 < c, "{bytes} -> {c}");

@@ -54,5 +54,9 @@ fn backward_holds_a_bounded_number_of_gradients_emulated() {
         .map(|i| if (i % 7) as f32 - 3.0 > 0.0 { 1.0 } else { 0.0 })
         .collect();
     assert_eq!(g, want);
-    assert_eq!(grads.len(), 1, "only the watched tensor's gradient is returned");
+    assert_eq!(
+        grads.len(),
+        1,
+        "only the watched tensor's gradient is returned"
+    );
 }

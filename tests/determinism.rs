@@ -6,19 +6,23 @@
 
 mod common;
 
-use kestrel::autograd::Tape;
 use kestrel::app::profile::train_step_profiled;
+use kestrel::autograd::Tape;
 use kestrel::detection::transform::image_from_u8;
 use kestrel::detection::{FasterRcnn, FasterRcnnConfig, Target};
 use kestrel::io::TensorFile;
-use kestrel::ops::roi_align::{roi_align_backward, RoiAlignParams};
 use kestrel::ops;
+use kestrel::ops::roi_align::{roi_align_backward, RoiAlignParams};
 use kestrel::optim::{Sgd, SgdConfig};
 use kestrel::rng::Rng;
 use kestrel::{Device, Tensor};
 
 fn bits(t: &Tensor) -> Vec<u32> {
-    t.to_vec::<f32>().unwrap().iter().map(|v| v.to_bits()).collect()
+    t.to_vec::<f32>()
+        .unwrap()
+        .iter()
+        .map(|v| v.to_bits())
+        .collect()
 }
 
 /// Many RoIs over one small map: every feature pixel receives contributions from
@@ -31,13 +35,28 @@ fn roi_case(device: Device) -> (Tensor, Tensor, [usize; 4], RoiAlignParams) {
     for i in 0..k {
         let (x1, y1) = (r.range(-4.0, 30.0), r.range(-4.0, 24.0));
         let (bw, bh) = (r.range(1.0, 20.0), r.range(1.0, 16.0));
-        rois.extend_from_slice(&[(i % n) as f32, x1 as f32, y1 as f32, (x1 + bw) as f32, (y1 + bh) as f32]);
+        rois.extend_from_slice(&[
+            (i % n) as f32,
+            x1 as f32,
+            y1 as f32,
+            (x1 + bw) as f32,
+            (y1 + bh) as f32,
+        ]);
     }
     let p = RoiAlignParams::new((7, 7), 0.5, 2);
-    let gy: Vec<f32> = common::randn(6, k * c * 49).into_iter().map(|v| v as f32).collect();
+    let gy: Vec<f32> = common::randn(6, k * c * 49)
+        .into_iter()
+        .map(|v| v as f32)
+        .collect();
     (
-        Tensor::from_vec(gy, [k, c, 7, 7]).unwrap().to_device(device).unwrap(),
-        Tensor::from_vec(rois, [k, 5]).unwrap().to_device(device).unwrap(),
+        Tensor::from_vec(gy, [k, c, 7, 7])
+            .unwrap()
+            .to_device(device)
+            .unwrap(),
+        Tensor::from_vec(rois, [k, 5])
+            .unwrap()
+            .to_device(device)
+            .unwrap(),
         [n, c, h, w],
         p,
     )
@@ -63,11 +82,20 @@ fn roi_align_backward_gives_the_same_bits_every_run_emulated() {
 fn index_select_backward_with_repeats_gives_the_same_bits_every_run_emulated() {
     let emu = common::emulated();
     let rows = 7;
-    let x = Tensor::from_vec(vec![0f32; rows * 33], [rows, 33]).unwrap().to_device(emu).unwrap();
+    let x = Tensor::from_vec(vec![0f32; rows * 33], [rows, 33])
+        .unwrap()
+        .to_device(emu)
+        .unwrap();
     // Every row picked many times: each gradient element is a long sum.
     let idx: Vec<i64> = (0..500).map(|i| (i * 37 % 11 % rows) as i64).collect();
-    let idx = Tensor::from_vec_i64(idx, [500]).unwrap().to_device(emu).unwrap();
-    let gy_host: Vec<f32> = common::randn(8, 500 * 33).into_iter().map(|v| v as f32 * 1e3).collect();
+    let idx = Tensor::from_vec_i64(idx, [500])
+        .unwrap()
+        .to_device(emu)
+        .unwrap();
+    let gy_host: Vec<f32> = common::randn(8, 500 * 33)
+        .into_iter()
+        .map(|v| v as f32 * 1e3)
+        .collect();
     let run = || {
         let tape = Tape::new();
         tape.watch(&x);
@@ -75,7 +103,10 @@ fn index_select_backward_with_repeats_gives_the_same_bits_every_run_emulated() {
             let _g = tape.activate();
             ops::index_select(&x, 0, &idx).unwrap()
         };
-        let gy = Tensor::from_vec(gy_host.clone(), [500, 33]).unwrap().to_device(emu).unwrap();
+        let gy = Tensor::from_vec(gy_host.clone(), [500, 33])
+            .unwrap()
+            .to_device(emu)
+            .unwrap();
         let grads = tape.backward_with(&y, gy).unwrap();
         grads.expect(&x).unwrap().clone()
     };
@@ -126,9 +157,16 @@ fn batch(device: Device) -> (Vec<Tensor>, Vec<Target>) {
         .collect();
     let targets = (0..images.len())
         .map(|i| {
-            let b = f.tensor(&format!("target{i}.boxes")).unwrap().to_vec::<f32>().unwrap();
+            let b = f
+                .tensor(&format!("target{i}.boxes"))
+                .unwrap()
+                .to_vec::<f32>()
+                .unwrap();
             Target {
-                boxes: b.chunks_exact(4).map(|c| [c[0], c[1], c[2], c[3]]).collect(),
+                boxes: b
+                    .chunks_exact(4)
+                    .map(|c| [c[0], c[1], c[2], c[3]])
+                    .collect(),
                 labels: f.ints(&format!("target{i}.labels")).unwrap().0,
             }
         })
@@ -171,6 +209,11 @@ fn two_training_runs_give_bit_identical_weights_emulated() {
     for ((na, wa), (nb, wb)) in a.iter().zip(&b) {
         assert_eq!(na, nb);
         let diff = wa.iter().zip(wb).filter(|(x, y)| x != y).count();
-        assert_eq!(diff, 0, "{na}: {diff} of {} weights differ between two runs", wa.len());
+        assert_eq!(
+            diff,
+            0,
+            "{na}: {diff} of {} weights differ between two runs",
+            wa.len()
+        );
     }
 }

@@ -43,7 +43,9 @@ fn each_kind_of_call_is_counted_once_emulated() {
     dev.backend.synchronize().unwrap();
     let _z = Tensor::gpu_zeros(&dev, [4]).unwrap();
     let b = dev.alloc(16).unwrap();
-    dev.backend.copy_dtod(&y.gpu().unwrap().buf, &b, 12).unwrap();
+    dev.backend
+        .copy_dtod(&y.gpu().unwrap().buf, &b, 12)
+        .unwrap();
     let d = c.delta();
     assert_eq!(d.syncs, 1, "{d}");
     assert_eq!(d.memsets, 1, "{d}");
@@ -68,7 +70,11 @@ fn counters_are_per_thread_emulated() {
     })
     .join()
     .unwrap();
-    assert_eq!(c.delta(), Counters::default(), "another thread's work was counted here");
+    assert_eq!(
+        c.delta(),
+        Counters::default(),
+        "another thread's work was counted here"
+    );
     assert_eq!(Device::Cpu.counters().delta(), Counters::default());
 }
 

@@ -55,7 +55,11 @@ fn clustered(seed: u64, n: usize, clusters: usize) -> (Tensor, Tensor) {
         let (w, h) = (bw * r.range(0.7, 1.3), bh * r.range(0.7, 1.3));
         b.extend_from_slice(&[x1 as f32, y1 as f32, (x1 + w) as f32, (y1 + h) as f32]);
         // Every 7th score repeats the previous one: ties resolved by index.
-        s.push(if i % 7 == 6 { s[i - 1] } else { r.uniform() as f32 });
+        s.push(if i % 7 == 6 {
+            s[i - 1]
+        } else {
+            r.uniform() as f32
+        });
     }
     (
         Tensor::from_vec(b, [n, 4]).unwrap(),
@@ -82,7 +86,11 @@ fn check_fixtures_on(device: Device) {
     for (case, p) in cases {
         let t = |n: &str| on(&f.tensor(&format!("{case}.{n}")).unwrap(), device);
         let thr = p["iou_threshold"].as_f64().unwrap();
-        let want = f.int_tensor(&format!("{case}.keep")).unwrap().to_vec_i64().unwrap();
+        let want = f
+            .int_tensor(&format!("{case}.keep"))
+            .unwrap()
+            .to_vec_i64()
+            .unwrap();
         let boxes = t("boxes");
         let groups = if p["batched"].as_bool().unwrap() {
             f.int_tensor(&format!("{case}.idxs")).unwrap()
@@ -132,7 +140,11 @@ fn check_random_on(device: Device) {
             thr,
         )
         .unwrap();
-        assert_eq!(kept(&out), want, "{device}: seed {seed}, n {n}, {groups} groups, thr {thr}");
+        assert_eq!(
+            kept(&out),
+            want,
+            "{device}: seed {seed}, n {n}, {groups} groups, thr {thr}"
+        );
     }
 }
 
@@ -187,7 +199,11 @@ fn grouped_nms_reads_nothing_back_and_stays_linear_in_memory_emulated() {
     let n = 24_000;
     let (b, s) = clustered(9, n, 400);
     let g: Vec<i64> = (0..n as i64).map(|i| i % 240).collect();
-    let (bd, sd, gd) = (on(&b, device), on(&s, device), on(&i64_t(g.clone()), device));
+    let (bd, sd, gd) = (
+        on(&b, device),
+        on(&s, device),
+        on(&i64_t(g.clone()), device),
+    );
     device.reset_peak_memory();
     let base = device.memory().allocated;
     let c = device.counters();
@@ -197,8 +213,13 @@ fn grouped_nms_reads_nothing_back_and_stays_linear_in_memory_emulated() {
     assert_eq!((d.dtoh, d.syncs, d.htod), (0, 0, 0), "{d}");
     let mask_bytes = (n * n.div_ceil(64) * 8) as u64;
     let bound = 48 * n.next_power_of_two() as u64;
-    eprintln!("grouped NMS of {n} boxes in 240 groups: peak {peak} B (a full mask: {mask_bytes} B); {d}");
+    eprintln!(
+        "grouped NMS of {n} boxes in 240 groups: peak {peak} B (a full mask: {mask_bytes} B); {d}"
+    );
     assert!(peak <= bound, "peak {peak} B above {bound} B");
-    assert!(peak * 20 < mask_bytes, "peak {peak} B vs mask {mask_bytes} B");
+    assert!(
+        peak * 20 < mask_bytes,
+        "peak {peak} B vs mask {mask_bytes} B"
+    );
     assert_eq!(kept(&out), reference(&b, &s, &g, 0.5));
 }

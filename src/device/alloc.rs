@@ -244,7 +244,18 @@ mod tests {
 
     #[test]
     fn size_classes_hold_the_request_and_waste_under_a_fifth() {
-        for bytes in [1usize, 512, 513, 700, 1000, 1024, 1025, 4097, 1 << 20, 3_000_001] {
+        for bytes in [
+            1usize,
+            512,
+            513,
+            700,
+            1000,
+            1024,
+            1025,
+            4097,
+            1 << 20,
+            3_000_001,
+        ] {
             let c = size_class(bytes);
             assert!(c >= bytes, "{bytes} -> {c}");
             assert!(c <= 512 || (c - bytes) * 5 < c, "{bytes} -> {c}");

@@ -176,10 +176,8 @@ impl GpuBackend for CudaBackend {
             .map_err(|e| Error::cuda("bind context", e))?;
         // SAFETY: dst is a live allocation of dst.bytes() bytes; the memset is
         // ordered on the one stream like every kernel that uses the buffer.
-        unsafe {
-            drv::memset_d8_async(dst.ptr(), value, dst.bytes(), self.stream.cu_stream())
-        }
-        .map_err(|e| Error::cuda("memset", e))
+        unsafe { drv::memset_d8_async(dst.ptr(), value, dst.bytes(), self.stream.cu_stream()) }
+            .map_err(|e| Error::cuda("memset", e))
     }
 
     fn launch(&self, kernel: &str, cfg: &LaunchCfg, args: &[KernelArg]) -> Result<()> {

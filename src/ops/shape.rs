@@ -659,6 +659,9 @@ fn index_add(gy: &Tensor, full: &Shape, dim: usize, idx: &Tensor) -> Result<Tens
         Device::Cuda(_) => {
             let dev = super::gpu_dev("index_select backward", gy)?;
             let gx = Tensor::gpu_zeros(&dev, full.clone())?;
+            if k == 0 {
+                return Ok(gx); // nothing was selected: a zero gradient
+            }
             launch_elems(
                 &dev,
                 "index_add_f32",

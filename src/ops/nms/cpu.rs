@@ -5,7 +5,6 @@ use rayon::prelude::*;
 
 use crate::tensor::Element;
 
-
 /// Sort key whose ascending order is torch's stable descending order of scores:
 /// NaN first, then +inf .. -inf, with -0.0 == +0.0. Widening f32 to f64 keeps order.
 pub(crate) fn descending_key(s: f64) -> u64 {
@@ -125,7 +124,12 @@ pub(super) fn gather<T: Element>(boxes: &[T], cls: Option<&[i64]>, order: &[u32]
         .collect()
 }
 
-pub(super) fn nms_cpu<T: Element>(boxes: &[T], scores: &[T], cls: Option<&[i64]>, thr: f64) -> Vec<i64> {
+pub(super) fn nms_cpu<T: Element>(
+    boxes: &[T],
+    scores: &[T],
+    cls: Option<&[i64]>,
+    thr: f64,
+) -> Vec<i64> {
     let order = sort_descending(scores);
     let sb = gather(boxes, cls, &order);
     let kept = if thr >= 0.0 {

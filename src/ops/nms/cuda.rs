@@ -7,7 +7,6 @@ use crate::tensor::Tensor;
 
 use super::NmsOutput;
 
-
 /// Keys sorted per block in shared memory (NMS_TILE in kernels/nms.cu).
 const SORT_TILE: usize = 2048;
 /// Removed-words the walk keeps in shared memory (NMS_SMEM_WORDS in kernels/nms.cu).
