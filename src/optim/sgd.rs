@@ -328,6 +328,9 @@ fn cpu_update<T: Element>(
     ))
 }
 
+/// A parameter's new value and (with momentum) its new buffer.
+type Update = (Tensor, Option<Tensor>);
+
 /// One CUDA parameter of a step: its index, value, gradient and momentum buffer.
 struct GpuJob {
     i: usize,
@@ -343,10 +346,7 @@ const SGD_FIELDS: usize = 8;
 /// The updates of every CUDA parameter, as `(index, (new p, new buffer))`: one
 /// pointer table upload and one `sgd_multi_f32` launch per device, whatever the
 /// number of parameters.
-fn gpu_update_all(
-    cfg: &SgdConfig,
-    jobs: Vec<GpuJob>,
-) -> Result<Vec<(usize, (Tensor, Option<Tensor>))>> {
+fn gpu_update_all(cfg: &SgdConfig, jobs: Vec<GpuJob>) -> Result<Vec<(usize, Update)>> {
     let mut devices: Vec<Device> = Vec::new();
     for j in &jobs {
         if !devices.contains(&j.p.device()) {
@@ -361,10 +361,7 @@ fn gpu_update_all(
     Ok(out)
 }
 
-fn gpu_update_device(
-    cfg: &SgdConfig,
-    jobs: &[&GpuJob],
-) -> Result<Vec<(usize, (Tensor, Option<Tensor>))>> {
+fn gpu_update_device(cfg: &SgdConfig, jobs: &[&GpuJob]) -> Result<Vec<(usize, Update)>> {
     let Some(first) = jobs.first() else {
         return Ok(Vec::new());
     };
