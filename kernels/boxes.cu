@@ -1,5 +1,6 @@
 // Box ops on (x1, y1, x2, y2) boxes, torchvision semantics (no "+1"): area, pairwise
 // IoU, clipping to the image and the small-box filter. f32, contiguous.
+#include "compact.cuh"
 #include "detection.cuh"
 
 // area[i] = (x2 - x1) * (y2 - y1) for boxes [n, 4].
@@ -48,10 +49,8 @@ extern "C" __global__ void box_clip_f32(const float* __restrict__ b, float* __re
 // boxes (blockDim.x a multiple of 32, at most 1024).
 extern "C" __global__ void box_remove_small_f32(const float* __restrict__ b, long long n, float min_size,
                                                 long long* __restrict__ keep, long long* __restrict__ count) {
-    __shared__ int warp_tot[32];
-    __shared__ long long base_s;
-    if (threadIdx.x == 0) base_s = 0;
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+    __shared__ BlockCompact placed;
+    block_compact_init(placed);
     for (long long start = 0; start < n; start += blockDim.x) {
         long long i = start + threadIdx.x;
         bool ok = false;
@@ -60,20 +59,8 @@ extern "C" __global__ void box_remove_small_f32(const float* __restrict__ b, lon
             float ws = det_sub(p[2], p[0]), hs = det_sub(p[3], p[1]);
             ok = (ws >= min_size) && (hs >= min_size);
         }
-        unsigned int bal = __ballot_sync(0xffffffffu, ok);
-        if (lane == 0) warp_tot[warp] = __popc(bal);
-        __syncthreads();
-        long long before = base_s;
-        for (int w = 0; w < warp; ++w) before += warp_tot[w];
-        before += __popc(bal & ((1u << lane) - 1u));
-        if (ok) keep[before] = i;
-        __syncthreads();
-        if (threadIdx.x == 0) {
-            long long t = 0;
-            for (int w = 0; w < nwarps; ++w) t += warp_tot[w];
-            base_s += t;
-        }
-        __syncthreads();
+        long long pos = block_compact_step(placed, ok);
+        if (ok) keep[pos] = i;
     }
-    if (threadIdx.x == 0) count[0] = base_s;
+    if (threadIdx.x == 0) count[0] = placed.base;
 }

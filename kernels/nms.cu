@@ -7,6 +7,23 @@
 //      boxes; bit j of mask[i][cb] says sorted box i suppresses box cb*64+j (j > i).
 //   5. nms_reduce_f32: one block walks the mask in score order and writes the kept
 //      original indices and their count; the mask never leaves the device.
+//
+// Grouped NMS (nms_group_*): groups never compare with each other, and memory stays
+// O(n) (no n x n mask):
+//   1. nms_group_keys_f32: 128-bit keys (group, descending score, index); candidates
+//      of a negative group are left out (they sort last).
+//   2. nms_sort128_*_f32: the same bitonic network on the 128-bit keys: group-major,
+//      each group in NMS visiting order.
+//   3. nms_group_segments_f32: one block finds where each group starts (ordered
+//      compaction) and how many candidates take part.
+//   4. nms_group_walk_f32: one block per group (grid-stride over the groups, all in
+//      parallel) runs torchvision's greedy loop over its segment: each kept box
+//      marks the later boxes it suppresses, the block's threads sharing the marks.
+//   5. nms_group_final_keys_f32 + nms_sort_*_f32 + nms_keep_from_keys_f32: the kept
+//      candidates of every group in global descending score order (ties by index),
+//      as a keep list padded with -1 and a count.
+#include "bitonic.cuh"
+#include "compact.cuh"
 #include "detection.cuh"
 
 #define NMS_TILE 2048          // keys sorted per block in shared memory
@@ -23,64 +40,23 @@ extern "C" __global__ void nms_keys_f32(const float* __restrict__ scores, long l
 }
 
 // Sort each tile of `tile` keys (a power of two <= NMS_TILE; blockDim.x = tile / 2)
-// through every bitonic stage k <= tile; directions follow the global index so the
-// tiles form the first stages of the whole network.
+// through every bitonic stage k <= tile.
 extern "C" __global__ void nms_sort_tile_f32(kestrel_u64* __restrict__ keys, int tile) {
     __shared__ kestrel_u64 s[NMS_TILE];
-    long long base = (long long)blockIdx.x * tile;
-    for (int t = threadIdx.x; t < tile; t += blockDim.x) s[t] = keys[base + t];
-    for (int k = 2; k <= tile; k <<= 1) {
-        for (int j = k >> 1; j > 0; j >>= 1) {
-            __syncthreads();
-            for (int t = threadIdx.x; t < (tile >> 1); t += blockDim.x) {
-                int i = 2 * t - (t & (j - 1));
-                bool up = ((base + i) & k) == 0;
-                kestrel_u64 a = s[i], b = s[i + j];
-                if ((a > b) == up) {
-                    s[i] = b;
-                    s[i + j] = a;
-                }
-            }
-        }
-    }
-    __syncthreads();
-    for (int t = threadIdx.x; t < tile; t += blockDim.x) keys[base + t] = s[t];
+    bitonic_sort_tile(keys, s, (long long)blockIdx.x * tile, tile);
 }
 
 // One global compare-exchange step (stage k, distance j >= NMS_TILE) over `padded` keys.
 extern "C" __global__ void nms_sort_step_f32(kestrel_u64* __restrict__ keys, long long padded,
                                              long long k, long long j) {
-    KESTREL_LOOP(t, padded >> 1) {
-        long long i = 2 * t - (t & (j - 1));
-        bool up = (i & k) == 0;
-        kestrel_u64 a = keys[i], b = keys[i + j];
-        if ((a > b) == up) {
-            keys[i] = b;
-            keys[i + j] = a;
-        }
-    }
+    bitonic_global_step(keys, padded, k, j);
 }
 
 // The steps j = NMS_TILE / 2 .. 1 of stage k (k > NMS_TILE) for each tile, in shared
 // memory. blockDim.x = NMS_TILE / 2.
 extern "C" __global__ void nms_sort_merge_f32(kestrel_u64* __restrict__ keys, long long k) {
     __shared__ kestrel_u64 s[NMS_TILE];
-    long long base = (long long)blockIdx.x * NMS_TILE;
-    for (int t = threadIdx.x; t < NMS_TILE; t += blockDim.x) s[t] = keys[base + t];
-    for (int j = NMS_TILE >> 1; j > 0; j >>= 1) {
-        __syncthreads();
-        for (int t = threadIdx.x; t < (NMS_TILE >> 1); t += blockDim.x) {
-            int i = 2 * t - (t & (j - 1));
-            bool up = ((base + i) & k) == 0;
-            kestrel_u64 a = s[i], b = s[i + j];
-            if ((a > b) == up) {
-                s[i] = b;
-                s[i + j] = a;
-            }
-        }
-    }
-    __syncthreads();
-    for (int t = threadIdx.x; t < NMS_TILE; t += blockDim.x) keys[base + t] = s[t];
+    bitonic_merge_tile(keys, s, (long long)blockIdx.x * NMS_TILE, NMS_TILE, k);
 }
 
 // Sorted boxes [n, 4], areas [n], original indices [n]; classes too when `has_cls`.
@@ -231,4 +207,136 @@ extern "C" __global__ void nms_reduce_f32(const kestrel_u64* __restrict__ mask, 
     }
     for (long long p = total + threadIdx.x; p < n; p += blockDim.x) keep[p] = -1;
     if (threadIdx.x == 0) count[0] = total;
+}
+
+// ------------------------------------------------------------------ grouped NMS
+
+// 128-bit sort key: group first, then the 64-bit (descending score, index) key.
+struct nms_key128 {
+    kestrel_u64 hi, lo;
+};
+__device__ __forceinline__ bool operator<(const nms_key128& a, const nms_key128& b) {
+    return a.hi < b.hi || (a.hi == b.hi && a.lo < b.lo);
+}
+
+// keys[i] = (groups[i], desc_key(score[i]) << 32 | i), or all ones (sorting last)
+// for a negative group and for the padding up to `padded`. `keys` holds 2 * padded
+// u64 (hi, lo pairs).
+extern "C" __global__ void nms_group_keys_f32(const float* __restrict__ scores, const long long* __restrict__ groups,
+                                              long long n, kestrel_u64* __restrict__ keys, long long padded) {
+    nms_key128* k = reinterpret_cast<nms_key128*>(keys);
+    KESTREL_LOOP(i, padded) {
+        nms_key128 v;
+        if (i < n && groups[i] >= 0) {
+            v.hi = (kestrel_u64)groups[i];
+            v.lo = ((kestrel_u64)det_desc_key(scores[i]) << 32) | (kestrel_u64)i;
+        } else {
+            v.hi = ~0ull;
+            v.lo = ~0ull;
+        }
+        k[i] = v;
+    }
+}
+
+// As nms_sort_tile_f32 for 128-bit keys (tile <= NMS_TILE; blockDim.x = tile / 2).
+extern "C" __global__ void nms_sort128_tile_f32(kestrel_u64* __restrict__ keys, int tile) {
+    __shared__ nms_key128 s[NMS_TILE];
+    bitonic_sort_tile(reinterpret_cast<nms_key128*>(keys), s, (long long)blockIdx.x * tile, tile);
+}
+
+// As nms_sort_step_f32 for 128-bit keys.
+extern "C" __global__ void nms_sort128_step_f32(kestrel_u64* __restrict__ keys, long long padded,
+                                                long long k, long long j) {
+    bitonic_global_step(reinterpret_cast<nms_key128*>(keys), padded, k, j);
+}
+
+// As nms_sort_merge_f32 for 128-bit keys.
+extern "C" __global__ void nms_sort128_merge_f32(kestrel_u64* __restrict__ keys, long long k) {
+    __shared__ nms_key128 s[NMS_TILE];
+    bitonic_merge_tile(reinterpret_cast<nms_key128*>(keys), s, (long long)blockIdx.x * NMS_TILE, NMS_TILE, k);
+}
+
+// One block over the n sorted keys: seg_start[0..nseg) = the first position of each
+// group, nvalid = candidates taking part (the left-out ones sort last).
+extern "C" __global__ void nms_group_segments_f32(const kestrel_u64* __restrict__ keys, long long n,
+                                                  long long* __restrict__ seg_start, long long* __restrict__ nseg,
+                                                  long long* __restrict__ nvalid) {
+    const nms_key128* k = reinterpret_cast<const nms_key128*>(keys);
+    __shared__ BlockCompact heads, valid;
+    block_compact_init(heads);
+    block_compact_init(valid);
+    for (long long start = 0; start < n; start += blockDim.x) {
+        long long q = start + threadIdx.x;
+        bool in = q < n && k[q].hi != ~0ull;
+        bool head = in && (q == 0 || k[q - 1].hi != k[q].hi);
+        long long pos = block_compact_step(heads, head);
+        if (head) seg_start[pos] = q;
+        block_compact_step(valid, in);
+    }
+    if (threadIdx.x == 0) {
+        nseg[0] = heads.base;
+        nvalid[0] = valid.base;
+    }
+}
+
+// Greedy NMS of each group (block per group, grid-stride): the segment [s, e) of the
+// sorted keys is visited in order; a box not yet removed is kept and the block's
+// threads remove the later boxes it suppresses (torchvision's test, nms_suppresses).
+// kept[i] = 1 or 0 for every candidate i taking part; `removed` is scratch, n ints.
+extern "C" __global__ void nms_group_walk_f32(const float* __restrict__ boxes, const kestrel_u64* __restrict__ keys,
+                                              const long long* __restrict__ seg_start,
+                                              const long long* __restrict__ nseg,
+                                              const long long* __restrict__ nvalid, double thr,
+                                              int* __restrict__ removed, int* __restrict__ kept) {
+    const nms_key128* k = reinterpret_cast<const nms_key128*>(keys);
+    long long groups = nseg[0], total = nvalid[0];
+    for (long long g = blockIdx.x; g < groups; g += gridDim.x) {
+        long long s = seg_start[g], e = (g + 1 < groups) ? seg_start[g + 1] : total;
+        for (long long q = s + threadIdx.x; q < e; q += blockDim.x) removed[q] = 0;
+        for (long long p = s; p < e; ++p) {
+            __syncthreads();  // the marks of the previous kept box are visible
+            long long ip = (long long)(k[p].lo & 0xffffffffull);
+            if (removed[p]) {
+                if (threadIdx.x == 0) kept[ip] = 0;
+                continue;
+            }
+            if (threadIdx.x == 0) kept[ip] = 1;
+            const float* a = boxes + 4 * ip;
+            float ax1 = a[0], ay1 = a[1], ax2 = a[2], ay2 = a[3];
+            float aarea = det_mul(det_sub(ax2, ax1), det_sub(ay2, ay1));
+            for (long long q = p + 1 + threadIdx.x; q < e; q += blockDim.x) {
+                if (removed[q]) continue;
+                const float* b = boxes + 4 * (long long)(k[q].lo & 0xffffffffull);
+                float bx1 = b[0], by1 = b[1], bx2 = b[2], by2 = b[3];
+                float barea = det_mul(det_sub(bx2, bx1), det_sub(by2, by1));
+                if (nms_suppresses(ax1, ay1, ax2, ay2, aarea, bx1, by1, bx2, by2, barea, thr)) removed[q] = 1;
+            }
+        }
+        __syncthreads();
+    }
+}
+
+// keys[i] = desc_key(score[i]) << 32 | i for the kept candidates, all ones (sorting
+// last) for the others and the padding.
+extern "C" __global__ void nms_group_final_keys_f32(const float* __restrict__ scores,
+                                                    const long long* __restrict__ groups,
+                                                    const int* __restrict__ kept, long long n,
+                                                    kestrel_u64* __restrict__ keys, long long padded) {
+    KESTREL_LOOP(i, padded) {
+        bool keep = i < n && groups[i] >= 0 && kept[i];
+        keys[i] = keep ? (((kestrel_u64)det_desc_key(scores[i]) << 32) | (kestrel_u64)i) : ~0ull;
+    }
+}
+
+// keep[q] = the index in sorted key q (-1 for all-ones keys); count = kept keys.
+extern "C" __global__ void nms_keep_from_keys_f32(const kestrel_u64* __restrict__ keys, long long n,
+                                                  long long* __restrict__ keep, long long* __restrict__ count) {
+    KESTREL_LOOP(q, n) {
+        kestrel_u64 v = keys[q];
+        bool in = v != ~0ull;
+        keep[q] = in ? (long long)(v & 0xffffffffull) : -1;
+        bool last = in && (q + 1 == n || keys[q + 1] == ~0ull);
+        if (last) count[0] = q + 1;
+        if (q == 0 && !in) count[0] = 0;
+    }
 }

@@ -5,6 +5,7 @@
 // Candidates that fail a filter get the score -inf and the group -1, so that the
 // NMS of the whole batch runs on fixed-size inputs and nothing is read back.
 // Arithmetic as torchvision's, operation by operation in f32 (see detection.cuh).
+#include "compact.cuh"
 #include "detection.cuh"
 
 #define PROPOSALS_MAX_LEVELS 8
@@ -123,19 +124,15 @@ extern "C" __global__ void proposals_select_f32(const long long* __restrict__ ke
                                                 float* __restrict__ out_scores,
                                                 long long* __restrict__ out_idx,
                                                 long long* __restrict__ out_counts) {
-    __shared__ int warp_tot[32];
-    __shared__ long long base_s;
+    __shared__ BlockCompact placed;
     long long img = blockIdx.x;
     long long n = count[0];
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
-    if (threadIdx.x == 0) base_s = 0;
-    __syncthreads();
+    block_compact_init(placed);
     float* ob = out_boxes + 4 * img * top;
     float* os = out_scores + img * top;
     long long* oi = out_idx + img * top;
     for (long long start = 0; start < n; start += blockDim.x) {
-        long long base = base_s;
-        if (base >= top) break;  // base_s is the same for the whole block here
+        if (placed.base >= top) break;  // the same for the whole block here
         long long i = start + threadIdx.x;
         long long src = -1;
         bool ok = false;
@@ -144,26 +141,14 @@ extern "C" __global__ void proposals_select_f32(const long long* __restrict__ ke
             long long g = groups[src];
             ok = g >= 0 && g / groups_per_image == img;
         }
-        unsigned int bal = __ballot_sync(0xffffffffu, ok);
-        if (lane == 0) warp_tot[warp] = __popc(bal);
-        __syncthreads();
-        long long pos = base;
-        for (int w = 0; w < warp; ++w) pos += warp_tot[w];
-        pos += __popc(bal & ((1u << lane) - 1u));
+        long long pos = block_compact_step(placed, ok);
         if (ok && pos < top) {
             for (int c = 0; c < 4; ++c) ob[4 * pos + c] = boxes[4 * src + c];
             os[pos] = scores[src];
             oi[pos] = src;
         }
-        __syncthreads();
-        if (threadIdx.x == 0) {
-            long long t = 0;
-            for (int w = 0; w < nwarps; ++w) t += warp_tot[w];
-            base_s += t;
-        }
-        __syncthreads();
     }
-    long long got = base_s < top ? base_s : top;
+    long long got = placed.base < top ? placed.base : top;
     for (long long p = got + threadIdx.x; p < top; p += blockDim.x) {
         for (int c = 0; c < 4; ++c) ob[4 * p + c] = 0.f;
         os[p] = 0.f;

@@ -1,7 +1,11 @@
 // RoIAlign forward and backward (torchvision's semantics, see src/ops/roi_align.rs),
 // on one feature map and across up to four FPN levels (MultiScaleRoIAlign) in one
-// launch. f32; one thread per output element (forward) or per upstream-gradient
-// element (backward, scattering with atomicAdd as torchvision does).
+// launch. f32; one thread per output element (forward). The backward is
+// deterministic, unlike torchvision's (whose CUDA kernel scatters with atomicAdd, in
+// an order that changes from run to run): one thread per gradient plane (image,
+// channel, level) accumulates every contribution to it in a fixed order (RoIs by
+// index, bins and samples row-major, the four taps), with no atomics, so two runs
+// give the same bits.
 #include "common.cuh"
 
 // Most samples per axis per bin (MAX_GRID in src/ops/roi_align.rs).
@@ -114,7 +118,8 @@ __device__ float roi_pool_bin(const float* __restrict__ plane, int H, int W, con
     return acc / g.count;
 }
 
-// Scatter dL/d(bin) `grad` of bin (ph_i, pw_i) of RoI `g` into `plane` [H, W].
+// Add dL/d(bin) `grad` of bin (ph_i, pw_i) of RoI `g` into `plane` [H, W], which
+// only the calling thread writes.
 __device__ void roi_scatter_bin(float* plane, int H, int W, const RoiGeom& g, int ph_i, int pw_i,
                                 float grad) {
     for (int iy = 0; iy < g.grid_h; ++iy) {
@@ -124,10 +129,10 @@ __device__ void roi_scatter_bin(float* plane, int H, int W, const RoiGeom& g, in
             int yl, yh, xl, xh;
             float w1, w2, w3, w4;
             if (!roi_taps(H, W, y, x, yl, yh, xl, xh, w1, w2, w3, w4)) continue;
-            atomicAdd(plane + (long long)yl * W + xl, grad * w1 / g.count);
-            atomicAdd(plane + (long long)yl * W + xh, grad * w2 / g.count);
-            atomicAdd(plane + (long long)yh * W + xl, grad * w3 / g.count);
-            atomicAdd(plane + (long long)yh * W + xh, grad * w4 / g.count);
+            plane[(long long)yl * W + xl] += grad * w1 / g.count;
+            plane[(long long)yl * W + xh] += grad * w2 / g.count;
+            plane[(long long)yh * W + xl] += grad * w3 / g.count;
+            plane[(long long)yh * W + xh] += grad * w4 / g.count;
         }
     }
 }
@@ -169,21 +174,28 @@ extern "C" __global__ void roi_align_fwd_f32(const float* __restrict__ input,
     }
 }
 
-// gin [N, C, H, W] must be zero-filled.
+// All bins of RoI `g` for channel `c` from gy [K, C, ph, pw] into `plane`.
+__device__ void roi_scatter_roi(float* plane, int H, int W, const RoiGeom& g, const float* __restrict__ gy,
+                                long long k, int C, int c, int ph, int pw) {
+    const float* gk = gy + ((long long)k * C + c) * ph * pw;
+    for (int ph_i = 0; ph_i < ph; ++ph_i)
+        for (int pw_i = 0; pw_i < pw; ++pw_i) roi_scatter_bin(plane, H, W, g, ph_i, pw_i, gk[ph_i * pw + pw_i]);
+}
+
+// gin [N, C, H, W] must be zero-filled. One thread per plane (n, c), `planes` = N * C.
 extern "C" __global__ void roi_align_bwd_f32(const float* __restrict__ gy,
                                              const float* __restrict__ rois, long long K, int N,
                                              int C, int H, int W, int ph, int pw,
                                              float spatial_scale, int sampling_ratio,
-                                             int aligned, float* gin, long long total) {
-    KESTREL_LOOP(i, total) {
-        int pw_i = (int)(i % pw);
-        int ph_i = (int)((i / pw) % ph);
-        int c = (int)((i / ((long long)pw * ph)) % C);
-        long long k = i / ((long long)pw * ph * C);
-        RoiGeom g = roi_geom(rois + k * 5, N, spatial_scale, ph, pw, sampling_ratio, aligned);
-        if (!g.valid) continue;
-        float* plane = gin + ((long long)g.batch * C + c) * H * W;
-        roi_scatter_bin(plane, H, W, g, ph_i, pw_i, gy[i]);
+                                             int aligned, float* __restrict__ gin, long long planes) {
+    KESTREL_LOOP(pl, planes) {
+        int n = (int)(pl / C), c = (int)(pl % C);
+        float* plane = gin + pl * H * W;
+        for (long long k = 0; k < K; ++k) {
+            RoiGeom g = roi_geom(rois + k * 5, N, spatial_scale, ph, pw, sampling_ratio, aligned);
+            if (!g.valid || g.batch != n) continue;
+            roi_scatter_roi(plane, H, W, g, gy, k, C, c, ph, pw);
+        }
     }
 }
 
@@ -241,29 +253,29 @@ extern "C" __global__ void multiscale_roi_align_fwd_f32(
     }
 }
 
-// g0..g3 (shaped like f0..f3) must be zero-filled.
+// g0..g3 (shaped like f0..f3) must be zero-filled. One thread per plane (level,
+// n, c), `planes` = levels * N * C.
 extern "C" __global__ void multiscale_roi_align_bwd_f32(
     const float* __restrict__ gy, float* g0, float* g1, float* g2, float* g3, int H0, int H1,
     int H2, int H3, int W0, int W1, int W2, int W3, float s0, float s1, float s2, float s3,
     int levels, int k_min, float canonical_scale, float canonical_level,
     const float* __restrict__ rois, long long K, int N, int C, int ph, int pw, int sampling_ratio,
-    int aligned, long long total) {
-    KESTREL_LOOP(i, total) {
-        int pw_i = (int)(i % pw);
-        int ph_i = (int)((i / pw) % ph);
-        int c = (int)((i / ((long long)pw * ph)) % C);
-        long long k = i / ((long long)pw * ph * C);
-        const float* roi = rois + k * 5;
-        int l = roi_level(roi, k_min, k_min + levels - 1, canonical_scale, canonical_level);
-        if (l < 0) continue;
+    int aligned, long long planes) {
+    KESTREL_LOOP(pl, planes) {
+        int l = (int)(pl / ((long long)N * C));
+        int n = (int)((pl / C) % N), c = (int)(pl % C);
         const float* gf;
         int H, W;
         float s;
         roi_pick_level(l, g0, g1, g2, g3, H0, H1, H2, H3, W0, W1, W2, W3, s0, s1, s2, s3, gf, H,
                        W, s);
-        RoiGeom g = roi_geom(roi, N, s, ph, pw, sampling_ratio, aligned);
-        if (!g.valid) continue;
-        float* plane = (float*)gf + ((long long)g.batch * C + c) * H * W;
-        roi_scatter_bin(plane, H, W, g, ph_i, pw_i, gy[i]);
+        float* plane = (float*)gf + ((long long)n * C + c) * H * W;
+        for (long long k = 0; k < K; ++k) {
+            const float* roi = rois + k * 5;
+            if (roi_level(roi, k_min, k_min + levels - 1, canonical_scale, canonical_level) != l) continue;
+            RoiGeom g = roi_geom(roi, N, s, ph, pw, sampling_ratio, aligned);
+            if (!g.valid || g.batch != n) continue;
+            roi_scatter_roi(plane, H, W, g, gy, k, C, c, ph, pw);
+        }
     }
 }

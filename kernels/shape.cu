@@ -62,14 +62,14 @@ extern "C" __global__ void index_select_u32(const unsigned int* __restrict__ src
 }
 
 // Backward of index_select: gx[o, idx[r], j] += gy[o, r, j] (gx zero-filled, indices
-// already checked by the forward). Atomic: repeated indices accumulate, in an order
-// that is not fixed, so sums over repeats may differ in the last bits between runs.
+// already checked by the forward). One thread per column (o, j), adding the rows r
+// in ascending order: repeated indices accumulate in a fixed order, without atomics,
+// so every run gives the same bits (and the CPU's sums).
 extern "C" __global__ void index_add_f32(const float* __restrict__ gy, const long long* __restrict__ idx,
                                          float* __restrict__ gx, long long outer, long long dst_rows,
                                          long long k, long long inner) {
-    KESTREL_LOOP(i, outer * k * inner) {
-        long long j = i % inner, rest = i / inner;
-        long long r = rest % k, o = rest / k;
-        atomicAdd(&gx[(o * dst_rows + idx[r]) * inner + j], gy[i]);
+    KESTREL_LOOP(i, outer * inner) {
+        long long j = i % inner, o = i / inner;
+        for (long long r = 0; r < k; ++r) gx[(o * dst_rows + idx[r]) * inner + j] += gy[(o * k + r) * inner + j];
     }
 }

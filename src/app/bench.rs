@@ -11,6 +11,7 @@ use super::profile::{
     detect_profiled, train_step_profiled, StageTimes, INFERENCE_STAGES, TRAINING_STAGES,
 };
 use crate::detection::{FasterRcnn, FasterRcnnConfig, Target};
+use crate::device::gpu::Counters;
 use crate::optim::{Sgd, SgdConfig};
 use crate::rng::Rng;
 use crate::{Device, Error, Result, Tensor};
@@ -48,6 +49,8 @@ struct Row {
     total_ms: f64,
     /// Peak memory during this configuration, MiB (None where not tracked).
     peak_mib: Option<f64>,
+    /// Device work per stage of the last timed iteration (zero on the CPU).
+    counters: Vec<(&'static str, Counters)>,
 }
 
 /// Parse `800x1216` into (800, 1216).
@@ -145,6 +148,7 @@ fn summarize(mode: &'static str, batch: usize, runs: &[StageTimes], peak: Option
         stages,
         total_ms: median(runs.iter().map(|r| r.total() * 1e3).collect()),
         peak_mib: peak,
+        counters: runs.last().map(|r| r.1.clone()).unwrap_or_default(),
     }
 }
 
@@ -196,10 +200,21 @@ pub fn run(a: &BenchOptions) -> Result<()> {
     );
 
     let mut rows = Vec::new();
-    let peak = |tracks: bool| if tracks { peak_rss_mib() } else { None };
+    // On a device: the caching allocator's peak (bytes in use, as PyTorch's
+    // max_memory_allocated); on the CPU: the process's peak RSS.
+    let peak = |tracks: bool| {
+        if device.is_cuda() {
+            Some(device.memory().peak_allocated as f64 / (1024.0 * 1024.0))
+        } else if tracks {
+            peak_rss_mib()
+        } else {
+            None
+        }
+    };
     if !a.no_infer {
         for &b in &a.batch {
             reset_peak_rss();
+            device.reset_peak_memory();
             let label = format!("infer b{b}");
             let runs = repeat(&label, a.warmup, a.iters, || {
                 Ok(detect_profiled(&model, &images[..b])?.1)
@@ -218,6 +233,7 @@ pub fn run(a: &BenchOptions) -> Result<()> {
         let mut rng = Rng::new(a.seed);
         for &b in &a.batch {
             reset_peak_rss();
+            device.reset_peak_memory();
             let label = format!("train b{b}");
             let runs = repeat(&label, a.warmup, a.iters, || {
                 let (loss, t) = train_step_profiled(
@@ -237,7 +253,7 @@ pub fn run(a: &BenchOptions) -> Result<()> {
     }
 
     let memory_note = if device.is_cuda() {
-        "peak memory: not tracked on CUDA (GpuBackend keeps no allocation counter)"
+        "peak memory: the caching allocator's peak of bytes in use (blocks lent to tensors), reset per column"
     } else if tracks_rss {
         "peak memory: peak RSS of the process (VmHWM, reset per column)"
     } else {
@@ -254,6 +270,9 @@ pub fn run(a: &BenchOptions) -> Result<()> {
     );
     print_table(&rows);
     println!("{memory_note}");
+    if device.is_cuda() {
+        print_counters(&rows);
+    }
     if let Some(path) = &a.json {
         write_json(path, device, size, a, &rows)?;
     }
@@ -304,6 +323,31 @@ fn print_table(rows: &[Row]) {
     println!();
 }
 
+/// Device work per stage and per step (last timed iteration): launches, driver
+/// allocations, memsets, copies each way and synchronisations.
+fn print_counters(rows: &[Row]) {
+    println!("device work per stage (last timed iteration; the profiler's own syncs not counted):");
+    for r in rows {
+        println!("  {} b{}:", r.mode, r.batch);
+        println!(
+            "    {:<12} {:>9} {:>12} {:>8} {:>6} {:>6} {:>6} {:>6}",
+            "stage", "launches", "drv allocs", "memsets", "htod", "dtoh", "dtod", "syncs"
+        );
+        let mut total = Counters::default();
+        let line = |name: &str, c: &Counters| {
+            println!(
+                "    {:<12} {:>9} {:>12} {:>8} {:>6} {:>6} {:>6} {:>6}",
+                name, c.launches, c.driver_allocs, c.memsets, c.htod, c.dtoh, c.dtod, c.syncs
+            )
+        };
+        for (name, c) in &r.counters {
+            line(name, c);
+            total = total.plus(c);
+        }
+        line("step", &total);
+    }
+}
+
 fn write_json(
     path: &std::path::Path,
     device: Device,
@@ -327,6 +371,17 @@ fn write_json(
                 "total_ms": r.total_ms,
                 "images_per_s": r.batch as f64 * 1e3 / r.total_ms,
                 "peak_mib": r.peak_mib,
+                "counters": r.counters.iter().map(|(n, c)| json!({
+                    "stage": n,
+                    "launches": c.launches,
+                    "driver_allocs": c.driver_allocs,
+                    "driver_alloc_bytes": c.driver_alloc_bytes,
+                    "memsets": c.memsets,
+                    "htod": c.htod,
+                    "dtoh": c.dtoh,
+                    "dtod": c.dtod,
+                    "syncs": c.syncs,
+                })).collect::<Vec<_>>(),
             })
         })
         .collect();

@@ -11,6 +11,7 @@ use std::time::Instant;
 
 use crate::autograd::Tape;
 use crate::detection::{FasterRcnn, Target};
+use crate::device::gpu::{CounterScope, Counters};
 use crate::device::Device;
 use crate::error::Result;
 use crate::nn::Ctx;
@@ -21,14 +22,26 @@ use crate::Detections;
 
 pub use crate::detection::faster_rcnn::{INFERENCE_STAGES, TRAINING_STAGES};
 
-/// Seconds per stage of one pass, in stage order.
+/// Seconds per stage of one pass, in stage order, and the device work each stage
+/// asked for ([`Counters`] of the calling thread; zero on the CPU). The
+/// synchronisation at each cut is the profiler's own and is not counted.
 #[derive(Clone, Debug, Default, PartialEq)]
-pub struct StageTimes(pub Vec<(&'static str, f64)>);
+pub struct StageTimes(
+    pub Vec<(&'static str, f64)>,
+    pub Vec<(&'static str, Counters)>,
+);
 
 impl StageTimes {
     /// Sum of the stages, seconds.
     pub fn total(&self) -> f64 {
         self.0.iter().map(|s| s.1).sum()
+    }
+
+    /// Sum of the stages' counters.
+    pub fn total_counters(&self) -> Counters {
+        self.1
+            .iter()
+            .fold(Counters::default(), |acc, s| acc.plus(&s.1))
     }
 }
 
@@ -45,6 +58,7 @@ pub fn synchronize(device: Device) -> Result<()> {
 struct Laps {
     device: Device,
     last: Instant,
+    counters: CounterScope,
     times: StageTimes,
 }
 
@@ -54,16 +68,20 @@ impl Laps {
         Ok(Laps {
             device,
             last: Instant::now(),
+            counters: device.counters(),
             times: StageTimes::default(),
         })
     }
 
     fn lap(&mut self, name: &'static str) -> Result<()> {
+        let counted = self.counters.delta();
         synchronize(self.device)?;
         let now = Instant::now();
         self.times
             .0
             .push((name, now.duration_since(self.last).as_secs_f64()));
+        self.times.1.push((name, counted));
+        self.counters.reset();
         self.last = now;
         Ok(())
     }

@@ -32,7 +32,10 @@ struct Node {
 #[derive(Default)]
 struct TapeInner {
     nodes: Vec<Node>,
+    /// Watched tensors and the outputs of recorded ops.
     tracked: HashSet<TensorId>,
+    /// The tensors given to [`Tape::watch`]: the gradients `backward` returns.
+    watched: HashSet<TensorId>,
 }
 
 /// Records backward closures of the ops run while it is active.
@@ -97,11 +100,9 @@ impl Tape {
 
     /// Make `t` a leaf whose gradient [`Tape::backward`] will return.
     pub fn watch(&self, t: &Tensor) {
-        self.0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .tracked
-            .insert(t.id());
+        let mut inner = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        inner.tracked.insert(t.id());
+        inner.watched.insert(t.id());
     }
 
     /// Make this the active tape of the current thread until the guard drops.
@@ -120,8 +121,14 @@ impl Tape {
         self.len() == 0
     }
 
-    /// Gradients of the scalar `loss` with respect to every tracked tensor. Consumes
+    /// Gradients of the scalar `loss` with respect to every watched tensor. Consumes
     /// the recorded ops (a tape is backpropagated once).
+    ///
+    /// Memory is freed as the pass goes: an op's saved tensors (held by its backward
+    /// closure) are dropped as soon as that backward has run, and the gradient of an
+    /// intermediate tensor as soon as the op that produced it has read it (every
+    /// consumer of a tensor was recorded after its producer, so all of them have
+    /// added their part by then). Only the gradients of watched tensors are kept.
     pub fn backward(&self, loss: &Tensor) -> Result<Gradients> {
         if loss.numel() != 1 {
             return Err(Error::Autograd(format!(
@@ -142,9 +149,13 @@ impl Tape {
                 output.shape()
             )));
         }
-        let (nodes, tracked) = {
+        let (nodes, tracked, watched) = {
             let mut inner = self.0.lock().unwrap_or_else(|p| p.into_inner());
-            (std::mem::take(&mut inner.nodes), inner.tracked.clone())
+            (
+                std::mem::take(&mut inner.nodes),
+                inner.tracked.clone(),
+                inner.watched.clone(),
+            )
         };
         if !tracked.contains(&output.id()) {
             return Err(Error::Autograd(
@@ -155,7 +166,12 @@ impl Tape {
             let mut grads: HashMap<TensorId, Tensor> = HashMap::new();
             grads.insert(output.id(), grad);
             for node in nodes.into_iter().rev() {
-                let Some(g) = grads.get(&node.output).cloned() else {
+                let g = if watched.contains(&node.output) {
+                    grads.get(&node.output).cloned()
+                } else {
+                    grads.remove(&node.output)
+                };
+                let Some(g) = g else {
                     continue;
                 };
                 let needs: Vec<bool> = node.inputs.iter().map(|i| tracked.contains(i)).collect();
@@ -179,7 +195,9 @@ impl Tape {
                     };
                     grads.insert(*id, acc);
                 }
+                // `g` and the node's closure (its saved tensors) drop here.
             }
+            grads.retain(|id, _| watched.contains(id));
             Ok(Gradients(grads))
         })
     }

@@ -182,7 +182,7 @@ impl AnchorGenerator {
             Device::Cuda(n) => {
                 let dev = crate::device::gpu::device(n)?;
                 let cells = self.device_cells(device)?;
-                let out = Tensor::gpu_zeros(&dev, [total, 4])?;
+                let out = Tensor::gpu_empty(&dev, [total, 4])?;
                 let (mut out_off, mut cell_off) = (0usize, 0usize);
                 for ((&(gh, gw), &(sh, sw)), c) in grid_sizes.iter().zip(&strides).zip(&self.cells)
                 {

@@ -80,7 +80,7 @@ impl BoxCoder {
             }),
             Device::Cuda(_) => {
                 let dev = gpu_dev("BoxCoder::encode", matched_gt)?;
-                let y = Tensor::gpu_zeros(&dev, [n, 4])?;
+                let y = Tensor::gpu_empty(&dev, [n, 4])?;
                 launch_elems(
                     &dev,
                     "box_encode_f32",
@@ -145,7 +145,7 @@ impl BoxCoder {
             }),
             Device::Cuda(_) => {
                 let dev = gpu_dev("BoxCoder::decode", boxes)?;
-                let y = Tensor::gpu_zeros(&dev, [n, 4 * k])?;
+                let y = Tensor::gpu_empty(&dev, [n, 4 * k])?;
                 launch_elems(
                     &dev,
                     "box_decode_f32",

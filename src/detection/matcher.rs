@@ -126,7 +126,7 @@ impl Matcher {
 
     fn matches_cuda(&self, iou: &Tensor, g: usize, a: usize) -> Result<Tensor> {
         let dev = gpu_dev("Matcher", iou)?;
-        let rowmax = Tensor::gpu_zeros(&dev, [g])?;
+        let rowmax = Tensor::gpu_empty(&dev, [g])?;
         if self.allow_low_quality_matches {
             dev.launch(
                 "matcher_gt_max_f32",
@@ -138,7 +138,7 @@ impl Matcher {
                 &[arg(iou)?, KernelArg::I64(a as i64), arg(&rowmax)?],
             )?;
         }
-        let out = Tensor::gpu_zeros_i64(&dev, [a])?;
+        let out = Tensor::gpu_empty_i64(&dev, [a])?;
         launch_elems(
             &dev,
             "matcher_assign_f32",

@@ -429,7 +429,7 @@ impl MultiScaleRoIAlign {
     /// `[K, 5]` device RoIs (batch index first) from the per-image proposals.
     fn pack_rois(&self, proposals: &[Tensor], geo: &Geometry) -> Result<Tensor> {
         let dev = gpu_dev(OP, &proposals[0])?;
-        let rois = Tensor::gpu_zeros(&dev, [geo.k, 5])?;
+        let rois = Tensor::gpu_empty(&dev, [geo.k, 5])?;
         let buf = &rois.gpu()?.buf;
         let mut row = 0usize;
         for (img, p) in proposals.iter().enumerate() {
@@ -465,7 +465,7 @@ impl MultiScaleRoIAlign {
     ) -> Result<Tensor> {
         let dev = gpu_dev(OP, &features[0])?;
         let (ph, pw) = self.output_size;
-        let y = Tensor::gpu_zeros(&dev, [geo.k, geo.c, ph, pw])?;
+        let y = Tensor::gpu_empty(&dev, [geo.k, geo.c, ph, pw])?;
         let total = y.numel();
         if total == 0 {
             return Ok(y);
@@ -508,10 +508,13 @@ impl MultiScaleRoIAlign {
             args.push(arg(&grads[l.min(last)])?);
         }
         args.extend(self.kernel_args(geo, &rois)?);
-        args.push(KernelArg::I64(total as i64));
+        // One thread per gradient plane (level, image, channel), accumulating in a
+        // fixed order: deterministic (kernels/roi_align.cu).
+        let planes = grads.len() * geo.n * geo.c;
+        args.push(KernelArg::I64(planes as i64));
         dev.launch(
             "multiscale_roi_align_bwd_f32",
-            LaunchCfg::for_elems(total),
+            LaunchCfg::linear(planes, 64),
             &args,
         )?;
         Ok(grads)

@@ -10,11 +10,12 @@
 //! - detections: [`BoxCoder::decode`] of every class's box, then a filter (softmax,
 //!   drop background, clip, score `> score_thresh`, drop boxes with a side `< min_size`);
 //!
-//! then one batched NMS over the batch ([`nms_device`]; groups are (image, level) or
-//! (image, class)) and a selection of each image's first kept boxes. A candidate that
-//! fails the filter is not removed (that would need its count on the host): it gets
-//! the score `-inf` and the group -1, so it ranks after every real candidate and is
-//! never selected. The result is padded (`[N, top, 4]`) with a count per image, so on
+//! then one grouped NMS over the batch ([`nms_groups_device`]; groups are (image,
+//! level) or (image, class), each walked on its own, so boxes of different images,
+//! levels or classes are never compared and no mask over the whole batch is built)
+//! and a selection of each image's first kept boxes. A candidate that fails the
+//! filter is not removed (that would need its count on the host): it gets the score
+//! `-inf` and the group -1, which leaves it out of the NMS. The result is padded (`[N, top, 4]`) with a count per image, so on
 //! CUDA nothing is read back; reading the counts is left to the caller.
 //!
 //! Order: NMS visits boxes by descending score, ties by candidate index; candidate
@@ -25,7 +26,7 @@
 use crate::device::gpu::{KernelArg, LaunchCfg};
 use crate::device::Device;
 use crate::error::{Error, Result};
-use crate::ops::nms::{nms_device, NmsOutput};
+use crate::ops::nms::{nms_groups_device, NmsOutput};
 use crate::ops::topk::topk_levels;
 use crate::ops::{arg, gpu_dev, launch_elems};
 use crate::tensor::{DType, Tensor};
@@ -151,7 +152,7 @@ pub fn select_proposals(
     }
     let sizes = sizes_tensor(image_sizes, objectness.device())?;
     let c = filter_proposals(&decoded, &logits, &sizes, n, k, &ends, p)?;
-    let keep = nms_device(&c.boxes, &c.scores, Some(&c.groups), p.nms_thresh)?;
+    let keep = nms_groups_device(&c.boxes, &c.scores, &c.groups, p.nms_thresh)?;
     select(&keep, &c, level_sizes.len(), n, p.post_nms_top_n)
 }
 
@@ -204,7 +205,7 @@ pub fn select_detections(
     let row_image = Tensor::from_vec_i64(row_image, [r])?.to_device(device)?;
     let sizes = sizes_tensor(image_sizes, device)?;
     let cand = filter_detections(class_logits, &decoded, &row_image, &sizes, p)?;
-    let keep = nms_device(&cand.boxes, &cand.scores, Some(&cand.groups), p.nms_thresh)?;
+    let keep = nms_groups_device(&cand.boxes, &cand.scores, &cand.groups, p.nms_thresh)?;
     select(&keep, &cand, c, image_sizes.len(), p.detections_per_img)
 }
 
@@ -257,8 +258,8 @@ fn gather(idx: &Tensor, deltas: &Tensor, anchors: &Tensor) -> Result<(Tensor, Te
         }
         Device::Cuda(_) => {
             let dev = gpu_dev("select_proposals", deltas)?;
-            let codes = Tensor::gpu_zeros(&dev, [n * k, 4])?;
-            let refs = Tensor::gpu_zeros(&dev, [n * k, 4])?;
+            let codes = Tensor::gpu_empty(&dev, [n * k, 4])?;
+            let refs = Tensor::gpu_empty(&dev, [n * k, 4])?;
             launch_elems(
                 &dev,
                 "proposals_gather_f32",
@@ -439,9 +440,9 @@ fn filter_detections(
 
 fn gpu_candidates(dev: &crate::device::gpu::GpuDevice, m: usize) -> Result<Candidates> {
     Ok(Candidates {
-        boxes: Tensor::gpu_zeros(dev, [m, 4])?,
-        scores: Tensor::gpu_zeros(dev, [m])?,
-        groups: Tensor::gpu_zeros_i64(dev, [m])?,
+        boxes: Tensor::gpu_empty(dev, [m, 4])?,
+        scores: Tensor::gpu_empty(dev, [m])?,
+        groups: Tensor::gpu_empty_i64(dev, [m])?,
     })
 }
 
@@ -498,10 +499,10 @@ fn select(
         Device::Cuda(_) => {
             let dev = gpu_dev("select_proposals", &c.boxes)?;
             let out = Selected {
-                boxes: Tensor::gpu_zeros(&dev, [n, top, 4])?,
-                scores: Tensor::gpu_zeros(&dev, [n, top])?,
-                indices: Tensor::gpu_zeros_i64(&dev, [n, top])?,
-                counts: Tensor::gpu_zeros_i64(&dev, [n])?,
+                boxes: Tensor::gpu_empty(&dev, [n, top, 4])?,
+                scores: Tensor::gpu_empty(&dev, [n, top])?,
+                indices: Tensor::gpu_empty_i64(&dev, [n, top])?,
+                counts: Tensor::gpu_empty_i64(&dev, [n])?,
             };
             // No images, no candidates (every level empty) or no rows to fill: the
             // zero-filled result is the answer, and a launch would get empty buffers.

@@ -147,6 +147,7 @@ pub fn transform(images: &[Tensor], cfg: &TransformConfig) -> Result<ImageList> 
         }
         Device::Cuda(_) => {
             let dev = gpu_dev("transform", &images[0])?;
+            // The kernel writes the resized image only: the padding stays zero.
             let out = Tensor::gpu_zeros(&dev, [n, 3, ph, pw])?;
             for (b, (im, &(oh, ow))) in images.iter().zip(&sizes).enumerate() {
                 let (h, w) = (im.dims()[1] as i32, im.dims()[2] as i32);

@@ -100,10 +100,11 @@ impl GpuBackend for CudaBackend {
     }
 
     fn alloc(&self, bytes: usize) -> Result<GpuBuffer> {
-        // Zero-sized tensors still get a distinct, valid address.
-        let slice: CudaSlice<u8> = self
-            .stream
-            .alloc_zeros(bytes.max(1))
+        // Zero-sized tensors still get a distinct, valid address. Not zero-filled:
+        // ops that need zeros ask for a memset (GpuDevice::alloc_zeroed).
+        // SAFETY: u8 has no invalid bit patterns; nothing reads the block before a
+        // kernel, copy or memset writes it.
+        let slice: CudaSlice<u8> = unsafe { self.stream.alloc(bytes.max(1)) }
             .map_err(|e| Error::cuda(format!("alloc {bytes} bytes"), e))?;
         let ptr = {
             let (p, _sync) = slice.device_ptr(&self.stream);
@@ -164,6 +165,19 @@ impl GpuBackend for CudaBackend {
         // SAFETY: both allocations are live and hold at least `bytes` bytes.
         unsafe { drv::memcpy_dtod_async(dst.ptr(), src.ptr(), bytes, self.stream.cu_stream()) }
             .map_err(|e| Error::cuda("memcpy dtod", e))
+    }
+
+    fn memset(&self, dst: &GpuBuffer, value: u8) -> Result<()> {
+        if dst.bytes() == 0 {
+            return Ok(());
+        }
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| Error::cuda("bind context", e))?;
+        // SAFETY: dst is a live allocation of dst.bytes() bytes; the memset is
+        // ordered on the one stream like every kernel that uses the buffer.
+        unsafe { drv::memset_d8_async(dst.ptr(), value, dst.bytes(), self.stream.cu_stream()) }
+            .map_err(|e| Error::cuda("memset", e))
     }
 
     fn launch(&self, kernel: &str, cfg: &LaunchCfg, args: &[KernelArg]) -> Result<()> {

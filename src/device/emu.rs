@@ -244,6 +244,11 @@ fn record_launch(kernel: &str) {
     }
 }
 
+/// The byte every block handed out by the caching allocator is filled with: all
+/// bits set is NaN as f32 and f64 and -1 as i64, so a kernel that relied on fresh
+/// memory being zero gives visibly wrong results.
+pub const POISON: u8 = 0xFF;
+
 /// Live allocations of the emulated device: start address -> bytes.
 type Allocs = Arc<Mutex<BTreeMap<u64, usize>>>;
 
@@ -417,6 +422,22 @@ impl GpuBackend for EmuBackend {
         // overlap, as cuMemcpyDtoD does not promise anything either way.
         unsafe { std::ptr::copy(src.ptr() as *const u8, dst.ptr() as *mut u8, bytes) };
         Ok(())
+    }
+
+    fn memset(&self, dst: &GpuBuffer, value: u8) -> Result<()> {
+        // SAFETY: dst is a live emulated allocation (host memory) of dst.bytes()
+        // bytes; launches are synchronous, so no kernel is using it.
+        unsafe { std::ptr::write_bytes(dst.ptr() as *mut u8, value, dst.bytes()) };
+        Ok(())
+    }
+
+    fn alignment(&self) -> usize {
+        // The guard page sits right after the (16-byte padded) end of a buffer.
+        16
+    }
+
+    fn poison(&self, buf: &GpuBuffer) -> Result<()> {
+        self.memset(buf, POISON)
     }
 
     fn launch(&self, kernel: &str, cfg: &LaunchCfg, args: &[KernelArg]) -> Result<()> {

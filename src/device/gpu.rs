@@ -100,10 +100,16 @@ impl LaunchCfg {
 
 /// What a device must do for the CUDA code paths. One implementation drives the
 /// CUDA driver; another emulates a device on the host.
+///
+/// A backend is the *driver*: its `alloc` goes to the driver every time. The
+/// [`GpuDevice`] handed to the ops wraps it in a [`super::alloc::Managed`] backend
+/// that counts every call ([`Counters`]) and serves `alloc` from a caching allocator,
+/// so ops always see the managed one.
 pub trait GpuBackend: Send + Sync {
     /// Human-readable name ("NVIDIA H100 80GB HBM3 (sm_90)", "emulated").
     fn name(&self) -> String;
-    /// A zero-filled allocation of `bytes` bytes.
+    /// An allocation of `bytes` bytes. Its contents are unspecified: ask for zeros
+    /// with [`GpuDevice::alloc_zeroed`] (or [`GpuBackend::memset`]).
     fn alloc(&self, bytes: usize) -> Result<GpuBuffer>;
     /// Copy host bytes into the start of `dst`.
     fn copy_htod(&self, src: &[u8], dst: &GpuBuffer) -> Result<()>;
@@ -111,10 +117,178 @@ pub trait GpuBackend: Send + Sync {
     fn copy_dtoh(&self, src: &GpuBuffer, dst: &mut [u8]) -> Result<()>;
     /// Copy `bytes` bytes from `src` to `dst`.
     fn copy_dtod(&self, src: &GpuBuffer, dst: &GpuBuffer, bytes: usize) -> Result<()>;
+    /// Set every byte of `dst` to `value` (stream-ordered, like `cuMemsetD8Async`).
+    fn memset(&self, dst: &GpuBuffer, value: u8) -> Result<()>;
     /// Launch the `extern "C" __global__` entry `kernel` (see `kestrel kernels`).
     fn launch(&self, kernel: &str, cfg: &LaunchCfg, args: &[KernelArg]) -> Result<()>;
     /// Wait for all launched work.
     fn synchronize(&self) -> Result<()>;
+    /// Alignment of the addresses handed to kernels, bytes (a power of two).
+    fn alignment(&self) -> usize {
+        256
+    }
+    /// Called on every block the caching allocator hands out, fresh or reused. The
+    /// emulated device fills it with a poison pattern (all bits set: NaN as f32 and
+    /// f64, -1 as i64) so a kernel that relies on zeroed memory fails its tests; a
+    /// GPU leaves it alone.
+    fn poison(&self, _buf: &GpuBuffer) -> Result<()> {
+        Ok(())
+    }
+    /// Counts of this thread's calls since the thread started (zero for a bare
+    /// driver backend; the managed wrapper counts).
+    fn counters(&self) -> Counters {
+        Counters::default()
+    }
+    /// Bytes held in use and from the driver (zero for a bare driver backend).
+    fn memory(&self) -> MemoryStats {
+        MemoryStats::default()
+    }
+    /// Start the peak figures of [`GpuBackend::memory`] again from the current use.
+    fn reset_peak_memory(&self) {}
+    /// Give every cached, unused block back to the driver.
+    fn empty_cache(&self) {}
+}
+
+/// How much device work a thread has asked for. Every backend's calls are counted
+/// per thread and per device (the managed wrapper of [`GpuDevice`] counts them), so
+/// a test or a bench reads exactly what its own code did:
+/// `let c = dev.counters(); ...; c.delta()`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Allocations from the driver (misses of the caching allocator).
+    pub driver_allocs: u64,
+    /// Bytes of those allocations.
+    pub driver_alloc_bytes: u64,
+    /// Blocks given back to the driver.
+    pub driver_frees: u64,
+    /// Bytes of those blocks.
+    pub driver_free_bytes: u64,
+    /// Allocations served from the cache without the driver.
+    pub cached_allocs: u64,
+    /// Memsets (zero-filled allocations included).
+    pub memsets: u64,
+    /// Kernel launches.
+    pub launches: u64,
+    /// Host-to-device copies.
+    pub htod: u64,
+    /// Bytes copied host to device.
+    pub htod_bytes: u64,
+    /// Device-to-host copies (each waits for the stream: a read-back is a sync).
+    pub dtoh: u64,
+    /// Bytes copied device to host.
+    pub dtoh_bytes: u64,
+    /// Device-to-device copies.
+    pub dtod: u64,
+    /// Explicit synchronisations (not counting the wait inside each `dtoh`).
+    pub syncs: u64,
+}
+
+impl Counters {
+    /// `self - earlier`, field by field.
+    pub fn since(&self, earlier: &Counters) -> Counters {
+        Counters {
+            driver_allocs: self.driver_allocs - earlier.driver_allocs,
+            driver_alloc_bytes: self.driver_alloc_bytes - earlier.driver_alloc_bytes,
+            driver_frees: self.driver_frees - earlier.driver_frees,
+            driver_free_bytes: self.driver_free_bytes - earlier.driver_free_bytes,
+            cached_allocs: self.cached_allocs - earlier.cached_allocs,
+            memsets: self.memsets - earlier.memsets,
+            launches: self.launches - earlier.launches,
+            htod: self.htod - earlier.htod,
+            htod_bytes: self.htod_bytes - earlier.htod_bytes,
+            dtoh: self.dtoh - earlier.dtoh,
+            dtoh_bytes: self.dtoh_bytes - earlier.dtoh_bytes,
+            dtod: self.dtod - earlier.dtod,
+            syncs: self.syncs - earlier.syncs,
+        }
+    }
+
+    /// Field-by-field sum.
+    pub fn plus(&self, o: &Counters) -> Counters {
+        Counters {
+            driver_allocs: self.driver_allocs + o.driver_allocs,
+            driver_alloc_bytes: self.driver_alloc_bytes + o.driver_alloc_bytes,
+            driver_frees: self.driver_frees + o.driver_frees,
+            driver_free_bytes: self.driver_free_bytes + o.driver_free_bytes,
+            cached_allocs: self.cached_allocs + o.cached_allocs,
+            memsets: self.memsets + o.memsets,
+            launches: self.launches + o.launches,
+            htod: self.htod + o.htod,
+            htod_bytes: self.htod_bytes + o.htod_bytes,
+            dtoh: self.dtoh + o.dtoh,
+            dtoh_bytes: self.dtoh_bytes + o.dtoh_bytes,
+            dtod: self.dtod + o.dtod,
+            syncs: self.syncs + o.syncs,
+        }
+    }
+}
+
+impl std::fmt::Display for Counters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "launches {}, driver allocs {} ({} B), driver frees {}, cached allocs {}, memsets {}, htod {} ({} B), dtoh {} ({} B), dtod {}, syncs {}",
+            self.launches,
+            self.driver_allocs,
+            self.driver_alloc_bytes,
+            self.driver_frees,
+            self.cached_allocs,
+            self.memsets,
+            self.htod,
+            self.htod_bytes,
+            self.dtoh,
+            self.dtoh_bytes,
+            self.dtod,
+            self.syncs
+        )
+    }
+}
+
+/// A scoped reader of one thread's [`Counters`] on one device: what was counted
+/// between [`GpuDevice::counters`] (or [`super::Device::counters`]) and
+/// [`CounterScope::delta`]. Only the calling thread's work is seen, so tests running
+/// in parallel do not disturb each other.
+#[derive(Clone)]
+pub struct CounterScope {
+    backend: Option<Arc<dyn GpuBackend>>,
+    start: Counters,
+}
+
+impl CounterScope {
+    /// A scope that always reads zero (the CPU).
+    pub fn none() -> CounterScope {
+        CounterScope {
+            backend: None,
+            start: Counters::default(),
+        }
+    }
+    /// What this thread did on the device since the scope was opened (or reset).
+    pub fn delta(&self) -> Counters {
+        match &self.backend {
+            Some(b) => b.counters().since(&self.start),
+            None => Counters::default(),
+        }
+    }
+    /// Start counting again from now.
+    pub fn reset(&mut self) {
+        if let Some(b) = &self.backend {
+            self.start = b.counters();
+        }
+    }
+}
+
+/// Device memory of the caching allocator, bytes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MemoryStats {
+    /// Bytes of blocks handed to tensors and not yet dropped (block sizes, as
+    /// PyTorch's `memory_allocated`).
+    pub allocated: u64,
+    /// Highest `allocated` since the device opened or the last reset.
+    pub peak_allocated: u64,
+    /// Bytes held from the driver (in use or cached).
+    pub reserved: u64,
+    /// Highest `reserved` since the device opened or the last reset.
+    pub peak_reserved: u64,
 }
 
 /// A handle to an opened GPU: its ordinal and backend.
@@ -125,13 +299,47 @@ pub struct GpuDevice {
 }
 
 impl GpuDevice {
-    /// Allocate, copy and check a launch's buffers in one place for the ops.
+    /// An allocation of `bytes` bytes from the caching allocator; contents
+    /// unspecified (poisoned on the emulated device).
     pub fn alloc(&self, bytes: usize) -> Result<GpuBuffer> {
         self.backend.alloc(bytes)
+    }
+    /// A zero-filled allocation (one memset): only for kernels that accumulate into
+    /// their output or leave some of it unwritten.
+    pub fn alloc_zeroed(&self, bytes: usize) -> Result<GpuBuffer> {
+        let b = self.backend.alloc(bytes)?;
+        self.backend.memset(&b, 0)?;
+        Ok(b)
     }
     /// Launch `kernel` (see [`GpuBackend::launch`]).
     pub fn launch(&self, kernel: &str, cfg: LaunchCfg, args: &[KernelArg]) -> Result<()> {
         self.backend.launch(kernel, &cfg, args)
+    }
+    /// Open a scoped reader of this thread's counters on this device.
+    pub fn counters(&self) -> CounterScope {
+        CounterScope {
+            backend: Some(self.backend.clone()),
+            start: self.backend.counters(),
+        }
+    }
+    /// Memory held by the caching allocator.
+    pub fn memory(&self) -> MemoryStats {
+        self.backend.memory()
+    }
+    /// Restart the peaks of [`GpuDevice::memory`] from the current use.
+    pub fn reset_peak_memory(&self) {
+        self.backend.reset_peak_memory()
+    }
+    /// Give every cached, unused block back to the driver.
+    pub fn empty_cache(&self) {
+        self.backend.empty_cache()
+    }
+    /// Wrap a driver backend in the counting, caching layer the ops use.
+    fn managed(ordinal: usize, driver: Arc<dyn GpuBackend>) -> GpuDevice {
+        GpuDevice {
+            ordinal,
+            backend: Arc::new(super::alloc::Managed::new(ordinal, driver)),
+        }
     }
 }
 
@@ -171,7 +379,7 @@ pub fn set_backend_factory(factory: BackendFactory) {
 /// side. Returns the device handle.
 pub fn register_backend(ordinal: usize, backend: Arc<dyn GpuBackend>) -> GpuDevice {
     let mut reg = registry().lock().unwrap_or_else(|p| p.into_inner());
-    let dev = GpuDevice { ordinal, backend };
+    let dev = GpuDevice::managed(ordinal, backend);
     reg.1.insert(ordinal, dev.clone());
     dev
 }
@@ -193,10 +401,7 @@ pub fn device(n: usize) -> Result<GpuDevice> {
         Some(factory) => factory(n)?,
         None => super::cuda::CudaBackend::open(n)? as Arc<dyn GpuBackend>,
     };
-    let dev = GpuDevice {
-        ordinal: n,
-        backend,
-    };
+    let dev = GpuDevice::managed(n, backend);
     reg.1.insert(n, dev.clone());
     Ok(dev)
 }

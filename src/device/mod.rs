@@ -5,6 +5,7 @@
 //! interface (load a kernel by name, allocate, copy, launch), so an emulated device can
 //! stand in for a real one.
 
+pub mod alloc;
 pub mod cpu;
 pub mod cuda;
 pub mod emu;
@@ -53,6 +54,35 @@ impl Device {
             Device::Cuda(0)
         } else {
             Device::Cpu
+        }
+    }
+
+    /// A scoped reader of this thread's device counters (launches, copies,
+    /// driver allocations, syncs): `let c = device.counters(); ...; c.delta()`.
+    /// Always zero on the CPU and on a device that cannot be opened.
+    pub fn counters(self) -> gpu::CounterScope {
+        match self {
+            Device::Cpu => gpu::CounterScope::none(),
+            Device::Cuda(n) => gpu::device(n)
+                .map(|d| d.counters())
+                .unwrap_or_else(|_| gpu::CounterScope::none()),
+        }
+    }
+
+    /// Device memory held by the caching allocator (zero on the CPU).
+    pub fn memory(self) -> gpu::MemoryStats {
+        match self {
+            Device::Cpu => gpu::MemoryStats::default(),
+            Device::Cuda(n) => gpu::device(n).map(|d| d.memory()).unwrap_or_default(),
+        }
+    }
+
+    /// Restart the peaks of [`Device::memory`] (nothing on the CPU).
+    pub fn reset_peak_memory(self) {
+        if let Device::Cuda(n) = self {
+            if let Ok(d) = gpu::device(n) {
+                d.reset_peak_memory();
+            }
         }
     }
 

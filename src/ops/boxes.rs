@@ -78,7 +78,7 @@ pub fn box_area(boxes: &Tensor) -> Result<Tensor> {
         }),
         Device::Cuda(_) => {
             let dev = gpu_dev("box_area", boxes)?;
-            let y = Tensor::gpu_zeros(&dev, [n])?;
+            let y = Tensor::gpu_empty(&dev, [n])?;
             launch_elems(
                 &dev,
                 "box_area_f32",
@@ -108,7 +108,7 @@ pub fn box_iou(boxes1: &Tensor, boxes2: &Tensor) -> Result<Tensor> {
         Device::Cpu => with_dtype!(boxes1.dtype(), T => box_iou_cpu::<T>(boxes1, boxes2, n, m)),
         Device::Cuda(_) => {
             let dev = gpu_dev("box_iou", boxes1)?;
-            let y = Tensor::gpu_zeros(&dev, [n, m])?;
+            let y = Tensor::gpu_empty(&dev, [n, m])?;
             launch_elems(
                 &dev,
                 "box_iou_f32",
@@ -172,7 +172,7 @@ pub fn clip_boxes_to_image(boxes: &Tensor, size: (usize, usize)) -> Result<Tenso
         }),
         Device::Cuda(_) => {
             let dev = gpu_dev("clip_boxes_to_image", boxes)?;
-            let y = Tensor::gpu_zeros(&dev, boxes.shape().clone())?;
+            let y = Tensor::gpu_empty(&dev, boxes.shape().clone())?;
             launch_elems(
                 &dev,
                 "box_clip_f32",
@@ -239,12 +239,13 @@ pub fn remove_small_boxes_device(boxes: &Tensor, min_size: f64) -> Result<(Tenso
         return Err(Error::invalid("remove_small_boxes", "min_size is NaN"));
     }
     let dev = gpu_dev("remove_small_boxes", boxes)?;
-    let keep = Tensor::gpu_zeros_i64(&dev, [n])?;
-    let count = Tensor::gpu_zeros_i64(&dev, [1])?;
+    let keep = Tensor::gpu_empty_i64(&dev, [n])?;
     if n == 0 {
-        // Nothing to scan: the count is already 0 (and an empty buffer is no argument).
-        return Ok((keep, count));
+        // Nothing to scan (and an empty buffer is no argument): the count is 0.
+        return Ok((keep, Tensor::gpu_zeros_i64(&dev, [1])?));
     }
+    // The kernel writes the count and the first `count` keep entries.
+    let count = Tensor::gpu_empty_i64(&dev, [1])?;
     let threads = (n.div_ceil(32) * 32).clamp(32, 1024) as u32;
     dev.launch(
         "box_remove_small_f32",
@@ -266,7 +267,7 @@ pub(crate) fn prefix_i64(t: &Tensor, k: usize) -> Result<Tensor> {
         Device::Cpu => Tensor::from_vec_i64(t.cpu_i64()?[..k].to_vec(), [k]),
         Device::Cuda(_) => {
             let g = t.gpu()?;
-            let out = Tensor::gpu_zeros_i64(&g.dev, [k])?;
+            let out = Tensor::gpu_empty_i64(&g.dev, [k])?;
             g.dev.backend.copy_dtod(&g.buf, &out.gpu()?.buf, k * 8)?;
             Ok(out)
         }

@@ -25,7 +25,7 @@ fn map2<T: Element>(a: &Tensor, b: &Tensor, f: impl Fn(T, T) -> T + Sync + Send)
 
 fn gpu_binary(op: &'static str, kernel: &str, a: &Tensor, b: &Tensor) -> Result<Tensor> {
     let dev = gpu_dev(op, a)?;
-    let y = Tensor::gpu_zeros(&dev, a.shape().clone())?;
+    let y = Tensor::gpu_empty(&dev, a.shape().clone())?;
     launch_elems(
         &dev,
         kernel,
@@ -48,7 +48,7 @@ pub fn relu(x: &Tensor) -> Result<Tensor> {
         }
         Device::Cuda(_) => {
             let dev = gpu_dev("relu", x)?;
-            let y = Tensor::gpu_zeros(&dev, x.shape().clone())?;
+            let y = Tensor::gpu_empty(&dev, x.shape().clone())?;
             launch_elems(
                 &dev,
                 "relu_fwd_f32",
@@ -137,7 +137,7 @@ fn scale_plain(x: &Tensor, s: f64) -> Result<Tensor> {
         Device::Cpu => with_dtype!(x.dtype(), T => map1::<T>(x, |v| v * T::of(s))),
         Device::Cuda(_) => {
             let dev = gpu_dev("scale", x)?;
-            let y = Tensor::gpu_zeros(&dev, x.shape().clone())?;
+            let y = Tensor::gpu_empty(&dev, x.shape().clone())?;
             use crate::device::gpu::KernelArg;
             launch_elems(
                 &dev,

@@ -309,7 +309,7 @@ pub(crate) fn gpu_gemm(
         return dev.launch(kernel, cfg, &args);
     }
     let len = m * n;
-    let work = Tensor::gpu_zeros(dev, [z * len])?;
+    let work = Tensor::gpu_empty(dev, [z * len])?;
     args[2] = arg(&work)?;
     args[11] = KernelArg::I64(len as i64);
     args.push(KernelArg::F32(0.0));
@@ -359,7 +359,7 @@ pub(crate) fn gpu_bias_grad(
     gy: &Tensor,
     (outer, c, inner): (usize, usize, usize),
 ) -> Result<Tensor> {
-    let gb = Tensor::gpu_zeros(dev, [c])?;
+    let gb = Tensor::gpu_empty(dev, [c])?;
     if c == 0 {
         return Ok(gb);
     }
@@ -444,7 +444,7 @@ fn product(op: &'static str, a: &Tensor, b: &Tensor, tr: Trans) -> Result<Tensor
         Device::Cuda(_) => {
             let dev = gpu_dev(op, a)?;
             gpu_dev(op, b)?;
-            let y = Tensor::gpu_zeros(&dev, [m, n])?;
+            let y = Tensor::gpu_empty(&dev, [m, n])?;
             let ga = GpuMat::dense(a, ac);
             let gb = GpuMat::dense(b, bc);
             let (ga, gb) = match tr {

@@ -323,7 +323,7 @@ fn gpu_pointwise(
     let (fwd, partial, _) = kind.kernels();
     let mut args = kind.input_args(x, t)?;
     if reduction == Reduction::None {
-        let y = Tensor::gpu_zeros(&dev, x.shape().clone())?;
+        let y = Tensor::gpu_empty(&dev, x.shape().clone())?;
         args.extend([arg(&y)?, KernelArg::I64(n as i64)]);
         launch_elems(&dev, fwd, n, &args)?;
         return Ok(y);
@@ -436,10 +436,10 @@ fn gpu_pointwise_backward(
 ) -> Result<Vec<Option<Tensor>>> {
     let dev = gpu_dev(op, x)?;
     let n = x.numel();
-    let gx = Tensor::gpu_zeros(&dev, x.shape().clone())?;
+    let gx = Tensor::gpu_empty(&dev, x.shape().clone())?;
     // Without a target gradient the kernel never writes `gt`; gx stands in for it.
     let gt = if want_t {
-        Some(Tensor::gpu_zeros(&dev, x.shape().clone())?)
+        Some(Tensor::gpu_empty(&dev, x.shape().clone())?)
     } else {
         None
     };
@@ -501,9 +501,9 @@ fn cpu_ce_rows<T: Element>(
 /// labels outside `[0, C)`.
 fn gpu_ce_rows(logits: &Tensor, labels: &Tensor, n: usize, c: usize) -> Result<(Tensor, Tensor)> {
     let dev = gpu_dev("cross_entropy", logits)?;
-    let loss = Tensor::gpu_zeros(&dev, [n])?;
-    let lse = Tensor::gpu_zeros(&dev, [n])?;
-    let bad = dev.alloc(4)?;
+    let loss = Tensor::gpu_empty(&dev, [n])?;
+    let lse = Tensor::gpu_empty(&dev, [n])?;
+    let bad = dev.alloc_zeroed(4)?;
     if n > 0 {
         // One warp per row, 8 rows per 256-thread block.
         let blocks = n.div_ceil(8).clamp(1, 65535 * 16) as u32;
@@ -573,7 +573,7 @@ fn ce_backward(
         }),
         Device::Cuda(_) => {
             let dev = gpu_dev("cross_entropy", logits)?;
-            let gx = Tensor::gpu_zeros(&dev, logits.shape().clone())?;
+            let gx = Tensor::gpu_empty(&dev, logits.shape().clone())?;
             let (n, c) = (logits.dims()[0], logits.dims()[1]);
             launch_elems(
                 &dev,

@@ -346,7 +346,7 @@ fn apply_affine(x: &Tensor, scale: &Tensor, shift: &Tensor, d: Dims) -> Result<T
         }),
         Device::Cuda(_) => {
             let dev = gpu_dev("batch_norm", x)?;
-            let y = Tensor::gpu_zeros(&dev, x.shape().clone())?;
+            let y = Tensor::gpu_empty(&dev, x.shape().clone())?;
             launch_planes(
                 &dev,
                 "channel_affine_f32",
@@ -405,7 +405,7 @@ fn backward_x(x: &Tensor, gy: &Tensor, aff: &Affine, t: &GradTerms, d: Dims) -> 
         }),
         Device::Cuda(_) => {
             let dev = gpu_dev("batch_norm_backward", x)?;
-            let gx = Tensor::gpu_zeros(&dev, x.shape().clone())?;
+            let gx = Tensor::gpu_empty(&dev, x.shape().clone())?;
             launch_planes(
                 &dev,
                 "batch_norm_bwd_x_f32",
@@ -551,7 +551,7 @@ fn cpu_backward_x<T: Element>(x: &[T], gy: &[T], terms: [&[T]; 4], d: Dims) -> V
 fn gpu_vectors<const K: usize>(dev: &GpuDevice, c: usize) -> Result<[Tensor; K]> {
     let mut v = Vec::with_capacity(K);
     for _ in 0..K {
-        v.push(Tensor::gpu_zeros(dev, [c])?);
+        v.push(Tensor::gpu_empty(dev, [c])?);
     }
     Ok(v.try_into()
         .unwrap_or_else(|_| unreachable!("K tensors were pushed")))
@@ -617,7 +617,7 @@ fn gpu_moments(x: &Tensor, d: Dims, rm: &Tensor, rv: &Tensor, momentum: f64) -> 
     let dev = gpu_dev("batch_norm", x)?;
     let parts = reduction_parts(d);
     // (count, mean, M2) per block: Welford states merged by the final kernel.
-    let partial = Tensor::gpu_zeros(&dev, [d.c * parts * 3])?;
+    let partial = Tensor::gpu_empty(&dev, [d.c * parts * 3])?;
     launch_channel_partials(
         &dev,
         "batch_norm_stats_partial_f32",
@@ -655,7 +655,7 @@ fn gpu_grad_terms(x: &Tensor, gy: &Tensor, aff: &Affine, d: Dims) -> Result<Grad
     let dev = gpu_dev("batch_norm_backward", x)?;
     let parts = reduction_parts(d);
     // (sum gy, sum gy * (x - mean)) per block.
-    let partial = Tensor::gpu_zeros(&dev, [d.c * parts * 2])?;
+    let partial = Tensor::gpu_empty(&dev, [d.c * parts * 2])?;
     launch_channel_partials(
         &dev,
         "batch_norm_grad_partial_f32",

@@ -257,9 +257,9 @@ fn gpu_forward(
     with_indices: bool,
 ) -> Result<(Tensor, Option<Tensor>)> {
     let dev = gpu_dev("max_pool2d", x)?;
-    let y = Tensor::gpu_zeros(&dev, out_shape.clone())?;
+    let y = Tensor::gpu_empty(&dev, out_shape.clone())?;
     let idx = if with_indices {
-        Some(Tensor::gpu_zeros_i64(&dev, out_shape)?)
+        Some(Tensor::gpu_empty_i64(&dev, out_shape)?)
     } else {
         None
     };
@@ -336,7 +336,7 @@ pub fn max_pool2d_backward(
         }),
         Device::Cuda(_) => {
             let dev = gpu_dev(OP, gy)?;
-            let gx = Tensor::gpu_zeros(&dev, input_shape.clone())?;
+            let gx = Tensor::gpu_empty(&dev, input_shape.clone())?;
             let mut args = vec![arg(gy)?, arg(indices)?, arg(&gx)?];
             args.extend(geom_args(&g));
             launch_elems(&dev, "max_pool2d_bwd_f32", gx.numel(), &args)?;

@@ -52,8 +52,8 @@ pub(crate) fn two_pass_sum(
 ) -> Result<Tensor> {
     // At most 1024 partials, so the final pass is one block of 1024 threads.
     let blocks = n.div_ceil(256).clamp(1, 1024);
-    let partial = Tensor::gpu_zeros(dev, [blocks])?;
-    let y = Tensor::gpu_zeros(dev, Shape::new(vec![]))?;
+    let partial = Tensor::gpu_empty(dev, [blocks])?;
+    let y = Tensor::gpu_empty(dev, Shape::new(vec![]))?;
     leading.extend([arg(&partial)?, KernelArg::I64(n as i64)]);
     let cfg = LaunchCfg {
         grid: (blocks as u32, 1, 1),
@@ -88,7 +88,7 @@ pub fn broadcast_scalar(g: &Tensor, shape: &Shape, k: f64) -> Result<Tensor> {
         }),
         Device::Cuda(_) => {
             let dev = gpu_dev("broadcast_scalar", g)?;
-            let y = Tensor::gpu_zeros(&dev, shape.clone())?;
+            let y = Tensor::gpu_empty(&dev, shape.clone())?;
             launch_elems(
                 &dev,
                 "fill_from_dev_f32",

@@ -712,7 +712,7 @@ fn forward_cuda(
     let dev = gpu_dev("roi_align", input)?;
     let (ph, pw) = p.output_size;
     let k = rois.dims()[0];
-    let y = Tensor::gpu_zeros(&dev, [k, dims[1], ph, pw])?;
+    let y = Tensor::gpu_empty(&dev, [k, dims[1], ph, pw])?;
     let n = y.numel();
     if n == 0 {
         return Ok(y);
@@ -740,7 +740,9 @@ fn backward_cuda(
     let mut args = vec![arg(gy)?];
     args.extend(common_args(rois, dims, p)?);
     args.push(arg(&gin)?);
-    args.push(KernelArg::I64(n as i64));
-    dev.launch("roi_align_bwd_f32", LaunchCfg::for_elems(n), &args)?;
+    // One thread per gradient plane, accumulating in a fixed order: deterministic.
+    let planes = dims[0] * dims[1];
+    args.push(KernelArg::I64(planes as i64));
+    dev.launch("roi_align_bwd_f32", LaunchCfg::linear(planes, 64), &args)?;
     Ok(gin)
 }

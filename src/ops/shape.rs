@@ -77,7 +77,7 @@ pub fn concat(xs: &[&Tensor], dim: usize) -> Result<Tensor> {
     out_dims[dim] = sizes.iter().sum();
     let out_shape = Shape::new(out_dims);
     let (outer, total, inner) = split(&out_shape, dim);
-    let mut out = Filler::new(&out_shape, dtype, first.device())?;
+    let mut out = Filler::new(&out_shape, dtype, first.device(), false)?;
     let mut offset = 0;
     for (x, &s) in xs.iter().zip(&sizes) {
         out.copy_rows(
@@ -296,7 +296,7 @@ fn shape_dev(t: &Tensor) -> Result<GpuDevice> {
     Ok(t.gpu()?.dev.clone())
 }
 
-/// A zero-filled output that block copies write into, then becomes a tensor.
+/// An output that block copies write into (zero-filled where they leave gaps), then becomes a tensor.
 enum Filler {
     Cpu(CpuFill),
     Gpu {
@@ -314,7 +314,8 @@ enum CpuFill {
 }
 
 impl Filler {
-    fn new(shape: &Shape, dtype: DType, device: Device) -> Result<Filler> {
+    /// `zeroed`: whether the copies leave part of the output unwritten.
+    fn new(shape: &Shape, dtype: DType, device: Device, zeroed: bool) -> Result<Filler> {
         let n = shape.numel();
         Ok(match device {
             Device::Cpu => Filler::Cpu(match dtype {
@@ -331,7 +332,11 @@ impl Filler {
             }),
             Device::Cuda(o) => {
                 let dev = crate::device::gpu::device(o)?;
-                let buf = dev.alloc(n * dtype.size())?;
+                let buf = if zeroed {
+                    dev.alloc_zeroed(n * dtype.size())?
+                } else {
+                    dev.alloc(n * dtype.size())?
+                };
                 Filler::Gpu {
                     dev,
                     buf,
@@ -416,7 +421,7 @@ fn narrow_plain(x: &Tensor, dim: usize, start: usize, len: usize) -> Result<Tens
     dims[dim] = len;
     let out_shape = Shape::new(dims);
     let (outer, size, inner) = split(x.shape(), dim);
-    let mut out = Filler::new(&out_shape, x.dtype(), x.device())?;
+    let mut out = Filler::new(&out_shape, x.dtype(), x.device(), false)?;
     out.copy_rows(
         x,
         outer,
@@ -433,7 +438,7 @@ fn narrow_plain(x: &Tensor, dim: usize, start: usize, len: usize) -> Result<Tens
 fn narrow_backward(gy: &Tensor, full: &Shape, dim: usize, start: usize) -> Result<Tensor> {
     let (outer, size, inner) = split(full, dim);
     let len = gy.dims()[dim];
-    let mut out = Filler::new(full, gy.dtype(), gy.device())?;
+    let mut out = Filler::new(full, gy.dtype(), gy.device(), true)?;
     out.copy_rows(
         gy,
         outer,
@@ -604,7 +609,7 @@ fn gpu_index_select(x: &Tensor, dim: usize, idx: &Tensor, out_shape: &Shape) -> 
     let w = words(x.dtype());
     let k = idx.numel();
     let buf = dev.alloc(out_shape.numel() * x.dtype().size())?;
-    let bad = dev.alloc(4)?;
+    let bad = dev.alloc_zeroed(4)?;
     launch_elems(
         &dev,
         "index_select_u32",
@@ -668,10 +673,13 @@ fn index_add(gy: &Tensor, full: &Shape, dim: usize, idx: &Tensor) -> Result<Tens
         Device::Cuda(_) => {
             let dev = super::gpu_dev("index_select backward", gy)?;
             let gx = Tensor::gpu_zeros(&dev, full.clone())?;
+            if k == 0 {
+                return Ok(gx); // nothing was selected: a zero gradient
+            }
             launch_elems(
                 &dev,
                 "index_add_f32",
-                outer * k * inner,
+                outer * inner,
                 &[
                     super::arg(gy)?,
                     super::arg(idx)?,

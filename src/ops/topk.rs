@@ -161,8 +161,8 @@ fn topk_cuda(
             "a level longer than 2^32 - 1",
         ));
     }
-    let values = Tensor::gpu_zeros(&dev, [rows, out_row])?;
-    let indices = Tensor::gpu_zeros_i64(&dev, [rows, out_row])?;
+    let values = Tensor::gpu_empty(&dev, [rows, out_row])?;
+    let indices = Tensor::gpu_empty_i64(&dev, [rows, out_row])?;
     let segments = rows * level_sizes.len();
     if segments == 0 || out_row == 0 {
         return Ok((values, indices));

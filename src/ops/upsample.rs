@@ -96,7 +96,7 @@ pub fn upsample_nearest_add(lateral: &Tensor, top: &Tensor) -> Result<Tensor> {
         Device::Cuda(_) => {
             let dev = gpu_dev(OP, lateral)?;
             gpu_dev(OP, top)?;
-            let y = Tensor::gpu_zeros(&dev, lateral.shape().clone())?;
+            let y = Tensor::gpu_empty(&dev, lateral.shape().clone())?;
             let mut args = vec![arg(lateral)?, arg(top)?, arg(&y)?];
             args.extend(geom_args(&g));
             launch_elems(&dev, "upsample_nearest_add_fwd_f32", y.numel(), &args)?;
@@ -158,7 +158,7 @@ pub fn upsample_nearest_backward(gy: &Tensor, top_dims: &[usize]) -> Result<Tens
         }),
         Device::Cuda(_) => {
             let dev = gpu_dev(OP, gy)?;
-            let gtop = Tensor::gpu_zeros(&dev, top_dims)?;
+            let gtop = Tensor::gpu_empty(&dev, top_dims)?;
             let mut args = vec![arg(gy)?, arg(&gtop)?];
             args.extend(geom_args(&g));
             launch_elems(&dev, "upsample_nearest_bwd_f32", gtop.numel(), &args)?;

@@ -12,9 +12,13 @@
 //! ```
 //!
 //! Tensors are immutable values: a step replaces each parameter with a new tensor
-//! (a new id) and keeps the new momentum buffers. On CUDA one fused kernel
-//! (`sgd_step_f32`, kernels/sgd.cu) reads `p`, `g`, `buf` and writes the new `p` and
-//! `buf` in one pass.
+//! (a new id) and keeps the new momentum buffers. On CUDA one multi-tensor kernel
+//! (`sgd_multi_f32`, kernels/sgd.cu) updates every parameter of the step in one
+//! launch over a pointer table (one small upload): it reads `p`, `g`, `buf` and
+//! writes the new `p` and `buf` in one pass. The new tensors come from the caching
+//! allocator (the blocks of the previous step's values), so a step after the
+//! first allocates nothing from the driver; it is not in place, since other holders
+//! of the old values (EMA, checkpoints, the caller) must keep seeing them.
 
 use crate::device::cpu::fill_indexed as fill;
 use crate::device::gpu::KernelArg;
@@ -151,18 +155,34 @@ impl Sgd {
         }
         self.buffers.resize(params.len(), None);
         // Compute every update before replacing anything, so an error leaves the
-        // parameters and buffers as they were.
+        // parameters and buffers as they were. CUDA parameters are collected and
+        // updated together, one launch per device.
         let mut updates = Vec::with_capacity(params.len());
+        let mut on_gpu: Vec<GpuJob> = Vec::new();
         for (i, (p, g)) in params.iter().zip(grads).enumerate() {
             let Some(g) = g else {
                 updates.push(None);
                 continue;
             };
+            check_grad(i, p, g)?;
             let buf = match &self.buffers[i] {
                 Some(b) if self.cfg.momentum != 0.0 => Some(conform(b, p, i)?),
                 _ => None,
             };
-            updates.push(Some(update(&self.cfg, i, p, g, buf.as_ref())?));
+            if p.device().is_cuda() {
+                on_gpu.push(GpuJob {
+                    i,
+                    p: p.clone(),
+                    g: (*g).clone(),
+                    buf,
+                });
+                updates.push(None);
+            } else {
+                updates.push(Some(update(&self.cfg, p, g, buf.as_ref())?));
+            }
+        }
+        for (i, u) in gpu_update_all(&self.cfg, on_gpu)? {
+            updates[i] = Some(u);
         }
         for (i, u) in updates.into_iter().enumerate() {
             if let Some((p, buf)) = u {
@@ -236,14 +256,8 @@ fn conform(buf: &Tensor, p: &Tensor, i: usize) -> Result<Tensor> {
     Ok(b)
 }
 
-/// The new parameter and (with momentum) the new buffer of parameter `i`.
-fn update(
-    cfg: &SgdConfig,
-    i: usize,
-    p: &Tensor,
-    g: &Tensor,
-    buf: Option<&Tensor>,
-) -> Result<(Tensor, Option<Tensor>)> {
+/// An error unless gradient `g` of parameter `i` matches it in shape, dtype and device.
+fn check_grad(i: usize, p: &Tensor, g: &Tensor) -> Result<()> {
     if g.shape() != p.shape() || g.device() != p.device() || g.dtype() != p.dtype() {
         return Err(Error::shape(
             "Sgd::step",
@@ -258,10 +272,17 @@ fn update(
             ),
         ));
     }
-    match p.device() {
-        Device::Cpu => with_dtype!(p.dtype(), T => cpu_update::<T>(cfg, p, g, buf)),
-        Device::Cuda(_) => gpu_update(cfg, p, g, buf),
-    }
+    Ok(())
+}
+
+/// The new parameter and (with momentum) the new buffer of a CPU parameter.
+fn update(
+    cfg: &SgdConfig,
+    p: &Tensor,
+    g: &Tensor,
+    buf: Option<&Tensor>,
+) -> Result<(Tensor, Option<Tensor>)> {
+    with_dtype!(p.dtype(), T => cpu_update::<T>(cfg, p, g, buf))
 }
 
 fn cpu_update<T: Element>(
@@ -307,43 +328,107 @@ fn cpu_update<T: Element>(
     ))
 }
 
-fn gpu_update(
-    cfg: &SgdConfig,
-    p: &Tensor,
-    g: &Tensor,
-    buf: Option<&Tensor>,
-) -> Result<(Tensor, Option<Tensor>)> {
-    let dev = gpu_dev("Sgd::step", p)?;
-    let n = p.numel();
-    let new_p = Tensor::gpu_zeros(&dev, p.shape().clone())?;
-    let with_momentum = cfg.momentum != 0.0;
-    let new_buf = if with_momentum {
-        Some(Tensor::gpu_zeros(&dev, p.shape().clone())?)
-    } else {
-        None
+/// A parameter's new value and (with momentum) its new buffer.
+type Update = (Tensor, Option<Tensor>);
+
+/// One CUDA parameter of a step: its index, value, gradient and momentum buffer.
+struct GpuJob {
+    i: usize,
+    p: Tensor,
+    g: Tensor,
+    buf: Option<Tensor>,
+}
+
+/// Fields per parameter in the pointer table of `sgd_multi_f32` (SGD_FIELDS in
+/// kernels/sgd.cu).
+const SGD_FIELDS: usize = 8;
+
+/// The updates of every CUDA parameter, as `(index, (new p, new buffer))`: one
+/// pointer table upload and one `sgd_multi_f32` launch per device, whatever the
+/// number of parameters.
+fn gpu_update_all(cfg: &SgdConfig, jobs: Vec<GpuJob>) -> Result<Vec<(usize, Update)>> {
+    let mut devices: Vec<Device> = Vec::new();
+    for j in &jobs {
+        if !devices.contains(&j.p.device()) {
+            devices.push(j.p.device());
+        }
+    }
+    let mut out = Vec::with_capacity(jobs.len());
+    for device in devices {
+        let mine: Vec<&GpuJob> = jobs.iter().filter(|j| j.p.device() == device).collect();
+        out.extend(gpu_update_device(cfg, &mine)?);
+    }
+    Ok(out)
+}
+
+fn gpu_update_device(cfg: &SgdConfig, jobs: &[&GpuJob]) -> Result<Vec<(usize, Update)>> {
+    let Some(first) = jobs.first() else {
+        return Ok(Vec::new());
     };
-    // Unused buffer arguments (no momentum, or the first step) point at p / new_p:
-    // the kernel never reads or writes them then.
+    if let Some(j) = jobs.iter().find(|j| j.p.dtype() != DType::F32) {
+        return Err(Error::DType {
+            op: "Sgd::step",
+            dtype: j.p.dtype().to_string(),
+            msg: format!("parameter {} on CUDA must be f32", j.i),
+        });
+    }
+    let dev = gpu_dev("Sgd::step", &first.p)?;
+    let with_momentum = cfg.momentum != 0.0;
+    let mut out = Vec::with_capacity(jobs.len());
+    let mut table: Vec<i64> = Vec::with_capacity(jobs.len() * SGD_FIELDS);
+    let mut total = 0usize;
+    for j in jobs {
+        let n = j.p.numel();
+        let new_p = Tensor::gpu_empty(&dev, j.p.shape().clone())?;
+        let new_buf = if with_momentum {
+            Some(Tensor::gpu_empty(&dev, j.p.shape().clone())?)
+        } else {
+            None
+        };
+        if n > 0 {
+            let ptr = |t: &Tensor| -> Result<i64> { Ok(t.gpu()?.buf.ptr() as i64) };
+            // Unused buffer fields (no momentum, or the first step) point at p /
+            // new_p: the kernel never reads or writes them then.
+            table.extend([
+                ptr(&j.p)?,
+                ptr(&j.g)?,
+                ptr(j.buf.as_ref().unwrap_or(&j.p))?,
+                ptr(&new_p)?,
+                ptr(new_buf.as_ref().unwrap_or(&new_p))?,
+                n as i64,
+                total as i64,
+                j.buf.is_none() as i64,
+            ]);
+            total += n;
+        }
+        out.push((j.i, (new_p, new_buf)));
+    }
+    let rows = table.len() / SGD_FIELDS;
+    if rows == 0 {
+        return Ok(out);
+    }
+    if rows > i32::MAX as usize {
+        return Err(Error::invalid("Sgd::step", format!("{rows} parameters")));
+    }
+    // Every tensor the table points at is held by `jobs` or `out` until the launch
+    // has been queued; later work on the one stream runs after it.
+    let table = Tensor::from_vec_i64(table, [rows * SGD_FIELDS])?.to_device(first.p.device())?;
     launch_elems(
         &dev,
-        "sgd_step_f32",
-        n,
+        "sgd_multi_f32",
+        total,
         &[
-            arg(p)?,
-            arg(g)?,
-            arg(buf.unwrap_or(p))?,
-            arg(&new_p)?,
-            arg(new_buf.as_ref().unwrap_or(&new_p))?,
-            KernelArg::I64(n as i64),
+            arg(&table)?,
+            KernelArg::I32(rows as i32),
+            KernelArg::I64(total as i64),
             KernelArg::F32(cfg.lr as f32),
             KernelArg::F32(cfg.momentum as f32),
             KernelArg::F32(cfg.weight_decay as f32),
             KernelArg::F32((1.0 - cfg.dampening) as f32),
             KernelArg::I32(cfg.nesterov as i32),
-            KernelArg::I32(buf.is_none() as i32),
         ],
     )?;
-    Ok((new_p, new_buf))
+    Ok(out)
 }
 
 impl crate::runner::Optimizer for Sgd {

@@ -202,18 +202,36 @@ impl Tensor {
         )
     }
 
-    /// A zero-filled i64 device tensor.
+    /// A zero-filled i64 device tensor (one memset: only where a kernel accumulates
+    /// into it or leaves elements unwritten; else [`Tensor::gpu_empty_i64`]).
     pub fn gpu_zeros_i64(dev: &GpuDevice, shape: impl Into<Shape>) -> Result<Tensor> {
         let shape = shape.into();
-        let buf = dev.alloc(shape.numel() * 8)?;
+        let buf = dev.alloc_zeroed(shape.numel() * 8)?;
         Ok(Self::from_gpu_typed(dev.clone(), buf, shape, DType::I64))
     }
 
-    /// An uninitialised-by-contract (zero-filled) f32 device tensor.
+    /// A zero-filled f32 device tensor (one memset: only where a kernel accumulates
+    /// into it or leaves elements unwritten; else [`Tensor::gpu_empty`]).
     pub fn gpu_zeros(dev: &GpuDevice, shape: impl Into<Shape>) -> Result<Tensor> {
+        let shape = shape.into();
+        let buf = dev.alloc_zeroed(shape.numel() * 4)?;
+        Ok(Self::from_gpu(dev.clone(), buf, shape))
+    }
+
+    /// An f32 device tensor whose contents are unspecified (poisoned with NaN on
+    /// the emulated device), for kernels that write every element.
+    pub fn gpu_empty(dev: &GpuDevice, shape: impl Into<Shape>) -> Result<Tensor> {
         let shape = shape.into();
         let buf = dev.alloc(shape.numel() * 4)?;
         Ok(Self::from_gpu(dev.clone(), buf, shape))
+    }
+
+    /// An i64 device tensor whose contents are unspecified (-1 on the emulated
+    /// device), for kernels that write every element.
+    pub fn gpu_empty_i64(dev: &GpuDevice, shape: impl Into<Shape>) -> Result<Tensor> {
+        let shape = shape.into();
+        let buf = dev.alloc(shape.numel() * 8)?;
+        Ok(Self::from_gpu_typed(dev.clone(), buf, shape, DType::I64))
     }
 
     /// This value's identity (the key of its gradient).

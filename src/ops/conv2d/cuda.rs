@@ -87,7 +87,7 @@ pub(super) fn forward(x: &Tensor, w: &Tensor, b: Option<&Tensor>, g: &Geom) -> R
     all.extend(b);
     let dev = devices("conv2d", &all)?;
     let (k, ohw, hw) = (g.k(), g.ohw(), g.hw());
-    let y = Tensor::gpu_zeros(&dev, g.y_dims())?;
+    let y = Tensor::gpu_empty(&dev, g.y_dims())?;
     if g.n == 0 {
         return Ok(y);
     }
@@ -108,7 +108,7 @@ pub(super) fn forward(x: &Tensor, w: &Tensor, b: Option<&Tensor>, g: &Geom) -> R
         )?;
     } else {
         let per = images_per_batch(g);
-        let col = Tensor::gpu_zeros(&dev, [per * k * ohw])?;
+        let col = Tensor::gpu_empty(&dev, [per * k * ohw])?;
         let colm = GpuMat::dense(&col, ohw).at(0, k * ohw);
         for n0 in (0..g.n).step_by(per) {
             let cnt = per.min(g.n - n0);
@@ -136,7 +136,7 @@ pub(super) fn forward(x: &Tensor, w: &Tensor, b: Option<&Tensor>, g: &Geom) -> R
 pub(super) fn grad_input(gy: &Tensor, w: &Tensor, g: &Geom) -> Result<Tensor> {
     let dev = devices("conv2d_backward_input", &[gy, w])?;
     let (k, ohw, hw) = (g.k(), g.ohw(), g.hw());
-    let gx = Tensor::gpu_zeros(&dev, g.x_dims())?;
+    let gx = Tensor::gpu_empty(&dev, g.x_dims())?;
     if g.n == 0 {
         return Ok(gx);
     }
@@ -158,7 +158,7 @@ pub(super) fn grad_input(gy: &Tensor, w: &Tensor, g: &Geom) -> Result<Tensor> {
         return Ok(gx);
     }
     let per = images_per_batch(g);
-    let gcol = Tensor::gpu_zeros(&dev, [per * k * ohw])?;
+    let gcol = Tensor::gpu_empty(&dev, [per * k * ohw])?;
     for n0 in (0..g.n).step_by(per) {
         let cnt = per.min(g.n - n0);
         let gym = GpuMat::dense(gy, ohw).at(n0 * g.cout * ohw, g.cout * ohw);
@@ -182,7 +182,7 @@ pub(super) fn grad_input(gy: &Tensor, w: &Tensor, g: &Geom) -> Result<Tensor> {
 pub(super) fn grad_weight(x: &Tensor, gy: &Tensor, g: &Geom) -> Result<Tensor> {
     let dev = devices("conv2d_backward_weight", &[x, gy])?;
     let (k, ohw, hw) = (g.k(), g.ohw(), g.hw());
-    let gw = Tensor::gpu_zeros(&dev, g.w_dims())?;
+    let gw = Tensor::gpu_empty(&dev, g.w_dims())?;
     if g.n == 0 {
         return Ok(gw);
     }
@@ -204,7 +204,7 @@ pub(super) fn grad_weight(x: &Tensor, gy: &Tensor, g: &Geom) -> Result<Tensor> {
         return Ok(gw);
     }
     let per = images_per_batch(g);
-    let col = Tensor::gpu_zeros(&dev, [per * k * ohw])?;
+    let col = Tensor::gpu_empty(&dev, [per * k * ohw])?;
     let colt = GpuMat::dense(&col, ohw).at(0, k * ohw).t();
     for n0 in (0..g.n).step_by(per) {
         let cnt = per.min(g.n - n0);

@@ -1,181 +1,9 @@
-//! Greedy non-maximum suppression, exactly torchvision's result.
-//!
-//! Semantics (torchvision `nms`, CPU kernel): boxes are visited in the order of a
-//! stable descending sort of the scores (equal scores keep their input order); a box
-//! is kept unless a kept box before it has `IoU > iou_threshold` with it. The IoU of
-//! kept box `a` and candidate `b` is computed as torchvision's CPU kernel does, in the
-//! boxes' float type: `xx1 = std::max(a.x1, b.x1)` (and min/max for the others, with
-//! C++'s NaN behaviour), `w = max(0, xx2 - xx1)`, `inter = w * h`,
-//! `ovr = inter / (area_a + area_b - inter)`, compared as `f64` with the threshold.
-//! The keep list holds original indices in that visiting order.
-//!
-//! Non-finite inputs follow from those formulas and are never an error:
-//! - a NaN score ranks above `+inf` (torch's sort), NaN scores keep input order;
-//!   `-0.0` and `+0.0` are equal scores;
-//! - a box with a NaN coordinate has a NaN area, so every IoU with it is NaN: it is
-//!   kept (in score order), never suppresses and is never suppressed; the same holds
-//!   for boxes with an infinite side whenever the threshold is `>= 0`.
-//!
-//! A NaN threshold is an error. Thresholds below 0 are allowed (every box a kept box
-//! overlaps with a finite IoU is suppressed) and use the plain O(N²) loop.
-//!
-//! CPU: sort once (parallel for large N), gather the boxes in sorted order, and
-//! check each candidate only against the kept boxes that could suppress it, found
-//! through an index: below a threshold of 0.6 a uniform grid of the cells each kept
-//! box covers (only overlapping boxes can suppress each other), from 0.6 a grid per
-//! area class keyed by box centre (a suppressor has a similar area and a nearby
-//! centre). The IoU test itself is always torchvision's. Large inputs are processed
-//! in chunks: each chunk is first checked in parallel against the boxes kept before
-//! it, then its survivors are resolved in order. CUDA: the whole computation stays on the
-//! device (kernels/nms.cu): key sort, IoU bitmask, a one-block walk of the mask, and a
-//! device keep list plus count ([`nms_device`]).
-//!
-//! [`batched_nms`] suppresses only within equal `idxs` (classes or FPN levels). It is
-//! torchvision's per-class ("vanilla") result, kept indices in descending score order
-//! (ties by index). torchvision itself switches to an offset trick for small inputs
-//! (up to 1000 boxes on the CPU); that trick adds `idx * (max + 1)` to the
-//! coordinates and can round IoUs differently — only per-class NMS is defined here.
+//! NMS on the CPU: sort once, then check each candidate only against the kept boxes
+//! that could suppress it, through a spatial index (see the parent module docs).
 
 use rayon::prelude::*;
 
-use crate::device::gpu::{GpuBuffer, GpuDevice, KernelArg, LaunchCfg};
-use crate::device::Device;
-use crate::error::{Error, Result};
-use crate::tensor::{same_device, DType, Element, Tensor};
-use crate::with_dtype;
-
-use super::boxes::{check_boxes, prefix_i64};
-
-/// NMS result left on the device: `keep` `[N]` i64 holds the kept original indices
-/// in its first `count` entries (the rest are -1); `count` `[1]` i64. Both are on
-/// the input's device (CPU tensors for CPU inputs).
-#[derive(Clone, Debug)]
-pub struct NmsOutput {
-    pub keep: Tensor,
-    pub count: Tensor,
-}
-
-impl NmsOutput {
-    /// The kept indices as an exact-length tensor on the same device (reads the count:
-    /// one synchronisation on CUDA).
-    pub fn into_keep(self) -> Result<Tensor> {
-        let k = self.count.to_vec_i64()?[0] as usize;
-        prefix_i64(&self.keep, k)
-    }
-}
-
-/// Indices (i64) of the boxes `[N, 4]` kept by greedy NMS with `scores` `[N]`, in
-/// descending score order (see the module docs for the exact rule).
-pub fn nms(boxes: &Tensor, scores: &Tensor, iou_threshold: f64) -> Result<Tensor> {
-    nms_device(boxes, scores, None, iou_threshold)?.into_keep()
-}
-
-/// NMS within groups: boxes with different `idxs` `[N]` (i64 class or level
-/// indices) never suppress each other. Kept indices in descending score order.
-pub fn batched_nms(
-    boxes: &Tensor,
-    scores: &Tensor,
-    idxs: &Tensor,
-    iou_threshold: f64,
-) -> Result<Tensor> {
-    nms_device(boxes, scores, Some(idxs), iou_threshold)?.into_keep()
-}
-
-/// [`nms`] (or [`batched_nms`] with `idxs`) without reading anything back: on CUDA
-/// every step runs on the device and the result is a device keep list plus count.
-pub fn nms_device(
-    boxes: &Tensor,
-    scores: &Tensor,
-    idxs: Option<&Tensor>,
-    iou_threshold: f64,
-) -> Result<NmsOutput> {
-    let n = check_inputs(boxes, scores, idxs, iou_threshold)?;
-    match boxes.device() {
-        Device::Cpu => {
-            let cls = idxs.map(|t| t.cpu_i64()).transpose()?;
-            let keep = with_dtype!(boxes.dtype(), T => {
-                let (b, s) = (boxes.cpu_slice::<T>()?, scores.cpu_slice::<T>()?);
-                nms_cpu(b, s, cls, iou_threshold)
-            });
-            let k = keep.len();
-            let mut padded = keep;
-            padded.resize(n, -1);
-            Ok(NmsOutput {
-                keep: Tensor::from_vec_i64(padded, [n])?,
-                count: Tensor::from_vec_i64(vec![k as i64], [1])?,
-            })
-        }
-        Device::Cuda(_) => nms_cuda(boxes, scores, idxs, n, iou_threshold),
-    }
-}
-
-/// torchvision's CPU NMS loop, transcribed: O(N²), for tests and as the definition.
-/// CPU tensors only.
-pub fn nms_reference(
-    boxes: &Tensor,
-    scores: &Tensor,
-    idxs: Option<&Tensor>,
-    iou_threshold: f64,
-) -> Result<Tensor> {
-    check_inputs(boxes, scores, idxs, iou_threshold)?;
-    let cls = idxs.map(|t| t.cpu_i64()).transpose()?;
-    let keep = with_dtype!(boxes.dtype(), T => {
-        let (b, s) = (boxes.cpu_slice::<T>()?, scores.cpu_slice::<T>()?);
-        let order = sort_descending(s);
-        let sb = gather(b, cls, &order);
-        greedy_reference(&sb, iou_threshold)
-            .into_iter()
-            .map(|p| order[p] as i64)
-            .collect::<Vec<i64>>()
-    });
-    let k = keep.len();
-    Tensor::from_vec_i64(keep, [k])
-}
-
-fn check_inputs(
-    boxes: &Tensor,
-    scores: &Tensor,
-    idxs: Option<&Tensor>,
-    iou_threshold: f64,
-) -> Result<usize> {
-    let n = check_boxes("nms", boxes)?;
-    if scores.dims() != [n] {
-        return Err(Error::shape(
-            "nms",
-            format!("scores {:?} for boxes {:?}", scores.dims(), boxes.dims()),
-        ));
-    }
-    if scores.dtype() != boxes.dtype() {
-        return Err(Error::DType {
-            op: "nms",
-            dtype: scores.dtype().to_string(),
-            msg: format!("scores must have the boxes' dtype {}", boxes.dtype()),
-        });
-    }
-    let mut all = vec![boxes, scores];
-    if let Some(c) = idxs {
-        if c.dtype() != DType::I64 || c.dims() != [n] {
-            return Err(Error::shape(
-                "batched_nms",
-                format!("idxs must be i64 [{n}], got {} {:?}", c.dtype(), c.dims()),
-            ));
-        }
-        all.push(c);
-    }
-    same_device("nms", &all)?;
-    if iou_threshold.is_nan() {
-        return Err(Error::invalid("nms", "iou_threshold is NaN"));
-    }
-    if n > u32::MAX as usize {
-        return Err(Error::invalid(
-            "nms",
-            format!("{n} boxes (at most 2^32 - 1)"),
-        ));
-    }
-    Ok(n)
-}
-
-// ------------------------------------------------------------------ CPU
+use crate::tensor::Element;
 
 /// Sort key whose ascending order is torch's stable descending order of scores:
 /// NaN first, then +inf .. -inf, with -0.0 == +0.0. Widening f32 to f64 keeps order.
@@ -215,7 +43,7 @@ pub(crate) fn sort_descending<T: Element>(scores: &[T]) -> Vec<u32> {
 /// batched). Kept boxes are copied into the index lists, so a candidate's checks
 /// read memory sequentially.
 #[derive(Clone, Copy, Debug)]
-struct Rec<T> {
+pub(super) struct Rec<T> {
     pos: u32,
     x1: T,
     y1: T,
@@ -277,7 +105,7 @@ impl<T: Element> Rec<T> {
 }
 
 /// The boxes in sorted order.
-fn gather<T: Element>(boxes: &[T], cls: Option<&[i64]>, order: &[u32]) -> Vec<Rec<T>> {
+pub(super) fn gather<T: Element>(boxes: &[T], cls: Option<&[i64]>, order: &[u32]) -> Vec<Rec<T>> {
     order
         .iter()
         .enumerate()
@@ -296,7 +124,12 @@ fn gather<T: Element>(boxes: &[T], cls: Option<&[i64]>, order: &[u32]) -> Vec<Re
         .collect()
 }
 
-fn nms_cpu<T: Element>(boxes: &[T], scores: &[T], cls: Option<&[i64]>, thr: f64) -> Vec<i64> {
+pub(super) fn nms_cpu<T: Element>(
+    boxes: &[T],
+    scores: &[T],
+    cls: Option<&[i64]>,
+    thr: f64,
+) -> Vec<i64> {
     let order = sort_descending(scores);
     let sb = gather(boxes, cls, &order);
     let kept = if thr >= 0.0 {
@@ -308,7 +141,7 @@ fn nms_cpu<T: Element>(boxes: &[T], scores: &[T], cls: Option<&[i64]>, thr: f64)
 }
 
 /// torchvision's loop over sorted positions.
-fn greedy_reference<T: Element>(sb: &[Rec<T>], thr: f64) -> Vec<usize> {
+pub(super) fn greedy_reference<T: Element>(sb: &[Rec<T>], thr: f64) -> Vec<usize> {
     let n = sb.len();
     let mut suppressed = vec![false; n];
     let mut keep = Vec::new();
@@ -704,168 +537,4 @@ impl<T: Element> KeptIndex<T> for ScaleIndex<T> {
             })
         })
     }
-}
-
-// ------------------------------------------------------------------ CUDA
-
-/// Keys sorted per block in shared memory (NMS_TILE in kernels/nms.cu).
-const SORT_TILE: usize = 2048;
-/// The mask grid is (blocks, blocks): CUDA caps grid.y at 65535.
-const MAX_GRID_Y: usize = 65535;
-
-fn nms_cuda(
-    boxes: &Tensor,
-    scores: &Tensor,
-    idxs: Option<&Tensor>,
-    n: usize,
-    thr: f64,
-) -> Result<NmsOutput> {
-    let dev = boxes.gpu()?.dev.clone();
-    let count = Tensor::gpu_zeros_i64(&dev, [1])?;
-    if n == 0 {
-        return Ok(NmsOutput {
-            keep: Tensor::gpu_zeros_i64(&dev, [0])?,
-            count,
-        });
-    }
-    let col_blocks = n.div_ceil(64);
-    if col_blocks > MAX_GRID_Y {
-        return Err(Error::invalid(
-            "nms",
-            format!("{n} boxes on CUDA (at most {} supported)", MAX_GRID_Y * 64),
-        ));
-    }
-    let keys = sort_keys_cuda(&dev, scores, n)?;
-
-    let sboxes = dev.alloc(n * 16)?;
-    let areas = dev.alloc(n * 4)?;
-    let order = dev.alloc(n * 8)?;
-    let scls = dev.alloc(if idxs.is_some() { n * 8 } else { 8 })?;
-    let cls_arg = match idxs {
-        Some(c) => c.gpu()?.buf.arg(),
-        None => order.arg(),
-    };
-    dev.launch(
-        "nms_gather_f32",
-        LaunchCfg::for_elems(n),
-        &[
-            boxes.gpu()?.buf.arg(),
-            keys.arg(),
-            KernelArg::I64(n as i64),
-            sboxes.arg(),
-            areas.arg(),
-            order.arg(),
-            cls_arg,
-            scls.arg(),
-            KernelArg::I32(idxs.is_some() as i32),
-        ],
-    )?;
-
-    let mask = dev.alloc(n * col_blocks * 8)?;
-    let grid = LaunchCfg {
-        grid: (col_blocks as u32, col_blocks as u32, 1),
-        block: (64, 1, 1),
-        shared_bytes: 0,
-    };
-    let common = [KernelArg::I64(n as i64), KernelArg::I64(col_blocks as i64)];
-    match idxs {
-        None => dev.launch(
-            "nms_mask_f32",
-            grid,
-            &[
-                sboxes.arg(),
-                areas.arg(),
-                common[0],
-                common[1],
-                KernelArg::F64(thr),
-                mask.arg(),
-            ],
-        )?,
-        Some(_) => dev.launch(
-            "nms_mask_batched_f32",
-            grid,
-            &[
-                sboxes.arg(),
-                areas.arg(),
-                scls.arg(),
-                common[0],
-                common[1],
-                KernelArg::F64(thr),
-                mask.arg(),
-            ],
-        )?,
-    }
-
-    let keep = Tensor::gpu_zeros_i64(&dev, [n])?;
-    let removed = dev.alloc(col_blocks * 8)?;
-    let threads = (col_blocks.div_ceil(32) * 32).clamp(32, 1024) as u32;
-    dev.launch(
-        "nms_reduce_f32",
-        LaunchCfg::linear(threads as usize, threads),
-        &[
-            mask.arg(),
-            order.arg(),
-            common[0],
-            common[1],
-            removed.arg(),
-            keep.gpu()?.buf.arg(),
-            count.gpu()?.buf.arg(),
-        ],
-    )?;
-    Ok(NmsOutput { keep, count })
-}
-
-/// Device buffer of `next_pow2(max(n, 64))` u64 keys `(desc_key(score) << 32) | i`,
-/// sorted ascending (padding last): the stable descending order of `scores`.
-fn sort_keys_cuda(dev: &GpuDevice, scores: &Tensor, n: usize) -> Result<GpuBuffer> {
-    let padded = n.next_power_of_two().max(64);
-    let keys = dev.alloc(padded * 8)?;
-    dev.launch(
-        "nms_keys_f32",
-        LaunchCfg::for_elems(padded),
-        &[
-            scores.gpu()?.buf.arg(),
-            KernelArg::I64(n as i64),
-            keys.arg(),
-            KernelArg::I64(padded as i64),
-        ],
-    )?;
-    let tile = padded.min(SORT_TILE);
-    dev.launch(
-        "nms_sort_tile_f32",
-        LaunchCfg {
-            grid: ((padded / tile) as u32, 1, 1),
-            block: ((tile / 2) as u32, 1, 1),
-            shared_bytes: 0,
-        },
-        &[keys.arg(), KernelArg::I32(tile as i32)],
-    )?;
-    let mut k = 2 * SORT_TILE;
-    while k <= padded {
-        let mut j = k / 2;
-        while j >= SORT_TILE {
-            dev.launch(
-                "nms_sort_step_f32",
-                LaunchCfg::for_elems(padded / 2),
-                &[
-                    keys.arg(),
-                    KernelArg::I64(padded as i64),
-                    KernelArg::I64(k as i64),
-                    KernelArg::I64(j as i64),
-                ],
-            )?;
-            j /= 2;
-        }
-        dev.launch(
-            "nms_sort_merge_f32",
-            LaunchCfg {
-                grid: ((padded / SORT_TILE) as u32, 1, 1),
-                block: ((SORT_TILE / 2) as u32, 1, 1),
-                shared_bytes: 0,
-            },
-            &[keys.arg(), KernelArg::I64(k as i64)],
-        )?;
-        k *= 2;
-    }
-    Ok(keys)
 }

@@ -1,0 +1,266 @@
+//! The layer between the ops and a driver backend: a stream-ordered caching
+//! allocator and the per-thread [`Counters`].
+//!
+//! # Caching allocator
+//!
+//! Like PyTorch's CUDA caching allocator, a block a tensor no longer needs goes back
+//! to a free list instead of the driver, and the next allocation of its size class
+//! takes it. Reuse needs no wait: every backend has one stream, so all work queued
+//! with the old block runs before any work queued with the new owner (stream order).
+//! A training step after the first therefore allocates nothing from the driver.
+//!
+//! Size classes are four per power of two from 512 bytes up (512, 640, 768, 896,
+//! 1024, 1280, ...), so a block wastes less than a fifth of itself, and a request
+//! may take a cached block of up to twice its class: sizes that vary a little
+//! between steps (proposal and detection counts) still hit the cache. The pointer
+//! handed out is the *end* of the block (`block + class - round_up(bytes,
+//! alignment)`): on the emulated device, whose driver blocks end at a guard page, a
+//! kernel reading one element past its buffer still faults.
+//!
+//! Blocks go back to the driver only on [`GpuBackend::empty_cache`] or when the
+//! driver runs out of memory (then the cache is emptied and the allocation retried).
+//!
+//! Fresh memory is not zero-filled: [`GpuDevice::alloc_zeroed`] asks for a memset,
+//! and every block handed out is first passed to [`GpuBackend::poison`] (the emulated
+//! device fills it with all-ones bits: NaN, -1), so reliance on zeros fails tests.
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+
+use super::gpu::{Counters, GpuBackend, GpuBuffer, KernelArg, LaunchCfg, MemoryStats};
+use crate::error::Result;
+
+#[cfg(doc)]
+use super::gpu::GpuDevice;
+
+thread_local! {
+    /// This thread's counts per device ordinal.
+    static COUNTS: RefCell<HashMap<usize, Counters>> = RefCell::new(HashMap::new());
+}
+
+fn bump(ordinal: usize, f: impl FnOnce(&mut Counters)) {
+    COUNTS.with(|c| f(c.borrow_mut().entry(ordinal).or_default()));
+}
+
+/// The size class of a request: the smallest of 512 * 2^k * {4,5,6,7}/4 that holds it.
+pub fn size_class(bytes: usize) -> usize {
+    if bytes <= 512 {
+        return 512;
+    }
+    let octave = bytes.next_power_of_two() / 2; // the power of two below (or at) bytes
+    let step = (octave / 4).max(1);
+    bytes.div_ceil(step) * step
+}
+
+/// Free blocks by class, and the byte totals.
+#[derive(Default)]
+struct PoolState {
+    free: BTreeMap<usize, Vec<GpuBuffer>>,
+    stats: MemoryStats,
+}
+
+/// A driver backend wrapped with the caching allocator and the counters. Built by
+/// [`super::gpu::register_backend`] / [`super::gpu::device`]; ops only ever see this.
+pub struct Managed {
+    ordinal: usize,
+    driver: Arc<dyn GpuBackend>,
+    pool: Arc<Mutex<PoolState>>,
+}
+
+/// One block lent to a tensor; back to the free list when the last clone drops.
+struct Lent {
+    block: Option<GpuBuffer>,
+    class: usize,
+    pool: Arc<Mutex<PoolState>>,
+}
+
+impl Drop for Lent {
+    fn drop(&mut self) {
+        if let Some(b) = self.block.take() {
+            let mut p = self.pool.lock().unwrap_or_else(|e| e.into_inner());
+            p.stats.allocated -= self.class as u64;
+            p.free.entry(self.class).or_default().push(b);
+        }
+    }
+}
+
+impl Managed {
+    /// Wrap `driver`, whose device is `Device::Cuda(ordinal)`.
+    pub fn new(ordinal: usize, driver: Arc<dyn GpuBackend>) -> Managed {
+        Managed {
+            ordinal,
+            driver,
+            pool: Arc::new(Mutex::new(PoolState::default())),
+        }
+    }
+
+    /// A cached block of class `class` up to `2 * class`, if any.
+    fn take_cached(&self, class: usize) -> Option<(GpuBuffer, usize)> {
+        let mut p = self.pool.lock().unwrap_or_else(|e| e.into_inner());
+        let found = p
+            .free
+            .range_mut(class..=2 * class)
+            .find(|(_, v)| !v.is_empty())
+            .map(|(&c, v)| (v.pop(), c));
+        match found {
+            Some((Some(b), c)) => {
+                p.stats.allocated += c as u64;
+                p.stats.peak_allocated = p.stats.peak_allocated.max(p.stats.allocated);
+                Some((b, c))
+            }
+            _ => None,
+        }
+    }
+
+    /// A new block of `class` bytes from the driver; on failure the cache is given
+    /// back and the allocation tried once more.
+    fn driver_alloc(&self, class: usize) -> Result<GpuBuffer> {
+        let b = match self.driver.alloc(class) {
+            Ok(b) => b,
+            Err(_) => {
+                self.empty_cache();
+                self.driver.alloc(class)?
+            }
+        };
+        bump(self.ordinal, |c| {
+            c.driver_allocs += 1;
+            c.driver_alloc_bytes += class as u64;
+        });
+        let mut p = self.pool.lock().unwrap_or_else(|e| e.into_inner());
+        let s = &mut p.stats;
+        s.reserved += class as u64;
+        s.peak_reserved = s.peak_reserved.max(s.reserved);
+        s.allocated += class as u64;
+        s.peak_allocated = s.peak_allocated.max(s.allocated);
+        Ok(b)
+    }
+}
+
+impl GpuBackend for Managed {
+    fn name(&self) -> String {
+        self.driver.name()
+    }
+
+    fn alloc(&self, bytes: usize) -> Result<GpuBuffer> {
+        let align = self.driver.alignment();
+        let used = bytes.max(1).div_ceil(align) * align;
+        let class = size_class(used).next_multiple_of(align);
+        let (block, class) = match self.take_cached(class) {
+            Some(hit) => {
+                bump(self.ordinal, |c| c.cached_allocs += 1);
+                hit
+            }
+            None => (self.driver_alloc(class)?, class),
+        };
+        // The end of the block: see the module docs (guard pages).
+        let ptr = block.ptr() + (class - used) as u64;
+        let lent = Lent {
+            block: Some(block),
+            class,
+            pool: self.pool.clone(),
+        };
+        let buf = GpuBuffer::new(ptr, bytes, Arc::new(lent));
+        self.driver.poison(&buf)?;
+        Ok(buf)
+    }
+
+    fn copy_htod(&self, src: &[u8], dst: &GpuBuffer) -> Result<()> {
+        bump(self.ordinal, |c| {
+            c.htod += 1;
+            c.htod_bytes += src.len() as u64;
+        });
+        self.driver.copy_htod(src, dst)
+    }
+
+    fn copy_dtoh(&self, src: &GpuBuffer, dst: &mut [u8]) -> Result<()> {
+        bump(self.ordinal, |c| {
+            c.dtoh += 1;
+            c.dtoh_bytes += dst.len() as u64;
+        });
+        self.driver.copy_dtoh(src, dst)
+    }
+
+    fn copy_dtod(&self, src: &GpuBuffer, dst: &GpuBuffer, bytes: usize) -> Result<()> {
+        bump(self.ordinal, |c| c.dtod += 1);
+        self.driver.copy_dtod(src, dst, bytes)
+    }
+
+    fn memset(&self, dst: &GpuBuffer, value: u8) -> Result<()> {
+        bump(self.ordinal, |c| c.memsets += 1);
+        self.driver.memset(dst, value)
+    }
+
+    fn launch(&self, kernel: &str, cfg: &LaunchCfg, args: &[KernelArg]) -> Result<()> {
+        bump(self.ordinal, |c| c.launches += 1);
+        self.driver.launch(kernel, cfg, args)
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        bump(self.ordinal, |c| c.syncs += 1);
+        self.driver.synchronize()
+    }
+
+    fn alignment(&self) -> usize {
+        self.driver.alignment()
+    }
+
+    fn counters(&self) -> Counters {
+        COUNTS.with(|c| c.borrow().get(&self.ordinal).copied().unwrap_or_default())
+    }
+
+    fn memory(&self) -> MemoryStats {
+        self.pool.lock().unwrap_or_else(|e| e.into_inner()).stats
+    }
+
+    fn reset_peak_memory(&self) {
+        let mut p = self.pool.lock().unwrap_or_else(|e| e.into_inner());
+        p.stats.peak_allocated = p.stats.allocated;
+        p.stats.peak_reserved = p.stats.reserved;
+    }
+
+    fn empty_cache(&self) {
+        let freed: Vec<(usize, Vec<GpuBuffer>)> = {
+            let mut p = self.pool.lock().unwrap_or_else(|e| e.into_inner());
+            let all = std::mem::take(&mut p.free);
+            let bytes: usize = all.iter().map(|(c, v)| c * v.len()).sum();
+            p.stats.reserved -= bytes as u64;
+            all.into_iter().collect()
+        };
+        for (class, blocks) in freed {
+            let n = blocks.len() as u64;
+            bump(self.ordinal, |c| {
+                c.driver_frees += n;
+                c.driver_free_bytes += n * class as u64;
+            });
+            drop(blocks); // the driver backend's owner frees each block
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::size_class;
+
+    #[test]
+    fn size_classes_hold_the_request_and_waste_under_a_fifth() {
+        for bytes in [
+            1usize,
+            512,
+            513,
+            700,
+            1000,
+            1024,
+            1025,
+            4097,
+            1 << 20,
+            3_000_001,
+        ] {
+            let c = size_class(bytes);
+            assert!(c >= bytes, "{bytes} -> {c}");
+            assert!(c <= 512 || (c - bytes) * 5 < c, "{bytes} -> {c}");
+        }
+        assert_eq!(size_class(513), 640);
+        assert_eq!(size_class(1025), 1280);
+    }
+}
