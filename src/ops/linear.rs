@@ -437,7 +437,7 @@ fn product(op: &'static str, a: &Tensor, b: &Tensor, tr: Trans) -> Result<Tensor
                 Trans::NT => (va, vb.t()),
                 Trans::TN => (va.t(), vb),
             };
-            let mut y = vec![T::zero(); m * n];
+            let mut y = crate::tensor::pool::take::<T>(m * n);
             gemm_into(&mut y, n, false, va, vb, gemm_parallelism(2 * m * n * k));
             Tensor::from_vec(y, [m, n])
         }),

@@ -235,7 +235,7 @@ pub(crate) fn forward<T: Element>(x: &[T], w: &[T], ep: &TileEpilogue<'_, T>, g:
 /// task owns its channels' planes of gx, so col2im needs no synchronisation.
 pub(super) fn grad_input<T: Element>(gy: &[T], w: &[T], g: &Geom) -> Vec<T> {
     let (k, ohw, hw, khw) = (g.k(), g.ohw(), g.hw(), g.kh * g.kw);
-    let mut gx = vec![T::zero(); g.n * g.cin * hw];
+    let mut gx = pool::take_zeroed::<T>(g.n * g.cin * hw);
     if gx.is_empty() {
         return gx;
     }
@@ -291,7 +291,7 @@ pub(super) fn grad_weight<T: Element>(x: &[T], gy: &[T], g: &Geom) -> Vec<T> {
     let partials: Vec<Vec<T>> = (0..runs)
         .into_par_iter()
         .map(|run| {
-            let mut acc = vec![T::zero(); len];
+            let mut acc = pool::take_zeroed::<T>(len);
             let mut buf = Vec::new();
             for t in run * per_run..tasks.min((run + 1) * per_run) {
                 let (img, p0) = (t / chunks, (t % chunks) * cols);
@@ -314,6 +314,7 @@ pub(super) fn grad_weight<T: Element>(x: &[T], gy: &[T], g: &Geom) -> Vec<T> {
     let mut gw = parts.next().unwrap_or_else(|| vec![T::zero(); len]);
     for p in parts {
         gw.iter_mut().zip(&p).for_each(|(a, &b)| *a += b);
+        pool::give(p);
     }
     gw
 }
