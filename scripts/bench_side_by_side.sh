@@ -74,8 +74,12 @@ echo "== ratios (torchvision ms / kestrel ms per pair; > 1: kestrel faster), loa
 python3 - "$OUT" "$PAIRS" <<'EOF' | tee "$OUT/summary.txt"
 import json, statistics, sys
 out, pairs = sys.argv[1], int(sys.argv[2])
+import os
+# Complete pairs only (a run cut short still summarises the pairs it finished).
 runs = [(json.load(open(f"{out}/kestrel.{i}.json")), json.load(open(f"{out}/torchvision.{i}.json")))
-        for i in range(1, pairs + 1)]
+        for i in range(1, pairs + 1)
+        if os.path.exists(f"{out}/kestrel.{i}.json") and os.path.exists(f"{out}/torchvision.{i}.json")]
+pairs = len(runs)
 def key(r):
     return (r["mode"], r["batch"])
 def fmt(v):

@@ -132,6 +132,31 @@ pub(crate) fn give<T: Send + 'static>(v: Vec<T>) {
     s.entry(key).or_default().push(Box::new(v));
 }
 
+thread_local! {
+    /// Per-thread scratch (im2col slices and the like), kept for the thread's life.
+    static SCRATCH: std::cell::RefCell<Vec<u64>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` on this thread's scratch buffer of `len` elements (contents unspecified).
+/// Parallel tasks that each need a temporary (an im2col slice) reuse one buffer per
+/// thread instead of allocating one per task. A nested call gets a fresh buffer.
+pub fn with_scratch<T: Element, R>(len: usize, f: impl FnOnce(&mut [T]) -> R) -> R {
+    let words = (len * std::mem::size_of::<T>()).div_ceil(8);
+    SCRATCH.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut v) => {
+            if v.len() < words {
+                v.resize(words, 0);
+            }
+            // u64 storage is 8-aligned, enough for f32 and f64; both are Pod.
+            let bytes: &mut [u8] = bytemuck::cast_slice_mut(&mut v[..words]);
+            let elems: &mut [T] =
+                bytemuck::cast_slice_mut(&mut bytes[..len * std::mem::size_of::<T>()]);
+            f(elems)
+        }
+        Err(_) => f(&mut vec![T::zero(); len]),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

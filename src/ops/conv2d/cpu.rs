@@ -201,20 +201,12 @@ pub(crate) fn forward<T: Element>(x: &[T], w: &[T], ep: &TileEpilogue<'_, T>, g:
     let chunks = ohw.div_ceil(cols);
     let wm = MatRef::row_major(w, g.cout, k);
     let yp = SharedPtr(y.as_mut_ptr());
-    (0..g.n * chunks)
-        .into_par_iter()
-        .for_each_init(Vec::new, |buf: &mut Vec<T>, t| {
-            let (img, p0) = (t / chunks, (t % chunks) * cols);
-            let pc = cols.min(ohw - p0);
-            let xi = &x[img * chw..(img + 1) * chw];
-            let rhs = if g.pointwise() {
-                MatRef::rows_ld(&xi[p0..], g.cin, pc, ohw)
-            } else {
-                buf.resize(k * pc, T::zero());
-                im2col(xi, g, p0, pc, buf);
-                MatRef::row_major(&buf[..], k, pc)
-            };
-            let base = img * g.cout * ohw + p0;
+    (0..g.n * chunks).into_par_iter().for_each(|t| {
+        let (img, p0) = (t / chunks, (t % chunks) * cols);
+        let pc = cols.min(ohw - p0);
+        let xi = &x[img * chw..(img + 1) * chw];
+        let base = img * g.cout * ohw + p0;
+        let run = |rhs: MatRef<'_, T>| {
             // SAFETY: columns [p0, p0 + pc) of image `img` belong to this task
             // alone, and y outlives the parallel loop.
             unsafe {
@@ -227,7 +219,18 @@ pub(crate) fn forward<T: Element>(x: &[T], w: &[T], ep: &TileEpilogue<'_, T>, g:
                     }
                 }
             }
-        });
+        };
+        if g.pointwise() {
+            run(MatRef::rows_ld(&xi[p0..], g.cin, pc, ohw));
+        } else {
+            // The im2col slice lives in this thread's scratch buffer (no
+            // allocation per task).
+            pool::with_scratch(k * pc, |buf: &mut [T]| {
+                im2col(xi, g, p0, pc, buf);
+                run(MatRef::row_major(&*buf, k, pc));
+            });
+        }
+    });
     y
 }
 
