@@ -55,7 +55,8 @@ DEV_ARG=$DEVICE
 [ "$DEVICE" = cuda ] && DEV_ARG=cuda:0
 
 echo "== machine: $(uname -m), $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(grep -o 'avx512f\|avx512_bf16\|avx2' /proc/cpuinfo | sort -u | xargs), load $(cut -d' ' -f1-3 /proc/loadavg), $(date -u +%FT%TZ)"
-cargo build --release --bin kestrel
+# KESTREL_BENCH_NO_BUILD=1 uses the binary already in target/release as it is.
+[ -n "${KESTREL_BENCH_NO_BUILD:-}" ] || cargo build --release --bin kestrel
 rm -f "$OUT"/kestrel.*.json "$OUT"/torchvision.*.json
 for i in $(seq 1 "$PAIRS"); do
     echo "== pair $i/$PAIRS: kestrel bench (load $(cut -d' ' -f1-3 /proc/loadavg))"

@@ -1,7 +1,8 @@
 //! The host buffer pool (kestrel::tensor::pool): after a warm-up pass, inference of
-//! the fixture detector takes every large buffer from the pool. Two independent
-//! counts: the pool's own misses, and a counting global allocator that sees every
-//! allocation of at least the pool's minimum size, whoever makes it.
+//! the fixture detector takes every tensor buffer it asks the pool for from the pool
+//! (no miss), and gets the same detections. A counting global allocator also counts
+//! every allocation of at least the pool's minimum size, whoever makes it, and prints
+//! it: the allocations outside the pool that remain.
 //!
 //! One test per binary: the counters are process-wide.
 
