@@ -456,6 +456,9 @@ fn gpu_candidates(dev: &crate::device::gpu::GpuDevice, m: usize) -> Result<Candi
 /// order (descending score, ties by candidate index) and the indices are those of
 /// the device pipeline: rejected candidates have group -1, so they never suppress or
 /// precede a real one.
+/// A candidate that passed the filter: (candidate index, group, score, clipped box).
+type Survivor = (i64, i64, f32, [f32; 4]);
+
 fn detections_cpu(
     logits: &Tensor,
     decoded: &Tensor,
@@ -471,8 +474,8 @@ fn detections_cpu(
         .enumerate()
         .flat_map(|(n, &k)| std::iter::repeat_n(n, k))
         .collect();
-    // Survivors per row, in candidate order: (candidate index, group, score, box).
-    let per_row: Vec<Vec<(i64, i64, f32, [f32; 4])>> = (0..r)
+    // Survivors per row, in candidate order.
+    let per_row: Vec<Vec<Survivor>> = (0..r)
         .into_par_iter()
         .map(|row| {
             let probs = softmax(&x[row * c..(row + 1) * c]);
@@ -480,7 +483,8 @@ fn detections_cpu(
             let (h, w) = image_sizes[img];
             let mut out = Vec::new();
             for (j, &prob) in probs.iter().enumerate().skip(1) {
-                if !(prob > p.score_thresh) {
+                // NaN probabilities fail this test, as in torchvision.
+                if prob.partial_cmp(&p.score_thresh) != Some(std::cmp::Ordering::Greater) {
                     continue;
                 }
                 let o = 4 * (row * c + j);

@@ -18,7 +18,10 @@ use crate::tensor::{Tensor, TensorId};
 
 /// Folded `(scale, shift)` of norms by name, valid for the tensor ids recorded.
 #[derive(Default)]
-pub struct FoldCache(Mutex<HashMap<String, ([TensorId; 4], Tensor, Tensor)>>);
+pub struct FoldCache(Mutex<HashMap<String, Fold>>);
+
+/// The ids of a norm's (weight, bias, running_mean, running_var) and its fold.
+type Fold = ([TensorId; 4], Tensor, Tensor);
 
 impl Clone for FoldCache {
     /// An empty cache: folds are cheap to redo and tied to one parameter store.

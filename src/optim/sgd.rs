@@ -289,6 +289,9 @@ fn check_grad(i: usize, p: &Tensor, g: &Tensor) -> Result<()> {
     Ok(())
 }
 
+/// A parameter's new value and new momentum buffer.
+type Update = (Tensor, Option<Tensor>);
+
 /// One CPU parameter of a step: its index, value, gradient and momentum buffer.
 struct CpuItem {
     index: usize,
@@ -313,10 +316,7 @@ unsafe impl<T: Send> Sync for SharedMut<T> {}
 /// the new `p` and `buf` of its chunk (the element formula of [`cpu_update`]). The
 /// outputs come from the host pool, where the previous step's parameters and
 /// buffers went when they were replaced, so a steady-state step allocates nothing.
-fn cpu_step_all(
-    cfg: &SgdConfig,
-    items: &[CpuItem],
-) -> Result<Vec<(usize, (Tensor, Option<Tensor>))>> {
+fn cpu_step_all(cfg: &SgdConfig, items: &[CpuItem]) -> Result<Vec<(usize, Update)>> {
     let mut out = Vec::with_capacity(items.len());
     for dtype in [DType::F32, DType::F64] {
         let of: Vec<&CpuItem> = items.iter().filter(|it| it.p.dtype() == dtype).collect();
@@ -335,10 +335,7 @@ fn cpu_step_all(
     Ok(out)
 }
 
-fn cpu_pass<T: Element>(
-    cfg: &SgdConfig,
-    items: &[&CpuItem],
-) -> Result<Vec<(usize, (Tensor, Option<Tensor>))>> {
+fn cpu_pass<T: Element>(cfg: &SgdConfig, items: &[&CpuItem]) -> Result<Vec<(usize, Update)>> {
     use rayon::prelude::*;
     let (lr, m, wd) = (T::of(cfg.lr), T::of(cfg.momentum), T::of(cfg.weight_decay));
     let keep = T::of(1.0 - cfg.dampening);
