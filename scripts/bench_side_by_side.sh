@@ -96,7 +96,10 @@ for mode, batch in [key(r) for r in runs[0][0]["results"]]:
     if not rows:
         continue
     print(f"{mode} b{batch}:")
-    for s in list(rows[0][0]["stages_ms"]) + ["total"]:
+    order = ["transform", "backbone", "fpn", "rpn_head", "proposals", "roi_heads",
+             "postprocess", "backward", "optimizer"]
+    names = sorted(rows[0][0]["stages_ms"], key=lambda s: order.index(s) if s in order else 99)
+    for s in names + ["total"]:
         get = lambda r: r["total_ms"] if s == "total" else r["stages_ms"].get(s)
         ks = [get(kr) for kr, _ in rows]
         ts = [get(tr) for _, tr in rows]
