@@ -1,32 +1,36 @@
 #!/usr/bin/env bash
-# Kestrel beside torchvision on this machine, one after the other, same input sizes:
-# `kestrel bench` and scripts/bench_torchvision.py (fasterrcnn_resnet50_fpn, random
-# weights), then the ratios (torchvision time / Kestrel time: above 1 means Kestrel is
-# faster). Not part of CI: it installs torch + torchvision from PyPI into its own venv
-# under target/ (several GB with the CUDA libraries PyPI's torch wheels bring).
+# Kestrel beside torchvision on this machine, interleaved (A B A B ...) so that drift
+# in a shared machine's load shows in both: `kestrel bench` and
+# scripts/bench_torchvision.py (fasterrcnn_resnet50_fpn, random weights) alternate
+# --pairs times, then the ratio (torchvision time / Kestrel time: above 1 means
+# Kestrel is faster) of each pair, per stage and in total, is summarised as median
+# and range. Not part of CI: it needs torch + torchvision, from $KESTREL_TORCH_VENV
+# (a venv with both) or installed from PyPI into target/bench-venv (several GB).
 #
 #   scripts/bench_side_by_side.sh [--device cpu|cuda] [--batch 1,2] [--iters N]
-#                                 [--train] [--ops] [--threads N]
+#                                 [--pairs N] [--train] [--ops] [--threads N]
 #
-# --ops also runs torch's conv2d / NMS / RoIAlign on the shapes of benches/conv.rs,
-# detection.rs and roi_align.rs; compare with `cargo bench` output (criterion names).
-# Results land in target/side_by_side/ (kestrel.json, torchvision.json, *.txt).
+# --ops also runs torch's conv2d / NMS / RoIAlign once, on the shapes of
+# benches/conv.rs, detection.rs and roi_align.rs; compare with `cargo bench` output
+# (criterion names). Results land in target/side_by_side/ (kestrel.N.json,
+# torchvision.N.json, *.txt, summary.txt).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
-DEVICE=cpu BATCH=1 ITERS=3 TRAIN="" OPS="" THREADS=0
+DEVICE=cpu BATCH=1 ITERS=3 PAIRS=3 TRAIN="" OPS="" THREADS=0
 while [ $# -gt 0 ]; do
     case "$1" in
     --device) DEVICE=$2; shift 2 ;;
     --batch) BATCH=$2; shift 2 ;;
     --iters) ITERS=$2; shift 2 ;;
+    --pairs) PAIRS=$2; shift 2 ;;
     --threads) THREADS=$2; shift 2 ;;
     --train) TRAIN=--train; shift ;;
     --ops) OPS=--ops; shift ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
     esac
 done
-VENV=target/bench-venv
+VENV=${KESTREL_TORCH_VENV:-target/bench-venv}
 OUT=target/side_by_side
 mkdir -p "$OUT"
 
@@ -50,28 +54,62 @@ fi
 DEV_ARG=$DEVICE
 [ "$DEVICE" = cuda ] && DEV_ARG=cuda:0
 
-echo "== machine: $(uname -m), $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), load $(cut -d' ' -f1-3 /proc/loadavg), $(date -u +%FT%TZ)"
-echo "== kestrel bench"
-cargo build --release --bin kestrel
-./target/release/kestrel bench --device "$DEV_ARG" --batch "$BATCH" --iters "$ITERS" $TRAIN \
-    --json "$OUT/kestrel.json" | tee "$OUT/kestrel.txt"
-echo "== torchvision"
-"$VENV/bin/python" scripts/bench_torchvision.py --model $OPS --device "$DEVICE" --threads "$THREADS" \
-    --batch "$BATCH" --iters "$ITERS" $TRAIN --json "$OUT/torchvision.json" | tee "$OUT/torchvision.txt"
-echo "== ratios (torchvision ms / kestrel ms; > 1: kestrel faster), load now $(cut -d' ' -f1-3 /proc/loadavg)"
-python3 - "$OUT/kestrel.json" "$OUT/torchvision.json" <<'EOF'
-import json, sys
-k, t = (json.load(open(p)) for p in sys.argv[1:3])
-tv = {(r["mode"], r["batch"]): r for r in t.get("results", [])}
-for r in k["results"]:
-    o = tv.get((r["mode"], r["batch"]))
-    if not o:
+echo "== machine: $(uname -m), $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(grep -o 'avx512f\|avx512_bf16\|avx2' /proc/cpuinfo | sort -u | xargs), load $(cut -d' ' -f1-3 /proc/loadavg), $(date -u +%FT%TZ)"
+# KESTREL_BENCH_NO_BUILD=1 uses the binary already in target/release as it is.
+[ -n "${KESTREL_BENCH_NO_BUILD:-}" ] || cargo build --release --bin kestrel
+rm -f "$OUT"/kestrel.*.json "$OUT"/torchvision.*.json
+for i in $(seq 1 "$PAIRS"); do
+    echo "== pair $i/$PAIRS: kestrel bench (load $(cut -d' ' -f1-3 /proc/loadavg))"
+    ./target/release/kestrel bench --device "$DEV_ARG" --batch "$BATCH" --iters "$ITERS" $TRAIN \
+        --json "$OUT/kestrel.$i.json" | tee "$OUT/kestrel.$i.txt"
+    echo "== pair $i/$PAIRS: torchvision (load $(cut -d' ' -f1-3 /proc/loadavg))"
+    "$VENV/bin/python" scripts/bench_torchvision.py --model --device "$DEVICE" --threads "$THREADS" \
+        --batch "$BATCH" --iters "$ITERS" $TRAIN --json "$OUT/torchvision.$i.json" | tee "$OUT/torchvision.$i.txt"
+done
+if [ -n "$OPS" ]; then
+    echo "== torch ops"
+    "$VENV/bin/python" scripts/bench_torchvision.py --ops --device "$DEVICE" --threads "$THREADS" \
+        --json "$OUT/torchvision_ops.json" | tee "$OUT/torchvision_ops.txt"
+fi
+echo "== ratios (torchvision ms / kestrel ms per pair; > 1: kestrel faster), load now $(cut -d' ' -f1-3 /proc/loadavg)"
+python3 - "$OUT" "$PAIRS" <<'EOF' | tee "$OUT/summary.txt"
+import json, statistics, sys
+out, pairs = sys.argv[1], int(sys.argv[2])
+import os
+# Complete pairs only (a run cut short still summarises the pairs it finished).
+runs = [(json.load(open(f"{out}/kestrel.{i}.json")), json.load(open(f"{out}/torchvision.{i}.json")))
+        for i in range(1, pairs + 1)
+        if os.path.exists(f"{out}/kestrel.{i}.json") and os.path.exists(f"{out}/torchvision.{i}.json")]
+pairs = len(runs)
+def key(r):
+    return (r["mode"], r["batch"])
+def fmt(v):
+    return f"{statistics.median(v):8.1f} [{min(v):.1f}-{max(v):.1f}]"
+print(f"{pairs} interleaved pairs; ms as median [min-max] over pairs; ratio per pair")
+for mode, batch in [key(r) for r in runs[0][0]["results"]]:
+    rows = []
+    for k, t in runs:
+        kr = next(r for r in k["results"] if key(r) == (mode, batch))
+        tr = next((r for r in t.get("results", []) if key(r) == (mode, batch)), None)
+        if tr:
+            rows.append((kr, tr))
+    if not rows:
         continue
-    print(f"{r['mode']} b{r['batch']}:")
-    for s, ms in r["stages_ms"].items():
-        if s in o["stages_ms"] and ms > 0:
-            print(f"  {s:<12} kestrel {ms:>10.1f} ms  torchvision {o['stages_ms'][s]:>10.1f} ms  ratio {o['stages_ms'][s] / ms:6.2f}")
-    print(f"  {'total':<12} kestrel {r['total_ms']:>10.1f} ms  torchvision {o['total_ms']:>10.1f} ms  ratio {o['total_ms'] / r['total_ms']:6.2f}")
-    if r.get("peak_mib") and o.get("peak_mib"):
-        print(f"  {'peak MiB':<12} kestrel {r['peak_mib']:>10.0f}     torchvision {o['peak_mib']:>10.0f}")
+    print(f"{mode} b{batch}:")
+    order = ["transform", "backbone", "fpn", "rpn_head", "proposals", "roi_heads",
+             "postprocess", "backward", "optimizer"]
+    names = sorted(rows[0][0]["stages_ms"], key=lambda s: order.index(s) if s in order else 99)
+    for s in names + ["total"]:
+        get = lambda r: r["total_ms"] if s == "total" else r["stages_ms"].get(s)
+        ks = [get(kr) for kr, _ in rows]
+        ts = [get(tr) for _, tr in rows]
+        if None in ts or min(ks) <= 0:
+            continue
+        ratios = [t / k for k, t in zip(ks, ts)]
+        print(f"  {s:<12} kestrel {fmt(ks)} ms  torchvision {fmt(ts)} ms  "
+              f"ratio median {statistics.median(ratios):5.2f} range {min(ratios):.2f}-{max(ratios):.2f}")
+    kp = [kr.get("peak_mib") for kr, _ in rows]
+    tp = [tr.get("peak_mib") for _, tr in rows]
+    if all(kp) and all(tp):
+        print(f"  {'peak MiB':<12} kestrel {max(kp):8.0f}  torchvision {max(tp):8.0f}")
 EOF

@@ -106,8 +106,11 @@ fn synthetic_targets(n: usize, (h, w): (usize, usize), seed: u64) -> Vec<Target>
 }
 
 /// Reset the kernel's peak-RSS counter (VmHWM) so each configuration reports its own
-/// peak; returns false where that is not possible (not Linux).
+/// peak; returns false where that is not possible (not Linux). The host buffer pool
+/// is emptied first: buffers pooled by the previous configuration would otherwise
+/// count in this one's peak.
 fn reset_peak_rss() -> bool {
+    crate::tensor::pool::clear();
     std::fs::write("/proc/self/clear_refs", "5").is_ok()
 }
 
@@ -117,6 +120,19 @@ fn peak_rss_mib() -> Option<f64> {
     let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb / 1024.0)
+}
+
+/// The host pool's counters of a configuration (to stderr), then reset: after the
+/// warm-up a pass should miss nothing.
+fn pool_note(label: &str) {
+    let s = crate::tensor::pool::stats();
+    eprintln!(
+        "  {label}: host pool {} hits, {} misses over warm-up + timed passes, {:.0} MiB pooled",
+        s.hits,
+        s.misses,
+        s.pooled_bytes as f64 / (1 << 20) as f64
+    );
+    crate::tensor::pool::reset_stats();
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -220,6 +236,7 @@ pub fn run(a: &BenchOptions) -> Result<()> {
                 Ok(detect_profiled(&model, &images[..b])?.1)
             })?;
             rows.push(summarize("infer", b, &runs, peak(tracks_rss)));
+            pool_note(&label);
         }
     }
     if a.train {
@@ -249,6 +266,7 @@ pub fn run(a: &BenchOptions) -> Result<()> {
                 Ok(t)
             })?;
             rows.push(summarize("train", b, &runs, peak(tracks_rss)));
+            pool_note(&label);
         }
     }
 

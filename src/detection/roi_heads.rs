@@ -186,6 +186,11 @@ impl RoiHeads {
     pub fn box_head(&self, ctx: &Ctx, pooled: &Tensor) -> Result<Tensor> {
         let r = pooled.dims()[0];
         let x = ops::reshape(pooled, [r, pooled.numel() / r.max(1)])?;
+        if crate::nn::fold::fusable_plain() {
+            // Inference: bias and ReLU in the products' epilogues.
+            let x = crate::nn::fold::linear_fused(ctx, &self.fc6, &x, true)?;
+            return crate::nn::fold::linear_fused(ctx, &self.fc7, &x, true);
+        }
         let x = ops::relu(&self.fc6.forward(ctx, &x)?)?;
         ops::relu(&self.fc7.forward(ctx, &x)?)
     }

@@ -175,7 +175,12 @@ impl Rpn {
         let mut objectness = Vec::with_capacity(feats.len());
         let mut deltas = Vec::with_capacity(feats.len());
         for f in feats {
-            let t = ops::relu(&self.conv.forward(ctx, f)?)?;
+            // Without a tape the bias and ReLU ride in the conv's epilogue.
+            let t = if crate::nn::fold::fusable_plain() {
+                crate::nn::fold::conv_fused(ctx, &self.conv, f, true)?
+            } else {
+                ops::relu(&self.conv.forward(ctx, f)?)?
+            };
             objectness.push(self.cls_logits.forward(ctx, &t)?);
             deltas.push(self.bbox_pred.forward(ctx, &t)?);
         }

@@ -137,7 +137,7 @@ pub fn transform(images: &[Tensor], cfg: &TransformConfig) -> Result<ImageList> 
     let n = images.len();
     let tensors = match device {
         Device::Cpu => {
-            let mut out = vec![0f32; n * 3 * ph * pw];
+            let mut out = crate::tensor::pool::take_zeroed::<f32>(n * 3 * ph * pw);
             for (b, (im, &(oh, ow))) in images.iter().zip(&sizes).enumerate() {
                 let src = im.cpu_slice::<f32>()?;
                 let dst = &mut out[b * 3 * ph * pw..(b + 1) * 3 * ph * pw];

@@ -1,5 +1,6 @@
 //! torchvision's FeaturePyramidNetwork with LastLevelMaxPool.
 
+use super::fold::{conv_fused, fusable_plain};
 use super::{Conv2d, Ctx, Init, ParamSpec};
 use crate::error::{Error, Result};
 use crate::ops::pool::max_pool2d;
@@ -63,12 +64,21 @@ impl Fpn {
             ));
         }
         let n = feats.len();
-        let mut last_inner = self.inner[n - 1].forward(ctx, &feats[n - 1])?;
-        let mut results = vec![self.layer[n - 1].forward(ctx, &last_inner)?];
+        // Without a tape the bias rides in the conv's epilogue (no extra pass).
+        let fused = fusable_plain();
+        let conv = |c: &Conv2d, x: &Tensor| {
+            if fused {
+                conv_fused(ctx, c, x, false)
+            } else {
+                c.forward(ctx, x)
+            }
+        };
+        let mut last_inner = conv(&self.inner[n - 1], &feats[n - 1])?;
+        let mut results = vec![conv(&self.layer[n - 1], &last_inner)?];
         for i in (0..n - 1).rev() {
-            let lateral = self.inner[i].forward(ctx, &feats[i])?;
+            let lateral = conv(&self.inner[i], &feats[i])?;
             last_inner = upsample_nearest_add(&lateral, &last_inner)?;
-            results.insert(0, self.layer[i].forward(ctx, &last_inner)?);
+            results.insert(0, conv(&self.layer[i], &last_inner)?);
         }
         let pool = max_pool2d(&results[n - 1], 1, 2, 0)?;
         results.push(pool);

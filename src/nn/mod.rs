@@ -5,6 +5,7 @@
 //! optimizer can then replace parameters between steps without rebuilding the model,
 //! and a torchvision state_dict loads by its own key names.
 
+pub mod fold;
 pub mod fpn;
 mod layers;
 mod params;

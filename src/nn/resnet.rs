@@ -1,6 +1,7 @@
 //! torchvision's ResNet (v1.5: stride on the 3x3 of a Bottleneck) as a detection
 //! body: stem, layer1..layer4, returning the four stage outputs C2..C5.
 
+use super::fold::{conv_bn_fused, fusable, FoldCache};
 use super::{Conv2d, Ctx, Init, Norm2d, NormKind, ParamSpec};
 use crate::error::{Error, Result};
 use crate::ops::{add, pool::max_pool2d, relu};
@@ -247,6 +248,8 @@ pub struct ResNet {
     pub config: ResNetConfig,
     stem: (Conv2d, Norm2d),
     stages: Vec<Vec<Block>>,
+    /// Folded norms for the fused inference path.
+    folds: FoldCache,
 }
 
 /// He-normal (fan_out, relu), torchvision's ResNet init for convolutions.
@@ -329,6 +332,7 @@ impl ResNet {
             config,
             stem,
             stages,
+            folds: FoldCache::default(),
         })
     }
 
@@ -359,8 +363,46 @@ impl ResNet {
         v
     }
 
-    /// `x` `[N, 3, H, W]` to [C2, C3, C4, C5].
+    /// `x` `[N, 3, H, W]` to [C2, C3, C4, C5]. Without a tape (and with norms that
+    /// use fixed statistics) each conv runs with its norm, the residual add and ReLU
+    /// fused into its epilogue ([`ResNet::forward_fused`]).
     pub fn forward(&self, ctx: &Ctx, x: &Tensor) -> Result<Vec<Tensor>> {
+        if fusable(ctx, self.config.norm) {
+            return self.forward_fused(ctx, x);
+        }
+        self.forward_unfused(ctx, x)
+    }
+
+    /// The inference forward: every conv + norm (+ residual) + ReLU is one pass over
+    /// its output; the norms are folded once per weight version. Equal to
+    /// [`ResNet::forward_unfused`] within f32 rounding; records nothing.
+    pub fn forward_fused(&self, ctx: &Ctx, x: &Tensor) -> Result<Vec<Tensor>> {
+        let f = &self.folds;
+        let (c0, n0) = &self.stem;
+        let x = conv_bn_fused(ctx, f, (c0, n0), x, None, true)?;
+        let mut x = max_pool2d(&x, 3, 2, 1)?;
+        let mut outs = Vec::with_capacity(4);
+        for stage in &self.stages {
+            for b in stage {
+                let identity = match &b.downsample {
+                    Some((c, n)) => conv_bn_fused(ctx, f, (c, n), &x, None, false)?,
+                    None => x.clone(),
+                };
+                let last = b.convs.len() - 1;
+                let mut h = x;
+                for (i, (c, n)) in b.convs.iter().enumerate() {
+                    let residual = (i == last).then_some(&identity);
+                    h = conv_bn_fused(ctx, f, (c, n), &h, residual, true)?;
+                }
+                x = h;
+            }
+            outs.push(x.clone());
+        }
+        Ok(outs)
+    }
+
+    /// The recorded forward: conv, norm, add and ReLU as separate ops (training).
+    pub fn forward_unfused(&self, ctx: &Ctx, x: &Tensor) -> Result<Vec<Tensor>> {
         let x = relu(&self.stem.1.forward(ctx, &self.stem.0.forward(ctx, x)?)?)?;
         let mut x = max_pool2d(&x, 3, 2, 1)?;
         let mut outs = Vec::with_capacity(4);

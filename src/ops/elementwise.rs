@@ -11,14 +11,15 @@ use super::{arg, check_same_shape, gpu_dev, launch_elems};
 
 fn map1<T: Element>(x: &Tensor, f: impl Fn(T) -> T + Sync + Send) -> Result<Tensor> {
     let xs = x.cpu_slice::<T>()?;
-    let mut out = vec![T::zero(); xs.len()];
+    // Every element is written: a recycled buffer from the host pool will do.
+    let mut out = crate::tensor::pool::take::<T>(xs.len());
     crate::device::cpu::fill_indexed(&mut out, |i| f(xs[i]));
     Tensor::from_vec(out, x.shape().clone())
 }
 
 fn map2<T: Element>(a: &Tensor, b: &Tensor, f: impl Fn(T, T) -> T + Sync + Send) -> Result<Tensor> {
     let (xa, xb) = (a.cpu_slice::<T>()?, b.cpu_slice::<T>()?);
-    let mut out = vec![T::zero(); xa.len()];
+    let mut out = crate::tensor::pool::take::<T>(xa.len());
     crate::device::cpu::fill_indexed(&mut out, |i| f(xa[i], xb[i]));
     Tensor::from_vec(out, a.shape().clone())
 }

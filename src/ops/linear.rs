@@ -437,7 +437,7 @@ fn product(op: &'static str, a: &Tensor, b: &Tensor, tr: Trans) -> Result<Tensor
                 Trans::NT => (va, vb.t()),
                 Trans::TN => (va.t(), vb),
             };
-            let mut y = vec![T::zero(); m * n];
+            let mut y = crate::tensor::pool::take::<T>(m * n);
             gemm_into(&mut y, n, false, va, vb, gemm_parallelism(2 * m * n * k));
             Tensor::from_vec(y, [m, n])
         }),
@@ -531,10 +531,11 @@ fn linear_dims(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<(usize, usi
 /// layout) and optional `b: [out]`, giving `[N, out]`. Records gx, gw and gb.
 pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     let (n, _, fout) = linear_dims(x, w, b)?;
-    let y = product("linear", x, w, Trans::NT)?;
-    let y = match b {
-        Some(b) => add_bias_rows(&y, b, n, fout)?,
-        None => y,
+    let y = match (x.device(), b) {
+        // The bias is added to each output row while it is hot (no second pass).
+        (Device::Cpu, _) => linear_cpu_fused(x, w, None, b, None, false)?,
+        (_, Some(b)) => add_bias_rows(&product("linear", x, w, Trans::NT)?, b, n, fout)?,
+        (_, None) => product("linear", x, w, Trans::NT)?,
     };
     let (xc, wc) = (x.clone(), w.clone());
     let has_bias = b.is_some();
@@ -549,6 +550,74 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
         Ok(out)
     });
     Ok(y)
+}
+
+/// The CPU `relu?((x wᵀ) * scale + shift + residual)` for `x: [N, in]`,
+/// `w: [out, in]`, per-output-feature `scale`/`shift` `[out]` and a residual
+/// `[N, out]`: one GEMM into a pooled buffer, then the epilogue over the rows in
+/// parallel. Records nothing; shapes are checked here.
+pub(crate) fn linear_cpu_fused(
+    x: &Tensor,
+    w: &Tensor,
+    scale: Option<&Tensor>,
+    shift: Option<&Tensor>,
+    residual: Option<&Tensor>,
+    relu: bool,
+) -> Result<Tensor> {
+    const OP: &str = "linear";
+    let (n, fin) = check_rank2(OP, "input", x)?;
+    let (fout, win) = check_rank2(OP, "weight", w)?;
+    let vec_ok = |t: Option<&Tensor>| t.is_none_or(|t| t.dims() == [fout]);
+    if fin != win
+        || !vec_ok(scale)
+        || !vec_ok(shift)
+        || residual.is_some_and(|r| r.dims() != [n, fout])
+    {
+        return Err(Error::shape(
+            OP,
+            format!(
+                "input {}, weight {}, epilogue vectors for {fout} features",
+                x.shape(),
+                w.shape()
+            ),
+        ));
+    }
+    let mut all = vec![x, w];
+    all.extend(scale);
+    all.extend(shift);
+    all.extend(residual);
+    if same_device(OP, &all)? != Device::Cpu {
+        return Err(Error::invalid(OP, "the CPU path got device tensors"));
+    }
+    with_dtype!(same_dtype(OP, &all)?, T => {
+        use rayon::prelude::*;
+        let (xs, ws) = (x.cpu_slice::<T>()?, w.cpu_slice::<T>()?);
+        let mut y = crate::tensor::pool::take::<T>(n * fout);
+        let (a, b) = (MatRef::row_major(xs, n, fin), MatRef::row_major(ws, fout, fin).t());
+        gemm_into(&mut y, fout, false, a, b, gemm_parallelism(2 * n * fout * fin));
+        let sc = scale.map(|t| t.cpu_slice::<T>()).transpose()?;
+        let sh = shift.map(|t| t.cpu_slice::<T>()).transpose()?;
+        let res = residual.map(|t| t.cpu_slice::<T>()).transpose()?;
+        if sc.is_some() || sh.is_some() || res.is_some() || relu {
+            let zero = T::zero();
+            y.par_chunks_mut(fout.max(1)).enumerate().for_each(|(i, row)| {
+                for (j, v) in row.iter_mut().enumerate() {
+                    let mut t = *v;
+                    if let Some(sc) = sc {
+                        t *= sc[j];
+                    }
+                    if let Some(sh) = sh {
+                        t += sh[j];
+                    }
+                    if let Some(r) = res {
+                        t += r[i * fout + j];
+                    }
+                    *v = if relu && t < zero { zero } else { t };
+                }
+            });
+        }
+        Tensor::from_vec(y, [n, fout])
+    })
 }
 
 fn add_bias_rows(y: &Tensor, b: &Tensor, n: usize, fout: usize) -> Result<Tensor> {

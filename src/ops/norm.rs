@@ -442,7 +442,8 @@ fn check_same(x: &Tensor, gy: &Tensor) -> Result<()> {
 // CPU: plain loops, planes or channels in parallel, channel sums in f64.
 
 fn cpu_affine<T: Element>(x: &[T], scale: &[T], shift: &[T], d: Dims) -> Vec<T> {
-    let mut y = vec![T::zero(); x.len()];
+    // Every element is written: a recycled buffer from the host pool will do.
+    let mut y = crate::tensor::pool::take::<T>(x.len());
     if d.hw == 0 {
         return y;
     }

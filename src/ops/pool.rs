@@ -197,7 +197,8 @@ fn forward(x: &Tensor, p: Pool2d, with_indices: bool) -> Result<(Tensor, Option<
 
 fn cpu_forward<T: Element>(x: &[T], g: &Geom, with_indices: bool) -> (Vec<T>, Option<Vec<i64>>) {
     let (ihw, ohw) = (g.h * g.w, g.oh * g.ow);
-    let mut y = vec![T::zero(); g.planes * ohw];
+    // pool_plane writes every output: a recycled buffer from the host pool will do.
+    let mut y = crate::tensor::pool::take::<T>(g.planes * ohw);
     if ohw == 0 {
         return (y, with_indices.then(Vec::new));
     }

@@ -506,7 +506,7 @@ pub(crate) fn forward_levels<T: Element>(
 ) -> Vec<T> {
     let (ph, pw) = output_size;
     let bins = ph * pw;
-    let mut y = vec![T::zero(); k * c * bins];
+    let mut y = crate::tensor::pool::take_zeroed::<T>(k * c * bins);
     if y.is_empty() {
         return y;
     }

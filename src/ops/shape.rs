@@ -319,8 +319,9 @@ impl Filler {
         let n = shape.numel();
         Ok(match device {
             Device::Cpu => Filler::Cpu(match dtype {
-                DType::F32 => CpuFill::F32(vec![0.0; n], shape.clone()),
-                DType::F64 => CpuFill::F64(vec![0.0; n], shape.clone()),
+                // Zeroed, recycled from the host pool when one of this size is free.
+                DType::F32 => CpuFill::F32(crate::tensor::pool::take_zeroed(n), shape.clone()),
+                DType::F64 => CpuFill::F64(crate::tensor::pool::take_zeroed(n), shape.clone()),
                 DType::I64 => CpuFill::I64(vec![0; n], shape.clone()),
                 DType::BF16 => {
                     return Err(Error::DType {

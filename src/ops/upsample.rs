@@ -125,7 +125,8 @@ fn index_tables(g: &Geom) -> (Vec<usize>, Vec<usize>) {
 fn cpu_forward<T: Element>(lateral: &[T], top: &[T], g: &Geom) -> Vec<T> {
     let (rows, cols) = index_tables(g);
     let (lhw, thw) = (g.hl * g.wl, g.ht * g.wt);
-    let mut y = lateral.to_vec();
+    let mut y = crate::tensor::pool::take::<T>(lateral.len());
+    y.copy_from_slice(lateral);
     if lhw == 0 {
         return y;
     }

@@ -12,7 +12,9 @@
 //! ```
 //!
 //! Tensors are immutable values: a step replaces each parameter with a new tensor
-//! (a new id) and keeps the new momentum buffers. On CUDA one multi-tensor kernel
+//! (a new id) and keeps the new momentum buffers. On the CPU every parameter is
+//! updated in one parallel pass over all of them, into buffers recycled from the
+//! previous step through the host pool. On CUDA one multi-tensor kernel
 //! (`sgd_multi_f32`, kernels/sgd.cu) updates every parameter of the step in one
 //! launch over a pointer table (one small upload): it reads `p`, `g`, `buf` and
 //! writes the new `p` and `buf` in one pass. The new tensors come from the caching
@@ -159,6 +161,8 @@ impl Sgd {
         // updated together, one launch per device.
         let mut updates = Vec::with_capacity(params.len());
         let mut on_gpu: Vec<GpuJob> = Vec::new();
+        // CPU parameters are collected and updated together in one parallel pass.
+        let mut cpu_items = Vec::new();
         for (i, (p, g)) in params.iter().zip(grads).enumerate() {
             let Some(g) = g else {
                 updates.push(None);
@@ -178,12 +182,22 @@ impl Sgd {
                 });
                 updates.push(None);
             } else {
-                updates.push(Some(update(&self.cfg, p, g, buf.as_ref())?));
+                cpu_items.push(CpuItem {
+                    index: i,
+                    p: p.clone(),
+                    g: (*g).clone(),
+                    buf,
+                });
+                updates.push(None);
             }
         }
         for (i, u) in gpu_update_all(&self.cfg, on_gpu)? {
             updates[i] = Some(u);
         }
+        for (i, u) in cpu_step_all(&self.cfg, &cpu_items)? {
+            updates[i] = Some(u);
+        }
+        drop(cpu_items);
         for (i, u) in updates.into_iter().enumerate() {
             if let Some((p, buf)) = u {
                 params[i] = p;
@@ -275,14 +289,133 @@ fn check_grad(i: usize, p: &Tensor, g: &Tensor) -> Result<()> {
     Ok(())
 }
 
-/// The new parameter and (with momentum) the new buffer of a CPU parameter.
-fn update(
-    cfg: &SgdConfig,
-    p: &Tensor,
-    g: &Tensor,
-    buf: Option<&Tensor>,
-) -> Result<(Tensor, Option<Tensor>)> {
-    with_dtype!(p.dtype(), T => cpu_update::<T>(cfg, p, g, buf))
+/// One CPU parameter of a step: its index, value, gradient and momentum buffer.
+struct CpuItem {
+    index: usize,
+    p: Tensor,
+    g: Tensor,
+    buf: Option<Tensor>,
+}
+
+/// Elements per task of the CPU pass: large enough to stream, small enough that the
+/// largest tensors are split across threads.
+const SGD_CHUNK: usize = 1 << 16;
+
+/// A raw pointer shared by tasks that write disjoint ranges of one buffer.
+#[derive(Clone, Copy)]
+struct SharedMut<T>(*mut T);
+// SAFETY: only used where each task writes a range no other task touches.
+unsafe impl<T: Send> Send for SharedMut<T> {}
+unsafe impl<T: Send> Sync for SharedMut<T> {}
+
+/// Every CPU parameter's update in one parallel pass: the parameters are cut into
+/// chunks of [`SGD_CHUNK`] elements and each task reads `p`, `g`, `buf` and writes
+/// the new `p` and `buf` of its chunk (the element formula of [`cpu_update`]). The
+/// outputs come from the host pool, where the previous step's parameters and
+/// buffers went when they were replaced, so a steady-state step allocates nothing.
+fn cpu_step_all(cfg: &SgdConfig, items: &[CpuItem]) -> Result<Vec<(usize, Update)>> {
+    let mut out = Vec::with_capacity(items.len());
+    for dtype in [DType::F32, DType::F64] {
+        let of: Vec<&CpuItem> = items.iter().filter(|it| it.p.dtype() == dtype).collect();
+        if of.is_empty() {
+            continue;
+        }
+        with_dtype!(dtype, T => out.extend(cpu_pass::<T>(cfg, &of)?));
+    }
+    if let Some(it) = items.iter().find(|it| it.p.dtype() == DType::I64) {
+        return Err(Error::DType {
+            op: "Sgd::step",
+            dtype: "i64".into(),
+            msg: format!("parameter {} is an integer tensor", it.index),
+        });
+    }
+    Ok(out)
+}
+
+fn cpu_pass<T: Element>(cfg: &SgdConfig, items: &[&CpuItem]) -> Result<Vec<(usize, Update)>> {
+    use rayon::prelude::*;
+    let (lr, m, wd) = (T::of(cfg.lr), T::of(cfg.momentum), T::of(cfg.weight_decay));
+    let keep = T::of(1.0 - cfg.dampening);
+    let momentum = cfg.momentum != 0.0;
+    struct Views<'a, T> {
+        p: &'a [T],
+        g: &'a [T],
+        buf: Option<&'a [T]>,
+        new_p: SharedMut<T>,
+        new_buf: SharedMut<T>,
+    }
+    let mut new_ps: Vec<Vec<T>> = Vec::with_capacity(items.len());
+    let mut new_bufs: Vec<Vec<T>> = Vec::with_capacity(items.len());
+    for it in items {
+        let n = it.p.numel();
+        new_ps.push(crate::tensor::pool::take::<T>(n));
+        new_bufs.push(if momentum {
+            crate::tensor::pool::take::<T>(n)
+        } else {
+            Vec::new()
+        });
+    }
+    let mut views = Vec::with_capacity(items.len());
+    for (k, it) in items.iter().enumerate() {
+        views.push(Views {
+            p: it.p.cpu_slice::<T>()?,
+            g: it.g.cpu_slice::<T>()?,
+            buf: it.buf.as_ref().map(|b| b.cpu_slice::<T>()).transpose()?,
+            new_p: SharedMut(new_ps[k].as_mut_ptr()),
+            new_buf: SharedMut(new_bufs[k].as_mut_ptr()),
+        });
+    }
+    let chunks: Vec<(usize, usize)> = views
+        .iter()
+        .enumerate()
+        .flat_map(|(k, v)| (0..v.p.len()).step_by(SGD_CHUNK).map(move |s| (k, s)))
+        .collect();
+    chunks.par_iter().for_each(|&(k, start)| {
+        let v = &views[k];
+        let end = v.p.len().min(start + SGD_CHUNK);
+        // SAFETY: the chunk [start, end) of item k is written by this task alone, and
+        // the output buffers (new_ps, new_bufs) outlive the parallel loop.
+        let np = unsafe { std::slice::from_raw_parts_mut(v.new_p.0.add(start), end - start) };
+        let (p, g) = (&v.p[start..end], &v.g[start..end]);
+        let d = |i: usize| {
+            if cfg.weight_decay != 0.0 {
+                g[i] + wd * p[i]
+            } else {
+                g[i]
+            }
+        };
+        if !momentum {
+            for (i, o) in np.iter_mut().enumerate() {
+                *o = p[i] - lr * d(i);
+            }
+            return;
+        }
+        // SAFETY: as above, for the new momentum buffer.
+        let nb = unsafe { std::slice::from_raw_parts_mut(v.new_buf.0.add(start), end - start) };
+        let old = v.buf.map(|b| &b[start..end]);
+        for i in 0..np.len() {
+            let di = d(i);
+            let b = match old {
+                None => di,
+                Some(ob) => m * ob[i] + keep * di,
+            };
+            nb[i] = b;
+            let step = if cfg.nesterov { di + m * b } else { b };
+            np[i] = p[i] - lr * step;
+        }
+    });
+    drop(views);
+    let mut out = Vec::with_capacity(items.len());
+    for ((it, np), nb) in items.iter().zip(new_ps).zip(new_bufs) {
+        let shape = it.p.shape().clone();
+        let buf = if momentum {
+            Some(Tensor::from_vec(nb, shape.clone())?)
+        } else {
+            None
+        };
+        out.push((it.index, (Tensor::from_vec(np, shape)?, buf)));
+    }
+    Ok(out)
 }
 
 fn cpu_update<T: Element>(

@@ -5,6 +5,7 @@
 //! autograd tape uses as the key of its gradients.
 
 mod dtype;
+pub mod pool;
 mod shape;
 
 pub use dtype::{DType, Element};
@@ -58,6 +59,20 @@ struct Inner {
     shape: Shape,
     dtype: DType,
     storage: Arc<Storage>,
+}
+
+impl Drop for Inner {
+    /// The last owner of a CPU float buffer gives it to the [`pool`], where the next
+    /// op asking for that many elements picks it up.
+    fn drop(&mut self) {
+        if let Some(Storage::Cpu(cs)) = Arc::get_mut(&mut self.storage) {
+            match cs {
+                CpuStorage::F32(v) => pool::give(std::mem::take(v)),
+                CpuStorage::F64(v) => pool::give(std::mem::take(v)),
+                CpuStorage::I64(_) => {}
+            }
+        }
+    }
 }
 
 /// A contiguous, row-major n-dimensional array.

@@ -4,7 +4,7 @@ use gemm::Parallelism;
 use rayon::prelude::*;
 
 use crate::ops::linear::{gemm_into, gemm_ptr, MatRef};
-use crate::tensor::Element;
+use crate::tensor::{pool, Element};
 
 use super::Geom;
 
@@ -149,39 +149,88 @@ fn col2im_add<T: Element>(col: &[T], g: &Geom, p0: usize, pc: usize, x: &mut [T]
     }
 }
 
-/// `y [N, Cout, OH * OW] = W @ col (+ b)`, one task per (image, column chunk).
-pub(super) fn forward<T: Element>(x: &[T], w: &[T], b: Option<&[T]>, g: &Geom) -> Vec<T> {
+/// What [`forward`] applies to each output element of channel `c` while its tile is
+/// still in cache: `v * scale[c] + shift[c] + residual`, then ReLU (each part
+/// optional). A bias is a shift alone.
+#[derive(Clone, Copy, Default)]
+pub(crate) struct TileEpilogue<'a, T> {
+    pub scale: Option<&'a [T]>,
+    pub shift: Option<&'a [T]>,
+    /// Same layout as the output, `[N, Cout, OH * OW]`.
+    pub residual: Option<&'a [T]>,
+    pub relu: bool,
+}
+
+impl<T: Element> TileEpilogue<'_, T> {
+    fn is_identity(&self) -> bool {
+        self.scale.is_none() && self.shift.is_none() && self.residual.is_none() && !self.relu
+    }
+
+    /// Applies the epilogue to `row`, the elements of channel `c` starting at flat
+    /// output offset `at`.
+    #[inline]
+    pub(crate) fn apply_row(&self, row: &mut [T], c: usize, at: usize) {
+        let a = self.scale.map_or(T::one(), |s| s[c]);
+        let b = self.shift.map_or(T::zero(), |s| s[c]);
+        let zero = T::zero();
+        // One loop per case, so each compiles to a branch-free vector loop.
+        match (self.residual, self.relu) {
+            (Some(r), relu) => {
+                let r = &r[at..at + row.len()];
+                for (v, &rv) in row.iter_mut().zip(r) {
+                    let t = *v * a + b + rv;
+                    *v = if relu && t < zero { zero } else { t };
+                }
+            }
+            (None, true) => row.iter_mut().for_each(|v| {
+                let t = *v * a + b;
+                *v = if t < zero { zero } else { t };
+            }),
+            (None, false) => row.iter_mut().for_each(|v| *v = *v * a + b),
+        }
+    }
+}
+
+/// `y [N, Cout, OH * OW] = epilogue(W @ col)`, one task per (image, column chunk);
+/// each task applies the epilogue to its own output tile right after its GEMM.
+/// The output buffer comes from the host pool and is written, never zero-filled.
+pub(crate) fn forward<T: Element>(x: &[T], w: &[T], ep: &TileEpilogue<'_, T>, g: &Geom) -> Vec<T> {
     let (k, ohw, chw) = (g.k(), g.ohw(), g.cin * g.hw());
-    let mut y = vec![T::zero(); g.n * g.cout * ohw];
+    let mut y = pool::take::<T>(g.n * g.cout * ohw);
     let cols = cols_per_task(k, ohw, g.n);
     let chunks = ohw.div_ceil(cols);
     let wm = MatRef::row_major(w, g.cout, k);
     let yp = SharedPtr(y.as_mut_ptr());
-    (0..g.n * chunks)
-        .into_par_iter()
-        .for_each_init(Vec::new, |buf: &mut Vec<T>, t| {
-            let (img, p0) = (t / chunks, (t % chunks) * cols);
-            let pc = cols.min(ohw - p0);
-            let xi = &x[img * chw..(img + 1) * chw];
-            let rhs = if g.pointwise() {
-                MatRef::rows_ld(&xi[p0..], g.cin, pc, ohw)
-            } else {
-                buf.resize(k * pc, T::zero());
-                im2col(xi, g, p0, pc, buf);
-                MatRef::row_major(&buf[..], k, pc)
-            };
+    (0..g.n * chunks).into_par_iter().for_each(|t| {
+        let (img, p0) = (t / chunks, (t % chunks) * cols);
+        let pc = cols.min(ohw - p0);
+        let xi = &x[img * chw..(img + 1) * chw];
+        let base = img * g.cout * ohw + p0;
+        let run = |rhs: MatRef<'_, T>| {
             // SAFETY: columns [p0, p0 + pc) of image `img` belong to this task
             // alone, and y outlives the parallel loop.
             unsafe {
-                let dst = yp.get().add(img * g.cout * ohw + p0);
-                if let Some(b) = b {
-                    for (co, &bv) in b.iter().enumerate() {
-                        std::slice::from_raw_parts_mut(dst.add(co * ohw), pc).fill(bv);
+                let dst = yp.get().add(base);
+                gemm_ptr(dst, ohw, false, wm, rhs, Parallelism::None);
+                if !ep.is_identity() {
+                    for co in 0..g.cout {
+                        let row = std::slice::from_raw_parts_mut(dst.add(co * ohw), pc);
+                        ep.apply_row(row, co, base + co * ohw);
                     }
                 }
-                gemm_ptr(dst, ohw, b.is_some(), wm, rhs, Parallelism::None);
             }
-        });
+        };
+        if g.pointwise() {
+            run(MatRef::rows_ld(&xi[p0..], g.cin, pc, ohw));
+        } else {
+            // The im2col slice lives in this thread's scratch buffer (no
+            // allocation per task).
+            pool::with_scratch(k * pc, |buf: &mut [T]| {
+                im2col(xi, g, p0, pc, buf);
+                run(MatRef::row_major(&*buf, k, pc));
+            });
+        }
+    });
     y
 }
 
@@ -189,7 +238,7 @@ pub(super) fn forward<T: Element>(x: &[T], w: &[T], b: Option<&[T]>, g: &Geom) -
 /// task owns its channels' planes of gx, so col2im needs no synchronisation.
 pub(super) fn grad_input<T: Element>(gy: &[T], w: &[T], g: &Geom) -> Vec<T> {
     let (k, ohw, hw, khw) = (g.k(), g.ohw(), g.hw(), g.kh * g.kw);
-    let mut gx = vec![T::zero(); g.n * g.cin * hw];
+    let mut gx = pool::take_zeroed::<T>(g.n * g.cin * hw);
     if gx.is_empty() {
         return gx;
     }
@@ -245,7 +294,7 @@ pub(super) fn grad_weight<T: Element>(x: &[T], gy: &[T], g: &Geom) -> Vec<T> {
     let partials: Vec<Vec<T>> = (0..runs)
         .into_par_iter()
         .map(|run| {
-            let mut acc = vec![T::zero(); len];
+            let mut acc = pool::take_zeroed::<T>(len);
             let mut buf = Vec::new();
             for t in run * per_run..tasks.min((run + 1) * per_run) {
                 let (img, p0) = (t / chunks, (t % chunks) * cols);
@@ -268,6 +317,7 @@ pub(super) fn grad_weight<T: Element>(x: &[T], gy: &[T], g: &Geom) -> Vec<T> {
     let mut gw = parts.next().unwrap_or_else(|| vec![T::zero(); len]);
     for p in parts {
         gw.iter_mut().zip(&p).for_each(|(a, &b)| *a += b);
+        pool::give(p);
     }
     gw
 }

@@ -216,15 +216,48 @@ pub fn conv2d_forward(
     all.extend(b);
     match same_device(OP, &all)? {
         Device::Cpu => with_dtype!(same_dtype(OP, &all)?, T => {
-            let bs = match b {
-                Some(b) => Some(b.cpu_slice::<T>()?),
-                None => None,
+            let ep = cpu::TileEpilogue {
+                shift: b.map(|b| b.cpu_slice::<T>()).transpose()?,
+                ..Default::default()
             };
-            let y = cpu::forward(x.cpu_slice::<T>()?, w.cpu_slice::<T>()?, bs, &g);
+            let y = cpu::forward(x.cpu_slice::<T>()?, w.cpu_slice::<T>()?, &ep, &g);
             Tensor::from_vec(y, g.y_dims())
         }),
         Device::Cuda(_) => cuda::forward(x, w, b, &g),
     }
+}
+
+/// The CPU forward with the fused epilogue `relu?(acc * scale + shift + residual)`
+/// applied per output tile (see [`crate::ops::conv2d_fused`], which checks the
+/// epilogue's shapes and devices before calling this).
+pub(crate) fn conv2d_cpu_fused(
+    x: &Tensor,
+    w: &Tensor,
+    p: &Conv2dParams,
+    scale: Option<&Tensor>,
+    shift: Option<&Tensor>,
+    residual: Option<&Tensor>,
+    relu: bool,
+) -> Result<Tensor> {
+    const OP: &str = "conv2d_fused";
+    let g = geometry(OP, x.dims(), w.dims(), p)?;
+    let mut all = vec![x, w];
+    all.extend(scale);
+    all.extend(shift);
+    all.extend(residual);
+    if same_device(OP, &all)? != Device::Cpu {
+        return Err(Error::invalid(OP, "the CPU path got device tensors"));
+    }
+    with_dtype!(same_dtype(OP, &all)?, T => {
+        let ep = cpu::TileEpilogue {
+            scale: scale.map(|t| t.cpu_slice::<T>()).transpose()?,
+            shift: shift.map(|t| t.cpu_slice::<T>()).transpose()?,
+            residual: residual.map(|t| t.cpu_slice::<T>()).transpose()?,
+            relu,
+        };
+        let y = cpu::forward(x.cpu_slice::<T>()?, w.cpu_slice::<T>()?, &ep, &g);
+        Tensor::from_vec(y, g.y_dims())
+    })
 }
 
 /// The gradients of [`conv2d`]; each is `None` unless asked for.

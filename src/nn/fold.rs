@@ -1,0 +1,146 @@
+//! Inference with fused epilogues: a BatchNorm in inference form (frozen, or a
+//! BatchNorm2d in eval mode: both normalise with fixed statistics) is folded once
+//! into a per-channel `(scale, shift)` and applied, with the residual add and ReLU,
+//! inside the convolution's epilogue ([`crate::ops::conv2d_fused`]).
+//!
+//! Folds are cached per norm and per weight version: the cache remembers the
+//! [`TensorId`]s of the four statistics tensors it folded, and an optimizer step or a
+//! checkpoint load (which replace those tensors) makes it fold again.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use super::{Conv2d, Ctx, Linear, Norm2d, NormKind};
+use crate::autograd;
+use crate::error::{Error, Result};
+use crate::ops::{self, Epilogue};
+use crate::tensor::{Tensor, TensorId};
+
+/// Folded `(scale, shift)` of norms by name, valid for the tensor ids recorded.
+#[derive(Default)]
+pub struct FoldCache(Mutex<HashMap<String, Fold>>);
+
+/// The ids of a norm's (weight, bias, running_mean, running_var) and its fold.
+type Fold = ([TensorId; 4], Tensor, Tensor);
+
+impl Clone for FoldCache {
+    /// An empty cache: folds are cheap to redo and tied to one parameter store.
+    fn clone(&self) -> Self {
+        FoldCache::default()
+    }
+}
+
+impl std::fmt::Debug for FoldCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let n = self.0.lock().map(|m| m.len()).unwrap_or(0);
+        write!(f, "FoldCache({n} folds)")
+    }
+}
+
+impl FoldCache {
+    /// Number of folds held (for tests).
+    pub fn len(&self) -> usize {
+        self.0.lock().map(|m| m.len()).unwrap_or(0)
+    }
+
+    /// True when nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// `(scale, shift)` of `norm` for the tensors now in `ctx`, folded at most once
+    /// per weight version.
+    pub fn folded(&self, ctx: &Ctx, norm: &Norm2d) -> Result<(Tensor, Tensor)> {
+        let p = |s: &str| ctx.params.get(&format!("{}.{s}", norm.name));
+        let (w, b, rm, rv) = (
+            p("weight")?,
+            p("bias")?,
+            p("running_mean")?,
+            p("running_var")?,
+        );
+        let ids = [w.id(), b.id(), rm.id(), rv.id()];
+        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((have, s, t)) = m.get(&norm.name) {
+            if *have == ids {
+                return Ok((s.clone(), t.clone()));
+            }
+        }
+        let eps = match norm.kind {
+            NormKind::Frozen { eps } | NormKind::Batch { eps, .. } => eps,
+        };
+        let (s, t) = ops::fold_frozen_bn(w, b, rm, rv, eps)?;
+        m.insert(norm.name.clone(), (ids, s.clone(), t.clone()));
+        Ok((s, t))
+    }
+}
+
+/// Whether a forward may take the fused path: nothing is being recorded, and the
+/// norms use fixed statistics (frozen, or BatchNorm2d outside training).
+pub fn fusable(ctx: &Ctx, norm: NormKind) -> bool {
+    !autograd::is_recording()
+        && match norm {
+            NormKind::Frozen { .. } => true,
+            NormKind::Batch { .. } => !ctx.training,
+        }
+}
+
+/// Whether a layer without a norm (FPN, RPN and box-head layers) may be fused.
+pub fn fusable_plain() -> bool {
+    !autograd::is_recording()
+}
+
+/// `relu?(bn(conv(x)) + residual)` in one pass over the output, with `bn` folded
+/// through `cache`.
+pub fn conv_bn_fused(
+    ctx: &Ctx,
+    cache: &FoldCache,
+    (conv, norm): (&Conv2d, &Norm2d),
+    x: &Tensor,
+    residual: Option<&Tensor>,
+    relu: bool,
+) -> Result<Tensor> {
+    if conv.bias {
+        return Err(Error::invalid(
+            "conv_bn_fused",
+            format!("{} has a bias; a conv before a norm has none", conv.name),
+        ));
+    }
+    let w = ctx.params.get(&format!("{}.weight", conv.name))?;
+    let (scale, shift) = cache.folded(ctx, norm)?;
+    let ep = Epilogue {
+        scale: Some(&scale),
+        shift: Some(&shift),
+        residual,
+        relu,
+        out_dtype: None,
+    };
+    ops::conv2d_fused(x, w, &conv.params, &ep)
+}
+
+/// `relu?(conv(x) + bias)` with the bias and ReLU in the conv's epilogue.
+pub fn conv_fused(ctx: &Ctx, conv: &Conv2d, x: &Tensor, relu: bool) -> Result<Tensor> {
+    let w = ctx.params.get(&format!("{}.weight", conv.name))?;
+    let b = if conv.bias {
+        Some(ctx.params.get(&format!("{}.bias", conv.name))?)
+    } else {
+        None
+    };
+    let ep = Epilogue {
+        shift: b,
+        relu,
+        ..Default::default()
+    };
+    ops::conv2d_fused(x, w, &conv.params, &ep)
+}
+
+/// `relu?(x Wᵀ + b)` with the bias and ReLU in the product's epilogue.
+pub fn linear_fused(ctx: &Ctx, lin: &Linear, x: &Tensor, relu: bool) -> Result<Tensor> {
+    let w = ctx.params.get(&format!("{}.weight", lin.name))?;
+    let b = ctx.params.get(&format!("{}.bias", lin.name))?;
+    let ep = Epilogue {
+        shift: Some(b),
+        relu,
+        ..Default::default()
+    };
+    ops::linear_fused(x, w, &ep)
+}

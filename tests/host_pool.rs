@@ -1,0 +1,86 @@
+//! The host buffer pool (kestrel::tensor::pool): after a warm-up pass, inference of
+//! the fixture detector takes every tensor buffer it asks the pool for from the pool
+//! (no miss), and gets the same detections. A counting global allocator also counts
+//! every allocation of at least the pool's minimum size, whoever makes it, and prints
+//! it: the allocations outside the pool that remain.
+//!
+//! One test per binary: the counters are process-wide.
+
+mod common;
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use kestrel::detection::{FasterRcnn, FasterRcnnConfig};
+use kestrel::io::TensorFile;
+use kestrel::tensor::pool;
+use kestrel::Tensor;
+
+/// Counts allocations of at least `pool::MIN_POOLED_BYTES` bytes.
+struct Counting;
+
+static LARGE: AtomicU64 = AtomicU64::new(0);
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+        if l.size() >= pool::MIN_POOLED_BYTES {
+            LARGE.fetch_add(1, Ordering::Relaxed);
+        }
+        System.alloc(l)
+    }
+    unsafe fn alloc_zeroed(&self, l: Layout) -> *mut u8 {
+        if l.size() >= pool::MIN_POOLED_BYTES {
+            LARGE.fetch_add(1, Ordering::Relaxed);
+        }
+        System.alloc_zeroed(l)
+    }
+    unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
+        if new >= pool::MIN_POOLED_BYTES {
+            LARGE.fetch_add(1, Ordering::Relaxed);
+        }
+        System.realloc(p, l, new)
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+        System.dealloc(p, l)
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+#[test]
+fn warm_inference_takes_its_buffers_from_the_pool() {
+    let path = common::fixtures_dir().join("model/weights.safetensors");
+    let params = TensorFile::open(&path).unwrap().params().unwrap();
+    let cfg = FasterRcnnConfig::from_params(&params).unwrap();
+    let model = FasterRcnn::load(cfg, &path).unwrap();
+    // Two images of different sizes in 0..1 (a padded batch, as in real use).
+    let images: Vec<Tensor> = (0..2u64)
+        .map(|i| {
+            let (h, w) = (96 + 16 * i as usize, 128);
+            let v: Vec<f32> = common::randn(40 + i, 3 * h * w)
+                .iter()
+                .map(|x| (x.abs() % 1.0) as f32)
+                .collect();
+            Tensor::from_vec(v, [3, h, w]).unwrap()
+        })
+        .collect();
+    let first = model.detect(&images).unwrap();
+    model.detect(&images).unwrap();
+    pool::reset_stats();
+    let large_before = LARGE.load(Ordering::Relaxed);
+    let again = model.detect(&images).unwrap();
+    let large = LARGE.load(Ordering::Relaxed) - large_before;
+    let s = pool::stats();
+    eprintln!("warm pass: pool {s:?}, large allocations {large}");
+    assert_eq!(
+        first[0].scores, again[0].scores,
+        "recycled buffers change nothing"
+    );
+    assert!(s.hits > 20, "the pass used the pool: {s:?}");
+    assert_eq!(s.misses, 0, "a warm pass missed the pool: {s:?}");
+    assert_eq!(
+        large, 0,
+        "large allocations outside the pool in a warm pass"
+    );
+}
