@@ -18,6 +18,7 @@ pub mod config;
 pub mod data;
 pub mod detection;
 pub mod device;
+pub mod dist;
 pub mod error;
 pub mod eval;
 pub mod io;
