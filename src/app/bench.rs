@@ -7,41 +7,34 @@
 
 use std::path::PathBuf;
 
-use kestrel::detection::profile::{StageTimes, INFERENCE_STAGES, TRAINING_STAGES};
-use kestrel::detection::{FasterRcnn, FasterRcnnConfig, Target};
-use kestrel::optim::{Sgd, SgdConfig};
-use kestrel::rng::Rng;
-use kestrel::{Device, Error, Result, Tensor};
+use super::profile::{
+    detect_profiled, train_step_profiled, StageTimes, INFERENCE_STAGES, TRAINING_STAGES,
+};
+use crate::detection::{FasterRcnn, FasterRcnnConfig, Target};
+use crate::optim::{Sgd, SgdConfig};
+use crate::rng::Rng;
+use crate::{Device, Error, Result, Tensor};
 
-/// Options of `kestrel bench`.
-#[derive(clap::Args, Debug, Clone)]
-pub struct BenchArgs {
+/// Options of `kestrel bench` (the CLI's flags of the same names).
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
     /// cpu, cuda, cuda:N, emu or auto.
-    #[arg(long, default_value = "auto")]
     pub device: String,
-    /// Images per batch; repeat or separate by commas to time several (1,2).
-    #[arg(long, value_delimiter = ',', default_value = "1")]
+    /// Images per batch; one column per entry.
     pub batch: Vec<usize>,
     /// Image size HxW in pixels (the transform keeps 800x1216 as it is).
-    #[arg(long, default_value = "800x1216")]
     pub size: String,
     /// Timed iterations per configuration (the median is reported).
-    #[arg(long, default_value_t = 3)]
     pub iters: usize,
     /// Untimed warm-up iterations per configuration.
-    #[arg(long, default_value_t = 1)]
     pub warmup: usize,
     /// Also time one training step (forward, losses, backward, SGD step).
-    #[arg(long)]
     pub train: bool,
-    /// Skip inference (with --train: time training only).
-    #[arg(long)]
+    /// Skip inference (with `train`: time training only).
     pub no_infer: bool,
     /// Seed of the weights, the image and the targets.
-    #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Also write the results as JSON to this file.
-    #[arg(long)]
     pub json: Option<PathBuf>,
 }
 
@@ -175,7 +168,7 @@ fn repeat(
 }
 
 /// `kestrel bench`.
-pub fn run(a: &BenchArgs) -> Result<()> {
+pub fn run(a: &BenchOptions) -> Result<()> {
     let device = Device::parse(&a.device)?;
     let size = parse_size(&a.size)?;
     if a.iters == 0 || a.batch.is_empty() || a.batch.contains(&0) {
@@ -209,7 +202,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
             reset_peak_rss();
             let label = format!("infer b{b}");
             let runs = repeat(&label, a.warmup, a.iters, || {
-                Ok(model.detect_profiled(&images[..b])?.1)
+                Ok(detect_profiled(&model, &images[..b])?.1)
             })?;
             rows.push(summarize("infer", b, &runs, peak(tracks_rss)));
         }
@@ -227,8 +220,13 @@ pub fn run(a: &BenchArgs) -> Result<()> {
             reset_peak_rss();
             let label = format!("train b{b}");
             let runs = repeat(&label, a.warmup, a.iters, || {
-                let (loss, t) =
-                    model.train_step_profiled(&images[..b], &targets[..b], &mut sgd, &mut rng)?;
+                let (loss, t) = train_step_profiled(
+                    &mut model,
+                    &images[..b],
+                    &targets[..b],
+                    &mut sgd,
+                    &mut rng,
+                )?;
                 if !loss.is_finite() {
                     eprintln!("  (loss is {loss}: timings still stand)");
                 }
@@ -310,7 +308,7 @@ fn write_json(
     path: &std::path::Path,
     device: Device,
     size: (usize, usize),
-    a: &BenchArgs,
+    a: &BenchOptions,
     rows: &[Row],
 ) -> Result<()> {
     use serde_json::json;
