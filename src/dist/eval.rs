@@ -1,14 +1,11 @@
-//! Sharded evaluation: each rank detects its stride of the evaluation set, the
-//! detections are gathered on every rank in dataset order, and COCO evaluation runs
-//! on the gathered list, so N ranks give the single-device numbers.
+//! Gathering sharded evaluation results: each rank detects its stride of the
+//! evaluation set (`kestrel::app::dist::evaluate_sharded`), the detections are
+//! gathered on every rank in dataset order, and COCO evaluation runs on the gathered
+//! list, so N ranks give the single-device numbers.
 
 use super::Collective;
-use crate::data::Dataset;
-use crate::detection::trainer::{to_coco, DetBatch};
-use crate::detection::FasterRcnn;
 use crate::error::{Error, Result};
-use crate::eval::{CocoEvaluation, DetBox, GroundTruth};
-use crate::Device;
+use crate::eval::DetBox;
 
 const RECORD: usize = 8 + 8 + 8 + 4 * 8 + 8;
 
@@ -68,46 +65,4 @@ pub fn gather_detections(
         .into_iter()
         .map(|(i, (_, dets))| (i, dets))
         .collect())
-}
-
-/// COCO evaluation of `model` on `dataset`, sharded over the ranks of `comm`: rank
-/// `r` detects images `r, r + W, ...` in batches of `batch_size`, the detections are
-/// gathered in dataset order and every rank evaluates them (same numbers on every
-/// rank). Equal to [`crate::detection::trainer::evaluate_model`] on one device
-/// whenever an image's detections do not depend on which images share its batch
-/// (batch size 1, or images of one size).
-pub fn evaluate_sharded(
-    comm: &dyn Collective,
-    model: &FasterRcnn,
-    dataset: &dyn Dataset,
-    gt: &GroundTruth,
-    batch_size: usize,
-    device: Device,
-    category_id: &dyn Fn(i64) -> Option<i64>,
-) -> Result<CocoEvaluation> {
-    // DistributedSampler's stride without its padding: padded copies would be
-    // detected twice for nothing.
-    let mine: Vec<usize> = (comm.rank()..dataset.len())
-        .step_by(comm.world_size())
-        .collect();
-    let mut local = Vec::with_capacity(mine.len());
-    for chunk in mine.chunks(batch_size.max(1)) {
-        let samples = chunk
-            .iter()
-            .map(|&i| dataset.get(i))
-            .collect::<Result<Vec<_>>>()?;
-        let batch = DetBatch::from_samples(&samples)?;
-        let images = batch
-            .images
-            .iter()
-            .map(|t| t.to_device(device))
-            .collect::<Result<Vec<_>>>()?;
-        let dets = crate::autograd::no_grad(|| model.detect(&images))?;
-        for ((d, id), &i) in dets.iter().zip(&batch.image_ids).zip(chunk) {
-            local.push((i, to_coco(d, *id, category_id)?));
-        }
-    }
-    let gathered = gather_detections(comm, &local)?;
-    let dets: Vec<DetBox> = gathered.into_iter().flat_map(|(_, d)| d).collect();
-    crate::eval::evaluate(gt, &dets)
 }

@@ -33,7 +33,7 @@ mod rendezvous;
 mod tcp;
 
 pub use ddp::{distribute_runner, DistOptions, META_KEY};
-pub use eval::{evaluate_sharded, gather_detections};
+pub use eval::gather_detections;
 pub use local::{local_group, LocalComm};
 #[cfg(feature = "nccl")]
 pub use nccl::{nccl_available, NcclComm};

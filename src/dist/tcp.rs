@@ -251,7 +251,9 @@ impl Exchange for TcpComm {
         match &mut st.links {
             Links::Leaf(s) => {
                 if let Err(e) = write_frame(s, DATA, what, &[&data]) {
-                    let msg = format!("collective #{round} ({what}): rank 0 is gone ({e})");
+                    let msg = format!(
+                        "collective #{round} ({what}): rank 0 closed its connection (it stopped or died: {e})"
+                    );
                     st.broken = Some(msg.clone());
                     return Err(dist(msg));
                 }
@@ -315,7 +317,9 @@ impl Exchange for TcpComm {
                 for (r, s) in peers.iter_mut().enumerate().skip(1) {
                     if let Some(s) = s.as_mut() {
                         if let Err(e) = write_frame(s, DATA, what, &refs) {
-                            let msg = format!("collective #{round} ({what}): rank {r} is gone ({e})");
+                            let msg = format!(
+                                "collective #{round} ({what}): rank {r} closed its connection (it stopped or died: {e})"
+                            );
                             return Err(Self::fail(&mut st, msg));
                         }
                     }
