@@ -77,7 +77,14 @@ fn gpus_2_on_cpu_trains_and_rank0_writes_once() {
     let dir = tmp("gpus2");
     let cfg = write_config(&dir, 4, 4);
     let out = Command::new(exe())
-        .args(["train", cfg.to_str().unwrap(), "--gpus", "2", "--device", "cpu"])
+        .args([
+            "train",
+            cfg.to_str().unwrap(),
+            "--gpus",
+            "2",
+            "--device",
+            "cpu",
+        ])
         .args(["--master-port", &free_port().to_string()])
         .env("KESTREL_DIST_TIMEOUT", "60")
         .output()
@@ -91,15 +98,30 @@ fn gpus_2_on_cpu_trains_and_rank0_writes_once() {
     let work = dir.join("work");
     assert_eq!(
         names(&work),
-        vec!["config.toml", "iter_2.safetensors", "iter_4.safetensors", "latest", "log.jsonl", "log.txt"],
+        vec![
+            "config.toml",
+            "iter_2.safetensors",
+            "iter_4.safetensors",
+            "latest",
+            "log.jsonl",
+            "log.txt"
+        ],
         "{text}"
     );
     let log = std::fs::read_to_string(work.join("log.txt")).unwrap();
     assert_eq!(log.matches("Start running").count(), 1, "{log}");
     // The sharded evaluation ran once (on 2 ranks) and was logged once.
-    assert_eq!(log.matches("Evaluating bbox on 5 images (2 ranks)").count(), 1, "{log}");
+    assert_eq!(
+        log.matches("Evaluating bbox on 5 images (2 ranks)").count(),
+        1,
+        "{log}"
+    );
     let jsonl = std::fs::read_to_string(work.join("log.jsonl")).unwrap();
-    assert_eq!(jsonl.lines().filter(|l| l.contains("\"train\"")).count(), 4, "{jsonl}");
+    assert_eq!(
+        jsonl.lines().filter(|l| l.contains("\"train\"")).count(),
+        4,
+        "{jsonl}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -120,7 +142,10 @@ fn worker(cfg: &Path, world: usize, rank: usize, port: u16, timeout: &str) -> st
 
 fn stderr_of(c: std::process::Child) -> (bool, String) {
     let o = c.wait_with_output().unwrap();
-    (o.status.success(), String::from_utf8_lossy(&o.stderr).into_owned())
+    (
+        o.status.success(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
 }
 
 #[test]
@@ -133,7 +158,10 @@ fn rank_that_never_arrives_is_named_by_the_others() {
     for (r, w) in ws.into_iter().enumerate() {
         let (ok, err) = stderr_of(w);
         assert!(!ok, "rank {r} succeeded without rank 2");
-        assert!(err.contains("rank 2 did not arrive within 3.0 s"), "rank {r}: {err}");
+        assert!(
+            err.contains("rank 2 did not arrive within 3.0 s"),
+            "rank {r}: {err}"
+        );
     }
     assert!(t0.elapsed() < Duration::from_secs(30), "{:?}", t0.elapsed());
     let _ = std::fs::remove_dir_all(&dir);
@@ -150,7 +178,10 @@ fn killed_rank_stops_rank0_with_its_name_and_complete_checkpoints() {
     let work = dir.join("work");
     let t0 = Instant::now();
     while !work.join("iter_2.safetensors").is_file() {
-        assert!(t0.elapsed() < Duration::from_secs(120), "training did not start");
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "training did not start"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     r1.kill().unwrap();
@@ -161,7 +192,10 @@ fn killed_rank_stops_rank0_with_its_name_and_complete_checkpoints() {
     assert!(!ok);
     assert!(err.contains("rank 1 closed its connection"), "{err}");
     // Stopped by the closed connection, not by the 120 s timeout.
-    assert!(took < Duration::from_secs(30), "rank 0 took {took:?} to stop");
+    assert!(
+        took < Duration::from_secs(30),
+        "rank 0 took {took:?} to stop"
+    );
     for n in names(&work) {
         if n.ends_with(".safetensors") {
             let f = kestrel::io::TensorFile::open(work.join(&n)).unwrap();

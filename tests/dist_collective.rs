@@ -122,7 +122,10 @@ fn local_group_mismatched_collectives_are_an_error() {
         c.all_reduce(&mut v, ReduceOp::Sum).unwrap_err().to_string()
     });
     for e in out {
-        assert!(e.contains("rank 1 called all_reduce(Sum) of 3 values"), "{e}");
+        assert!(
+            e.contains("rank 1 called all_reduce(Sum) of 3 values"),
+            "{e}"
+        );
     }
 }
 
@@ -245,8 +248,19 @@ fn sharded_loader_covers_the_epoch() {
             }
             seen.sort();
             seen.dedup();
-            assert_eq!(seen, (0..n).collect::<Vec<_>>(), "the shards cover the dataset");
+            assert_eq!(
+                seen,
+                (0..n).collect::<Vec<_>>(),
+                "the shards cover the dataset"
+            );
         }
     }
-    assert!(Loader::new(ds, cfg).unwrap().sharded(Shard { rank: 4, world_size: 4, drop_last: false }).is_err());
+    assert!(Loader::new(ds, cfg)
+        .unwrap()
+        .sharded(Shard {
+            rank: 4,
+            world_size: 4,
+            drop_last: false
+        })
+        .is_err());
 }

@@ -71,7 +71,9 @@ fn reference_average(world: usize) -> Vec<Vec<f32>> {
                 forward(&ws, &input(r)).unwrap()
             };
             let g = tape.backward(&loss).unwrap();
-            ws.iter().map(|w| g.expect(w).unwrap().to_vec::<f32>().unwrap()).collect()
+            ws.iter()
+                .map(|w| g.expect(w).unwrap().to_vec::<f32>().unwrap())
+                .collect()
         })
         .collect();
     (0..LAYERS)
@@ -133,7 +135,10 @@ fn buckets_launch_during_backward_in_order() {
             );
             for (p, g) in grads.iter().enumerate() {
                 let got = g.as_ref().unwrap().to_vec::<f32>().unwrap();
-                assert_eq!(got, want[p], "rank {rank} of {world}: averaged grad of W{p}");
+                assert_eq!(
+                    got, want[p],
+                    "rank {rank} of {world}: averaged grad of W{p}"
+                );
             }
         }
     }
@@ -160,7 +165,10 @@ impl Model for Regression {
     fn train_step(&mut self, batch: &Self::Batch, _: &mut Rng) -> Result<Vec<(String, Tensor)>> {
         let n = batch.len();
         let x: Vec<f32> = batch.iter().flat_map(|r| r[..4].to_vec()).collect();
-        let neg_t: Vec<f32> = batch.iter().flat_map(|r| r[4..].iter().map(|v| -v)).collect();
+        let neg_t: Vec<f32> = batch
+            .iter()
+            .flat_map(|r| r[4..].iter().map(|v| -v))
+            .collect();
         let y = ops::linear::linear(&Tensor::from_vec(x, [n, 4])?, &self.w, Some(&self.b))?;
         let d = ops::add(&y, &Tensor::from_vec(neg_t, [n, 2])?)?;
         Ok(vec![("loss_mse".into(), ops::mean(&ops::mul(&d, &d)?)?)])
@@ -205,7 +213,9 @@ fn shard(r: usize) -> Vec<Vec<f32>> {
 fn run_rank(comm: Comm, dir: std::path::PathBuf) -> Vec<Vec<f32>> {
     let mut runner = Runner::new(regression(), sgd(), dir, Schedule::Iters(STEPS), 0);
     runner.log.quiet = true;
-    runner.set_train_loader(Box::new(VecLoader::new(shard(comm.rank()), 2, false, 0).unwrap()));
+    runner.set_train_loader(Box::new(
+        VecLoader::new(shard(comm.rank()), 2, false, 0).unwrap(),
+    ));
     runner.register_hook(
         hooks::OptimizerHook::new()
             .with_grad_clip(MAX_NORM, 2.0)
@@ -240,10 +250,19 @@ fn reference(world: usize) -> Vec<Vec<f32>> {
                 let _a = tape.activate();
                 model.train_step(&batch, &mut rng).unwrap().remove(0).1
             };
-            let seed = Tensor::full(loss.shape().clone(), 1.0 / ACCUM as f64, loss.dtype(), loss.device()).unwrap();
+            let seed = Tensor::full(
+                loss.shape().clone(),
+                1.0 / ACCUM as f64,
+                loss.dtype(),
+                loss.device(),
+            )
+            .unwrap();
             let g = tape.backward_with(&loss, seed).unwrap();
             for (p, a) in params.iter().zip(avg.iter_mut()) {
-                for (x, v) in a.iter_mut().zip(g.expect(p).unwrap().to_vec::<f32>().unwrap()) {
+                for (x, v) in a
+                    .iter_mut()
+                    .zip(g.expect(p).unwrap().to_vec::<f32>().unwrap())
+                {
                     *x += v;
                 }
             }
@@ -259,7 +278,12 @@ fn reference(world: usize) -> Vec<Vec<f32>> {
             let g: Vec<Vec<f32>> = acc.iter_mut().map(|s| s.take().unwrap()).collect();
             let total = g
                 .iter()
-                .map(|v| v.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>().sqrt())
+                .map(|v| {
+                    v.iter()
+                        .map(|&x| (x as f64) * (x as f64))
+                        .sum::<f64>()
+                        .sqrt()
+                })
                 .map(|n| n * n)
                 .sum::<f64>()
                 .sqrt();
@@ -269,7 +293,11 @@ fn reference(world: usize) -> Vec<Vec<f32>> {
                 .zip([vec![2usize, 4], vec![2usize]])
                 .map(|(v, shape)| {
                     let t = Tensor::from_vec(v.clone(), shape).unwrap();
-                    Some(if coef < 1.0 { ops::scale(&t, coef).unwrap() } else { t })
+                    Some(if coef < 1.0 {
+                        ops::scale(&t, coef).unwrap()
+                    } else {
+                        t
+                    })
                 })
                 .collect();
             let mut params: Vec<Tensor> = model.params().into_iter().map(|(_, t)| t).collect();
@@ -312,7 +340,10 @@ fn runner_with_clipping_and_accumulation_matches_reference() {
         let results = results.lock().unwrap().clone();
         let want = reference(world);
         for (r, got) in results.iter().enumerate() {
-            assert_eq!(got, &results[0], "rank {r} ended with other weights than rank 0");
+            assert_eq!(
+                got, &results[0],
+                "rank {r} ended with other weights than rank 0"
+            );
             // The runner clips in f64 from the same f32 gradients; the same arithmetic
             // in the same order: equal to the last bit (tolerance 0).
             let d = max_abs_diff(got, &want);

@@ -15,12 +15,14 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kestrel::autograd::Tape;
-use kestrel::config::{ModelConfig, NormType};
-use kestrel::data::{generate_shapes_in_memory, Dataset, InMemory, Loader, LoaderConfig, Shard, ShapesConfig};
 use kestrel::app::dist::evaluate_sharded;
 use kestrel::app::train::{build_model, small_model};
 use kestrel::app::{evaluate_model, DetBatch, DetLoader, DetectorModel};
+use kestrel::autograd::Tape;
+use kestrel::config::{ModelConfig, NormType};
+use kestrel::data::{
+    generate_shapes_in_memory, Dataset, InMemory, Loader, LoaderConfig, ShapesConfig, Shard,
+};
 use kestrel::dist::{distribute_runner, local_group, Collective, Comm, DistOptions, LocalComm};
 use kestrel::eval::GroundTruth;
 use kestrel::optim::{Sgd, SgdConfig};
@@ -77,7 +79,13 @@ fn sgd() -> Box<Sgd> {
 
 /// Rank `comm.rank()`'s runner: its shard of the data, the optimizer hook, checkpoints
 /// every `ckpt` iterations, a log line every iteration, then made data-parallel.
-fn rank_runner(comm: Comm, dir: &Path, iters: usize, ckpt: usize, resume: bool) -> Result<Runner<DetectorModel>> {
+fn rank_runner(
+    comm: Comm,
+    dir: &Path,
+    iters: usize,
+    ckpt: usize,
+    resume: bool,
+) -> Result<Runner<DetectorModel>> {
     let mut r = Runner::new(detector(), sgd(), dir, Schedule::Iters(iters), SEED);
     r.log.quiet = true;
     let shard = Shard::new(comm.rank(), comm.world_size())?;
@@ -97,7 +105,10 @@ fn rank_runner(comm: Comm, dir: &Path, iters: usize, ckpt: usize, resume: bool) 
 }
 
 fn weights(m: &DetectorModel) -> Vec<Vec<f32>> {
-    m.params().iter().map(|(_, t)| t.to_vec::<f32>().unwrap()).collect()
+    m.params()
+        .iter()
+        .map(|(_, t)| t.to_vec::<f32>().unwrap())
+        .collect()
 }
 
 /// Run every rank on its own thread; rank `r` gets `extra(r)` as an extra hook. A
@@ -164,7 +175,9 @@ fn reference(world: usize, steps: usize) -> Vec<Vec<f32>> {
             params.iter().for_each(|p| tape.watch(p));
             let loss = {
                 let _a = tape.activate();
-                parse_losses(model.train_step(&batch, rng).unwrap()).unwrap().0
+                parse_losses(model.train_step(&batch, rng).unwrap())
+                    .unwrap()
+                    .0
             };
             let g = tape.backward(&loss).unwrap();
             for (s, p) in sum.iter_mut().zip(&params) {
@@ -218,11 +231,22 @@ fn ddp_weights_equal_single_process_average_2_and_4_ranks() {
     for world in [2usize, 4] {
         let dir = tmp(&format!("w{world}"));
         let t0 = Instant::now();
-        let out = run_world(world, &dir, STEPS, STEPS, false, Duration::from_secs(120), no_extra);
+        let out = run_world(
+            world,
+            &dir,
+            STEPS,
+            STEPS,
+            false,
+            Duration::from_secs(120),
+            no_extra,
+        );
         let took = t0.elapsed();
         let got: Vec<Vec<Vec<f32>>> = out.into_iter().map(|r| r.unwrap()).collect();
         for (r, w) in got.iter().enumerate() {
-            assert!(w == &got[0], "rank {r} differs from rank 0 after {STEPS} steps");
+            assert!(
+                w == &got[0],
+                "rank {r} differs from rank 0 after {STEPS} steps"
+            );
         }
         let want = reference(world, STEPS);
         // Same per-rank forward/backward, same f32 average in rank order, same SGD:
@@ -233,7 +257,10 @@ fn ddp_weights_equal_single_process_average_2_and_4_ranks() {
         let start = weights(&detector());
         assert!(max_abs_diff(&start, &want) > 1e-6);
         // Written once, by rank 0.
-        assert_eq!(files(&dir), vec!["iter_2.safetensors", "latest", "log.jsonl", "log.txt"]);
+        assert_eq!(
+            files(&dir),
+            vec!["iter_2.safetensors", "latest", "log.jsonl", "log.txt"]
+        );
         let log = std::fs::read_to_string(dir.join("log.txt")).unwrap();
         assert_eq!(log.matches("Start running").count(), 1, "{log}");
         let jsonl = std::fs::read_to_string(dir.join("log.jsonl")).unwrap();
@@ -247,22 +274,45 @@ fn ddp_weights_equal_single_process_average_2_and_4_ranks() {
 fn ddp_resume_is_bit_exact_with_same_world_size() {
     const WORLD: usize = 2;
     let full = tmp("resume-full");
-    let straight = run_world(WORLD, &full, 4, 2, false, Duration::from_secs(120), no_extra);
+    let straight = run_world(
+        WORLD,
+        &full,
+        4,
+        2,
+        false,
+        Duration::from_secs(120),
+        no_extra,
+    );
     let straight = straight.into_iter().next().unwrap().unwrap();
     // Stop after iteration 2: keep only that checkpoint, as a crash would.
     let part = tmp("resume-part");
     std::fs::create_dir_all(&part).unwrap();
-    let first = run_world(WORLD, &part, 2, 2, false, Duration::from_secs(120), no_extra);
+    let first = run_world(
+        WORLD,
+        &part,
+        2,
+        2,
+        false,
+        Duration::from_secs(120),
+        no_extra,
+    );
     assert!(first.iter().all(Result::is_ok));
     let resumed = run_world(WORLD, &part, 4, 2, true, Duration::from_secs(120), no_extra);
     for (r, w) in resumed.into_iter().enumerate() {
         let w = w.unwrap();
-        assert!(w == straight, "rank {r}: resumed weights differ by {:e}", max_abs_diff(&w, &straight));
+        assert!(
+            w == straight,
+            "rank {r}: resumed weights differ by {:e}",
+            max_abs_diff(&w, &straight)
+        );
     }
     // Another world size is refused, naming both sizes.
     let err = run_world(4, &part, 6, 2, true, Duration::from_secs(30), no_extra);
     let e = err[0].as_ref().unwrap_err().to_string();
-    assert!(e.contains("world of Some(2)") && e.contains("this one has 4"), "{e}");
+    assert!(
+        e.contains("world of Some(2)") && e.contains("this one has 4"),
+        "{e}"
+    );
     let _ = std::fs::remove_dir_all(&full);
     let _ = std::fs::remove_dir_all(&part);
 }
@@ -286,18 +336,30 @@ fn failing_rank_stops_the_others_with_its_name() {
     let dir = tmp("fail");
     let timeout = Duration::from_secs(60);
     let t0 = Instant::now();
-    let out = run_world(2, &dir, 4, 1, false, timeout, |r| (r == 1).then_some(FailAt { iter: 2 }));
+    let out = run_world(2, &dir, 4, 1, false, timeout, |r| {
+        (r == 1).then_some(FailAt { iter: 2 })
+    });
     let took = t0.elapsed();
     let e1 = out[1].as_ref().unwrap_err().to_string();
     assert!(e1.contains("injected failure"), "{e1}");
     let e0 = out[0].as_ref().unwrap_err().to_string();
-    assert!(e0.contains("rank 1 failed") && e0.contains("injected failure"), "{e0}");
+    assert!(
+        e0.contains("rank 1 failed") && e0.contains("injected failure"),
+        "{e0}"
+    );
     // Much sooner than the timeout: the failure is reported, not waited out.
     assert!(took < timeout / 2, "took {took:?}");
     // Only complete checkpoints (one per finished iteration), nothing half-written.
     let names = files(&dir);
-    let ckpts: Vec<&String> = names.iter().filter(|n| n.ends_with(".safetensors")).collect();
-    assert_eq!(ckpts, vec!["iter_1.safetensors", "iter_2.safetensors"], "{names:?}");
+    let ckpts: Vec<&String> = names
+        .iter()
+        .filter(|n| n.ends_with(".safetensors"))
+        .collect();
+    assert_eq!(
+        ckpts,
+        vec!["iter_1.safetensors", "iter_2.safetensors"],
+        "{names:?}"
+    );
     for c in ckpts {
         let f = kestrel::io::TensorFile::open(dir.join(c)).unwrap();
         kestrel::runner::read_checkpoint_meta(&f).unwrap();
@@ -314,7 +376,11 @@ fn sharded_evaluation_equals_single_device() {
     let model = detector().model;
     let cat = |l: i64| Some(l);
     let single = evaluate_model(&model, ds.as_ref(), &gt, 2, Device::Cpu, &cat).unwrap();
-    assert!(single.stats.iter().any(|&s| s > 0.0), "an untrained model should still score: {:?}", single.stats);
+    assert!(
+        single.stats.iter().any(|&s| s > 0.0),
+        "an untrained model should still score: {:?}",
+        single.stats
+    );
     for world in [2usize, 3] {
         let comms = local_group(world, Duration::from_secs(60)).unwrap();
         let hs: Vec<_> = comms

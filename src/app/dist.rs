@@ -142,7 +142,10 @@ pub fn launch_local(args: &DistArgs, forwarded: &[String]) -> Result<()> {
     if failed.is_empty() {
         Ok(())
     } else {
-        Err(Error::Distributed(format!("workers failed: {}", failed.join(", "))))
+        Err(Error::Distributed(format!(
+            "workers failed: {}",
+            failed.join(", ")
+        )))
     }
 }
 
@@ -153,17 +156,23 @@ fn communicator(rdv: &Rendezvous, dev: Device) -> Result<Comm> {
     #[cfg(feature = "nccl")]
     if let Device::Cuda(ordinal) = dev {
         if crate::dist::nccl_available() {
+            println!("rank {}: NCCL collective on cuda:{ordinal}", rdv.rank);
             return Ok(Arc::new(crate::dist::NcclComm::new(tcp, ordinal)?));
         }
         eprintln!("warning: libnccl not found: averaging gradients over TCP");
     }
-    let _ = dev;
+    println!("rank {}: TCP collective, model on {dev:?}", rdv.rank);
     Ok(Arc::new(tcp))
 }
 
 /// One worker of `kestrel train`: joins the world `rdv`, trains its shard, and on
 /// failure tells the others before returning the error.
-pub fn train_worker(config: &Path, resume: bool, device_flag: Option<&str>, rdv: &Rendezvous) -> Result<()> {
+pub fn train_worker(
+    config: &Path,
+    resume: bool,
+    device_flag: Option<&str>,
+    rdv: &Rendezvous,
+) -> Result<()> {
     let cfg = Config::from_file(config)?;
     let dev = match Device::parse(device_flag.unwrap_or(&cfg.runtime.device))? {
         // One GPU per local rank.

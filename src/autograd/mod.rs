@@ -183,7 +183,12 @@ impl Tape {
         // gradient is final once its backward has run).
         let mut finals: HashMap<usize, Vec<TensorId>> = HashMap::new();
         if hook.is_some() {
-            let leaves = self.0.lock().unwrap_or_else(|p| p.into_inner()).leaves.clone();
+            let leaves = self
+                .0
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .leaves
+                .clone();
             let mut first_use: HashMap<TensorId, usize> = HashMap::new();
             for (i, node) in nodes.iter().enumerate() {
                 for id in &node.inputs {

@@ -62,7 +62,9 @@ pub fn distribute_runner<M: Model + 'static>(
             .and_then(|v| v.get(rank))
             .and_then(|v| v.as_u64())
             .ok_or_else(|| {
-                Error::Distributed(format!("the checkpoint has no random state for rank {rank}"))
+                Error::Distributed(format!(
+                    "the checkpoint has no random state for rank {rank}"
+                ))
             })?;
         runner.rng = Rng::new(state);
     }

@@ -89,8 +89,13 @@ impl Exchange for LocalComm {
         let my_round = st.number;
         st.slots[self.rank] = Some((what.to_string(), data));
         if st.slots.iter().all(Option::is_some) {
-            let slots: Vec<(String, Vec<u8>)> = st.slots.iter_mut().filter_map(Option::take).collect();
-            if let Some((r, (w, _))) = slots.iter().enumerate().find(|(_, (w, _))| w != &slots[0].0) {
+            let slots: Vec<(String, Vec<u8>)> =
+                st.slots.iter_mut().filter_map(Option::take).collect();
+            if let Some((r, (w, _))) = slots
+                .iter()
+                .enumerate()
+                .find(|(_, (w, _))| w != &slots[0].0)
+            {
                 let msg = format!(
                     "collective #{my_round}: rank {r} called {w} while rank 0 called {}",
                     slots[0].0
@@ -116,7 +121,10 @@ impl Exchange for LocalComm {
                 return Err(Error::Distributed(b.clone()));
             }
             if let Some(why) = &st.departed[self.rank] {
-                return Err(Error::Distributed(format!("this rank ({}) {why}", self.rank)));
+                return Err(Error::Distributed(format!(
+                    "this rank ({}) {why}",
+                    self.rank
+                )));
             }
             let missing: Vec<usize> = (0..sh.world).filter(|&r| st.slots[r].is_none()).collect();
             let gone: Vec<String> = missing
@@ -163,10 +171,7 @@ impl Collective for LocalComm {
         exchange_broadcast(self, buf, root, self.shared.world)
     }
     fn all_gather_bytes(&self, data: &[u8]) -> Result<Vec<Vec<u8>>> {
-        Ok(self
-            .exchange(&format!("all_gather"), data.to_vec())?
-            .as_ref()
-            .clone())
+        Ok(self.exchange("all_gather", data.to_vec())?.as_ref().clone())
     }
     fn barrier(&self) -> Result<()> {
         self.exchange("barrier", Vec::new()).map(|_| ())

@@ -157,13 +157,12 @@ pub(crate) trait Exchange {
     fn exchange(&self, what: &str, data: Vec<u8>) -> Result<Arc<Vec<Vec<u8>>>>;
 }
 
-pub(crate) fn exchange_all_reduce(
-    x: &dyn Exchange,
-    buf: &mut [f32],
-    op: ReduceOp,
-) -> Result<()> {
+pub(crate) fn exchange_all_reduce(x: &dyn Exchange, buf: &mut [f32], op: ReduceOp) -> Result<()> {
     let bytes: Vec<u8> = buf.iter().flat_map(|v| v.to_le_bytes()).collect();
-    let parts = x.exchange(&format!("all_reduce({op:?}) of {} values", buf.len()), bytes)?;
+    let parts = x.exchange(
+        &format!("all_reduce({op:?}) of {} values", buf.len()),
+        bytes,
+    )?;
     reduce_in_rank_order(&parts, buf, op);
     Ok(())
 }

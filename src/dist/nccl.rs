@@ -20,9 +20,7 @@ use crate::error::{Error, Result};
 /// Checked before any NCCL call (cudarc panics when a library is missing).
 pub fn nccl_available() -> bool {
     // SAFETY: these only try to open the shared libraries; no library call is made.
-    unsafe {
-        cudarc::driver::sys::is_culib_present() && cudarc::nccl::sys::is_culib_present()
-    }
+    unsafe { cudarc::driver::sys::is_culib_present() && cudarc::nccl::sys::is_culib_present() }
 }
 
 /// One rank of an NCCL communicator on GPU `ordinal` (see the module docs).
@@ -65,9 +63,16 @@ impl NcclComm {
             .try_into()
             .map_err(|_| Error::Distributed("rank 0 sent an NCCL id of the wrong size".into()))?;
         let ctx = CudaContext::new(ordinal).map_err(|e| Error::cuda("NCCL context", e))?;
-        let stream = ctx.new_stream().map_err(|e| Error::cuda("NCCL stream", e))?;
-        let comm = RawComm::from_rank(stream.clone(), tcp.rank(), tcp.world_size(), Id::uninit(raw))
-            .map_err(|e| nccl_err("comm_init_rank", e))?;
+        let stream = ctx
+            .new_stream()
+            .map_err(|e| Error::cuda("NCCL stream", e))?;
+        let comm = RawComm::from_rank(
+            stream.clone(),
+            tcp.rank(),
+            tcp.world_size(),
+            Id::uninit(raw),
+        )
+        .map_err(|e| nccl_err("comm_init_rank", e))?;
         Ok(NcclComm {
             comm: Mutex::new(comm),
             stream,

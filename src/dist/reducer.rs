@@ -46,6 +46,9 @@ struct Job {
     data: Vec<f32>,
 }
 
+/// A bucket back from the communication thread: its index and averaged values.
+type Reduced = Result<(usize, Vec<f32>)>;
+
 /// The state one backward pass shares with the tape's hook.
 struct Pass {
     ids: HashMap<TensorId, usize>,
@@ -67,7 +70,7 @@ pub struct GradReducer {
     devices: Vec<Device>,
     pass: Option<Arc<Mutex<Pass>>>,
     jobs: Option<Sender<Job>>,
-    results: Option<Receiver<Result<(usize, Vec<f32>)>>>,
+    results: Option<Receiver<Reduced>>,
     thread: Option<JoinHandle<()>>,
     log: Arc<Mutex<Vec<BucketLaunch>>>,
 }
@@ -190,7 +193,11 @@ impl GradSync for GradReducer {
             .clone()
             .ok_or_else(|| Error::Distributed("the communication thread stopped".into()))?;
         let pass = Arc::new(Mutex::new(Pass {
-            ids: params.iter().enumerate().map(|(i, p)| (p.id(), i)).collect(),
+            ids: params
+                .iter()
+                .enumerate()
+                .map(|(i, p)| (p.id(), i))
+                .collect(),
             grads: vec![None; params.len()],
             missing: self.buckets.iter().map(Vec::len).collect(),
             next_launch: 0,

@@ -35,9 +35,9 @@ impl Rendezvous {
             return Ok(None);
         };
         let num = |name: &str, v: String| -> Result<usize> {
-            v.trim().parse().map_err(|_| {
-                Error::invalid("rendezvous", format!("{name}=`{v}` is not a number"))
-            })
+            v.trim()
+                .parse()
+                .map_err(|_| Error::invalid("rendezvous", format!("{name}=`{v}` is not a number")))
         };
         let world_size = num("WORLD_SIZE", world)?;
         let rank = match pick("RANK", "SLURM_PROCID") {

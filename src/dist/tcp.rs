@@ -58,7 +58,8 @@ fn io_what(e: &std::io::Error) -> &'static str {
 }
 
 fn write_frame(s: &mut TcpStream, kind: u8, what: &str, parts: &[&[u8]]) -> std::io::Result<()> {
-    let mut buf = Vec::with_capacity(16 + what.len() + parts.iter().map(|p| p.len() + 8).sum::<usize>());
+    let mut buf =
+        Vec::with_capacity(16 + what.len() + parts.iter().map(|p| p.len() + 8).sum::<usize>());
     buf.push(kind);
     buf.extend((what.len() as u32).to_le_bytes());
     buf.extend(what.as_bytes());
@@ -93,7 +94,11 @@ fn read_frame(s: &mut TcpStream) -> std::io::Result<(u8, String, Vec<Vec<u8>>)> 
 
 fn list(ranks: &[usize]) -> String {
     let v: Vec<String> = ranks.iter().map(|r| r.to_string()).collect();
-    format!("rank{} {}", if ranks.len() == 1 { "" } else { "s" }, v.join(", "))
+    format!(
+        "rank{} {}",
+        if ranks.len() == 1 { "" } else { "s" },
+        v.join(", ")
+    )
 }
 
 impl TcpComm {
@@ -151,14 +156,17 @@ impl TcpComm {
                         )));
                     }
                     if peers[r].is_some() {
-                        return Err(dist(format!("rendezvous: rank {r} arrived twice (from {from})")));
+                        return Err(dist(format!(
+                            "rendezvous: rank {r} arrived twice (from {from})"
+                        )));
                     }
                     peers[r] = Some(s);
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => {
                     if Instant::now() >= deadline {
-                        let missing: Vec<usize> =
-                            (1..rdv.world_size).filter(|&r| peers[r].is_none()).collect();
+                        let missing: Vec<usize> = (1..rdv.world_size)
+                            .filter(|&r| peers[r].is_none())
+                            .collect();
                         // Tell those that came, so they do not wait in turn.
                         let msg = format!(
                             "rendezvous on port {}: {} did not arrive within {:.1} s",
@@ -177,8 +185,7 @@ impl TcpComm {
             }
         }
         for s in peers.iter_mut().flatten() {
-            write_frame(s, DATA, "welcome", &[])
-                .map_err(|e| dist(format!("rendezvous: {e}")))?;
+            write_frame(s, DATA, "welcome", &[]).map_err(|e| dist(format!("rendezvous: {e}")))?;
         }
         Ok(peers)
     }
