@@ -7,6 +7,7 @@ use serde_json::json;
 use super::{BucketLaunch, Comm, GradReducer, DEFAULT_BUCKET_BYTES};
 use crate::error::{Error, Result};
 use crate::rng::Rng;
+use crate::runner::hooks::NanGuardHook;
 use crate::runner::{Hook, Model, Priority, Runner};
 use crate::tensor::Tensor;
 
@@ -36,7 +37,9 @@ pub const META_KEY: &str = "data_parallel";
 /// Make `runner` rank `comm.rank()` of a data-parallel group: gradients are averaged
 /// across ranks in buckets during backward ([`GradReducer`]), rank 0's weights are
 /// broadcast (with `opts.broadcast_weights`), and only rank 0 writes: the other ranks
-/// lose their `CheckpointHook` and `LoggerHook` and write no `log.txt`. Call it after
+/// lose their `CheckpointHook` and `LoggerHook`, their `NanGuardHook` stops without a
+/// checkpoint, and they write no `log.txt`. (An `EvalHook` with `save_best` should be
+/// registered on rank 0 only.) Call it after
 /// registering the hooks and after any resume: a checkpoint saved by a run with
 /// another world size is an error (its data position and random streams describe that
 /// world), and a resumed rank takes back its own random stream.
@@ -79,6 +82,12 @@ pub fn distribute_runner<M: Model + 'static>(
         runner.log.quiet = true;
         runner.remove_hooks("CheckpointHook");
         runner.remove_hooks("LoggerHook");
+        // The NaN guard still stops this rank (and so the world), without writing.
+        if runner.remove_hooks("NanGuardHook") > 0 {
+            runner.register_hook(NanGuardHook {
+                no_checkpoint: true,
+            });
+        }
     }
     let reducer = GradReducer::new(comm.clone(), opts.bucket_bytes);
     let log = reducer.launch_log();
