@@ -32,6 +32,7 @@ fn main() {
         "KESTREL_EMU",
         "KESTREL_EMU_SANITIZE",
         "PATH",
+        "LD_LIBRARY_PATH",
     ] {
         println!("cargo:rerun-if-env-changed={v}");
     }
@@ -58,6 +59,16 @@ fn main() {
     if nvcc.is_none() {
         println!("cargo:warning=nvcc not found: kernels are embedded as source and compiled with NVRTC at first use");
     }
+    // What the kernel-build tests can check in this build (tests/kernels_build.rs marks
+    // the others ignored, with the reason, rather than letting them pass untested).
+    println!("cargo:rustc-check-cfg=cfg(kestrel_ptx)");
+    println!("cargo:rustc-check-cfg=cfg(kestrel_nvrtc)");
+    if nvcc.is_some() {
+        println!("cargo:rustc-cfg=kestrel_ptx");
+    }
+    if nvrtc_library_found() {
+        println!("cargo:rustc-cfg=kestrel_nvrtc");
+    }
 
     let mut gen = String::from("pub static KERNEL_FILES: &[KernelFile] = &[\n");
     for f in &files {
@@ -81,6 +92,32 @@ fn main() {
     fs::write(out.join("kernels_gen.rs"), gen).unwrap();
 
     emu::build(kdir, &files, &out);
+}
+
+/// Whether a libnvrtc shared library is in `LD_LIBRARY_PATH`, `$CUDA_HOME/lib64` or
+/// the usual system directories (where the dynamic loader will look at run time).
+fn nvrtc_library_found() -> bool {
+    let mut dirs: Vec<PathBuf> = env::var_os("LD_LIBRARY_PATH")
+        .map(|v| env::split_paths(&v).collect())
+        .unwrap_or_default();
+    if let Some(home) = env::var_os("CUDA_HOME") {
+        dirs.push(Path::new(&home).join("lib64"));
+        dirs.push(Path::new(&home).join("lib"));
+    }
+    for d in [
+        "/usr/local/cuda/lib64",
+        "/usr/lib/x86_64-linux-gnu",
+        "/usr/lib64",
+        "/usr/lib",
+    ] {
+        dirs.push(PathBuf::from(d));
+    }
+    dirs.iter().any(|d| {
+        fs::read_dir(d).is_ok_and(|rd| {
+            rd.flatten()
+                .any(|e| e.file_name().to_string_lossy().starts_with("libnvrtc.so"))
+        })
+    })
 }
 
 fn find_nvcc() -> Option<PathBuf> {

@@ -43,6 +43,8 @@ for l in sys.stdin:
 run() {
   local out="${OUT:-$STAGE/out}"; mkdir -p "$out"
   export KESTREL_FIXTURES="$PWD/$STAGE/fixtures"
+  # One run id for every binary below: zz_emu_coverage counts only this run's records.
+  export KESTREL_TEST_RUN="gpu-check-$$-$(date +%s)"
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/card.txt" || true
   local table="$out/table.txt"; : > "$table"
   for t in "$STAGE"/bin/*; do

@@ -84,24 +84,9 @@ fn check_linear_bias_relu(device: Device) {
     assert_f32_close("linear_fused", &got, &want);
 }
 
-#[test]
-fn fused_conv_bn_residual_relu_cpu() {
-    check_conv_bn_residual_relu(Device::Cpu);
-}
-
-#[test]
-fn fused_conv_bn_residual_relu_emulated() {
-    check_conv_bn_residual_relu(common::emulated());
-}
-
-#[test]
-fn fused_linear_bias_relu_cpu() {
-    check_linear_bias_relu(Device::Cpu);
-}
-
-#[test]
-fn fused_linear_bias_relu_emulated() {
-    check_linear_bias_relu(common::emulated());
+crate::device_tests! {
+    fused_conv_bn_residual_relu=> check_conv_bn_residual_relu;
+    fused_linear_bias_relu=> check_linear_bias_relu;
 }
 
 #[test]

@@ -1,11 +1,12 @@
 //! The kernel build: every declared entry is in the PTX; NVRTC compiles every file;
 //! failures are clear errors; no CUDA driver is an error, not a panic.
+//!
+//! What a build cannot check is not passed silently: build.rs sets `cfg(kestrel_ptx)`
+//! when nvcc compiled the kernels and `cfg(kestrel_nvrtc)` when it found a libnvrtc,
+//! and without them the PTX and NVRTC tests are *ignored* with the reason (so the
+//! summary shows them as not run); `--include-ignored` runs them and they fail.
 
 use kestrel::device::kernels;
-
-fn required(var: &str) -> bool {
-    std::env::var(var).is_ok_and(|v| v == "1")
-}
 
 /// Names of `.entry` directives in PTX text.
 fn ptx_entries(ptx: &str) -> Vec<String> {
@@ -35,23 +36,21 @@ fn every_kernel_file_declares_entries() {
 }
 
 #[test]
+#[cfg_attr(
+    not(kestrel_ptx),
+    ignore = "built without nvcc: no PTX embedded (set KESTREL_NVCC, CUDA_HOME or PATH)"
+)]
 fn embedded_ptx_has_every_declared_entry() {
     let with_ptx: Vec<_> = kernels::files()
         .iter()
         .filter(|f| f.ptx.is_some())
         .collect();
-    if with_ptx.is_empty() {
-        assert!(
-            !required("KESTREL_REQUIRE_NVCC"),
-            "KESTREL_REQUIRE_NVCC=1 but the build embedded no PTX"
-        );
-        eprintln!("note: built without nvcc; PTX entries checked only where nvcc ran");
-        return;
-    }
     assert_eq!(
         with_ptx.len(),
         kernels::files().len(),
-        "nvcc compiled only some kernel files"
+        "nvcc compiled {} of {} kernel files (none: this build has no nvcc)",
+        with_ptx.len(),
+        kernels::files().len()
     );
     for f in with_ptx {
         let entries = ptx_entries(f.ptx.unwrap());
@@ -71,15 +70,15 @@ fn embedded_ptx_has_every_declared_entry() {
 }
 
 #[test]
+#[cfg_attr(
+    not(kestrel_nvrtc),
+    ignore = "no libnvrtc found at build time (put the CUDA 13.0 NVRTC library on LD_LIBRARY_PATH)"
+)]
 fn nvrtc_compiles_every_kernel_file() {
-    if !kernels::nvrtc_present() {
-        assert!(
-            !required("KESTREL_REQUIRE_NVRTC"),
-            "KESTREL_REQUIRE_NVRTC=1 but libnvrtc cannot be loaded (LD_LIBRARY_PATH?)"
-        );
-        eprintln!("note: no libnvrtc here; NVRTC compile not checked");
-        return;
-    }
+    assert!(
+        kernels::nvrtc_present(),
+        "libnvrtc cannot be loaded (LD_LIBRARY_PATH?)"
+    );
     for f in kernels::files() {
         let ptx = kernels::compile_source(f.file, f.source, f.entries[0])
             .unwrap_or_else(|e| panic!("{e}"));
@@ -94,25 +93,39 @@ fn nvrtc_compiles_every_kernel_file() {
     }
 }
 
-#[test]
-fn nvrtc_failure_names_file_kernel_and_log() {
-    let err = kernels::compile_source(
+fn broken_kernel_error() -> String {
+    kernels::compile_source(
         "broken.cu",
         "extern \"C\" __global__ void k(float* x) { x[0] = undefined_name; }",
         "k",
     )
-    .unwrap_err();
-    let msg = err.to_string();
+    .unwrap_err()
+    .to_string()
+}
+
+/// With or without NVRTC, a kernel that cannot be compiled is an error naming the file
+/// and the kernel.
+#[test]
+fn nvrtc_failure_names_file_and_kernel() {
+    let msg = broken_kernel_error();
     assert!(
         msg.contains("broken.cu") && msg.contains("`k`"),
         "error lacks file or kernel: {msg}"
     );
-    if kernels::nvrtc_present() {
-        assert!(
-            msg.contains("undefined_name"),
-            "NVRTC log missing from error: {msg}"
-        );
-    }
+}
+
+#[test]
+#[cfg_attr(
+    not(kestrel_nvrtc),
+    ignore = "no libnvrtc found at build time (put the CUDA 13.0 NVRTC library on LD_LIBRARY_PATH)"
+)]
+fn nvrtc_failure_carries_the_compiler_log() {
+    assert!(kernels::nvrtc_present(), "libnvrtc cannot be loaded");
+    let msg = broken_kernel_error();
+    assert!(
+        msg.contains("undefined_name"),
+        "NVRTC log missing from error: {msg}"
+    );
 }
 
 #[test]
@@ -123,13 +136,22 @@ fn unknown_kernel_is_an_error() {
     ));
 }
 
+/// Asking for cuda:0 either works (a driver and a GPU) or is a `CudaUnavailable`
+/// error; without a driver library it is always the error, and `Device::best()` is
+/// the CPU. Never a panic.
 #[test]
 fn cuda_without_driver_is_an_error_not_a_panic() {
-    if kestrel::device::cuda::driver_present() {
-        return; // on a GPU machine the CUDA tests cover this path
-    }
     let t = kestrel::Tensor::from_vec(vec![1.0f32], [1]).unwrap();
-    let err = t.to_device(kestrel::Device::Cuda(0)).unwrap_err();
-    assert!(matches!(err, kestrel::Error::CudaUnavailable(_)), "{err}");
-    assert_eq!(kestrel::Device::best(), kestrel::Device::Cpu);
+    match t.to_device(kestrel::Device::Cuda(0)) {
+        Ok(g) => {
+            assert!(kestrel::device::cuda::driver_present());
+            assert_eq!(g.to_vec::<f32>().unwrap(), [1.0]);
+        }
+        Err(err) => {
+            assert!(matches!(err, kestrel::Error::CudaUnavailable(_)), "{err}");
+            if !kestrel::device::cuda::driver_present() {
+                assert_eq!(kestrel::Device::best(), kestrel::Device::Cpu);
+            }
+        }
+    }
 }

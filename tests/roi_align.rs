@@ -2,7 +2,7 @@
 //! RoIAlign and MultiScaleRoIAlign: parity with torchvision's fixtures (forward and
 //! input gradients), a slow direct transcription of torchvision's loops as a second
 //! reference on random inputs, f64 gradient checks, edge cases and errors. Every check
-//! is a `check_*_on(device)` run on the CPU here and on CUDA by the ignored tests.
+//! is a `check_*_on(device)` run on the CPU, the emulated device and CUDA (`device_tests!`).
 
 mod common;
 
@@ -191,37 +191,10 @@ fn check_multiscale_backward_on(dev: Device) {
     );
 }
 
-#[test]
-fn roi_align_matches_torchvision_cpu() {
-    check_roi_align_fixtures_on(Device::Cpu);
-}
-
-#[test]
-fn multiscale_roi_align_matches_torchvision_cpu() {
-    check_multiscale_fixture_on(Device::Cpu);
-}
-
-#[test]
-fn multiscale_roi_align_backward_matches_per_level_reference_cpu() {
-    check_multiscale_backward_on(Device::Cpu);
-}
-
-#[test]
-#[ignore = "needs a CUDA device"]
-fn roi_align_matches_torchvision_cuda() {
-    check_roi_align_fixtures_on(common::cuda());
-}
-
-#[test]
-#[ignore = "needs a CUDA device"]
-fn multiscale_roi_align_matches_torchvision_cuda() {
-    check_multiscale_fixture_on(common::cuda());
-}
-
-#[test]
-#[ignore = "needs a CUDA device"]
-fn multiscale_roi_align_backward_matches_per_level_reference_cuda() {
-    check_multiscale_backward_on(common::cuda());
+crate::device_tests! {
+    roi_align_matches_torchvision => check_roi_align_fixtures_on;
+    multiscale_roi_align_matches_torchvision => check_multiscale_fixture_on;
+    multiscale_roi_align_backward_matches_per_level_reference => check_multiscale_backward_on;
 }
 
 // ---------------------------------------------------------------------------------
@@ -436,15 +409,8 @@ fn check_random_on(dev: Device) {
     }
 }
 
-#[test]
-fn roi_align_matches_direct_reference_on_random_inputs_cpu() {
-    check_random_on(Device::Cpu);
-}
-
-#[test]
-#[ignore = "needs a CUDA device"]
-fn roi_align_matches_direct_reference_on_random_inputs_cuda() {
-    check_random_on(common::cuda());
+crate::device_tests! {
+    roi_align_matches_direct_reference_on_random_inputs => check_random_on;
 }
 
 // ---------------------------------------------------------------------------------
@@ -834,37 +800,10 @@ fn check_multiscale_edges_on(dev: Device) {
     assert!(m.forward(&[], &props, &sizes).is_err());
 }
 
-#[test]
-fn roi_align_edge_cases_cpu() {
-    check_edge_cases_on(Device::Cpu);
-}
-
-#[test]
-fn roi_align_errors_cpu() {
-    check_errors_on(Device::Cpu);
-}
-
-#[test]
-fn multiscale_roi_align_edge_cases_cpu() {
-    check_multiscale_edges_on(Device::Cpu);
-}
-
-#[test]
-#[ignore = "needs a CUDA device"]
-fn roi_align_edge_cases_cuda() {
-    check_edge_cases_on(common::cuda());
-}
-
-#[test]
-#[ignore = "needs a CUDA device"]
-fn roi_align_errors_cuda() {
-    check_errors_on(common::cuda());
-}
-
-#[test]
-#[ignore = "needs a CUDA device"]
-fn multiscale_roi_align_edge_cases_cuda() {
-    check_multiscale_edges_on(common::cuda());
+crate::device_tests! {
+    roi_align_edge_cases => check_edge_cases_on;
+    roi_align_errors(cpu, emulated_errors, cuda) => check_errors_on;
+    multiscale_roi_align_edge_cases => check_multiscale_edges_on;
 }
 
 /// The f64 CPU path and the f32 path agree on the pyramid (same plans, two dtypes).
@@ -910,41 +849,4 @@ fn roi_align_cpu_is_bit_exact_with_torchvision() {
         want.to_vec::<f32>().unwrap(),
         "multiscale y bits"
     );
-}
-
-// The CUDA paths above, on the emulated device (kernels run on the host).
-
-#[test]
-fn roi_align_matches_torchvision_emulated() {
-    check_roi_align_fixtures_on(common::emulated());
-}
-
-#[test]
-fn multiscale_roi_align_matches_torchvision_emulated() {
-    check_multiscale_fixture_on(common::emulated());
-}
-
-#[test]
-fn multiscale_roi_align_backward_matches_per_level_reference_emulated() {
-    check_multiscale_backward_on(common::emulated());
-}
-
-#[test]
-fn roi_align_matches_direct_reference_on_random_inputs_emulated() {
-    check_random_on(common::emulated());
-}
-
-#[test]
-fn roi_align_edge_cases_emulated() {
-    check_edge_cases_on(common::emulated());
-}
-
-#[test]
-fn roi_align_errors_emulated() {
-    check_errors_on(common::emulated());
-}
-
-#[test]
-fn multiscale_roi_align_edge_cases_emulated() {
-    check_multiscale_edges_on(common::emulated());
 }

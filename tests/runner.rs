@@ -1181,7 +1181,36 @@ fn logger_writes_text_and_json_lines_with_timer_values() {
         (Some(1), Some(2))
     );
     assert!(t["time"].as_f64().unwrap() >= t["data_time"].as_f64().unwrap());
-    assert!(lines[2].get("loss_mse").is_some());
+    assert!(t["data_time"].as_f64().unwrap() >= 0.0);
+    // Values, not only keys: the constant rate, `loss` = the sum of the `loss*` entries
+    // (one here), w_l1 > 0 once trained, and the text log shows the JSON's numbers.
+    for (i, l) in lines
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| l["mode"] == "train")
+    {
+        assert_eq!(l["lr"].as_f64(), Some(0.05), "line {i}: {l}");
+        let (mse, loss) = (l["loss_mse"].as_f64().unwrap(), l["loss"].as_f64().unwrap());
+        assert!(mse.is_finite() && mse > 0.0, "line {i}: {l}");
+        assert!(
+            (loss - mse).abs() <= 1e-9 * mse,
+            "line {i}: loss != loss_mse: {l}"
+        );
+        assert!(l["w_l1"].as_f64().unwrap() > 0.0, "line {i}: {l}");
+        for k in ["loss_mse", "w_l1", "loss"] {
+            let shown = format!("{k}: {:.4}", l[k].as_f64().unwrap());
+            assert!(
+                txt.contains(&shown),
+                "log.txt lacks `{shown}` of line {i}:\n{txt}"
+            );
+        }
+    }
+    let val = lines[2]["loss_mse"].as_f64().unwrap();
+    assert!(val.is_finite() && val > 0.0, "val loss {val}");
+    assert!(
+        txt.contains(&format!("loss_mse: {val:.4}")),
+        "log.txt lacks the val loss {val:.4}:\n{txt}"
+    );
 }
 
 #[test]

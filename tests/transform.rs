@@ -1,4 +1,5 @@
-//! GeneralizedRCNNTransform parity with torchvision (fixtures/model/eval.safetensors).
+//! GeneralizedRCNNTransform (kernels/transform.cu) parity with torchvision
+//! (fixtures/model/eval.safetensors) on the CPU, the emulated device and CUDA.
 
 mod common;
 
@@ -50,15 +51,8 @@ fn check_transform_on(device: Device) {
     );
 }
 
-#[test]
-fn transform_matches_torchvision_cpu() {
-    check_transform_on(Device::Cpu);
-}
-
-#[test]
-#[ignore = "needs a CUDA device"]
-fn transform_matches_torchvision_cuda() {
-    check_transform_on(common::cuda());
+crate::device_tests! {
+    transform_matches_torchvision => check_transform_on;
 }
 
 #[test]
@@ -111,11 +105,4 @@ fn resize_boxes_scales_each_axis() {
         .to_vec::<f32>()
         .unwrap();
     assert_eq!(r, vec![20.0, 10.0, 60.0, 20.0]);
-}
-
-// The CUDA paths above, on the emulated device (kernels run on the host).
-
-#[test]
-fn transform_matches_torchvision_emulated() {
-    check_transform_on(common::emulated());
 }

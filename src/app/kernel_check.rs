@@ -9,27 +9,6 @@ use std::time::Instant;
 
 use crate::device::{emu, kernels};
 
-/// Which tests and bench exercise each kernel file: (file, test target, test name
-/// filter, bench target, bench name filter). A file not listed here runs
-/// `tests/<stem>.rs` whole and no bench.
-const KERNEL_LOOP: &[(&str, &str, &str, &str, &str)] = &[
-    (
-        "elementwise.cu",
-        "emulator",
-        "elementwise_and_reduce",
-        "ops",
-        "relu/",
-    ),
-    (
-        "reduce.cu",
-        "emulator",
-        "elementwise_and_reduce",
-        "ops",
-        "sum/",
-    ),
-    ("emu_selftest.cu", "emulator", "", "", ""),
-];
-
 /// `emulator-1a2b3c4d5e6f7a8b` -> `emulator`: test binaries carry a hash suffix.
 fn program_name(p: &str) -> &str {
     match p.rsplit_once('-') {
@@ -82,36 +61,39 @@ struct Step {
     secs: f64,
 }
 
+/// The cargo commands (arguments after `cargo`) that `kernel-check NAME` runs: one
+/// `cargo test --test T -- FILTERS` per test target that
+/// [`kernels::KERNEL_TESTS`] maps the kernel's file to (with `--include-ignored` when
+/// `gpu`, so the CUDA variants run too), then the bench when `bench` and the kernel has
+/// one. `name` is an entry, a file or a stem, as `kestrel kernels` lists them.
+pub fn plan(name: &str, bench: bool, gpu: bool) -> crate::Result<Vec<Vec<String>>> {
+    let (_, map) = kernels::tests_for(name)?;
+    let mut cmds = Vec::new();
+    for t in map.tests {
+        let mut args: Vec<String> = vec!["test".into(), "--test".into(), t.target.into()];
+        args.push("--".into());
+        args.extend(t.filters.iter().map(|f| f.to_string()));
+        if gpu {
+            args.push("--include-ignored".into()); // the real-GPU parity tests too
+        }
+        cmds.push(args);
+    }
+    if let (true, Some((target, filter))) = (bench, map.bench) {
+        let mut args: Vec<String> = vec!["bench".into(), "--bench".into(), target.into()];
+        args.push("--".into());
+        args.push(filter.into());
+        args.extend(["--warm-up-time", "1", "--measurement-time", "2"].map(String::from));
+        cmds.push(args);
+    }
+    Ok(cmds)
+}
+
 /// `kestrel kernel-check NAME`: the tests of the kernel file that holds `name` (an
-/// entry or a file), then its bench unless `bench` is false. Runs `cargo` in the
-/// source tree this crate was built from.
+/// entry, a file or a stem), then its bench unless `bench` is false (see [`plan`]).
+/// Runs `cargo` in the source tree this crate was built from; a test step that runs no
+/// test fails.
 pub fn kernel_check(name: &str, bench: bool) -> crate::Result<()> {
-    let file = kernels::files()
-        .iter()
-        .find(|f| {
-            f.entries.contains(&name) || f.file == name || f.file.strip_suffix(".cu") == Some(name)
-        })
-        .ok_or_else(|| crate::Error::UnknownKernel(name.to_string()))?;
-    let stem = file.file.trim_end_matches(".cu");
-    let (test, filter, bench_target, bench_filter) = KERNEL_LOOP
-        .iter()
-        .find(|r| r.0 == file.file)
-        .map(|r| {
-            (
-                r.1.to_string(),
-                r.2.to_string(),
-                r.3.to_string(),
-                r.4.to_string(),
-            )
-        })
-        .unwrap_or_else(|| {
-            (
-                stem.to_string(),
-                String::new(),
-                String::new(),
-                String::new(),
-            )
-        });
+    let (file, map) = kernels::tests_for(name)?;
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     if !root.join("Cargo.toml").is_file() {
         return Err(crate::Error::invalid(
@@ -120,43 +102,33 @@ pub fn kernel_check(name: &str, bench: bool) -> crate::Result<()> {
         ));
     }
     let gpu = crate::device::gpu::device(0).is_ok();
+    let targets: Vec<String> = map
+        .tests
+        .iter()
+        .map(|t| format!("`{}` {:?}", t.target, t.filters))
+        .collect();
     println!(
-        "kernel-check {name}: file {}, tests `{test}` {filter:?}, bench {}",
+        "kernel-check {name}: file {}, tests {}, bench {}",
         file.file,
-        if bench_target.is_empty() {
-            "none".to_string()
-        } else {
-            format!("`{bench_target}` {bench_filter:?}")
+        targets.join(", "),
+        match map.bench {
+            Some((b, f)) => format!("`{b}` {f:?}"),
+            None => "none".to_string(),
         }
     );
-
-    let mut steps = Vec::new();
-    let mut args: Vec<String> = vec!["test".into(), "--test".into(), test.clone()];
-    args.push("--".into());
-    if !filter.is_empty() {
-        args.push(filter.clone());
-    }
-    if gpu {
-        args.push("--include-ignored".into()); // the real-GPU parity tests too
-    }
-    let what = if gpu {
-        "tests (emulated + cuda:0)"
+    let devices = if gpu {
+        "emulated + cuda:0"
     } else {
-        "tests (emulated; no GPU here)"
+        "emulated; no GPU here"
     };
-    steps.push(run_cargo(root, what, &args, summarize_tests));
-    if bench && !bench_target.is_empty() {
-        let mut args: Vec<String> = vec![
-            "bench".into(),
-            "--bench".into(),
-            bench_target.clone(),
-            "--".into(),
-        ];
-        if !bench_filter.is_empty() {
-            args.push(bench_filter.clone());
+    let mut steps = Vec::new();
+    for args in plan(name, bench, gpu)? {
+        if args[0] == "test" {
+            let what = format!("tests {} ({devices})", args[2]);
+            steps.push(run_cargo(root, &what, &args, summarize_tests));
+        } else {
+            steps.push(run_cargo(root, "bench", &args, summarize_bench));
         }
-        args.extend(["--warm-up-time", "1", "--measurement-time", "2"].map(String::from));
-        steps.push(run_cargo(root, "bench", &args, summarize_bench));
     }
 
     println!("\n{:<32} {:>8}  result", "step", "seconds");
@@ -218,8 +190,15 @@ fn summarize_tests(text: &str) -> String {
         .lines()
         .filter_map(|l| l.trim().strip_prefix("test result: "))
         .collect();
-    if lines.is_empty() {
-        "ran no test".into()
+    // A filter that selects nothing passes libtest ("0 passed"): that is a failure of
+    // the check, not a pass.
+    let passed: usize = lines
+        .iter()
+        .filter_map(|l| l.split_once(" passed").map(|(h, _)| h))
+        .filter_map(|h| h.rsplit(' ').next()?.parse::<usize>().ok())
+        .sum();
+    if passed == 0 {
+        format!("FAILED: ran no test ({})", lines.join("; "))
     } else {
         lines.join("\n")
     }

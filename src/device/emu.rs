@@ -39,9 +39,11 @@
 //! - `KESTREL_EMU_THREADS` (worker threads, default: the cores, at most 8),
 //!   `KESTREL_EMU_STACK_KB` (per-thread stack, default 256, 1024 with sanitizers),
 //!   `KESTREL_EMU_SCHEDULE=reverse` (thread order, see [`set_schedule`]).
-//! - Coverage: every launch is recorded under [`record_dir`]; `kestrel kernels` shows
-//!   which test binaries ran each kernel here, and tests/zz_emu_coverage.rs fails
-//!   when a kernel entry was not launched on the emulated device by the test run.
+//! - Coverage: every launch is recorded under [`record_dir`] with the program and the
+//!   [`run_id`]; `kestrel kernels` shows which test binaries ran each kernel here, and
+//!   tests/zz_emu_coverage.rs fails when a kernel entry was not launched on the
+//!   emulated device, by a test target that `kestrel kernel-check` maps it to, in the
+//!   same `cargo test` run.
 //! - `kestrel kernel-check NAME`: the kernel's parity tests (emulated, and on a real
 //!   GPU when present) and its bench, in one command.
 //!
@@ -139,7 +141,12 @@ pub fn recorded_launches() -> BTreeMap<String, (Vec<String>, std::time::SystemTi
     for e in dir.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
         let who = std::fs::read_to_string(e.path()).unwrap_or_default();
-        let mut progs: Vec<String> = who.lines().map(str::to_string).collect();
+        let mut progs: Vec<String> = who
+            .lines()
+            .filter_map(|l| l.split('\t').next())
+            .filter(|p| !p.is_empty())
+            .map(str::to_string)
+            .collect();
         progs.sort();
         progs.dedup();
         let time = e
@@ -151,13 +158,70 @@ pub fn recorded_launches() -> BTreeMap<String, (Vec<String>, std::time::SystemTi
     out
 }
 
+/// One recorded first launch of a kernel by a process.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LaunchRecord {
+    /// Kernel entry, e.g. `nms_mask_f32`.
+    pub kernel: String,
+    /// File name of the program that launched it (a test binary carries a hash suffix).
+    pub program: String,
+    /// The run it belongs to, see [`run_id`] (empty in records written before run ids).
+    pub run: String,
+}
+
+/// The run this process belongs to: `KESTREL_TEST_RUN` when set, else the id of the
+/// parent process. `cargo test` starts every test binary of one invocation as its
+/// own child, so the records of one `cargo test` share the run id and a later (or
+/// earlier) invocation's records do not: coverage is judged on one run, never on
+/// file times.
+pub fn run_id() -> String {
+    match std::env::var("KESTREL_TEST_RUN") {
+        Ok(r) if !r.is_empty() => r,
+        _ => format!("ppid-{}", std::os::unix::process::parent_id()),
+    }
+}
+
+/// Every record under [`record_dir`], in file order per kernel.
+pub fn launch_records() -> Vec<LaunchRecord> {
+    let mut out = Vec::new();
+    let Ok(dir) = std::fs::read_dir(record_dir()) else {
+        return out;
+    };
+    for e in dir.flatten() {
+        let kernel = e.file_name().to_string_lossy().into_owned();
+        let text = std::fs::read_to_string(e.path()).unwrap_or_default();
+        for l in text.lines().filter(|l| !l.is_empty()) {
+            let (program, run) = l.split_once('\t').unwrap_or((l, ""));
+            out.push(LaunchRecord {
+                kernel: kernel.clone(),
+                program: program.to_string(),
+                run: run.to_string(),
+            });
+        }
+    }
+    out
+}
+
 fn launched_set() -> &'static Mutex<HashSet<String>> {
     static SET: OnceLock<Mutex<HashSet<String>>> = OnceLock::new();
     SET.get_or_init(|| Mutex::new(HashSet::new()))
 }
 
+thread_local! {
+    /// Kernels launched on the emulated device from this thread (see [`thread_launches`]).
+    static THREAD_LAUNCHES: std::cell::RefCell<Vec<String>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Kernels launched on the emulated device from the calling thread since the last
+/// call, in launch order, and clears the list. Tests run in parallel threads, so this
+/// (unlike [`launched`]) tells a test which kernels *it* reached.
+pub fn take_thread_launches() -> Vec<String> {
+    THREAD_LAUNCHES.with(|l| std::mem::take(&mut *l.borrow_mut()))
+}
+
 /// Note the first launch of `kernel` in this process, here and in [`record_dir`].
 fn record_launch(kernel: &str) {
+    THREAD_LAUNCHES.with(|l| l.borrow_mut().push(kernel.to_string()));
     let mut set = launched_set().lock().unwrap_or_else(|p| p.into_inner());
     if !set.insert(kernel.to_string()) {
         return;
@@ -175,7 +239,7 @@ fn record_launch(kernel: &str) {
             .append(true)
             .open(dir.join(kernel))
         {
-            let _ = writeln!(f, "{prog}");
+            let _ = writeln!(f, "{prog}\t{}", run_id());
         }
     }
 }

@@ -108,3 +108,176 @@ pub fn compile_source(file: &str, source: &str, kernel: &str) -> Result<String> 
         Err(e) => Err(fail(format!("{e:?}"), String::new())),
     }
 }
+
+/// A test target (tests/<target>.rs) and the test-name filters that select a kernel
+/// file's tests in it (libtest substring filters; none = the whole target).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TestTarget {
+    /// Cargo test target, e.g. `nms` for tests/nms.rs.
+    pub target: &'static str,
+    /// Test-name filters passed after `--` (any of them selects a test).
+    pub filters: &'static [&'static str],
+}
+
+/// Where the tests and the bench of one kernels/*.cu file live: the data behind
+/// `kestrel kernel-check` (entry -> file stem -> test targets). tests/kernel_map.rs
+/// checks it against the real test targets and tests/zz_emu_coverage.rs that these
+/// targets launch every entry of the file on the emulated device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KernelTests {
+    /// Kernel file stem, e.g. `nms` for kernels/nms.cu.
+    pub stem: &'static str,
+    /// Test targets that check the file's kernels (parity, edge cases, emulated).
+    pub tests: &'static [TestTarget],
+    /// Criterion bench target and its filter (a regex), if the kernel has a bench.
+    pub bench: Option<(&'static str, &'static str)>,
+}
+
+const fn t(target: &'static str) -> TestTarget {
+    TestTarget {
+        target,
+        filters: &[],
+    }
+}
+
+/// The test targets of every kernel file, by stem. Test files are named after the
+/// kernel stem where the op is one (tests/nms.rs for kernels/nms.cu); the exceptions
+/// say why.
+pub const KERNEL_TESTS: &[KernelTests] = &[
+    KernelTests {
+        stem: "anchors",
+        tests: &[t("anchors")],
+        bench: Some(("detection", "anchors/")),
+    },
+    KernelTests {
+        stem: "box_coder",
+        tests: &[t("box_coder")],
+        bench: Some(("detection", "box_decode/")),
+    },
+    KernelTests {
+        stem: "boxes",
+        tests: &[t("boxes")],
+        bench: None,
+    },
+    // The op is conv2d (im2col/col2im here, the GEMM in matmul.cu).
+    KernelTests {
+        stem: "conv",
+        tests: &[t("conv2d")],
+        bench: Some(("conv", "conv2d/")),
+    },
+    KernelTests {
+        stem: "elementwise",
+        tests: &[t("elementwise")],
+        bench: Some(("ops", "relu/")),
+    },
+    // The emulator's own self-test kernels: tests/emulator.rs checks the shim with them.
+    KernelTests {
+        stem: "emu_selftest",
+        tests: &[t("emulator")],
+        bench: None,
+    },
+    KernelTests {
+        stem: "losses",
+        tests: &[t("losses")],
+        bench: Some(("losses", "bce_with_logits|cross_entropy|smooth_l1")),
+    },
+    KernelTests {
+        stem: "matcher",
+        tests: &[t("matcher")],
+        bench: None,
+    },
+    // matmul.cu serves linear and matmul (and conv2d's GEMM).
+    KernelTests {
+        stem: "matmul",
+        tests: &[t("matmul")],
+        bench: Some(("conv", "conv2d/")),
+    },
+    KernelTests {
+        stem: "nms",
+        tests: &[t("nms")],
+        bench: Some(("detection", "nms/")),
+    },
+    // Frozen and training batch norm, and the channel affine of the fused epilogues.
+    KernelTests {
+        stem: "norm",
+        tests: &[t("norm")],
+        bench: Some(("layers", "frozen_batch_norm|batch_norm_train")),
+    },
+    KernelTests {
+        stem: "pool",
+        tests: &[t("pool")],
+        bench: Some(("layers", "max_pool2d")),
+    },
+    // Proposal selection and the box head's postprocess are model stages: their
+    // parity tests run the model's RPN and RoI heads against torchvision's.
+    KernelTests {
+        stem: "proposals",
+        tests: &[TestTarget {
+            target: "model",
+            filters: &["proposal_stage", "postprocess_stage"],
+        }],
+        bench: Some(("detection", "proposals/")),
+    },
+    KernelTests {
+        stem: "reduce",
+        tests: &[t("reduce")],
+        bench: Some(("ops", "sum/")),
+    },
+    KernelTests {
+        stem: "roi_align",
+        tests: &[t("roi_align")],
+        bench: Some(("roi_align", "roi_align/")),
+    },
+    KernelTests {
+        stem: "sgd",
+        tests: &[t("sgd")],
+        bench: Some(("losses", "sgd_step")),
+    },
+    KernelTests {
+        stem: "shape",
+        tests: &[t("shape")],
+        bench: Some(("losses", "permute|concat")),
+    },
+    KernelTests {
+        stem: "topk",
+        tests: &[t("topk")],
+        bench: Some(("detection", "topk_levels")),
+    },
+    KernelTests {
+        stem: "transform",
+        tests: &[t("transform")],
+        bench: None,
+    },
+    KernelTests {
+        stem: "upsample",
+        tests: &[t("upsample")],
+        bench: Some(("layers", "upsample_nearest_add")),
+    },
+];
+
+/// The stem of a kernel file name: `nms.cu` -> `nms`.
+pub fn stem(f: &KernelFile) -> &'static str {
+    f.file.strip_suffix(".cu").unwrap_or(f.file)
+}
+
+/// The kernel file and its tests for `name`: an entry (`nms_mask_f32`), a file
+/// (`nms.cu`) or a stem (`nms`), as `kestrel kernels` lists them.
+pub fn tests_for(name: &str) -> Result<(&'static KernelFile, &'static KernelTests)> {
+    let file = KERNEL_FILES
+        .iter()
+        .find(|f| f.entries.contains(&name) || f.file == name || stem(f) == name)
+        .ok_or_else(|| Error::UnknownKernel(name.to_string()))?;
+    let tests = KERNEL_TESTS
+        .iter()
+        .find(|k| k.stem == stem(file))
+        .ok_or_else(|| {
+            Error::invalid(
+                "kernel-check",
+                format!(
+                    "{} has no entry in kestrel::device::kernels::KERNEL_TESTS",
+                    file.file
+                ),
+            )
+        })?;
+    Ok((file, tests))
+}

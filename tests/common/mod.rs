@@ -1,10 +1,16 @@
 //! Shared helpers for integration tests: fixture lookup, error metrics, devices.
 #![allow(dead_code)]
 
+pub mod reference;
+
+use std::collections::BTreeSet;
 use std::path::PathBuf;
 
+use kestrel::autograd::{Gradients, Tape};
 use kestrel::io::TensorFile;
-use kestrel::{Device, Tensor};
+use kestrel::rng::Rng;
+use kestrel::{Device, Result, Tensor};
+use serde_json::Value;
 
 /// `KESTREL_FIXTURES`, else ../shared/fixtures relative to the repository root.
 pub fn fixtures_dir() -> PathBuf {
@@ -101,4 +107,270 @@ pub fn rand_t(seed: u64, shape: &[usize]) -> Tensor {
 pub fn emulated() -> Device {
     kestrel::device::emu::device()
         .unwrap_or_else(|e| panic!("emulated CUDA device unavailable: {e}"))
+}
+
+/// Runs `check` on the emulated device and fails unless it launched a kernel from
+/// this thread: an emulated test that never reaches a kernel would pass without
+/// testing one (e.g. because the op fell back to the host).
+pub fn on_emulated(check: impl FnOnce(Device)) {
+    let dev = emulated();
+    kestrel::device::emu::take_thread_launches();
+    check(dev);
+    let launched = kestrel::device::emu::take_thread_launches();
+    assert!(
+        !launched.is_empty(),
+        "the emulated check launched no kernel: it tested the host, not a kernel"
+    );
+}
+
+/// One device-parametrised check, three tests. For each `name => check;` (where
+/// `check` is a `fn(Device)` or a closure taking the device) this makes a module
+/// `name` with the tests `cpu`, `emulated` (the CUDA code path on the emulated device,
+/// which must launch a kernel) and `cuda` (ignored: "needs a CUDA device"). A list in
+/// parentheses picks devices, e.g. `name(emulated, cuda) => check;` for a check that
+/// compares a device with the CPU. `emulated_errors` instead of `emulated` makes the
+/// same `emulated` test without the kernel requirement, for checks of error paths
+/// (inputs on two devices) that must fail before any launch. Filter with
+/// `cargo test --test T -- name::` or `-- emulated`.
+#[macro_export]
+macro_rules! device_tests {
+    ($($(#[doc = $doc:expr])* $name:ident $(($($dev:ident),+))? => $check:expr;)*) => {$(
+        $(#[doc = $doc])*
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+            $crate::device_tests!(@devs ($check) $($($dev),+)?);
+        }
+    )*};
+    (@devs ($check:expr)) => {
+        $crate::device_tests!(@devs ($check) cpu, emulated, cuda);
+    };
+    (@devs ($check:expr) $($dev:ident),+) => {
+        $($crate::device_tests!(@one $dev ($check));)+
+    };
+    (@one cpu ($check:expr)) => {
+        #[test]
+        fn cpu() {
+            ($check)(kestrel::Device::Cpu)
+        }
+    };
+    (@one emulated ($check:expr)) => {
+        #[test]
+        fn emulated() {
+            $crate::common::on_emulated(|d| ($check)(d))
+        }
+    };
+    (@one emulated_errors ($check:expr)) => {
+        #[test]
+        fn emulated() {
+            ($check)($crate::common::emulated())
+        }
+    };
+    (@one cuda ($check:expr)) => {
+        #[test]
+        #[ignore = "needs a CUDA device"]
+        fn cuda() {
+            ($check)($crate::common::cuda())
+        }
+    };
+}
+
+// ---------------------------------------------------------------- detection-op helpers
+
+/// Case names of a fixture file: the `<case>` prefixes of its tensor names.
+pub fn tensor_cases(f: &TensorFile) -> Vec<String> {
+    let set: BTreeSet<String> = f
+        .names()
+        .iter()
+        .filter_map(|n| n.rsplit_once('.').map(|(c, _)| c.to_string()))
+        .collect();
+    set.into_iter().collect()
+}
+
+/// `params[case]` of a fixture file (an empty object when the case has none).
+pub fn case_params(f: &TensorFile, case: &str) -> Value {
+    f.params()
+        .expect("params")
+        .get(case)
+        .cloned()
+        .unwrap_or(Value::Object(Default::default()))
+}
+
+pub fn f64_param(p: &Value, key: &str) -> f64 {
+    p[key]
+        .as_f64()
+        .unwrap_or_else(|| panic!("param {key} missing in {p}"))
+}
+
+pub fn on(t: &Tensor, device: Device) -> Tensor {
+    t.to_device(device).unwrap()
+}
+
+pub fn ints(t: &Tensor) -> Vec<i64> {
+    t.to_vec_i64().unwrap()
+}
+
+pub fn floats(t: &Tensor) -> Vec<f32> {
+    t.to_vec::<f32>().unwrap()
+}
+
+pub fn f32_t(v: Vec<f32>, shape: &[usize]) -> Tensor {
+    Tensor::from_vec(v, shape.to_vec()).unwrap()
+}
+
+/// An f64 CPU tensor of `v`.
+pub fn f64_t(v: Vec<f64>, shape: &[usize]) -> Tensor {
+    Tensor::from_vec(v, shape.to_vec()).unwrap()
+}
+
+pub fn i64_t(v: Vec<i64>) -> Tensor {
+    let n = v.len();
+    Tensor::from_vec_i64(v, [n]).unwrap()
+}
+
+/// Random boxes clustered like detector outputs: `n` boxes around `clusters`
+/// centres in an image of `w` x `h` pixels, with jittered sizes; scores in [0, 1).
+pub fn clustered_boxes(
+    seed: u64,
+    n: usize,
+    clusters: usize,
+    w: f64,
+    h: f64,
+) -> (Vec<f32>, Vec<f32>) {
+    let mut r = Rng::new(seed);
+    let centres: Vec<(f64, f64, f64, f64)> = (0..clusters.max(1))
+        .map(|_| {
+            let (bw, bh) = (r.range(8.0, w / 4.0), r.range(8.0, h / 4.0));
+            (r.range(0.0, w), r.range(0.0, h), bw, bh)
+        })
+        .collect();
+    let mut boxes = Vec::with_capacity(4 * n);
+    let mut scores = Vec::with_capacity(n);
+    for _ in 0..n {
+        let (cx, cy, bw, bh) = centres[r.below(centres.len() as u64) as usize];
+        let (jx, jy) = (r.normal() * 0.15 * bw, r.normal() * 0.15 * bh);
+        let (sw, sh) = (bw * r.range(0.7, 1.3), bh * r.range(0.7, 1.3));
+        let (x1, y1) = (cx + jx - sw / 2.0, cy + jy - sh / 2.0);
+        boxes.extend_from_slice(&[x1 as f32, y1 as f32, (x1 + sw) as f32, (y1 + sh) as f32]);
+        scores.push(r.uniform() as f32);
+    }
+    (boxes, scores)
+}
+
+// ---------------------------------------------------------------- op-test helpers
+
+/// An f32 tensor of `v` on `device`.
+pub fn f32_on(v: &[f64], shape: &[usize], device: Device) -> Tensor {
+    let v32: Vec<f32> = v.iter().map(|&x| x as f32).collect();
+    Tensor::from_vec(v32, shape.to_vec())
+        .unwrap()
+        .to_device(device)
+        .unwrap()
+}
+
+pub fn i64_on(v: &[i64], device: Device) -> Tensor {
+    Tensor::from_vec_i64(v.to_vec(), [v.len()])
+        .unwrap()
+        .to_device(device)
+        .unwrap()
+}
+
+/// Run `f` on a tape watching `inputs[wrt]`, backpropagate `gy` (ones for a scalar
+/// when `None`), return the output and the gradients of `inputs[wrt]`.
+pub fn run_with_grads(
+    f: impl Fn(&[Tensor]) -> Result<Tensor>,
+    inputs: &[Tensor],
+    wrt: &[usize],
+    gy: Option<Tensor>,
+) -> (Tensor, Vec<Tensor>) {
+    let tape = Tape::new();
+    for &i in wrt {
+        tape.watch(&inputs[i]);
+    }
+    let y = {
+        let _g = tape.activate();
+        f(inputs).unwrap()
+    };
+    let grads = match gy {
+        None => tape.backward(&y),
+        Some(g) => tape.backward_with(&y, g),
+    }
+    .unwrap();
+    let gs = wrt
+        .iter()
+        .map(|&i| grads.expect(&inputs[i]).unwrap().clone())
+        .collect();
+    (y, gs)
+}
+
+pub fn assert_vec_close(what: &str, got: &[f64], want: &[f64], tol: f64) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    let e = rel_err(got, want);
+    assert!(
+        e <= tol,
+        "{what}: relative error {e:.3e} > {tol:.1e} (got {:?}, want {:?})",
+        &got[..got.len().min(4)],
+        &want[..want.len().min(4)]
+    );
+}
+
+pub fn assert_err_mentions(r: Result<Tensor>, words: &[&str]) {
+    let msg = match r {
+        Ok(t) => panic!("expected an error mentioning {words:?}, got {t:?}"),
+        Err(e) => e.to_string(),
+    };
+    for w in words {
+        assert!(msg.contains(w), "error `{msg}` does not mention `{w}`");
+    }
+}
+
+/// Run `f` on a fresh tape watching `inputs`; return its output and the gradients of
+/// `sum(y * gy)`.
+pub fn with_grads(
+    inputs: &[&Tensor],
+    gy: &Tensor,
+    f: impl FnOnce() -> kestrel::Result<Tensor>,
+) -> (Tensor, Gradients) {
+    let tape = Tape::new();
+    for t in inputs {
+        tape.watch(t);
+    }
+    let y = {
+        let _g = tape.activate();
+        f().unwrap()
+    };
+    let grads = tape.backward_with(&y, gy.clone()).unwrap();
+    (y, grads)
+}
+
+/// `t` as f32 on `dev`.
+pub fn tensor_f32_on(t: &Tensor, dev: Device) -> Tensor {
+    t.to_dtype(kestrel::DType::F32)
+        .unwrap()
+        .to_device(dev)
+        .unwrap()
+}
+
+/// `r` is an error whose message names `op`.
+pub fn assert_err(what: &str, r: kestrel::Result<impl std::fmt::Debug>, op: &str) {
+    match r {
+        Ok(v) => panic!("{what}: expected an error, got {v:?}"),
+        Err(e) => assert!(
+            e.to_string().contains(op),
+            "{what}: error does not name {op}: {e}"
+        ),
+    }
+}
+
+/// `got` (any float tensor) within relative error `tol` of the f64 values `want`.
+pub fn assert_tensor_close(what: &str, got: &Tensor, want: &[f64], tol: f64) {
+    let g = got.to_vec::<f64>().unwrap();
+    assert_eq!(g.len(), want.len(), "{what}: length");
+    let e = rel_err(&g, want);
+    assert!(
+        e <= tol,
+        "{what}: relative error {e:.3e} > {tol:.1e} (got {:?}, want {:?})",
+        &g[..g.len().min(4)],
+        &want[..want.len().min(4)]
+    );
 }

@@ -1,18 +1,16 @@
-//! conv2d, linear and matmul: parity with PyTorch (fixtures), f64 gradient checks, a
-//! direct-loop reference for the chunked code paths, and error cases. CUDA variants of
-//! the device checks are ignored ("needs a CUDA device") and run on a GPU (or the emulated device).
+//! conv2d (kernels/conv.cu: im2col/col2im; the GEMM in matmul.cu): parity with
+//! PyTorch (fixture ops/conv2d), a direct-loop f64 reference for the chunked code
+//! paths, f64 gradient checks, and error cases, on the CPU, the emulated device and CUDA.
 
 mod common;
 
+use common::*;
 use kestrel::autograd::{gradcheck, Tape};
 use kestrel::ops::conv2d::{
     conv2d, conv2d_backward, conv2d_backward_bias, conv2d_backward_input, conv2d_backward_weight,
     conv2d_forward, Conv2dParams,
 };
-use kestrel::ops::linear::{linear, matmul};
 use kestrel::{DType, Device, Error, Tensor};
-
-use common::{assert_close, cases, fixture, rand_t};
 
 const FWD_TOL: f64 = 1e-5;
 const GRAD_TOL: f64 = 1e-4;
@@ -83,67 +81,8 @@ fn check_conv2d_on(dev: Device) {
     }
 }
 
-/// Every linear fixture case on `dev`.
-fn check_linear_on(dev: Device) {
-    let f = fixture("ops/linear.safetensors");
-    let names = cases(&f);
-    assert!(!names.is_empty(), "linear fixture has no cases");
-    for case in names {
-        let get = |n: &str| f.tensor(&format!("{case}.{n}")).unwrap();
-        let on = |n: &str| get(n).to_device(dev).unwrap();
-        let (x, w, b, gy) = (on("x"), on("w"), on("b"), on("gy"));
-        let tape = Tape::new();
-        for t in [&x, &w, &b] {
-            tape.watch(t);
-        }
-        let y = {
-            let _g = tape.activate();
-            linear(&x, &w, Some(&b)).unwrap()
-        };
-        assert_eq!(y.device(), dev, "{case}: output device");
-        assert_close(&format!("linear {case} y"), &y, &get("y"), FWD_TOL);
-        let grads = tape.backward_with(&y, gy).unwrap();
-        assert_close(
-            &format!("linear {case} gx"),
-            grads.expect(&x).unwrap(),
-            &get("gx"),
-            GRAD_TOL,
-        );
-        assert_close(
-            &format!("linear {case} gw"),
-            grads.expect(&w).unwrap(),
-            &get("gw"),
-            GRAD_TOL,
-        );
-        assert_close(
-            &format!("linear {case} gb"),
-            grads.expect(&b).unwrap(),
-            &get("gb"),
-            GRAD_TOL,
-        );
-    }
-}
-
-#[test]
-fn conv2d_matches_torch_cpu() {
-    check_conv2d_on(Device::Cpu);
-}
-
-#[test]
-fn linear_matches_torch_cpu() {
-    check_linear_on(Device::Cpu);
-}
-
-#[test]
-#[ignore = "needs a CUDA device"]
-fn conv2d_matches_torch_cuda() {
-    check_conv2d_on(common::cuda());
-}
-
-#[test]
-#[ignore = "needs a CUDA device"]
-fn linear_matches_torch_cuda() {
-    check_linear_on(common::cuda());
+crate::device_tests! {
+    conv2d_matches_torch => check_conv2d_on;
 }
 
 // ---------------------------------------------------------------------------------
@@ -205,12 +144,6 @@ fn direct_conv(x: &Tensor, w: &Tensor, gy: &Tensor, p: &Conv2dParams) -> Direct 
     d
 }
 
-fn assert_vec_close(what: &str, got: &Tensor, want: &[f64], tol: f64) {
-    let g = got.to_vec::<f64>().unwrap();
-    let e = common::rel_err(&g, want);
-    assert!(e <= tol, "{what}: relative error {e:.3e} > {tol:.1e}");
-}
-
 /// conv2d (f32 on `dev`) and its backward pieces against [`direct_conv`].
 fn compare_with_direct(
     dev: Device,
@@ -234,21 +167,21 @@ fn compare_with_direct(
     for (i, v) in d.y.iter_mut().enumerate() {
         *v += bs[(i / plane) % bs.len()];
     }
-    assert_vec_close(&format!("y, {what}"), &y, &d.y, FWD_TOL);
+    assert_tensor_close(&format!("y, {what}"), &y, &d.y, FWD_TOL);
     let g = conv2d_backward(&x, &w, &gy, &p, [true, true, true]).unwrap();
-    assert_vec_close(
+    assert_tensor_close(
         &format!("gx, {what}"),
         g.gx.as_ref().unwrap(),
         &d.gx,
         GRAD_TOL,
     );
-    assert_vec_close(
+    assert_tensor_close(
         &format!("gw, {what}"),
         g.gw.as_ref().unwrap(),
         &d.gw,
         GRAD_TOL,
     );
-    assert_vec_close(
+    assert_tensor_close(
         &format!("gb, {what}"),
         g.gb.as_ref().unwrap(),
         &d.gb,
@@ -301,15 +234,8 @@ fn check_conv2d_vs_direct_on(dev: Device) {
     );
 }
 
-#[test]
-fn conv2d_matches_direct_reference_cpu() {
-    check_conv2d_vs_direct_on(Device::Cpu);
-}
-
-#[test]
-#[ignore = "needs a CUDA device"]
-fn conv2d_matches_direct_reference_cuda() {
-    check_conv2d_vs_direct_on(common::cuda());
+crate::device_tests! {
+    conv2d_matches_direct_reference => check_conv2d_vs_direct_on;
 }
 
 /// Shapes whose im2col slices exceed one CPU task's budget: several column chunks in
@@ -386,78 +312,6 @@ fn conv2d_gradcheck() {
                 .unwrap_or_else(|e| panic!("conv2d x {xd:?} w {wd:?} {p:?}: {e}"));
         }
     }
-}
-
-#[test]
-fn linear_gradcheck() {
-    for (seed, (n, fin, fout)) in [(1, 4, 3), (5, 7, 2), (3, 1, 6)].into_iter().enumerate() {
-        let s = 1000 + seed as u64 * 10;
-        let inputs = [
-            rand_t(s, &[n, fin]),
-            rand_t(s + 1, &[fout, fin]),
-            rand_t(s + 2, &[fout]),
-        ];
-        gradcheck(
-            |t| linear(&t[0], &t[1], Some(&t[2])),
-            &inputs,
-            &[0, 1, 2],
-            s + 3,
-            1e-6,
-            1e-6,
-        )
-        .unwrap_or_else(|e| panic!("linear [{n}, {fin}] -> {fout}: {e}"));
-        gradcheck(
-            |t| linear(&t[0], &t[1], None),
-            &inputs[..2],
-            &[0, 1],
-            s + 4,
-            1e-6,
-            1e-6,
-        )
-        .unwrap_or_else(|e| panic!("linear without bias [{n}, {fin}] -> {fout}: {e}"));
-    }
-}
-
-#[test]
-fn matmul_gradcheck() {
-    for (seed, (m, k, n)) in [(3, 4, 5), (1, 6, 2), (4, 1, 3)].into_iter().enumerate() {
-        let s = 2000 + seed as u64 * 10;
-        let inputs = [rand_t(s, &[m, k]), rand_t(s + 1, &[k, n])];
-        gradcheck(
-            |t| matmul(&t[0], &t[1]),
-            &inputs,
-            &[0, 1],
-            s + 2,
-            1e-6,
-            1e-6,
-        )
-        .unwrap_or_else(|e| panic!("matmul [{m}, {k}] @ [{k}, {n}]: {e}"));
-    }
-}
-
-/// matmul against the definition (f32 on `dev`).
-fn check_matmul_on(dev: Device) {
-    let (m, k, n) = (37, 70, 29);
-    let (a, b) = (rand_t(1, &[m, k]), rand_t(2, &[k, n]));
-    let (av, bv) = (a.to_vec::<f64>().unwrap(), b.to_vec::<f64>().unwrap());
-    let want: Vec<f64> = (0..m * n)
-        .map(|i| (0..k).map(|l| av[i / n * k + l] * bv[l * n + i % n]).sum())
-        .collect();
-    let on = |t: &Tensor| t.to_dtype(DType::F32).unwrap().to_device(dev).unwrap();
-    let y = matmul(&on(&a), &on(&b)).unwrap();
-    assert_eq!(y.dims(), [m, n]);
-    assert_vec_close("matmul", &y, &want, FWD_TOL);
-}
-
-#[test]
-fn matmul_matches_definition_cpu() {
-    check_matmul_on(Device::Cpu);
-}
-
-#[test]
-#[ignore = "needs a CUDA device"]
-fn matmul_matches_definition_cuda() {
-    check_matmul_on(common::cuda());
 }
 
 // ---------------------------------------------------------------------------------
@@ -600,58 +454,18 @@ fn conv2d_backward_pieces_reject_bad_gradients() {
         "gb",
         "conv2d_backward_bias",
     );
-    let g = conv2d_backward(&x, &w, &rand_t(3, &[1, 4, 6, 6]), &p, [false, false, true]).unwrap();
+    let gy = rand_t(3, &[1, 4, 6, 6]);
+    let g = conv2d_backward(&x, &w, &gy, &p, [false, false, true]).unwrap();
     assert!(g.gx.is_none() && g.gw.is_none());
-    assert_eq!(g.gb.unwrap().dims(), [4]);
-}
-
-#[test]
-fn linear_and_matmul_reject_bad_inputs() {
-    let x = rand_t(1, &[2, 5]);
-    let w = rand_t(2, &[3, 5]);
-    shape_err(
-        linear(&x, &rand_t(2, &[3, 4]), None),
-        "feature mismatch",
-        "linear",
+    // The bias gradient is gy summed over batch and positions, per output channel.
+    let gyv = gy.to_vec::<f64>().unwrap();
+    let want: Vec<f64> = gyv.chunks(36).map(|c| c.iter().sum()).collect();
+    let gb = g.gb.unwrap();
+    assert_eq!(gb.dims(), [4]);
+    assert_close(
+        "bias gradient",
+        &gb,
+        &Tensor::from_vec(want, [4]).unwrap(),
+        1e-12,
     );
-    shape_err(linear(&rand_t(1, &[5]), &w, None), "rank-1 input", "linear");
-    shape_err(
-        linear(&rand_t(1, &[1, 2, 5]), &w, None),
-        "rank-3 input",
-        "linear",
-    );
-    shape_err(
-        linear(&x, &w, Some(&rand_t(3, &[4]))),
-        "bias length",
-        "linear",
-    );
-    let w32 = w.to_dtype(DType::F32).unwrap();
-    assert!(
-        matches!(linear(&x, &w32, None), Err(Error::DType { .. })),
-        "mixed dtypes"
-    );
-    shape_err(matmul(&x, &rand_t(2, &[4, 3])), "inner mismatch", "matmul");
-    shape_err(matmul(&x, &rand_t(2, &[5])), "rank-1 operand", "matmul");
-}
-
-// The CUDA paths above, on the emulated device (kernels run on the host).
-
-#[test]
-fn conv2d_matches_torch_emulated() {
-    check_conv2d_on(common::emulated());
-}
-
-#[test]
-fn linear_matches_torch_emulated() {
-    check_linear_on(common::emulated());
-}
-
-#[test]
-fn conv2d_matches_direct_reference_emulated() {
-    check_conv2d_vs_direct_on(common::emulated());
-}
-
-#[test]
-fn matmul_matches_definition_emulated() {
-    check_matmul_on(common::emulated());
 }
