@@ -434,7 +434,16 @@ fn sharded_evaluation_equals_single_device() {
 fn ddp_on_emulated_devices_equals_single_process_average() {
     let dev = kestrel::device::emu::device().expect("emulated device");
     let dir = tmp("emu");
-    let out = run_world_on(dev, 2, &dir, 1, 1, false, Duration::from_secs(600), no_extra);
+    let out = run_world_on(
+        dev,
+        2,
+        &dir,
+        1,
+        1,
+        false,
+        Duration::from_secs(600),
+        no_extra,
+    );
     let got: Vec<Vec<Vec<f32>>> = out.into_iter().map(|r| r.unwrap()).collect();
     assert!(got[1] == got[0], "the ranks disagree");
     let want = reference_on(dev, 2, 1);
