@@ -34,6 +34,9 @@ for l in sys.stdin:
         print(m["executable"])' | while read -r exe; do cp "$exe" "$STAGE/bench/$(basename "$exe" | sed 's/-[0-9a-f]*$//')"; done
   # The in-repo fixture set (tests/fixtures) is near the 64 MiB a call may carry: the ops part.
   mkdir -p "$STAGE/fixtures"; cp -r tests/fixtures/ops tests/fixtures/cocoeval "$STAGE/fixtures/"
+  # Data-parallel check: the CLI with NCCL (libnccl is loaded at run time there).
+  cargo build --release --features nccl --bin kestrel
+  cp target/release/kestrel "$STAGE/kestrel-nccl"
   du -sh "$STAGE"
 }
 
@@ -49,6 +52,12 @@ run() {
     if "$t" --include-ignored --test-threads=1 > "$out/test-$name.log" 2>&1; then s=ok; else s=FAIL; fi
     printf '%-28s %-5s %s\n' "test:$name" "$s" "$(grep -E '^test result' "$out/test-$name.log" | tail -1)" >> "$table"
   done
+  # A world of one over NCCL, end to end (launcher, rendezvous, NCCL id, bucketed
+  # all-reduce, checkpoint, sharded evaluation); falls back to TCP, and says so, when
+  # libnccl is absent.
+  if MASTER_PORT=29531 KESTREL_DIST_TIMEOUT=120 "$STAGE/kestrel-nccl" train scripts/dist_world1.toml --gpus 1 \
+      > "$out/dist-world1.log" 2>&1; then s=ok; else s=FAIL; fi
+  printf '%-28s %-5s %s\n' "dist:world1" "$s" "$(grep -m1 -E 'collective' "$out/dist-world1.log")" >> "$table"
   for b in "$STAGE"/bench/*; do
     local name; name="$(basename "$b")"
     [ "$name" = tc_conv ] && continue  # timed below, beside torch

@@ -83,6 +83,11 @@ pub enum Error {
     /// checkpoint that does not fit the model.
     #[error("training stopped: {0}")]
     Training(String),
+
+    /// A collective of a data-parallel group failed: a rank did not arrive within the
+    /// timeout, died, or called a different collective. The message names the rank.
+    #[error("distributed: {0}")]
+    Distributed(String),
 }
 
 /// `Result` with Kestrel's [`Error`].

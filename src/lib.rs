@@ -25,6 +25,7 @@ pub mod data;
 pub mod detection;
 #[allow(missing_docs)]
 pub mod device;
+pub mod dist;
 #[allow(missing_docs)]
 pub mod error;
 pub mod eval;

@@ -9,6 +9,7 @@
 
 pub mod bench;
 pub mod commands;
+pub mod dist;
 pub mod eval;
 pub mod kernel_check;
 pub mod model;

@@ -36,7 +36,28 @@ struct TapeInner {
     tracked: HashSet<TensorId>,
     /// The tensors given to [`Tape::watch`]: the gradients `backward` returns.
     watched: HashSet<TensorId>,
+    grad_hook: Option<GradHook>,
 }
+
+/// A watched tensor's gradient has become final during [`Tape::backward`]: no op still
+/// to be backpropagated uses the tensor. Data-parallel training starts averaging a
+/// bucket of gradients across devices as soon as all of its gradients are final.
+pub struct GradReady<'a> {
+    /// The watched tensor.
+    pub id: TensorId,
+    /// dL/d(tensor), final.
+    pub grad: &'a Tensor,
+    /// Backward closures run so far, including the one that completed this gradient.
+    pub ops_done: usize,
+    /// Backward closures the pass runs in all (recorded ops).
+    pub ops_total: usize,
+    /// The op whose backward completed it.
+    pub op: &'static str,
+}
+
+/// Called for each watched tensor when its gradient is final (see [`GradReady`]); an
+/// error stops the backward pass and is returned by it.
+pub type GradHook = Box<dyn FnMut(GradReady<'_>) -> Result<()> + Send>;
 
 /// Records backward closures of the ops run while it is active.
 #[derive(Clone, Default)]
@@ -105,6 +126,14 @@ impl Tape {
         inner.watched.insert(t.id());
     }
 
+    /// Call `hook` during the next backward pass for each watched tensor as soon as
+    /// its gradient is final (after the backward of the earliest recorded op that
+    /// uses it), before the rest of the pass runs. A watched tensor no recorded op
+    /// uses gets no call.
+    pub fn on_grad_ready(&self, hook: GradHook) {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).grad_hook = Some(hook);
+    }
+
     /// Make this the active tape of the current thread until the guard drops.
     pub fn activate(&self) -> TapeGuard {
         let previous = ACTIVE.with(|a| a.borrow_mut().replace(self.clone()));
@@ -149,14 +178,32 @@ impl Tape {
                 output.shape()
             )));
         }
-        let (nodes, tracked, watched) = {
+        let (nodes, tracked, watched, mut hook) = {
             let mut inner = self.0.lock().unwrap_or_else(|p| p.into_inner());
             (
                 std::mem::take(&mut inner.nodes),
                 inner.tracked.clone(),
                 inner.watched.clone(),
+                inner.grad_hook.take(),
             )
         };
+        // For the hook: node index -> the leaves whose earliest use is that node (their
+        // gradient is final once its backward has run).
+        let mut finals: HashMap<usize, Vec<TensorId>> = HashMap::new();
+        if hook.is_some() {
+            let mut first_use: HashMap<TensorId, usize> = HashMap::new();
+            for (i, node) in nodes.iter().enumerate() {
+                for id in &node.inputs {
+                    if watched.contains(id) {
+                        first_use.entry(*id).or_insert(i);
+                    }
+                }
+            }
+            for (id, i) in first_use {
+                finals.entry(i).or_default().push(id);
+            }
+        }
+        let ops_total = nodes.len();
         if !tracked.contains(&output.id()) {
             return Err(Error::Autograd(
                 "the output does not depend on any watched tensor through recorded ops".into(),
@@ -165,35 +212,49 @@ impl Tape {
         no_grad(|| {
             let mut grads: HashMap<TensorId, Tensor> = HashMap::new();
             grads.insert(output.id(), grad);
-            for node in nodes.into_iter().rev() {
+            for (done, (index, node)) in nodes.into_iter().enumerate().rev().enumerate() {
+                let op = node.op;
+                // A gradient nobody watches is dropped once its producer has read it.
                 let g = if watched.contains(&node.output) {
                     grads.get(&node.output).cloned()
                 } else {
                     grads.remove(&node.output)
                 };
-                let Some(g) = g else {
-                    continue;
-                };
-                let needs: Vec<bool> = node.inputs.iter().map(|i| tracked.contains(i)).collect();
-                let op = node.op;
-                let gin = (node.backward)(&g, &needs)?;
-                if gin.len() != node.inputs.len() {
-                    return Err(Error::Autograd(format!(
-                        "{op} backward returned {} gradients for {} inputs",
-                        gin.len(),
-                        node.inputs.len()
-                    )));
-                }
-                for ((id, gi), need) in node.inputs.iter().zip(gin).zip(needs) {
-                    let Some(gi) = gi else { continue };
-                    if !need {
-                        continue;
+                if let Some(g) = g {
+                    let needs: Vec<bool> =
+                        node.inputs.iter().map(|i| tracked.contains(i)).collect();
+                    let gin = (node.backward)(&g, &needs)?;
+                    if gin.len() != node.inputs.len() {
+                        return Err(Error::Autograd(format!(
+                            "{op} backward returned {} gradients for {} inputs",
+                            gin.len(),
+                            node.inputs.len()
+                        )));
                     }
-                    let acc = match grads.remove(id) {
-                        Some(prev) => crate::ops::add(&prev, &gi)?,
-                        None => gi,
-                    };
-                    grads.insert(*id, acc);
+                    for ((id, gi), need) in node.inputs.iter().zip(gin).zip(needs) {
+                        let Some(gi) = gi else { continue };
+                        if !need {
+                            continue;
+                        }
+                        let acc = match grads.remove(id) {
+                            Some(prev) => crate::ops::add(&prev, &gi)?,
+                            None => gi,
+                        };
+                        grads.insert(*id, acc);
+                    }
+                }
+                if let (Some(hook), Some(ids)) = (hook.as_mut(), finals.get(&index)) {
+                    for id in ids {
+                        if let Some(grad) = grads.get(id) {
+                            hook(GradReady {
+                                id: *id,
+                                grad,
+                                ops_done: done + 1,
+                                ops_total,
+                                op,
+                            })?;
+                        }
+                    }
                 }
                 // `g` and the node's closure (its saved tensors) drop here.
             }

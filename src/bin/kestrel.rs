@@ -17,6 +17,69 @@ struct Cli {
     cmd: Cmd,
 }
 
+/// Data-parallel flags of `kestrel train` (see README, "Many GPUs").
+#[derive(clap::Args, Clone, Debug, Default)]
+struct DistFlags {
+    /// Start one worker process per local GPU (N of them) and wait for them.
+    #[arg(long)]
+    gpus: Option<usize>,
+    /// With --gpus: number of nodes (each runs the same command).
+    #[arg(long, default_value_t = 1)]
+    nnodes: usize,
+    /// With --gpus: this node's index, 0..nnodes.
+    #[arg(long, default_value_t = 0)]
+    node_rank: usize,
+    /// Ranks in the world (overrides WORLD_SIZE).
+    #[arg(long, alias = "WORLD_SIZE")]
+    world_size: Option<usize>,
+    /// This worker's rank (overrides RANK).
+    #[arg(long, alias = "RANK")]
+    rank: Option<usize>,
+    /// This worker's GPU on its node (overrides LOCAL_RANK).
+    #[arg(long, alias = "LOCAL_RANK")]
+    local_rank: Option<usize>,
+    /// Host of rank 0 (overrides MASTER_ADDR).
+    #[arg(long, alias = "MASTER_ADDR")]
+    master_addr: Option<String>,
+    /// Rendezvous port of rank 0 (overrides MASTER_PORT).
+    #[arg(long, alias = "MASTER_PORT")]
+    master_port: Option<u16>,
+}
+
+/// `kestrel train`: the launcher with --gpus, a worker when a world is given (flags or
+/// torchrun/SLURM variables), else a single-process run.
+fn train(
+    config: &std::path::Path,
+    resume: bool,
+    device: Option<&str>,
+    f: DistFlags,
+) -> kestrel::Result<()> {
+    let args = kestrel::app::dist::DistArgs {
+        gpus: f.gpus,
+        nnodes: f.nnodes,
+        node_rank: f.node_rank,
+        world_size: f.world_size,
+        rank: f.rank,
+        local_rank: f.local_rank,
+        master_addr: f.master_addr,
+        master_port: f.master_port,
+    };
+    if args.gpus.is_some() {
+        let mut fwd = vec!["train".to_string(), config.display().to_string()];
+        if resume {
+            fwd.push("--resume".into());
+        }
+        if let Some(d) = device {
+            fwd.extend(["--device".to_string(), d.to_string()]);
+        }
+        return kestrel::app::dist::launch_local(&args, &fwd);
+    }
+    match args.rendezvous()? {
+        Some(rdv) => kestrel::app::dist::train_worker(config, resume, device, &rdv),
+        None => commands::train(config, resume, device),
+    }
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// List every kernel entry point, its file, whether it is nvcc PTX or NVRTC
@@ -82,6 +145,8 @@ enum Cmd {
         /// auto, cpu or cuda:N (default: the config's runtime.device).
         #[arg(long)]
         device: Option<String>,
+        #[command(flatten)]
+        dist: DistFlags,
     },
     /// Evaluate a checkpoint on a config's validation set (pycocotools summary).
     Eval {
@@ -191,7 +256,8 @@ fn main() {
             config,
             resume,
             device,
-        } => commands::train(&config, resume, device.as_deref()),
+            dist,
+        } => train(&config, resume, device.as_deref(), dist),
         Cmd::Eval {
             config,
             checkpoint,

@@ -16,6 +16,7 @@ use std::thread::JoinHandle;
 
 use serde::{Deserialize, Serialize};
 
+use super::sampler::Shard;
 use super::transforms::random_hflip;
 use super::Sample;
 use crate::error::{Error, Result};
@@ -106,6 +107,7 @@ pub struct Batch {
 pub struct Loader {
     dataset: Arc<dyn Dataset>,
     cfg: LoaderConfig,
+    shard: Shard,
 }
 
 impl Loader {
@@ -127,7 +129,36 @@ impl Loader {
                 format!("hflip_prob {}", cfg.hflip_prob),
             ));
         }
-        Ok(Loader { dataset, cfg })
+        Ok(Loader {
+            dataset,
+            cfg,
+            shard: Shard::default(),
+        })
+    }
+
+    /// This loader reading only `shard`'s part of each epoch (data-parallel training,
+    /// see [`Shard`]): every rank shuffles the same way and takes its stride of the
+    /// padded order. Batches, positions and [`LoaderState`] count this rank's batches,
+    /// which are as many on every rank, so one state describes the whole world.
+    pub fn sharded(mut self, shard: Shard) -> Result<Loader> {
+        Shard::new(shard.rank, shard.world_size)?;
+        let n = shard.len(self.dataset.len());
+        if n == 0 || (self.cfg.drop_last && n < self.cfg.batch_size) {
+            return Err(Error::invalid(
+                "Loader",
+                format!(
+                    "a shard of {n} samples (rank {} of {}) makes no batch of {}",
+                    shard.rank, shard.world_size, self.cfg.batch_size
+                ),
+            ));
+        }
+        self.shard = shard;
+        Ok(self)
+    }
+
+    /// The part of each epoch this loader reads.
+    pub fn shard(&self) -> Shard {
+        self.shard
     }
 
     /// The settings.
@@ -142,7 +173,7 @@ impl Loader {
 
     /// Batches per epoch.
     pub fn batches_per_epoch(&self) -> usize {
-        let (n, b) = (self.dataset.len(), self.cfg.batch_size);
+        let (n, b) = (self.shard.len(self.dataset.len()), self.cfg.batch_size);
         if self.cfg.drop_last {
             n / b
         } else {
@@ -150,8 +181,19 @@ impl Loader {
         }
     }
 
-    /// The order of dataset indices in epoch `epoch`.
+    /// The dataset indices this loader reads in epoch `epoch`, in order: the epoch's
+    /// order restricted to the loader's shard.
     pub fn order(&self, epoch: u64) -> Vec<usize> {
+        let order = self.full_order(epoch);
+        if self.shard.world_size > 1 {
+            self.shard.select(&order)
+        } else {
+            order
+        }
+    }
+
+    /// The order of every dataset index in epoch `epoch` (the same on every rank).
+    pub fn full_order(&self, epoch: u64) -> Vec<usize> {
         let n = self.dataset.len();
         let mut order: Vec<usize> = (0..n).collect();
         if self.cfg.shuffle {

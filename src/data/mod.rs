@@ -8,6 +8,7 @@
 pub mod coco;
 pub mod image_io;
 pub mod loader;
+pub mod sampler;
 pub mod shapes;
 pub mod transforms;
 
@@ -17,6 +18,7 @@ use crate::error::Error;
 
 pub use coco::{CocoDataset, CocoOptions, VerifyImages};
 pub use loader::{Batch, Batches, Dataset, InMemory, Loader, LoaderConfig, LoaderState};
+pub use sampler::Shard;
 pub use shapes::{generate_shapes, generate_shapes_in_memory, ShapesConfig, ShapesData};
 pub use transforms::hflip;
 

@@ -30,6 +30,7 @@
 //! ```
 
 mod data;
+mod grad_sync;
 mod hook;
 pub mod hooks;
 mod log_buffer;
@@ -41,6 +42,7 @@ mod runner;
 mod state;
 
 pub use data::{epoch_permutation, DataLoader, VecLoader};
+pub use grad_sync::GradSync;
 pub use hook::{Hook, Stage};
 pub use log_buffer::LogBuffer;
 pub use log_sink::LogSink;

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use super::hook::{dispatch, Hook, Stage};
 use super::log_buffer::LogBuffer;
 use super::log_sink::LogSink;
-use super::{DataLoader, Model, Optimizer, Priority};
+use super::{DataLoader, GradSync, Model, Optimizer, Priority};
 use crate::autograd::Tape;
 use crate::error::{Error, Result};
 use crate::ops;
@@ -96,6 +96,10 @@ pub struct Runner<M: Model> {
     pub metrics: Vec<(String, f64)>,
     /// Text output: stdout (or above the progress bar) and `work_dir/log.txt`.
     pub log: LogSink,
+    /// False on the ranks of a data-parallel group other than rank 0: [`Runner::run`]
+    /// then writes no `log.txt` (rank 0 writes logs and checkpoints for the world).
+    pub main_process: bool,
+    grad_sync: Option<Box<dyn GradSync>>,
     train_loader: Option<Box<dyn DataLoader<Batch = M::Batch>>>,
     val_loader: Option<Box<dyn DataLoader<Batch = M::Batch>>>,
     schedule: Schedule,
@@ -136,6 +140,8 @@ impl<M: Model> Runner<M> {
             grads: Vec::new(),
             metrics: Vec::new(),
             log: LogSink::default(),
+            main_process: true,
+            grad_sync: None,
             train_loader: None,
             val_loader: None,
             schedule,
@@ -157,6 +163,20 @@ impl<M: Model> Runner<M> {
     pub fn set_train_loader(&mut self, loader: Box<dyn DataLoader<Batch = M::Batch>>) {
         self.train_loader = Some(loader);
         self.train_started = false;
+    }
+
+    /// Average gradients across data-parallel ranks in every [`Runner::backward`]
+    /// (see `kestrel::dist::distribute_runner`).
+    pub fn set_grad_sync(&mut self, sync: Option<Box<dyn GradSync>>) {
+        self.grad_sync = sync;
+    }
+
+    /// Remove the hooks named `name` (e.g. `CheckpointHook` on ranks other than 0);
+    /// returns how many were removed.
+    pub fn remove_hooks(&mut self, name: &str) -> usize {
+        let before = self.hooks.len();
+        self.hooks.retain(|h| h.name != name);
+        before - self.hooks.len()
     }
 
     /// Set the validation loader (used by `Val` workflow phases).
@@ -336,7 +356,9 @@ impl<M: Model> Runner<M> {
             path: self.work_dir.clone(),
             source,
         })?;
-        self.log.set_file(Some(self.work_dir.join("log.txt")));
+        if self.main_process {
+            self.log.set_file(Some(self.work_dir.join("log.txt")));
+        }
         self.log.line(&format!(
             "Start running: work_dir {}, workflow {:?}, {}, from epoch {} iter {}",
             self.work_dir.display(),
@@ -631,13 +653,22 @@ impl<M: Model> Runner<M> {
             loss.dtype(),
             loss.device(),
         )?;
+        if let Some(sync) = self.grad_sync.as_mut() {
+            sync.attach(&tape, &params)?;
+        }
         let grads = tape.backward_with(&loss, seed)?;
+        let mut step: Vec<Option<Tensor>> = params.iter().map(|p| grads.get(p).cloned()).collect();
+        if let Some(sync) = self.grad_sync.as_mut() {
+            // Every step is averaged, also within gradient accumulation: the average
+            // of sums equals the sum of averages.
+            sync.finish(&mut step)?;
+        }
         self.ensure_grads(params.len())?;
-        for (slot, p) in self.grads.iter_mut().zip(&params) {
-            if let Some(g) = grads.get(p) {
+        for (slot, g) in self.grads.iter_mut().zip(step) {
+            if let Some(g) = g {
                 *slot = Some(match slot.take() {
-                    Some(prev) => ops::add(&prev, g)?,
-                    None => g.clone(),
+                    Some(prev) => ops::add(&prev, &g)?,
+                    None => g,
                 });
             }
         }
