@@ -110,6 +110,7 @@ pub struct Runner<M: Model> {
     hooks: Vec<HookEntry<M>>,
     initial_lr: f64,
     seed: u64,
+    work_dir_lock: Option<super::WorkDirLock>,
 }
 
 impl<M: Model> Runner<M> {
@@ -150,7 +151,14 @@ impl<M: Model> Runner<M> {
             hooks: Vec::new(),
             initial_lr,
             seed,
+            work_dir_lock: None,
         }
+    }
+
+    /// Hold `lock` (from [`super::prepare_work_dir`] on this runner's work_dir) for as
+    /// long as the runner lives, so that [`Runner::run`] does not take it again.
+    pub fn hold_work_dir_lock(&mut self, lock: super::WorkDirLock) {
+        self.work_dir_lock = Some(lock);
     }
 
     /// Set the training loader.
@@ -332,11 +340,26 @@ impl<M: Model> Runner<M> {
     /// resumed runner starts where the checkpoint left it, also within the workflow.
     pub fn run(&mut self, workflow: &[(Mode, usize)]) -> Result<()> {
         self.check_workflow(workflow)?;
-        std::fs::create_dir_all(&self.work_dir).map_err(|source| Error::Io {
-            path: self.work_dir.clone(),
-            source,
-        })?;
+        // One run per work_dir at a time: a second one would mix checkpoints and logs.
+        let held = self
+            .work_dir_lock
+            .as_ref()
+            .is_some_and(|l| l.path().parent() == Some(self.work_dir.as_path()));
+        let _lock = if held {
+            None
+        } else {
+            Some(super::WorkDirLock::acquire(&self.work_dir)?)
+        };
+        // Temporary files of checkpoint writes an earlier run did not finish (killed,
+        // disk full): with the lock held, nobody else is writing them.
+        let removed = super::remove_temp_files(&self.work_dir)?;
         self.log.set_file(Some(self.work_dir.join("log.txt")));
+        for p in removed {
+            self.log.line(&format!(
+                "removed {} (left by an interrupted checkpoint write)",
+                p.display()
+            ));
+        }
         self.log.line(&format!(
             "Start running: work_dir {}, workflow {:?}, {}, from epoch {} iter {}",
             self.work_dir.display(),
