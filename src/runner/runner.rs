@@ -529,8 +529,31 @@ impl<M: Model> Runner<M> {
                 self.data_position, self.data_epoch
             ))
         })??;
+        let skipped = loader.take_skipped();
         self.data_position += 1;
+        self.log_skipped(skipped);
         Ok(batch)
+    }
+
+    /// Log each sample the loader skipped, with the run's count so far (kept in
+    /// `meta.skipped_samples`, so it survives a resume).
+    fn log_skipped(&mut self, skipped: Vec<String>) {
+        if skipped.is_empty() {
+            return;
+        }
+        let count = self
+            .meta
+            .get("skipped_samples")
+            .and_then(serde_json::Value::as_u64)
+            .unwrap_or(0)
+            + skipped.len() as u64;
+        self.meta
+            .insert("skipped_samples".into(), serde_json::json!(count));
+        for e in skipped {
+            self.log.line(&format!(
+                "warning: skipped a sample that failed to load ({count} so far): {e}"
+            ));
+        }
     }
 
     fn train_iter(&mut self, batch: M::Batch) -> Result<()> {

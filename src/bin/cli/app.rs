@@ -158,6 +158,7 @@ fn datasets(cfg: &Config) -> Result<Sets> {
     let d = &cfg.data;
     let opts = CocoOptions {
         skip_bad_images: d.skip_bad_images,
+        allow_outside_image_dir: d.allow_outside_image_dir,
         ..CocoOptions::default()
     };
     let (train, val) = match d.dataset {
