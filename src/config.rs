@@ -686,7 +686,11 @@ impl Config {
             ));
         }
         let t = &m.transform;
-        if let Some(i) = t.image_std.iter().position(|s| !(s.is_finite() && *s > 0.0)) {
+        if let Some(i) = t
+            .image_std
+            .iter()
+            .position(|s| !(s.is_finite() && *s > 0.0))
+        {
             return Err(invalid(
                 "model.transform.image_std",
                 format!(

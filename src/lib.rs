@@ -13,6 +13,7 @@
 //! # Ok::<(), kestrel::Error>(())
 //! ```
 
+pub mod app;
 pub mod autograd;
 pub mod config;
 pub mod data;
@@ -28,6 +29,7 @@ pub mod rng;
 pub mod runner;
 pub mod tensor;
 
+pub use detection::{Detections, FasterRcnn, FasterRcnnConfig};
 pub use device::Device;
 pub use error::{Error, Result};
 pub use tensor::{DType, Shape, Tensor};

@@ -9,11 +9,10 @@ use std::sync::Arc;
 use kestrel::config::Config;
 use kestrel::data::coco::{CocoJson, MIN_BOX_SIDE};
 use kestrel::data::image_io::save_png;
-use kestrel::data::loader::{MAX_WORKERS, MAX_PREFETCH};
+use kestrel::data::loader::{MAX_PREFETCH, MAX_WORKERS};
 use kestrel::data::shapes::MAX_SHAPES_IMAGE_SIZE;
 use kestrel::data::{
-    generate_shapes, Batches, CocoDataset, CocoOptions, Dataset, Loader, LoaderConfig,
-    LoaderState,
+    generate_shapes, Batches, CocoDataset, CocoOptions, Dataset, Loader, LoaderConfig, LoaderState,
 };
 use kestrel::ops;
 use kestrel::optim::{Sgd, SgdConfig};
@@ -137,7 +136,10 @@ impl Model for Dot {
     }
     fn train_step(&mut self, batch: &Self::Batch, _: &mut Rng) -> Result<Vec<(String, Tensor)>> {
         let x = Tensor::from_vec(batch[0].clone(), [2])?;
-        Ok(vec![("loss_dot".into(), ops::sum(&ops::mul(&self.w, &x)?)?)])
+        Ok(vec![(
+            "loss_dot".into(),
+            ops::sum(&ops::mul(&self.w, &x)?)?,
+        )])
     }
 }
 
@@ -166,7 +168,10 @@ fn training_goes_on_past_a_truncated_image_and_the_log_counts_it() {
     assert_eq!(r.iter(), 4);
     assert_eq!(r.meta["skipped_samples"], 2);
     let log = std::fs::read_to_string(work.join("log.txt")).unwrap();
-    let lines: Vec<&str> = log.lines().filter(|l| l.contains("skipped a sample")).collect();
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("skipped a sample"))
+        .collect();
     assert_eq!(lines.len(), 2, "{log}");
     assert!(lines[1].contains("(2 so far)") && lines[1].contains("000002.png"));
 }
@@ -212,7 +217,10 @@ fn degenerate_boxes_are_refused_naming_the_annotation() {
         (serde_json::json!([2.0, 2.0, 1e-7, 8.0]), "width 1e-7"),
         (serde_json::json!([2.0, 2.0, 8.0, 0.0]), "height 0"),
         // Inside the 1-pixel tolerance but nothing left after clamping to the image.
-        (serde_json::json!([20.5, 2.0, 0.4, 8.0]), "outside after clamping"),
+        (
+            serde_json::json!([20.5, 2.0, 0.4, 8.0]),
+            "outside after clamping",
+        ),
     ] {
         let dir = tmp_dir("degenerate");
         let e = coco_with(&dir, |j| j["annotations"][1]["bbox"] = bbox.clone())
@@ -278,13 +286,18 @@ fn file_names_leaving_the_image_folder_are_refused_unless_allowed() {
     // Sub-folders are fine.
     std::fs::create_dir_all(images.join("sub")).unwrap();
     std::fs::copy(images.join("img.png"), images.join("sub/img.png")).unwrap();
-    coco_with(&dir, |j| j["images"][0]["file_name"] = "./sub/img.png".into()).unwrap();
+    coco_with(&dir, |j| {
+        j["images"][0]["file_name"] = "./sub/img.png".into()
+    })
+    .unwrap();
 }
 
 #[test]
 fn sizes_have_upper_bounds_that_errors_name() {
     let dir = tmp_dir("limits");
-    let e = generate_shapes(&dir, 0, 1, 100_000).unwrap_err().to_string();
+    let e = generate_shapes(&dir, 0, 1, 100_000)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains(&MAX_SHAPES_IMAGE_SIZE.to_string()), "{e}");
     generate_shapes(&dir, 0, 1, MAX_SHAPES_IMAGE_SIZE + 1).unwrap_err();
 
@@ -304,9 +317,15 @@ fn sizes_have_upper_bounds_that_errors_name() {
         prefetch,
         ..LoaderConfig::default()
     };
-    let e = Loader::new(ds.clone(), cfg(100_000, 2)).err().unwrap().to_string();
+    let e = Loader::new(ds.clone(), cfg(100_000, 2))
+        .err()
+        .unwrap()
+        .to_string();
     assert!(e.contains(&MAX_WORKERS.to_string()), "{e}");
-    let e = Loader::new(ds.clone(), cfg(1, 1 << 40)).err().unwrap().to_string();
+    let e = Loader::new(ds.clone(), cfg(1, 1 << 40))
+        .err()
+        .unwrap()
+        .to_string();
     assert!(e.contains(&MAX_PREFETCH.to_string()), "{e}");
     Loader::new(ds, cfg(MAX_WORKERS, MAX_PREFETCH)).unwrap();
 
@@ -320,7 +339,9 @@ fn sizes_have_upper_bounds_that_errors_name() {
 fn image_std_must_be_positive() {
     for std in ["[0.0, 0.0, 0.0]", "[0.2, -0.1, 0.2]", "[0.2, nan, 0.2]"] {
         let text = format!("[model.transform]\nimage_std = {std}\n");
-        let e = Config::from_toml_str(&text, "t.toml").unwrap_err().to_string();
+        let e = Config::from_toml_str(&text, "t.toml")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("model.transform.image_std"), "{std}: {e}");
     }
     Config::from_toml_str("[model.transform]\nimage_std = [0.5, 0.5, 0.5]\n", "t.toml").unwrap();

@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use kestrel::detection::trainer::{evaluate_model, ShapesRun};
+use kestrel::app::{evaluate_model, ShapesRun};
 use kestrel::runner::{Mode, Model};
 use kestrel::Device;
 

@@ -5,10 +5,10 @@
 
 mod common;
 
+use kestrel::app::train::small_config;
 use kestrel::autograd::{no_grad, Tape};
-use kestrel::nn::Ctx;
-use kestrel::detection::trainer::small_config;
 use kestrel::detection::{FasterRcnn, Target};
+use kestrel::nn::Ctx;
 use kestrel::rng::Rng;
 use kestrel::tensor::Tensor;
 
@@ -31,7 +31,11 @@ fn zero_proposals_give_no_detections() {
     let dets = no_grad(|| model.detect(&[image(1), image(2)])).unwrap();
     assert_eq!(dets.len(), 2);
     for d in &dets {
-        assert!(d.boxes.is_empty(), "{} boxes from no proposal", d.boxes.len());
+        assert!(
+            d.boxes.is_empty(),
+            "{} boxes from no proposal",
+            d.boxes.len()
+        );
         assert!(d.scores.is_empty() && d.labels.is_empty());
     }
 }
@@ -69,7 +73,12 @@ fn zero_proposals_still_train() {
         let names: Vec<&str> = losses.iter().map(|(n, _)| n.as_str()).collect();
         assert_eq!(
             names,
-            ["loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg"]
+            [
+                "loss_objectness",
+                "loss_rpn_box_reg",
+                "loss_classifier",
+                "loss_box_reg"
+            ]
         );
         for (n, l) in &losses {
             let v = l.to_vec::<f32>().unwrap();

@@ -11,8 +11,8 @@ use kestrel::optim::{Sgd, SgdConfig};
 use kestrel::rng::Rng;
 use kestrel::runner::hooks::{CheckpointHook, OptimizerHook};
 use kestrel::runner::{
-    prepare_work_dir, Mode, Model, Runner, Schedule, VecLoader, WorkDirLock, WorkDirPolicy,
-    LATEST, LOCK_FILE,
+    prepare_work_dir, Mode, Model, Runner, Schedule, VecLoader, WorkDirLock, WorkDirPolicy, LATEST,
+    LOCK_FILE,
 };
 use kestrel::{Result, Tensor};
 
@@ -39,7 +39,10 @@ impl Model for Dot {
     }
     fn train_step(&mut self, batch: &Self::Batch, _: &mut Rng) -> Result<Vec<(String, Tensor)>> {
         let x = Tensor::from_vec(batch[0].clone(), [2])?;
-        Ok(vec![("loss_dot".into(), ops::sum(&ops::mul(&self.w, &x)?)?)])
+        Ok(vec![(
+            "loss_dot".into(),
+            ops::sum(&ops::mul(&self.w, &x)?)?,
+        )])
     }
 }
 
@@ -149,7 +152,11 @@ fn a_fresh_run_over_an_earlier_one_needs_resume_or_overwrite() {
 
     std::fs::write(dir.join("notes.md"), "mine").unwrap();
     let lock = prepare_work_dir(&dir, WorkDirPolicy::Overwrite).unwrap();
-    assert_eq!(names(&dir), [LOCK_FILE, "notes.md"], "only the run's files go");
+    assert_eq!(
+        names(&dir),
+        [LOCK_FILE, "notes.md"],
+        "only the run's files go"
+    );
     drop(lock);
     prepare_work_dir(&dir, WorkDirPolicy::Fresh).expect("now empty of runs");
 }
@@ -169,8 +176,9 @@ fn temp_files_of_interrupted_writes_are_removed_at_start() {
     r.run(&[(Mode::Train, 1)]).unwrap();
     let left = names(&dir);
     assert!(
-        !left.iter().any(|n| n.contains(".tmp-") && n.starts_with(".i")
-            || n.starts_with(".latest")),
+        !left
+            .iter()
+            .any(|n| n.contains(".tmp-") && n.starts_with(".i") || n.starts_with(".latest")),
         "{left:?}"
     );
     assert!(left.contains(&".tmp-notes".to_string()), "{left:?}");
@@ -200,7 +208,13 @@ fn resume_without_latest_uses_the_newest_iter_checkpoint() {
         .model
         .params()
         .iter()
-        .map(|(_, t)| t.to_vec::<f32>().unwrap().iter().map(|v| v.to_bits()).collect())
+        .map(|(_, t)| {
+            t.to_vec::<f32>()
+                .unwrap()
+                .iter()
+                .map(|v| v.to_bits())
+                .collect()
+        })
         .collect();
     std::fs::remove_file(dir.join(LATEST)).unwrap();
     // iter_10 sorts before iter_3 as text: the number decides.
@@ -212,10 +226,20 @@ fn resume_without_latest_uses_the_newest_iter_checkpoint() {
         .model
         .params()
         .iter()
-        .map(|(_, t)| t.to_vec::<f32>().unwrap().iter().map(|v| v.to_bits()).collect())
+        .map(|(_, t)| {
+            t.to_vec::<f32>()
+                .unwrap()
+                .iter()
+                .map(|v| v.to_bits())
+                .collect()
+        })
         .collect();
     assert_eq!(got, want);
-    std::fs::copy(dir.join("iter_1.safetensors"), dir.join("iter_10.safetensors")).unwrap();
+    std::fs::copy(
+        dir.join("iter_1.safetensors"),
+        dir.join("iter_10.safetensors"),
+    )
+    .unwrap();
     assert_eq!(
         kestrel::runner::latest_checkpoint(&dir).unwrap(),
         Some(dir.join("iter_10.safetensors"))

@@ -7,41 +7,34 @@
 
 use std::path::PathBuf;
 
-use kestrel::detection::profile::{StageTimes, INFERENCE_STAGES, TRAINING_STAGES};
-use kestrel::detection::{FasterRcnn, FasterRcnnConfig, Target};
-use kestrel::optim::{Sgd, SgdConfig};
-use kestrel::rng::Rng;
-use kestrel::{Device, Error, Result, Tensor};
+use super::profile::{
+    detect_profiled, train_step_profiled, StageTimes, INFERENCE_STAGES, TRAINING_STAGES,
+};
+use crate::detection::{FasterRcnn, FasterRcnnConfig, Target};
+use crate::optim::{Sgd, SgdConfig};
+use crate::rng::Rng;
+use crate::{Device, Error, Result, Tensor};
 
-/// Options of `kestrel bench`.
-#[derive(clap::Args, Debug, Clone)]
-pub struct BenchArgs {
+/// Options of `kestrel bench` (the CLI's flags of the same names).
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
     /// cpu, cuda, cuda:N, emu or auto.
-    #[arg(long, default_value = "auto")]
     pub device: String,
-    /// Images per batch; repeat or separate by commas to time several (1,2).
-    #[arg(long, value_delimiter = ',', default_value = "1")]
+    /// Images per batch; one column per entry.
     pub batch: Vec<usize>,
     /// Image size HxW in pixels (the transform keeps 800x1216 as it is).
-    #[arg(long, default_value = "800x1216")]
     pub size: String,
     /// Timed iterations per configuration (the median is reported).
-    #[arg(long, default_value_t = 3)]
     pub iters: usize,
     /// Untimed warm-up iterations per configuration.
-    #[arg(long, default_value_t = 1)]
     pub warmup: usize,
     /// Also time one training step (forward, losses, backward, SGD step).
-    #[arg(long)]
     pub train: bool,
-    /// Skip inference (with --train: time training only).
-    #[arg(long)]
+    /// Skip inference (with `train`: time training only).
     pub no_infer: bool,
     /// Seed of the weights, the image and the targets.
-    #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Also write the results as JSON to this file.
-    #[arg(long)]
     pub json: Option<PathBuf>,
 }
 
@@ -71,8 +64,21 @@ fn parse_size(s: &str) -> Result<(usize, usize)> {
     if h == 0 || w == 0 {
         return Err(bad());
     }
+    if h > MAX_BENCH_SIDE || w > MAX_BENCH_SIDE {
+        return Err(Error::invalid(
+            "bench",
+            format!("--size `{s}`: each side at most {MAX_BENCH_SIDE} pixels"),
+        ));
+    }
     Ok((h, w))
 }
+
+/// Largest image side `bench` accepts, pixels: the synthetic images are made at this
+/// size before the transform resizes them, and a side of 100000 would abort on
+/// allocation.
+pub const MAX_BENCH_SIDE: usize = 4096;
+/// Largest batch `bench` accepts.
+pub const MAX_BENCH_BATCH: usize = 32;
 
 /// `n` images `[3, H, W]` of seeded uniform noise in 0..1 on `device`.
 fn synthetic_images(
@@ -175,9 +181,15 @@ fn repeat(
 }
 
 /// `kestrel bench`.
-pub fn run(a: &BenchArgs) -> Result<()> {
+pub fn run(a: &BenchOptions) -> Result<()> {
     let device = Device::parse(&a.device)?;
     let size = parse_size(&a.size)?;
+    if let Some(b) = a.batch.iter().find(|&&b| b > MAX_BENCH_BATCH) {
+        return Err(Error::invalid(
+            "bench",
+            format!("--batch {b}: at most {MAX_BENCH_BATCH} images"),
+        ));
+    }
     if a.iters == 0 || a.batch.is_empty() || a.batch.contains(&0) {
         return Err(Error::invalid(
             "bench",
@@ -209,7 +221,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
             reset_peak_rss();
             let label = format!("infer b{b}");
             let runs = repeat(&label, a.warmup, a.iters, || {
-                Ok(model.detect_profiled(&images[..b])?.1)
+                Ok(detect_profiled(&model, &images[..b])?.1)
             })?;
             rows.push(summarize("infer", b, &runs, peak(tracks_rss)));
         }
@@ -227,8 +239,13 @@ pub fn run(a: &BenchArgs) -> Result<()> {
             reset_peak_rss();
             let label = format!("train b{b}");
             let runs = repeat(&label, a.warmup, a.iters, || {
-                let (loss, t) =
-                    model.train_step_profiled(&images[..b], &targets[..b], &mut sgd, &mut rng)?;
+                let (loss, t) = train_step_profiled(
+                    &mut model,
+                    &images[..b],
+                    &targets[..b],
+                    &mut sgd,
+                    &mut rng,
+                )?;
                 if !loss.is_finite() {
                     eprintln!("  (loss is {loss}: timings still stand)");
                 }
@@ -310,7 +327,7 @@ fn write_json(
     path: &std::path::Path,
     device: Device,
     size: (usize, usize),
-    a: &BenchArgs,
+    a: &BenchOptions,
     rows: &[Row],
 ) -> Result<()> {
     use serde_json::json;

@@ -1,16 +1,10 @@
-//! The `kestrel` command line.
+//! The `kestrel` command line: parses arguments and calls the command bodies in
+//! [`kestrel::app`].
 
-use std::path::Path;
-use std::process::Command;
-use std::time::Instant;
+use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
-use kestrel::device::{emu, kernels};
-
-#[path = "cli/app.rs"]
-mod app;
-#[path = "../app/bench.rs"]
-mod bench;
+use kestrel::app::{bench, commands, kernel_check};
 
 #[derive(Parser)]
 #[command(
@@ -35,18 +29,18 @@ enum Cmd {
     /// summary in pycocotools' format.
     CocoEval {
         /// Ground truth: a COCO annotation file.
-        gt: std::path::PathBuf,
+        gt: PathBuf,
         /// Detections: a COCO results file (list of image_id, category_id, bbox, score).
-        results: std::path::PathBuf,
+        results: PathBuf,
         /// Also write the 12 numbers, unrounded, as a JSON object to this file.
         #[arg(long)]
-        stats_json: Option<std::path::PathBuf>,
+        stats_json: Option<PathBuf>,
     },
     /// Write a synthetic shapes dataset (PNG images + COCO annotations.json).
     Shapes {
         /// Output directory (gets annotations.json and images/).
         #[arg(long)]
-        out: std::path::PathBuf,
+        out: PathBuf,
         #[arg(long, default_value_t = 0)]
         seed: u64,
         /// Number of images.
@@ -71,7 +65,7 @@ enum Cmd {
     Demo {
         /// Where everything goes.
         #[arg(long, default_value = "kestrel-demo")]
-        out: std::path::PathBuf,
+        out: PathBuf,
         /// auto, cpu or cuda:N.
         #[arg(long, default_value = "auto")]
         device: String,
@@ -81,37 +75,41 @@ enum Cmd {
     },
     /// Train with a TOML config (see configs/).
     Train {
-        config: std::path::PathBuf,
-        /// Continue from work_dir/latest.
+        config: PathBuf,
+        /// Continue from work_dir/latest (or its newest iter_N / epoch_N checkpoint).
         #[arg(long)]
         resume: bool,
+        /// Delete an earlier run's checkpoints, config and logs in the work_dir and
+        /// start afresh (without it or --resume, a used work_dir is refused).
+        #[arg(long, conflicts_with = "resume")]
+        overwrite: bool,
         /// auto, cpu or cuda:N (default: the config's runtime.device).
         #[arg(long)]
         device: Option<String>,
     },
     /// Evaluate a checkpoint on a config's validation set (pycocotools summary).
     Eval {
-        config: std::path::PathBuf,
-        checkpoint: std::path::PathBuf,
+        config: PathBuf,
+        checkpoint: PathBuf,
         /// auto, cpu or cuda:N (default: the config's runtime.device).
         #[arg(long)]
         device: Option<String>,
         /// Also write the COCO results (detections) to this JSON file.
         #[arg(long)]
-        results: Option<std::path::PathBuf>,
+        results: Option<PathBuf>,
     },
     /// Detect objects in images with a checkpoint; writes boxes as JSON and drawn PNGs.
     Infer {
-        checkpoint: std::path::PathBuf,
+        checkpoint: PathBuf,
         #[arg(required = true)]
-        images: Vec<std::path::PathBuf>,
+        images: Vec<PathBuf>,
         /// Output directory.
         #[arg(long, default_value = "kestrel-infer")]
-        out: std::path::PathBuf,
+        out: PathBuf,
         /// The config the checkpoint was trained with (default: the one saved next to
         /// it, else the demo model).
         #[arg(long)]
-        config: Option<std::path::PathBuf>,
+        config: Option<PathBuf>,
         /// Draw detections scoring at least this.
         #[arg(long, default_value_t = 0.5)]
         min_score: f32,
@@ -121,73 +119,90 @@ enum Cmd {
     },
     /// Time full-size ResNet-50-FPN Faster R-CNN per stage (inference, and with
     /// --train one training step): ms per stage, images/s, peak memory.
-    Bench(bench::BenchArgs),
+    Bench(BenchArgs),
 }
 
-/// Which tests and bench exercise each kernel file: (file, test target, test name
-/// filter, bench target, bench name filter). A file not listed here runs
-/// `tests/<stem>.rs` whole and no bench.
-const KERNEL_LOOP: &[(&str, &str, &str, &str, &str)] = &[
-    (
-        "elementwise.cu",
-        "emulator",
-        "elementwise_and_reduce",
-        "ops",
-        "relu/",
-    ),
-    (
-        "reduce.cu",
-        "emulator",
-        "elementwise_and_reduce",
-        "ops",
-        "sum/",
-    ),
-    ("emu_selftest.cu", "emulator", "", "", ""),
-];
+/// Options of `kestrel bench`.
+#[derive(clap::Args, Debug, Clone)]
+struct BenchArgs {
+    /// cpu, cuda, cuda:N, emu or auto.
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// Images per batch; repeat or separate by commas to time several (1,2).
+    #[arg(long, value_delimiter = ',', default_value = "1")]
+    batch: Vec<usize>,
+    /// Image size HxW in pixels (the transform keeps 800x1216 as it is).
+    #[arg(long, default_value = "800x1216")]
+    size: String,
+    /// Timed iterations per configuration (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    iters: usize,
+    /// Untimed warm-up iterations per configuration.
+    #[arg(long, default_value_t = 1)]
+    warmup: usize,
+    /// Also time one training step (forward, losses, backward, SGD step).
+    #[arg(long)]
+    train: bool,
+    /// Skip inference (with --train: time training only).
+    #[arg(long)]
+    no_infer: bool,
+    /// Seed of the weights, the image and the targets.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Also write the results as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+impl From<BenchArgs> for bench::BenchOptions {
+    fn from(a: BenchArgs) -> Self {
+        bench::BenchOptions {
+            device: a.device,
+            batch: a.batch,
+            size: a.size,
+            iters: a.iters,
+            warmup: a.warmup,
+            train: a.train,
+            no_infer: a.no_infer,
+            seed: a.seed,
+            json: a.json,
+        }
+    }
+}
 
 fn main() {
     let cli = Cli::parse();
     let res = match cli.cmd {
         Cmd::Kernels => {
-            list_kernels();
+            kernel_check::list_kernels();
             Ok(())
         }
-        Cmd::Devices => {
-            println!("cpu: {} threads", rayon::current_num_threads());
-            match kestrel::device::gpu::device(0) {
-                Ok(d) => println!("cuda:0: {}", d.backend.name()),
-                Err(e) => println!("cuda: {e}"),
-            }
-            match emu::gpu_device() {
-                Ok(d) => println!("emu: {}", d.backend.name()),
-                Err(e) => println!("emu: {e}"),
-            }
-            Ok::<(), kestrel::Error>(())
-        }
+        Cmd::Devices => commands::devices(),
         Cmd::CocoEval {
             gt,
             results,
             stats_json,
-        } => coco_eval(&gt, &results, stats_json.as_deref()),
+        } => commands::coco_eval(&gt, &results, stats_json.as_deref()),
         Cmd::Shapes {
             out,
             seed,
             count,
             size,
-        } => shapes(&out, seed, count, size),
-        Cmd::KernelCheck { name, no_bench } => kernel_check(&name, !no_bench),
-        Cmd::Demo { out, device, iters } => app::demo(&out, &device, iters),
+        } => commands::shapes(&out, seed, count, size),
+        Cmd::KernelCheck { name, no_bench } => kernel_check::kernel_check(&name, !no_bench),
+        Cmd::Demo { out, device, iters } => commands::demo(&out, &device, iters),
         Cmd::Train {
             config,
             resume,
+            overwrite,
             device,
-        } => app::train(&config, resume, device.as_deref()),
+        } => commands::train(&config, resume, overwrite, device.as_deref()),
         Cmd::Eval {
             config,
             checkpoint,
             device,
             results,
-        } => app::eval(&config, &checkpoint, device.as_deref(), results.as_deref()),
+        } => commands::eval(&config, &checkpoint, device.as_deref(), results.as_deref()),
         Cmd::Infer {
             checkpoint,
             images,
@@ -195,7 +210,7 @@ fn main() {
             config,
             min_score,
             device,
-        } => app::infer(
+        } => commands::infer(
             &checkpoint,
             &images,
             &out,
@@ -203,274 +218,10 @@ fn main() {
             min_score,
             &device,
         ),
-        Cmd::Bench(args) => bench::run(&args),
+        Cmd::Bench(args) => bench::run(&args.into()),
     };
     if let Err(e) = res {
         eprintln!("error: {e}");
         std::process::exit(1);
     }
-}
-
-/// `emulator-1a2b3c4d5e6f7a8b` -> `emulator`: test binaries carry a hash suffix.
-fn program_name(p: &str) -> &str {
-    match p.rsplit_once('-') {
-        Some((stem, hash)) if hash.len() == 16 && hash.chars().all(|c| c.is_ascii_hexdigit()) => {
-            stem
-        }
-        _ => p,
-    }
-}
-
-fn list_kernels() {
-    let records = emu::recorded_launches();
-    println!(
-        "{:<34} {:<22} {:<15} emulated test",
-        "kernel", "file", "code"
-    );
-    for f in kernels::files() {
-        for e in f.entries {
-            let emulated = match records.get(*e) {
-                Some((progs, _)) => {
-                    let mut names: Vec<&str> = progs.iter().map(|p| program_name(p)).collect();
-                    names.dedup();
-                    format!("yes ({})", names.join(", "))
-                }
-                None => "no".into(),
-            };
-            println!(
-                "{:<34} {:<22} {:<15} {}",
-                e,
-                f.file,
-                kernels::origin(f),
-                emulated
-            );
-        }
-    }
-    if records.is_empty() {
-        println!(
-            "(no emulated launches recorded in {}: run `cargo test` first)",
-            emu::record_dir().display()
-        );
-    }
-}
-
-/// One row of the kernel-check table.
-struct Step {
-    what: String,
-    result: String,
-    secs: f64,
-}
-
-fn kernel_check(name: &str, bench: bool) -> kestrel::Result<()> {
-    let file = kernels::files()
-        .iter()
-        .find(|f| {
-            f.entries.contains(&name) || f.file == name || f.file.strip_suffix(".cu") == Some(name)
-        })
-        .ok_or_else(|| kestrel::Error::UnknownKernel(name.to_string()))?;
-    let stem = file.file.trim_end_matches(".cu");
-    let (test, filter, bench_target, bench_filter) = KERNEL_LOOP
-        .iter()
-        .find(|r| r.0 == file.file)
-        .map(|r| {
-            (
-                r.1.to_string(),
-                r.2.to_string(),
-                r.3.to_string(),
-                r.4.to_string(),
-            )
-        })
-        .unwrap_or_else(|| {
-            (
-                stem.to_string(),
-                String::new(),
-                String::new(),
-                String::new(),
-            )
-        });
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    if !root.join("Cargo.toml").is_file() {
-        return Err(kestrel::Error::invalid(
-            "kernel-check",
-            format!("needs the source tree at {}", root.display()),
-        ));
-    }
-    let gpu = kestrel::device::gpu::device(0).is_ok();
-    println!(
-        "kernel-check {name}: file {}, tests `{test}` {filter:?}, bench {}",
-        file.file,
-        if bench_target.is_empty() {
-            "none".to_string()
-        } else {
-            format!("`{bench_target}` {bench_filter:?}")
-        }
-    );
-
-    let mut steps = Vec::new();
-    let mut args: Vec<String> = vec!["test".into(), "--test".into(), test.clone()];
-    args.push("--".into());
-    if !filter.is_empty() {
-        args.push(filter.clone());
-    }
-    if gpu {
-        args.push("--include-ignored".into()); // the real-GPU parity tests too
-    }
-    let what = if gpu {
-        "tests (emulated + cuda:0)"
-    } else {
-        "tests (emulated; no GPU here)"
-    };
-    steps.push(run_cargo(root, what, &args, summarize_tests));
-    if bench && !bench_target.is_empty() {
-        let mut args: Vec<String> = vec![
-            "bench".into(),
-            "--bench".into(),
-            bench_target.clone(),
-            "--".into(),
-        ];
-        if !bench_filter.is_empty() {
-            args.push(bench_filter.clone());
-        }
-        args.extend(["--warm-up-time", "1", "--measurement-time", "2"].map(String::from));
-        steps.push(run_cargo(root, "bench", &args, summarize_bench));
-    }
-
-    println!("\n{:<32} {:>8}  result", "step", "seconds");
-    for s in &steps {
-        let mut lines = s.result.lines();
-        println!(
-            "{:<32} {:>8.1}  {}",
-            s.what,
-            s.secs,
-            lines.next().unwrap_or("")
-        );
-        for l in lines {
-            println!("{:<32} {:>8}  {}", "", "", l);
-        }
-    }
-    if steps.iter().any(|s| s.result.starts_with("FAILED")) {
-        return Err(kestrel::Error::invalid(
-            "kernel-check",
-            format!("{name}: a step failed (output above)"),
-        ));
-    }
-    Ok(())
-}
-
-fn run_cargo(root: &Path, what: &str, args: &[String], summarize: fn(&str) -> String) -> Step {
-    println!("$ cargo {}", args.join(" "));
-    let t = Instant::now();
-    let out = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .args(args)
-        .current_dir(root)
-        .output();
-    let secs = t.elapsed().as_secs_f64();
-    let result = match out {
-        Err(e) => format!("FAILED: cannot run cargo: {e}"),
-        Ok(o) => {
-            let text = format!(
-                "{}{}",
-                String::from_utf8_lossy(&o.stdout),
-                String::from_utf8_lossy(&o.stderr)
-            );
-            if o.status.success() {
-                summarize(&text)
-            } else {
-                eprintln!("{text}");
-                format!("FAILED ({})", o.status)
-            }
-        }
-    };
-    Step {
-        what: what.to_string(),
-        result,
-        secs,
-    }
-}
-
-/// The `test result:` line(s) of libtest's output.
-fn summarize_tests(text: &str) -> String {
-    let lines: Vec<&str> = text
-        .lines()
-        .filter_map(|l| l.trim().strip_prefix("test result: "))
-        .collect();
-    if lines.is_empty() {
-        "ran no test".into()
-    } else {
-        lines.join("\n")
-    }
-}
-
-/// `name  time: [lo mid hi]` lines of criterion's output, as `name: mid`.
-fn summarize_bench(text: &str) -> String {
-    let mut rows = Vec::new();
-    let mut last_name = "";
-    for l in text.lines() {
-        let t = l.trim();
-        if let Some((head, rest)) = t.split_once("time:") {
-            let name = if head.trim().is_empty() {
-                last_name
-            } else {
-                head.trim()
-            };
-            let vals: Vec<&str> = rest
-                .trim()
-                .trim_matches(['[', ']'])
-                .split_whitespace()
-                .collect();
-            let mid = if vals.len() >= 4 {
-                format!("{} {}", vals[2], vals[3])
-            } else {
-                rest.trim().to_string()
-            };
-            rows.push(format!("{name}: {mid}"));
-        } else if !t.is_empty() && !t.contains(' ') {
-            last_name = t; // criterion prints long names on their own line
-        }
-    }
-    if rows.is_empty() {
-        "no bench matched".into()
-    } else {
-        rows.join("\n")
-    }
-}
-
-/// `kestrel coco-eval GT RESULTS`.
-fn coco_eval(
-    gt: &std::path::Path,
-    results: &std::path::Path,
-    stats_json: Option<&std::path::Path>,
-) -> kestrel::Result<()> {
-    let gt = kestrel::eval::GroundTruth::from_json_file(gt)?;
-    let dets = kestrel::eval::load_results(results, &gt)?;
-    let ev = kestrel::eval::evaluate(&gt, &dets)?;
-    print!("{}", ev.summary());
-    if let Some(path) = stats_json {
-        let map: serde_json::Map<String, serde_json::Value> = kestrel::eval::STAT_NAMES
-            .iter()
-            .zip(ev.stats)
-            .map(|(k, v)| (k.to_string(), v.into()))
-            .collect();
-        let text = serde_json::to_string_pretty(&map).expect("numbers serialise");
-        std::fs::write(path, text).map_err(|source| kestrel::Error::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
-    }
-    Ok(())
-}
-
-/// `kestrel shapes --out DIR --seed S --count N --size PX`.
-fn shapes(out: &std::path::Path, seed: u64, count: usize, size: usize) -> kestrel::Result<()> {
-    let t = std::time::Instant::now();
-    let s = kestrel::data::generate_shapes(out, seed, count, size)?;
-    println!(
-        "wrote {} images ({} objects) to {} and {} in {:.1} s",
-        s.images,
-        s.objects,
-        s.image_dir.display(),
-        s.json_path.display(),
-        t.elapsed().as_secs_f64()
-    );
-    Ok(())
 }

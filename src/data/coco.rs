@@ -304,7 +304,11 @@ impl CocoDataset {
     /// torchvision) can learn every category: labels run `1..=K`, so it needs
     /// `num_classes >= K + 1`. The error names the first category left out.
     pub fn check_num_classes(&self, num_classes: usize) -> Result<()> {
-        match self.categories.iter().find(|c| c.label as usize >= num_classes) {
+        match self
+            .categories
+            .iter()
+            .find(|c| c.label as usize >= num_classes)
+        {
             Some(c) => Err(invalid_data(
                 &self.json_path,
                 format!(
@@ -542,7 +546,11 @@ fn check_image(im: &JsonImage, p: &Path, dir: &Path, opts: CocoOptions) -> Resul
                 "image id {}: file_name {name:?} {} (absolute, `..` or empty); set \
                  data.allow_outside_image_dir = true to allow absolute and `..` paths",
                 im.id,
-                if name.is_empty() { "is empty and" } else { ESCAPE }
+                if name.is_empty() {
+                    "is empty and"
+                } else {
+                    ESCAPE
+                }
             ),
         ));
     }

@@ -15,6 +15,35 @@ use crate::nn::{Ctx, NormKind, ParamSpec, ParamStore};
 use crate::rng::Rng;
 use crate::tensor::Tensor;
 
+/// Stage names of an inference pass, in the order [`FasterRcnn::detect_staged`]
+/// reports them.
+pub const INFERENCE_STAGES: [&str; 7] = [
+    "transform",
+    "backbone",
+    "fpn",
+    "rpn_head",
+    "proposals",
+    "roi_heads",
+    "postprocess",
+];
+
+/// Stage names of a training step: the six [`FasterRcnn::losses_staged`] reports,
+/// then the backward pass and the optimizer step (timed by the caller).
+pub const TRAINING_STAGES: [&str; 8] = [
+    "transform",
+    "backbone",
+    "fpn",
+    "rpn_head",
+    "proposals",
+    "roi_heads",
+    "backward",
+    "optimizer",
+];
+
+/// Called with a stage's name as the stage ends (see [`INFERENCE_STAGES`]); an error
+/// aborts the pass.
+pub type StageFn<'a> = &'a mut dyn FnMut(&'static str) -> Result<()>;
+
 /// Everything that shapes the model.
 #[derive(Clone, Debug, PartialEq)]
 pub struct FasterRcnnConfig {
@@ -183,17 +212,45 @@ impl FasterRcnn {
 
     /// [`FasterRcnn::detect`] keeping the intermediate results.
     pub fn detect_traced(&self, images: &[Tensor]) -> Result<InferenceTrace> {
+        self.detect_staged(images, &mut |_| Ok(()))
+    }
+
+    /// [`FasterRcnn::detect_traced`] calling `on_stage` with the name of each stage
+    /// ([`INFERENCE_STAGES`]) as it ends, so a profiler can time the real pass (it
+    /// may synchronise the device inside the callback).
+    pub fn detect_staged(&self, images: &[Tensor], on_stage: StageFn) -> Result<InferenceTrace> {
         let ctx = Ctx::new(&self.params, false);
         let il = transform(images, &self.config.transform)?;
-        let features = self.features(&ctx, &il.tensors)?;
-        let proposals = self.proposals(&ctx, &il, &features, false)?;
-        let dets = self.detect_from(&ctx, &il, &features, &proposals)?;
+        on_stage("transform")?;
+        let c = self.body.forward(&ctx, &il.tensors)?;
+        on_stage("backbone")?;
+        let features = self.fpn.forward(&ctx, &c)?;
+        drop(c);
+        on_stage("fpn")?;
+        let head = self.rpn.head(&ctx, &features)?;
+        on_stage("rpn_head")?;
+        let anchors = self.anchors_tensor(&il, &features)?;
+        let proposals = self
+            .rpn
+            .proposals(&head, &anchors, &il.image_sizes, false)?;
+        drop(head);
+        on_stage("proposals")?;
+        let pooled = self
+            .roi_heads
+            .pool(&features[..4], &proposals, &il.image_sizes)?;
+        let x = self.roi_heads.box_head(&ctx, &pooled)?;
+        let (logits, regs) = self.roi_heads.predictor(&ctx, &x)?;
+        on_stage("roi_heads")?;
+        let dets = self
+            .roi_heads
+            .postprocess(&logits, &regs, &proposals, &il.image_sizes)?;
         let detections = dets
             .into_iter()
             .zip(images)
             .zip(&il.image_sizes)
             .map(|((d, im), &size)| d.resized(size, (im.dims()[1], im.dims()[2])))
             .collect::<Result<_>>()?;
+        on_stage("postprocess")?;
         Ok(InferenceTrace {
             images: il,
             features,
@@ -263,6 +320,21 @@ impl FasterRcnn {
         targets: &[Target],
         rng: &mut Rng,
     ) -> Result<Vec<(String, Tensor)>> {
+        self.losses_staged(ctx, images, targets, rng, &mut |_| Ok(()))
+    }
+
+    /// [`FasterRcnn::losses`] calling `on_stage` with the name of each stage as it
+    /// ends (the first six of [`TRAINING_STAGES`]): `proposals` holds anchors,
+    /// proposal filtering and the RPN losses; `roi_heads` holds sampling, pooling, the
+    /// box head and its losses.
+    pub fn losses_staged(
+        &self,
+        ctx: &Ctx,
+        images: &[Tensor],
+        targets: &[Target],
+        rng: &mut Rng,
+        on_stage: StageFn,
+    ) -> Result<Vec<(String, Tensor)>> {
         if images.len() != targets.len() {
             return Err(Error::invalid(
                 "FasterRcnn::losses",
@@ -280,13 +352,20 @@ impl FasterRcnn {
             .zip(&il.image_sizes)
             .map(|((t, im), &size)| t.resized((im.dims()[1], im.dims()[2]), size))
             .collect();
-        let features = self.features(ctx, &il.tensors)?;
+        on_stage("transform")?;
+        let c = self.body.forward(ctx, &il.tensors)?;
+        on_stage("backbone")?;
+        let features = self.fpn.forward(ctx, &c)?;
+        drop(c);
+        on_stage("fpn")?;
         let head = self.rpn.head(ctx, &features)?;
+        on_stage("rpn_head")?;
         let anchors = self.anchors_tensor(&il, &features)?;
         let proposals = crate::autograd::no_grad(|| {
             self.rpn.proposals(&head, &anchors, &il.image_sizes, true)
         })?;
         let (loss_obj, loss_rpn_box) = self.rpn.losses(&head, &anchors, &targets, rng)?;
+        on_stage("proposals")?;
         let samples = self
             .roi_heads
             .select_training_samples(&proposals, &targets, rng)?;
@@ -296,6 +375,7 @@ impl FasterRcnn {
         let x = self.roi_heads.box_head(ctx, &pooled)?;
         let (logits, regs) = self.roi_heads.predictor(ctx, &x)?;
         let (loss_cls, loss_box) = self.roi_heads.losses(&logits, &regs, &samples)?;
+        on_stage("roi_heads")?;
         Ok(vec![
             ("loss_objectness".into(), loss_obj),
             ("loss_rpn_box_reg".into(), loss_rpn_box),

@@ -8,12 +8,10 @@ pub mod draw;
 pub mod faster_rcnn;
 pub mod matcher;
 pub mod poolers;
-pub mod profile;
 pub mod proposals;
 pub mod roi_heads;
 pub mod rpn;
 pub mod sampler;
-pub mod trainer;
 pub mod transform;
 
 pub use faster_rcnn::{FasterRcnn, FasterRcnnConfig};

@@ -113,7 +113,10 @@ impl RoiHeads {
     pub fn box_head(&self, ctx: &Ctx, pooled: &Tensor) -> Result<Tensor> {
         // Features per RoI from the shape, not numel / R: with no RoI (nothing
         // proposed) numel is 0 and the row length must still be C * 7 * 7.
-        let (r, per_roi) = (pooled.dims()[0], pooled.dims()[1..].iter().product::<usize>());
+        let (r, per_roi) = (
+            pooled.dims()[0],
+            pooled.dims()[1..].iter().product::<usize>(),
+        );
         let x = ops::reshape(pooled, [r, per_roi])?;
         let x = ops::relu(&self.fc6.forward(ctx, &x)?)?;
         ops::relu(&self.fc7.forward(ctx, &x)?)
@@ -258,10 +261,7 @@ impl RoiHeads {
             // classify. Zero losses (sums over the empty outputs, so still on the
             // graph) let training go on, where torchvision's mean over no element
             // would be NaN.
-            return Ok((
-                ops::sum(class_logits)?,
-                ops::sum(box_regression)?,
-            ));
+            return Ok((ops::sum(class_logits)?, ops::sum(box_regression)?));
         }
         let c = self.config.num_classes;
         let lab_t = Tensor::from_vec_i64(labels.clone(), [r])?.to_device(device)?;

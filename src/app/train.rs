@@ -1,336 +1,23 @@
-//! Training glue: Faster R-CNN as a [`runner::Model`], the data loader the runner
-//! drives, COCO evaluation of the model, and the `[model]` config section mapped to a
-//! [`FasterRcnnConfig`].
+//! Training runs: the model a config describes, and the shapes run of `kestrel demo`
+//! and the end-to-end test.
 
 use std::sync::Arc;
 
-use super::faster_rcnn::{FasterRcnn, FasterRcnnConfig};
-use super::roi_heads::RoiHeadsConfig;
-use super::rpn::RpnConfig;
-use super::transform::{image_from_u8, TransformConfig};
-use super::{Detections, Target};
-use crate::config::{BlockType, ModelConfig, NormType};
-use crate::data::{Dataset, Loader, LoaderState, Sample};
+use super::eval::coco_eval_fn;
+use super::model::{DetLoader, DetectorModel};
+use crate::config::{BlockType, Config, DatasetKind, ModelConfig, NormType};
+use crate::data::{CocoDataset, CocoOptions, Dataset, Loader, LoaderConfig};
+use crate::detection::faster_rcnn::{FasterRcnn, FasterRcnnConfig};
+use crate::detection::roi_heads::RoiHeadsConfig;
+use crate::detection::rpn::RpnConfig;
+use crate::detection::transform::TransformConfig;
 use crate::device::Device;
 use crate::error::{Error, Result};
-use crate::eval::{evaluate, CocoEvaluation, DetBox, GroundTruth};
 use crate::nn::resnet::{BlockKind, ResNetConfig};
-use crate::nn::{Ctx, NormKind};
-use crate::rng::Rng;
-use crate::runner::{self, DataLoader};
-use crate::tensor::Tensor;
-
-/// One training or validation batch: images `[3, H, W]` in 0..1 (CPU) and their
-/// ground truth in pixels.
-#[derive(Clone, Debug)]
-pub struct DetBatch {
-    pub images: Vec<Tensor>,
-    pub targets: Vec<Target>,
-    pub image_ids: Vec<i64>,
-}
-
-impl DetBatch {
-    /// A batch from loader samples.
-    pub fn from_samples(samples: &[Sample]) -> Result<DetBatch> {
-        let images = samples
-            .iter()
-            .map(|s| image_from_u8(&s.image, s.height, s.width))
-            .collect::<Result<_>>()?;
-        Ok(DetBatch {
-            images,
-            targets: samples
-                .iter()
-                .map(|s| Target {
-                    boxes: s.boxes.clone(),
-                    labels: s.labels.clone(),
-                })
-                .collect(),
-            image_ids: samples.iter().map(|s| s.image_id).collect(),
-        })
-    }
-}
-
-/// Faster R-CNN wrapped for the [`runner::Runner`]: parameters in
-/// `params.trainable_names()` order, every other tensor (BatchNorm running statistics,
-/// frozen affine) a buffer. A training step applies the BatchNorm running-statistic
-/// updates of its forward pass.
-pub struct DetectorModel {
-    pub model: FasterRcnn,
-    /// Where batches are moved before the forward pass.
-    pub device: Device,
-    names: Vec<String>,
-    buffer_names: Vec<String>,
-}
-
-impl DetectorModel {
-    /// Wrap `model` (already on `device`).
-    pub fn new(model: FasterRcnn, device: Device) -> DetectorModel {
-        let names = model.params.trainable_names();
-        let buffer_names = model
-            .params
-            .iter()
-            .map(|(n, _)| n.clone())
-            .filter(|n| !names.contains(n))
-            .collect();
-        DetectorModel {
-            model,
-            device,
-            names,
-            buffer_names,
-        }
-    }
-
-    fn images_on_device(&self, batch: &DetBatch) -> Result<Vec<Tensor>> {
-        batch
-            .images
-            .iter()
-            .map(|t| t.to_device(self.device))
-            .collect()
-    }
-
-    fn set_named(&mut self, names: &[String], values: Vec<Tensor>) -> Result<()> {
-        if names.len() != values.len() {
-            return Err(Error::invalid(
-                "DetectorModel",
-                format!("{} tensors for {} names", values.len(), names.len()),
-            ));
-        }
-        for (n, t) in names.iter().zip(values) {
-            self.model.params.set(n, t)?;
-        }
-        Ok(())
-    }
-}
-
-impl runner::Model for DetectorModel {
-    type Batch = DetBatch;
-
-    fn params(&self) -> Vec<(String, Tensor)> {
-        self.names
-            .iter()
-            .map(|n| {
-                (
-                    n.clone(),
-                    self.model.params.get(n).cloned().expect("own name"),
-                )
-            })
-            .collect()
-    }
-
-    fn set_params(&mut self, params: Vec<Tensor>) -> Result<()> {
-        let names = self.names.clone();
-        self.set_named(&names, params)
-    }
-
-    fn buffers(&self) -> Vec<(String, Tensor)> {
-        self.buffer_names
-            .iter()
-            .map(|n| {
-                (
-                    n.clone(),
-                    self.model.params.get(n).cloned().expect("own name"),
-                )
-            })
-            .collect()
-    }
-
-    fn set_buffers(&mut self, buffers: Vec<Tensor>) -> Result<()> {
-        let names = self.buffer_names.clone();
-        self.set_named(&names, buffers)
-    }
-
-    fn train_step(&mut self, batch: &DetBatch, rng: &mut Rng) -> Result<Vec<(String, Tensor)>> {
-        let images = self.images_on_device(batch)?;
-        let (losses, updates) = {
-            let ctx = Ctx::new(&self.model.params, true);
-            let losses = self.model.losses(&ctx, &images, &batch.targets, rng)?;
-            (losses, ctx.take_buffer_updates())
-        };
-        for (n, t) in updates {
-            // Running statistics are state, not part of the graph.
-            self.model.params.set(&n, t.detach())?;
-        }
-        Ok(losses)
-    }
-
-    fn val_step(&mut self, batch: &DetBatch, rng: &mut Rng) -> Result<Vec<(String, Tensor)>> {
-        let images = self.images_on_device(batch)?;
-        crate::autograd::no_grad(|| {
-            let ctx = Ctx::new(&self.model.params, false);
-            self.model.losses(&ctx, &images, &batch.targets, rng)
-        })
-    }
-
-    fn num_samples(&self, batch: &DetBatch) -> usize {
-        batch.images.len()
-    }
-}
-
-/// The threaded, resumable [`Loader`] as a runner [`DataLoader`] of [`DetBatch`]es.
-pub struct DetLoader {
-    loader: Loader,
-    batches: Option<crate::data::Batches>,
-    skipped: Vec<String>,
-}
-
-impl DetLoader {
-    /// Over `loader`.
-    pub fn new(loader: Loader) -> DetLoader {
-        DetLoader {
-            loader,
-            batches: None,
-            skipped: Vec::new(),
-        }
-    }
-}
-
-impl DataLoader for DetLoader {
-    type Batch = DetBatch;
-
-    fn len(&self) -> usize {
-        self.loader.batches_per_epoch()
-    }
-
-    fn start(&mut self, epoch: u64, position: usize) -> Result<()> {
-        // Stop the previous workers before starting new ones.
-        self.batches = None;
-        self.batches = Some(self.loader.resume_epoch(LoaderState {
-            epoch,
-            batch: position,
-        }));
-        Ok(())
-    }
-
-    fn next_batch(&mut self) -> Option<Result<DetBatch>> {
-        let b = self.batches.as_mut()?.next()?;
-        Some(b.and_then(|mut b| {
-            self.skipped.append(&mut b.skipped);
-            DetBatch::from_samples(&b.samples)
-        }))
-    }
-
-    fn take_skipped(&mut self) -> Vec<String> {
-        std::mem::take(&mut self.skipped)
-    }
-}
-
-/// COCO results of `model` on every image of `dataset`, `batch_size` images per
-/// forward pass; `category_id` maps a label `1..=K` to its COCO category id.
-pub fn detect_dataset(
-    model: &FasterRcnn,
-    dataset: &dyn Dataset,
-    batch_size: usize,
-    device: Device,
-    category_id: &dyn Fn(i64) -> Option<i64>,
-) -> Result<Vec<(i64, Detections, Vec<DetBox>)>> {
-    let mut out = Vec::with_capacity(dataset.len());
-    let idx: Vec<usize> = (0..dataset.len()).collect();
-    for chunk in idx.chunks(batch_size.max(1)) {
-        let samples = chunk
-            .iter()
-            .map(|&i| dataset.get(i))
-            .collect::<Result<Vec<_>>>()?;
-        let batch = DetBatch::from_samples(&samples)?;
-        let images = batch
-            .images
-            .iter()
-            .map(|t| t.to_device(device))
-            .collect::<Result<Vec<_>>>()?;
-        let dets = crate::autograd::no_grad(|| model.detect(&images))?;
-        for (d, id) in dets.into_iter().zip(&batch.image_ids) {
-            let coco = to_coco(&d, *id, category_id)?;
-            out.push((*id, d, coco));
-        }
-    }
-    Ok(out)
-}
-
-/// Detections of one image as COCO results (`[x, y, w, h]`, category ids).
-pub fn to_coco(
-    d: &Detections,
-    image_id: i64,
-    category_id: &dyn Fn(i64) -> Option<i64>,
-) -> Result<Vec<DetBox>> {
-    d.boxes
-        .iter()
-        .zip(&d.scores)
-        .zip(&d.labels)
-        .map(|((b, &s), &l)| {
-            let cat = category_id(l).ok_or_else(|| {
-                Error::invalid("to_coco", format!("label {l} has no category id"))
-            })?;
-            Ok(DetBox {
-                image_id,
-                category_id: cat,
-                bbox: [
-                    b[0] as f64,
-                    b[1] as f64,
-                    (b[2] - b[0]) as f64,
-                    (b[3] - b[1]) as f64,
-                ],
-                score: s as f64,
-            })
-        })
-        .collect()
-}
-
-/// Evaluate `model` on `dataset` against `gt` (pycocotools' numbers).
-pub fn evaluate_model(
-    model: &FasterRcnn,
-    dataset: &dyn Dataset,
-    gt: &GroundTruth,
-    batch_size: usize,
-    device: Device,
-    category_id: &dyn Fn(i64) -> Option<i64>,
-) -> Result<CocoEvaluation> {
-    let res = detect_dataset(model, dataset, batch_size, device, category_id)?;
-    let dets: Vec<DetBox> = res.into_iter().flat_map(|(_, _, c)| c).collect();
-    evaluate(gt, &dets)
-}
-
-/// An [`runner::hooks::EvalHook`] function: COCO metrics of the runner's model on
-/// `dataset`, as `bbox_mAP`, `bbox_mAP_50`, `bbox_mAP_75`, ... (mmdetection's names),
-/// and the pycocotools summary printed to the runner's log.
-pub fn coco_eval_fn(
-    dataset: Arc<dyn Dataset>,
-    gt: GroundTruth,
-    batch_size: usize,
-    category_id: Arc<dyn Fn(i64) -> Option<i64>>,
-) -> impl FnMut(&mut runner::Runner<DetectorModel>) -> Result<Vec<(String, f64)>> {
-    move |r| {
-        let ev = evaluate_model(
-            &r.model.model,
-            dataset.as_ref(),
-            &gt,
-            batch_size,
-            r.model.device,
-            category_id.as_ref(),
-        )?;
-        r.log.line(&format!(
-            "Evaluating bbox on {} images:\n{}",
-            dataset.len(),
-            ev.summary().trim_end()
-        ));
-        Ok(metrics(&ev))
-    }
-}
-
-/// mmdetection's metric names for the 12 numbers.
-pub fn metrics(ev: &CocoEvaluation) -> Vec<(String, f64)> {
-    const NAMES: [&str; 6] = [
-        "bbox_mAP",
-        "bbox_mAP_50",
-        "bbox_mAP_75",
-        "bbox_mAP_s",
-        "bbox_mAP_m",
-        "bbox_mAP_l",
-    ];
-    NAMES
-        .iter()
-        .zip(ev.stats)
-        .map(|(n, v)| (n.to_string(), v))
-        .collect()
-}
+use crate::nn::NormKind;
+use crate::optim::{Sgd, SgdConfig};
+use crate::runner::hooks::{EvalHook, NanGuardHook};
+use crate::runner::{self, Mode, Runner};
 
 /// The detector a config's `[model]` section describes, and the settings it has no
 /// counterpart for yet (ignored; the caller should warn about them).
@@ -626,4 +313,131 @@ impl ShapesRun {
         r.register_hook(NanGuardHook::new());
         Ok(r)
     }
+}
+
+/// The datasets of a config: (train, val); val also maps labels to category ids.
+pub type Sets = (Arc<dyn Dataset>, Arc<CocoDataset>);
+
+/// The training and validation sets a config's `[data]` section names (generated
+/// shapes are written under `data.shapes.root` first when absent).
+pub fn config_datasets(cfg: &Config) -> Result<Sets> {
+    let d = &cfg.data;
+    let opts = CocoOptions {
+        skip_bad_images: d.skip_bad_images,
+        allow_outside_image_dir: d.allow_outside_image_dir,
+        ..CocoOptions::default()
+    };
+    let (train, val) = match d.dataset {
+        DatasetKind::Coco => (
+            CocoDataset::open(&d.train_annotations, &d.train_images, opts)?,
+            CocoDataset::open(&d.val_annotations, &d.val_images, opts)?,
+        ),
+        DatasetKind::Shapes => {
+            let s = &d.shapes;
+            let open = |sub: &str, seed: u64, count: usize| -> Result<CocoDataset> {
+                let dir = s.root.join(sub);
+                if !dir.join("annotations.json").is_file() {
+                    println!("generating {count} shapes in {}", dir.display());
+                    crate::data::generate_shapes(&dir, seed, count, s.image_size)?;
+                }
+                CocoDataset::open_dir(&dir, opts)
+            };
+            (
+                open("train", s.seed, s.train_count)?,
+                open("val", s.seed.wrapping_add(1_000_003), s.val_count)?,
+            )
+        }
+    };
+    // A category the model has no class for fails much later, inside the loss:
+    // check now and name it.
+    train.check_num_classes(cfg.model.num_classes)?;
+    val.check_num_classes(cfg.model.num_classes)?;
+    Ok((Arc::new(train), Arc::new(val)))
+}
+
+/// The runner a config describes on `dev`: model (with `load_from` weights), SGD,
+/// loaders, the default hooks (LR, optimizer, checkpoint, logger), the NaN guard, EMA
+/// and COCO evaluation as configured; `config.toml` written to the work_dir. Also
+/// returns the settings that were ignored (the caller should warn about them).
+pub fn config_runner(cfg: &Config, dev: Device) -> Result<(Runner<DetectorModel>, Vec<String>)> {
+    let (train_set, val_set) = config_datasets(cfg)?;
+    let (mut model, ignored) = build_model(&cfg.model, cfg.runtime.seed)?;
+    model.to_device(dev)?;
+    let s = &cfg.schedule;
+    let sgd = Sgd::new(SgdConfig {
+        lr: s.lr,
+        momentum: s.momentum,
+        weight_decay: s.weight_decay,
+        nesterov: s.nesterov,
+        ..SgdConfig::default()
+    })?;
+    let r = &cfg.runtime;
+    let mut runner = Runner::new(
+        DetectorModel::new(model, dev),
+        Box::new(sgd),
+        &r.work_dir,
+        s.max,
+        r.seed,
+    );
+    let loader = |set: Arc<dyn Dataset>, train: bool| -> Result<DetLoader> {
+        Ok(DetLoader::new(Loader::new(
+            set,
+            LoaderConfig {
+                batch_size: cfg.data.batch_size,
+                shuffle: train && cfg.data.shuffle,
+                seed: r.seed,
+                drop_last: train,
+                hflip_prob: if train { cfg.data.hflip_prob } else { 0.0 },
+                workers: cfg.data.num_workers,
+                prefetch: 2 * cfg.data.num_workers.max(1),
+            },
+        )?))
+    };
+    runner.set_train_loader(Box::new(loader(train_set, true)?));
+    if r.workflow.iter().any(|(m, _)| *m == Mode::Val) {
+        runner.set_val_loader(Box::new(loader(val_set.clone(), false)?));
+    }
+    runner.register_training_hooks(
+        Some(cfg.lr_updater_hook()),
+        cfg.optimizer_hook(),
+        Some(cfg.checkpoint_hook()),
+        Some(r.log_interval),
+    );
+    if r.nan_guard {
+        runner.register_hook(NanGuardHook::new());
+    }
+    if let Some(ema) = cfg.ema_hook() {
+        runner.register_hook(ema);
+    }
+    if r.eval_interval > 0 {
+        let cats = val_set.clone();
+        let by_epoch = matches!(s.max, runner::Schedule::Epochs(_));
+        let mut hook = EvalHook::new(
+            coco_eval_fn(
+                val_set.clone(),
+                val_set.ground_truth(),
+                cfg.data.batch_size,
+                Arc::new(move |l| cats.category_id(l)),
+            ),
+            r.eval_interval,
+            by_epoch,
+        );
+        if let Some(m) = &r.save_best {
+            hook = hook.save_best(m);
+        }
+        runner.register_hook(hook);
+    }
+    std::fs::create_dir_all(&r.work_dir).map_err(|source| Error::Io {
+        path: r.work_dir.clone(),
+        source,
+    })?;
+    let cfg_path = r.work_dir.join("config.toml");
+    std::fs::write(&cfg_path, cfg.to_toml_string()?).map_err(|source| Error::Io {
+        path: cfg_path.clone(),
+        source,
+    })?;
+    if let Some(w) = &r.load_from {
+        runner.load_weights(w)?;
+    }
+    Ok((runner, ignored))
 }

@@ -1,22 +1,21 @@
-//! The training commands: `demo`, `train`, `eval`, `infer`.
+//! The bodies of the CLI commands: `demo`, `train`, `eval`, `infer`, `coco-eval`,
+//! `shapes`, `devices` (`bench` is [`super::bench::run`], `kernels` and
+//! `kernel-check` are in [`super::kernel_check`]). Each prints its progress and
+//! results; the binary parses arguments and calls these.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use kestrel::config::{Config, DatasetKind};
-use kestrel::data::{CocoDataset, CocoOptions, Dataset, Loader, LoaderConfig};
-use kestrel::detection::draw::save_detections_png;
-use kestrel::detection::trainer::{
-    build_model, coco_eval_fn, detect_dataset, load_weights, model_config, small_model, DetLoader,
-    DetectorModel, ShapesRun,
-};
-use kestrel::detection::FasterRcnn;
-use kestrel::eval::{evaluate, write_results, DetBox};
-use kestrel::optim::{Sgd, SgdConfig};
-use kestrel::runner::hooks::{EvalHook, NanGuardHook};
-use kestrel::runner::{Mode, Runner};
-use kestrel::{Device, Error, Result};
+use super::eval::detect_dataset;
+use super::train::{config_datasets, config_runner, load_weights, model_config, small_model};
+use super::ShapesRun;
+use crate::config::{Config, DatasetKind};
+use crate::detection::draw::save_detections_png;
+use crate::detection::FasterRcnn;
+use crate::eval::{evaluate, write_results, DetBox};
+use crate::runner::{prepare_work_dir, Mode, WorkDirPolicy};
+use crate::{Device, Error, Result};
 
 /// Iterations of the demo on a CPU, sized to finish in about 10 minutes on 2 cores.
 const DEMO_ITERS_CPU: usize = 1800;
@@ -77,7 +76,7 @@ pub fn demo(out: &Path, device_name: &str, iters: Option<usize>) -> Result<()> {
     };
     cfg.data.dataset = DatasetKind::Shapes;
     cfg.data.batch_size = run.batch_size;
-    cfg.schedule.max = kestrel::runner::Schedule::Iters(iters);
+    cfg.schedule.max = crate::runner::Schedule::Iters(iters);
     cfg.schedule.warmup_iters = run.warmup_iters;
     cfg.schedule.steps = run.steps.clone();
     cfg.runtime.work_dir = work_dir.clone();
@@ -151,40 +150,6 @@ pub fn demo(out: &Path, device_name: &str, iters: Option<usize>) -> Result<()> {
     Ok(())
 }
 
-/// The datasets of a config: (train, val) with the label -> category id map of val.
-type Sets = (Arc<dyn Dataset>, Arc<CocoDataset>);
-
-fn datasets(cfg: &Config) -> Result<Sets> {
-    let d = &cfg.data;
-    let opts = CocoOptions {
-        skip_bad_images: d.skip_bad_images,
-        allow_outside_image_dir: d.allow_outside_image_dir,
-        ..CocoOptions::default()
-    };
-    let (train, val) = match d.dataset {
-        DatasetKind::Coco => (
-            CocoDataset::open(&d.train_annotations, &d.train_images, opts)?,
-            CocoDataset::open(&d.val_annotations, &d.val_images, opts)?,
-        ),
-        DatasetKind::Shapes => {
-            let s = &d.shapes;
-            let open = |sub: &str, seed: u64, count: usize| -> Result<CocoDataset> {
-                let dir = s.root.join(sub);
-                if !dir.join("annotations.json").is_file() {
-                    println!("generating {count} shapes in {}", dir.display());
-                    kestrel::data::generate_shapes(&dir, seed, count, s.image_size)?;
-                }
-                CocoDataset::open_dir(&dir, opts)
-            };
-            (
-                open("train", s.seed, s.train_count)?,
-                open("val", s.seed.wrapping_add(1_000_003), s.val_count)?,
-            )
-        }
-    };
-    Ok((Arc::new(train), Arc::new(val)))
-}
-
 fn config_device(cfg: &Config, flag: Option<&str>) -> Result<Device> {
     device(flag.unwrap_or(&cfg.runtime.device))
 }
@@ -195,85 +160,29 @@ fn warn_ignored(ignored: &[String]) {
     }
 }
 
-/// `kestrel train CONFIG [--resume]`.
-pub fn train(config: &Path, resume: bool, device_flag: Option<&str>) -> Result<()> {
+/// `kestrel train CONFIG [--resume | --overwrite]`.
+pub fn train(
+    config: &Path,
+    resume: bool,
+    overwrite: bool,
+    device_flag: Option<&str>,
+) -> Result<()> {
     let cfg = Config::from_file(config)?;
     let dev = config_device(&cfg, device_flag)?;
-    let (train_set, val_set) = datasets(&cfg)?;
-    let (mut model, ignored) = build_model(&cfg.model, cfg.runtime.seed)?;
-    warn_ignored(&ignored);
-    model.to_device(dev)?;
-    let s = &cfg.schedule;
-    let sgd = Sgd::new(SgdConfig {
-        lr: s.lr,
-        momentum: s.momentum,
-        weight_decay: s.weight_decay,
-        nesterov: s.nesterov,
-        ..SgdConfig::default()
-    })?;
     let r = &cfg.runtime;
-    let mut runner = Runner::new(
-        DetectorModel::new(model, dev),
-        Box::new(sgd),
-        &r.work_dir,
-        s.max,
-        r.seed,
-    );
-    let loader = |set: Arc<dyn Dataset>, train: bool| -> Result<DetLoader> {
-        Ok(DetLoader::new(Loader::new(
-            set,
-            LoaderConfig {
-                batch_size: cfg.data.batch_size,
-                shuffle: train && cfg.data.shuffle,
-                seed: r.seed,
-                drop_last: train,
-                hflip_prob: if train { cfg.data.hflip_prob } else { 0.0 },
-                workers: cfg.data.num_workers,
-                prefetch: 2 * cfg.data.num_workers.max(1),
-            },
-        )?))
+    let resume = resume || r.resume;
+    // Lock the work_dir before anything is written there (config_runner writes
+    // config.toml): a second run, or a fresh run over an earlier one, is refused.
+    let policy = match (resume, overwrite) {
+        (true, _) => WorkDirPolicy::Resume,
+        (false, true) => WorkDirPolicy::Overwrite,
+        (false, false) => WorkDirPolicy::Fresh,
     };
-    runner.set_train_loader(Box::new(loader(train_set, true)?));
-    if r.workflow.iter().any(|(m, _)| *m == Mode::Val) {
-        runner.set_val_loader(Box::new(loader(val_set.clone(), false)?));
-    }
-    runner.register_training_hooks(
-        Some(cfg.lr_updater_hook()),
-        cfg.optimizer_hook(),
-        Some(cfg.checkpoint_hook()),
-        Some(r.log_interval),
-    );
-    if r.nan_guard {
-        runner.register_hook(NanGuardHook::new());
-    }
-    if let Some(ema) = cfg.ema_hook() {
-        runner.register_hook(ema);
-    }
-    if r.eval_interval > 0 {
-        let cats = val_set.clone();
-        let by_epoch = matches!(s.max, kestrel::runner::Schedule::Epochs(_));
-        let mut hook = EvalHook::new(
-            coco_eval_fn(
-                val_set.clone(),
-                val_set.ground_truth(),
-                cfg.data.batch_size,
-                Arc::new(move |l| cats.category_id(l)),
-            ),
-            r.eval_interval,
-            by_epoch,
-        );
-        if let Some(m) = &r.save_best {
-            hook = hook.save_best(m);
-        }
-        runner.register_hook(hook);
-    }
-    std::fs::create_dir_all(&r.work_dir).map_err(io(&r.work_dir))?;
-    std::fs::write(r.work_dir.join("config.toml"), cfg.to_toml_string()?)
-        .map_err(io(&r.work_dir))?;
-    if let Some(w) = &r.load_from {
-        runner.load_weights(w)?;
-    }
-    if resume || r.resume {
+    let lock = prepare_work_dir(&r.work_dir, policy)?;
+    let (mut runner, ignored) = config_runner(&cfg, dev)?;
+    runner.hold_work_dir_lock(lock);
+    warn_ignored(&ignored);
+    if resume {
         match runner.resume_latest()? {
             Some(p) => println!("resuming from {}", p.display()),
             None => println!("nothing to resume in {}: starting", r.work_dir.display()),
@@ -295,8 +204,8 @@ pub fn eval(
 ) -> Result<()> {
     let cfg = Config::from_file(config)?;
     let dev = config_device(&cfg, device_flag)?;
-    let (_, val) = datasets(&cfg)?;
-    let (mut model, ignored) = build_model(&cfg.model, cfg.runtime.seed)?;
+    let (_, val) = config_datasets(&cfg)?;
+    let (mut model, ignored) = super::train::build_model(&cfg.model, cfg.runtime.seed)?;
     warn_ignored(&ignored);
     model.to_device(dev)?;
     load_weights(&mut model, checkpoint)?;
@@ -344,7 +253,10 @@ fn infer_model(checkpoint: &Path, config: Option<&Path>) -> Result<FasterRcnn> {
     FasterRcnn::new(cfg, 0)
 }
 
-/// `kestrel infer CHECKPOINT IMAGE... [--out DIR]`.
+/// `kestrel infer CHECKPOINT IMAGE... [--out DIR]`. Each image gets its own drawing
+/// (`STEM_det.png`, with the image's position added when two inputs share a stem);
+/// an image that fails is reported in `detections.json` with its error, the others'
+/// results are kept, and the command then fails naming the bad ones.
 pub fn infer(
     checkpoint: &Path,
     images: &[PathBuf],
@@ -353,49 +265,171 @@ pub fn infer(
     min_score: f32,
     device_name: &str,
 ) -> Result<()> {
+    if !(0.0..=1.0).contains(&min_score) {
+        return Err(Error::invalid(
+            "infer",
+            format!("--min-score {min_score}: a score between 0 and 1"),
+        ));
+    }
     let dev = device(device_name)?;
     let mut model = infer_model(checkpoint, config)?;
     model.to_device(dev)?;
     load_weights(&mut model, checkpoint)?;
     std::fs::create_dir_all(out).map_err(io(out))?;
+    let names = drawing_names(images);
     let mut all = Vec::new();
-    for path in images {
-        let rgb = kestrel::data::image_io::load_rgb(path)?;
-        let t = kestrel::detection::transform::image_from_u8(&rgb.data, rgb.height, rgb.width)?
-            .to_device(dev)?;
-        let d = kestrel::autograd::no_grad(|| model.detect(&[t]))?
-            .pop()
-            .unwrap_or_default();
-        let stem = path
-            .file_stem()
-            .map_or("image".into(), |s| s.to_string_lossy().to_string());
-        let png = out.join(format!("{stem}_det.png"));
-        save_detections_png(&png, &rgb.data, rgb.height, rgb.width, &d, min_score)?;
-        let kept = d.scores.iter().filter(|&&s| s >= min_score).count();
-        println!(
-            "{}: {} detections ({kept} scoring >= {min_score}) -> {}",
-            path.display(),
-            d.boxes.len(),
-            png.display()
-        );
-        let dets: Vec<serde_json::Value> = (0..d.boxes.len())
-            .map(|i| {
-                serde_json::json!({
-                    "box": d.boxes[i], "score": d.scores[i], "label": d.labels[i]
-                })
-            })
-            .collect();
-        all.push(serde_json::json!({
-            "image": path.display().to_string(),
-            "width": rgb.width, "height": rgb.height,
-            "drawn": png.display().to_string(),
-            "detections": dets,
-        }));
+    let mut failed = Vec::new();
+    for (path, name) in images.iter().zip(&names) {
+        let png = out.join(name);
+        match infer_one(&model, dev, path, &png, min_score) {
+            Ok(v) => all.push(v),
+            Err(e) => {
+                eprintln!("error: {}: {e}", path.display());
+                all.push(serde_json::json!({
+                    "image": path.display().to_string(),
+                    "error": e.to_string(),
+                }));
+                failed.push(path.display().to_string());
+            }
+        }
     }
     let json = out.join("detections.json");
     let text =
         serde_json::to_string_pretty(&all).map_err(|e| Error::invalid("infer", e.to_string()))?;
     std::fs::write(&json, text).map_err(io(&json))?;
     println!("boxes (x1, y1, x2, y2 pixels): {}", json.display());
+    if !failed.is_empty() {
+        return Err(Error::invalid(
+            "infer",
+            format!(
+                "{} of {} images failed ({}); the others' results are in {}",
+                failed.len(),
+                images.len(),
+                failed.join(", "),
+                json.display()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Output file names of the drawings, one per input and all distinct: `STEM_det.png`,
+/// or `STEM_N_det.png` (N the image's 1-based position) when another input has the
+/// same stem (`a/x.png` and `b/x.png`) or the name is taken.
+fn drawing_names(images: &[PathBuf]) -> Vec<String> {
+    let stems: Vec<String> = images
+        .iter()
+        .map(|p| {
+            p.file_stem()
+                .map_or("image".into(), |s| s.to_string_lossy().to_string())
+        })
+        .collect();
+    let mut used = std::collections::HashSet::new();
+    let mut names = Vec::with_capacity(images.len());
+    for (i, stem) in stems.iter().enumerate() {
+        let shared = stems.iter().filter(|s| *s == stem).count() > 1;
+        let mut name = if shared {
+            format!("{stem}_{}_det.png", i + 1)
+        } else {
+            format!("{stem}_det.png")
+        };
+        let mut k = 1;
+        while !used.insert(name.clone()) {
+            k += 1;
+            name = format!("{stem}_{}_{k}_det.png", i + 1);
+        }
+        names.push(name);
+    }
+    names
+}
+
+/// Detect, draw to `png` and describe one image (JSON).
+fn infer_one(
+    model: &FasterRcnn,
+    dev: Device,
+    path: &Path,
+    png: &Path,
+    min_score: f32,
+) -> Result<serde_json::Value> {
+    let rgb = crate::data::image_io::load_rgb(path)?;
+    let t = crate::detection::transform::image_from_u8(&rgb.data, rgb.height, rgb.width)?
+        .to_device(dev)?;
+    let d = crate::autograd::no_grad(|| model.detect(&[t]))?
+        .pop()
+        .unwrap_or_default();
+    save_detections_png(png, &rgb.data, rgb.height, rgb.width, &d, min_score)?;
+    let kept = d.scores.iter().filter(|&&s| s >= min_score).count();
+    println!(
+        "{}: {} detections ({kept} scoring >= {min_score}) -> {}",
+        path.display(),
+        d.boxes.len(),
+        png.display()
+    );
+    let dets: Vec<serde_json::Value> = (0..d.boxes.len())
+        .map(|i| {
+            serde_json::json!({
+                "box": d.boxes[i], "score": d.scores[i], "label": d.labels[i]
+            })
+        })
+        .collect();
+    Ok(serde_json::json!({
+        "image": path.display().to_string(),
+        "width": rgb.width, "height": rgb.height,
+        "drawn": png.display().to_string(),
+        "detections": dets,
+    }))
+}
+
+/// `kestrel coco-eval GT RESULTS`.
+pub fn coco_eval(
+    gt: &std::path::Path,
+    results: &std::path::Path,
+    stats_json: Option<&std::path::Path>,
+) -> crate::Result<()> {
+    let gt = crate::eval::GroundTruth::from_json_file(gt)?;
+    let dets = crate::eval::load_results(results, &gt)?;
+    let ev = crate::eval::evaluate(&gt, &dets)?;
+    print!("{}", ev.summary());
+    if let Some(path) = stats_json {
+        let map: serde_json::Map<String, serde_json::Value> = crate::eval::STAT_NAMES
+            .iter()
+            .zip(ev.stats)
+            .map(|(k, v)| (k.to_string(), v.into()))
+            .collect();
+        let text = serde_json::to_string_pretty(&map).expect("numbers serialise");
+        std::fs::write(path, text).map_err(|source| crate::Error::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    }
+    Ok(())
+}
+
+/// `kestrel shapes --out DIR --seed S --count N --size PX`.
+pub fn shapes(out: &std::path::Path, seed: u64, count: usize, size: usize) -> crate::Result<()> {
+    let t = std::time::Instant::now();
+    let s = crate::data::generate_shapes(out, seed, count, size)?;
+    println!(
+        "wrote {} images ({} objects) to {} and {} in {:.1} s",
+        s.images,
+        s.objects,
+        s.image_dir.display(),
+        s.json_path.display(),
+        t.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// `kestrel devices`: which devices are usable here.
+pub fn devices() -> Result<()> {
+    println!("cpu: {} threads", rayon::current_num_threads());
+    match crate::device::gpu::device(0) {
+        Ok(d) => println!("cuda:0: {}", d.backend.name()),
+        Err(e) => println!("cuda: {e}"),
+    }
+    match crate::device::emu::gpu_device() {
+        Ok(d) => println!("emu: {}", d.backend.name()),
+        Err(e) => println!("emu: {e}"),
+    }
     Ok(())
 }
