@@ -115,8 +115,14 @@ impl CocoJson {
     /// Read and parse a COCO JSON file. Malformed or truncated JSON is an error naming
     /// the file with the line and column.
     pub fn read(path: &Path) -> Result<CocoJson> {
-        let text = std::fs::read_to_string(path).map_err(|e| io_error(path, e))?;
-        serde_json::from_str(&text)
+        let bytes = std::fs::read(path).map_err(|e| io_error(path, e))?;
+        Self::parse(&bytes, path)
+    }
+
+    /// Parse COCO JSON from bytes (UTF-8 checked by the parser); `path` names the
+    /// source in errors.
+    pub fn parse(bytes: &[u8], path: &Path) -> Result<CocoJson> {
+        serde_json::from_slice(bytes)
             .map_err(|e| invalid_data(path, format!("malformed COCO JSON: {e}")))
     }
 

@@ -25,6 +25,13 @@ impl TensorFile {
             path: path.clone(),
             source,
         })?;
+        Self::from_bytes(path, bytes)
+    }
+
+    /// Validate the bytes of a safetensors file held in memory; `path` names it in
+    /// errors.
+    pub fn from_bytes(path: impl Into<PathBuf>, bytes: Vec<u8>) -> Result<TensorFile> {
+        let path = path.into();
         let (_, meta) = SafeTensors::read_metadata(&bytes).map_err(|e| Error::Safetensors {
             path: path.clone(),
             msg: e.to_string(),
