@@ -92,3 +92,23 @@ fn the_harness_reports_a_planted_panic() {
         .to_string()
         .contains(&format!("--seed 7 --cases {}", f.case + 1)));
 }
+
+/// Deep nesting, which random mutations rarely build: a recursive parser without a
+/// depth limit overflows the stack, an abort no `catch_unwind` can stop.
+#[test]
+fn deeply_nested_inputs_are_refused_without_overflowing_the_stack() {
+    let depth = 200_000;
+    let json = format!("{}{}", "[".repeat(depth), "]".repeat(depth));
+    let coco = format!("{{\"images\": {json}}}");
+    for t in [fuzz::coco_target(), fuzz::results_target()] {
+        assert!(fuzz::run_input(&t, coco.as_bytes()).is_ok(), "{}", t.name);
+        assert!(fuzz::run_input(&t, json.as_bytes()).is_ok(), "{}", t.name);
+    }
+    let toml_array = format!("x = {}{}", "[".repeat(depth), "]".repeat(depth));
+    let toml_table = format!("x = {}{}", "{a = ".repeat(depth), "}".repeat(depth));
+    let toml_keys = format!("{} = 1", vec!["a"; depth].join("."));
+    let t = fuzz::toml_target();
+    for text in [toml_array, toml_table, toml_keys] {
+        assert!(fuzz::run_input(&t, text.as_bytes()).is_ok());
+    }
+}

@@ -53,7 +53,8 @@ pub fn demo(out: &Path, device_name: &str, iters: Option<usize>) -> Result<()> {
     std::fs::create_dir_all(out).map_err(io(out))?;
     let work_dir = out.join("work_dir");
     // A fresh run every time: an old `latest` would make the schedule look finished.
-    let _ = std::fs::remove_dir_all(&work_dir);
+    // Lock first: another demo writing into the same folder must not lose its files.
+    let lock = prepare_work_dir(&work_dir, WorkDirPolicy::Overwrite)?;
     let run = ShapesRun::demo(&work_dir, dev, iters);
 
     println!(
@@ -84,6 +85,7 @@ pub fn demo(out: &Path, device_name: &str, iters: Option<usize>) -> Result<()> {
     std::fs::write(work_dir.join("config.toml"), cfg.to_toml_string()?).map_err(io(&work_dir))?;
     let t_train = Instant::now();
     let mut runner = run.runner(Arc::new(train))?;
+    runner.hold_work_dir_lock(lock);
     runner.run(&[(Mode::Train, 1)])?;
     let train_s = t_train.elapsed().as_secs_f64();
     println!(

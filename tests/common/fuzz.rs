@@ -23,14 +23,17 @@ use kestrel::io::{save_safetensors, TensorFile};
 use kestrel::runner::read_checkpoint_meta;
 use kestrel::Tensor;
 
+/// The call under test: parse the input, use what it gives; returns whether the input
+/// was accepted (parsed without error).
+pub type Parse = Box<dyn Fn(&[u8]) -> bool>;
+
 /// One parser under test: valid seed inputs and the call that must not panic.
 pub struct Target {
     pub name: &'static str,
     pub seeds: Vec<Vec<u8>>,
     /// Text formats also get numeric edge values spliced in.
     pub text: bool,
-    /// Returns whether the input was accepted (parsed without error).
-    pub run: Box<dyn Fn(&[u8]) -> bool>,
+    pub run: Parse,
 }
 
 /// A panic found: where, how to reproduce, what.
