@@ -1,0 +1,289 @@
+//! im2col + `gemm` on the CPU, generic over f32/f64.
+
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+use crate::ops::linear::{gemm_into, gemm_ptr, MatRef};
+use crate::tensor::Element;
+
+use super::Geom;
+
+/// Target size of one task's im2col slice, in elements: 1 MiB of f32, so the slice
+/// a task writes is still in L2 when its GEMM reads it.
+const COL_ELEMS: usize = 1 << 18;
+/// Fewest output columns per task: narrower GEMMs spend too long packing W.
+const MIN_COLS: usize = 256;
+/// Fewest output columns per task when there are too few tasks for the threads.
+const MIN_SPLIT_COLS: usize = 64;
+
+/// Output columns per task for an im2col matrix of `k` rows and `ohw` columns in
+/// each of `images` images: wide enough for the GEMM, small enough for L2, and
+/// cut so that every thread has work. Chunks of one image are of equal width.
+pub(super) fn cols_per_task(k: usize, ohw: usize, images: usize) -> usize {
+    let threads = rayon::current_num_threads();
+    let mut cols = cols_for_rows(k);
+    let wanted = 2 * threads;
+    if images * ohw.div_ceil(cols) < wanted {
+        let per_image = wanted.div_ceil(images.max(1));
+        cols = cols.min(ohw.div_ceil(per_image).max(MIN_SPLIT_COLS));
+    }
+    let chunks = ohw.div_ceil(cols.max(1)).max(1);
+    ohw.div_ceil(chunks).max(1)
+}
+
+/// Output columns per chunk for an im2col slice of `rows` rows.
+fn cols_for_rows(rows: usize) -> usize {
+    (COL_ELEMS / rows.max(1)).max(MIN_COLS)
+}
+
+/// A raw pointer that tasks writing disjoint parts of one buffer may share.
+#[derive(Clone, Copy)]
+struct SharedPtr<T>(*mut T);
+// SAFETY: only used where each task writes elements no other task touches.
+unsafe impl<T: Send> Send for SharedPtr<T> {}
+unsafe impl<T: Send> Sync for SharedPtr<T> {}
+impl<T> SharedPtr<T> {
+    fn get(self) -> *mut T {
+        self.0
+    }
+}
+
+/// Calls `f(oh, ow_begin, ow_end, offset)` for each output-row piece of columns
+/// `[p0, p0 + pc)`; `offset` is the piece's first column relative to `p0`.
+fn row_pieces(ow: usize, p0: usize, pc: usize, mut f: impl FnMut(usize, usize, usize, usize)) {
+    let (mut p, end) = (p0, p0 + pc);
+    while p < end {
+        let (oh, o0) = (p / ow, p % ow);
+        let o1 = ow.min(o0 + (end - p));
+        f(oh, o0, o1, p - p0);
+        p += o1 - o0;
+    }
+}
+
+/// The output columns in `[o0, o1)` whose input column `o * s + off` lies in
+/// `[0, len)`, as `(lo, hi)` with `o0 <= lo <= hi <= o1`.
+fn inside(o0: usize, o1: usize, len: usize, s: usize, off: isize) -> (usize, usize) {
+    let lo = if off >= 0 {
+        0
+    } else {
+        (off.unsigned_abs()).div_ceil(s)
+    };
+    let last = len as isize - 1 - off;
+    let hi = if last < 0 { 0 } else { last as usize / s + 1 };
+    let lo = lo.clamp(o0, o1);
+    (lo, hi.clamp(lo, o1))
+}
+
+/// Where tap `(ki, kj)` of output row `oh` reads: the input row, or `None` in the
+/// padding, and the input column offset of output column 0.
+fn tap(g: &Geom, oh: usize, ki: usize, kj: usize) -> (Option<usize>, isize) {
+    let ih = (oh * g.p.stride.0 + ki * g.p.dilation.0) as isize - g.p.padding.0 as isize;
+    let off = (kj * g.p.dilation.1) as isize - g.p.padding.1 as isize;
+    let row = (ih >= 0 && (ih as usize) < g.h).then_some(ih as usize);
+    (row, off)
+}
+
+/// Columns `[p0, p0 + pc)` of the im2col matrix of one image `x: [Cin, H, W]` into
+/// `col: [K, pc]`.
+pub(super) fn im2col<T: Element>(x: &[T], g: &Geom, p0: usize, pc: usize, col: &mut [T]) {
+    let (khw, sw) = (g.kh * g.kw, g.p.stride.1);
+    for (r, row) in col.chunks_exact_mut(pc).enumerate() {
+        let (c, ki, kj) = (r / khw, (r / g.kw) % g.kh, r % g.kw);
+        let plane = &x[c * g.hw()..(c + 1) * g.hw()];
+        row_pieces(g.ow, p0, pc, |oh, o0, o1, at| {
+            let piece = &mut row[at..at + (o1 - o0)];
+            let (ih, off) = tap(g, oh, ki, kj);
+            let Some(ih) = ih else {
+                piece.fill(T::zero());
+                return;
+            };
+            let src = &plane[ih * g.w..(ih + 1) * g.w];
+            let (lo, hi) = inside(o0, o1, g.w, sw, off);
+            piece[..lo - o0].fill(T::zero());
+            piece[hi - o0..].fill(T::zero());
+            let dst = &mut piece[lo - o0..hi - o0];
+            if dst.is_empty() {
+                return;
+            }
+            let iw0 = (lo * sw) as isize + off;
+            let iw0 = iw0 as usize;
+            let n = dst.len();
+            match sw {
+                1 => dst.copy_from_slice(&src[iw0..iw0 + n]),
+                // The stem's case: whole pairs let the compiler vectorise the gather.
+                2 if iw0 + 2 * n <= src.len() => {
+                    let pairs = src[iw0..iw0 + 2 * n].chunks_exact(2);
+                    dst.iter_mut().zip(pairs).for_each(|(o, p)| *o = p[0]);
+                }
+                _ => {
+                    let taps = src[iw0..].iter().step_by(sw);
+                    dst.iter_mut().zip(taps).for_each(|(o, &v)| *o = v);
+                }
+            }
+        });
+    }
+}
+
+/// The adjoint of [`im2col`]: adds `col: [nc * kh * kw, pc]` (columns
+/// `[p0, p0 + pc)`) into the `nc` channel planes `x: [nc, H, W]` it was read from.
+fn col2im_add<T: Element>(col: &[T], g: &Geom, p0: usize, pc: usize, x: &mut [T]) {
+    let (khw, sw, hw) = (g.kh * g.kw, g.p.stride.1, g.hw());
+    for (r, row) in col.chunks_exact(pc).enumerate() {
+        let (c, ki, kj) = (r / khw, (r / g.kw) % g.kh, r % g.kw);
+        let plane = &mut x[c * hw..(c + 1) * hw];
+        row_pieces(g.ow, p0, pc, |oh, o0, o1, at| {
+            let (Some(ih), off) = tap(g, oh, ki, kj) else {
+                return;
+            };
+            let (lo, hi) = inside(o0, o1, g.w, sw, off);
+            if lo == hi {
+                return;
+            }
+            let src = &row[at + lo - o0..at + hi - o0];
+            let iw0 = ((lo * sw) as isize + off) as usize;
+            let dst = &mut plane[ih * g.w..(ih + 1) * g.w];
+            for (j, &v) in src.iter().enumerate() {
+                dst[iw0 + j * sw] += v;
+            }
+        });
+    }
+}
+
+/// `y [N, Cout, OH * OW] = W @ col (+ b)`, one task per (image, column chunk).
+pub(super) fn forward<T: Element>(x: &[T], w: &[T], b: Option<&[T]>, g: &Geom) -> Vec<T> {
+    let (k, ohw, chw) = (g.k(), g.ohw(), g.cin * g.hw());
+    let mut y = vec![T::zero(); g.n * g.cout * ohw];
+    let cols = cols_per_task(k, ohw, g.n);
+    let chunks = ohw.div_ceil(cols);
+    let wm = MatRef::row_major(w, g.cout, k);
+    let yp = SharedPtr(y.as_mut_ptr());
+    (0..g.n * chunks)
+        .into_par_iter()
+        .for_each_init(Vec::new, |buf: &mut Vec<T>, t| {
+            let (img, p0) = (t / chunks, (t % chunks) * cols);
+            let pc = cols.min(ohw - p0);
+            let xi = &x[img * chw..(img + 1) * chw];
+            let rhs = if g.pointwise() {
+                MatRef::rows_ld(&xi[p0..], g.cin, pc, ohw)
+            } else {
+                buf.resize(k * pc, T::zero());
+                im2col(xi, g, p0, pc, buf);
+                MatRef::row_major(&buf[..], k, pc)
+            };
+            // SAFETY: columns [p0, p0 + pc) of image `img` belong to this task
+            // alone, and y outlives the parallel loop.
+            unsafe {
+                let dst = yp.get().add(img * g.cout * ohw + p0);
+                if let Some(b) = b {
+                    for (co, &bv) in b.iter().enumerate() {
+                        std::slice::from_raw_parts_mut(dst.add(co * ohw), pc).fill(bv);
+                    }
+                }
+                gemm_ptr(dst, ohw, b.is_some(), wm, rhs, Parallelism::None);
+            }
+        });
+    y
+}
+
+/// `gx = col2im(Wᵀ @ gy)`, one task per (image, group of input channels); each
+/// task owns its channels' planes of gx, so col2im needs no synchronisation.
+pub(super) fn grad_input<T: Element>(gy: &[T], w: &[T], g: &Geom) -> Vec<T> {
+    let (k, ohw, hw, khw) = (g.k(), g.ohw(), g.hw(), g.kh * g.kw);
+    let mut gx = vec![T::zero(); g.n * g.cin * hw];
+    if gx.is_empty() {
+        return gx;
+    }
+    let threads = rayon::current_num_threads();
+    let groups = (2 * threads).div_ceil(g.n.max(1)).clamp(1, g.cin.max(1));
+    let cg = g.cin.div_ceil(groups);
+    gx.par_chunks_mut(g.cin * hw)
+        .enumerate()
+        .for_each(|(img, gxi)| {
+            let gyi = &gy[img * g.cout * ohw..(img + 1) * g.cout * ohw];
+            gxi.par_chunks_mut(cg * hw).enumerate().for_each_init(
+                Vec::new,
+                |buf: &mut Vec<T>, (gi, gxg)| {
+                    let rows = gxg.len() / hw * khw;
+                    // Wᵀ restricted to this group's rows of the col matrix.
+                    let wt = MatRef {
+                        data: &w[gi * cg * khw..],
+                        rows,
+                        cols: g.cout,
+                        rs: 1,
+                        cs: k,
+                    };
+                    if g.pointwise() {
+                        let gym = MatRef::row_major(gyi, g.cout, ohw);
+                        gemm_into(gxg, hw, false, wt, gym, Parallelism::None);
+                        return;
+                    }
+                    let cols = cols_for_rows(rows);
+                    for p0 in (0..ohw).step_by(cols) {
+                        let pc = cols.min(ohw - p0);
+                        buf.resize(rows * pc, T::zero());
+                        let gym = MatRef::rows_ld(&gyi[p0..], g.cout, pc, ohw);
+                        gemm_into(buf, pc, false, wt, gym, Parallelism::None);
+                        col2im_add(buf, g, p0, pc, gxg);
+                    }
+                },
+            );
+        });
+    gx
+}
+
+/// `gw = sum over images and column chunks of gy @ colᵀ`. The tasks are cut into
+/// a fixed number of consecutive runs, each summed into its own partial, and the
+/// partials are added in order: the result does not depend on thread scheduling.
+pub(super) fn grad_weight<T: Element>(x: &[T], gy: &[T], g: &Geom) -> Vec<T> {
+    let (k, ohw, chw) = (g.k(), g.ohw(), g.cin * g.hw());
+    let len = g.cout * k;
+    let cols = cols_per_task(k, ohw, g.n);
+    let chunks = ohw.div_ceil(cols);
+    let tasks = g.n * chunks;
+    let runs = rayon::current_num_threads().min(tasks).max(1);
+    let per_run = tasks.div_ceil(runs);
+    let partials: Vec<Vec<T>> = (0..runs)
+        .into_par_iter()
+        .map(|run| {
+            let mut acc = vec![T::zero(); len];
+            let mut buf = Vec::new();
+            for t in run * per_run..tasks.min((run + 1) * per_run) {
+                let (img, p0) = (t / chunks, (t % chunks) * cols);
+                let pc = cols.min(ohw - p0);
+                let xi = &x[img * chw..(img + 1) * chw];
+                let gym = MatRef::rows_ld(&gy[img * g.cout * ohw + p0..], g.cout, pc, ohw);
+                let col_t = if g.pointwise() {
+                    MatRef::rows_ld(&xi[p0..], g.cin, pc, ohw).t()
+                } else {
+                    buf.resize(k * pc, T::zero());
+                    im2col(xi, g, p0, pc, &mut buf);
+                    MatRef::row_major(&buf[..], k, pc).t()
+                };
+                gemm_into(&mut acc, k, true, gym, col_t, Parallelism::None);
+            }
+            acc
+        })
+        .collect();
+    let mut parts = partials.into_iter();
+    let mut gw = parts.next().unwrap_or_else(|| vec![T::zero(); len]);
+    for p in parts {
+        gw.iter_mut().zip(&p).for_each(|(a, &b)| *a += b);
+    }
+    gw
+}
+
+/// `gb[c] = sum over images and positions of gy[n, c, p]`, accumulated in f64.
+pub(super) fn grad_bias<T: Element>(gy: &[T], n: usize, c: usize, hw: usize) -> Vec<T> {
+    (0..c)
+        .into_par_iter()
+        .map(|ch| {
+            let s: f64 = (0..n)
+                .map(|i| {
+                    let plane = &gy[(i * c + ch) * hw..(i * c + ch + 1) * hw];
+                    plane.iter().map(|v| v.f64()).sum::<f64>()
+                })
+                .sum();
+            T::of(s)
+        })
+        .collect()
+}
