@@ -1,9 +1,9 @@
-//! Bad input and faults (issue 15, part 4), library level: a model that proposes
-//! nothing, the work_dir lock, checkpoint temp files, resuming without `latest`, the
-//! resume marker in log.jsonl, data that fails to decode at load time, num_classes
-//! against the dataset, size limits, degenerate and escaping annotations.
+//! A model that proposes nothing (issue 15, part 4): eval and infer get no
+//! detections, training goes on with finite losses and gradients. Before the fix the
+//! box head reshaped `[0, C, 7, 7]` to `[0, 0]` (`numel() / r.max(1)`) and the first
+//! linear layer refused it. The other faults are in tests/work_dir.rs,
+//! tests/data_faults.rs and tests/cli_faults.rs.
 
-mod common;
 
 use kestrel::app::train::small_config;
 use kestrel::autograd::{no_grad, Tape};
