@@ -4,7 +4,6 @@
 //! linear layer refused it. The other faults are in tests/work_dir.rs,
 //! tests/data_faults.rs and tests/cli_faults.rs.
 
-
 use kestrel::app::train::small_config;
 use kestrel::autograd::{no_grad, Tape};
 use kestrel::detection::{FasterRcnn, Target};
