@@ -71,8 +71,13 @@ pub struct DataConfig {
     pub shuffle: bool,
     /// Probability of a horizontal flip of a training image.
     pub hflip_prob: f64,
-    /// Skip unreadable images with a warning instead of stopping.
+    /// Skip unreadable images with a warning instead of stopping: when the dataset
+    /// is opened (a bad header) and when an image fails to decode during training
+    /// (replaced by the next readable one, logged and counted).
     pub skip_bad_images: bool,
+    /// Accept COCO `file_name`s that are absolute or contain `..` (they read
+    /// outside the image folder; refused by default).
+    pub allow_outside_image_dir: bool,
     /// The generated shapes (`dataset = "shapes"`).
     pub shapes: ShapesConfig,
 }
@@ -90,6 +95,7 @@ impl Default for DataConfig {
             shuffle: true,
             hflip_prob: 0.5,
             skip_bad_images: false,
+            allow_outside_image_dir: false,
             shapes: ShapesConfig::default(),
         }
     }
@@ -366,6 +372,37 @@ impl Config {
         self.model.validate().map_err(under("model"))?;
         fraction("data.hflip_prob", self.data.hflip_prob)?;
         positive("data.batch_size", self.data.batch_size)?;
+        if self.data.num_workers > crate::data::loader::MAX_WORKERS {
+            return Err(invalid(
+                "data.num_workers",
+                format!(
+                    "{} (at most {})",
+                    self.data.num_workers,
+                    crate::data::loader::MAX_WORKERS
+                ),
+            ));
+        }
+        let t = &self.model.transform;
+        if let Some(i) = t
+            .image_std
+            .iter()
+            .position(|s| !(s.is_finite() && *s > 0.0))
+        {
+            return Err(invalid(
+                "model.transform.image_std",
+                format!(
+                    "{:?}: entry {i} is {} (normalising divides by it: each must be a \
+                     positive number)",
+                    t.image_std, t.image_std[i]
+                ),
+            ));
+        }
+        if let Some(i) = t.image_mean.iter().position(|s| !s.is_finite()) {
+            return Err(invalid(
+                "model.transform.image_mean",
+                format!("{:?}: entry {i} is not a finite number", t.image_mean),
+            ));
+        }
         self.validate_schedule()?;
         let r = &self.runtime;
         crate::Device::parse(&r.device).map_err(|e| invalid("runtime.device", e.to_string()))?;

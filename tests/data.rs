@@ -453,6 +453,7 @@ fn bad_images_can_be_skipped() {
     let opts = CocoOptions {
         skip_bad_images: true,
         verify: VerifyImages::Decode,
+        ..Default::default()
     };
     let ds = open(dir.path(), opts).unwrap();
     assert_eq!(

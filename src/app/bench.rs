@@ -67,8 +67,21 @@ fn parse_size(s: &str) -> Result<(usize, usize)> {
     if h == 0 || w == 0 {
         return Err(bad());
     }
+    if h > MAX_BENCH_SIDE || w > MAX_BENCH_SIDE {
+        return Err(Error::invalid(
+            "bench",
+            format!("--size `{s}`: each side at most {MAX_BENCH_SIDE} pixels"),
+        ));
+    }
     Ok((h, w))
 }
+
+/// Largest image side `bench` accepts, pixels: the synthetic images are made at this
+/// size before the transform resizes them, and a side of 100000 would abort on
+/// allocation.
+pub const MAX_BENCH_SIDE: usize = 4096;
+/// Largest batch `bench` accepts.
+pub const MAX_BENCH_BATCH: usize = 32;
 
 /// `n` images `[3, H, W]` of seeded uniform noise in 0..1 on `device`.
 fn synthetic_images(
@@ -191,6 +204,12 @@ fn repeat(
 pub fn run(a: &BenchOptions) -> Result<()> {
     let device = Device::parse(&a.device)?;
     let size = parse_size(&a.size)?;
+    if let Some(b) = a.batch.iter().find(|&&b| b > MAX_BENCH_BATCH) {
+        return Err(Error::invalid(
+            "bench",
+            format!("--batch {b}: at most {MAX_BENCH_BATCH} images"),
+        ));
+    }
     if a.iters == 0 || a.batch.is_empty() || a.batch.contains(&0) {
         return Err(Error::invalid(
             "bench",

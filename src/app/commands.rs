@@ -14,7 +14,7 @@ use crate::config::{Config, DatasetKind};
 use crate::detection::draw::save_detections_png;
 use crate::detection::{FasterRcnn, FasterRcnnConfig};
 use crate::eval::{evaluate, evaluate_with, write_results, DetBox};
-use crate::runner::Mode;
+use crate::runner::{prepare_work_dir, Mode, WorkDirPolicy};
 use crate::{Device, Error, Result};
 
 /// Iterations of the demo on a CPU, sized to finish in about 10 minutes on 2 cores.
@@ -53,7 +53,8 @@ pub fn demo(out: &Path, device_name: &str, iters: Option<usize>) -> Result<()> {
     std::fs::create_dir_all(out).map_err(io(out))?;
     let work_dir = out.join("work_dir");
     // A fresh run every time: an old `latest` would make the schedule look finished.
-    let _ = std::fs::remove_dir_all(&work_dir);
+    // Lock first: another demo writing into the same folder must not lose its files.
+    let lock = prepare_work_dir(&work_dir, WorkDirPolicy::Overwrite)?;
     let run = ShapesRun::demo(&work_dir, dev, iters);
 
     println!(
@@ -84,6 +85,7 @@ pub fn demo(out: &Path, device_name: &str, iters: Option<usize>) -> Result<()> {
     std::fs::write(work_dir.join("config.toml"), cfg.to_toml_string()?).map_err(io(&work_dir))?;
     let t_train = Instant::now();
     let mut runner = run.runner(Arc::new(train))?;
+    runner.hold_work_dir_lock(lock);
     runner.run(&[(Mode::Train, 1)])?;
     let train_s = t_train.elapsed().as_secs_f64();
     println!(
@@ -155,13 +157,28 @@ fn config_device(cfg: &Config, flag: Option<&str>) -> Result<Device> {
     device(flag.unwrap_or(&cfg.runtime.device))
 }
 
-/// `kestrel train CONFIG [--resume]`.
-pub fn train(config: &Path, resume: bool, device_flag: Option<&str>) -> Result<()> {
+/// `kestrel train CONFIG [--resume | --overwrite]`.
+pub fn train(
+    config: &Path,
+    resume: bool,
+    overwrite: bool,
+    device_flag: Option<&str>,
+) -> Result<()> {
     let cfg = Config::from_file(config)?;
     let dev = config_device(&cfg, device_flag)?;
-    let mut runner = config_runner(&cfg, dev)?;
     let r = &cfg.runtime;
-    if resume || r.resume {
+    let resume = resume || r.resume;
+    // Lock the work_dir before anything is written there (config_runner writes
+    // config.toml): a second run, or a fresh run over an earlier one, is refused.
+    let policy = match (resume, overwrite) {
+        (true, _) => WorkDirPolicy::Resume,
+        (false, true) => WorkDirPolicy::Overwrite,
+        (false, false) => WorkDirPolicy::Fresh,
+    };
+    let lock = prepare_work_dir(&r.work_dir, policy)?;
+    let mut runner = config_runner(&cfg, dev)?;
+    runner.hold_work_dir_lock(lock);
+    if resume {
         match runner.resume_latest()? {
             Some(p) => println!("resuming from {}", p.display()),
             None => println!("nothing to resume in {}: starting", r.work_dir.display()),
@@ -257,7 +274,10 @@ fn class_names(checkpoint: &Path) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// `kestrel infer CHECKPOINT IMAGE... [--out DIR]`.
+/// `kestrel infer CHECKPOINT IMAGE... [--out DIR]`. Each image gets its own drawing
+/// (`STEM_det.png`, with the image's position added when two inputs share a stem);
+/// an image that fails is reported in `detections.json` with its error, the others'
+/// results are kept, and the command then fails naming the bad ones.
 pub fn infer(
     checkpoint: &Path,
     images: &[PathBuf],
@@ -266,53 +286,128 @@ pub fn infer(
     min_score: f32,
     device_name: &str,
 ) -> Result<()> {
+    if !(0.0..=1.0).contains(&min_score) {
+        return Err(Error::invalid(
+            "infer",
+            format!("--min-score {min_score}: a score between 0 and 1"),
+        ));
+    }
     let dev = device(device_name)?;
     let mut model = infer_model(checkpoint, config)?;
     model.to_device(dev)?;
     let names = class_names(checkpoint);
     std::fs::create_dir_all(out).map_err(io(out))?;
+    let files = drawing_names(images);
     let mut all = Vec::new();
-    for path in images {
-        let rgb = crate::data::image_io::load_rgb(path)?;
-        let t = crate::detection::transform::image_from_u8(&rgb.data, rgb.height, rgb.width)?
-            .to_device(dev)?;
-        let d = crate::autograd::no_grad(|| model.detect(&[t]))?
-            .pop()
-            .unwrap_or_default();
-        let stem = path
-            .file_stem()
-            .map_or("image".into(), |s| s.to_string_lossy().to_string());
-        let png = out.join(format!("{stem}_det.png"));
-        save_detections_png(
-            &png, &rgb.data, rgb.height, rgb.width, &d, min_score, &names,
-        )?;
-        let kept = d.scores.iter().filter(|&&s| s >= min_score).count();
-        println!(
-            "{}: {} detections ({kept} scoring >= {min_score}) -> {}",
-            path.display(),
-            d.boxes.len(),
-            png.display()
-        );
-        let dets: Vec<serde_json::Value> = (0..d.boxes.len())
-            .map(|i| {
-                serde_json::json!({
-                    "box": d.boxes[i], "score": d.scores[i], "label": d.labels[i]
-                })
-            })
-            .collect();
-        all.push(serde_json::json!({
-            "image": path.display().to_string(),
-            "width": rgb.width, "height": rgb.height,
-            "drawn": png.display().to_string(),
-            "detections": dets,
-        }));
+    let mut failed = Vec::new();
+    for (path, file) in images.iter().zip(&files) {
+        let png = out.join(file);
+        match infer_one(&model, dev, path, &png, min_score, &names) {
+            Ok(v) => all.push(v),
+            Err(e) => {
+                eprintln!("error: {}: {e}", path.display());
+                all.push(serde_json::json!({
+                    "image": path.display().to_string(),
+                    "error": e.to_string(),
+                }));
+                failed.push(path.display().to_string());
+            }
+        }
     }
     let json = out.join("detections.json");
     let text =
         serde_json::to_string_pretty(&all).map_err(|e| Error::invalid("infer", e.to_string()))?;
     std::fs::write(&json, text).map_err(io(&json))?;
     println!("boxes (x1, y1, x2, y2 pixels): {}", json.display());
+    if !failed.is_empty() {
+        return Err(Error::invalid(
+            "infer",
+            format!(
+                "{} of {} images failed ({}); the others' results are in {}",
+                failed.len(),
+                images.len(),
+                failed.join(", "),
+                json.display()
+            ),
+        ));
+    }
     Ok(())
+}
+
+/// Output file names of the drawings, one per input and all distinct: `STEM_det.png`,
+/// or `STEM_N_det.png` (N the image's 1-based position) when another input has the
+/// same stem (`a/x.png` and `b/x.png`) or the name is taken.
+fn drawing_names(images: &[PathBuf]) -> Vec<String> {
+    let stems: Vec<String> = images
+        .iter()
+        .map(|p| {
+            p.file_stem()
+                .map_or("image".into(), |s| s.to_string_lossy().to_string())
+        })
+        .collect();
+    let mut used = std::collections::HashSet::new();
+    let mut names = Vec::with_capacity(images.len());
+    for (i, stem) in stems.iter().enumerate() {
+        let shared = stems.iter().filter(|s| *s == stem).count() > 1;
+        let mut name = if shared {
+            format!("{stem}_{}_det.png", i + 1)
+        } else {
+            format!("{stem}_det.png")
+        };
+        let mut k = 1;
+        while !used.insert(name.clone()) {
+            k += 1;
+            name = format!("{stem}_{}_{k}_det.png", i + 1);
+        }
+        names.push(name);
+    }
+    names
+}
+
+/// Detect, draw to `png` and describe one image (JSON).
+fn infer_one(
+    model: &FasterRcnn,
+    dev: Device,
+    path: &Path,
+    png: &Path,
+    min_score: f32,
+    class_names: &[String],
+) -> Result<serde_json::Value> {
+    let rgb = crate::data::image_io::load_rgb(path)?;
+    let t = crate::detection::transform::image_from_u8(&rgb.data, rgb.height, rgb.width)?
+        .to_device(dev)?;
+    let d = crate::autograd::no_grad(|| model.detect(&[t]))?
+        .pop()
+        .unwrap_or_default();
+    save_detections_png(
+        png,
+        &rgb.data,
+        rgb.height,
+        rgb.width,
+        &d,
+        min_score,
+        class_names,
+    )?;
+    let kept = d.scores.iter().filter(|&&s| s >= min_score).count();
+    println!(
+        "{}: {} detections ({kept} scoring >= {min_score}) -> {}",
+        path.display(),
+        d.boxes.len(),
+        png.display()
+    );
+    let dets: Vec<serde_json::Value> = (0..d.boxes.len())
+        .map(|i| {
+            serde_json::json!({
+                "box": d.boxes[i], "score": d.scores[i], "label": d.labels[i]
+            })
+        })
+        .collect();
+    Ok(serde_json::json!({
+        "image": path.display().to_string(),
+        "width": rgb.width, "height": rgb.height,
+        "drawn": png.display().to_string(),
+        "detections": dets,
+    }))
 }
 
 /// `kestrel coco-eval GT RESULTS`.

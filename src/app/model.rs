@@ -165,6 +165,7 @@ impl runner::Model for DetectorModel {
 pub struct DetLoader {
     loader: Loader,
     batches: Option<crate::data::Batches>,
+    skipped: Vec<String>,
 }
 
 impl DetLoader {
@@ -173,6 +174,7 @@ impl DetLoader {
         DetLoader {
             loader,
             batches: None,
+            skipped: Vec::new(),
         }
     }
 }
@@ -196,6 +198,13 @@ impl DataLoader for DetLoader {
 
     fn next_batch(&mut self) -> Option<Result<DetBatch>> {
         let b = self.batches.as_mut()?.next()?;
-        Some(b.and_then(|b| DetBatch::from_samples(&b.samples)))
+        Some(b.and_then(|mut b| {
+            self.skipped.append(&mut b.skipped);
+            DetBatch::from_samples(&b.samples)
+        }))
+    }
+
+    fn take_skipped(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.skipped)
     }
 }

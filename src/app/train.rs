@@ -221,6 +221,7 @@ pub fn config_datasets(cfg: &Config) -> Result<Sets> {
     let d = &cfg.data;
     let opts = CocoOptions {
         skip_bad_images: d.skip_bad_images,
+        allow_outside_image_dir: d.allow_outside_image_dir,
         ..CocoOptions::default()
     };
     let (train, val) = match d.dataset {
@@ -244,6 +245,10 @@ pub fn config_datasets(cfg: &Config) -> Result<Sets> {
             )
         }
     };
+    // A category the model has no class for fails much later, inside the loss:
+    // check now and name it.
+    train.check_num_classes(cfg.model.num_classes)?;
+    val.check_num_classes(cfg.model.num_classes)?;
     Ok((Arc::new(train), Arc::new(val)))
 }
 

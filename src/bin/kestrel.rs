@@ -51,6 +51,7 @@ struct DistFlags {
 fn train(
     config: &std::path::Path,
     resume: bool,
+    overwrite: bool,
     device: Option<&str>,
     f: DistFlags,
 ) -> kestrel::Result<()> {
@@ -69,6 +70,9 @@ fn train(
         if resume {
             fwd.push("--resume".into());
         }
+        if overwrite {
+            fwd.push("--overwrite".into());
+        }
         if let Some(d) = device {
             fwd.extend(["--device".to_string(), d.to_string()]);
         }
@@ -76,7 +80,7 @@ fn train(
     }
     match args.rendezvous()? {
         Some(rdv) => kestrel::app::dist::train_worker(config, resume, device, &rdv),
-        None => commands::train(config, resume, device),
+        None => commands::train(config, resume, overwrite, device),
     }
 }
 
@@ -139,9 +143,13 @@ enum Cmd {
     /// Train with a TOML config (see configs/).
     Train {
         config: PathBuf,
-        /// Continue from work_dir/latest.
+        /// Continue from work_dir/latest (or its newest iter_N / epoch_N checkpoint).
         #[arg(long)]
         resume: bool,
+        /// Delete an earlier run's checkpoints, config and logs in the work_dir and
+        /// start afresh (without it or --resume, a used work_dir is refused).
+        #[arg(long, conflicts_with = "resume")]
+        overwrite: bool,
         /// auto, cpu or cuda:N (default: the config's runtime.device).
         #[arg(long)]
         device: Option<String>,
@@ -255,9 +263,10 @@ fn main() {
         Cmd::Train {
             config,
             resume,
+            overwrite,
             device,
             dist,
-        } => train(&config, resume, device.as_deref(), dist),
+        } => train(&config, resume, overwrite, device.as_deref(), dist),
         Cmd::Eval {
             config,
             checkpoint,

@@ -23,6 +23,13 @@ use crate::error::{Error, Result};
 /// annotations overshoot by fractions of a pixel. Beyond it the box is an error.
 pub const BOX_TOLERANCE: f64 = 1.0;
 
+/// The narrowest box side (pixels, after clamping to the image) a training
+/// annotation may have. Thinner boxes are annotation errors that break training far
+/// from their cause (the box coder's log of the width diverges), so they are refused
+/// when the dataset is opened, naming the annotation. Zero-area boxes are refused too;
+/// crowd regions are not training targets and are not checked.
+pub const MIN_BOX_SIDE: f64 = 1e-2;
+
 // ---------------------------------------------------------------------------------
 // The file format, as read (lenient: only what is needed is required).
 // ---------------------------------------------------------------------------------
@@ -108,8 +115,14 @@ impl CocoJson {
     /// Read and parse a COCO JSON file. Malformed or truncated JSON is an error naming
     /// the file with the line and column.
     pub fn read(path: &Path) -> Result<CocoJson> {
-        let text = std::fs::read_to_string(path).map_err(|e| io_error(path, e))?;
-        serde_json::from_str(&text)
+        let bytes = std::fs::read(path).map_err(|e| io_error(path, e))?;
+        Self::parse(&bytes, path)
+    }
+
+    /// Parse COCO JSON from bytes (UTF-8 checked by the parser); `path` names the
+    /// source in errors.
+    pub fn parse(bytes: &[u8], path: &Path) -> Result<CocoJson> {
+        serde_json::from_slice(bytes)
             .map_err(|e| invalid_data(path, format!("malformed COCO JSON: {e}")))
     }
 
@@ -145,6 +158,10 @@ pub struct CocoOptions {
     pub skip_bad_images: bool,
     /// How far to check images when opening.
     pub verify: VerifyImages,
+    /// Accept `file_name`s that leave the image directory (absolute paths or `..`
+    /// components). Off by default: an annotation file should not make the engine
+    /// read arbitrary files.
+    pub allow_outside_image_dir: bool,
 }
 
 /// An image of the dataset.
@@ -192,6 +209,8 @@ pub struct CocoDataset {
     anns: Vec<Vec<CocoAnnotation>>,
     /// Sorted by id; `categories[k].label == k + 1`.
     categories: Vec<CocoCategory>,
+    /// Whether a loader skips images that fail to decode (`skip_bad_images`).
+    skip_bad_images: bool,
 }
 
 impl CocoDataset {
@@ -253,6 +272,9 @@ impl CocoDataset {
             let Some(im) = &images[i] else { continue };
             let bbox = a.xywh(p)?;
             check_box(&bbox, a.id, im, p)?;
+            if !a.is_crowd() {
+                check_box_size(&bbox, a.id, im, p)?;
+            }
             anns[i].push(CocoAnnotation {
                 id: a.id,
                 image_id: a.image_id,
@@ -280,7 +302,34 @@ impl CocoDataset {
             images,
             anns,
             categories,
+            skip_bad_images: opts.skip_bad_images,
         })
+    }
+
+    /// Check that a model with `num_classes` classes (background included, as in
+    /// torchvision) can learn every category: labels run `1..=K`, so it needs
+    /// `num_classes >= K + 1`. The error names the first category left out.
+    pub fn check_num_classes(&self, num_classes: usize) -> Result<()> {
+        match self
+            .categories
+            .iter()
+            .find(|c| c.label as usize >= num_classes)
+        {
+            Some(c) => Err(invalid_data(
+                &self.json_path,
+                format!(
+                    "category id {} ({:?}) gets label {}, but the model has num_classes = \
+                     {num_classes} (labels 1..{num_classes} after the background 0): the \
+                     {} categories need num_classes = {}",
+                    c.id,
+                    c.name,
+                    c.label,
+                    self.categories.len(),
+                    self.categories.len() + 1
+                ),
+            )),
+            None => Ok(()),
+        }
     }
 
     /// Number of images.
@@ -417,6 +466,9 @@ impl super::loader::Dataset for CocoDataset {
     fn get(&self, index: usize) -> Result<Sample> {
         self.load(index)
     }
+    fn skips_bad_samples(&self) -> bool {
+        self.skip_bad_images
+    }
 }
 
 /// Categories sorted by id with labels `1..=K`; duplicates and an empty list are errors.
@@ -454,13 +506,15 @@ fn check_images(
 ) -> Result<Vec<Option<CocoImage>>> {
     let checked: Vec<Result<CocoImage>> = images
         .par_iter()
-        .map(|im| check_image(im, p, image_dir, opts.verify))
+        .map(|im| check_image(im, p, image_dir, opts))
         .collect();
     let mut out = Vec::with_capacity(images.len());
     for r in checked {
         match r {
             Ok(im) => out.push(Some(im)),
-            Err(e) if opts.skip_bad_images => {
+            // A path that leaves the image directory is not an unreadable image: it is
+            // refused even under skip_bad_images.
+            Err(e) if opts.skip_bad_images && !is_escape(&e) => {
                 eprintln!("warning: skipping image: {e}");
                 out.push(None);
             }
@@ -470,11 +524,42 @@ fn check_images(
     Ok(out)
 }
 
-fn check_image(im: &JsonImage, p: &Path, dir: &Path, verify: VerifyImages) -> Result<CocoImage> {
+/// Marks the error of a `file_name` that leaves the image directory.
+const ESCAPE: &str = "leaves the image directory";
+
+fn is_escape(e: &Error) -> bool {
+    e.to_string().contains(ESCAPE)
+}
+
+fn check_image(im: &JsonImage, p: &Path, dir: &Path, opts: CocoOptions) -> Result<CocoImage> {
+    let verify = opts.verify;
     let name = im
         .file_name
         .clone()
         .ok_or_else(|| invalid_data(p, format!("image id {} has no file_name", im.id)))?;
+    let escapes = Path::new(&name).components().any(|c| {
+        matches!(
+            c,
+            std::path::Component::ParentDir
+                | std::path::Component::RootDir
+                | std::path::Component::Prefix(_)
+        )
+    });
+    if name.is_empty() || (escapes && !opts.allow_outside_image_dir) {
+        return Err(invalid_data(
+            p,
+            format!(
+                "image id {}: file_name {name:?} {} (absolute, `..` or empty); set \
+                 data.allow_outside_image_dir = true to allow absolute and `..` paths",
+                im.id,
+                if name.is_empty() {
+                    "is empty and"
+                } else {
+                    ESCAPE
+                }
+            ),
+        ));
+    }
     let path = dir.join(&name);
     let with_size = |w: usize, h: usize| CocoImage {
         id: im.id,
@@ -511,6 +596,27 @@ fn size_mismatch(path: &Path, im: &CocoImage, w: usize, h: usize) -> Error {
             im.id, im.width, im.height
         ),
     )
+}
+
+/// A training box, clamped to the image, must be at least [`MIN_BOX_SIDE`] wide and
+/// high.
+fn check_box_size(b: &[f64; 4], ann_id: i64, im: &CocoImage, p: &Path) -> Result<()> {
+    let [x, y, w, h] = *b;
+    let (iw, ih) = (im.width as f64, im.height as f64);
+    let cw = (x + w).clamp(0.0, iw) - x.clamp(0.0, iw);
+    let ch = (y + h).clamp(0.0, ih) - y.clamp(0.0, ih);
+    if cw < MIN_BOX_SIDE || ch < MIN_BOX_SIDE {
+        return Err(invalid_data(
+            p,
+            format!(
+                "annotation id {ann_id} (image id {}): bbox {b:?} is {cw}x{ch} pixels inside \
+                 the image, below the {MIN_BOX_SIDE}-pixel minimum (a degenerate box; mark \
+                 it iscrowd or remove it)",
+                im.id
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// A box must have non-negative width and height and lie inside the image (within

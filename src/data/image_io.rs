@@ -37,14 +37,39 @@ pub fn image_dims(path: &Path) -> Result<(usize, usize)> {
 pub fn load_rgb(path: &Path) -> Result<RgbImage> {
     let img = open(path)?
         .decode()
-        .map_err(|e| invalid_data(path, format!("corrupt or unsupported image: {e}")))?
-        .into_rgb8();
+        .map_err(|e| invalid_data(path, format!("corrupt or unsupported image: {e}")))?;
+    Ok(to_rgb(img))
+}
+
+/// [`load_rgb`] on the bytes of an image file held in memory; `name` names it in
+/// errors.
+pub fn decode_rgb(bytes: &[u8], name: &Path) -> Result<RgbImage> {
+    let img = ImageReader::new(std::io::Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| io_error(name, e))?
+        .decode()
+        .map_err(|e| invalid_data(name, format!("corrupt or unsupported image: {e}")))?;
+    Ok(to_rgb(img))
+}
+
+/// [`image_dims`] on the bytes of an image file held in memory.
+pub fn decode_dims(bytes: &[u8], name: &Path) -> Result<(usize, usize)> {
+    let (w, h) = ImageReader::new(std::io::Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| io_error(name, e))?
+        .into_dimensions()
+        .map_err(|e| invalid_data(name, format!("unreadable image: {e}")))?;
+    Ok((w as usize, h as usize))
+}
+
+fn to_rgb(img: image::DynamicImage) -> RgbImage {
+    let img = img.into_rgb8();
     let (w, h) = (img.width() as usize, img.height() as usize);
-    Ok(RgbImage {
+    RgbImage {
         data: hwc_to_chw(img.as_raw(), h, w),
         height: h,
         width: w,
-    })
+    }
 }
 
 /// Write `[3, H, W]` RGB pixels as a PNG file.

@@ -22,6 +22,13 @@ use super::Sample;
 use crate::error::{Error, Result};
 use crate::rng::Rng;
 
+/// Most worker threads a [`Loader`] starts: each is an OS thread with its own
+/// prefetched batches; far more than cores only costs memory (and 100000 threads
+/// abort the process).
+pub const MAX_WORKERS: usize = 256;
+/// Most batches a [`Loader`] prepares ahead.
+pub const MAX_PREFETCH: usize = 1024;
+
 /// Anything that yields samples by index. Implementations must be deterministic:
 /// `get(i)` returns the same sample every time.
 pub trait Dataset: Send + Sync {
@@ -33,6 +40,12 @@ pub trait Dataset: Send + Sync {
     }
     /// Sample `index` (`0..len()`).
     fn get(&self, index: usize) -> Result<Sample>;
+    /// Whether a [`Loader`] should replace a sample that fails to load (an image
+    /// that is truncated or corrupt past its header) instead of stopping: the
+    /// dataset's `skip_bad_images`. False unless the dataset says so.
+    fn skips_bad_samples(&self) -> bool {
+        false
+    }
 }
 
 /// Samples held in memory, as a [`Dataset`].
@@ -100,6 +113,9 @@ pub struct Batch {
     pub epoch: u64,
     /// Batch number within the epoch.
     pub batch: usize,
+    /// Samples that failed to load and were replaced (only when the dataset
+    /// [skips bad samples](Dataset::skips_bad_samples)): the error of each.
+    pub skipped: Vec<String>,
 }
 
 /// Batches of a [`Dataset`] in a reproducible order (see the module docs).
@@ -121,6 +137,24 @@ impl Loader {
             return Err(Error::invalid(
                 "Loader",
                 format!("{n} samples make no batch of {}", cfg.batch_size),
+            ));
+        }
+        if cfg.workers > MAX_WORKERS {
+            return Err(Error::invalid(
+                "Loader",
+                format!(
+                    "{} workers: at most {MAX_WORKERS} threads prepare batches",
+                    cfg.workers
+                ),
+            ));
+        }
+        if cfg.prefetch > MAX_PREFETCH {
+            return Err(Error::invalid(
+                "Loader",
+                format!(
+                    "prefetch {}: at most {MAX_PREFETCH} batches are prepared ahead",
+                    cfg.prefetch
+                ),
             ));
         }
         if !(0.0..=1.0).contains(&cfg.hflip_prob) {
@@ -214,22 +248,53 @@ impl Loader {
     }
 
     /// Prepare one batch (on the calling thread): load, then augment each sample.
+    ///
+    /// When the dataset [skips bad samples](Dataset::skips_bad_samples), a sample
+    /// that fails to load is replaced by the next dataset index (wrapping) that
+    /// loads, so batches keep their size and the choice depends only on the data;
+    /// the failures are listed in [`Batch::skipped`].
     pub fn load_batch(&self, epoch: u64, batch: usize) -> Result<Batch> {
-        let indices = self.batch_indices(epoch, batch);
-        let samples = indices
-            .iter()
-            .map(|&i| {
-                let s = self.dataset.get(i)?;
-                let mut rng = sample_rng(self.cfg.seed, epoch, i);
-                Ok(random_hflip(s, self.cfg.hflip_prob, &mut rng))
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let mut indices = self.batch_indices(epoch, batch);
+        let mut skipped = Vec::new();
+        let mut samples = Vec::with_capacity(indices.len());
+        for i in indices.iter_mut() {
+            let s = match self.dataset.get(*i) {
+                Ok(s) => s,
+                Err(e) if self.dataset.skips_bad_samples() => {
+                    skipped.push(e.to_string());
+                    let (j, s) = self.replacement(*i, &mut skipped)?;
+                    *i = j;
+                    s
+                }
+                Err(e) => return Err(e),
+            };
+            let mut rng = sample_rng(self.cfg.seed, epoch, *i);
+            samples.push(random_hflip(s, self.cfg.hflip_prob, &mut rng));
+        }
         Ok(Batch {
             samples,
             indices,
             epoch,
             batch,
+            skipped,
         })
+    }
+
+    /// The first dataset index after `bad` (wrapping) whose sample loads; the errors
+    /// of those that do not are added to `skipped`.
+    fn replacement(&self, bad: usize, skipped: &mut Vec<String>) -> Result<(usize, Sample)> {
+        let n = self.dataset.len();
+        for k in 1..n {
+            let j = (bad + k) % n;
+            match self.dataset.get(j) {
+                Ok(s) => return Ok((j, s)),
+                Err(e) => skipped.push(e.to_string()),
+            }
+        }
+        Err(Error::invalid(
+            "Loader",
+            format!("no sample of the {n} in the dataset loads (skip_bad_images is on)"),
+        ))
     }
 
     /// The batches of one epoch, from its start.

@@ -23,6 +23,11 @@ use crate::rng::Rng;
 /// Class names; category id = label = index + 1.
 pub const SHAPE_CLASSES: [&str; 3] = ["rectangle", "ellipse", "triangle"];
 
+/// Largest side of a generated shapes image, pixels. Images are rendered in memory
+/// (3 bytes a pixel, one per thread at a time): 4096 takes 48 MiB, where an
+/// unbounded size would abort the process on allocation.
+pub const MAX_SHAPES_IMAGE_SIZE: usize = 4096;
+
 /// Settings of the generator.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ShapesConfig {
@@ -73,10 +78,13 @@ impl ShapesConfig {
 
     fn check(&self) -> Result<()> {
         let op = "generate_shapes";
-        if self.image_size < 16 {
+        if self.image_size < 16 || self.image_size > MAX_SHAPES_IMAGE_SIZE {
             return Err(Error::invalid(
                 op,
-                format!("image_size {} < 16", self.image_size),
+                format!(
+                    "image_size {} outside 16..={MAX_SHAPES_IMAGE_SIZE} pixels",
+                    self.image_size
+                ),
             ));
         }
         if self.min_objects == 0 || self.min_objects > self.max_objects {

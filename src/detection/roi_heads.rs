@@ -8,7 +8,7 @@ use super::poolers::MultiScaleRoIAlign;
 use super::proposals::{select_detections, DetectionParams};
 use super::sampler::BalancedPositiveNegativeSampler;
 use super::{Detections, Target};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::nn::{Ctx, Linear, ParamSpec};
 use crate::ops::boxes::box_iou;
 use crate::ops::{self, Reduction};
@@ -184,8 +184,13 @@ impl RoiHeads {
 
     /// TwoMLPHead: `[R, C, S, S]` to `[R, representation_size]`.
     pub fn box_head(&self, ctx: &Ctx, pooled: &Tensor) -> Result<Tensor> {
-        let r = pooled.dims()[0];
-        let x = ops::reshape(pooled, [r, pooled.numel() / r.max(1)])?;
+        // Features per RoI from the shape, not numel / R: with no RoI (nothing
+        // proposed) numel is 0 and the row length must still be C * S * S.
+        let (r, per_roi) = (
+            pooled.dims()[0],
+            pooled.dims()[1..].iter().product::<usize>(),
+        );
+        let x = ops::reshape(pooled, [r, per_roi])?;
         if crate::nn::fold::fusable_plain() {
             // Inference: bias and ReLU in the products' epilogues.
             let x = crate::nn::fold::linear_fused(ctx, &self.fc6, &x, true)?;
@@ -330,7 +335,11 @@ impl RoiHeads {
         let labels: Vec<i64> = samples.labels.iter().flatten().copied().collect();
         let r = labels.len();
         if r == 0 {
-            return Err(Error::invalid("roi_heads.losses", "no RoIs sampled"));
+            // No proposal and no ground truth in the whole batch: nothing to
+            // classify. Zero losses (sums over the empty outputs, so still on the
+            // graph) let training go on, where torchvision's mean over no element
+            // would be NaN.
+            return Ok((ops::sum(class_logits)?, ops::sum(box_regression)?));
         }
         let c = self.config.num_classes;
         let lab_t = Tensor::from_vec_i64(labels.clone(), [r])?.to_device(device)?;

@@ -25,6 +25,13 @@ impl TensorFile {
             path: path.clone(),
             source,
         })?;
+        Self::from_bytes(path, bytes)
+    }
+
+    /// Validate the bytes of a safetensors file held in memory; `path` names it in
+    /// errors.
+    pub fn from_bytes(path: impl Into<PathBuf>, bytes: Vec<u8>) -> Result<TensorFile> {
+        let path = path.into();
         let (_, meta) = SafeTensors::read_metadata(&bytes).map_err(|e| Error::Safetensors {
             path: path.clone(),
             msg: e.to_string(),
@@ -179,12 +186,18 @@ pub fn write_atomic(path: impl AsRef<Path>, bytes: &[u8]) -> Result<()> {
         path.file_name().and_then(|n| n.to_str()).unwrap_or("file"),
         std::process::id()
     ));
-    {
-        let mut f = std::fs::File::create(&tmp).map_err(io)?;
-        f.write_all(bytes).map_err(io)?;
-        f.sync_all().map_err(io)?;
+    let written = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if let Err(e) = written {
+        // A full disk or a failed rename must not leave a partial file behind (a
+        // `--resume` after each failure would add another).
+        let _ = std::fs::remove_file(&tmp);
+        return Err(io(e));
     }
-    std::fs::rename(&tmp, path).map_err(io)?;
     if let Ok(d) = std::fs::File::open(dir) {
         let _ = d.sync_all(); // best effort: not every filesystem allows fsync on a directory
     }

@@ -25,6 +25,12 @@ pub trait DataLoader {
 
     /// The next batch of the current epoch, `None` after its last.
     fn next_batch(&mut self) -> Option<Result<Self::Batch>>;
+
+    /// Why samples of the batch just returned were skipped (unreadable images under
+    /// `skip_bad_images`), one message each; the runner logs and counts them.
+    fn take_skipped(&mut self) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 /// A permutation of `0..n` that depends only on `(seed, epoch)` (Fisher-Yates on a

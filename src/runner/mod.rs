@@ -40,6 +40,7 @@ mod priority;
 #[allow(clippy::module_inception)]
 mod runner;
 mod state;
+mod work_dir;
 
 pub use data::{epoch_permutation, DataLoader, VecLoader};
 pub use grad_sync::GradSync;
@@ -49,7 +50,14 @@ pub use log_sink::LogSink;
 pub use model::{Model, Optimizer};
 pub use priority::Priority;
 pub use runner::{parse_losses, Mode, ResumePoint, Runner, Schedule, StepOutputs};
-pub use state::{latest_checkpoint, read_checkpoint_meta, CheckpointMeta, CHECKPOINT_KEY, LATEST};
+pub use state::{
+    latest_checkpoint, newest_numbered_checkpoint, read_checkpoint_meta, CheckpointMeta,
+    CHECKPOINT_KEY, LATEST,
+};
+pub use work_dir::{
+    has_run_output, is_temp_file, prepare_work_dir, remove_temp_files, WorkDirLock, WorkDirPolicy,
+    LOCK_FILE,
+};
 
 impl<M: Model + 'static> Runner<M> {
     /// Register mmcv's default training hooks: the LR schedule (if any), the optimizer

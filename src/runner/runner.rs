@@ -114,6 +114,7 @@ pub struct Runner<M: Model> {
     hooks: Vec<HookEntry<M>>,
     initial_lr: f64,
     seed: u64,
+    work_dir_lock: Option<super::WorkDirLock>,
 }
 
 impl<M: Model> Runner<M> {
@@ -156,7 +157,14 @@ impl<M: Model> Runner<M> {
             hooks: Vec::new(),
             initial_lr,
             seed,
+            work_dir_lock: None,
         }
+    }
+
+    /// Hold `lock` (from [`super::prepare_work_dir`] on this runner's work_dir) for as
+    /// long as the runner lives, so that [`Runner::run`] does not take it again.
+    pub fn hold_work_dir_lock(&mut self, lock: super::WorkDirLock) {
+        self.work_dir_lock = Some(lock);
     }
 
     /// Set the training loader.
@@ -356,8 +364,28 @@ impl<M: Model> Runner<M> {
             path: self.work_dir.clone(),
             source,
         })?;
+        // One run per work_dir at a time: a second one would mix checkpoints and logs.
+        // In a data-parallel run rank 0 holds it (the other ranks write nothing there).
+        let held = self
+            .work_dir_lock
+            .as_ref()
+            .is_some_and(|l| l.path().parent() == Some(self.work_dir.as_path()));
+        let _lock = if held || !self.main_process {
+            None
+        } else {
+            Some(super::WorkDirLock::acquire(&self.work_dir)?)
+        };
         if self.main_process {
+            // Temporary files of checkpoint writes an earlier run did not finish
+            // (killed, disk full): with the lock held, nobody else is writing them.
+            let removed = super::remove_temp_files(&self.work_dir)?;
             self.log.set_file(Some(self.work_dir.join("log.txt")));
+            for p in removed {
+                self.log.line(&format!(
+                    "removed {} (left by an interrupted checkpoint write)",
+                    p.display()
+                ));
+            }
         }
         self.log.line(&format!(
             "Start running: work_dir {}, workflow {:?}, {}, from epoch {} iter {}",
@@ -528,8 +556,31 @@ impl<M: Model> Runner<M> {
                 self.data_position, self.data_epoch
             ))
         })??;
+        let skipped = loader.take_skipped();
         self.data_position += 1;
+        self.log_skipped(skipped);
         Ok(batch)
+    }
+
+    /// Log each sample the loader skipped, with the run's count so far (kept in
+    /// `meta.skipped_samples`, so it survives a resume).
+    fn log_skipped(&mut self, skipped: Vec<String>) {
+        if skipped.is_empty() {
+            return;
+        }
+        let count = self
+            .meta
+            .get("skipped_samples")
+            .and_then(serde_json::Value::as_u64)
+            .unwrap_or(0)
+            + skipped.len() as u64;
+        self.meta
+            .insert("skipped_samples".into(), serde_json::json!(count));
+        for e in skipped {
+            self.log.line(&format!(
+                "warning: skipped a sample that failed to load ({count} so far): {e}"
+            ));
+        }
     }
 
     fn train_iter(&mut self, batch: M::Batch) -> Result<()> {

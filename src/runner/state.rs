@@ -223,7 +223,31 @@ impl<M: Model> Runner<M> {
             m.point.epoch,
             m.point.iter
         ));
+        self.mark_resume_in_json_log(f.path(), m.point);
         Ok(())
+    }
+
+    /// Append `{"mode": "resume", ...}` to `work_dir/log.jsonl` when the run logs
+    /// there: the iterations after it repeat numbers already logged before the
+    /// interruption, and a reader of the log must know the later lines replace them.
+    fn mark_resume_in_json_log(&self, checkpoint: &Path, point: ResumePoint) {
+        let path = self.work_path("log.jsonl");
+        let line = serde_json::json!({
+            "mode": "resume",
+            "epoch": point.epoch,
+            "iter": point.iter,
+            "checkpoint": checkpoint.display().to_string(),
+        });
+        // Like every log write: a full disk must not stop the run here (the next
+        // checkpoint write reports it).
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+        {
+            use std::io::Write;
+            let _ = writeln!(f, "{line}");
+        }
     }
 
     /// Load only the model's parameters and buffers from a checkpoint or any
@@ -251,7 +275,9 @@ impl<M: Model> Runner<M> {
     }
 }
 
-/// The checkpoint `dir/latest` names, if there is one.
+/// The checkpoint `dir/latest` names; without a `latest` (lost, or the run was killed
+/// before writing it) the newest `iter_N` / `epoch_N` checkpoint in `dir`
+/// ([`newest_numbered_checkpoint`]); `None` when there is neither.
 pub fn latest_checkpoint(dir: &Path) -> Result<Option<PathBuf>> {
     let p = dir.join(LATEST);
     match std::fs::read_to_string(&p) {
@@ -265,9 +291,30 @@ pub fn latest_checkpoint(dir: &Path) -> Result<Option<PathBuf>> {
             }
             Ok(Some(dir.join(name)))
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(newest_numbered_checkpoint(dir)),
         Err(source) => Err(Error::Io { path: p, source }),
     }
+}
+
+/// The interval checkpoint (`iter_N.safetensors` or `epoch_N.safetensors`) of `dir`
+/// with the largest `N`. Checkpoints are written atomically, so the newest one is
+/// complete. `best_*` files are not interval checkpoints and are left out.
+pub fn newest_numbered_checkpoint(dir: &Path) -> Option<PathBuf> {
+    std::fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_str()?.to_string();
+            let stem = name.strip_suffix(".safetensors")?;
+            let n = stem
+                .strip_prefix("iter_")
+                .or_else(|| stem.strip_prefix("epoch_"))?
+                .parse::<u64>()
+                .ok()?;
+            e.path().is_file().then(|| (n, e.path()))
+        })
+        .max()
+        .map(|(_, p)| p)
 }
 
 /// Tensor `name` of `f`, checked against and converted to the shape, dtype and device
