@@ -382,27 +382,6 @@ impl Config {
                 ),
             ));
         }
-        let t = &self.model.transform;
-        if let Some(i) = t
-            .image_std
-            .iter()
-            .position(|s| !(s.is_finite() && *s > 0.0))
-        {
-            return Err(invalid(
-                "model.transform.image_std",
-                format!(
-                    "{:?}: entry {i} is {} (normalising divides by it: each must be a \
-                     positive number)",
-                    t.image_std, t.image_std[i]
-                ),
-            ));
-        }
-        if let Some(i) = t.image_mean.iter().position(|s| !s.is_finite()) {
-            return Err(invalid(
-                "model.transform.image_mean",
-                format!("{:?}: entry {i} is not a finite number", t.image_mean),
-            ));
-        }
         self.validate_schedule()?;
         let r = &self.runtime;
         crate::Device::parse(&r.device).map_err(|e| invalid("runtime.device", e.to_string()))?;

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
 
-use kestrel::app::train::small_model;
+use kestrel::app::train::small_config;
 use kestrel::config::{Config, DatasetKind};
 use kestrel::data::image_io::save_png;
 use kestrel::runner::{Mode, Schedule};
@@ -48,7 +48,7 @@ fn assert_refused(what: &str, o: &Output, needles: &[&str]) {
 /// categories) for `iters` iterations on the CPU, writing into `dir/work`.
 fn tiny_config(dir: &Path, iters: usize, edit: impl FnOnce(&mut Config)) -> PathBuf {
     let mut c = Config {
-        model: small_model(4, 64),
+        model: small_config(4, 64),
         ..Config::default()
     };
     c.data.dataset = DatasetKind::Shapes;
@@ -173,7 +173,7 @@ fn two_trains_into_one_work_dir_the_second_is_refused() {
 fn num_classes_below_the_categories_is_refused_at_start_naming_one() {
     let dir = tmp_dir("num-classes");
     // Shapes have 3 categories: 4 classes with the background; 3 is one short.
-    let cfg = tiny_config(&dir, 2, |c| c.model.num_classes = 3);
+    let cfg = tiny_config(&dir, 2, |c| c.model.roi.num_classes = 3);
     let o = kestrel(&["train", cfg.to_str().unwrap()]);
     assert_refused("num_classes 3", &o, &["category id", "num_classes = 4"]);
     assert!(!dir.join("work/iter_1.safetensors").exists());
@@ -197,7 +197,7 @@ fn sizes_beyond_their_limits_are_refused_naming_the_limit() {
 #[test]
 fn image_std_zeros_are_refused() {
     let dir = tmp_dir("std");
-    let cfg = tiny_config(&dir, 2, |c| c.model.transform.image_std = [0.0; 3]);
+    let cfg = tiny_config(&dir, 2, |c| c.model.transform.std = [0.0; 3]);
     let o = kestrel(&["train", cfg.to_str().unwrap()]);
     assert_refused("image_std", &o, &["model.transform.image_std"]);
 }

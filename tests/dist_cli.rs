@@ -6,8 +6,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use kestrel::app::train::small_model;
-use kestrel::config::{Config, DatasetKind, NormType};
+use kestrel::app::train::small_config;
+use kestrel::config::{Config, DatasetKind};
+use kestrel::nn::NormKind;
 use kestrel::runner::{Mode, Schedule};
 
 fn exe() -> &'static str {
@@ -24,10 +25,10 @@ fn tmp(name: &str) -> PathBuf {
 /// A tiny shapes config: 48x48 images, 2 images per iteration (1 per rank).
 fn write_config(dir: &Path, iters: usize, eval_interval: usize) -> PathBuf {
     let mut c = Config {
-        model: small_model(4, 48),
+        model: small_config(4, 48),
         ..Config::default()
     };
-    c.model.backbone.norm = NormType::FrozenBn;
+    c.model.backbone.norm = NormKind::Frozen { eps: 1e-5 };
     c.model.rpn.pre_nms_top_n_train = 100;
     c.model.rpn.post_nms_top_n_train = 50;
     c.model.rpn.pre_nms_top_n_test = 100;

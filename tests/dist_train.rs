@@ -16,27 +16,29 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kestrel::app::dist::evaluate_sharded;
-use kestrel::app::train::{build_model, small_model};
+use kestrel::app::train::small_config;
 use kestrel::app::{evaluate_model, DetBatch, DetLoader, DetectorModel};
 use kestrel::autograd::Tape;
-use kestrel::config::{ModelConfig, NormType};
 use kestrel::data::{
     generate_shapes_in_memory, Dataset, InMemory, Loader, LoaderConfig, ShapesConfig, Shard,
 };
+use kestrel::detection::FasterRcnn;
 use kestrel::dist::{distribute_runner, local_group, Collective, Comm, DistOptions, LocalComm};
 use kestrel::eval::GroundTruth;
+use kestrel::nn::NormKind;
 use kestrel::optim::{Sgd, SgdConfig};
 use kestrel::rng::Rng;
 use kestrel::runner::{hooks, parse_losses, Hook, Mode, Model, Optimizer, Runner, Schedule};
+use kestrel::FasterRcnnConfig;
 use kestrel::{Device, Error, Result, Tensor};
 
 const SIZE: usize = 64;
 const SEED: u64 = 3;
 const TRAIN: usize = 10;
 
-fn model_cfg() -> ModelConfig {
-    let mut m = small_model(4, SIZE);
-    m.backbone.norm = NormType::FrozenBn;
+fn model_cfg() -> FasterRcnnConfig {
+    let mut m = small_config(4, SIZE);
+    m.backbone.norm = NormKind::Frozen { eps: 1e-5 };
     m.rpn.pre_nms_top_n_train = 200;
     m.rpn.post_nms_top_n_train = 100;
     m.roi.batch_size_per_image = 32;
@@ -48,7 +50,7 @@ fn detector() -> DetectorModel {
 }
 
 fn detector_on(dev: Device) -> DetectorModel {
-    let (mut model, _) = build_model(&model_cfg(), SEED).unwrap();
+    let mut model = FasterRcnn::new(model_cfg(), SEED).unwrap();
     model.to_device(dev).unwrap();
     DetectorModel::new(model, dev)
 }
@@ -400,7 +402,8 @@ fn sharded_evaluation_equals_single_device() {
     let ds: Arc<dyn Dataset> = Arc::new(InMemory(data.samples));
     let model = detector().model;
     let cat = |l: i64| Some(l);
-    let single = evaluate_model(&model, ds.as_ref(), &gt, 2, Device::Cpu, &cat).unwrap();
+    let params = kestrel::eval::EvalParams::default();
+    let single = evaluate_model(&model, ds.as_ref(), &gt, 2, Device::Cpu, &cat, &params).unwrap();
     assert!(
         single.stats.iter().any(|&s| s > 0.0),
         "an untrained model should still score: {:?}",
@@ -414,9 +417,18 @@ fn sharded_evaluation_equals_single_device() {
                 let (ds, gt) = (ds.clone(), gt.clone());
                 std::thread::spawn(move || {
                     let model = detector().model;
-                    evaluate_sharded(&c, &model, ds.as_ref(), &gt, 2, Device::Cpu, &|l| Some(l))
-                        .unwrap()
-                        .stats
+                    evaluate_sharded(
+                        &c,
+                        &model,
+                        ds.as_ref(),
+                        &gt,
+                        2,
+                        Device::Cpu,
+                        &|l| Some(l),
+                        &kestrel::eval::EvalParams::default(),
+                    )
+                    .unwrap()
+                    .stats
                 })
             })
             .collect();

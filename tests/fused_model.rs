@@ -61,6 +61,7 @@ fn check_body(block: BlockKind, norm: NormKind, width: usize) {
         layers: [1, 2, 1, 1],
         width_per_group: width,
         norm,
+        trainable_layers: 5,
     };
     let net = ResNet::new("body.", cfg).unwrap();
     let store = random_store(&net, 3);
@@ -104,6 +105,7 @@ fn fold_cache_refolds_when_a_norm_is_replaced() {
         layers: [1, 1, 1, 1],
         width_per_group: 16,
         norm: NormKind::Frozen { eps: 1e-5 },
+        trainable_layers: 5,
     };
     let net = ResNet::new("", cfg).unwrap();
     let mut store = random_store(&net, 5);

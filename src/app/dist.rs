@@ -38,11 +38,17 @@ pub struct DistArgs {
     /// With `--gpus`: nodes in the run and this node's index (torchrun's `--nnodes`,
     /// `--node-rank`); world = nnodes x gpus, ranks node_rank x gpus + local rank.
     pub nnodes: usize,
+    /// This node's index among `nnodes` (with `--gpus`).
     pub node_rank: usize,
+    /// `WORLD_SIZE`: processes in the run (a worker's flag or environment).
     pub world_size: Option<usize>,
+    /// `RANK`: this process's global rank.
     pub rank: Option<usize>,
+    /// `LOCAL_RANK`: this process's rank on its node (its GPU index).
     pub local_rank: Option<usize>,
+    /// `MASTER_ADDR`: where rank 0 listens for the rendezvous.
     pub master_addr: Option<String>,
+    /// `MASTER_PORT`: the rendezvous port.
     pub master_port: Option<u16>,
 }
 
@@ -197,15 +203,10 @@ fn run_worker(cfg: &Config, resume: bool, dev: Device, comm: Comm) -> Result<()>
         None
     };
     comm.barrier()?;
-    let (mut runner, ignored) = match built {
+    let mut runner = match built {
         Some(b) => b,
         None => config_runner(cfg, dev)?,
     };
-    if rank == 0 {
-        for i in &ignored {
-            eprintln!("warning: not supported yet, ignored: {i}");
-        }
-    }
     let (train, val) = config_datasets(cfg)?;
     // `data.batch_size` counts the images of one iteration on all ranks together.
     let world = comm.world_size();
@@ -228,6 +229,7 @@ fn run_worker(cfg: &Config, resume: bool, dev: Device, comm: Comm) -> Result<()>
         let gt = val.ground_truth();
         let bs = per_rank;
         let cats = val.clone();
+        let params = cfg.eval.params();
         let mut hook = EvalHook::new(
             move |r: &mut Runner<DetectorModel>| {
                 let ev = evaluate_sharded(
@@ -238,6 +240,7 @@ fn run_worker(cfg: &Config, resume: bool, dev: Device, comm: Comm) -> Result<()>
                     bs,
                     r.model.device,
                     &|l| cats.category_id(l),
+                    &params,
                 )?;
                 r.log.line(&format!(
                     "Evaluating bbox on {} images ({} ranks):\n{}",
@@ -285,6 +288,7 @@ fn train_loader(cfg: &Config, batch_size: usize, set: Arc<dyn Dataset>) -> Resul
 /// rank). Equal to [`super::evaluate_model`] on one device whenever an image's
 /// detections do not depend on which images share its batch (batch size 1, or images
 /// of one size).
+#[allow(clippy::too_many_arguments)] // evaluate_model's arguments plus the group
 pub fn evaluate_sharded(
     comm: &dyn Collective,
     model: &FasterRcnn,
@@ -293,6 +297,7 @@ pub fn evaluate_sharded(
     batch_size: usize,
     device: Device,
     category_id: &dyn Fn(i64) -> Option<i64>,
+    params: &crate::eval::EvalParams,
 ) -> Result<CocoEvaluation> {
     // DistributedSampler's stride without its padding: padded copies would be
     // detected twice for nothing.
@@ -318,5 +323,5 @@ pub fn evaluate_sharded(
     }
     let gathered = gather_detections(comm, &local)?;
     let dets: Vec<DetBox> = gathered.into_iter().flat_map(|(_, d)| d).collect();
-    crate::eval::evaluate(gt, &dets)
+    crate::eval::evaluate_with(gt, &dets, params)
 }

@@ -247,8 +247,8 @@ pub fn config_datasets(cfg: &Config) -> Result<Sets> {
     };
     // A category the model has no class for fails much later, inside the loss:
     // check now and name it.
-    train.check_num_classes(cfg.model.num_classes)?;
-    val.check_num_classes(cfg.model.num_classes)?;
+    train.check_num_classes(cfg.model.roi.num_classes)?;
+    val.check_num_classes(cfg.model.roi.num_classes)?;
     Ok((Arc::new(train), Arc::new(val)))
 }
 

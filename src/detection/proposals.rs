@@ -26,7 +26,7 @@
 use crate::device::gpu::{KernelArg, LaunchCfg};
 use crate::device::Device;
 use crate::error::{Error, Result};
-use crate::ops::nms::{nms_groups_device, NmsOutput};
+use crate::ops::nms::{nms_device, nms_groups_device, NmsOutput};
 use crate::ops::topk::topk_levels;
 use crate::ops::{arg, gpu_dev, launch_elems};
 use crate::tensor::{DType, Tensor};

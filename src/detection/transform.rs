@@ -51,6 +51,12 @@ impl TransformConfig {
                 format!("{:?}: positive values", self.std),
             ));
         }
+        if let Some(i) = self.mean.iter().position(|m| !m.is_finite()) {
+            return Err(crate::config::invalid(
+                "image_mean",
+                format!("{:?}: entry {i} is not a finite number", self.mean),
+            ));
+        }
         crate::config::positive("size_divisible", self.size_divisible)
     }
 

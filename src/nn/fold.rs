@@ -66,7 +66,9 @@ impl FoldCache {
             }
         }
         let eps = match norm.kind {
-            NormKind::Frozen { eps } | NormKind::Batch { eps, .. } => eps,
+            NormKind::Frozen { eps }
+            | NormKind::FrozenStats { eps }
+            | NormKind::Batch { eps, .. } => eps,
         };
         let (s, t) = ops::fold_frozen_bn(w, b, rm, rv, eps)?;
         m.insert(norm.name.clone(), (ids, s.clone(), t.clone()));
@@ -75,11 +77,12 @@ impl FoldCache {
 }
 
 /// Whether a forward may take the fused path: nothing is being recorded, and the
-/// norms use fixed statistics (frozen, or BatchNorm2d outside training).
+/// norms use fixed statistics (frozen, frozen statistics with a trained affine, or
+/// BatchNorm2d outside training).
 pub fn fusable(ctx: &Ctx, norm: NormKind) -> bool {
     !autograd::is_recording()
         && match norm {
-            NormKind::Frozen { .. } => true,
+            NormKind::Frozen { .. } | NormKind::FrozenStats { .. } => true,
             NormKind::Batch { .. } => !ctx.training,
         }
 }

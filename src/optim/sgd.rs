@@ -22,7 +22,6 @@
 //! first allocates nothing from the driver; it is not in place, since other holders
 //! of the old values (EMA, checkpoints, the caller) must keep seeing them.
 
-use crate::device::cpu::fill_indexed as fill;
 use crate::device::gpu::KernelArg;
 use crate::device::Device;
 use crate::error::{Error, Result};
@@ -310,7 +309,7 @@ unsafe impl<T: Send> Sync for SharedMut<T> {}
 
 /// Every CPU parameter's update in one parallel pass: the parameters are cut into
 /// chunks of [`SGD_CHUNK`] elements and each task reads `p`, `g`, `buf` and writes
-/// the new `p` and `buf` of its chunk (the element formula of [`cpu_update`]). The
+/// the new `p` and `buf` of its chunk (PyTorch's SGD element formula: weight decay, dampened momentum, Nesterov). The
 /// outputs come from the host pool, where the previous step's parameters and
 /// buffers went when they were replaced, so a steady-state step allocates nothing.
 fn cpu_step_all(cfg: &SgdConfig, items: &[CpuItem]) -> Result<Vec<(usize, Update)>> {
@@ -416,49 +415,6 @@ fn cpu_pass<T: Element>(cfg: &SgdConfig, items: &[&CpuItem]) -> Result<Vec<(usiz
         out.push((it.index, (Tensor::from_vec(np, shape)?, buf)));
     }
     Ok(out)
-}
-
-fn cpu_update<T: Element>(
-    cfg: &SgdConfig,
-    p: &Tensor,
-    g: &Tensor,
-    buf: Option<&Tensor>,
-) -> Result<(Tensor, Option<Tensor>)> {
-    let (ps, gs) = (p.cpu_slice::<T>()?, g.cpu_slice::<T>()?);
-    let (lr, m, wd) = (T::of(cfg.lr), T::of(cfg.momentum), T::of(cfg.weight_decay));
-    let keep = T::of(1.0 - cfg.dampening);
-    let d = |i: usize| {
-        if cfg.weight_decay != 0.0 {
-            gs[i] + wd * ps[i]
-        } else {
-            gs[i]
-        }
-    };
-    let mut new_p = vec![T::zero(); ps.len()];
-    if cfg.momentum == 0.0 {
-        fill(&mut new_p, |i| ps[i] - lr * d(i));
-        return Ok((Tensor::from_vec(new_p, p.shape().clone())?, None));
-    }
-    let mut new_buf = vec![T::zero(); ps.len()];
-    match buf {
-        None => fill(&mut new_buf, d),
-        Some(b) => {
-            let bs = b.cpu_slice::<T>()?;
-            fill(&mut new_buf, |i| m * bs[i] + keep * d(i));
-        }
-    }
-    fill(&mut new_p, |i| {
-        let step = if cfg.nesterov {
-            d(i) + m * new_buf[i]
-        } else {
-            new_buf[i]
-        };
-        ps[i] - lr * step
-    });
-    Ok((
-        Tensor::from_vec(new_p, p.shape().clone())?,
-        Some(Tensor::from_vec(new_buf, p.shape().clone())?),
-    ))
 }
 
 /// A parameter's new value and (with momentum) its new buffer.

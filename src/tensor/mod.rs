@@ -69,7 +69,7 @@ impl Drop for Inner {
             match cs {
                 CpuStorage::F32(v) => pool::give(std::mem::take(v)),
                 CpuStorage::F64(v) => pool::give(std::mem::take(v)),
-                CpuStorage::I64(_) => {}
+                CpuStorage::I64(_) | CpuStorage::BF16(_) => {}
             }
         }
     }

@@ -470,7 +470,7 @@ pub fn toml_target() -> Target {
                 Ok(c) => {
                     // What train does next with a valid config.
                     let _ = c.to_toml_string();
-                    let _ = kestrel::app::train::model_config(&c.model);
+                    let _ = c.model.validate();
                     let _ = c.lr_updater_hook();
                     let _ = c.checkpoint_hook();
                     true
