@@ -70,7 +70,9 @@ fn main() {
         println!("cargo:rustc-cfg=kestrel_nvrtc");
     }
 
-    let mut gen = String::from("pub static KERNEL_FILES: &[KernelFile] = &[\n");
+    let mut gen = String::from(
+        "/// Every kernels/*.cu file compiled into the crate, in file-name order.\npub static KERNEL_FILES: &[KernelFile] = &[\n",
+    );
     for f in &files {
         let name = f.file_name().unwrap().to_string_lossy().into_owned();
         let raw = fs::read_to_string(f).unwrap_or_else(|e| panic!("reading {}: {e}", f.display()));

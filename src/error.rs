@@ -8,27 +8,43 @@ use std::path::PathBuf;
 pub enum Error {
     /// Shapes do not fit together for an op.
     #[error("{op}: shape mismatch: {msg}")]
-    Shape { op: &'static str, msg: String },
+    Shape {
+        /// The op that rejected its inputs, e.g. `conv2d`.
+        op: &'static str,
+        /// Which shapes, and why they do not fit.
+        msg: String,
+    },
 
     /// Inputs of one op live on different devices.
     #[error("{op}: inputs on different devices: {a} and {b}")]
     DeviceMismatch {
+        /// The op that rejected its inputs.
         op: &'static str,
+        /// The first input's device and shape, e.g. `cpu [2, 3]`.
         a: String,
+        /// The device and shape of the first input whose device differs from `a`'s.
         b: String,
     },
 
     /// The op does not support this dtype (or this dtype on this device).
     #[error("{op}: unsupported dtype {dtype} ({msg})")]
     DType {
+        /// The op that rejected the dtype.
         op: &'static str,
+        /// The rejected dtype, e.g. `f64`.
         dtype: String,
+        /// What the op supports instead, or where.
         msg: String,
     },
 
     /// An argument is out of its domain (stride 0, negative size, ...).
     #[error("{op}: invalid argument: {msg}")]
-    InvalidArgument { op: &'static str, msg: String },
+    InvalidArgument {
+        /// The op that rejected the argument.
+        op: &'static str,
+        /// Which argument, its value, and its domain.
+        msg: String,
+    },
 
     /// No CUDA driver, no device, or the requested ordinal does not exist.
     #[error("CUDA unavailable: {0}")]
@@ -36,14 +52,23 @@ pub enum Error {
 
     /// A CUDA driver call failed.
     #[error("CUDA error in {ctx}: {msg}")]
-    Cuda { ctx: String, msg: String },
+    Cuda {
+        /// The driver call, or the operation that made it.
+        ctx: String,
+        /// The driver's error, as text.
+        msg: String,
+    },
 
     /// NVRTC could not compile a kernel source file.
     #[error("NVRTC failed to compile {file} (needed for kernel `{kernel}`): {msg}\n{log}")]
     Nvrtc {
+        /// The kernels/*.cu file that failed, e.g. `conv2d.cu`.
         file: String,
+        /// The kernel that needed the file.
         kernel: String,
+        /// NVRTC's error string.
         msg: String,
+        /// NVRTC's compile log (the compiler's diagnostics).
         log: String,
     },
 
@@ -53,22 +78,39 @@ pub enum Error {
 
     /// A launch that a GPU would refuse (bad block size, null buffer, ...).
     #[error("launch of `{kernel}`: {msg}")]
-    Launch { kernel: String, msg: String },
+    Launch {
+        /// The kernel's entry-point name.
+        kernel: String,
+        /// What about the launch is wrong.
+        msg: String,
+    },
 
     /// A named tensor in a file is missing, has the wrong shape or dtype.
     #[error("tensor `{name}`: {msg}")]
-    Tensor { name: String, msg: String },
+    Tensor {
+        /// The tensor's name in the file (or in the model).
+        name: String,
+        /// What is missing or does not fit.
+        msg: String,
+    },
 
     /// A file could not be read or written.
     #[error("{path}: {source}")]
     Io {
+        /// The file (or directory) involved.
         path: PathBuf,
+        /// The underlying I/O error.
         source: std::io::Error,
     },
 
     /// A safetensors file is malformed.
     #[error("{path}: bad safetensors file: {msg}")]
-    Safetensors { path: PathBuf, msg: String },
+    Safetensors {
+        /// The file.
+        path: PathBuf,
+        /// What is malformed (header, offsets, dtype, ...).
+        msg: String,
+    },
 
     /// Backward was asked for something the tape cannot give.
     #[error("autograd: {0}")]
@@ -77,7 +119,12 @@ pub enum Error {
     /// A configuration is malformed: an unknown key, a wrong type, a bad value.
     /// `origin` is the file (or another name for the source text).
     #[error("{origin}: {msg}")]
-    Config { origin: String, msg: String },
+    Config {
+        /// The file, or another name for the source text.
+        origin: String,
+        /// The key and what is wrong with it.
+        msg: String,
+    },
 
     /// Training had to stop: a non-finite loss, a data loader that ran dry, a
     /// checkpoint that does not fit the model.

@@ -37,10 +37,13 @@ pub const MIN_BOX_SIDE: f64 = 1e-2;
 /// A COCO JSON file: `images`, `annotations`, `categories` (other keys are ignored).
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct CocoJson {
+    /// The `images` list.
     #[serde(default)]
     pub images: Vec<JsonImage>,
+    /// The `annotations` list.
     #[serde(default)]
     pub annotations: Vec<JsonAnnotation>,
+    /// The `categories` list.
     #[serde(default)]
     pub categories: Vec<JsonCategory>,
 }
@@ -48,11 +51,15 @@ pub struct CocoJson {
 /// One entry of `images`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct JsonImage {
+    /// The image id that annotations refer to.
     pub id: i64,
+    /// Path relative to the image directory; required on load.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub file_name: Option<String>,
+    /// Width in pixels; read from the image when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub width: Option<u64>,
+    /// Height in pixels; read from the image when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub height: Option<u64>,
 }
@@ -60,9 +67,13 @@ pub struct JsonImage {
 /// One entry of `annotations`; `bbox` is `[x, y, w, h]` in pixels.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct JsonAnnotation {
+    /// The annotation's id, unique in the file.
     pub id: i64,
+    /// The `id` of the image the object is in.
     pub image_id: i64,
+    /// The `id` of the object's category.
     pub category_id: i64,
+    /// `[x, y, w, h]` in pixels, `(x, y)` the top-left corner; required on load.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bbox: Option<Vec<f64>>,
     /// Object area in pixels² (COCO: the segmentation's area); `w * h` when absent.
@@ -76,7 +87,9 @@ pub struct JsonAnnotation {
 /// One entry of `categories`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct JsonCategory {
+    /// The category id that annotations refer to (not necessarily contiguous).
     pub id: i64,
+    /// The category's name, e.g. `person`.
     #[serde(default)]
     pub name: String,
 }
@@ -167,6 +180,7 @@ pub struct CocoOptions {
 /// An image of the dataset.
 #[derive(Clone, Debug, PartialEq)]
 pub struct CocoImage {
+    /// The COCO image id.
     pub id: i64,
     /// Path relative to the image directory.
     pub file_name: String,
@@ -179,16 +193,22 @@ pub struct CocoImage {
 /// A category: its COCO id, name and contiguous label (`1..=K`).
 #[derive(Clone, Debug, PartialEq)]
 pub struct CocoCategory {
+    /// The COCO category id, as in the file.
     pub id: i64,
+    /// The category's name.
     pub name: String,
+    /// Contiguous label `1..=K` (0 is background), in ascending COCO id order.
     pub label: i64,
 }
 
 /// A validated annotation.
 #[derive(Clone, Debug, PartialEq)]
 pub struct CocoAnnotation {
+    /// The COCO annotation id.
     pub id: i64,
+    /// The COCO id of the image the object is in.
     pub image_id: i64,
+    /// The COCO id of the object's category.
     pub category_id: i64,
     /// Contiguous label `1..=K`.
     pub label: i64,
@@ -196,6 +216,8 @@ pub struct CocoAnnotation {
     pub bbox: [f64; 4],
     /// Area in pixels² (`area` of the file, else `w * h`).
     pub area: f64,
+    /// A crowd region (`iscrowd` nonzero): left out of training targets; in COCO eval never
+    /// a false negative, and a detection on it is ignored.
     pub iscrowd: bool,
 }
 

@@ -100,16 +100,20 @@ impl Default for LoaderConfig {
 /// Save it in a checkpoint; [`Loader::iter_from`] resumes from it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct LoaderState {
+    /// Epoch number, from 0; seeds that epoch's shuffle.
     pub epoch: u64,
+    /// Index of the next batch within the epoch, from 0.
     pub batch: usize,
 }
 
 /// A batch of samples, with where it came from.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Batch {
+    /// The samples, in batch order.
     pub samples: Vec<Sample>,
     /// Dataset index of each sample.
     pub indices: Vec<usize>,
+    /// The epoch the batch belongs to, from 0.
     pub epoch: u64,
     /// Batch number within the epoch.
     pub batch: usize,

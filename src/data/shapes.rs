@@ -31,6 +31,7 @@ pub const MAX_SHAPES_IMAGE_SIZE: usize = 4096;
 /// Settings of the generator.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ShapesConfig {
+    /// Seed of the generator; image `i` depends only on `(seed, i)` and the other settings.
     pub seed: u64,
     /// Number of images.
     pub count: usize,
@@ -38,10 +39,12 @@ pub struct ShapesConfig {
     pub image_size: usize,
     /// Objects per image, drawn uniformly in `min_objects..=max_objects`.
     pub min_objects: usize,
+    /// Upper bound of the objects per image (inclusive).
     pub max_objects: usize,
     /// Object size (geometric mean of box width and height, pixels), log-uniform in
     /// `[min_object_size, max_object_fraction * image_size]`.
     pub min_object_size: f64,
+    /// Upper bound of the object size as a fraction of `image_size`.
     pub max_object_fraction: f64,
     /// Standard deviation of the per-pixel Gaussian noise (0..255 scale).
     pub noise: f64,
@@ -116,16 +119,22 @@ impl ShapesConfig {
 /// One generated object: COCO box `[x, y, w, h]` (pixels), visible area, label.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ShapeObject {
+    /// COCO box `[x, y, w, h]` in pixels: the tight box of the pixels the object still shows.
     pub bbox: [f64; 4],
+    /// Number of pixels the object still shows (its visible area, pixels²).
     pub area: f64,
+    /// Label `1..=3`, an index + 1 into [`SHAPE_CLASSES`].
     pub label: i64,
 }
 
 /// One generated image: `[3, S, S]` RGB and its objects.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ShapeImage {
+    /// RGB pixels, `[3, S, S]` row-major (channel, row, column), 0..255.
     pub image: Vec<u8>,
+    /// Side `S` of the square image, pixels.
     pub size: usize,
+    /// The objects, in painting order.
     pub objects: Vec<ShapeObject>,
 }
 
@@ -208,7 +217,9 @@ pub struct ShapesSummary {
     pub json_path: PathBuf,
     /// `out_dir/images/`, PNG files `000001.png`, ...
     pub image_dir: PathBuf,
+    /// Number of images written.
     pub images: usize,
+    /// Number of objects (annotations) written, over all images.
     pub objects: usize,
 }
 

@@ -58,21 +58,31 @@ pub enum KernelArg {
     /// A device pointer; `bytes` is the size of the allocation behind it, for
     /// launch-time checks on emulated devices.
     Ptr {
+        /// The device address.
         ptr: u64,
+        /// Size in bytes of the allocation behind `ptr`.
         bytes: usize,
     },
+    /// A CUDA `int`.
     I32(i32),
+    /// A CUDA `unsigned int`.
     U32(u32),
+    /// A CUDA `long long` (64-bit signed).
     I64(i64),
+    /// A CUDA `float`.
     F32(f32),
+    /// A CUDA `double`.
     F64(f64),
 }
 
 /// Grid and block dimensions of a launch, and dynamic shared memory in bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LaunchCfg {
+    /// Blocks per grid `(x, y, z)` (`gridDim`).
     pub grid: (u32, u32, u32),
+    /// Threads per block `(x, y, z)` (`blockDim`).
     pub block: (u32, u32, u32),
+    /// Dynamic shared memory per block, in bytes.
     pub shared_bytes: u32,
 }
 
@@ -294,7 +304,9 @@ pub struct MemoryStats {
 /// A handle to an opened GPU: its ordinal and backend.
 #[derive(Clone)]
 pub struct GpuDevice {
+    /// The device's ordinal (`cuda:N`).
     pub ordinal: usize,
+    /// The backend ops launch through: the managed (counting, caching) wrapper of the driver.
     pub backend: Arc<dyn GpuBackend>,
 }
 

@@ -11,11 +11,17 @@ use crate::tensor::Tensor;
 /// bias, `{name}.bias` `[cout]`.
 #[derive(Clone, Debug)]
 pub struct Conv2d {
+    /// Prefix of the tensor names, e.g. `backbone.conv1`.
     pub name: String,
+    /// Input channels.
     pub cin: usize,
+    /// Output channels.
     pub cout: usize,
+    /// Kernel size `(kh, kw)`.
     pub kernel: (usize, usize),
+    /// Stride, padding and dilation.
     pub params: Conv2dParams,
+    /// Whether the layer has a `{name}.bias`.
     pub bias: bool,
     /// Initialiser of the weight for training from scratch.
     pub init: Init,
@@ -83,9 +89,13 @@ impl Conv2d {
 /// `y = x W^T + b` with `{name}.weight` `[out, in]` and `{name}.bias` `[out]`.
 #[derive(Clone, Debug)]
 pub struct Linear {
+    /// Prefix of the tensor names, e.g. `roi_heads.box_head.fc6`.
     pub name: String,
+    /// Input features.
     pub fin: usize,
+    /// Output features.
     pub fout: usize,
+    /// Initialiser of the weight for training from scratch.
     pub init: Init,
 }
 
@@ -133,19 +143,33 @@ impl Linear {
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum NormKind {
     /// FrozenBatchNorm2d: fixed statistics and affine (torchvision's detection default).
-    Frozen { eps: f64 },
+    Frozen {
+        /// Added to the variance before the square root.
+        eps: f64,
+    },
     /// BatchNorm2d: batch statistics in training, running ones in eval.
-    Batch { eps: f64, momentum: f64 },
+    Batch {
+        /// Added to the variance before the square root.
+        eps: f64,
+        /// Running-statistics update, `momentum * batch + (1 - momentum) * running`.
+        momentum: f64,
+    },
     /// BatchNorm2d kept in eval mode (running statistics fixed) with a trainable
     /// affine: mmdetection's ResNet with `norm_eval=True, requires_grad=True`.
-    FrozenStats { eps: f64 },
+    FrozenStats {
+        /// Added to the variance before the square root.
+        eps: f64,
+    },
 }
 
 /// A batch norm over `c` channels with `{name}.weight/bias/running_mean/running_var`.
 #[derive(Clone, Debug)]
 pub struct Norm2d {
+    /// Prefix of the tensor names, e.g. `backbone.bn1`.
     pub name: String,
+    /// Number of channels `C` (of an `[N, C, H, W]` input).
     pub c: usize,
+    /// Which normalisation, and its settings.
     pub kind: NormKind,
 }
 

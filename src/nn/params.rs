@@ -12,13 +12,16 @@ use crate::tensor::{DType, Shape, Tensor};
 /// Whether a tensor is learned or a buffer (running statistics).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ParamKind {
+    /// Learned by the optimizer (weights, biases).
     Trainable,
+    /// Saved and loaded with the model but not learned (e.g. running statistics).
     Buffer,
 }
 
 /// How a fresh parameter is initialised (PyTorch's initialisers).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Init {
+    /// Every element equal to the value.
     Const(f32),
     /// U(-bound, bound).
     Uniform(f32),
@@ -29,9 +32,13 @@ pub enum Init {
 /// A tensor the model expects: name, shape, kind, initialiser.
 #[derive(Clone, Debug)]
 pub struct ParamSpec {
+    /// Full name, e.g. `backbone.conv1.weight`.
     pub name: String,
+    /// Shape the tensor must have.
     pub shape: Shape,
+    /// Trainable parameter or buffer.
     pub kind: ParamKind,
+    /// Initialiser for training from scratch.
     pub init: Init,
 }
 

@@ -6,15 +6,25 @@ use crate::error::Result;
 /// The points of a run at which hooks are called.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Stage {
+    /// Once, when [`Runner::run`] starts, before any epoch or iteration.
     BeforeRun,
+    /// Once, when the run ends (the schedule is done).
     AfterRun,
+    /// Before each training epoch.
     BeforeTrainEpoch,
+    /// After each training epoch.
     AfterTrainEpoch,
+    /// Before each training iteration (one batch: forward, backward, optimizer step).
     BeforeTrainIter,
+    /// After each training iteration.
     AfterTrainIter,
+    /// Before each validation epoch.
     BeforeValEpoch,
+    /// After each validation epoch.
     AfterValEpoch,
+    /// Before each validation iteration (one batch, forward only).
     BeforeValIter,
+    /// After each validation iteration.
     AfterValIter,
 }
 
@@ -66,33 +76,43 @@ pub trait Hook<M: Model> {
         Priority::NORMAL
     }
 
+    /// Called at [`Stage::BeforeRun`].
     fn before_run(&mut self, runner: &mut Runner<M>) -> Result<()> {
         Ok(())
     }
+    /// Called at [`Stage::AfterRun`].
     fn after_run(&mut self, runner: &mut Runner<M>) -> Result<()> {
         Ok(())
     }
+    /// Called at [`Stage::BeforeTrainEpoch`].
     fn before_train_epoch(&mut self, runner: &mut Runner<M>) -> Result<()> {
         Ok(())
     }
+    /// Called at [`Stage::AfterTrainEpoch`].
     fn after_train_epoch(&mut self, runner: &mut Runner<M>) -> Result<()> {
         Ok(())
     }
+    /// Called at [`Stage::BeforeTrainIter`].
     fn before_train_iter(&mut self, runner: &mut Runner<M>) -> Result<()> {
         Ok(())
     }
+    /// Called at [`Stage::AfterTrainIter`].
     fn after_train_iter(&mut self, runner: &mut Runner<M>) -> Result<()> {
         Ok(())
     }
+    /// Called at [`Stage::BeforeValEpoch`].
     fn before_val_epoch(&mut self, runner: &mut Runner<M>) -> Result<()> {
         Ok(())
     }
+    /// Called at [`Stage::AfterValEpoch`].
     fn after_val_epoch(&mut self, runner: &mut Runner<M>) -> Result<()> {
         Ok(())
     }
+    /// Called at [`Stage::BeforeValIter`].
     fn before_val_iter(&mut self, runner: &mut Runner<M>) -> Result<()> {
         Ok(())
     }
+    /// Called at [`Stage::AfterValIter`].
     fn after_val_iter(&mut self, runner: &mut Runner<M>) -> Result<()> {
         Ok(())
     }

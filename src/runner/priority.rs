@@ -8,14 +8,23 @@ use std::fmt;
 pub struct Priority(pub u8);
 
 impl Priority {
+    /// 0: runs before every other priority.
     pub const HIGHEST: Priority = Priority(0);
+    /// 10, e.g. the learning-rate updater.
     pub const VERY_HIGH: Priority = Priority(10);
+    /// 30, e.g. the NaN guard.
     pub const HIGH: Priority = Priority(30);
+    /// 40, e.g. the optimizer hook.
     pub const ABOVE_NORMAL: Priority = Priority(40);
+    /// 50, e.g. the checkpoint hook; the default of [`Hook::priority`](super::Hook::priority).
     pub const NORMAL: Priority = Priority(50);
+    /// 60.
     pub const BELOW_NORMAL: Priority = Priority(60);
+    /// 70, e.g. the iteration timer and the eval hook.
     pub const LOW: Priority = Priority(70);
+    /// 90, e.g. the logger hooks.
     pub const VERY_LOW: Priority = Priority(90);
+    /// 100: runs after every other priority.
     pub const LOWEST: Priority = Priority(100);
 
     const NAMED: [(&'static str, Priority); 9] = [

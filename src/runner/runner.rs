@@ -19,7 +19,9 @@ use crate::tensor::Tensor;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
+    /// A training phase: forward, backward and optimizer steps.
     Train,
+    /// A validation phase: forward only, no parameter updates.
     Val,
 }
 
@@ -28,7 +30,9 @@ pub enum Mode {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Schedule {
+    /// Train for this many epochs.
     Epochs(usize),
+    /// Train for this many iterations.
     Iters(usize),
 }
 

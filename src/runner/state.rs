@@ -45,14 +45,17 @@ pub struct CheckpointMeta {
     pub rng: u64,
     /// Learning rate at save time, and its f64 bits (exact).
     pub lr: f64,
+    /// The bits of `lr` (`f64::to_bits`), restored exactly.
     pub lr_bits: u64,
     /// Base learning rate of the schedule, and its bits.
     pub initial_lr: f64,
+    /// The bits of `initial_lr` (`f64::to_bits`), restored exactly.
     pub initial_lr_bits: u64,
     /// Whether optimizer state (and pending gradients) are in the file.
     pub has_optimizer: bool,
     /// Parameter and buffer names, in model order.
     pub params: Vec<String>,
+    /// Buffer names (non-trained tensors, e.g. frozen batch-norm statistics), in model order.
     pub buffers: Vec<String>,
     /// [`Runner::meta`].
     pub meta: serde_json::Map<String, serde_json::Value>,

@@ -5,7 +5,9 @@ use std::fmt;
 /// on CUDA and their CPU reference ([`crate::ops::tc`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum DType {
+    /// 32-bit IEEE float: the working type, CPU and CUDA.
     F32,
+    /// 64-bit IEEE float, CPU only (gradient checks).
     F64,
     /// Indices, labels and keep lists (CPU and CUDA).
     I64,
@@ -53,6 +55,7 @@ pub trait Element:
     + bytemuck::Pod
     + 'static
 {
+    /// The [`DType`] of this element type.
     const DTYPE: DType;
     /// Lossy conversion from f64 (for constants).
     fn of(v: f64) -> Self;

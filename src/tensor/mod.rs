@@ -32,8 +32,11 @@ impl TensorId {
 /// Host storage.
 #[derive(Clone, Debug)]
 pub enum CpuStorage {
+    /// [`DType::F32`] elements.
     F32(Vec<f32>),
+    /// [`DType::F64`] elements.
     F64(Vec<f64>),
+    /// [`DType::I64`] elements.
     I64(Vec<i64>),
     /// bfloat16 values (see [`DType::BF16`]).
     BF16(Vec<half::bf16>),
@@ -43,14 +46,18 @@ pub enum CpuStorage {
 /// dtype is the tensor's).
 #[derive(Clone, Debug)]
 pub struct GpuStorage {
+    /// The GPU that owns the buffer.
     pub dev: GpuDevice,
+    /// The device allocation holding the elements.
     pub buf: GpuBuffer,
 }
 
 /// Where the elements of a tensor are.
 #[derive(Clone, Debug)]
 pub enum Storage {
+    /// In host memory.
     Cpu(CpuStorage),
+    /// In the memory of a GPU.
     Cuda(GpuStorage),
 }
 

@@ -30,8 +30,11 @@ mod cuda;
 /// pixels. Padding is zero padding on both sides.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Conv2dParams {
+    /// Step between output positions `(sh, sw)`.
     pub stride: (usize, usize),
+    /// Zero rows and columns added on each side `(ph, pw)`.
     pub padding: (usize, usize),
+    /// Spacing between kernel taps `(dh, dw)`; 1 is a dense kernel.
     pub dilation: (usize, usize),
 }
 

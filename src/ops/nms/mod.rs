@@ -55,7 +55,9 @@ pub(crate) use cpu::{descending_key, sort_descending};
 /// the input's device (CPU tensors for CPU inputs).
 #[derive(Clone, Debug)]
 pub struct NmsOutput {
+    /// Kept original indices, `[N]` i64, in descending score order, padded with -1.
     pub keep: Tensor,
+    /// Number of kept boxes, `[1]` i64.
     pub count: Tensor,
 }
 

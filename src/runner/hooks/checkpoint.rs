@@ -157,7 +157,9 @@ pub fn hook_msg<'a, M: Model>(runner: &'a Runner<M>, key: &str) -> Option<&'a Va
 /// Whether a larger or a smaller value of a metric is better.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Rule {
+    /// A larger value is better (AP, AR, accuracy).
     Greater,
+    /// A smaller value is better (losses).
     Less,
 }
 

@@ -13,24 +13,37 @@ pub enum LrPolicy {
     /// `base * gamma^k`, k = number of milestones in `steps` that `progress` has
     /// reached; floored at `min_lr`.
     Step {
+        /// Milestones (in `progress` units), ascending.
         steps: Vec<usize>,
+        /// Factor applied at each milestone reached.
         gamma: f64,
+        /// Lower bound on the rate, if any.
         min_lr: Option<f64>,
     },
     /// `base * gamma^(progress / every)` (mmcv's `step` given as one integer).
     StepEvery {
+        /// Steps between decays (in `progress` units); 0 acts as 1.
         every: usize,
+        /// Factor applied per `every` steps.
         gamma: f64,
+        /// Lower bound on the rate, if any.
         min_lr: Option<f64>,
     },
     /// `target + (base - target) * (1 + cos(pi * progress / max_progress)) / 2`, with
     /// `target = min_lr`, or `base * min_lr_ratio` when a ratio is given.
     Cosine {
+        /// The final rate, used when `min_lr_ratio` is `None`.
         min_lr: f64,
+        /// The final rate as a fraction of the base rate; overrides `min_lr`.
         min_lr_ratio: Option<f64>,
     },
     /// `(base - min_lr) * (1 - progress / max_progress)^power + min_lr`.
-    Poly { power: f64, min_lr: f64 },
+    Poly {
+        /// Exponent of the decay; 1 is linear.
+        power: f64,
+        /// The final rate, reached at `max_progress`.
+        min_lr: f64,
+    },
 }
 
 impl LrPolicy {
