@@ -14,7 +14,7 @@ use std::path::Path;
 use std::process::{Child, Command};
 use std::sync::Arc;
 
-use super::model::{DetBatch, DetLoader, DetectorModel};
+use super::model::{DetLoader, DetectorModel};
 use super::train::{config_datasets, config_runner};
 use crate::config::Config;
 use crate::data::{Dataset, Loader, LoaderConfig, Shard};
@@ -304,23 +304,11 @@ pub fn evaluate_sharded(
     let mine: Vec<usize> = (comm.rank()..dataset.len())
         .step_by(comm.world_size())
         .collect();
-    let mut local = Vec::with_capacity(mine.len());
-    for chunk in mine.chunks(batch_size.max(1)) {
-        let samples = chunk
-            .iter()
-            .map(|&i| dataset.get(i))
-            .collect::<Result<Vec<_>>>()?;
-        let batch = DetBatch::from_samples(&samples)?;
-        let images = batch
-            .images
-            .iter()
-            .map(|t| t.to_device(device))
-            .collect::<Result<Vec<_>>>()?;
-        let dets = crate::autograd::no_grad(|| model.detect(&images))?;
-        for ((d, id), &i) in dets.iter().zip(&batch.image_ids).zip(chunk) {
-            local.push((i, super::to_coco(d, *id, category_id)?));
-        }
-    }
+    let local: Vec<(usize, Vec<DetBox>)> =
+        super::eval::detect_samples(model, dataset, &mine, batch_size, device, category_id)?
+            .into_iter()
+            .map(|(i, _, _, coco)| (i, coco))
+            .collect();
     let gathered = gather_detections(comm, &local)?;
     let dets: Vec<DetBox> = gathered.into_iter().flat_map(|(_, d)| d).collect();
     crate::eval::evaluate_with(gt, &dets, params)

@@ -20,9 +20,31 @@ pub fn detect_dataset(
     device: Device,
     category_id: &dyn Fn(i64) -> Option<i64>,
 ) -> Result<Vec<(i64, Detections, Vec<DetBox>)>> {
-    let mut out = Vec::with_capacity(dataset.len());
-    let idx: Vec<usize> = (0..dataset.len()).collect();
-    for chunk in idx.chunks(batch_size.max(1)) {
+    let all: Vec<usize> = (0..dataset.len()).collect();
+    Ok(
+        detect_samples(model, dataset, &all, batch_size, device, category_id)?
+            .into_iter()
+            .map(|(_, id, d, coco)| (id, d, coco))
+            .collect(),
+    )
+}
+
+/// One sample's detections: its index in the dataset, its image id, the detections
+/// and the same as COCO results.
+pub type SampleDetections = (usize, i64, Detections, Vec<DetBox>);
+
+/// Detections of the samples `indices` of `dataset`, in that order, `batch_size` per
+/// forward pass.
+pub fn detect_samples(
+    model: &FasterRcnn,
+    dataset: &dyn Dataset,
+    indices: &[usize],
+    batch_size: usize,
+    device: Device,
+    category_id: &dyn Fn(i64) -> Option<i64>,
+) -> Result<Vec<SampleDetections>> {
+    let mut out = Vec::with_capacity(indices.len());
+    for chunk in indices.chunks(batch_size.max(1)) {
         let samples = chunk
             .iter()
             .map(|&i| dataset.get(i))
@@ -34,9 +56,9 @@ pub fn detect_dataset(
             .map(|t| t.to_device(device))
             .collect::<Result<Vec<_>>>()?;
         let dets = crate::autograd::no_grad(|| model.detect(&images))?;
-        for (d, id) in dets.into_iter().zip(&batch.image_ids) {
+        for ((d, id), &i) in dets.into_iter().zip(&batch.image_ids).zip(chunk) {
             let coco = to_coco(&d, *id, category_id)?;
-            out.push((*id, d, coco));
+            out.push((i, *id, d, coco));
         }
     }
     Ok(out)

@@ -301,6 +301,26 @@ impl FasterRcnn {
         Ok((body, fpn, rpn, roi))
     }
 
+    /// Build the layers of `config`, give their parameter specs to `params`, and
+    /// freeze the stages `backbone.trainable_layers` excludes.
+    fn assemble(
+        config: FasterRcnnConfig,
+        params: impl FnOnce(&[ParamSpec]) -> Result<ParamStore>,
+    ) -> Result<FasterRcnn> {
+        let (body, fpn, rpn, roi_heads) = Self::build(config.clone())?;
+        let params = params(&Self::specs_of(&body, &fpn, &rpn, &roi_heads))?;
+        let mut m = FasterRcnn {
+            config,
+            body,
+            fpn,
+            rpn,
+            roi_heads,
+            params,
+        };
+        m.freeze_backbone();
+        Ok(m)
+    }
+
     fn specs_of(body: &ResNet, fpn: &Fpn, rpn: &Rpn, roi: &RoiHeads) -> Vec<ParamSpec> {
         let mut s = Vec::new();
         body.specs(&mut s);
@@ -313,18 +333,7 @@ impl FasterRcnn {
     /// A freshly initialised model (PyTorch's initialisers, seeded), with the backbone
     /// stages that `backbone.trainable_layers` excludes frozen.
     pub fn new(config: FasterRcnnConfig, seed: u64) -> Result<FasterRcnn> {
-        let (body, fpn, rpn, roi_heads) = Self::build(config.clone())?;
-        let params = ParamStore::init(&Self::specs_of(&body, &fpn, &rpn, &roi_heads), seed)?;
-        let mut m = FasterRcnn {
-            config,
-            body,
-            fpn,
-            rpn,
-            roi_heads,
-            params,
-        };
-        m.freeze_backbone();
-        Ok(m)
+        Self::assemble(config, |specs| ParamStore::init(specs, seed))
     }
 
     /// Freeze the stem and the first `5 - trainable_layers` ResNet stages
@@ -340,19 +349,8 @@ impl FasterRcnn {
     /// A model with weights from a safetensors file under torchvision's key names. A
     /// missing, unexpected or mis-shaped tensor is an error naming it.
     pub fn load(config: FasterRcnnConfig, path: impl AsRef<Path>) -> Result<FasterRcnn> {
-        let (body, fpn, rpn, roi_heads) = Self::build(config.clone())?;
         let file = TensorFile::open(path)?;
-        let params = ParamStore::load(&file, &Self::specs_of(&body, &fpn, &rpn, &roi_heads))?;
-        let mut m = FasterRcnn {
-            config,
-            body,
-            fpn,
-            rpn,
-            roi_heads,
-            params,
-        };
-        m.freeze_backbone();
-        Ok(m)
+        Self::assemble(config, |specs| ParamStore::load(&file, specs))
     }
 
     /// A model from a checkpoint: a Kestrel checkpoint (the model config travels in
@@ -372,19 +370,7 @@ impl FasterRcnn {
             Some(c) => c,
             None => infer_config(&file)?,
         };
-        let (body, fpn, rpn, roi_heads) = Self::build(config.clone())?;
-        let params =
-            ParamStore::load_lenient(&file, &Self::specs_of(&body, &fpn, &rpn, &roi_heads))?;
-        let mut m = FasterRcnn {
-            config,
-            body,
-            fpn,
-            rpn,
-            roi_heads,
-            params,
-        };
-        m.freeze_backbone();
-        Ok(m)
+        Self::assemble(config, |specs| ParamStore::load_lenient(&file, specs))
     }
 
     /// Save the parameters and buffers under their names, with the model config as
