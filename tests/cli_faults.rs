@@ -261,7 +261,9 @@ fn infer_keeps_same_named_images_apart_and_survives_a_bad_one() {
         // Each drawing is of its own image: most pixels keep that image's flat value
         // (boxes drawn over it change a few).
         let img = kestrel::data::image_io::load_rgb(Path::new(d)).unwrap();
-        assert_eq!((img.height, img.width), (64, 48));
+        // Small images are drawn enlarged by a whole factor.
+        let k = kestrel::detection::draw::draw_scale(64, 48);
+        assert_eq!((img.height, img.width), (64 * k, 48 * k));
         let same = img.data.iter().filter(|&&v| v == flat).count();
         assert!(
             same * 2 > img.data.len(),

@@ -599,7 +599,12 @@ fn select(
                 // Indices pad with -1, as the kernel writes them (an upload, no read).
                 let indices = Tensor::from_vec_i64(vec![-1; n * top], [n, top])?
                     .to_device(c.boxes.device())?;
-                return Ok(Selected { indices, ..out });
+                return Ok(Selected {
+                    boxes: Tensor::gpu_zeros(&dev, [n, top, 4])?,
+                    scores: Tensor::gpu_zeros(&dev, [n, top])?,
+                    indices,
+                    counts: Tensor::gpu_zeros_i64(&dev, [n])?,
+                });
             }
             dev.launch(
                 "proposals_select_f32",

@@ -194,7 +194,7 @@ pub const KERNEL_TESTS: &[KernelTests] = &[
     },
     KernelTests {
         stem: "nms",
-        tests: &[t("nms")],
+        tests: &[t("nms"), t("nms_groups")],
         bench: Some(("detection", "nms/")),
     },
     // Frozen and training batch norm, and the channel affine of the fused epilogues.
