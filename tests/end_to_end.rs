@@ -10,10 +10,13 @@ use kestrel::runner::{Mode, Model};
 use kestrel::Device;
 
 /// Training iterations, and where the run is checkpointed and resumed.
-const ITERS: usize = 600;
-const RESUME_AT: usize = 590;
+const ITERS: usize = 800;
+const RESUME_AT: usize = 790;
 /// AP50 on the held-out shapes after ITERS iterations. Measured on the 2-core CPU:
-/// 0.530 (AP 0.285) after 600 iterations, 0.148 after 300; 0.5 is the floor issue 6
+/// 0.530 after 600 iterations before the second wave's merge and 0.469 after it (same
+/// seed: the merged numerics — tiled and fused conv products, the new loader — follow
+/// another trajectory; the host pool is not it, the run without it is identical), so
+/// 600 iterations left no margin; 0.721 (AP 0.421) after 800. 0.5 is the floor issue 6
 /// sets. Training is seeded and deterministic, so the margin is not noise.
 const MIN_AP50: f64 = 0.5;
 
