@@ -155,21 +155,9 @@ fn batch(device: Device) -> (Vec<Tensor>, Vec<Target>) {
                 .unwrap()
         })
         .collect();
-    let targets = (0..images.len())
-        .map(|i| {
-            let b = f
-                .tensor(&format!("target{i}.boxes"))
-                .unwrap()
-                .to_vec::<f32>()
-                .unwrap();
-            Target {
-                boxes: b
-                    .chunks_exact(4)
-                    .map(|c| [c[0], c[1], c[2], c[3]])
-                    .collect(),
-                labels: f.ints(&format!("target{i}.labels")).unwrap().0,
-            }
-        })
+    let targets = common::fixture_targets(&f)
+        .into_iter()
+        .take(images.len())
         .collect();
     (images, targets)
 }

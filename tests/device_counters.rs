@@ -107,22 +107,7 @@ fn images(device: Device) -> Vec<Tensor> {
 
 fn targets(n: usize) -> Vec<Target> {
     let f = common::fixture("model/train.safetensors");
-    (0..n)
-        .map(|i| {
-            let b = f
-                .tensor(&format!("target{i}.boxes"))
-                .unwrap()
-                .to_vec::<f32>()
-                .unwrap();
-            Target {
-                boxes: b
-                    .chunks_exact(4)
-                    .map(|c| [c[0], c[1], c[2], c[3]])
-                    .collect(),
-                labels: f.ints(&format!("target{i}.labels")).unwrap().0,
-            }
-        })
-        .collect()
+    common::fixture_targets(&f).into_iter().take(n).collect()
 }
 
 #[test]

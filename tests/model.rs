@@ -383,27 +383,6 @@ fn assert_same_order_up_to_ties(what: &str, got: &Detections, want: &Detections)
     assert!(es <= STAGE_TOL, "{what} scores: relative error {es:.3e}");
 }
 
-/// The fixture's training targets, in original image pixels.
-fn fixture_targets(f: &TensorFile) -> Vec<Target> {
-    (0..)
-        .take_while(|i| f.contains(&format!("target{i}.boxes")))
-        .map(|i| {
-            let b = f
-                .tensor(&format!("target{i}.boxes"))
-                .unwrap()
-                .to_vec::<f32>()
-                .unwrap();
-            Target {
-                boxes: b
-                    .chunks_exact(4)
-                    .map(|c| [c[0], c[1], c[2], c[3]])
-                    .collect(),
-                labels: f.ints(&format!("target{i}.labels")).unwrap().0,
-            }
-        })
-        .collect()
-}
-
 /// RPN anchor labels (matching on the device) and regression targets against the
 /// fixture's anchors and targets: labels exact, targets within the stage tolerance.
 fn check_rpn_targets_on(device: Device) {
@@ -413,7 +392,7 @@ fn check_rpn_targets_on(device: Device) {
     let il = image_list(&e, device);
     let anchors = on(e.tensor("rpn.anchors").unwrap(), device);
     let coder = kestrel::detection::box_coder::BoxCoder::new([1.0; 4]);
-    for (i, t) in fixture_targets(&f).iter().enumerate() {
+    for (i, t) in common::fixture_targets(&f).iter().enumerate() {
         let t = t.resized(orig_sizes(&e)[i], il.image_sizes[i]);
         let matches = m.rpn.assign(&anchors, &t).unwrap();
         assert_eq!(matches.device(), device, "matches stay on the device");
@@ -626,7 +605,7 @@ fn check_roi_samples_on(device: Device) {
     let m = load_model(device);
     let il = image_list(&e, device);
     let orig = orig_sizes(&e);
-    let targets: Vec<Target> = fixture_targets(&f)
+    let targets: Vec<Target> = common::fixture_targets(&f)
         .iter()
         .enumerate()
         .map(|(i, t)| t.resized(orig[i], il.image_sizes[i]))
@@ -668,7 +647,7 @@ fn check_training_on(device: Device) {
     let f = common::fixture("model/train.safetensors");
     let m = load_model(device);
     let imgs = images(&e, device);
-    let targets = fixture_targets(&f);
+    let targets = common::fixture_targets(&f);
     assert_eq!(targets.len(), imgs.len(), "one target per image");
     let props = fixture_proposals(&f, imgs.len(), device);
     let tape = Tape::new();

@@ -377,3 +377,25 @@ pub fn assert_tensor_close(what: &str, got: &Tensor, want: &[f64], tol: f64) {
         &want[..want.len().min(4)]
     );
 }
+
+/// The training targets `target{i}.boxes` / `target{i}.labels` of a model fixture
+/// (train.safetensors), in original image pixels.
+pub fn fixture_targets(f: &TensorFile) -> Vec<kestrel::detection::Target> {
+    (0..)
+        .take_while(|i| f.contains(&format!("target{i}.boxes")))
+        .map(|i| {
+            let b = f
+                .tensor(&format!("target{i}.boxes"))
+                .unwrap()
+                .to_vec::<f32>()
+                .unwrap();
+            kestrel::detection::Target {
+                boxes: b
+                    .chunks_exact(4)
+                    .map(|c| [c[0], c[1], c[2], c[3]])
+                    .collect(),
+                labels: f.ints(&format!("target{i}.labels")).unwrap().0,
+            }
+        })
+        .collect()
+}
