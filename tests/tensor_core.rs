@@ -9,7 +9,7 @@
 //!    the value (2^-7 |ref|) when the output is rounded to bf16 (an accumulator
 //!    difference can flip one rounding), plus f32 epilogue rounding (4 2^-24 of the
 //!    epilogue's terms).
-//! 2. the f32 PyTorch fixtures (../shared/fixtures/ops/conv2d, linear). bf16 keeps 8
+//! 2. the f32 PyTorch fixtures (tests/fixtures/ops/conv2d, linear). bf16 keeps 8
 //!    significant bits, so rounding a and b to nearest changes each by a relative
 //!    u = 2^-8 at most, and each product by (1 + u)^2 - 1 = 2^-7 + 2^-16; the f32
 //!    sums add K 2^-24 each side:
