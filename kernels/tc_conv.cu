@@ -46,7 +46,11 @@ enum {
     TC_RES_BF16 = 4,
     TC_HAS_SCALE = 8,
     TC_HAS_SHIFT = 16,
-    TC_HAS_RES = 32
+    TC_HAS_RES = 32,
+    // FWD only: y and the residual are bf16 NHWC with Coutp channels (the layout the
+    // next conv gathers from), the padding channels written as zeros, so a chain of
+    // convs needs no pack or unpack launch between layers.
+    TC_NHWC = 64
 };
 
 struct TcGeom {
@@ -59,8 +63,8 @@ struct TcGeom {
 // B, or null when the chunk is zeros (padding, past the end).
 template <int MODE, bool IS_B>
 __device__ __forceinline__ const kbf16* tc_chunk(const kbf16* src, const TcGeom& g, long long row, long long k,
-                                                 long long M, long long NN, long long K) {
-    if (k >= K) return nullptr;
+                                                 long long M, long long NN, long long K, long long kend) {
+    if (k >= kend) return nullptr;
     if (MODE == TC_FWD && !IS_B) {  // x gathered at output pixel `row`, tap/channel k
         if (row >= M) return nullptr;
         long long ohw = (long long)g.OH * g.OW;
@@ -103,7 +107,7 @@ __device__ __forceinline__ const kbf16* tc_chunk(const kbf16* src, const TcGeom&
 template <int MODE>
 __device__ __forceinline__ void tc_load_tile(kbf16* sa, kbf16* sb, const kbf16* a, const kbf16* b,
                                              const TcGeom& g, long long bm, long long bn, long long kt,
-                                             long long M, long long NN, long long K) {
+                                             long long M, long long NN, long long K, long long kend) {
     const bool kmajor = MODE != TC_WGRAD;
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
@@ -111,8 +115,8 @@ __device__ __forceinline__ void tc_load_tile(kbf16* sa, kbf16* sb, const kbf16* 
         // [rows][K] tiles: row e/4, k chunk e%4; [K][rows] tiles: k e/8, row chunk e%8.
         int r = kmajor ? e / 4 : (e % 8) * 8, kk = kmajor ? (e % 4) * 8 : e / 8;
         int so = kmajor ? r * TC_LDK + kk : kk * TC_LDR + r;
-        const kbf16* pa = tc_chunk<MODE, false>(a, g, bm + r, kt + kk, M, NN, K);
-        const kbf16* pb = tc_chunk<MODE, true>(b, g, bn + r, kt + kk, M, NN, K);
+        const kbf16* pa = tc_chunk<MODE, false>(a, g, bm + r, kt + kk, M, NN, K, kend);
+        const kbf16* pb = tc_chunk<MODE, true>(b, g, bn + r, kt + kk, M, NN, K, kend);
         // A zero-filled chunk still needs a valid source address: the matrix's start.
         kestrel_cp_async16(sa + so, pa ? pa : a, pa ? 16 : 0);
         kestrel_cp_async16(sb + so, pb ? pb : b, pb ? 16 : 0);
@@ -144,14 +148,22 @@ __device__ __forceinline__ void tc_conv_gemm(const kbf16* a, const kbf16* b, voi
 #pragma unroll
             for (int q = 0; q < 4; ++q) acc[i][j][q] = 0.f;
 
-    const long long ktiles = (K + TC_BK - 1) / TC_BK;
+    // Split-K (WGRAD, gridDim.z > 1): slice z reduces K tiles [z per, (z + 1) per) and
+    // writes its partial sums to its own slab of `out`; tc_splitk_reduce_f32 then adds
+    // the slabs in z order, so the result does not depend on scheduling.
+    const long long all_tiles = (K + TC_BK - 1) / TC_BK;
+    const long long per = (all_tiles + gridDim.z - 1) / gridDim.z;
+    const long long t0 = min(all_tiles, (long long)blockIdx.z * per);
+    const long long ktiles = min(all_tiles, t0 + per) - t0;
+    const long long k0 = t0 * TC_BK, kend = min(K, (t0 + ktiles) * TC_BK);
+    if (gridDim.z > 1) out = (float*)out + (long long)blockIdx.z * g.Cout * g.Cin * g.kh * g.kw;
     // Prologue: STAGES-1 tiles in flight. Every iteration commits a group (possibly
     // empty) so that wait_group<STAGES-2> always means "tile kt has landed".
 #pragma unroll
     for (int s = 0; s < TC_STAGES - 1; ++s) {
         if (s < ktiles)
             tc_load_tile<MODE>(smem + s * 2 * TC_TILE, smem + s * 2 * TC_TILE + TC_TILE, a, b, g, bm, bn,
-                               (long long)s * TC_BK, M, NN, K);
+                               k0 + (long long)s * TC_BK, M, NN, K, kend);
         kestrel_cp_async_commit();
     }
     for (long long kt = 0; kt < ktiles; ++kt) {
@@ -163,7 +175,7 @@ __device__ __forceinline__ void tc_conv_gemm(const kbf16* a, const kbf16* b, voi
         if (nk < ktiles) {
             int s = (int)(nk % TC_STAGES);
             tc_load_tile<MODE>(smem + s * 2 * TC_TILE, smem + s * 2 * TC_TILE + TC_TILE, a, b, g, bm, bn,
-                               nk * TC_BK, M, NN, K);
+                               k0 + nk * TC_BK, M, NN, K, kend);
         }
         kestrel_cp_async_commit();
 
@@ -219,9 +231,18 @@ __device__ __forceinline__ void tc_conv_gemm(const kbf16* a, const kbf16* b, voi
             for (int q = 0; q < 4; ++q) {
                 long long row = bm + wm + mi * 16 + gq + (q >= 2 ? 8 : 0);
                 long long col = bn + wn + ni * 8 + 2 * tq + (q & 1);
-                if (row >= M || col >= NN) continue;
+                if (row >= M) continue;
                 long long idx;
-                if (MODE == TC_FWD) {
+                if (MODE == TC_FWD && (flags & TC_NHWC)) {
+                    if (col >= g.Coutp) continue;
+                    idx = row * g.Coutp + col;
+                    if (col >= NN) {  // channel padding: zeros, the next conv multiplies them
+                        ((kbf16*)out)[idx] = 0;
+                        continue;
+                    }
+                } else if (col >= NN) {
+                    continue;
+                } else if (MODE == TC_FWD) {
                     long long ohw = (long long)g.OH * g.OW;
                     idx = (row / ohw * g.Cout + col) * ohw + row % ohw;
                 } else if (MODE == TC_DGRAD) {
@@ -269,7 +290,9 @@ extern "C" __global__ void __launch_bounds__(TC_THREADS) tc_conv_dgrad_bf16(
 }
 
 // dw [Cout, Cin, kh, kw] = epilogue(sum over pixels of gy x^T); gy NHWC-Coutp, x
-// NHWC-Cp. Grid (ceil(Cout / 64), ceil(kh*kw*Cp / 64)).
+// NHWC-Cp. Grid (ceil(Cout / 64), ceil(kh*kw*Cp / 64), splits): with splits > 1, gw is
+// an f32 workspace of `splits` partial weight gradients (no epilogue flags), summed
+// by tc_splitk_reduce_f32.
 extern "C" __global__ void __launch_bounds__(TC_THREADS) tc_conv_wgrad_bf16(
         const kbf16* gy, const kbf16* x, void* gw, const float* scale, const float* shift, const void* res,
         TC_GEOM_PARAMS, int flags) {
@@ -330,6 +353,35 @@ extern "C" __global__ void tc_pack_weight_bf16(const void* w, kbf16* out, int Co
             v = tc_load_bf16(w, (((long long)co * Cin + ci) * kh + ki) * kw + kj, src_bf16);
         }
         out[i] = v;
+    }
+}
+
+// out [N, C, H, W] (f32, or bf16 when out_bf16) = x[n, h, w, c]: leaves a chain of
+// NHWC convs. Channels past C are dropped.
+extern "C" __global__ void tc_unpack_nhwc_bf16(const kbf16* x, void* out, int N, int C, int H, int W, int Cp,
+                                               int out_bf16) {
+    long long total = (long long)N * C * H * W;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < total;
+         i += (long long)blockDim.x * gridDim.x) {
+        long long hw = (long long)H * W, p = i % hw;
+        int c = (int)((i / hw) % C);
+        long long n = i / (hw * C);
+        kbf16 v = x[(n * hw + p) * Cp + c];
+        if (out_bf16)
+            ((kbf16*)out)[i] = v;
+        else
+            ((float*)out)[i] = kestrel_bf16_to_f32(v);
+    }
+}
+
+// out[i] = sum over z = 0, 1, ..., splits - 1 of ws[z n + i]: the split-K partial
+// weight gradients added in a fixed order (deterministic, no float atomics).
+extern "C" __global__ void tc_splitk_reduce_f32(const float* ws, float* out, long long n, int splits) {
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (long long)blockDim.x * gridDim.x) {
+        float s = ws[i];
+        for (int z = 1; z < splits; ++z) s += ws[(long long)z * n + i];
+        out[i] = s;
     }
 }
 
