@@ -79,13 +79,7 @@ impl HostConv {
     }
 
     /// The unchained path: NCHW in, NCHW bf16 out, one pack + one conv launch.
-    fn unchained(
-        &self,
-        dev: Device,
-        x: &Tensor,
-        residual: Option<&Tensor>,
-        relu: bool,
-    ) -> Tensor {
+    fn unchained(&self, dev: Device, x: &Tensor, residual: Option<&Tensor>, relu: bool) -> Tensor {
         let (w, s, h) = (
             self.w.to_device(dev).unwrap(),
             self.scale.to_device(dev).unwrap(),
@@ -186,7 +180,12 @@ fn check_block(b: &Block, x_dims: [usize; 4], want_launches: u64) {
     assert_eq!(chained.dims(), unchained.dims());
     let (g, u) = (bits(&chained), bits(&unchained));
     let differ = g.iter().zip(&u).filter(|(a, b)| a != b).count();
-    assert_eq!(differ, 0, "{differ} of {} elements differ from the unchained path", g.len());
+    assert_eq!(
+        differ,
+        0,
+        "{differ} of {} elements differ from the unchained path",
+        g.len()
+    );
 
     // Within bf16 noise of the CPU chain.
     let cpu = b
@@ -226,7 +225,10 @@ fn chain_round_trip_on_the_cpu_and_device_is_bf16_rounding() {
         assert_eq!(a.nhwc().dims(), &[2, 3, 4, 16]);
         // Stored channels-last: element (n=1, c=5, h=2, w=3).
         let raw = bits(a.nhwc());
-        assert_eq!(raw[((3 + 2) * 4 + 3) * 16 + 5], want[((13 + 5) * 3 + 2) * 4 + 3]);
+        assert_eq!(
+            raw[((3 + 2) * 4 + 3) * 16 + 5],
+            want[((13 + 5) * 3 + 2) * 4 + 3]
+        );
         assert_eq!(bits(&a.to_nchw(DType::BF16).unwrap()), want, "{dev:?}");
         let f = a.to_nchw(DType::F32).unwrap();
         assert_eq!(f.dtype(), DType::F32);
@@ -329,7 +331,9 @@ fn wgrad_split_k_matches_reference_for_every_slice_count_emulated() {
         // Deterministic: the same split twice gives the same bits.
         let again = wgrad_within_bound(&x, &gy, &w_dims, &p, Some(s));
         assert!(
-            got.iter().zip(&again).all(|(a, b)| a.to_bits() == b.to_bits()),
+            got.iter()
+                .zip(&again)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
             "splits {s}: two runs differ"
         );
     }
@@ -361,7 +365,10 @@ fn wgrad_default_splits_a_small_output_and_reduces_in_one_more_launch_emulated()
     let kernels = kestrel::device::emu::take_thread_launches();
     assert_eq!(d.launches, 4, "2 packs, wgrad, reduce: {kernels:?}");
     assert_eq!(
-        kernels.iter().filter(|k| *k == "tc_splitk_reduce_f32").count(),
+        kernels
+            .iter()
+            .filter(|k| *k == "tc_splitk_reduce_f32")
+            .count(),
         1,
         "{kernels:?}"
     );
@@ -379,4 +386,68 @@ fn packed_weights_on_the_cpu_run_the_reference() {
     let got = tc::conv2d_tc_packed(&x, &packed, &p, &ep).unwrap();
     let want = tc::conv2d_bf16_reference(&x, &w, &p, &ep).unwrap();
     assert_eq!(host(&got), host(&want));
+}
+
+// ---------------------------------------------------------------------------------
+// Strided input gradient: one phase per (ih mod sh, iw mod sw), live taps only
+// ---------------------------------------------------------------------------------
+
+/// The input gradient against the CPU bf16 reference within 2 K 2^-24 S (K = Cout kh
+/// kw bounds the live taps of any phase).
+fn check_dgrad(x_dims: [usize; 4], cout: usize, k: (usize, usize), p: Conv2dParams) {
+    let dev = common::emulated();
+    let w_dims = [cout, x_dims[1], k.0, k.1];
+    let w = t32(81, &w_dims);
+    let y = conv2d_forward(&t32(80, &x_dims), &w, None, &p).unwrap();
+    let gy = t32(82, y.dims());
+    let got = tc::conv2d_tc_backward_input(
+        &gy.to_device(dev).unwrap(),
+        &w.to_device(dev).unwrap(),
+        &x_dims,
+        &p,
+    )
+    .unwrap();
+    let want = host(&tc::conv2d_bf16_reference_backward_input(&gy, &w, &x_dims, &p).unwrap());
+    let s = host(
+        &kestrel::ops::conv2d::conv2d_backward_input(
+            &abs(&tc::round_to_bf16(&gy).unwrap()),
+            &abs(&tc::round_to_bf16(&w).unwrap()),
+            &x_dims,
+            &p,
+        )
+        .unwrap(),
+    );
+    let kk = (cout * k.0 * k.1) as f64;
+    let got = host(&got);
+    let mut nonzero = 0;
+    for i in 0..got.len() {
+        let bound = 2.0 * kk * 2f64.powi(-24) * s[i] + 1e-30;
+        assert!(
+            (got[i] - want[i]).abs() <= bound,
+            "{x_dims:?} k {k:?} {p:?}: element {i} got {} want {} (bound {bound:.3e})",
+            got[i],
+            want[i]
+        );
+        nonzero += (want[i] != 0.0) as usize;
+    }
+    assert!(nonzero > 0, "{x_dims:?} {p:?}: a vacuous case");
+}
+
+#[test]
+fn dgrad_strided_phases_match_reference_emulated() {
+    let p = |s: (usize, usize), pad: (usize, usize), d: (usize, usize)| Conv2dParams {
+        stride: s,
+        padding: pad,
+        dilation: d,
+    };
+    // Stride 2 with dilation 2: in each phase either every tap or none is live.
+    check_dgrad([1, 8, 9, 8], 16, (3, 3), p((2, 2), (2, 2), (2, 2)));
+    // Stride 3, dilation 2 (step 3, gcd 1), a 5x3 kernel.
+    check_dgrad([2, 5, 11, 10], 12, (5, 3), p((3, 3), (2, 1), (2, 1)));
+    // Different strides per axis; pixels past the last window get zeros.
+    check_dgrad([1, 16, 7, 9], 24, (3, 3), p((2, 1), (0, 1), (1, 1)));
+    // A 1x1 stride-2 projection: odd pixels have no live tap (zero gradient).
+    check_dgrad([1, 24, 5, 6], 8, (1, 1), p((2, 2), (0, 0), (1, 1)));
+    // A map smaller than the stride: phases with no pixel.
+    check_dgrad([2, 8, 1, 1], 8, (3, 3), p((2, 2), (1, 1), (1, 1)));
 }

@@ -536,12 +536,8 @@ fn fwd_output_size(
             format!("x {xd:?} with weights {:?}", w.dims),
         ));
     }
-    conv2d_output_size((xd[2], xd[3]), (kh, kw), p).ok_or_else(|| {
-        Error::shape(
-            op,
-            format!("kernel {kh}x{kw} does not fit input {xd:?}"),
-        )
-    })
+    conv2d_output_size((xd[2], xd[3]), (kh, kw), p)
+        .ok_or_else(|| Error::shape(op, format!("kernel {kh}x{kw} does not fit input {xd:?}")))
 }
 
 /// One launch of a forward kernel: `xp` is x as bf16 NHWC-Cp (dims `xd` of the NCHW
@@ -648,7 +644,12 @@ fn cuda_dgrad(gy: &Tensor, w: &Tensor, x_dims: &[usize], p: &Conv2dParams) -> Re
     args.extend(ep_args);
     args.extend(geom_args(OP, xd, cout, (oh, ow), (kh, kw), p)?);
     args.push(KernelArg::I32(flags));
-    dev.launch("tc_conv_dgrad_bf16", grid(OP, m, cin)?, &args)?;
+    // One z per stride phase (ih mod sh, iw mod sw): each phase has its own live taps.
+    let (sh, sw) = p.stride;
+    let phases = i32_of(OP, "stride phases", sh * sw)?;
+    let mut cfg = grid(OP, xd[0] * xd[2].div_ceil(sh) * xd[3].div_ceil(sw), cin)?;
+    cfg.grid.2 = phases as u32; // positive: strides are at least 1
+    dev.launch("tc_conv_dgrad_bf16", cfg, &args)?;
     Ok(dx)
 }
 
