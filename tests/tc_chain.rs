@@ -451,3 +451,30 @@ fn dgrad_strided_phases_match_reference_emulated() {
     // A map smaller than the stride: phases with no pixel.
     check_dgrad([2, 8, 1, 1], 8, (3, 3), p((2, 2), (1, 1), (1, 1)));
 }
+
+#[test]
+fn basic_block_is_two_conv_launches_and_equals_unchained_emulated() {
+    use kestrel::ops::tc::chain::TcBasicBlock;
+    let dev = common::emulated();
+    let Device::Cuda(ord) = dev else {
+        unreachable!("the emulated device is a CUDA ordinal")
+    };
+    let (c1, c2) = (host_conv(300, 24, 24, 3, 1), host_conv(310, 24, 24, 3, 1));
+    let x = t32(8, &[1, 24, 6, 7])
+        .to_dtype(DType::BF16)
+        .unwrap()
+        .to_device(dev)
+        .unwrap();
+    let blk = TcBasicBlock {
+        conv1: c1.on(dev),
+        conv2: c2.on(dev),
+        downsample: None,
+    };
+    let act = TcActivation::from_nchw(&x).unwrap();
+    let c = gpu::device(ord).unwrap().counters();
+    let y = blk.forward(&act).unwrap();
+    assert_eq!(c.delta().launches, 2);
+    let y1 = c1.unchained(dev, &x, None, true);
+    let want = c2.unchained(dev, &y1, Some(&x), true);
+    assert_eq!(bits(&y.to_nchw(DType::BF16).unwrap()), bits(&want));
+}
