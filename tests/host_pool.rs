@@ -50,15 +50,22 @@ fn warm_pass() -> (pool::PoolStats, u64, Vec<f32>, Vec<f32>) {
 
 #[test]
 fn warm_inference_takes_its_buffers_from_the_pool() {
-    let (s, _, first, again) = warm_pass();
+    let (s, large, first, again) = warm_pass();
     assert_eq!(first, again, "recycled buffers change nothing");
     assert!(s.hits > 20, "the pass used the pool: {s:?}");
     assert_eq!(s.misses, 0, "a warm pass missed the pool: {s:?}");
+    // 24-25 measured (144 before the convolutions and linear layers stopped making
+    // the gemm crate allocate): a regression guard until the gap below is closed.
+    assert!(
+        large <= 30,
+        "{large} large allocations outside the pool in a warm pass"
+    );
 }
 
 #[test]
-#[ignore = "known gap (issue 12): index lists, RoIAlign plans, NMS/top-k scratch and the \
-            transform's resize still allocate outside the pool (144 per warm pass)"]
+#[ignore = "known gap (issue 12): 24 large allocations per warm pass remain outside the \
+            pool: NMS records and grids, RoIAlign plans, proposal gather/decode, anchors, \
+            permute and the detection lists"]
 fn warm_inference_allocates_nothing_large_outside_the_pool() {
     let (_, large, _, _) = warm_pass();
     assert_eq!(
