@@ -76,9 +76,9 @@ fn warm_training_step_takes_its_buffers_from_the_pool() {
 }
 
 #[test]
-#[ignore = "known gap (issue 12): 656 large allocations per warm step remain outside the \
-            pool (backward's gradient buffers, conv backward's col2im scratch and the gemm \
-            crate's packing in grad_input / grad_weight, autograd temporaries)"]
+#[ignore = "known gap (issue 12): 655-656 large allocations per warm step remain outside \
+            the pool; not traced yet (suspects: the gemm crate's packing in conv and linear \
+            backward, conv backward's per-task scratch, gradient temporaries)"]
 fn warm_training_step_allocates_nothing_large_outside_the_pool() {
     let (_, large) = warm_step();
     assert_eq!(
