@@ -37,6 +37,9 @@ pub struct BenchOptions {
     pub seed: u64,
     /// Also write the results as JSON to this file.
     pub json: Option<PathBuf>,
+    /// On the CPU, also print the per-layer conv vs square-GEMM table and an SGD
+    /// step's time ([`super::bench_ops`]).
+    pub ops: bool,
 }
 
 /// Timings of one configuration (mode and batch size).
@@ -216,10 +219,10 @@ pub fn run(a: &BenchOptions) -> Result<()> {
             "--iters and every --batch must be at least 1",
         ));
     }
-    if a.no_infer && !a.train {
+    if a.no_infer && !a.train && !a.ops {
         return Err(Error::invalid(
             "bench",
-            "--no-infer without --train times nothing",
+            "--no-infer without --train or --ops times nothing",
         ));
     }
     let cfg = FasterRcnnConfig::resnet50_fpn(91, 0.0)?;
@@ -312,6 +315,10 @@ pub fn run(a: &BenchOptions) -> Result<()> {
     }
     if let Some(path) = &a.json {
         write_json(path, device, size, a, &rows)?;
+    }
+    if a.ops && !device.is_cuda() {
+        super::bench_ops::sgd_time(&model, a.iters.max(3))?;
+        super::bench_ops::conv_table(a.iters.max(3))?;
     }
     Ok(())
 }

@@ -221,6 +221,10 @@ struct BenchArgs {
     /// Also write the results as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// CPU: also print each ResNet-50-FPN conv shape beside the square GEMM of the
+    /// same FLOPs, and one SGD step's time.
+    #[arg(long)]
+    ops: bool,
 }
 
 impl From<BenchArgs> for bench::BenchOptions {
@@ -235,6 +239,7 @@ impl From<BenchArgs> for bench::BenchOptions {
             no_infer: a.no_infer,
             seed: a.seed,
             json: a.json,
+            ops: a.ops,
         }
     }
 }
