@@ -40,6 +40,7 @@ mod priority;
 #[allow(clippy::module_inception)]
 mod runner;
 mod state;
+mod step_values;
 mod work_dir;
 
 pub use data::{epoch_permutation, DataLoader, VecLoader};
@@ -49,6 +50,7 @@ pub use log_buffer::LogBuffer;
 pub use log_sink::LogSink;
 pub use model::{Model, Optimizer};
 pub use priority::Priority;
+pub use step_values::{read_step_values, StepValues};
 pub use runner::{parse_losses, Mode, ResumePoint, Runner, Schedule, StepOutputs};
 pub use state::{
     latest_checkpoint, newest_numbered_checkpoint, read_checkpoint_meta, CheckpointMeta,
