@@ -185,7 +185,8 @@ fn check_device_equals_cpu(device: Device) {
     let (mut short_pos, mut no_gt, mut drew, mut all_ignored) = (0, 0, 0, 0);
     for case in 0..40 {
         let n = 1 + rng.below(3) as usize;
-        let (targets, anchors) = random_case(&mut rng, n, 6, 50 + rng.below(400) as usize);
+        let a = 50 + rng.below(400) as usize;
+        let (targets, anchors) = random_case(&mut rng, n, 6, a);
         let props = random_props(&mut rng, n, 60);
         let spec = SampleSpec::new(1 + rng.below(64) as usize, rng.range(0.1, 0.9)).unwrap();
         // Every fifth case: thresholds that leave every anchor between (ignored).
@@ -335,7 +336,7 @@ fn check_picks_are_smallest_keys(device: Device) {
     }
 }
 
-common::device_tests! {
+crate::device_tests! {
     /// Device == CPU on 40 random batches (both stages).
     device_equals_cpu => check_device_equals_cpu;
     /// Batched matching == box_iou + Matcher per image.
