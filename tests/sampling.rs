@@ -371,7 +371,10 @@ fn philox_matches_random123_known_answers() {
 fn sampling_is_uniform() {
     let (l, k, draws) = (40usize, 10usize, 4000u64);
     let labels = Tensor::from_vec_i64(vec![1; l], [l]).unwrap();
-    let spec = SampleSpec { want_pos: k, batch: k };
+    let spec = SampleSpec {
+        want_pos: k,
+        batch: k,
+    };
     let mut hits = vec![0u32; l];
     let mut both01 = 0u32;
     for seed in 0..draws {

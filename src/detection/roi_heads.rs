@@ -179,7 +179,8 @@ impl TrainingSamples {
         };
         for (n, &k) in counts.iter().enumerate() {
             let (o, k) = (n * self.cap, k as usize);
-            out.proposals.push(ops::narrow(&self.proposals[n], 0, 0, k)?);
+            out.proposals
+                .push(ops::narrow(&self.proposals[n], 0, 0, k)?);
             out.labels.push(labels[o..o + k].to_vec());
             out.regression_targets
                 .push(ops::narrow(&self.regression_targets, 0, o, k)?);
@@ -429,7 +430,10 @@ pub fn pad_proposals(proposals: &[Tensor]) -> Result<(Tensor, Tensor)> {
     let boxes = if n == 0 || p == 0 {
         Tensor::zeros([n, p, 4], crate::tensor::DType::F32, device)?
     } else {
-        ops::reshape(&ops::concat(&parts.iter().collect::<Vec<_>>(), 0)?, [n, p, 4])?
+        ops::reshape(
+            &ops::concat(&parts.iter().collect::<Vec<_>>(), 0)?,
+            [n, p, 4],
+        )?
     };
     let counts: Vec<i64> = proposals.iter().map(|t| t.dims()[0] as i64).collect();
     Ok((boxes, Tensor::from_vec_i64(counts, [n])?.to_device(device)?))

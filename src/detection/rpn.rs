@@ -6,8 +6,7 @@ use super::box_coder::BoxCoder;
 use super::matcher::Matcher;
 use super::proposals::{select_proposals, ProposalParams, Selected};
 use super::targets::{
-    match_labels, rpn_targets, sample, Candidates, LabelMode, PackedTargets, SampleSpec,
-    STAGE_RPN,
+    match_labels, rpn_targets, sample, Candidates, LabelMode, PackedTargets, SampleSpec, STAGE_RPN,
 };
 use super::Target;
 use crate::device::Device;

@@ -283,10 +283,7 @@ pub fn match_labels(
     mode: LabelMode,
 ) -> Result<Matched> {
     let (n, l) = (tg.images, cands.len(tg));
-    let (high, low) = (
-        matcher.high_threshold as f32,
-        matcher.low_threshold as f32,
-    );
+    let (high, low) = (matcher.high_threshold as f32, matcher.low_threshold as f32);
     match tg.data.device() {
         Device::Cpu => {
             let t = tg.host()?;
@@ -616,11 +613,7 @@ pub fn roi_gather(
         Device::Cpu => {
             let t = tg.host()?;
             let c = host_cands(cands)?;
-            let (s, lab, mt) = (
-                sel.cpu_i64()?,
-                m.labels.cpu_i64()?,
-                m.matched.cpu_i64()?,
-            );
+            let (s, lab, mt) = (sel.cpu_i64()?, m.labels.cpu_i64()?, m.matched.cpu_i64()?);
             let mut rois = Vec::with_capacity(4 * n * cap);
             let mut gt = Vec::with_capacity(4 * n * cap);
             let mut labels = Vec::with_capacity(n * cap);

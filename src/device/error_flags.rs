@@ -125,7 +125,8 @@ impl Flag {
     pub fn finish(self, dev: &GpuDevice, err: impl FnOnce(usize) -> Error) -> Result<()> {
         if let Flag::Eager(b) = self {
             let mut v = [0i32];
-            dev.backend.copy_dtoh(&b, bytemuck::cast_slice_mut(&mut v))?;
+            dev.backend
+                .copy_dtoh(&b, bytemuck::cast_slice_mut(&mut v))?;
             if v[0] != 0 {
                 return Err(err(v[0] as usize - 1));
             }

@@ -503,11 +503,8 @@ fn gpu_ce_rows(logits: &Tensor, labels: &Tensor, n: usize, c: usize) -> Result<(
     let dev = gpu_dev("cross_entropy", logits)?;
     let loss = Tensor::gpu_empty(&dev, [n])?;
     let lse = Tensor::gpu_empty(&dev, [n])?;
-    let bad = crate::device::error_flags::flag(
-        &dev,
-        "cross_entropy",
-        "labels[{}] outside [0, classes)",
-    )?;
+    let bad =
+        crate::device::error_flags::flag(&dev, "cross_entropy", "labels[{}] outside [0, classes)")?;
     if n > 0 {
         // One warp per row, 8 rows per 256-thread block.
         let blocks = n.div_ceil(8).clamp(1, 65535 * 16) as u32;

@@ -612,11 +612,8 @@ fn gpu_index_select(x: &Tensor, dim: usize, idx: &Tensor, out_shape: &Shape) -> 
     let buf = dev.alloc(out_shape.numel() * x.dtype().size())?;
     // Eager: read back after the launch; in a deferred scope (a training step) the
     // device's flag table, read at the step's next check.
-    let bad = crate::device::error_flags::flag(
-        &dev,
-        "index_select",
-        "idx[{}] outside the source rows",
-    )?;
+    let bad =
+        crate::device::error_flags::flag(&dev, "index_select", "idx[{}] outside the source rows")?;
     launch_elems(
         &dev,
         "index_select_u32",

@@ -50,12 +50,12 @@ pub use log_buffer::LogBuffer;
 pub use log_sink::LogSink;
 pub use model::{Model, Optimizer};
 pub use priority::Priority;
-pub use step_values::{read_step_values, StepValues};
 pub use runner::{parse_losses, Mode, ResumePoint, Runner, Schedule, StepOutputs};
 pub use state::{
     latest_checkpoint, newest_numbered_checkpoint, read_checkpoint_meta, CheckpointMeta,
     CHECKPOINT_KEY, LATEST,
 };
+pub use step_values::{read_step_values, StepValues};
 pub use work_dir::{
     has_run_output, is_temp_file, prepare_work_dir, remove_temp_files, WorkDirLock, WorkDirPolicy,
     LOCK_FILE,
