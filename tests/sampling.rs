@@ -272,16 +272,16 @@ fn check_matching_equals_matcher(device: Device) {
                     .unwrap();
                 ints(&matcher.matches(&box_iou(&gt, &anc).unwrap()).unwrap())
             };
-            for j in 0..a {
+            for (j, &w) in want.iter().enumerate() {
                 let e = img * a + j;
-                let want_label = match want[j] {
+                let want_label = match w {
                     m if m >= 0 => 1,
                     -1 => 0,
                     _ => -1,
                 };
                 assert_eq!(labels[e], want_label, "image {img} anchor {j}");
-                if want[j] >= 0 {
-                    assert_eq!(matched[e], g0 + want[j], "image {img} anchor {j}");
+                if w >= 0 {
+                    assert_eq!(matched[e], g0 + w, "image {img} anchor {j}");
                 }
             }
             g0 += g as i64;

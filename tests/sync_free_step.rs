@@ -210,7 +210,10 @@ fn a_planted_bad_index_or_label_is_reported_at_the_check_naming_the_op_emulated(
             "{msg}"
         );
         // Reported once: the table is clear again.
-        assert_eq!(read_step_values(&[one.clone()]).unwrap().values, vec![1.0]);
+        assert_eq!(
+            read_step_values(std::slice::from_ref(&one)).unwrap().values,
+            vec![1.0]
+        );
 
         let c = device.counters();
         let ce = kestrel::ops::cross_entropy(&logits, &bad_label, kestrel::ops::Reduction::None);

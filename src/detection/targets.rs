@@ -417,11 +417,7 @@ pub fn sample(
     seed: u64,
     stage: u32,
 ) -> Result<(Tensor, Tensor)> {
-    let l = if images == 0 {
-        0
-    } else {
-        labels.numel() / images
-    };
+    let l = labels.numel().checked_div(images).unwrap_or(0);
     if l * images != labels.numel() || l > u32::MAX as usize {
         return Err(Error::shape(
             "sampler",
@@ -634,11 +630,10 @@ pub fn roi_gather(
                     labels.push(lab[e]);
                     k += 1;
                 }
-                for _ in k..cap {
-                    rois.extend_from_slice(&UNIT);
-                    gt.extend_from_slice(&UNIT);
-                    labels.push(0);
-                }
+                // Padding rows: a unit box twice, label 0.
+                rois.extend(UNIT.repeat(cap - k));
+                gt.extend(UNIT.repeat(cap - k));
+                labels.resize(labels.len() + cap - k, 0);
                 counts.push(k as i64);
             }
             Ok(RoiGathered {
