@@ -614,6 +614,8 @@ fn check_roi_samples_on(device: Device) {
     let s = m
         .roi_heads
         .select_training_samples(&props, &targets, &mut Rng::new(0))
+        .unwrap()
+        .trimmed()
         .unwrap();
     assert_eq!(s.proposals.len(), targets.len(), "images sampled");
     for i in 0..targets.len() {

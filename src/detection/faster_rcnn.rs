@@ -606,17 +606,27 @@ impl FasterRcnn {
         let head = self.rpn.head(ctx, &features)?;
         on_stage("rpn_head")?;
         let anchors = self.anchors_tensor(&il, &features)?;
-        let proposals = match given {
-            Some(p) => p.to_vec(),
-            None => crate::autograd::no_grad(|| {
-                self.rpn.proposals(&head, &anchors, &il.image_sizes, true)
-            })?,
+        // Proposals stay padded ([N, post_nms_top_n, 4] with counts on the device):
+        // nothing of the sampling reads back.
+        let (prop_boxes, prop_counts) = match given {
+            Some(p) => super::roi_heads::pad_proposals(p)?,
+            None => {
+                let sel = crate::autograd::no_grad(|| {
+                    self.rpn
+                        .proposals_padded(&head, &anchors, &il.image_sizes, true)
+                })?;
+                (sel.boxes, sel.counts)
+            }
         };
-        let (loss_obj, loss_rpn_box) = self.rpn.losses(&head, &anchors, &targets, rng)?;
+        // One upload of the batch's targets; one seed per step for both samplers
+        // (Philox keys: the picks depend on the seed, the image and the index only).
+        let tg = super::targets::PackedTargets::new(&targets, anchors.device())?;
+        let seed = rng.next_u64();
+        let (loss_obj, loss_rpn_box) = self.rpn.losses(&head, &anchors, &tg, seed)?;
         on_stage("proposals")?;
         let samples = self
             .roi_heads
-            .select_training_samples(&proposals, &targets, rng)?;
+            .sample_rois(&prop_boxes, &prop_counts, &tg, seed)?;
         let pooled = self
             .roi_heads
             .pool(&features[..4], &samples.proposals, &il.image_sizes)?;

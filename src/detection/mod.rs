@@ -12,6 +12,7 @@ pub mod proposals;
 pub mod roi_heads;
 pub mod rpn;
 pub mod sampler;
+pub mod targets;
 pub mod transform;
 
 pub use faster_rcnn::{FasterRcnn, FasterRcnnConfig};

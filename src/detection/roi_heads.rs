@@ -3,14 +3,16 @@
 //! postprocessing of detections.
 
 use super::box_coder::BoxCoder;
-use super::matcher::{Matcher, BELOW_LOW_THRESHOLD};
+use super::matcher::Matcher;
 use super::poolers::MultiScaleRoIAlign;
 use super::proposals::{select_detections, DetectionParams};
-use super::sampler::BalancedPositiveNegativeSampler;
+use super::targets::{
+    match_labels, roi_gather, roi_loss_inputs, sample, Candidates, LabelMode, PackedTargets,
+    RoiLossInputs, SampleSpec, STAGE_ROI,
+};
 use super::{Detections, Target};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::nn::{Ctx, Linear, ParamSpec};
-use crate::ops::boxes::box_iou;
 use crate::ops::{self, Reduction};
 use crate::rng::Rng;
 use crate::tensor::Tensor;
@@ -135,15 +137,56 @@ pub struct RoiHeads {
     coder: BoxCoder,
 }
 
-/// Sampled RoIs of a batch with their classification and regression targets.
+/// Sampled RoIs of a batch with their classification and regression targets, `cap`
+/// rows per image of which the first `counts[n]` are real (sizes never depend on
+/// the data, so nothing is read back).
 pub struct TrainingSamples {
-    /// Per image `[K_i, 4]` proposals (GT appended, then sampled in index order).
+    /// Per image `[cap, 4]` RoIs (proposals with GT appended, sampled in index order;
+    /// unit boxes past the count).
     pub proposals: Vec<Tensor>,
-    /// Per image class label per RoI (0 = background).
+    /// `[N cap]` i64 class label per RoI (0 = background, and on padding rows).
+    pub labels: Tensor,
+    /// `[N cap, 4]` encoded GT box per RoI (weights 10, 10, 5, 5).
+    pub regression_targets: Tensor,
+    /// `[N]` i64 real rows per image.
+    pub counts: Tensor,
+    /// Rows per image.
+    pub cap: usize,
+    /// Loss weights and targets, with the normalisers folded in.
+    pub loss: RoiLossInputs,
+}
+
+/// [`TrainingSamples`] cut to the real rows on the host (tests and inspection: reads
+/// the counts back).
+pub struct TrimmedSamples {
+    /// Per image `[K_n, 4]` RoIs.
+    pub proposals: Vec<Tensor>,
+    /// Per image class labels.
     pub labels: Vec<Vec<i64>>,
-    /// Per image `[K_i, 4]` encoded GT box per RoI (weights 10, 10, 5, 5), on the
-    /// proposals' device.
+    /// Per image `[K_n, 4]` regression targets.
     pub regression_targets: Vec<Tensor>,
+}
+
+impl TrainingSamples {
+    /// The real rows of each image (one read of the counts and labels).
+    pub fn trimmed(&self) -> Result<TrimmedSamples> {
+        let counts = self.counts.to_vec_i64()?;
+        let labels = self.labels.to_vec_i64()?;
+        let mut out = TrimmedSamples {
+            proposals: Vec::new(),
+            labels: Vec::new(),
+            regression_targets: Vec::new(),
+        };
+        for (n, &k) in counts.iter().enumerate() {
+            let (o, k) = (n * self.cap, k as usize);
+            out.proposals
+                .push(ops::narrow(&self.proposals[n], 0, 0, k)?);
+            out.labels.push(labels[o..o + k].to_vec());
+            out.regression_targets
+                .push(ops::narrow(&self.regression_targets, 0, o, k)?);
+        }
+        Ok(out)
+    }
 }
 
 impl RoiHeads {
@@ -264,63 +307,73 @@ impl RoiHeads {
             .collect())
     }
 
-    /// torchvision's `select_training_samples`: append GT boxes to the proposals,
-    /// match (0.5 / 0.5, no low-quality matches) on the proposals' device, sample on
-    /// the host (it reads each image's matches), encode targets on the device.
+    /// torchvision's `select_training_samples` for proposals given per image (`[K_n,
+    /// 4]` each): packs them and the targets, draws the step's sampling seed from
+    /// `rng` and runs [`RoiHeads::sample_rois`].
     pub fn select_training_samples(
         &self,
         proposals: &[Tensor],
         targets: &[Target],
         rng: &mut Rng,
     ) -> Result<TrainingSamples> {
+        let device = proposals
+            .first()
+            .map(|p| p.device())
+            .unwrap_or(crate::device::Device::Cpu);
+        let (boxes, counts) = pad_proposals(proposals)?;
+        let tg = PackedTargets::new(targets, device)?;
+        self.sample_rois(&boxes, &counts, &tg, rng.next_u64())
+    }
+
+    /// torchvision's `select_training_samples` on the device, every image in one
+    /// launch per stage and nothing read back: append each image's GT boxes to its
+    /// proposals (`boxes` `[N, P, 4]`, the first `counts[n]` real), match (0.5 / 0.5, no
+    /// low-quality matches), sample with the Philox keys of `seed` (stage
+    /// [`STAGE_ROI`]), gather the sampled RoIs in candidate order into `cap` rows per
+    /// image and encode their targets.
+    pub fn sample_rois(
+        &self,
+        boxes: &Tensor,
+        counts: &Tensor,
+        tg: &PackedTargets,
+        seed: u64,
+    ) -> Result<TrainingSamples> {
         let cfg = &self.config;
-        let matcher = Matcher::new(cfg.fg_iou_thresh as f64, cfg.bg_iou_thresh as f64, false)?;
-        let sampler =
-            BalancedPositiveNegativeSampler::new(cfg.batch_size_per_image, cfg.positive_fraction)?;
-        let mut out = TrainingSamples {
-            proposals: Vec::new(),
-            labels: Vec::new(),
-            regression_targets: Vec::new(),
+        let (n, p) = match boxes.dims() {
+            [n, p, 4] if *n == tg.images => (*n, *p),
+            d => {
+                return Err(Error::shape(
+                    "RoiHeads::sample_rois",
+                    format!("proposals {d:?} for {} images", tg.images),
+                ))
+            }
         };
-        for (p, t) in proposals.iter().zip(targets) {
-            let device = p.device();
-            let g = t.boxes.len();
-            let gt_flat: Vec<f32> = t.boxes.iter().flatten().copied().collect();
-            let gt = Tensor::from_vec(gt_flat, [g, 4])?.to_device(device)?;
-            let boxes = ops::concat(&[p, &gt], 0)?;
-            let matches = matcher.matches(&box_iou(&gt, &boxes)?)?.to_vec_i64()?;
-            let labels: Vec<i64> = matches
-                .iter()
-                .map(|&m| match m {
-                    BELOW_LOW_THRESHOLD => 0,
-                    m if m < 0 => -1,
-                    m => t.labels[m as usize],
-                })
-                .collect();
-            let s = sampler.sample_labels(&labels, rng)?;
-            let mut sampled: Vec<i64> = s.positive.into_iter().chain(s.negative).collect();
-            sampled.sort_unstable();
-            let k = sampled.len();
-            // torchvision matches background RoIs to GT 0 (or a zero box without GT).
-            let matched: Vec<f32> = sampled
-                .iter()
-                .flat_map(|&i| {
-                    t.boxes
-                        .get(matches[i as usize].max(0) as usize)
-                        .copied()
-                        .unwrap_or([0.0; 4])
-                })
-                .collect();
-            let idx = Tensor::from_vec_i64(sampled.clone(), [k])?.to_device(device)?;
-            let rois = ops::index_select(&boxes, 0, &idx)?;
-            let matched = Tensor::from_vec(matched, [k, 4])?.to_device(device)?;
-            out.regression_targets
-                .push(self.coder.encode(&matched, &rois)?);
-            out.labels
-                .push(sampled.iter().map(|&i| labels[i as usize]).collect());
-            out.proposals.push(rois);
-        }
-        Ok(out)
+        let matcher = Matcher::new(cfg.fg_iou_thresh as f64, cfg.bg_iou_thresh as f64, false)?;
+        let spec = SampleSpec::new(cfg.batch_size_per_image, cfg.positive_fraction)?;
+        let cands = Candidates {
+            boxes,
+            stride: 4 * p,
+            counts: Some(counts),
+            slots: p,
+            append_gt: true,
+        };
+        let m = match_labels(tg, &cands, &matcher, LabelMode::Class)?;
+        let (sel, _) = sample(&m.labels, n, spec, seed, STAGE_ROI)?;
+        let cap = spec.batch.min(cands.len(tg));
+        let g = roi_gather(tg, &cands, &sel, &m, cap)?;
+        let targets = self.coder.encode(&g.gt_boxes, &g.rois)?;
+        let loss = roi_loss_inputs(&g, &targets, n, cap, cfg.num_classes)?;
+        let proposals = (0..n)
+            .map(|i| ops::narrow(&g.rois, 0, i * cap, cap))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(TrainingSamples {
+            proposals,
+            labels: g.labels,
+            regression_targets: targets,
+            counts: g.counts,
+            cap,
+            loss,
+        })
     }
 
     /// `loss_classifier` (cross-entropy, mean) and `loss_box_reg` (smooth L1, beta
@@ -331,33 +384,57 @@ impl RoiHeads {
         box_regression: &Tensor,
         samples: &TrainingSamples,
     ) -> Result<(Tensor, Tensor)> {
-        let device = class_logits.device();
-        let labels: Vec<i64> = samples.labels.iter().flatten().copied().collect();
-        let r = labels.len();
+        let r = samples.labels.numel();
         if r == 0 {
-            // No proposal and no ground truth in the whole batch: nothing to
-            // classify. Zero losses (sums over the empty outputs, so still on the
-            // graph) let training go on, where torchvision's mean over no element
-            // would be NaN.
+            // No candidate slot in the whole batch: nothing to classify. Zero losses
+            // (sums over the empty outputs, so still on the graph) let training go
+            // on, where torchvision's mean over no element would be NaN.
             return Ok((ops::sum(class_logits)?, ops::sum(box_regression)?));
         }
         let c = self.config.num_classes;
-        let lab_t = Tensor::from_vec_i64(labels.clone(), [r])?.to_device(device)?;
-        let loss_cls = ops::cross_entropy(class_logits, &lab_t, Reduction::Mean)?;
-        let pos: Vec<usize> = (0..r).filter(|&i| labels[i] > 0).collect();
-        let rows: Vec<i64> = pos.iter().map(|&i| (i * c) as i64 + labels[i]).collect();
-        let np = pos.len();
-        let targets = ops::concat(&samples.regression_targets.iter().collect::<Vec<_>>(), 0)?;
-        let pos_t = Tensor::from_vec_i64(pos.iter().map(|&i| i as i64).collect(), [np])?
-            .to_device(device)?;
-        let tg = ops::index_select(&targets, 0, &pos_t)?;
+        let li = &samples.loss;
+        // Means over the sampled RoIs as weighted sums: the weights carry 1 / (RoIs
+        // sampled in the batch), counted on the device, and 0 on padding rows.
+        let ce = ops::cross_entropy(class_logits, &samples.labels, Reduction::None)?;
+        let loss_cls = ops::sum(&ops::mul(&ce, &li.class_weight)?)?;
         let per_class = ops::reshape(box_regression, [r * c, 4])?;
-        let picked = ops::index_select(
-            &per_class,
-            0,
-            &Tensor::from_vec_i64(rows, [np])?.to_device(device)?,
+        let picked = ops::index_select(&per_class, 0, &li.rows)?;
+        let l1 = ops::smooth_l1(
+            &picked,
+            &li.box_target,
+            self.config.box_loss_beta,
+            Reduction::None,
         )?;
-        let sum = ops::smooth_l1(&picked, &tg, self.config.box_loss_beta, Reduction::Sum)?;
-        Ok((loss_cls, ops::scale(&sum, 1.0 / r as f64)?))
+        Ok((loss_cls, ops::sum(&ops::mul(&l1, &li.box_weight)?)?))
     }
+}
+
+/// Per-image proposals `[K_n, 4]` as one `[N, max K, 4]` tensor (rows past `K_n` unit
+/// boxes) and the counts `[N]` i64, on the proposals' device.
+pub fn pad_proposals(proposals: &[Tensor]) -> Result<(Tensor, Tensor)> {
+    let device = proposals
+        .first()
+        .map(|p| p.device())
+        .unwrap_or(crate::device::Device::Cpu);
+    let p = proposals.iter().map(|t| t.dims()[0]).max().unwrap_or(0);
+    let mut parts = Vec::new();
+    for t in proposals {
+        parts.push(t.clone());
+        let k = t.dims()[0];
+        if k < p {
+            let unit: Vec<f32> = [0.0, 0.0, 1.0, 1.0].repeat(p - k);
+            parts.push(Tensor::from_vec(unit, [p - k, 4])?.to_device(device)?);
+        }
+    }
+    let n = proposals.len();
+    let boxes = if n == 0 || p == 0 {
+        Tensor::zeros([n, p, 4], crate::tensor::DType::F32, device)?
+    } else {
+        ops::reshape(
+            &ops::concat(&parts.iter().collect::<Vec<_>>(), 0)?,
+            [n, p, 4],
+        )?
+    };
+    let counts: Vec<i64> = proposals.iter().map(|t| t.dims()[0] as i64).collect();
+    Ok((boxes, Tensor::from_vec_i64(counts, [n])?.to_device(device)?))
 }

@@ -3,16 +3,17 @@
 
 use super::anchors::AnchorGenerator;
 use super::box_coder::BoxCoder;
-use super::matcher::{Matcher, BELOW_LOW_THRESHOLD};
+use super::matcher::Matcher;
 use super::proposals::{select_proposals, ProposalParams, Selected};
-use super::sampler::BalancedPositiveNegativeSampler;
+use super::targets::{
+    match_labels, rpn_targets, sample, Candidates, LabelMode, PackedTargets, SampleSpec, STAGE_RPN,
+};
 use super::Target;
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::nn::{Conv2d, Ctx, Init, ParamSpec};
 use crate::ops::boxes::box_iou;
 use crate::ops::{self, Reduction};
-use crate::rng::Rng;
 use crate::tensor::Tensor;
 
 /// Settings of the RPN (torchvision's defaults in [`RpnConfig::default`]): the
@@ -282,68 +283,56 @@ impl Rpn {
     }
 
     /// `loss_objectness` (BCE over sampled anchors) and `loss_rpn_box_reg` (smooth L1,
-    /// beta `box_loss_beta`, over positives, divided by the number sampled). Matching runs on the
-    /// anchors' device; the sampler on the host (it reads each image's matches).
+    /// beta `box_loss_beta`, over positives), both divided by the number of anchors
+    /// sampled in the batch. Matching (with low-quality matches), sampling with the
+    /// Philox keys of `seed` (stage [`STAGE_RPN`]) and the targets run on the
+    /// anchors' device for all images at once, one launch per stage; the losses are
+    /// weighted sums over every anchor (weight 0 where not sampled), so no size
+    /// depends on the data and nothing is read back. With no anchor sampled in the
+    /// batch both losses are 0 (torchvision: NaN).
     pub fn losses(
         &self,
         head: &RpnHeadOutput,
         anchors: &Tensor,
-        targets: &[Target],
-        rng: &mut Rng,
+        tg: &PackedTargets,
+        seed: u64,
     ) -> Result<(Tensor, Tensor)> {
         let (obj, deltas) = flatten_head(head)?;
-        let total = anchors.dims()[0];
-        let device = obj.device();
-        let sampler = BalancedPositiveNegativeSampler::new(
+        let a = anchors.dims()[0];
+        if obj.numel() != tg.images * a {
+            return Err(Error::shape(
+                "rpn.losses",
+                format!(
+                    "{} objectness values for {} images of {a} anchors",
+                    obj.numel(),
+                    tg.images
+                ),
+            ));
+        }
+        let matcher = Matcher::new(
+            self.config.fg_iou_thresh as f64,
+            self.config.bg_iou_thresh as f64,
+            true,
+        )?;
+        let spec = SampleSpec::new(
             self.config.batch_size_per_image,
             self.config.positive_fraction,
         )?;
-        let (mut pos_all, mut neg_all, mut reg_targets) = (Vec::new(), Vec::new(), Vec::new());
-        for (n, t) in targets.iter().enumerate() {
-            let matches = self.assign(anchors, t)?.to_vec_i64()?;
-            let labels: Vec<i64> = matches.iter().map(|&m| anchor_label(m)).collect();
-            let s = sampler.sample_labels(&labels, rng)?;
-            if !s.positive.is_empty() {
-                let matched: Vec<f32> = s
-                    .positive
-                    .iter()
-                    .flat_map(|&i| t.boxes[matches[i as usize] as usize])
-                    .collect();
-                let np = s.positive.len();
-                let gt = Tensor::from_vec(matched, [np, 4])?.to_device(device)?;
-                let idx = Tensor::from_vec_i64(s.positive.clone(), [np])?.to_device(device)?;
-                let pos_anchors = ops::index_select(anchors, 0, &idx)?;
-                reg_targets.push(self.coder.encode(&gt, &pos_anchors)?);
-            }
-            let base = (n * total) as i64;
-            pos_all.extend(s.positive.iter().map(|&i| base + i));
-            neg_all.extend(s.negative.iter().map(|&i| base + i));
-        }
-        let (np, num_sampled) = (pos_all.len(), pos_all.len() + neg_all.len());
-        if num_sampled == 0 {
-            return Err(Error::invalid(
-                "rpn.losses",
-                "no anchors sampled (empty images?)",
-            ));
-        }
-        let sampled: Vec<i64> = pos_all.iter().chain(&neg_all).copied().collect();
-        let idx = Tensor::from_vec_i64(sampled, [num_sampled])?.to_device(device)?;
-        let sampled_labels: Vec<f32> = (0..num_sampled).map(|i| (i < np) as u8 as f32).collect();
-        let lab_t = Tensor::from_vec(sampled_labels, [num_sampled])?.to_device(device)?;
-        let loss_obj =
-            ops::bce_with_logits(&ops::index_select(&obj, 0, &idx)?, &lab_t, Reduction::Mean)?;
-        let pos_idx = Tensor::from_vec_i64(pos_all, [np])?.to_device(device)?;
-        let tgt = match reg_targets.len() {
-            0 => Tensor::zeros([0, 4], obj.dtype(), device)?,
-            _ => ops::concat(&reg_targets.iter().collect::<Vec<_>>(), 0)?,
+        let cands = Candidates {
+            boxes: anchors,
+            stride: 0,
+            counts: None,
+            slots: a,
+            append_gt: false,
         };
-        let box_sum = ops::smooth_l1(
-            &ops::index_select(&deltas, 0, &pos_idx)?,
-            &tgt,
-            self.config.box_loss_beta,
-            Reduction::Sum,
-        )?;
-        let loss_box = ops::scale(&box_sum, 1.0 / num_sampled as f64)?;
+        let m = match_labels(tg, &cands, &matcher, LabelMode::Objectness)?;
+        let (sel, counts) = sample(&m.labels, tg.images, spec, seed, STAGE_RPN)?;
+        let t = rpn_targets(tg, anchors, &sel, &m.matched, &counts)?;
+        let reg = self.coder.encode(&t.gt_boxes, &t.anchor_boxes)?;
+        let bce = ops::bce_with_logits(&obj, &t.objectness, Reduction::None)?;
+        let loss_obj = ops::sum(&ops::mul(&bce, &t.objectness_weight)?)?;
+        let l1 = ops::smooth_l1(&deltas, &reg, self.config.box_loss_beta, Reduction::None)?;
+        let loss_box = ops::sum(&ops::mul(&l1, &t.box_weight)?)?;
         Ok((loss_obj, loss_box))
     }
 
@@ -364,15 +353,6 @@ impl Rpn {
             true,
         )?;
         matcher.matches(&box_iou(&gt, anchors)?)
-    }
-}
-
-/// Anchor label from its match: 1 foreground, 0 background, -1 ignored.
-fn anchor_label(m: i64) -> i64 {
-    match m {
-        m if m >= 0 => 1,
-        BELOW_LOW_THRESHOLD => 0,
-        _ => -1,
     }
 }
 

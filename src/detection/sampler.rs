@@ -10,7 +10,9 @@
 //! (the fixtures use 10^6). Results are index lists in ascending order, what
 //! torchvision's `torch.where(mask)` gives.
 //!
-//! The sampler runs on the host; labels on a CUDA device are copied back first.
+//! This sampler runs on the host (labels on a CUDA device are copied back first) and
+//! draws from a sequential [`Rng`]; the model's training step uses the batched device
+//! sampler of [`super::targets`] instead (Philox keys, same on the CPU and the device).
 
 use crate::error::{Error, Result};
 use crate::rng::Rng;

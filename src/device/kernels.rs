@@ -218,6 +218,12 @@ pub const KERNEL_TESTS: &[KernelTests] = &[
         }],
         bench: Some(("detection", "proposals/")),
     },
+    // The logging iteration's single read-back (losses, NaN flag, kernel errors).
+    KernelTests {
+        stem: "readout",
+        tests: &[t("sync_free_step")],
+        bench: None,
+    },
     KernelTests {
         stem: "reduce",
         tests: &[t("reduce")],
@@ -227,6 +233,12 @@ pub const KERNEL_TESTS: &[KernelTests] = &[
         stem: "roi_align",
         tests: &[t("roi_align")],
         bench: Some(("roi_align", "roi_align/")),
+    },
+    // Matching, sampling and training targets of a batch (src/detection/targets.rs).
+    KernelTests {
+        stem: "sampling",
+        tests: &[t("sampling")],
+        bench: None,
     },
     KernelTests {
         stem: "sgd",

@@ -9,6 +9,7 @@ pub mod alloc;
 pub mod cpu;
 pub mod cuda;
 pub mod emu;
+pub mod error_flags;
 pub mod gpu;
 pub mod kernels;
 

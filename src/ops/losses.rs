@@ -503,7 +503,8 @@ fn gpu_ce_rows(logits: &Tensor, labels: &Tensor, n: usize, c: usize) -> Result<(
     let dev = gpu_dev("cross_entropy", logits)?;
     let loss = Tensor::gpu_empty(&dev, [n])?;
     let lse = Tensor::gpu_empty(&dev, [n])?;
-    let bad = dev.alloc_zeroed(4)?;
+    let bad =
+        crate::device::error_flags::flag(&dev, "cross_entropy", "labels[{}] outside [0, classes)")?;
     if n > 0 {
         // One warp per row, 8 rows per 256-thread block.
         let blocks = n.div_ceil(8).clamp(1, 65535 * 16) as u32;
@@ -526,19 +527,12 @@ fn gpu_ce_rows(logits: &Tensor, labels: &Tensor, n: usize, c: usize) -> Result<(
             ],
         )?;
     }
-    let mut flag = [0i32];
-    dev.backend
-        .copy_dtoh(&bad, bytemuck::cast_slice_mut(&mut flag))?;
-    if flag[0] != 0 {
-        return Err(Error::invalid(
+    bad.finish(&dev, |r| {
+        Error::invalid(
             "cross_entropy",
-            format!(
-                "labels[{}] outside [0, {c}) for logits {}",
-                flag[0] - 1,
-                logits.shape()
-            ),
-        ));
-    }
+            format!("labels[{r}] outside [0, {c}) for logits {}", logits.shape()),
+        )
+    })?;
     Ok((loss, lse))
 }
 

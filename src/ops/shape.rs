@@ -610,7 +610,10 @@ fn gpu_index_select(x: &Tensor, dim: usize, idx: &Tensor, out_shape: &Shape) -> 
     let w = words(x.dtype());
     let k = idx.numel();
     let buf = dev.alloc(out_shape.numel() * x.dtype().size())?;
-    let bad = dev.alloc_zeroed(4)?;
+    // Eager: read back after the launch; in a deferred scope (a training step) the
+    // device's flag table, read at the step's next check.
+    let bad =
+        crate::device::error_flags::flag(&dev, "index_select", "idx[{}] outside the source rows")?;
     launch_elems(
         &dev,
         "index_select_u32",
@@ -626,12 +629,7 @@ fn gpu_index_select(x: &Tensor, dim: usize, idx: &Tensor, out_shape: &Shape) -> 
             KernelArg::I64((inner * w) as i64),
         ],
     )?;
-    let mut flag = [0i32];
-    dev.backend
-        .copy_dtoh(&bad, bytemuck::cast_slice_mut(&mut flag))?;
-    if flag[0] != 0 {
-        return Err(index_error(x.shape(), dim, flag[0] as usize - 1, None));
-    }
+    bad.finish(&dev, |r| index_error(x.shape(), dim, r, None))?;
     Ok(Tensor::from_gpu_typed(
         dev,
         buf,

@@ -40,6 +40,7 @@ mod priority;
 #[allow(clippy::module_inception)]
 mod runner;
 mod state;
+mod step_values;
 mod work_dir;
 
 pub use data::{epoch_permutation, DataLoader, VecLoader};
@@ -54,6 +55,7 @@ pub use state::{
     latest_checkpoint, newest_numbered_checkpoint, read_checkpoint_meta, CheckpointMeta,
     CHECKPOINT_KEY, LATEST,
 };
+pub use step_values::{read_step_values, StepValues};
 pub use work_dir::{
     has_run_output, is_temp_file, prepare_work_dir, remove_temp_files, WorkDirLock, WorkDirPolicy,
     LOCK_FILE,
