@@ -97,10 +97,29 @@ pub fn check(listed: &[Det], cands: &[Det], nms_thresh: f64, top: usize) -> Resu
     Ok(())
 }
 
-/// The listed detection whose tie let `c` go unlisted: a listed one of its class,
-/// with a bit-equal score, overlapping it above the threshold.
-pub fn tied_suppressor<'a>(listed: &'a [Det], c: &Det, nms_thresh: f64) -> Option<&'a Det> {
-    listed.iter().find(|k| {
-        k.label == c.label && k.score == c.score && nms_iou(&k.bbox, &c.bbox) > nms_thresh
-    })
+/// Why torchvision could list `c` where the engine did not, given torchvision's
+/// scores (`tv_score` of a candidate index): the engine left `c` out for a listed `k`
+/// (suppressed by it, or cut after it when the list is full) whose order relative to
+/// `c` is not decided by the scores as computed: `|tv(c) - tv(k)| <= dev(c) + dev(k)`,
+/// `dev` being each one's engine-vs-torchvision score difference (an exact tie in
+/// torchvision is the case `tv(c) == tv(k)`). Since the engine put `k` first,
+/// `e(k) >= e(c)`, so torchvision may order them the other way only if this holds;
+/// the caller bounds every `dev` by the stage tolerance. Returns `k`.
+pub fn order_flip<'a>(
+    listed: &'a [Det],
+    c: &Det,
+    nms_thresh: f64,
+    top: usize,
+    tv_score: impl Fn(i64) -> f32,
+) -> Option<&'a Det> {
+    let dev = |d: &Det| (d.score as f64 - tv_score(d.index) as f64).abs();
+    let close =
+        |k: &Det| (tv_score(c.index) as f64 - tv_score(k.index) as f64).abs() <= dev(c) + dev(k);
+    let suppressor = listed
+        .iter()
+        .find(|k| k.label == c.label && nms_iou(&k.bbox, &c.bbox) > nms_thresh && close(k));
+    let cut = listed
+        .last()
+        .filter(|last| listed.len() == top && c.score <= last.score && close(last));
+    suppressor.or(cut)
 }
