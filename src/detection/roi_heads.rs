@@ -5,7 +5,7 @@
 use super::box_coder::BoxCoder;
 use super::matcher::Matcher;
 use super::poolers::MultiScaleRoIAlign;
-use super::proposals::{select_detections, DetectionParams};
+use super::proposals::{select_detections, DetectionParams, Selected};
 use super::targets::{
     match_labels, roi_gather, roi_loss_inputs, sample, Candidates, LabelMode, PackedTargets,
     RoiLossInputs, SampleSpec, STAGE_ROI,
@@ -251,6 +251,42 @@ impl RoiHeads {
         ))
     }
 
+    /// The post-processing settings of this head ([`select_detections`]).
+    pub fn detection_params(&self) -> DetectionParams {
+        let cfg = &self.config;
+        DetectionParams {
+            score_thresh: cfg.score_thresh,
+            min_size: cfg.min_size,
+            nms_thresh: cfg.nms_thresh,
+            detections_per_img: cfg.detections_per_img,
+        }
+    }
+
+    /// [`select_detections`] with this head's box coder and the given settings: the
+    /// selected boxes with their candidate indices, on the inputs' device. With
+    /// `nms_thresh = 1` and `detections_per_img` = rows x (classes - 1) it returns
+    /// every candidate that passes the filters (what NMS chose from).
+    pub fn select(
+        &self,
+        class_logits: &Tensor,
+        box_regression: &Tensor,
+        proposals: &[Tensor],
+        image_sizes: &[(usize, usize)],
+        params: &DetectionParams,
+    ) -> Result<Selected> {
+        let rows: Vec<usize> = proposals.iter().map(|p| p.dims()[0]).collect();
+        let all = ops::concat(&proposals.iter().collect::<Vec<_>>(), 0)?;
+        select_detections(
+            class_logits,
+            box_regression,
+            &all,
+            &rows,
+            image_sizes,
+            &self.coder,
+            params,
+        )
+    }
+
     /// Detections per image in resized-image pixels (torchvision's
     /// `postprocess_detections`): softmax, per-class boxes, clip, score > thresh, drop
     /// tiny boxes, per-class NMS, best `detections_per_img`. Runs on the inputs'
@@ -263,21 +299,12 @@ impl RoiHeads {
         image_sizes: &[(usize, usize)],
     ) -> Result<Vec<Detections>> {
         let cfg = &self.config;
-        let rows: Vec<usize> = proposals.iter().map(|p| p.dims()[0]).collect();
-        let all = ops::concat(&proposals.iter().collect::<Vec<_>>(), 0)?;
-        let sel = select_detections(
+        let sel = self.select(
             class_logits,
             box_regression,
-            &all,
-            &rows,
+            proposals,
             image_sizes,
-            &self.coder,
-            &DetectionParams {
-                score_thresh: cfg.score_thresh,
-                min_size: cfg.min_size,
-                nms_thresh: cfg.nms_thresh,
-                detections_per_img: cfg.detections_per_img,
-            },
+            &self.detection_params(),
         )?;
         let counts = sel.host_counts()?;
         let (boxes, scores) = (sel.boxes.to_vec::<f32>()?, sel.scores.to_vec::<f32>()?);

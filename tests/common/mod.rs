@@ -12,6 +12,7 @@ use kestrel::rng::Rng;
 use kestrel::{Device, Result, Tensor};
 use serde_json::Value;
 
+pub mod detection_ties;
 pub mod proposal_ties;
 
 /// `KESTREL_FIXTURES` (any set made by make_fixtures.py), else the slim set shipped
