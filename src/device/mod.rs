@@ -10,6 +10,7 @@ pub mod cpu;
 pub mod cuda;
 pub mod emu;
 pub mod gpu;
+pub mod graph;
 pub mod kernels;
 
 use std::fmt;
