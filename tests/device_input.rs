@@ -10,8 +10,7 @@
 mod common;
 
 use kestrel::detection::transform::{
-    image_from_u8, transform, transform_u8, upload_u8, transform_uploaded, ImageU8,
-    TransformConfig,
+    image_from_u8, transform, transform_u8, transform_uploaded, upload_u8, ImageU8, TransformConfig,
 };
 use kestrel::rng::Rng;
 use kestrel::{Device, Tensor};
@@ -40,7 +39,10 @@ fn views(imgs: &[(Vec<u8>, usize, usize)]) -> Vec<ImageU8<'_>> {
 }
 
 /// The CPU transform of the same bytes: the reference.
-fn cpu_batch(imgs: &[(Vec<u8>, usize, usize)], cfg: &TransformConfig) -> (Tensor, Vec<(usize, usize)>) {
+fn cpu_batch(
+    imgs: &[(Vec<u8>, usize, usize)],
+    cfg: &TransformConfig,
+) -> (Tensor, Vec<(usize, usize)>) {
     let t: Vec<Tensor> = imgs
         .iter()
         .map(|(d, h, w)| image_from_u8(d, *h, *w).unwrap())
@@ -93,7 +95,11 @@ fn check_random_batches(device: Device) {
         let what = format!("case {case}: {sizes:?} with min {min_size} max {max_size}");
         assert_eq!(il.image_sizes, want_sizes, "{what}: resized sizes");
         if device.is_cuda() {
-            assert_eq!((d.htod, d.htod_pinned, d.launches), (1, 1, 1), "{what}: {d}");
+            assert_eq!(
+                (d.htod, d.htod_pinned, d.launches),
+                (1, 1, 1),
+                "{what}: {d}"
+            );
             assert_eq!((d.dtoh, d.memsets, d.syncs), (0, 0, 0), "{what}: {d}");
         }
         assert_bits_equal(&what, &il.tensors, &want);
@@ -165,7 +171,11 @@ fn refill_reuses_the_buffer_and_refuses_other_sizes_emulated() {
         let c = device.counters();
         up.refill(&views(&b)).unwrap();
         let d = c.delta();
-        assert_eq!((d.htod, d.htod_pinned, d.driver_allocs + d.cached_allocs), (1, 1, 0), "{d}");
+        assert_eq!(
+            (d.htod, d.htod_pinned, d.driver_allocs + d.cached_allocs),
+            (1, 1, 0),
+            "{d}"
+        );
         let second = transform_uploaded(&up).unwrap();
         assert_bits_equal("batch b", &second.tensors, &cpu_batch(&b, &cfg).0);
         let other = random_images(&mut rng, 2, 31, 40);
@@ -197,7 +207,9 @@ fn bad_images_are_errors_not_panics() {
             height: 0,
             width: 7,
         };
-        let e = transform_u8(&[empty], &cfg, device).unwrap_err().to_string();
+        let e = transform_u8(&[empty], &cfg, device)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("3x0x7"), "{e}");
     }
 }

@@ -25,7 +25,11 @@ fn vec_on(v: Vec<f32>, device: Device) -> Tensor {
 }
 
 fn bits(t: &Tensor) -> Vec<u32> {
-    t.to_vec::<f32>().unwrap().iter().map(|v| v.to_bits()).collect()
+    t.to_vec::<f32>()
+        .unwrap()
+        .iter()
+        .map(|v| v.to_bits())
+        .collect()
 }
 
 /// relu(x) * 2 + x through three kernels, allocating its intermediates.
@@ -38,13 +42,20 @@ fn small_region(x: &Tensor) -> kestrel::Result<Tensor> {
 /// A captured region replays on new input data with the eager result, bit for bit,
 /// costing one graph launch and nothing else; capture itself ran nothing.
 fn check_replay_equals_eager(device: Device) {
-    let x = vec_on((0..1000).map(|i| (i as f32 - 500.0) * 0.37).collect(), device);
+    let x = vec_on(
+        (0..1000).map(|i| (i as f32 - 500.0) * 0.37).collect(),
+        device,
+    );
     small_region(&x).unwrap(); // warm the cache
     let c = device.counters();
     let (g, y) = capture(device, || small_region(&x)).unwrap();
     let d = c.delta();
     assert_eq!(g.nodes(), 3, "three kernels recorded");
-    assert_eq!((d.driver_allocs, d.dtoh, d.htod, d.syncs), (0, 0, 0, 0), "{d}");
+    assert_eq!(
+        (d.driver_allocs, d.dtoh, d.htod, d.syncs),
+        (0, 0, 0, 0),
+        "{d}"
+    );
     for step in 0..3u32 {
         let v: Vec<f32> = (0..1000)
             .map(|i| ((i * 7 + step as usize * 13) % 101) as f32 - 50.5)
@@ -62,11 +73,21 @@ fn check_replay_equals_eager(device: Device) {
         let d = c.delta();
         assert_eq!(d.graph_replays, 1, "{d}");
         assert_eq!(
-            (d.launches, d.htod, d.dtoh, d.syncs, d.driver_allocs + d.cached_allocs),
+            (
+                d.launches,
+                d.htod,
+                d.dtoh,
+                d.syncs,
+                d.driver_allocs + d.cached_allocs
+            ),
             (0, 0, 0, 0, 0),
             "a replay is one graph launch: {d}"
         );
-        assert_eq!(bits(&y), bits(&small_region(&fresh).unwrap()), "step {step}");
+        assert_eq!(
+            bits(&y),
+            bits(&small_region(&fresh).unwrap()),
+            "step {step}"
+        );
     }
 }
 
@@ -92,9 +113,7 @@ fn forbidden_calls_during_capture_are_named_errors_emulated() {
             Err(e) => e.to_string(),
         }
     }
-    let e = err(capture(device, || {
-        kestrel::ops::relu(&x)?.to_vec::<f32>()
-    }));
+    let e = err(capture(device, || kestrel::ops::relu(&x)?.to_vec::<f32>()));
     assert!(
         e.contains("device-to-host copy of 12 bytes") && e.contains("relu_fwd_f32"),
         "{e}"
@@ -113,8 +132,14 @@ fn forbidden_calls_during_capture_are_named_errors_emulated() {
     }));
     assert!(e.contains("driver allocation of 23333331 bytes"), "{e}");
     // Not capturing any more: everything works again.
-    assert_eq!(kestrel::ops::relu(&x).unwrap().to_vec::<f32>().unwrap(), vec![1.0, 0.0, 3.0]);
-    assert!(capture(Device::Cpu, || Ok(())).is_err(), "the CPU has no graphs");
+    assert_eq!(
+        kestrel::ops::relu(&x).unwrap().to_vec::<f32>().unwrap(),
+        vec![1.0, 0.0, 3.0]
+    );
+    assert!(
+        capture(Device::Cpu, || Ok(())).is_err(),
+        "the CPU has no graphs"
+    );
 }
 
 /// The graph's blocks stay its own: eager work between replays (which allocates
@@ -218,15 +243,30 @@ fn check_model(device: Device) {
         .collect();
     let want_a = eager(&m, &a, device);
     let want_b = eager(&m, &b, device);
-    assert!(want_a.iter().map(|d| d.scores.len()).sum::<usize>() > 0, "no detections to compare");
+    assert!(
+        want_a.iter().map(|d| d.scores.len()).sum::<usize>() > 0,
+        "no detections to compare"
+    );
     let mut g = GraphedDetector::new(&m, &views(&a)).unwrap();
     eprintln!("captured graph: {} nodes", g.graph_nodes());
-    for (what, imgs, want) in [("a", &a, &want_a), ("b", &b, &want_b), ("a again", &a, &want_a)] {
+    for (what, imgs, want) in [
+        ("a", &a, &want_a),
+        ("b", &b, &want_b),
+        ("a again", &a, &want_a),
+    ] {
         let c = device.counters();
         g.run_dense(&views(imgs)).unwrap();
         let d = c.delta();
         assert_eq!(
-            (d.htod, d.htod_pinned, d.graph_replays, d.launches, d.dtoh, d.syncs, d.driver_allocs),
+            (
+                d.htod,
+                d.htod_pinned,
+                d.graph_replays,
+                d.launches,
+                d.dtoh,
+                d.syncs,
+                d.driver_allocs
+            ),
             (1, 1, 1, 0, 0, 0, 0),
             "dense part of batch {what}: {d}"
         );

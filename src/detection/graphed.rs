@@ -106,9 +106,7 @@ impl<'m> GraphedDetector<'m> {
             let ctx = Ctx::new(&m.params, false);
             let il = &o.images;
             let anchors = m.anchors_tensor(il, &o.features)?;
-            let proposals = m
-                .rpn
-                .proposals(&o.head, &anchors, &il.image_sizes, false)?;
+            let proposals = m.rpn.proposals(&o.head, &anchors, &il.image_sizes, false)?;
             let pooled = m
                 .roi_heads
                 .pool(&o.features[..4], &proposals, &il.image_sizes)?;

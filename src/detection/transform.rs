@@ -323,7 +323,11 @@ fn pack_u8(images: &[ImageU8], cfg: &TransformConfig) -> Result<(Vec<u8>, Vec<(u
 
 /// Upload `images` to `device` in one host-to-device copy (pinned, asynchronous on
 /// CUDA; see [`UploadedBatch`]), to be transformed with `cfg`.
-pub fn upload_u8(images: &[ImageU8], cfg: &TransformConfig, device: Device) -> Result<UploadedBatch> {
+pub fn upload_u8(
+    images: &[ImageU8],
+    cfg: &TransformConfig,
+    device: Device,
+) -> Result<UploadedBatch> {
     let (packed, sizes) = pack_u8(images, cfg)?;
     let gpu = match device {
         Device::Cpu => None,
@@ -447,7 +451,11 @@ fn read_offset(packed: &[u8], i: usize) -> usize {
 
 /// [`upload_u8`] then [`transform_uploaded`]: 8-bit images to the model's input
 /// batch with one host-to-device copy and one kernel launch.
-pub fn transform_u8(images: &[ImageU8], cfg: &TransformConfig, device: Device) -> Result<ImageList> {
+pub fn transform_u8(
+    images: &[ImageU8],
+    cfg: &TransformConfig,
+    device: Device,
+) -> Result<ImageList> {
     transform_uploaded(&upload_u8(images, cfg, device)?)
 }
 

@@ -40,9 +40,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::thread::ThreadId;
 
-use super::gpu::{
-    Counters, GpuBackend, GpuBuffer, GraphExec, KernelArg, LaunchCfg, MemoryStats,
-};
+use super::gpu::{Counters, GpuBackend, GpuBuffer, GraphExec, KernelArg, LaunchCfg, MemoryStats};
 use crate::error::{Error, Result};
 
 #[cfg(doc)]

@@ -371,6 +371,33 @@ impl GpuDevice {
         self.backend.memset(&b, 0)?;
         Ok(b)
     }
+    /// A device copy of the small, immutable host table `bytes` (kernel metadata
+    /// such as shapes and strides), uploaded on first use and kept for the process,
+    /// keyed by content: later calls with the same bytes cost no copy. So a region
+    /// run once eagerly can then be captured as a graph (where a host copy is
+    /// refused). Only for tables of a few hundred bytes that recur (one per distinct
+    /// shape); never for data.
+    pub fn constant(&self, bytes: &[u8]) -> Result<GpuBuffer> {
+        // Keyed by the backend object (an ordinal may be re-registered with another
+        // backend); the entry holds the backend so its address is never reused.
+        type Tables = Mutex<HashMap<(usize, Vec<u8>), (GpuBuffer, Arc<dyn GpuBackend>)>>;
+        static TABLES: OnceLock<Tables> = OnceLock::new();
+        let tables = TABLES.get_or_init(|| Mutex::new(HashMap::new()));
+        let key = (
+            Arc::as_ptr(&self.backend) as *const () as usize,
+            bytes.to_vec(),
+        );
+        if let Some((b, _)) = tables.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
+            return Ok(b.clone());
+        }
+        let b = self.backend.alloc(bytes.len())?;
+        self.backend.copy_htod(bytes, &b)?;
+        tables
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key, (b.clone(), self.backend.clone()));
+        Ok(b)
+    }
     /// Launch `kernel` (see [`GpuBackend::launch`]).
     pub fn launch(&self, kernel: &str, cfg: LaunchCfg, args: &[KernelArg]) -> Result<()> {
         self.backend.launch(kernel, &cfg, args)
