@@ -274,7 +274,11 @@ fn check_model(device: Device) {
         let got = g.detect(&views(imgs)).unwrap();
         let d = c.delta();
         eprintln!("graphed inference of batch {what} ({device}): {d}");
-        assert_eq!(d.driver_allocs, 0, "{d}");
+        // The capture moved the warm-up's blocks into the graph's private pool, so
+        // the eager tail warms the shared cache again on the first batch only.
+        if what != "a" {
+            assert_eq!(d.driver_allocs, 0, "{d}");
+        }
         assert_same_detections(what, &got, want);
     }
     assert_ne!(
