@@ -267,10 +267,13 @@ impl std::fmt::Debug for UploadedBatch {
     }
 }
 
+/// (height, width) per image, pixels.
+type Sizes = Vec<(usize, usize)>;
+
 /// Check `images` and pack them as the kernel reads them: per image the header
 /// `{offset lo, offset hi, H, W, OH, OW, 0, 0}` (OH, OW: the size after resizing
 /// with `cfg`), then the pixels, each image at a 16-byte boundary.
-fn pack_u8(images: &[ImageU8], cfg: &TransformConfig) -> Result<(Vec<u8>, Vec<(usize, usize)>)> {
+fn pack_u8(images: &[ImageU8], cfg: &TransformConfig) -> Result<(Vec<u8>, Sizes)> {
     cfg.validate()?;
     if images.is_empty() {
         return Err(Error::invalid("upload_u8", "no images"));
