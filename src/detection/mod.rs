@@ -6,6 +6,7 @@ pub mod anchors;
 pub mod box_coder;
 pub mod draw;
 pub mod faster_rcnn;
+pub mod graphed;
 pub mod matcher;
 pub mod poolers;
 pub mod proposals;

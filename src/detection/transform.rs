@@ -1,7 +1,7 @@
 //! torchvision's GeneralizedRCNNTransform: normalise, resize, batch with padding; and
 //! the mapping of boxes between original and resized image coordinates.
 
-use crate::device::gpu::KernelArg;
+use crate::device::gpu::{GpuBuffer, GpuDevice, KernelArg, LaunchCfg};
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::ops::{arg, gpu_dev, launch_elems};
@@ -224,6 +224,242 @@ fn resize_normalize_cpu(
             }
         }
     }
+}
+
+/// An 8-bit RGB image in CHW order (what decoding a PNG or JPEG gives), borrowed.
+#[derive(Clone, Copy, Debug)]
+pub struct ImageU8<'a> {
+    /// `3 * height * width` bytes, channel-major.
+    pub data: &'a [u8],
+    /// Height, pixels.
+    pub height: usize,
+    /// Width, pixels.
+    pub width: usize,
+}
+
+/// Bytes of the per-image header of an uploaded batch (8 `i32`s, see
+/// `transform_batch_u8` in kernels/transform.cu).
+const HEADER_BYTES: usize = 32;
+
+/// A batch of 8-bit images on a device, uploaded in one host-to-device copy through
+/// pinned memory: one buffer holding a small header per image (offset and sizes)
+/// and then every image's bytes. [`transform_uploaded`] turns it into the
+/// normalised, resized, padded batch with one kernel launch. On the CPU the bytes
+/// stay on the host.
+pub struct UploadedBatch {
+    device: Device,
+    cfg: TransformConfig,
+    /// The packed bytes (header, then pixels); on a GPU, also the device buffer.
+    packed: Vec<u8>,
+    gpu: Option<(GpuDevice, GpuBuffer)>,
+    sizes: Vec<(usize, usize)>,
+}
+
+impl std::fmt::Debug for UploadedBatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "UploadedBatch({} images on {}, {} bytes)",
+            self.sizes.len(),
+            self.device,
+            self.packed.len()
+        )
+    }
+}
+
+/// (height, width) per image, pixels.
+type Sizes = Vec<(usize, usize)>;
+
+/// Check `images` and pack them as the kernel reads them: per image the header
+/// `{offset lo, offset hi, H, W, OH, OW, 0, 0}` (OH, OW: the size after resizing
+/// with `cfg`), then the pixels, each image at a 16-byte boundary.
+fn pack_u8(images: &[ImageU8], cfg: &TransformConfig) -> Result<(Vec<u8>, Sizes)> {
+    cfg.validate()?;
+    if images.is_empty() {
+        return Err(Error::invalid("upload_u8", "no images"));
+    }
+    let mut sizes = Vec::with_capacity(images.len());
+    let mut total = images.len() * HEADER_BYTES;
+    let mut offsets = Vec::with_capacity(images.len());
+    for (i, im) in images.iter().enumerate() {
+        if im.height == 0 || im.width == 0 || im.data.len() != 3 * im.height * im.width {
+            return Err(Error::shape(
+                "upload_u8",
+                format!(
+                    "image {i}: {} bytes for a 3x{}x{} image",
+                    im.data.len(),
+                    im.height,
+                    im.width
+                ),
+            ));
+        }
+        if im.height > i32::MAX as usize || im.width > i32::MAX as usize {
+            return Err(Error::shape(
+                "upload_u8",
+                format!("image {i}: {}x{} is too large", im.height, im.width),
+            ));
+        }
+        total = total.next_multiple_of(16);
+        offsets.push(total);
+        total += im.data.len();
+        sizes.push((im.height, im.width));
+    }
+    let mut packed = vec![0u8; total];
+    for (i, (im, &off)) in images.iter().zip(&offsets).enumerate() {
+        let (oh, ow) = resized_size(im.height, im.width, cfg.min_size, cfg.max_size);
+        let hdr = [
+            off as u32 as i32,
+            (off as u64 >> 32) as i32,
+            im.height as i32,
+            im.width as i32,
+            oh as i32,
+            ow as i32,
+        ];
+        for (k, v) in hdr.iter().enumerate() {
+            let at = i * HEADER_BYTES + 4 * k;
+            packed[at..at + 4].copy_from_slice(&v.to_le_bytes());
+        }
+        packed[off..off + im.data.len()].copy_from_slice(im.data);
+    }
+    Ok((packed, sizes))
+}
+
+/// Upload `images` to `device` in one host-to-device copy (pinned, asynchronous on
+/// CUDA; see [`UploadedBatch`]), to be transformed with `cfg`.
+pub fn upload_u8(
+    images: &[ImageU8],
+    cfg: &TransformConfig,
+    device: Device,
+) -> Result<UploadedBatch> {
+    let (packed, sizes) = pack_u8(images, cfg)?;
+    let gpu = match device {
+        Device::Cpu => None,
+        Device::Cuda(n) => {
+            let dev = crate::device::gpu::device(n)?;
+            let buf = dev.alloc(packed.len())?;
+            dev.backend.copy_htod_pinned(&packed, &buf)?;
+            Some((dev, buf))
+        }
+    };
+    Ok(UploadedBatch {
+        device,
+        cfg: cfg.clone(),
+        packed,
+        gpu,
+        sizes,
+    })
+}
+
+impl UploadedBatch {
+    /// Original (height, width) of each image, pixels.
+    pub fn original_sizes(&self) -> &[(usize, usize)] {
+        &self.sizes
+    }
+
+    /// The device the batch is on.
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    /// Replace the images with `images` of the same sizes, in the same buffer (one
+    /// host-to-device copy): how a captured graph that reads this buffer is fed its
+    /// next batch.
+    pub fn refill(&mut self, images: &[ImageU8]) -> Result<()> {
+        let (packed, sizes) = pack_u8(images, &self.cfg)?;
+        if sizes != self.sizes {
+            return Err(Error::shape(
+                "UploadedBatch::refill",
+                format!(
+                    "image sizes {sizes:?} differ from the batch's {:?}",
+                    self.sizes
+                ),
+            ));
+        }
+        if let Some((dev, buf)) = &self.gpu {
+            dev.backend.copy_htod_pinned(&packed, buf)?;
+        }
+        self.packed = packed;
+        Ok(())
+    }
+}
+
+/// Normalise, resize and batch an uploaded batch into an [`ImageList`] on its
+/// device, with the config it was uploaded for: on a GPU one launch of
+/// `transform_batch_u8` for every image, writing the padding too (no memset); on
+/// the CPU `image_from_u8` then [`transform`]. Both give the same bits (the kernel
+/// does the CPU's float operations in the same order, none contracted).
+pub fn transform_uploaded(batch: &UploadedBatch) -> Result<ImageList> {
+    let cfg = &batch.cfg;
+    let Some((dev, buf)) = &batch.gpu else {
+        let images = batch
+            .sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &(h, w))| {
+                let off = read_offset(&batch.packed, i);
+                image_from_u8(&batch.packed[off..off + 3 * h * w], h, w)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        return transform(&images, cfg);
+    };
+    let sizes: Vec<(usize, usize)> = batch
+        .sizes
+        .iter()
+        .map(|&(h, w)| resized_size(h, w, cfg.min_size, cfg.max_size))
+        .collect();
+    let d = cfg.size_divisible.max(1);
+    let ph = sizes.iter().map(|s| s.0).max().unwrap_or(0).div_ceil(d) * d;
+    let pw = sizes.iter().map(|s| s.1).max().unwrap_or(0).div_ceil(d) * d;
+    let n = sizes.len();
+    if n > 65535 {
+        return Err(Error::invalid(
+            "transform_uploaded",
+            format!("{n} images in one batch (at most 65535)"),
+        ));
+    }
+    let out = Tensor::gpu_empty(dev, [n, 3, ph, pw])?;
+    let (m, s) = (cfg.mean, cfg.std);
+    let per_image = 3 * ph * pw;
+    let mut lc = LaunchCfg::for_elems(per_image);
+    lc.grid.1 = n as u32;
+    let args = [
+        buf.arg(),
+        KernelArg::I32(n as i32),
+        crate::ops::arg(&out)?,
+        KernelArg::I32(ph as i32),
+        KernelArg::I32(pw as i32),
+        KernelArg::F32(m[0]),
+        KernelArg::F32(m[1]),
+        KernelArg::F32(m[2]),
+        KernelArg::F32(s[0]),
+        KernelArg::F32(s[1]),
+        KernelArg::F32(s[2]),
+    ];
+    dev.launch("transform_batch_u8", lc, &args)?;
+    Ok(ImageList {
+        tensors: out,
+        image_sizes: sizes,
+    })
+}
+
+/// The offset of image `i`'s pixels in a packed batch.
+fn read_offset(packed: &[u8], i: usize) -> usize {
+    let at = i * HEADER_BYTES;
+    let word = |k: usize| {
+        let b = &packed[at + 4 * k..at + 4 * k + 4];
+        u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as u64
+    };
+    (word(0) | (word(1) << 32)) as usize
+}
+
+/// [`upload_u8`] then [`transform_uploaded`]: 8-bit images to the model's input
+/// batch with one host-to-device copy and one kernel launch.
+pub fn transform_u8(
+    images: &[ImageU8],
+    cfg: &TransformConfig,
+    device: Device,
+) -> Result<ImageList> {
+    transform_uploaded(&upload_u8(images, cfg, device)?)
 }
 
 /// Scale boxes `[K, 4]` (x1, y1, x2, y2) from an image of size `from` to size `to`

@@ -20,6 +20,17 @@
 //! Blocks go back to the driver only on [`GpuBackend::empty_cache`] or when the
 //! driver runs out of memory (then the cache is emptied and the allocation retried).
 //!
+//! # Graph capture
+//!
+//! While a thread captures a graph ([`GpuBackend::begin_capture`]), its allocations
+//! come from a pool private to that graph, as in PyTorch's graph pools: blocks freed
+//! during the capture are reused by later allocations of the same capture (replay
+//! runs in capture order, so that is stream-ordered reuse), and no block the graph
+//! has used is handed to anyone else while the graph lives, since a replay writes
+//! to it again. A block the private pool lacks may come from the shared cache; a
+//! block that would need the driver is an error (warm the cache by running the
+//! region once eagerly). When the graph is dropped its blocks return to the cache.
+//!
 //! Fresh memory is not zero-filled: [`GpuDevice::alloc_zeroed`] asks for a memset,
 //! and every block handed out is first passed to [`GpuBackend::poison`] (the emulated
 //! device fills it with all-ones bits: NaN, -1), so reliance on zeros fails tests.
@@ -27,9 +38,10 @@
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
+use std::thread::ThreadId;
 
-use super::gpu::{Counters, GpuBackend, GpuBuffer, KernelArg, LaunchCfg, MemoryStats};
-use crate::error::Result;
+use super::gpu::{Counters, GpuBackend, GpuBuffer, GraphExec, KernelArg, LaunchCfg, MemoryStats};
+use crate::error::{Error, Result};
 
 #[cfg(doc)]
 use super::gpu::GpuDevice;
@@ -60,19 +72,37 @@ struct PoolState {
     stats: MemoryStats,
 }
 
+/// The blocks of one captured graph (see the module docs): free ones by class;
+/// `retired` once the graph is dropped, after which blocks go back to the cache.
+#[derive(Default)]
+struct PrivatePool {
+    free: BTreeMap<usize, Vec<GpuBuffer>>,
+    retired: bool,
+}
+
+/// One thread's capture in progress.
+struct Capture {
+    pool: Arc<Mutex<PrivatePool>>,
+    /// The last kernel recorded, to say where a refused call came from.
+    last_kernel: Option<String>,
+}
+
 /// A driver backend wrapped with the caching allocator and the counters. Built by
 /// [`super::gpu::register_backend`] / [`super::gpu::device`]; ops only ever see this.
 pub struct Managed {
     ordinal: usize,
     driver: Arc<dyn GpuBackend>,
     pool: Arc<Mutex<PoolState>>,
+    captures: Mutex<HashMap<ThreadId, Capture>>,
 }
 
-/// One block lent to a tensor; back to the free list when the last clone drops.
+/// One block lent to a tensor; back to the free list when the last clone drops
+/// (the graph's private list if it was handed out during a capture).
 struct Lent {
     block: Option<GpuBuffer>,
     class: usize,
     pool: Arc<Mutex<PoolState>>,
+    private: Option<Arc<Mutex<PrivatePool>>>,
 }
 
 impl Drop for Lent {
@@ -80,7 +110,46 @@ impl Drop for Lent {
         if let Some(b) = self.block.take() {
             let mut p = self.pool.lock().unwrap_or_else(|e| e.into_inner());
             p.stats.allocated -= self.class as u64;
+            if let Some(pr) = &self.private {
+                let mut pr = pr.lock().unwrap_or_else(|e| e.into_inner());
+                if !pr.retired {
+                    pr.free.entry(self.class).or_default().push(b);
+                    return;
+                }
+            }
             p.free.entry(self.class).or_default().push(b);
+        }
+    }
+}
+
+/// A graph captured through [`Managed`]: the driver's graph, the private pool it
+/// keeps alive, and the counter of replays.
+struct ManagedGraph {
+    ordinal: usize,
+    exec: Box<dyn GraphExec>,
+    private: Arc<Mutex<PrivatePool>>,
+    pool: Arc<Mutex<PoolState>>,
+}
+
+impl GraphExec for ManagedGraph {
+    fn replay(&self) -> Result<()> {
+        bump(self.ordinal, |c| c.graph_replays += 1);
+        self.exec.replay()
+    }
+    fn nodes(&self) -> usize {
+        self.exec.nodes()
+    }
+}
+
+impl Drop for ManagedGraph {
+    fn drop(&mut self) {
+        let mut pr = self.private.lock().unwrap_or_else(|e| e.into_inner());
+        pr.retired = true;
+        let free = std::mem::take(&mut pr.free);
+        drop(pr);
+        let mut p = self.pool.lock().unwrap_or_else(|e| e.into_inner());
+        for (class, blocks) in free {
+            p.free.entry(class).or_default().extend(blocks);
         }
     }
 }
@@ -92,6 +161,52 @@ impl Managed {
             ordinal,
             driver,
             pool: Arc::new(Mutex::new(PoolState::default())),
+            captures: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The calling thread's capture pool, if it is capturing.
+    fn capture_pool(&self) -> Option<Arc<Mutex<PrivatePool>>> {
+        let caps = self.captures.lock().unwrap_or_else(|e| e.into_inner());
+        caps.get(&std::thread::current().id())
+            .map(|c| c.pool.clone())
+    }
+
+    /// Refuse `what` when the calling thread is capturing: the error names the call
+    /// and the last kernel recorded before it.
+    fn refuse_in_capture(&self, what: impl FnOnce() -> String) -> Result<()> {
+        let caps = self.captures.lock().unwrap_or_else(|e| e.into_inner());
+        match caps.get(&std::thread::current().id()) {
+            None => Ok(()),
+            Some(c) => Err(Error::invalid(
+                "graph capture",
+                format!(
+                    "{} during capture (after kernel {}): a captured region must not {}",
+                    what(),
+                    c.last_kernel.as_deref().unwrap_or("none"),
+                    "synchronise, read back, copy from the host or allocate from the driver"
+                ),
+            )),
+        }
+    }
+
+    /// A free block of the capture's private pool, class `class` up to `2 * class`.
+    fn take_private(&self, pr: &Mutex<PrivatePool>, class: usize) -> Option<(GpuBuffer, usize)> {
+        let mut g = pr.lock().unwrap_or_else(|e| e.into_inner());
+        let found = g
+            .free
+            .range_mut(class..=2 * class)
+            .find(|(_, v)| !v.is_empty())
+            .map(|(&c, v)| (v.pop(), c));
+        drop(g);
+        match found {
+            Some((Some(b), c)) => {
+                let mut p = self.pool.lock().unwrap_or_else(|e| e.into_inner());
+                p.stats.allocated += c as u64;
+                p.stats.peak_allocated = p.stats.peak_allocated.max(p.stats.allocated);
+                Some((b, c))
+            }
+            _ => None,
         }
     }
 
@@ -146,12 +261,24 @@ impl GpuBackend for Managed {
         let align = self.driver.alignment();
         let used = bytes.max(1).div_ceil(align) * align;
         let class = size_class(used).next_multiple_of(align);
-        let (block, class) = match self.take_cached(class) {
+        let private = self.capture_pool();
+        let hit = match &private {
+            Some(pr) => self
+                .take_private(pr, class)
+                .or_else(|| self.take_cached(class)),
+            None => self.take_cached(class),
+        };
+        let (block, class) = match hit {
             Some(hit) => {
                 bump(self.ordinal, |c| c.cached_allocs += 1);
                 hit
             }
-            None => (self.driver_alloc(class)?, class),
+            None => {
+                self.refuse_in_capture(|| {
+                    format!("a driver allocation of {bytes} bytes (cache miss)")
+                })?;
+                (self.driver_alloc(class)?, class)
+            }
         };
         // The end of the block: see the module docs (guard pages).
         let ptr = block.ptr() + (class - used) as u64;
@@ -159,6 +286,7 @@ impl GpuBackend for Managed {
             block: Some(block),
             class,
             pool: self.pool.clone(),
+            private,
         };
         let buf = GpuBuffer::new(ptr, bytes, Arc::new(lent));
         self.driver.poison(&buf)?;
@@ -166,6 +294,7 @@ impl GpuBackend for Managed {
     }
 
     fn copy_htod(&self, src: &[u8], dst: &GpuBuffer) -> Result<()> {
+        self.refuse_in_capture(|| format!("a host-to-device copy of {} bytes", src.len()))?;
         bump(self.ordinal, |c| {
             c.htod += 1;
             c.htod_bytes += src.len() as u64;
@@ -173,7 +302,18 @@ impl GpuBackend for Managed {
         self.driver.copy_htod(src, dst)
     }
 
+    fn copy_htod_pinned(&self, src: &[u8], dst: &GpuBuffer) -> Result<()> {
+        self.refuse_in_capture(|| format!("a host-to-device copy of {} bytes", src.len()))?;
+        bump(self.ordinal, |c| {
+            c.htod += 1;
+            c.htod_pinned += 1;
+            c.htod_bytes += src.len() as u64;
+        });
+        self.driver.copy_htod_pinned(src, dst)
+    }
+
     fn copy_dtoh(&self, src: &GpuBuffer, dst: &mut [u8]) -> Result<()> {
+        self.refuse_in_capture(|| format!("a device-to-host copy of {} bytes", dst.len()))?;
         bump(self.ordinal, |c| {
             c.dtoh += 1;
             c.dtoh_bytes += dst.len() as u64;
@@ -193,10 +333,17 @@ impl GpuBackend for Managed {
 
     fn launch(&self, kernel: &str, cfg: &LaunchCfg, args: &[KernelArg]) -> Result<()> {
         bump(self.ordinal, |c| c.launches += 1);
+        {
+            let mut caps = self.captures.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(c) = caps.get_mut(&std::thread::current().id()) {
+                c.last_kernel = Some(kernel.to_string());
+            }
+        }
         self.driver.launch(kernel, cfg, args)
     }
 
     fn synchronize(&self) -> Result<()> {
+        self.refuse_in_capture(|| "a synchronisation".to_string())?;
         bump(self.ordinal, |c| c.syncs += 1);
         self.driver.synchronize()
     }
@@ -235,6 +382,65 @@ impl GpuBackend for Managed {
             });
             drop(blocks); // the driver backend's owner frees each block
         }
+    }
+
+    fn begin_capture(&self) -> Result<()> {
+        let id = std::thread::current().id();
+        if self.capture_pool().is_some() {
+            return Err(Error::invalid(
+                "begin_capture",
+                "this thread is already capturing on this device",
+            ));
+        }
+        self.driver.begin_capture()?;
+        let cap = Capture {
+            pool: Arc::new(Mutex::new(PrivatePool::default())),
+            last_kernel: None,
+        };
+        self.captures
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, cap);
+        Ok(())
+    }
+
+    fn end_capture(&self) -> Result<Box<dyn GraphExec>> {
+        let id = std::thread::current().id();
+        let cap = self
+            .captures
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id)
+            .ok_or_else(|| Error::invalid("end_capture", "this thread is not capturing"))?;
+        // Should the driver fail, the graph is built around a placeholder and
+        // dropped, which gives the private blocks back to the cache.
+        let (exec, result): (Box<dyn GraphExec>, _) = match self.driver.end_capture() {
+            Ok(e) => (e, Ok(())),
+            Err(e) => (Box::new(NoGraph), Err(e)),
+        };
+        let graph = ManagedGraph {
+            ordinal: self.ordinal,
+            exec,
+            private: cap.pool,
+            pool: self.pool.clone(),
+        };
+        result.map(|()| Box::new(graph) as Box<dyn GraphExec>)
+    }
+
+    fn is_capturing(&self) -> bool {
+        self.capture_pool().is_some()
+    }
+}
+
+/// Placeholder exec while the driver's graph is being built.
+struct NoGraph;
+
+impl GraphExec for NoGraph {
+    fn replay(&self) -> Result<()> {
+        Err(Error::invalid("graph replay", "the graph was not built"))
+    }
+    fn nodes(&self) -> usize {
+        0
     }
 }
 

@@ -1,15 +1,20 @@
 //! The CUDA driver implementation of [`GpuBackend`], on cudarc. One context and one
 //! stream per device; modules loaded lazily per kernel file and cached.
+//!
+//! The stream is a created (non-blocking) stream, not the legacy default stream:
+//! stream capture (CUDA graphs) is not allowed on the legacy stream. Every copy and
+//! memset is therefore queued on that stream explicitly (a plain `cuMemcpyHtoD`
+//! runs on the legacy stream and would not be ordered with our kernels).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{
-    result as drv, CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr,
-    LaunchConfig, PushKernelArg,
+    result as drv, sys, CudaContext, CudaFunction, CudaGraph, CudaModule, CudaSlice, CudaStream,
+    DevicePtr, HostSlice, LaunchConfig, PinnedHostSlice, PushKernelArg,
 };
 
-use super::gpu::{validate_launch, GpuBackend, GpuBuffer, KernelArg, LaunchCfg};
+use super::gpu::{validate_launch, GpuBackend, GpuBuffer, GraphExec, KernelArg, LaunchCfg};
 use super::kernels;
 use crate::error::{Error, Result};
 
@@ -19,6 +24,8 @@ pub struct CudaBackend {
     stream: Arc<CudaStream>,
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
     functions: Mutex<HashMap<String, CudaFunction>>,
+    /// Page-locked staging buffer of [`GpuBackend::copy_htod_pinned`] (grown on demand).
+    staging: Mutex<Option<PinnedHostSlice<u8>>>,
 }
 
 /// Whether the CUDA driver library can be loaded at all.
@@ -45,12 +52,15 @@ impl CudaBackend {
         }
         let ctx = CudaContext::new(ordinal)
             .map_err(|e| Error::CudaUnavailable(format!("cuda:{ordinal}: {e}")))?;
-        let stream = ctx.default_stream();
+        let stream = ctx
+            .new_stream()
+            .map_err(|e| Error::cuda(format!("cuda:{ordinal}: creating a stream"), e))?;
         Ok(Arc::new(CudaBackend {
             ctx,
             stream,
             modules: Mutex::new(HashMap::new()),
             functions: Mutex::new(HashMap::new()),
+            staging: Mutex::new(None),
         }))
     }
 
@@ -126,9 +136,48 @@ impl GpuBackend for CudaBackend {
         self.ctx
             .bind_to_thread()
             .map_err(|e| Error::cuda("bind context", e))?;
-        // SAFETY: dst is a live allocation of at least src.len() bytes; the copy is
-        // synchronous with respect to the host buffer.
-        unsafe { drv::memcpy_htod_sync(dst.ptr(), src) }.map_err(|e| Error::cuda("memcpy htod", e))
+        // SAFETY: dst is a live allocation of at least src.len() bytes. From pageable
+        // memory the driver stages `src` before returning, so the caller may reuse it
+        // at once; the copy is ordered on our stream with the kernels around it.
+        unsafe { drv::memcpy_htod_async(dst.ptr(), src, self.stream.cu_stream()) }
+            .map_err(|e| Error::cuda("memcpy htod", e))
+    }
+
+    fn copy_htod_pinned(&self, src: &[u8], dst: &GpuBuffer) -> Result<()> {
+        if src.len() > dst.bytes() {
+            return Err(Error::invalid(
+                "copy_htod_pinned",
+                format!("{} bytes into a {}-byte buffer", src.len(), dst.bytes()),
+            ));
+        }
+        if src.is_empty() {
+            return Ok(());
+        }
+        let mut staging = self.staging.lock().unwrap_or_else(|p| p.into_inner());
+        if staging.as_ref().is_none_or(|p| p.len() < src.len()) {
+            // Dropping the old buffer waits for the copy that last read it.
+            *staging = None;
+            // SAFETY: the contents are written below before any copy reads them.
+            let p = unsafe { self.ctx.alloc_pinned::<u8>(src.len().next_power_of_two()) }
+                .map_err(|e| Error::cuda(format!("pinned host alloc of {} bytes", src.len()), e))?;
+            *staging = Some(p);
+        }
+        let Some(pinned) = staging.as_mut() else {
+            unreachable!("the staging buffer was allocated above")
+        };
+        // Waits (on the buffer's event only, not the stream) for the previous copy
+        // out of the staging buffer, then fills it.
+        pinned
+            .as_mut_slice()
+            .map_err(|e| Error::cuda("waiting for the staging buffer", e))?[..src.len()]
+            .copy_from_slice(src);
+        // SAFETY: the slice is pinned host memory that outlives the copy: the guard
+        // records the buffer's event after the copy is queued, and the next use (or
+        // the drop) of the buffer waits for that event.
+        let (host, _record) = unsafe { pinned.stream_synced_slice(&self.stream) };
+        // SAFETY: dst is live and holds at least src.len() bytes (checked above).
+        unsafe { drv::memcpy_htod_async(dst.ptr(), &host[..src.len()], self.stream.cu_stream()) }
+            .map_err(|e| Error::cuda("memcpy htod (pinned)", e))
     }
 
     fn copy_dtoh(&self, src: &GpuBuffer, dst: &mut [u8]) -> Result<()> {
@@ -213,6 +262,64 @@ impl GpuBackend for CudaBackend {
         self.stream
             .synchronize()
             .map_err(|e| Error::cuda("synchronize", e))
+    }
+
+    fn begin_capture(&self) -> Result<()> {
+        // Thread-local mode: an unsafe call (a sync, a legacy-stream copy) from
+        // this thread during the capture fails instead of silently joining it.
+        self.stream
+            .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .map_err(|e| Error::cuda("begin stream capture", e))
+    }
+
+    fn end_capture(&self) -> Result<Box<dyn GraphExec>> {
+        let graph = self
+            .stream
+            .end_capture(sys::CUgraphInstantiate_flags(0))
+            .map_err(|e| Error::cuda("end stream capture", e))?
+            .ok_or_else(|| Error::cuda("end stream capture", "nothing was captured"))?;
+        let nodes = graph_nodes(&graph);
+        Ok(Box::new(CudaGraphExec {
+            graph: Mutex::new(graph),
+            nodes,
+        }))
+    }
+}
+
+/// Number of nodes in a captured graph (0 if the driver cannot say).
+fn graph_nodes(g: &CudaGraph) -> usize {
+    let mut n: usize = 0;
+    // SAFETY: a null node array asks only for the count; the graph is live.
+    let rc = unsafe { sys::cuGraphGetNodes(g.cu_graph(), std::ptr::null_mut(), &mut n) };
+    if rc == sys::CUresult::CUDA_SUCCESS {
+        n
+    } else {
+        0
+    }
+}
+
+/// An instantiated CUDA graph. cudarc's `CudaGraph` is not thread-safe (graph
+/// objects must not be used from two threads at once): the mutex serialises replays.
+struct CudaGraphExec {
+    graph: Mutex<CudaGraph>,
+    nodes: usize,
+}
+
+// SAFETY: every use of the graph goes through the mutex, which is what the driver
+// requires of graph objects shared between threads.
+unsafe impl Send for CudaGraphExec {}
+unsafe impl Sync for CudaGraphExec {}
+
+impl GraphExec for CudaGraphExec {
+    fn replay(&self) -> Result<()> {
+        self.graph
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .launch()
+            .map_err(|e| Error::cuda("graph launch", e))
+    }
+    fn nodes(&self) -> usize {
+        self.nodes
     }
 }
 

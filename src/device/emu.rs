@@ -49,11 +49,12 @@
 //!
 //! What the shim supports and its limits: kernels/emu/shim.h.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
+use std::thread::ThreadId;
 
-use super::gpu::{self, validate_launch, GpuBackend, GpuBuffer, KernelArg, LaunchCfg};
+use super::gpu::{self, validate_launch, GpuBackend, GpuBuffer, GraphExec, KernelArg, LaunchCfg};
 use super::Device;
 use crate::error::{Error, Result};
 
@@ -252,15 +253,89 @@ pub const POISON: u8 = 0xFF;
 /// Live allocations of the emulated device: start address -> bytes.
 type Allocs = Arc<Mutex<BTreeMap<u64, usize>>>;
 
+/// One recorded operation of a graph capture (raw addresses, as a CUDA graph holds).
+#[derive(Clone, Debug)]
+enum Node {
+    Launch {
+        kernel: String,
+        cfg: LaunchCfg,
+        args: Vec<KernelArg>,
+    },
+    Memset {
+        ptr: u64,
+        bytes: usize,
+        value: u8,
+    },
+    Dtod {
+        src: u64,
+        dst: u64,
+        bytes: usize,
+    },
+}
+
 /// The emulated device (see the module docs). Use [`device`] rather than creating one.
 pub struct EmuBackend {
     allocs: Allocs,
+    /// Graph captures in progress, per capturing thread: what they recorded so far.
+    captures: Mutex<HashMap<ThreadId, Vec<Node>>>,
 }
 
 impl EmuBackend {
     fn new() -> Self {
         EmuBackend {
             allocs: Arc::new(Mutex::new(BTreeMap::new())),
+            captures: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Record `node` if the calling thread is capturing; true when recorded.
+    fn capture(&self, node: impl FnOnce() -> Node) -> bool {
+        let mut caps = self.captures.lock().unwrap_or_else(|p| p.into_inner());
+        match caps.get_mut(&std::thread::current().id()) {
+            Some(nodes) => {
+                nodes.push(node());
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The live allocation holding `bytes` bytes at `ptr`, checked for `op`.
+    fn check_range(&self, op: &str, ptr: u64, bytes: usize) -> Result<()> {
+        let allocs = self.allocs.lock().unwrap_or_else(|p| p.into_inner());
+        match allocs.range(..=ptr).next_back() {
+            Some((&start, &len)) if ptr + bytes as u64 <= start + len as u64 => Ok(()),
+            _ => Err(Error::invalid(
+                "graph replay",
+                format!(
+                    "{op}: {bytes} bytes at {ptr:#x} are not (all) a live buffer: a buffer the graph uses was freed"
+                ),
+            )),
+        }
+    }
+
+    /// Run one node now.
+    fn run_node(&self, n: &Node) -> Result<()> {
+        match n {
+            Node::Launch { kernel, cfg, args } => {
+                let entry = imp::entry(kernel)?;
+                self.check_launch(kernel, cfg, args, entry.params())?;
+                record_launch(kernel);
+                imp::launch(kernel, entry, cfg, args)
+            }
+            Node::Memset { ptr, bytes, value } => {
+                self.check_range("memset", *ptr, *bytes)?;
+                // SAFETY: checked above: a live emulated allocation (host memory).
+                unsafe { std::ptr::write_bytes(*ptr as *mut u8, *value, *bytes) };
+                Ok(())
+            }
+            Node::Dtod { src, dst, bytes } => {
+                self.check_range("copy_dtod source", *src, *bytes)?;
+                self.check_range("copy_dtod destination", *dst, *bytes)?;
+                // SAFETY: both ranges checked live above; `copy` allows overlap.
+                unsafe { std::ptr::copy(*src as *const u8, *dst as *mut u8, *bytes) };
+                Ok(())
+            }
         }
     }
 
@@ -418,6 +493,13 @@ impl GpuBackend for EmuBackend {
 
     fn copy_dtod(&self, src: &GpuBuffer, dst: &GpuBuffer, bytes: usize) -> Result<()> {
         check_copy("copy_dtod", bytes, src.bytes().min(dst.bytes()))?;
+        if self.capture(|| Node::Dtod {
+            src: src.ptr(),
+            dst: dst.ptr(),
+            bytes,
+        }) {
+            return Ok(());
+        }
         // SAFETY: both are live allocations of at least `bytes` bytes; `copy` allows
         // overlap, as cuMemcpyDtoD does not promise anything either way.
         unsafe { std::ptr::copy(src.ptr() as *const u8, dst.ptr() as *mut u8, bytes) };
@@ -425,6 +507,13 @@ impl GpuBackend for EmuBackend {
     }
 
     fn memset(&self, dst: &GpuBuffer, value: u8) -> Result<()> {
+        if self.capture(|| Node::Memset {
+            ptr: dst.ptr(),
+            bytes: dst.bytes(),
+            value,
+        }) {
+            return Ok(());
+        }
         // SAFETY: dst is a live emulated allocation (host memory) of dst.bytes()
         // bytes; launches are synchronous, so no kernel is using it.
         unsafe { std::ptr::write_bytes(dst.ptr() as *mut u8, value, dst.bytes()) };
@@ -437,18 +526,84 @@ impl GpuBackend for EmuBackend {
     }
 
     fn poison(&self, buf: &GpuBuffer) -> Result<()> {
-        self.memset(buf, POISON)
+        // Written at once even during a capture: the allocator hands the block out
+        // now (a replay reuses the captured blocks without poisoning them again).
+        // SAFETY: as in memset.
+        unsafe { std::ptr::write_bytes(buf.ptr() as *mut u8, POISON, buf.bytes()) };
+        Ok(())
     }
 
     fn launch(&self, kernel: &str, cfg: &LaunchCfg, args: &[KernelArg]) -> Result<()> {
         let entry = imp::entry(kernel)?;
         self.check_launch(kernel, cfg, args, entry.params())?;
+        if self.capture(|| Node::Launch {
+            kernel: kernel.to_string(),
+            cfg: *cfg,
+            args: args.to_vec(),
+        }) {
+            return Ok(());
+        }
         record_launch(kernel);
         imp::launch(kernel, entry, cfg, args)
     }
 
     fn synchronize(&self) -> Result<()> {
         Ok(()) // launches run to completion before they return
+    }
+
+    fn begin_capture(&self) -> Result<()> {
+        let mut caps = self.captures.lock().unwrap_or_else(|p| p.into_inner());
+        let id = std::thread::current().id();
+        if caps.contains_key(&id) {
+            return Err(Error::invalid(
+                "begin_capture",
+                "this thread is already capturing on the emulated device",
+            ));
+        }
+        caps.insert(id, Vec::new());
+        Ok(())
+    }
+
+    fn end_capture(&self) -> Result<Box<dyn GraphExec>> {
+        let nodes = self
+            .captures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&std::thread::current().id())
+            .ok_or_else(|| Error::invalid("end_capture", "this thread is not capturing"))?;
+        Ok(Box::new(EmuGraph {
+            nodes,
+            device: EmuBackend {
+                allocs: self.allocs.clone(),
+                captures: Mutex::new(HashMap::new()),
+            },
+        }))
+    }
+
+    fn is_capturing(&self) -> bool {
+        self.captures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(&std::thread::current().id())
+    }
+}
+
+/// A graph captured on the emulated device: its nodes, replayed in capture order on
+/// the same addresses (each launch checked again against the live buffers, so a
+/// graph whose buffers were freed fails with a message instead of writing freed
+/// memory).
+struct EmuGraph {
+    nodes: Vec<Node>,
+    /// Shares the device's allocation table; never captures.
+    device: EmuBackend,
+}
+
+impl GraphExec for EmuGraph {
+    fn replay(&self) -> Result<()> {
+        self.nodes.iter().try_for_each(|n| self.device.run_node(n))
+    }
+    fn nodes(&self) -> usize {
+        self.nodes.len()
     }
 }
 

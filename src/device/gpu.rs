@@ -123,6 +123,15 @@ pub trait GpuBackend: Send + Sync {
     fn alloc(&self, bytes: usize) -> Result<GpuBuffer>;
     /// Copy host bytes into the start of `dst`.
     fn copy_htod(&self, src: &[u8], dst: &GpuBuffer) -> Result<()>;
+    /// Copy host bytes into the start of `dst` through page-locked (pinned) staging
+    /// memory, asynchronously: the call returns once `src` has been copied into the
+    /// staging buffer, the transfer itself is queued on the stream (CUDA:
+    /// `cuMemcpyHtoDAsync` from a pinned buffer, so it overlaps with kernels already
+    /// queued). Counted as one host-to-device copy and one pinned copy. Backends
+    /// without pinned memory (the default) copy as [`GpuBackend::copy_htod`] does.
+    fn copy_htod_pinned(&self, src: &[u8], dst: &GpuBuffer) -> Result<()> {
+        self.copy_htod(src, dst)
+    }
     /// Copy the first `dst.len()` bytes of `src` to the host (waits for prior work).
     fn copy_dtoh(&self, src: &GpuBuffer, dst: &mut [u8]) -> Result<()>;
     /// Copy `bytes` bytes from `src` to `dst`.
@@ -157,6 +166,34 @@ pub trait GpuBackend: Send + Sync {
     fn reset_peak_memory(&self) {}
     /// Give every cached, unused block back to the driver.
     fn empty_cache(&self) {}
+    /// Start capturing this thread's work into a graph instead of running it (CUDA
+    /// stream capture). Until [`GpuBackend::end_capture`], launches, memsets and
+    /// device-to-device copies are recorded; a synchronisation, a device-to-host or
+    /// host-to-device copy, or an allocation the caching allocator cannot serve
+    /// without the driver is an error that names it. Backends without graphs refuse.
+    fn begin_capture(&self) -> Result<()> {
+        Err(Error::invalid(
+            "begin_capture",
+            format!("{} does not support graph capture", self.name()),
+        ))
+    }
+    /// End this thread's capture and return the graph, ready to replay.
+    fn end_capture(&self) -> Result<Box<dyn GraphExec>> {
+        Err(Error::invalid("end_capture", "no capture in progress"))
+    }
+    /// Whether the calling thread is capturing on this device.
+    fn is_capturing(&self) -> bool {
+        false
+    }
+}
+
+/// A captured, instantiated graph (see [`GpuBackend::begin_capture`]): replaying it
+/// queues the recorded work again, on the same buffers, with the same arguments.
+pub trait GraphExec: Send + Sync {
+    /// Queue every recorded node in capture order (one graph launch).
+    fn replay(&self) -> Result<()>;
+    /// Number of recorded nodes (kernel launches, memsets, device copies).
+    fn nodes(&self) -> usize;
 }
 
 /// How much device work a thread has asked for. Every backend's calls are counted
@@ -191,6 +228,11 @@ pub struct Counters {
     pub dtod: u64,
     /// Explicit synchronisations (not counting the wait inside each `dtoh`).
     pub syncs: u64,
+    /// Of the `htod` copies, those staged through pinned memory (asynchronous).
+    pub htod_pinned: u64,
+    /// Graph replays (each one launch of a whole captured graph; the kernels it
+    /// runs are not counted in `launches`).
+    pub graph_replays: u64,
 }
 
 impl Counters {
@@ -210,6 +252,8 @@ impl Counters {
             dtoh_bytes: self.dtoh_bytes - earlier.dtoh_bytes,
             dtod: self.dtod - earlier.dtod,
             syncs: self.syncs - earlier.syncs,
+            htod_pinned: self.htod_pinned - earlier.htod_pinned,
+            graph_replays: self.graph_replays - earlier.graph_replays,
         }
     }
 
@@ -229,6 +273,8 @@ impl Counters {
             dtoh_bytes: self.dtoh_bytes + o.dtoh_bytes,
             dtod: self.dtod + o.dtod,
             syncs: self.syncs + o.syncs,
+            htod_pinned: self.htod_pinned + o.htod_pinned,
+            graph_replays: self.graph_replays + o.graph_replays,
         }
     }
 }
@@ -237,7 +283,7 @@ impl std::fmt::Display for Counters {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "launches {}, driver allocs {} ({} B), driver frees {}, cached allocs {}, memsets {}, htod {} ({} B), dtoh {} ({} B), dtod {}, syncs {}",
+            "launches {}, driver allocs {} ({} B), driver frees {}, cached allocs {}, memsets {}, htod {} ({} B, {} pinned), dtoh {} ({} B), dtod {}, syncs {}, graph replays {}",
             self.launches,
             self.driver_allocs,
             self.driver_alloc_bytes,
@@ -246,10 +292,12 @@ impl std::fmt::Display for Counters {
             self.memsets,
             self.htod,
             self.htod_bytes,
+            self.htod_pinned,
             self.dtoh,
             self.dtoh_bytes,
             self.dtod,
-            self.syncs
+            self.syncs,
+            self.graph_replays
         )
     }
 }
@@ -321,6 +369,33 @@ impl GpuDevice {
     pub fn alloc_zeroed(&self, bytes: usize) -> Result<GpuBuffer> {
         let b = self.backend.alloc(bytes)?;
         self.backend.memset(&b, 0)?;
+        Ok(b)
+    }
+    /// A device copy of the small, immutable host table `bytes` (kernel metadata
+    /// such as shapes and strides), uploaded on first use and kept for the process,
+    /// keyed by content: later calls with the same bytes cost no copy. So a region
+    /// run once eagerly can then be captured as a graph (where a host copy is
+    /// refused). Only for tables of a few hundred bytes that recur (one per distinct
+    /// shape); never for data.
+    pub fn constant(&self, bytes: &[u8]) -> Result<GpuBuffer> {
+        // Keyed by the backend object (an ordinal may be re-registered with another
+        // backend); the entry holds the backend so its address is never reused.
+        type Tables = Mutex<HashMap<(usize, Vec<u8>), (GpuBuffer, Arc<dyn GpuBackend>)>>;
+        static TABLES: OnceLock<Tables> = OnceLock::new();
+        let tables = TABLES.get_or_init(|| Mutex::new(HashMap::new()));
+        let key = (
+            Arc::as_ptr(&self.backend) as *const () as usize,
+            bytes.to_vec(),
+        );
+        if let Some((b, _)) = tables.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
+            return Ok(b.clone());
+        }
+        let b = self.backend.alloc(bytes.len())?;
+        self.backend.copy_htod(bytes, &b)?;
+        tables
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key, (b.clone(), self.backend.clone()));
         Ok(b)
     }
     /// Launch `kernel` (see [`GpuBackend::launch`]).

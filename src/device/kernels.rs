@@ -269,7 +269,7 @@ pub const KERNEL_TESTS: &[KernelTests] = &[
     },
     KernelTests {
         stem: "transform",
-        tests: &[t("transform")],
+        tests: &[t("transform"), t("device_input")],
         bench: None,
     },
     KernelTests {

@@ -11,6 +11,7 @@ pub mod cuda;
 pub mod emu;
 pub mod error_flags;
 pub mod gpu;
+pub mod graph;
 pub mod kernels;
 
 use std::fmt;

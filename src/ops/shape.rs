@@ -544,9 +544,9 @@ fn gpu_permute(x: &Tensor, perm: &[usize], out_shape: Shape) -> Result<Tensor> {
         ));
     }
     let meta: Vec<i64> = dims.iter().chain(&strides).map(|&v| v as i64).collect();
-    let meta_buf = dev.alloc(meta.len() * 8)?;
-    dev.backend
-        .copy_htod(bytemuck::cast_slice(&meta), &meta_buf)?;
+    // Uploaded once per distinct shape and kept (GpuDevice::constant): no host
+    // copy per call, so a permute can be captured in a device graph.
+    let meta_buf = dev.constant(bytemuck::cast_slice(&meta))?;
     let buf = dev.alloc(x.numel() * x.dtype().size())?;
     let n = x.numel() * w;
     launch_elems(

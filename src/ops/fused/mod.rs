@@ -138,6 +138,24 @@ fn dims4(op: &'static str, t: &Tensor) -> Result<(usize, usize, usize, usize)> {
     }
 }
 
+/// `[c]` filled with `value`, of `like`'s dtype and device. On a GPU an f32 fill is
+/// a device constant uploaded once per (length, value) and shared (it is only
+/// read), so the epilogue makes no host copy per call and can be captured in a
+/// device graph.
+fn filled(c: usize, value: f32, like: &Tensor) -> Result<Tensor> {
+    match like.device() {
+        Device::Cuda(_) if like.dtype() == DType::F32 => {
+            let dev = like.gpu()?.dev.clone();
+            let bytes: Vec<u8> = std::iter::repeat_n(value.to_le_bytes(), c)
+                .flatten()
+                .collect();
+            let buf = dev.constant(&bytes)?;
+            Ok(Tensor::from_gpu(dev, buf, [c]))
+        }
+        device => Tensor::full([c], value as f64, like.dtype(), device),
+    }
+}
+
 /// The epilogue as a sequence of unfused ops on `acc` (`[N, C, *]` or `[M, C]`): the
 /// reference the fused implementations are checked against, and the fallback.
 pub(crate) fn apply_unfused(acc: Tensor, ep: &Epilogue) -> Result<Tensor> {
@@ -149,14 +167,14 @@ pub(crate) fn apply_unfused(acc: Tensor, ep: &Epilogue) -> Result<Tensor> {
         let scale = match ep.scale {
             Some(s) => s,
             None => {
-                ones = Tensor::full([c], 1.0, v.dtype(), v.device())?;
+                ones = filled(c, 1.0, &v)?;
                 &ones
             }
         };
         let shift = match ep.shift {
             Some(s) => s,
             None => {
-                zeros = Tensor::zeros([c], v.dtype(), v.device())?;
+                zeros = filled(c, 0.0, &v)?;
                 &zeros
             }
         };
