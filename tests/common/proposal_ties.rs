@@ -10,7 +10,9 @@
 //!    order in which NMS (a stable sort by score) visits them, so it decides which of
 //!    two tied, overlapping boxes survives.
 //! 2. The kept boxes are sorted by score with an unstable sort: equal scores (sigmoid
-//!    values) come in any order.
+//!    values) come in any order. Equal as torch computes them: its f32 sigmoid is
+//!    within one ulp of the exact value, so sigmoids one ulp apart here may be equal
+//!    there ([`torch_may_equal`]).
 //! 3. So `post_nms_top_n` may cut anywhere inside the run of equal last scores.
 //!
 //! [`check`] accepts a list exactly when some choice of these gives it:
@@ -63,9 +65,23 @@ pub struct Rule {
 /// values themselves are compared by the caller at the stage tolerance.
 pub const MATCH_TOL: f32 = 1e-2;
 
-/// sigmoid in f32.
+/// sigmoid rounded to f32 from f64 (within half an ulp of the exact value).
 pub fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + (-x).exp())
+    (1.0 / (1.0 + (-(x as f64)).exp())) as f32
+}
+
+/// Whether torch's f32 sigmoid may give `a` and `b` (correctly rounded sigmoids, see
+/// [`sigmoid`]) the same value: its vectorised CPU sigmoid is within one ulp of the
+/// exact value, so two values one ulp apart here may be one value there (and be
+/// ordered either way by its unstable sort).
+pub fn torch_may_equal(a: f32, b: f32) -> bool {
+    let m = a.abs().max(b.abs());
+    let ulp = if m == 0.0 {
+        0.0
+    } else {
+        f32::from_bits(m.to_bits() & 0x7f80_0000) * f32::EPSILON
+    };
+    (a - b).abs() <= ulp
 }
 
 /// torchvision's `BoxCoder.decode_single` with weights (1, 1, 1, 1) in f32.
@@ -212,7 +228,7 @@ pub fn check(
     let logit = |&(l, i): &(usize, usize)| cands[l][i].logit;
     for (p, w) in matched.windows(2).enumerate() {
         let (a, b) = (logit(&w[0]), logit(&w[1]));
-        if a < b && sigmoid(a) != sigmoid(b) {
+        if a < b && !torch_may_equal(sigmoid(a), sigmoid(b)) {
             return Err(format!(
                 "boxes {p} and {}: logit {a} before {b}, scores {} < {}",
                 p + 1,
@@ -242,7 +258,9 @@ pub fn check(
         }
         let explained = |i: usize, c: &Candidate| {
             !c.eligible
-                || (cut && sigmoid(c.logit) <= last_score)
+                || (cut
+                    && (sigmoid(c.logit) <= last_score
+                        || torch_may_equal(sigmoid(c.logit), last_score)))
                 || listed.iter().any(|&(j, b)| {
                     lv[j].logit >= c.logit && j != i && nms_iou(b, &c.bbox) > rule.nms_thresh
                 })
