@@ -703,7 +703,7 @@ fn check_detections(
                     &cands[i][c],
                     params.nms_thresh,
                     params.detections_per_img,
-                    &tv_score,
+                    tv_score,
                 )
                 .unwrap_or_else(|| {
                     let c = &cands[i][c];
