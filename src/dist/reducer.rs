@@ -13,10 +13,9 @@
 //! `find_unused_parameters`), waits, and writes the averages back.
 
 use std::collections::HashMap;
-use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 
+use super::stream::{CommStream, Pending};
 use super::{Comm, ReduceOp};
 use crate::autograd::{GradReady, Tape};
 use crate::error::{Error, Result};
@@ -41,21 +40,18 @@ pub struct BucketLaunch {
     pub ops_total: usize,
 }
 
-struct Job {
-    bucket: usize,
-    data: Vec<f32>,
-}
-
-/// A bucket back from the communication thread: its index and averaged values.
-type Reduced = Result<(usize, Vec<f32>)>;
-
 /// The state one backward pass shares with the tape's hook.
 struct Pass {
     ids: HashMap<TensorId, usize>,
     grads: Vec<Option<Tensor>>,
+    /// Gradients accumulated by earlier micro-steps that were not reduced (DDP's
+    /// `no_sync`), added to this pass's before reduction.
+    prior: Vec<Option<Tensor>>,
     missing: Vec<usize>,
     next_launch: usize,
-    jobs: Sender<Job>,
+    /// Launched buckets' averaged values, in bucket order.
+    pending: Vec<Pending<Vec<f32>>>,
+    stream: Arc<CommStream>,
     log: Arc<Mutex<Vec<BucketLaunch>>>,
     ops_total: usize,
 }
@@ -69,9 +65,7 @@ pub struct GradReducer {
     shapes: Vec<Shape>,
     devices: Vec<Device>,
     pass: Option<Arc<Mutex<Pass>>>,
-    jobs: Option<Sender<Job>>,
-    results: Option<Receiver<Reduced>>,
-    thread: Option<JoinHandle<()>>,
+    stream: Arc<CommStream>,
     log: Arc<Mutex<Vec<BucketLaunch>>>,
 }
 
@@ -79,21 +73,12 @@ impl GradReducer {
     /// A reducer over `comm` with buckets of about `bucket_bytes` (at least one
     /// parameter each). The communication thread starts here.
     pub fn new(comm: Comm, bucket_bytes: usize) -> GradReducer {
-        let (jobs, job_rx) = channel::<Job>();
-        let (res_tx, results) = channel();
-        let c = comm;
-        // The communication "stream": collectives run here, in launch order, while
-        // the backward pass continues on the training thread.
-        let thread = std::thread::spawn(move || {
-            for mut job in job_rx {
-                let r = c
-                    .all_reduce(&mut job.data, ReduceOp::Avg)
-                    .map(|()| (job.bucket, job.data));
-                if res_tx.send(r).is_err() {
-                    return;
-                }
-            }
-        });
+        Self::on_stream(CommStream::new(comm), bucket_bytes)
+    }
+
+    /// A reducer whose collectives run on `stream`, shared with the other users of the
+    /// communicator during backward (SyncBatchNorm), so that all of them keep one order.
+    pub fn on_stream(stream: Arc<CommStream>, bucket_bytes: usize) -> GradReducer {
         GradReducer {
             bucket_bytes: bucket_bytes.max(1),
             buckets: Vec::new(),
@@ -101,11 +86,14 @@ impl GradReducer {
             shapes: Vec::new(),
             devices: Vec::new(),
             pass: None,
-            jobs: Some(jobs),
-            results: Some(results),
-            thread: Some(thread),
+            stream,
             log: Arc::new(Mutex::new(Vec::new())),
         }
+    }
+
+    /// The communication stream the buckets are reduced on.
+    pub fn stream(&self) -> Arc<CommStream> {
+        self.stream.clone()
     }
 
     /// The buckets: parameter indices of each, in launch order.
@@ -158,14 +146,24 @@ impl Pass {
             let b = self.next_launch;
             let mut data = Vec::new();
             for &p in &buckets[b] {
+                let start = data.len();
                 match &self.grads[p] {
                     Some(g) => data.extend(g.to_vec::<f32>()?),
                     None => data.extend(std::iter::repeat_n(0.0f32, shapes[p].numel())),
                 }
+                if let Some(prior) = &self.prior[p] {
+                    // prior + this pass, the order Runner::backward adds in.
+                    for (d, a) in data[start..].iter_mut().zip(prior.to_vec::<f32>()?) {
+                        *d = a + *d;
+                    }
+                }
             }
-            self.jobs
-                .send(Job { bucket: b, data })
-                .map_err(|_| Error::Distributed("the communication thread stopped".into()))?;
+            let pending = self.stream.submit(move |c| {
+                let mut data = data;
+                c.all_reduce(&mut data, ReduceOp::Avg)?;
+                Ok(data)
+            })?;
+            self.pending.push(pending);
             self.log
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
@@ -188,10 +186,6 @@ impl GradSync for GradReducer {
         {
             self.plan(params);
         }
-        let jobs = self
-            .jobs
-            .clone()
-            .ok_or_else(|| Error::Distributed("the communication thread stopped".into()))?;
         let pass = Arc::new(Mutex::new(Pass {
             ids: params
                 .iter()
@@ -199,9 +193,11 @@ impl GradSync for GradReducer {
                 .map(|(i, p)| (p.id(), i))
                 .collect(),
             grads: vec![None; params.len()],
+            prior: vec![None; params.len()],
             missing: self.buckets.iter().map(Vec::len).collect(),
             next_launch: 0,
-            jobs,
+            pending: Vec::new(),
+            stream: self.stream.clone(),
             log: self.log.clone(),
             ops_total: 0,
         }));
@@ -243,20 +239,10 @@ impl GradSync for GradReducer {
             }
         }
         p.launch_ready(&self.buckets, &self.shapes, None, true)?;
+        let pending = std::mem::take(&mut p.pending);
         drop(p);
-        let results = self
-            .results
-            .as_ref()
-            .ok_or_else(|| Error::Distributed("the communication thread stopped".into()))?;
-        for expected in 0..self.buckets.len() {
-            let (b, data) = results
-                .recv()
-                .map_err(|_| Error::Distributed("the communication thread stopped".into()))??;
-            if b != expected {
-                return Err(Error::Distributed(format!(
-                    "bucket {b} came back where {expected} was expected"
-                )));
-            }
+        for (b, pending) in pending.into_iter().enumerate() {
+            let data = pending.wait()?;
             let mut off = 0;
             for &i in &self.buckets[b] {
                 let n = self.shapes[i].numel();
@@ -267,15 +253,23 @@ impl GradSync for GradReducer {
         }
         Ok(())
     }
-}
 
-impl Drop for GradReducer {
-    fn drop(&mut self) {
-        // Closing the job channel ends the communication thread after its current job.
-        // It is not joined: that job may wait for a rank that is gone, until the
-        // group's timeout, and the training thread should not wait for it.
-        self.jobs = None;
-        self.results = None;
-        self.thread.take();
+    fn attach_accumulated(&mut self, accumulated: &[Option<Tensor>]) -> Result<()> {
+        let pass = self.pass.as_ref().ok_or_else(|| {
+            Error::Distributed("GradReducer: accumulated gradients without attach".into())
+        })?;
+        let mut p = pass.lock().unwrap_or_else(|e| e.into_inner());
+        if accumulated.len() != p.prior.len() {
+            return Err(Error::invalid(
+                "GradReducer",
+                format!(
+                    "{} accumulated gradients for {} parameters",
+                    accumulated.len(),
+                    p.prior.len()
+                ),
+            ));
+        }
+        p.prior = accumulated.to_vec();
+        Ok(())
     }
 }
