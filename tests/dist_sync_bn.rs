@@ -398,3 +398,52 @@ fn without_a_group_it_is_plain_batch_norm() {
     assert_eq!(a.gx, b.gx);
     assert_eq!(a.running_var, b.running_var);
 }
+
+#[test]
+fn sync_bn_is_a_backbone_norm_and_the_layer_reduces_over_ranks() {
+    use kestrel::nn::resnet::ResNetConfig;
+    use kestrel::nn::{Ctx, Norm2d, NormKind, ParamStore};
+    let c: ResNetConfig =
+        toml::from_str("depth = 18\nnorm = \"sync_bn\"\nbn_momentum = 0.05\nbn_eps = 1e-3")
+            .unwrap();
+    assert_eq!(
+        c.norm,
+        NormKind::SyncBatch {
+            eps: 1e-3,
+            momentum: 0.05
+        }
+    );
+    // The layer in training mode: two ranks' outputs are plain batch norm of the
+    // concatenated batch (not of each rank's own images).
+    let sizes = [2usize, 1];
+    let ranks = on_ranks(2, move |r| {
+        let layer = Norm2d {
+            name: "bn".into(),
+            c: C,
+            kind: NormKind::SyncBatch {
+                eps: EPS,
+                momentum: MOMENTUM,
+            },
+        };
+        let mut specs = Vec::new();
+        layer.specs(&mut specs);
+        let mut store = ParamStore::init(&specs, 0).unwrap();
+        let p = channel_params();
+        for (name, v) in ["weight", "bias", "running_mean", "running_var"].iter().zip(p) {
+            store
+                .set(&format!("bn.{name}"), on(&v, &[C], DType::F32, Device::Cpu))
+                .unwrap();
+        }
+        let x = on(&rank_data(r, sizes[r]).0, &shape(sizes[r]), DType::F32, Device::Cpu);
+        let ctx = Ctx::new(&store, true);
+        let y = layer.forward(&ctx, &x).unwrap().to_vec::<f64>().unwrap();
+        let updates = ctx.take_buffer_updates();
+        assert_eq!(updates.len(), 2, "running statistics updated");
+        y
+    });
+    let (n, x, gy) = whole_batch(&sizes);
+    let want = run_norm(n, &x, &gy, DType::F32, Device::Cpu, plain).unwrap();
+    let got = concat(ranks.into_iter());
+    let e = rel_err(&got, &want.y);
+    assert!(e <= 1e-6, "Norm2d sync_bn vs plain BN on the whole batch: {e:.3e}");
+}

@@ -11,6 +11,18 @@
 //! complete buckets in different orders. [`GradReducer::finish`] launches what is
 //! left (a parameter with no gradient on this rank counts as zeros, as DDP with
 //! `find_unused_parameters`), waits, and writes the averages back.
+//!
+//! Where the buckets live: for parameters on a CUDA (or emulated) device a bucket is
+//! one device buffer (the gradients concatenated on the device) handed to
+//! [`super::Collective::all_reduce_tensor`]; the in-process group reduces the ranks'
+//! device buffers on the device, and the averages are sliced back on the device, so
+//! the reduction makes no host copy. (`NcclComm` and `TcpComm` still stage device
+//! buckets through the host.) CPU parameters use host buckets.
+//!
+//! Gradient accumulation: the runner reduces only in the backward of a step's last
+//! micro-batch (DDP's `no_sync`); [`GradSync::attach_accumulated`] hands the reducer
+//! the unreduced sums of the earlier micro-batches, which are added to each bucket as
+//! it is flattened, so the buckets still go out during that last backward.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -50,7 +62,9 @@ struct Pass {
     missing: Vec<usize>,
     next_launch: usize,
     /// Launched buckets' averaged values, in bucket order.
-    pending: Vec<Pending<Vec<f32>>>,
+    pending: Vec<Pending<Bucket>>,
+    /// Each parameter's device.
+    devices: Vec<Device>,
     stream: Arc<CommStream>,
     log: Arc<Mutex<Vec<BucketLaunch>>>,
     ops_total: usize,
@@ -133,19 +147,21 @@ impl GradReducer {
     }
 }
 
+/// A bucket's flat values: on the host (CPU parameters) or in one device buffer.
+enum Bucket {
+    Host(Vec<f32>),
+    Device(Tensor),
+}
+
 impl Pass {
-    /// Launch every complete bucket whose predecessors are all launched.
-    fn launch_ready(
-        &mut self,
-        buckets: &[Vec<usize>],
-        shapes: &[Shape],
-        ops_done: Option<usize>,
-        all: bool,
-    ) -> Result<()> {
-        while self.next_launch < buckets.len() && (all || self.missing[self.next_launch] == 0) {
-            let b = self.next_launch;
+    /// The bucket's gradients (prior + this pass, zeros where a parameter has none)
+    /// flattened into one buffer on their device: a concatenation on the device for
+    /// CUDA and emulated devices (no host staging), a host vector for the CPU.
+    fn flatten(&self, params: &[usize], shapes: &[Shape]) -> Result<Bucket> {
+        let devices = &self.devices;
+        if devices[params[0]] == Device::Cpu {
             let mut data = Vec::new();
-            for &p in &buckets[b] {
+            for &p in params {
                 let start = data.len();
                 match &self.grads[p] {
                     Some(g) => data.extend(g.to_vec::<f32>()?),
@@ -158,10 +174,44 @@ impl Pass {
                     }
                 }
             }
-            let pending = self.stream.submit(move |c| {
-                let mut data = data;
-                c.all_reduce(&mut data, ReduceOp::Avg)?;
-                Ok(data)
+            return Ok(Bucket::Host(data));
+        }
+        let mut flat = Vec::with_capacity(params.len());
+        for &p in params {
+            let n = shapes[p].numel();
+            let g = match &self.grads[p] {
+                Some(g) => g.reshape_detached([n])?,
+                // A parameter without a gradient on this rank (rare): zeros, uploaded.
+                None => Tensor::zeros([n], crate::DType::F32, devices[p])?,
+            };
+            flat.push(match &self.prior[p] {
+                Some(a) => crate::ops::add(&a.reshape_detached([n])?, &g)?,
+                None => g,
+            });
+        }
+        let refs: Vec<&Tensor> = flat.iter().collect();
+        Ok(Bucket::Device(crate::ops::concat(&refs, 0)?))
+    }
+
+    /// Launch every complete bucket whose predecessors are all launched.
+    fn launch_ready(
+        &mut self,
+        buckets: &[Vec<usize>],
+        shapes: &[Shape],
+        ops_done: Option<usize>,
+        all: bool,
+    ) -> Result<()> {
+        while self.next_launch < buckets.len() && (all || self.missing[self.next_launch] == 0) {
+            let b = self.next_launch;
+            let bucket = self.flatten(&buckets[b], shapes)?;
+            let pending = self.stream.submit(move |c| match bucket {
+                Bucket::Host(mut data) => {
+                    c.all_reduce(&mut data, ReduceOp::Avg)?;
+                    Ok(Bucket::Host(data))
+                }
+                // Reduced in place on the device by collectives that can (the
+                // in-process group, NCCL); through the host by the others.
+                Bucket::Device(t) => Ok(Bucket::Device(c.all_reduce_tensor(&t, ReduceOp::Avg)?)),
             })?;
             self.pending.push(pending);
             self.log
@@ -197,6 +247,7 @@ impl GradSync for GradReducer {
             missing: self.buckets.iter().map(Vec::len).collect(),
             next_launch: 0,
             pending: Vec::new(),
+            devices: self.devices.clone(),
             stream: self.stream.clone(),
             log: self.log.clone(),
             ops_total: 0,
@@ -242,12 +293,19 @@ impl GradSync for GradReducer {
         let pending = std::mem::take(&mut p.pending);
         drop(p);
         for (b, pending) in pending.into_iter().enumerate() {
-            let data = pending.wait()?;
+            let bucket = pending.wait()?;
             let mut off = 0;
             for &i in &self.buckets[b] {
-                let n = self.shapes[i].numel();
-                let t = Tensor::from_vec(data[off..off + n].to_vec(), self.shapes[i].clone())?;
-                grads[i] = Some(t.to_device(self.devices[i])?);
+                let (n, shape) = (self.shapes[i].numel(), self.shapes[i].clone());
+                grads[i] = Some(match &bucket {
+                    Bucket::Host(data) => {
+                        Tensor::from_vec(data[off..off + n].to_vec(), shape)?
+                            .to_device(self.devices[i])?
+                    }
+                    Bucket::Device(t) => {
+                        crate::ops::narrow(t, 0, off, n)?.reshape_detached(shape)?
+                    }
+                });
                 off += n;
             }
         }
