@@ -133,7 +133,10 @@ fn device_buckets_reduce_without_host_copies_emulated() {
         want.iter_mut()
             .for_each(|w| w.iter_mut().for_each(|v| *v /= world as f32));
         for (rank, (plain, synced)) in results.iter().enumerate() {
-            assert_eq!(plain.own, synced.own, "rank {rank}: same backward both times");
+            assert_eq!(
+                plain.own, synced.own,
+                "rank {rank}: same backward both times"
+            );
             assert_eq!(
                 synced.reduced.as_ref().unwrap(),
                 &want,
@@ -144,7 +147,10 @@ fn device_buckets_reduce_without_host_copies_emulated() {
                 "rank {rank} of {world}: (htod, dtoh) during backward with the reducer vs \
                  without: the reduction must add no host copies"
             );
-            assert!(synced.during_backward, "rank {rank}: buckets launched during backward");
+            assert!(
+                synced.during_backward,
+                "rank {rank}: buckets launched during backward"
+            );
             println!(
                 "world {world} rank {rank}: (htod, dtoh) during backward {:?} without, {:?} with the reducer",
                 plain.copies, synced.copies

@@ -10,9 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use kestrel::autograd::Tape;
-use kestrel::dist::{
-    distribute_runner, local_group, BucketLaunch, Comm, DistOptions, GradReducer,
-};
+use kestrel::dist::{distribute_runner, local_group, BucketLaunch, Comm, DistOptions, GradReducer};
 use kestrel::ops;
 use kestrel::optim::{Sgd, SgdConfig};
 use kestrel::rng::Rng;

@@ -67,8 +67,11 @@ fn channel_params() -> [Vec<f64>; 4] {
 fn on(v: &[f64], shape: &[usize], dtype: DType, dev: Device) -> Tensor {
     let t = match dtype {
         DType::F64 => Tensor::from_vec(v.to_vec(), shape.to_vec()).unwrap(),
-        _ => Tensor::from_vec(v.iter().map(|&x| x as f32).collect::<Vec<_>>(), shape.to_vec())
-            .unwrap(),
+        _ => Tensor::from_vec(
+            v.iter().map(|&x| x as f32).collect::<Vec<_>>(),
+            shape.to_vec(),
+        )
+        .unwrap(),
     };
     t.to_device(dev).unwrap()
 }
@@ -189,11 +192,17 @@ fn check_world(dev: Device, sizes: &[usize]) {
 
     // The running statistics are computed from the same merged numbers on every rank.
     for (r, o) in ranks.iter().enumerate() {
-        assert_eq!(o.running_mean, ranks[0].running_mean, "rank {r} running_mean");
+        assert_eq!(
+            o.running_mean, ranks[0].running_mean,
+            "rank {r} running_mean"
+        );
         assert_eq!(o.running_var, ranks[0].running_var, "rank {r} running_var");
         if sizes[r] == 0 {
             assert!(o.y.is_empty(), "rank {r}: empty output for no images");
-            assert!(o.gw.is_none() && o.gb.is_none(), "rank {r}: torch gives no gw/gb");
+            assert!(
+                o.gw.is_none() && o.gb.is_none(),
+                "rank {r}: torch gives no gw/gb"
+            );
         }
         if dev != Device::Cpu && sizes[r] > 0 {
             for k in [
@@ -244,9 +253,17 @@ fn check_world(dev: Device, sizes: &[usize]) {
     // (per rank, then merged) — a few f32 ulps. f64 on the CPU: f32 rounding only.
     for ((name, g), (w32, w64)) in got.iter().zip(want(&want32).iter().zip(want(&want64))) {
         let (e32, e64) = (max_rel(g, w32), max_rel(g, &w64));
-        println!("{dev:?} sizes {sizes:?} {name}: rel err {e32:.2e} vs f32 plain, {e64:.2e} vs f64");
-        assert!(e32 <= 1e-6, "{name}: rel err {e32:.3e} > 1e-6 against f32 plain BN");
-        assert!(e64 <= 1e-5, "{name}: rel err {e64:.3e} > 1e-5 against f64 plain BN");
+        println!(
+            "{dev:?} sizes {sizes:?} {name}: rel err {e32:.2e} vs f32 plain, {e64:.2e} vs f64"
+        );
+        assert!(
+            e32 <= 1e-6,
+            "{name}: rel err {e32:.3e} > 1e-6 against f32 plain BN"
+        );
+        assert!(
+            e64 <= 1e-5,
+            "{name}: rel err {e64:.3e} > 1e-5 against f64 plain BN"
+        );
     }
 }
 
@@ -333,7 +350,11 @@ fn gradient_of_the_loss_over_all_ranks_matches_finite_differences_f64() {
                     total_loss(&sizes, p, [w.clone(), b.clone()])
                 };
                 let num = (at(h) - at(-h)) / (2.0 * h);
-                check(format!("{sizes:?} dx rank {r} [{i}]"), num, analytic[r].gx[i]);
+                check(
+                    format!("{sizes:?} dx rank {r} [{i}]"),
+                    num,
+                    analytic[r].gx[i],
+                );
             }
         }
         for (k, name) in [(0usize, "weight"), (1, "bias")] {
@@ -369,7 +390,10 @@ fn one_value_per_channel_over_all_ranks_is_an_error_on_every_rank() {
             .to_string()
     });
     for e in errs {
-        assert!(e.contains("sync_batch_norm") && e.contains("more than one value"), "{e}");
+        assert!(
+            e.contains("sync_batch_norm") && e.contains("more than one value"),
+            "{e}"
+        );
     }
 }
 
@@ -429,12 +453,20 @@ fn sync_bn_is_a_backbone_norm_and_the_layer_reduces_over_ranks() {
         layer.specs(&mut specs);
         let mut store = ParamStore::init(&specs, 0).unwrap();
         let p = channel_params();
-        for (name, v) in ["weight", "bias", "running_mean", "running_var"].iter().zip(p) {
+        for (name, v) in ["weight", "bias", "running_mean", "running_var"]
+            .iter()
+            .zip(p)
+        {
             store
                 .set(&format!("bn.{name}"), on(&v, &[C], DType::F32, Device::Cpu))
                 .unwrap();
         }
-        let x = on(&rank_data(r, sizes[r]).0, &shape(sizes[r]), DType::F32, Device::Cpu);
+        let x = on(
+            &rank_data(r, sizes[r]).0,
+            &shape(sizes[r]),
+            DType::F32,
+            Device::Cpu,
+        );
         let ctx = Ctx::new(&store, true);
         let y = layer.forward(&ctx, &x).unwrap().to_vec::<f64>().unwrap();
         let updates = ctx.take_buffer_updates();
@@ -445,5 +477,8 @@ fn sync_bn_is_a_backbone_norm_and_the_layer_reduces_over_ranks() {
     let want = run_norm(n, &x, &gy, DType::F32, Device::Cpu, plain).unwrap();
     let got = concat(ranks.into_iter());
     let e = rel_err(&got, &want.y);
-    assert!(e <= 1e-6, "Norm2d sync_bn vs plain BN on the whole batch: {e:.3e}");
+    assert!(
+        e <= 1e-6,
+        "Norm2d sync_bn vs plain BN on the whole batch: {e:.3e}"
+    );
 }

@@ -298,10 +298,8 @@ impl GradSync for GradReducer {
             for &i in &self.buckets[b] {
                 let (n, shape) = (self.shapes[i].numel(), self.shapes[i].clone());
                 grads[i] = Some(match &bucket {
-                    Bucket::Host(data) => {
-                        Tensor::from_vec(data[off..off + n].to_vec(), shape)?
-                            .to_device(self.devices[i])?
-                    }
+                    Bucket::Host(data) => Tensor::from_vec(data[off..off + n].to_vec(), shape)?
+                        .to_device(self.devices[i])?,
                     Bucket::Device(t) => {
                         crate::ops::narrow(t, 0, off, n)?.reshape_detached(shape)?
                     }

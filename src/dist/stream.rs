@@ -104,9 +104,6 @@ impl CommStream {
 
 impl Drop for CommStream {
     fn drop(&mut self) {
-        self.tasks
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
+        self.tasks.lock().unwrap_or_else(|p| p.into_inner()).take();
     }
 }

@@ -322,7 +322,9 @@ fn backward(
     let gw = (needs[1] && !empty)
         .then(|| vec_t((0..d.c).map(|c| s2[c] * inv[c]).collect()))
         .transpose()?;
-    let gb = (needs[2] && !empty).then(|| vec_t(s1.clone())).transpose()?;
+    let gb = (needs[2] && !empty)
+        .then(|| vec_t(s1.clone()))
+        .transpose()?;
     let gx = if needs[0] {
         let mut local = s1;
         local.extend(s2);
@@ -384,7 +386,12 @@ fn local_moments(x: &Tensor, d: Dims) -> Result<(Vec<f64>, Vec<f64>)> {
 }
 
 /// Per channel: this rank's `sum(gy)` and `sum(gy * (x - mean))`.
-fn local_grad_sums(x: &Tensor, gy: &Tensor, mean: &Tensor, d: Dims) -> Result<(Vec<f64>, Vec<f64>)> {
+fn local_grad_sums(
+    x: &Tensor,
+    gy: &Tensor,
+    mean: &Tensor,
+    d: Dims,
+) -> Result<(Vec<f64>, Vec<f64>)> {
     let mut s1 = vec![0.0; d.c];
     let mut s2 = vec![0.0; d.c];
     if d.count() == 0 {
@@ -402,14 +409,8 @@ fn local_grad_sums(x: &Tensor, gy: &Tensor, mean: &Tensor, d: Dims) -> Result<(V
             }
         }),
         Device::Cuda(_) => {
-            let partial = launch_partials(
-                x,
-                Some(gy),
-                Some(mean),
-                d,
-                "batch_norm_grad_partial_f32",
-                2,
-            )?;
+            let partial =
+                launch_partials(x, Some(gy), Some(mean), d, "batch_norm_grad_partial_f32", 2)?;
             let parts = partial.len() / (2 * d.c);
             for c in 0..d.c {
                 for p in partial[c * parts * 2..(c + 1) * parts * 2].chunks_exact(2) {
