@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use common::emulated;
 use kestrel::autograd::Tape;
-use kestrel::dist::{local_group, Collective, Comm, GradReducer};
+use kestrel::dist::{local_group, Comm, GradReducer};
 use kestrel::ops;
 use kestrel::rng::Rng;
 use kestrel::runner::GradSync;

@@ -168,9 +168,9 @@ impl Pass {
                     None => data.extend(std::iter::repeat_n(0.0f32, shapes[p].numel())),
                 }
                 if let Some(prior) = &self.prior[p] {
-                    // prior + this pass, the order Runner::backward adds in.
+                    // prior + this pass (f32 addition commutes: Runner::backward's sum).
                     for (d, a) in data[start..].iter_mut().zip(prior.to_vec::<f32>()?) {
-                        *d = a + *d;
+                        *d += a;
                     }
                 }
             }

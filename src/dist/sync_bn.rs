@@ -126,7 +126,7 @@ fn check(x: &Tensor, per_channel: &[(&str, &Tensor)], cfg: BatchNormConfig) -> R
             msg: format!("input {} must be f32 or f64", x.shape()),
         });
     }
-    if !(cfg.eps >= 0.0 && cfg.eps.is_finite()) || !cfg.momentum.is_finite() {
+    if !(cfg.eps >= 0.0 && cfg.eps.is_finite() && cfg.momentum.is_finite()) {
         return Err(Error::invalid(
             OP,
             format!(
