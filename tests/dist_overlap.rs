@@ -2,13 +2,15 @@
 //! (threads over the in-process group): buckets are launched while backward still
 //! runs, in bucket order, and the gradients (and, through the Runner, the weights
 //! with clipping and accumulation) equal a single process averaging the ranks'
-//! gradients itself.
+//! gradients itself. With accumulation the ranks reduce only in the last micro-step's
+//! backward (DDP's `no_sync`), and the weights equal one process that sums each rank's
+//! micro-batches and averages the sums.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use kestrel::autograd::Tape;
-use kestrel::dist::{distribute_runner, local_group, Comm, DistOptions, GradReducer};
+use kestrel::dist::{distribute_runner, local_group, BucketLaunch, Comm, DistOptions, GradReducer};
 use kestrel::ops;
 use kestrel::optim::{Sgd, SgdConfig};
 use kestrel::rng::Rng;
@@ -210,7 +212,7 @@ fn shard(r: usize) -> Vec<Vec<f32>> {
     rows(1000 + r as u64, 2 * STEPS)
 }
 
-fn run_rank(comm: Comm, dir: std::path::PathBuf) -> Vec<Vec<f32>> {
+fn run_rank(comm: Comm, dir: std::path::PathBuf) -> (Vec<Vec<f32>>, Vec<BucketLaunch>) {
     let mut runner = Runner::new(regression(), sgd(), dir, Schedule::Iters(STEPS), 0);
     runner.log.quiet = true;
     runner.set_train_loader(Box::new(
@@ -221,27 +223,30 @@ fn run_rank(comm: Comm, dir: std::path::PathBuf) -> Vec<Vec<f32>> {
             .with_grad_clip(MAX_NORM, 2.0)
             .with_cumulative_iters(ACCUM),
     );
-    distribute_runner(&mut runner, comm, &DistOptions::default()).unwrap();
+    let log = distribute_runner(&mut runner, comm, &DistOptions::default()).unwrap();
     runner.run(&[(Mode::Train, 1)]).unwrap();
-    runner
+    let w = runner
         .model
         .params()
         .iter()
         .map(|(_, t)| t.to_vec::<f32>().unwrap())
-        .collect()
+        .collect();
+    let launches = log.lock().unwrap().clone();
+    (w, launches)
 }
 
-/// The reference written without the runner: per micro-step, each rank's gradient of
-/// loss / ACCUM, averaged over ranks, summed over ACCUM micro-steps, clipped to total
-/// 2-norm MAX_NORM, then one SGD step.
+/// The reference written without the runner, in the order of DDP with `no_sync`:
+/// per micro-step, each rank's gradient of loss / ACCUM, summed over the ACCUM
+/// micro-steps on that rank alone; at the step, the ranks' sums averaged (added in
+/// rank order, divided by the world size), clipped to total 2-norm MAX_NORM, then one
+/// SGD step.
 fn reference(world: usize) -> Vec<Vec<f32>> {
     let mut model = regression();
     let mut opt = sgd();
     let mut rng = Rng::new(0);
-    let mut acc: Vec<Option<Vec<f32>>> = vec![None, None];
+    let mut acc: Vec<Vec<Option<Vec<f32>>>> = vec![vec![None, None]; world];
     for step in 0..STEPS {
-        let mut avg: Vec<Vec<f32>> = vec![vec![0.0; 8], vec![0.0; 2]];
-        for r in 0..world {
+        for (r, acc_r) in acc.iter_mut().enumerate() {
             let batch = shard(r)[2 * step..2 * step + 2].to_vec();
             let tape = Tape::new();
             let params: Vec<Tensor> = model.params().into_iter().map(|(_, t)| t).collect();
@@ -258,24 +263,24 @@ fn reference(world: usize) -> Vec<Vec<f32>> {
             )
             .unwrap();
             let g = tape.backward_with(&loss, seed).unwrap();
-            for (p, a) in params.iter().zip(avg.iter_mut()) {
-                for (x, v) in a
-                    .iter_mut()
-                    .zip(g.expect(p).unwrap().to_vec::<f32>().unwrap())
-                {
-                    *x += v;
-                }
+            for (p, slot) in params.iter().zip(acc_r.iter_mut()) {
+                let v = g.expect(p).unwrap().to_vec::<f32>().unwrap();
+                *slot = Some(match slot.take() {
+                    Some(prev) => prev.iter().zip(&v).map(|(a, b)| a + b).collect(),
+                    None => v,
+                });
             }
         }
-        for (a, slot) in avg.iter_mut().zip(acc.iter_mut()) {
-            a.iter_mut().for_each(|x| *x /= world as f32);
-            *slot = Some(match slot.take() {
-                Some(prev) => prev.iter().zip(a.iter()).map(|(p, v)| p + v).collect(),
-                None => a.clone(),
-            });
-        }
         if (step + 1) % ACCUM == 0 {
-            let g: Vec<Vec<f32>> = acc.iter_mut().map(|s| s.take().unwrap()).collect();
+            let mut g: Vec<Vec<f32>> = vec![vec![0.0; 8], vec![0.0; 2]];
+            for acc_r in acc.iter_mut() {
+                for (a, slot) in g.iter_mut().zip(acc_r.iter_mut()) {
+                    let v = slot.take().unwrap();
+                    a.iter_mut().zip(v).for_each(|(x, y)| *x += y);
+                }
+            }
+            g.iter_mut()
+                .for_each(|a| a.iter_mut().for_each(|x| *x /= world as f32));
             let total = g
                 .iter()
                 .map(|v| {
@@ -324,7 +329,7 @@ fn runner_with_clipping_and_accumulation_matches_reference() {
     let tmp = std::env::temp_dir().join(format!("kestrel-dist-reg-{}", std::process::id()));
     for world in [2usize, 4] {
         let comms = local_group(world, Duration::from_secs(30)).unwrap();
-        let results = Arc::new(Mutex::new(vec![Vec::new(); world]));
+        let results = Arc::new(Mutex::new(vec![(Vec::new(), Vec::new()); world]));
         let hs: Vec<_> = comms
             .into_iter()
             .enumerate()
@@ -339,15 +344,26 @@ fn runner_with_clipping_and_accumulation_matches_reference() {
         hs.into_iter().for_each(|h| h.join().unwrap());
         let results = results.lock().unwrap().clone();
         let want = reference(world);
-        for (r, got) in results.iter().enumerate() {
+        for (r, (got, launches)) in results.iter().enumerate() {
             assert_eq!(
-                got, &results[0],
+                got, &results[0].0,
                 "rank {r} ended with other weights than rank 0"
             );
             // The runner clips in f64 from the same f32 gradients; the same arithmetic
             // in the same order: equal to the last bit (tolerance 0).
             let d = max_abs_diff(got, &want);
             assert!(d == 0.0, "world {world}: max |Δw| {d:e}\n{got:?}\n{want:?}");
+            // no_sync: one reduction (one bucket: two small parameters) per optimizer
+            // step, not per micro-step, and it goes out during the last backward.
+            assert_eq!(
+                launches.len(),
+                STEPS / ACCUM,
+                "rank {r}: bucket launches {launches:?}"
+            );
+            assert!(
+                launches.iter().all(|l| l.ops_done.is_some()),
+                "rank {r}: a bucket launched after backward: {launches:?}"
+            );
         }
     }
     let _ = std::fs::remove_dir_all(tmp);

@@ -4,7 +4,7 @@ use std::sync::{Arc, Mutex};
 
 use serde_json::json;
 
-use super::{BucketLaunch, Comm, GradReducer, DEFAULT_BUCKET_BYTES};
+use super::{set_sync_bn_group, BucketLaunch, Comm, CommStream, GradReducer, DEFAULT_BUCKET_BYTES};
 use crate::error::{Error, Result};
 use crate::rng::Rng;
 use crate::runner::hooks::NanGuardHook;
@@ -70,6 +70,15 @@ pub fn distribute_runner<M: Model + 'static>(
                 ))
             })?;
         runner.rng = Rng::new(state);
+        if saved.get("unsynced_grads").and_then(|v| v.as_bool()) == Some(true) && world > 1 {
+            return Err(Error::Distributed(
+                "the checkpoint was taken in the middle of a gradient accumulation whose \
+                 micro-steps are reduced only at the last one (no_sync): it holds rank 0's \
+                 unreduced gradients only; resume from a checkpoint at a step boundary \
+                 (a checkpoint interval that is a multiple of cumulative_iters)"
+                    .into(),
+            ));
+        }
     }
     if opts.broadcast_weights && world > 1 {
         let params = broadcast_all(&comm, runner.model.params())?;
@@ -89,10 +98,13 @@ pub fn distribute_runner<M: Model + 'static>(
             });
         }
     }
-    let reducer = GradReducer::new(comm.clone(), opts.bucket_bytes);
+    // One communication stream for the gradient buckets and SyncBatchNorm, so both
+    // issue their collectives in one order on every rank.
+    let stream = CommStream::new(comm.clone());
+    let reducer = GradReducer::on_stream(stream.clone(), opts.bucket_bytes);
     let log = reducer.launch_log();
     runner.set_grad_sync(Some(Box::new(reducer)));
-    runner.register_hook(DistStateHook { comm });
+    runner.register_hook(DistStateHook { comm, stream });
     Ok(log)
 }
 
@@ -113,6 +125,7 @@ fn broadcast_all(comm: &Comm, named: Vec<(String, Tensor)>) -> Result<Vec<Tensor
 /// into [`Runner::meta`] so that rank 0's checkpoint resumes the whole world.
 struct DistStateHook {
     comm: Comm,
+    stream: Arc<CommStream>,
 }
 
 impl<M: Model> Hook<M> for DistStateHook {
@@ -122,7 +135,15 @@ impl<M: Model> Hook<M> for DistStateHook {
     }
 
     fn before_run(&mut self, runner: &mut Runner<M>) -> Result<()> {
+        // The thread that runs the hooks runs the model: its SyncBatchNorm layers
+        // reduce over this group.
+        set_sync_bn_group(Some(self.stream.clone()));
         self.record(runner)
+    }
+
+    fn after_run(&mut self, _runner: &mut Runner<M>) -> Result<()> {
+        set_sync_bn_group(None);
+        Ok(())
     }
 
     fn after_train_iter(&mut self, runner: &mut Runner<M>) -> Result<()> {
@@ -146,7 +167,11 @@ impl DistStateHook {
             .collect::<Result<_>>()?;
         runner.meta.insert(
             META_KEY.into(),
-            json!({ "world_size": self.comm.world_size(), "rng": rng }),
+            json!({
+                "world_size": self.comm.world_size(),
+                "rng": rng,
+                "unsynced_grads": runner.has_unsynced_grads(),
+            }),
         );
         Ok(())
     }

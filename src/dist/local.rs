@@ -12,14 +12,24 @@ use std::time::{Duration, Instant};
 
 use super::{exchange_all_reduce, exchange_broadcast, Collective, Exchange, ReduceOp};
 use crate::error::{Error, Result};
+use crate::tensor::Tensor;
+use crate::Device;
+
+/// What a rank deposits in a round: bytes (host collectives) or a device tensor
+/// (device all-reduce: the ranks read each other's device buffers, no host staging).
+#[derive(Clone)]
+enum Payload {
+    Bytes(Vec<u8>),
+    Tensor(Tensor),
+}
 
 struct Round {
     /// Round number (collectives completed so far by the group).
     number: u64,
     /// Each rank's message and collective description for this round.
-    slots: Vec<Option<(String, Vec<u8>)>>,
+    slots: Vec<Option<(String, Payload)>>,
     /// The last completed round's messages.
-    published: Option<(u64, Arc<Vec<Vec<u8>>>)>,
+    published: Option<(u64, Arc<Vec<Payload>>)>,
     /// Ranks that left, with why.
     departed: Vec<Option<String>>,
     /// Set when the group is broken (a timeout, a mismatch): every call fails with it.
@@ -81,6 +91,22 @@ fn list(ranks: &[usize]) -> String {
 
 impl Exchange for LocalComm {
     fn exchange(&self, what: &str, data: Vec<u8>) -> Result<Arc<Vec<Vec<u8>>>> {
+        let parts = self.exchange_payload(what, Payload::Bytes(data))?;
+        let bytes = parts
+            .iter()
+            .map(|p| match p {
+                Payload::Bytes(b) => Ok(b.clone()),
+                Payload::Tensor(_) => Err(Error::Distributed(format!(
+                    "{what}: a rank sent a tensor where bytes were expected"
+                ))),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Arc::new(bytes))
+    }
+}
+
+impl LocalComm {
+    fn exchange_payload(&self, what: &str, data: Payload) -> Result<Arc<Vec<Payload>>> {
         let sh = &self.shared;
         let mut st = sh.lock();
         if let Some(b) = &st.broken {
@@ -89,7 +115,7 @@ impl Exchange for LocalComm {
         let my_round = st.number;
         st.slots[self.rank] = Some((what.to_string(), data));
         if st.slots.iter().all(Option::is_some) {
-            let slots: Vec<(String, Vec<u8>)> =
+            let slots: Vec<(String, Payload)> =
                 st.slots.iter_mut().filter_map(Option::take).collect();
             if let Some((r, (w, _))) = slots
                 .iter()
@@ -175,6 +201,49 @@ impl Collective for LocalComm {
     }
     fn barrier(&self) -> Result<()> {
         self.exchange("barrier", Vec::new()).map(|_| ())
+    }
+    /// On a CUDA (or emulated) device the ranks exchange their device tensors and
+    /// each adds them on its own device in rank order (then scales by `1 / W` for
+    /// [`ReduceOp::Avg`]): no host copy. The sum order is the host reduction's, so
+    /// the result equals it bit for bit when `1 / W` is exact (W a power of two).
+    fn all_reduce_tensor(&self, t: &Tensor, op: ReduceOp) -> Result<Tensor> {
+        if t.device() == Device::Cpu {
+            let mut v = t.to_vec::<f32>()?;
+            self.all_reduce(&mut v, op)?;
+            return Tensor::from_vec(v, t.shape().clone());
+        }
+        let what = format!("all_reduce({op:?}) of {} device values", t.numel());
+        let parts = self.exchange_payload(&what, Payload::Tensor(t.clone()))?;
+        let mut acc: Option<Tensor> = None;
+        for (r, p) in parts.iter().enumerate() {
+            let Payload::Tensor(p) = p else {
+                return Err(Error::Distributed(format!(
+                    "{what}: rank {r} sent bytes where a tensor was expected"
+                )));
+            };
+            if p.shape() != t.shape() {
+                return Err(Error::Distributed(format!(
+                    "{what}: rank {r} sent {} where this rank has {}",
+                    p.shape(),
+                    t.shape()
+                )));
+            }
+            // Ranks on other devices of this process: copied over (peer copy).
+            let p = if p.device() == t.device() {
+                p.clone()
+            } else {
+                p.to_device(t.device())?
+            };
+            acc = Some(match acc {
+                None => p,
+                Some(a) => crate::ops::add(&a, &p)?,
+            });
+        }
+        let sum = acc.ok_or_else(|| Error::Distributed("all_reduce in an empty group".into()))?;
+        match op {
+            ReduceOp::Sum => Ok(sum),
+            ReduceOp::Avg => crate::ops::scale(&sum, 1.0 / self.shared.world as f64),
+        }
     }
     fn abort(&self, reason: &str) {
         let mut st = self.shared.lock();

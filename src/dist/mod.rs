@@ -11,6 +11,10 @@
 //! - [`GradReducer`]: gradients in ~25 MB buckets in reverse parameter order, each
 //!   bucket all-reduced on a communication thread as soon as its gradients are final
 //!   during backward, in the same bucket order on every rank.
+//! - [`CommStream`]: the rank's communication thread; the gradient buckets and
+//!   SyncBatchNorm's collectives queue on it so that every rank issues them in one order.
+//! - [`sync_batch_norm`]: `torch.nn.SyncBatchNorm` (`norm = "sync_bn"` in
+//!   `[model.backbone]`), statistics and gradient sums reduced across the ranks.
 //! - [`Rendezvous`]: `WORLD_SIZE`, `RANK`, `LOCAL_RANK`, `MASTER_ADDR`,
 //!   `MASTER_PORT` as torchrun and SLURM set them.
 //!
@@ -30,6 +34,8 @@ mod local;
 mod nccl;
 mod reducer;
 mod rendezvous;
+mod stream;
+mod sync_bn;
 mod tcp;
 
 pub use ddp::{distribute_runner, DistOptions, META_KEY};
@@ -39,6 +45,8 @@ pub use local::{local_group, LocalComm};
 pub use nccl::{nccl_available, NcclComm};
 pub use reducer::{BucketLaunch, GradReducer, DEFAULT_BUCKET_BYTES};
 pub use rendezvous::Rendezvous;
+pub use stream::{CommStream, Pending};
+pub use sync_bn::{set_sync_bn_group, sync_batch_norm, sync_bn_group};
 pub use tcp::TcpComm;
 
 use std::sync::Arc;

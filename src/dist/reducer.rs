@@ -11,12 +11,23 @@
 //! complete buckets in different orders. [`GradReducer::finish`] launches what is
 //! left (a parameter with no gradient on this rank counts as zeros, as DDP with
 //! `find_unused_parameters`), waits, and writes the averages back.
+//!
+//! Where the buckets live: for parameters on a CUDA (or emulated) device a bucket is
+//! one device buffer (the gradients concatenated on the device) handed to
+//! [`super::Collective::all_reduce_tensor`]; the in-process group reduces the ranks'
+//! device buffers on the device, and the averages are sliced back on the device, so
+//! the reduction makes no host copy. (`NcclComm` and `TcpComm` still stage device
+//! buckets through the host.) CPU parameters use host buckets.
+//!
+//! Gradient accumulation: the runner reduces only in the backward of a step's last
+//! micro-batch (DDP's `no_sync`); [`GradSync::attach_accumulated`] hands the reducer
+//! the unreduced sums of the earlier micro-batches, which are added to each bucket as
+//! it is flattened, so the buckets still go out during that last backward.
 
 use std::collections::HashMap;
-use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 
+use super::stream::{CommStream, Pending};
 use super::{Comm, ReduceOp};
 use crate::autograd::{GradReady, Tape};
 use crate::error::{Error, Result};
@@ -41,21 +52,20 @@ pub struct BucketLaunch {
     pub ops_total: usize,
 }
 
-struct Job {
-    bucket: usize,
-    data: Vec<f32>,
-}
-
-/// A bucket back from the communication thread: its index and averaged values.
-type Reduced = Result<(usize, Vec<f32>)>;
-
 /// The state one backward pass shares with the tape's hook.
 struct Pass {
     ids: HashMap<TensorId, usize>,
     grads: Vec<Option<Tensor>>,
+    /// Gradients accumulated by earlier micro-steps that were not reduced (DDP's
+    /// `no_sync`), added to this pass's before reduction.
+    prior: Vec<Option<Tensor>>,
     missing: Vec<usize>,
     next_launch: usize,
-    jobs: Sender<Job>,
+    /// Launched buckets' averaged values, in bucket order.
+    pending: Vec<Pending<Bucket>>,
+    /// Each parameter's device.
+    devices: Vec<Device>,
+    stream: Arc<CommStream>,
     log: Arc<Mutex<Vec<BucketLaunch>>>,
     ops_total: usize,
 }
@@ -69,9 +79,7 @@ pub struct GradReducer {
     shapes: Vec<Shape>,
     devices: Vec<Device>,
     pass: Option<Arc<Mutex<Pass>>>,
-    jobs: Option<Sender<Job>>,
-    results: Option<Receiver<Reduced>>,
-    thread: Option<JoinHandle<()>>,
+    stream: Arc<CommStream>,
     log: Arc<Mutex<Vec<BucketLaunch>>>,
 }
 
@@ -79,21 +87,12 @@ impl GradReducer {
     /// A reducer over `comm` with buckets of about `bucket_bytes` (at least one
     /// parameter each). The communication thread starts here.
     pub fn new(comm: Comm, bucket_bytes: usize) -> GradReducer {
-        let (jobs, job_rx) = channel::<Job>();
-        let (res_tx, results) = channel();
-        let c = comm;
-        // The communication "stream": collectives run here, in launch order, while
-        // the backward pass continues on the training thread.
-        let thread = std::thread::spawn(move || {
-            for mut job in job_rx {
-                let r = c
-                    .all_reduce(&mut job.data, ReduceOp::Avg)
-                    .map(|()| (job.bucket, job.data));
-                if res_tx.send(r).is_err() {
-                    return;
-                }
-            }
-        });
+        Self::on_stream(CommStream::new(comm), bucket_bytes)
+    }
+
+    /// A reducer whose collectives run on `stream`, shared with the other users of the
+    /// communicator during backward (SyncBatchNorm), so that all of them keep one order.
+    pub fn on_stream(stream: Arc<CommStream>, bucket_bytes: usize) -> GradReducer {
         GradReducer {
             bucket_bytes: bucket_bytes.max(1),
             buckets: Vec::new(),
@@ -101,11 +100,14 @@ impl GradReducer {
             shapes: Vec::new(),
             devices: Vec::new(),
             pass: None,
-            jobs: Some(jobs),
-            results: Some(results),
-            thread: Some(thread),
+            stream,
             log: Arc::new(Mutex::new(Vec::new())),
         }
+    }
+
+    /// The communication stream the buckets are reduced on.
+    pub fn stream(&self) -> Arc<CommStream> {
+        self.stream.clone()
     }
 
     /// The buckets: parameter indices of each, in launch order.
@@ -145,7 +147,52 @@ impl GradReducer {
     }
 }
 
+/// A bucket's flat values: on the host (CPU parameters) or in one device buffer.
+enum Bucket {
+    Host(Vec<f32>),
+    Device(Tensor),
+}
+
 impl Pass {
+    /// The bucket's gradients (prior + this pass, zeros where a parameter has none)
+    /// flattened into one buffer on their device: a concatenation on the device for
+    /// CUDA and emulated devices (no host staging), a host vector for the CPU.
+    fn flatten(&self, params: &[usize], shapes: &[Shape]) -> Result<Bucket> {
+        let devices = &self.devices;
+        if devices[params[0]] == Device::Cpu {
+            let mut data = Vec::new();
+            for &p in params {
+                let start = data.len();
+                match &self.grads[p] {
+                    Some(g) => data.extend(g.to_vec::<f32>()?),
+                    None => data.extend(std::iter::repeat_n(0.0f32, shapes[p].numel())),
+                }
+                if let Some(prior) = &self.prior[p] {
+                    // prior + this pass (f32 addition commutes: Runner::backward's sum).
+                    for (d, a) in data[start..].iter_mut().zip(prior.to_vec::<f32>()?) {
+                        *d += a;
+                    }
+                }
+            }
+            return Ok(Bucket::Host(data));
+        }
+        let mut flat = Vec::with_capacity(params.len());
+        for &p in params {
+            let n = shapes[p].numel();
+            let g = match &self.grads[p] {
+                Some(g) => g.reshape_detached([n])?,
+                // A parameter without a gradient on this rank (rare): zeros, uploaded.
+                None => Tensor::zeros([n], crate::DType::F32, devices[p])?,
+            };
+            flat.push(match &self.prior[p] {
+                Some(a) => crate::ops::add(&a.reshape_detached([n])?, &g)?,
+                None => g,
+            });
+        }
+        let refs: Vec<&Tensor> = flat.iter().collect();
+        Ok(Bucket::Device(crate::ops::concat(&refs, 0)?))
+    }
+
     /// Launch every complete bucket whose predecessors are all launched.
     fn launch_ready(
         &mut self,
@@ -156,16 +203,17 @@ impl Pass {
     ) -> Result<()> {
         while self.next_launch < buckets.len() && (all || self.missing[self.next_launch] == 0) {
             let b = self.next_launch;
-            let mut data = Vec::new();
-            for &p in &buckets[b] {
-                match &self.grads[p] {
-                    Some(g) => data.extend(g.to_vec::<f32>()?),
-                    None => data.extend(std::iter::repeat_n(0.0f32, shapes[p].numel())),
+            let bucket = self.flatten(&buckets[b], shapes)?;
+            let pending = self.stream.submit(move |c| match bucket {
+                Bucket::Host(mut data) => {
+                    c.all_reduce(&mut data, ReduceOp::Avg)?;
+                    Ok(Bucket::Host(data))
                 }
-            }
-            self.jobs
-                .send(Job { bucket: b, data })
-                .map_err(|_| Error::Distributed("the communication thread stopped".into()))?;
+                // Reduced in place on the device by collectives that can (the
+                // in-process group, NCCL); through the host by the others.
+                Bucket::Device(t) => Ok(Bucket::Device(c.all_reduce_tensor(&t, ReduceOp::Avg)?)),
+            })?;
+            self.pending.push(pending);
             self.log
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
@@ -188,10 +236,6 @@ impl GradSync for GradReducer {
         {
             self.plan(params);
         }
-        let jobs = self
-            .jobs
-            .clone()
-            .ok_or_else(|| Error::Distributed("the communication thread stopped".into()))?;
         let pass = Arc::new(Mutex::new(Pass {
             ids: params
                 .iter()
@@ -199,9 +243,12 @@ impl GradSync for GradReducer {
                 .map(|(i, p)| (p.id(), i))
                 .collect(),
             grads: vec![None; params.len()],
+            prior: vec![None; params.len()],
             missing: self.buckets.iter().map(Vec::len).collect(),
             next_launch: 0,
-            jobs,
+            pending: Vec::new(),
+            devices: self.devices.clone(),
+            stream: self.stream.clone(),
             log: self.log.clone(),
             ops_total: 0,
         }));
@@ -243,39 +290,42 @@ impl GradSync for GradReducer {
             }
         }
         p.launch_ready(&self.buckets, &self.shapes, None, true)?;
+        let pending = std::mem::take(&mut p.pending);
         drop(p);
-        let results = self
-            .results
-            .as_ref()
-            .ok_or_else(|| Error::Distributed("the communication thread stopped".into()))?;
-        for expected in 0..self.buckets.len() {
-            let (b, data) = results
-                .recv()
-                .map_err(|_| Error::Distributed("the communication thread stopped".into()))??;
-            if b != expected {
-                return Err(Error::Distributed(format!(
-                    "bucket {b} came back where {expected} was expected"
-                )));
-            }
+        for (b, pending) in pending.into_iter().enumerate() {
+            let bucket = pending.wait()?;
             let mut off = 0;
             for &i in &self.buckets[b] {
-                let n = self.shapes[i].numel();
-                let t = Tensor::from_vec(data[off..off + n].to_vec(), self.shapes[i].clone())?;
-                grads[i] = Some(t.to_device(self.devices[i])?);
+                let (n, shape) = (self.shapes[i].numel(), self.shapes[i].clone());
+                grads[i] = Some(match &bucket {
+                    Bucket::Host(data) => Tensor::from_vec(data[off..off + n].to_vec(), shape)?
+                        .to_device(self.devices[i])?,
+                    Bucket::Device(t) => {
+                        crate::ops::narrow(t, 0, off, n)?.reshape_detached(shape)?
+                    }
+                });
                 off += n;
             }
         }
         Ok(())
     }
-}
 
-impl Drop for GradReducer {
-    fn drop(&mut self) {
-        // Closing the job channel ends the communication thread after its current job.
-        // It is not joined: that job may wait for a rank that is gone, until the
-        // group's timeout, and the training thread should not wait for it.
-        self.jobs = None;
-        self.results = None;
-        self.thread.take();
+    fn attach_accumulated(&mut self, accumulated: &[Option<Tensor>]) -> Result<()> {
+        let pass = self.pass.as_ref().ok_or_else(|| {
+            Error::Distributed("GradReducer: accumulated gradients without attach".into())
+        })?;
+        let mut p = pass.lock().unwrap_or_else(|e| e.into_inner());
+        if accumulated.len() != p.prior.len() {
+            return Err(Error::invalid(
+                "GradReducer",
+                format!(
+                    "{} accumulated gradients for {} parameters",
+                    accumulated.len(),
+                    p.prior.len()
+                ),
+            ));
+        }
+        p.prior = accumulated.to_vec();
+        Ok(())
     }
 }

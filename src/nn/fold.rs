@@ -68,7 +68,8 @@ impl FoldCache {
         let eps = match norm.kind {
             NormKind::Frozen { eps }
             | NormKind::FrozenStats { eps }
-            | NormKind::Batch { eps, .. } => eps,
+            | NormKind::Batch { eps, .. }
+            | NormKind::SyncBatch { eps, .. } => eps,
         };
         let (s, t) = ops::fold_frozen_bn(w, b, rm, rv, eps)?;
         m.insert(norm.name.clone(), (ids, s.clone(), t.clone()));
@@ -83,7 +84,7 @@ pub fn fusable(ctx: &Ctx, norm: NormKind) -> bool {
     !autograd::is_recording()
         && match norm {
             NormKind::Frozen { .. } | NormKind::FrozenStats { .. } => true,
-            NormKind::Batch { .. } => !ctx.training,
+            NormKind::Batch { .. } | NormKind::SyncBatch { .. } => !ctx.training,
         }
 }
 

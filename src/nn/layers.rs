@@ -154,6 +154,15 @@ pub enum NormKind {
         /// Running-statistics update, `momentum * batch + (1 - momentum) * running`.
         momentum: f64,
     },
+    /// SyncBatchNorm: [`NormKind::Batch`] whose training statistics cover every
+    /// data-parallel rank's batch (`kestrel::dist::sync_batch_norm`); plain batch
+    /// norm outside a data-parallel run.
+    SyncBatch {
+        /// Added to the variance before the square root.
+        eps: f64,
+        /// Running-statistics update, `momentum * batch + (1 - momentum) * running`.
+        momentum: f64,
+    },
     /// BatchNorm2d kept in eval mode (running statistics fixed) with a trainable
     /// affine: mmdetection's ResNet with `norm_eval=True, requires_grad=True`.
     FrozenStats {
@@ -200,13 +209,17 @@ impl Norm2d {
                 },
             )?
             .y),
-            NormKind::Batch { eps, momentum } => {
+            NormKind::Batch { eps, momentum } | NormKind::SyncBatch { eps, momentum } => {
                 let cfg = BatchNormConfig {
                     training: ctx.training,
                     momentum,
                     eps,
                 };
-                let out = batch_norm(x, w, b, rm, rv, cfg)?;
+                let out = if matches!(self.kind, NormKind::SyncBatch { .. }) {
+                    crate::dist::sync_batch_norm(x, w, b, rm, rv, cfg)?
+                } else {
+                    batch_norm(x, w, b, rm, rv, cfg)?
+                };
                 if ctx.training {
                     let mut u = ctx.buffer_updates.borrow_mut();
                     u.push((format!("{}.running_mean", self.name), out.running_mean));
@@ -232,7 +245,7 @@ impl Norm2d {
                     Init::Const(0.0),
                 ));
             }
-            NormKind::Batch { .. } | NormKind::FrozenStats { .. } => {
+            NormKind::Batch { .. } | NormKind::SyncBatch { .. } | NormKind::FrozenStats { .. } => {
                 out.push(ParamSpec::param(
                     format!("{}.weight", self.name),
                     [c],

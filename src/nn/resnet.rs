@@ -32,7 +32,8 @@ impl BlockKind {
 /// In TOML, `depth = 50` stands for `block = "bottleneck"`, `layers = [3, 4, 6, 3]`
 /// (explicit `block` / `layers` override it); `norm` is `"frozen_bn"`
 /// (FrozenBatchNorm2d, torchvision's), `"batch_norm"` (batch statistics, trainable
-/// affine: from-scratch training) or `"bn_eval"` (running statistics fixed, affine
+/// affine: from-scratch training), `"sync_bn"` (as `"batch_norm"`, statistics over
+/// every data-parallel rank: torch's SyncBatchNorm) or `"bn_eval"` (running statistics fixed, affine
 /// trained: mmdetection's `norm_eval=True, requires_grad=True`), with `bn_eps` and
 /// `bn_momentum`.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -122,7 +123,9 @@ impl ResNetConfig {
         }
         let (eps, momentum) = match self.norm {
             NormKind::Frozen { eps } | NormKind::FrozenStats { eps } => (eps, 0.1),
-            NormKind::Batch { eps, momentum } => (eps, momentum),
+            NormKind::Batch { eps, momentum } | NormKind::SyncBatch { eps, momentum } => {
+                (eps, momentum)
+            }
         };
         if !(eps >= 0.0 && eps.is_finite()) {
             return Err(crate::config::invalid("bn_eps", format!("{eps}")));
@@ -143,6 +146,7 @@ impl ResNetConfig {
 enum NormName {
     FrozenBn,
     BatchNorm,
+    SyncBn,
     BnEval,
 }
 
@@ -179,6 +183,7 @@ impl From<ResNetConfig> for ResNetToml {
             NormKind::Frozen { eps } => (NormName::FrozenBn, eps, 0.1),
             NormKind::FrozenStats { eps } => (NormName::BnEval, eps, 0.1),
             NormKind::Batch { eps, momentum } => (NormName::BatchNorm, eps, momentum),
+            NormKind::SyncBatch { eps, momentum } => (NormName::SyncBn, eps, momentum),
         };
         ResNetToml {
             depth: None,
@@ -223,6 +228,10 @@ impl TryFrom<ResNetToml> for ResNetConfig {
             NormName::FrozenBn => NormKind::Frozen { eps: t.bn_eps },
             NormName::BnEval => NormKind::FrozenStats { eps: t.bn_eps },
             NormName::BatchNorm => NormKind::Batch {
+                eps: t.bn_eps,
+                momentum: t.bn_momentum,
+            },
+            NormName::SyncBn => NormKind::SyncBatch {
                 eps: t.bn_eps,
                 momentum: t.bn_momentum,
             },

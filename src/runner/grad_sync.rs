@@ -3,7 +3,7 @@
 //! the ranks (implemented by `kestrel::dist::GradReducer`).
 
 use crate::autograd::Tape;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::tensor::Tensor;
 
 /// Averages gradients across data-parallel ranks around [`super::Runner::backward`].
@@ -17,4 +17,15 @@ pub trait GradSync: Send {
     /// depend on the parameter on this rank): wait for the communication and replace
     /// each by the average over the ranks.
     fn finish(&mut self, grads: &mut [Option<Tensor>]) -> Result<()>;
+
+    /// Called after [`GradSync::attach`] when earlier micro-steps of a gradient
+    /// accumulation were not reduced (DDP's `no_sync`): `accumulated[i]` is added to
+    /// this pass's gradient of parameter `i` before reduction, so [`GradSync::finish`]
+    /// returns the average of the ranks' accumulated totals.
+    fn attach_accumulated(&mut self, accumulated: &[Option<Tensor>]) -> Result<()> {
+        let _ = accumulated;
+        Err(Error::Distributed(
+            "this gradient synchroniser cannot reduce accumulated gradients".into(),
+        ))
+    }
 }

@@ -104,6 +104,8 @@ pub struct Runner<M: Model> {
     /// then writes no `log.txt` (rank 0 writes logs and checkpoints for the world).
     pub main_process: bool,
     grad_sync: Option<Box<dyn GradSync>>,
+    /// Whether [`Runner::grads`] hold gradients not yet reduced across ranks.
+    unsynced: bool,
     train_loader: Option<Box<dyn DataLoader<Batch = M::Batch>>>,
     val_loader: Option<Box<dyn DataLoader<Batch = M::Batch>>>,
     schedule: Schedule,
@@ -147,6 +149,7 @@ impl<M: Model> Runner<M> {
             log: LogSink::default(),
             main_process: true,
             grad_sync: None,
+            unsynced: false,
             train_loader: None,
             val_loader: None,
             schedule,
@@ -684,11 +687,26 @@ impl<M: Model> Runner<M> {
     /// Forget the accumulated gradients (`optimizer.zero_grad()`).
     pub fn zero_grad(&mut self) {
         self.grads.iter_mut().for_each(|g| *g = None);
+        self.unsynced = false;
+    }
+
+    /// Whether [`Runner::grads`] hold this rank's gradients not yet reduced across
+    /// data-parallel ranks (micro-steps run with [`Runner::backward_sync`]`(_, false)`).
+    pub fn has_unsynced_grads(&self) -> bool {
+        self.unsynced
     }
 
     /// Backpropagate `loss_scale * loss` of the current step and add the gradients to
     /// [`Runner::grads`] (`(loss * loss_scale).backward()`). Once per step.
     pub fn backward(&mut self, loss_scale: f64) -> Result<()> {
+        self.backward_sync(loss_scale, true)
+    }
+
+    /// [`Runner::backward`], reducing across data-parallel ranks only when `sync`:
+    /// with `sync == false` the gradients add up locally, unreduced (DDP's `no_sync`),
+    /// and the next step with `sync` reduces the accumulated totals during its
+    /// backward. Without a [`GradSync`] installed `sync` changes nothing.
+    pub fn backward_sync(&mut self, loss_scale: f64, sync: bool) -> Result<()> {
         let out = self
             .outputs
             .as_mut()
@@ -708,17 +726,29 @@ impl<M: Model> Runner<M> {
             loss.dtype(),
             loss.device(),
         )?;
-        if let Some(sync) = self.grad_sync.as_mut() {
-            sync.attach(&tape, &params)?;
+        self.ensure_grads(params.len())?;
+        let reducer = self.grad_sync.as_mut().filter(|_| sync);
+        // Unreduced gradients of earlier micro-steps join this step's reduction.
+        let carried = reducer.is_some() && self.unsynced;
+        if let Some(r) = reducer {
+            r.attach(&tape, &params)?;
+            if carried {
+                r.attach_accumulated(&self.grads)?;
+            }
         }
         let grads = tape.backward_with(&loss, seed)?;
         let mut step: Vec<Option<Tensor>> = params.iter().map(|p| grads.get(p).cloned()).collect();
-        if let Some(sync) = self.grad_sync.as_mut() {
-            // Every step is averaged, also within gradient accumulation: the average
-            // of sums equals the sum of averages.
-            sync.finish(&mut step)?;
+        if let Some(r) = self.grad_sync.as_mut().filter(|_| sync) {
+            r.finish(&mut step)?;
+            if carried {
+                // `step` already holds the accumulated totals, averaged.
+                self.grads = step;
+                self.unsynced = false;
+                return Ok(());
+            }
+        } else if self.grad_sync.is_some() {
+            self.unsynced = true;
         }
-        self.ensure_grads(params.len())?;
         for (slot, g) in self.grads.iter_mut().zip(step) {
             if let Some(g) = g {
                 *slot = Some(match slot.take() {

@@ -19,7 +19,9 @@ pub struct GradClip {
 /// divided by `n`, gradients add up over `n` iterations and the step is taken every
 /// `n`-th iteration and at the last one (the last `max_iters % n` iterations divide by
 /// that remainder instead), as mmcv's GradientCumulativeOptimizerHook does. The total
-/// norm before clipping is logged as `grad_norm`.
+/// norm before clipping is logged as `grad_norm`. In data-parallel training the
+/// gradients are reduced across ranks only in the backward of the step's last
+/// micro-batch (DDP's `no_sync` for the others).
 #[derive(Clone, Debug)]
 pub struct OptimizerHook {
     /// Clipping, if any.
@@ -115,8 +117,11 @@ impl<M: Model> Hook<M> for OptimizerHook {
             return self.clip_and_step(runner);
         }
         let factor = self.loss_factor(runner.iter(), runner.max_iters());
-        runner.backward(1.0 / factor as f64)?;
-        if runner.every_n_iters(self.cumulative_iters) || runner.is_last_iter() {
+        let step = runner.every_n_iters(self.cumulative_iters) || runner.is_last_iter();
+        // Data parallel: only the step's last micro-batch reduces across ranks (DDP's
+        // no_sync); the average of the ranks' sums is the sum of their averages.
+        runner.backward_sync(1.0 / factor as f64, step)?;
+        if step {
             self.clip_and_step(runner)?;
             runner.zero_grad();
         }
