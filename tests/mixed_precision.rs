@@ -94,7 +94,10 @@ fn feature_names(f: &TensorFile) -> Vec<String> {
 }
 
 fn f32_of(t: &Tensor) -> Tensor {
-    t.to_dtype(DType::F32).unwrap().to_device(Device::Cpu).unwrap()
+    t.to_dtype(DType::F32)
+        .unwrap()
+        .to_device(Device::Cpu)
+        .unwrap()
 }
 
 /// `assert_close` on the f32 value of `got`, printing the measured error.
@@ -139,7 +142,11 @@ fn check_stages_bf16(device: Device) {
         .collect();
     let head = m.rpn.head(&ctx, &ffeats).unwrap();
     for (i, (o, dl)) in head.objectness.iter().zip(&head.deltas).enumerate() {
-        assert_eq!(o.dtype(), DType::F32, "objectness feeds proposal scores: f32");
+        assert_eq!(
+            o.dtype(),
+            DType::F32,
+            "objectness feeds proposal scores: f32"
+        );
         assert_eq!(dl.dtype(), DType::F32, "deltas feed box coding: f32");
         let n = format!("rpn.objectness{i}");
         check(&n, o, &f.tensor(&n).unwrap(), tol(2));
@@ -164,12 +171,21 @@ fn check_stages_bf16(device: Device) {
         Some(r) => kestrel::ops::index_select(&pooled, 0, &on(r.clone(), device)).unwrap(),
         None => pooled,
     };
-    check("roi.pooled", &pooled, &f.tensor("roi.pooled").unwrap(), F32_TOL);
+    check(
+        "roi.pooled",
+        &pooled,
+        &f.tensor("roi.pooled").unwrap(),
+        F32_TOL,
+    );
 
     // Box head (fc6, fc7: 2 layers) and predictor (1 layer, f32 out).
     let fpooled = on(f.tensor("roi.pooled").unwrap(), device);
     let h = m.roi_heads.box_head(&ctx, &fpooled).unwrap();
-    assert_eq!(h.dtype(), DType::BF16, "the box head's output is an activation");
+    assert_eq!(
+        h.dtype(),
+        DType::BF16,
+        "the box head's output is an activation"
+    );
     let want_head = f.tensor("roi.head").unwrap();
     let want_head = match &rows {
         Some(r) => kestrel::ops::index_select(&want_head, 0, r).unwrap(),
@@ -282,9 +298,7 @@ fn confident_found_in(what: &str, a: &Detections, b: &Detections) -> usize {
         panic!(
             "{what}: detection {k} (label {}, score {}, box {:?}) has no match within 1 px \
              (nearest same-label detection: {nearest:?})",
-            a.labels[k],
-            a.scores[k],
-            a.boxes[k]
+            a.labels[k], a.scores[k], a.boxes[k]
         );
     }
     n
@@ -321,10 +335,9 @@ fn check_detections_bf16(device: Device) {
         .map(|i| on(f.tensor(&format!("rpn.proposals{i}")).unwrap(), device))
         .collect();
     let ctx = m.ctx(false);
-    let from_tv = kestrel::autograd::no_grad(|| {
-        m.detect_from(&ctx, &trace.images, &trace.features, &fprops)
-    })
-    .unwrap();
+    let from_tv =
+        kestrel::autograd::no_grad(|| m.detect_from(&ctx, &trace.images, &trace.features, &fprops))
+            .unwrap();
     let orig = orig_sizes(&f);
     for (i, d) in from_tv.into_iter().enumerate() {
         let got = d.resized(trace.images.image_sizes[i], orig[i]).unwrap();
@@ -391,7 +404,10 @@ fn check_training_bf16(device: Device) {
             .unwrap()[0];
         let got = v.item().unwrap();
         let e = ((got - want) / want).abs();
-        eprintln!("{name}: {got} vs torchvision {want}: {e:.3e} (tolerance {:.3e})", tol(depth));
+        eprintln!(
+            "{name}: {got} vs torchvision {want}: {e:.3e} (tolerance {:.3e})",
+            tol(depth)
+        );
         assert!(e <= tol(depth), "{name}: {got} vs torchvision {want}");
     }
     let total = {
@@ -420,10 +436,7 @@ fn check_training_bf16(device: Device) {
             .unwrap_or_else(|| panic!("no gradient for {n}"));
         assert_eq!(g.dtype(), DType::F32, "{n}: parameter gradients are f32");
         let want = f.tensor(key).unwrap();
-        let err = common::rel_err(
-            &g.to_vec::<f64>().unwrap(),
-            &want.to_vec::<f64>().unwrap(),
-        );
+        let err = common::rel_err(&g.to_vec::<f64>().unwrap(), &want.to_vec::<f64>().unwrap());
         worst = worst.max(err);
         assert_close(key, g, &want, gtol);
     }
@@ -485,12 +498,27 @@ fn bf16_training_step_matches_torchvision_cuda() {
 /// both devices; one dtype throughout is accepted and computed in f32 (CPU: rounded
 /// back to bf16, equal to the f32 op on the rounded values).
 fn check_dtype_policy(device: Device) {
-    let a = on(common::rand_t(1, &[2, 3, 4, 4]).to_dtype(DType::F32).unwrap(), device);
-    let b = on(common::rand_t(2, &[2, 3, 4, 4]).to_dtype(DType::F32).unwrap(), device);
+    let a = on(
+        common::rand_t(1, &[2, 3, 4, 4])
+            .to_dtype(DType::F32)
+            .unwrap(),
+        device,
+    );
+    let b = on(
+        common::rand_t(2, &[2, 3, 4, 4])
+            .to_dtype(DType::F32)
+            .unwrap(),
+        device,
+    );
     let a16 = a.to_dtype(DType::BF16).unwrap();
     let b16 = b.to_dtype(DType::BF16).unwrap();
     common::assert_err("add bf16+f32", kestrel::ops::add(&a16, &b), "add");
-    let top = on(common::rand_t(3, &[2, 3, 2, 2]).to_dtype(DType::F32).unwrap(), device);
+    let top = on(
+        common::rand_t(3, &[2, 3, 2, 2])
+            .to_dtype(DType::F32)
+            .unwrap(),
+        device,
+    );
     common::assert_err(
         "upsample_nearest_add bf16+f32",
         kestrel::ops::upsample_nearest_add(&a16, &top),
@@ -517,8 +545,7 @@ fn check_dtype_policy(device: Device) {
         ),
         (
             "upsample_nearest_add",
-            kestrel::ops::upsample_nearest_add(&a16, &top.to_dtype(DType::BF16).unwrap())
-                .unwrap(),
+            kestrel::ops::upsample_nearest_add(&a16, &top.to_dtype(DType::BF16).unwrap()).unwrap(),
             want(
                 kestrel::ops::upsample_nearest_add(
                     &a32,
@@ -581,10 +608,17 @@ fn bf16_weight_copies_refresh_once_per_step() {
     let box_head = 4;
     assert_eq!(first, layer_weights - box_head, "one copy per weight");
     kestrel::autograd::no_grad(|| fpn_and_rpn(&m));
-    assert_eq!(m.bf16_weights.refreshes(), first, "no copy without a new weight");
+    assert_eq!(
+        m.bf16_weights.refreshes(),
+        first,
+        "no copy without a new weight"
+    );
     // A step on every trained parameter (f32 gradients of ones).
     let names = m.params.trainable_names();
-    let mut ps: Vec<Tensor> = names.iter().map(|n| m.params.get(n).unwrap().clone()).collect();
+    let mut ps: Vec<Tensor> = names
+        .iter()
+        .map(|n| m.params.get(n).unwrap().clone())
+        .collect();
     let gs: Vec<Tensor> = ps
         .iter()
         .map(|p| Tensor::full(p.shape().clone(), 1.0, DType::F32, device).unwrap())
@@ -596,7 +630,10 @@ fn bf16_weight_copies_refresh_once_per_step() {
         assert_eq!(p.dtype(), DType::F32, "{n}: master stays f32");
         m.params.set(n, p).unwrap();
     }
-    assert_ne!(m.params.get(&names[0]).unwrap().to_vec::<f32>().unwrap(), before);
+    assert_ne!(
+        m.params.get(&names[0]).unwrap().to_vec::<f32>().unwrap(),
+        before
+    );
     kestrel::autograd::no_grad(|| fpn_and_rpn(&m));
     let trained_box_head = 4;
     assert_eq!(
@@ -626,7 +663,13 @@ fn cast_gradient_is_f32() {
         .to_vec::<f32>()
         .unwrap()
         .iter()
-        .map(|&v| if half::bf16::from_f32(v).to_f32() > 0.0 { 1.0 } else { 0.0 })
+        .map(|&v| {
+            if half::bf16::from_f32(v).to_f32() > 0.0 {
+                1.0
+            } else {
+                0.0
+            }
+        })
         .collect();
     assert_eq!(g[0].to_vec::<f32>().unwrap(), want);
 }

@@ -90,7 +90,11 @@ fn bf16_run_resumes_bit_exactly_and_checkpoints_stay_f32() {
     let f32_run = run_config(f32_dir.clone(), Device::Cpu, Precision::F32, ITERS);
     let mut f32_full = f32_run.runner(train.clone()).unwrap();
     f32_full.run(&[(Mode::Train, 1)]).unwrap();
-    assert_ne!(bits(&f32_full.model), bits(&full.model), "bf16 and f32 runs coincide");
+    assert_ne!(
+        bits(&f32_full.model),
+        bits(&full.model),
+        "bf16 and f32 runs coincide"
+    );
     assert_eq!(f32_full.model.model.bf16_weights.refreshes(), 0);
 
     // Checkpoints hold f32 tensors only.

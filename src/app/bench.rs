@@ -310,13 +310,8 @@ fn bench_precision(
             device.reset_peak_memory();
             let label = format!("train b{b}");
             let runs = repeat(&label, a.warmup, a.iters, || {
-                let (loss, t) = train_step_profiled(
-                    model,
-                    &images[..b],
-                    &targets[..b],
-                    &mut sgd,
-                    &mut rng,
-                )?;
+                let (loss, t) =
+                    train_step_profiled(model, &images[..b], &targets[..b], &mut sgd, &mut rng)?;
                 if !loss.is_finite() {
                     eprintln!("  (loss is {loss}: timings still stand)");
                 }

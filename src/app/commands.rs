@@ -14,8 +14,8 @@ use crate::config::{Config, DatasetKind};
 use crate::detection::draw::save_detections_png;
 use crate::detection::{FasterRcnn, FasterRcnnConfig};
 use crate::eval::{evaluate, evaluate_with, write_results, DetBox};
-use crate::runner::{prepare_work_dir, Mode, WorkDirPolicy};
 use crate::nn::Precision;
+use crate::runner::{prepare_work_dir, Mode, WorkDirPolicy};
 use crate::{Device, Error, Result};
 
 /// Iterations of the demo on a CPU, sized to finish in about 10 minutes on 2 cores.

@@ -293,7 +293,14 @@ fn main() {
             device,
             precision,
             dist,
-        } => train(&config, resume, overwrite, device.as_deref(), precision, dist),
+        } => train(
+            &config,
+            resume,
+            overwrite,
+            device.as_deref(),
+            precision,
+            dist,
+        ),
         Cmd::Eval {
             config,
             checkpoint,

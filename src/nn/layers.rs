@@ -4,8 +4,8 @@ use super::{Ctx, Init, LayerOut, ParamSpec};
 use crate::error::Result;
 use crate::ops::conv2d::{conv2d, Conv2dParams};
 use crate::ops::linear::linear;
-use crate::ops::{self, mixed, Epilogue};
 use crate::ops::norm::{batch_norm, frozen_batch_norm, BatchNormConfig};
+use crate::ops::{self, mixed, Epilogue};
 use crate::tensor::Tensor;
 
 /// A convolution whose tensors are `{name}.weight` `[cout, cin, kh, kw]` and, with a

@@ -101,9 +101,7 @@ impl Bf16Weight {
 }
 
 fn plain_epilogue(op: &'static str, ep: &Epilogue) -> Result<()> {
-    if crate::autograd::is_recording()
-        && (ep.scale.is_some() || ep.residual.is_some() || ep.relu)
-    {
+    if crate::autograd::is_recording() && (ep.scale.is_some() || ep.residual.is_some() || ep.relu) {
         return Err(Error::invalid(
             op,
             "under a tape only a bias may ride in the epilogue (norm, residual and ReLU \
