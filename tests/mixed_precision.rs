@@ -673,3 +673,48 @@ fn cast_gradient_is_f32() {
         .collect();
     assert_eq!(g[0].to_vec::<f32>().unwrap(), want);
 }
+
+/// Measurement, not a check: peak device memory (the caching allocator's peak of
+/// bytes in use) of the fixture model's training step (forward on torchvision's
+/// proposals, losses, backward) at batch 2 on the emulated device, f32 then bf16.
+#[test]
+#[ignore = "measurement: prints peak device memory of a training step, f32 vs bf16"]
+fn peak_memory_of_a_training_step_emulated() {
+    let device = common::emulated();
+    let e = common::fixture("model/eval.safetensors");
+    let f = common::fixture("model/train.safetensors");
+    for p in [Precision::F32, Precision::Bf16] {
+        let m = load_model(device, p);
+        let imgs = images(&e, device);
+        let targets: Vec<Target> = common::fixture_targets(&f);
+        let props: Vec<Tensor> = (0..imgs.len())
+            .map(|i| on(f.tensor(&format!("rpn.proposals{i}")).unwrap(), device))
+            .collect();
+        device.reset_peak_memory();
+        let base = device.memory().peak_allocated;
+        let tape = Tape::new();
+        for n in m.params.trainable_names() {
+            tape.watch(m.params.get(&n).unwrap());
+        }
+        let ctx = m.ctx(true);
+        let total = {
+            let _g = tape.activate();
+            let losses = m
+                .losses_with_proposals(&ctx, &imgs, &targets, &props, &mut Rng::new(0))
+                .unwrap();
+            let mut t = losses[0].1.clone();
+            for (_, l) in &losses[1..] {
+                t = kestrel::ops::add(&t, l).unwrap();
+            }
+            t
+        };
+        let grads = tape.backward(&total).unwrap();
+        let peak = device.memory().peak_allocated;
+        eprintln!(
+            "precision {p}: peak {:.1} MiB (parameters and inputs before the step {:.1} MiB), {} gradients",
+            peak as f64 / 1048576.0,
+            base as f64 / 1048576.0,
+            grads.len()
+        );
+    }
+}
