@@ -231,3 +231,21 @@ fn bf16_tracks_f32_for_200_iterations() {
     println!("mean loss over the last 50 iterations: f32 {tf:.4}, bf16 {tb:.4}");
     assert!(((tb - tf) / tf).abs() <= 0.05);
 }
+
+/// `[runtime] precision` parses "f32" and "bf16", defaults to f32, and anything else is
+/// an error naming the key's value.
+#[test]
+fn runtime_precision_in_the_config() {
+    use kestrel::config::Config;
+    assert_eq!(Config::default().runtime.precision, Precision::F32);
+    let c = Config::from_toml_str("[runtime]\nprecision = \"bf16\"\n", "test").unwrap();
+    assert_eq!(c.runtime.precision, Precision::Bf16);
+    let c = Config::from_toml_str("[runtime]\nprecision = \"f32\"\n", "test").unwrap();
+    assert_eq!(c.runtime.precision, Precision::F32);
+    let e = Config::from_toml_str("[runtime]\nprecision = \"fp16\"\n", "test")
+        .err()
+        .expect("fp16 is refused");
+    assert!(e.to_string().contains("fp16"), "{e}");
+    assert_eq!("bf16".parse::<Precision>().unwrap(), Precision::Bf16);
+    assert!("half".parse::<Precision>().is_err());
+}
