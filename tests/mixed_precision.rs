@@ -653,7 +653,7 @@ fn cast_gradient_is_f32() {
             let h = kestrel::ops::relu(&h)?;
             kestrel::ops::sum(&mixed::cast(&h, DType::F32)?)
         },
-        &[x.clone()],
+        std::slice::from_ref(&x),
         &[0],
         None,
     );
