@@ -243,8 +243,7 @@ fn runtime_precision_in_the_config() {
     let c = Config::from_toml_str("[runtime]\nprecision = \"f32\"\n", "test").unwrap();
     assert_eq!(c.runtime.precision, Precision::F32);
     let e = Config::from_toml_str("[runtime]\nprecision = \"fp16\"\n", "test")
-        .err()
-        .expect("fp16 is refused");
+        .expect_err("fp16 is refused");
     assert!(e.to_string().contains("fp16"), "{e}");
     assert_eq!("bf16".parse::<Precision>().unwrap(), Precision::Bf16);
     assert!("half".parse::<Precision>().is_err());
