@@ -1,6 +1,7 @@
 //! Tensor-core bf16 conv / linear timing on a CUDA device, layer by layer for
 //! ResNet-50-FPN (scripts/resnet50_fpn_layers.txt): forward with a bf16 output, x
-//! bf16 NCHW, weights packed once. Prints one JSON line per layer (ms, TFLOP/s);
+//! bf16 channels-last as a chain holds it between layers (`ops::tc::chain`: one
+//! launch per conv, like torch's channels_last; no pack), weights packed once. Prints one JSON line per layer (ms, TFLOP/s);
 //! scripts/gpu_check.sh pairs them with scripts/bench_tc_torch.py's cuDNN/cuBLAS
 //! numbers. Without a CUDA device it says so and exits: emulated runs are checks,
 //! not timings.
@@ -11,6 +12,7 @@ use std::time::Instant;
 
 use kestrel::ops::conv2d::Conv2dParams;
 use kestrel::ops::tc;
+use kestrel::ops::tc::chain::{conv2d_tc_nhwc, ChainEpilogue, TcActivation};
 use kestrel::ops::Epilogue;
 use kestrel::tensor::DType;
 use kestrel::{Device, Tensor};
@@ -45,14 +47,16 @@ fn main() {
                     .and_then(|t| t.to_device(dev))
                     .expect("w");
                 let packed = tc::TcConvWeight::new(&wt).expect("pack");
-                let y = tc::conv2d_tc_packed(&x, &packed, &p, &Epilogue::default()).expect("conv");
-                let (oh, ow) = (y.dims()[2], y.dims()[3]);
+                let x = TcActivation::from_nchw(&x).expect("channels-last x");
+                let ep = ChainEpilogue::default();
+                let y = conv2d_tc_nhwc(&x, &packed, &p, &ep).expect("conv");
+                let [_, _, oh, ow] = y.dims();
                 let flops = 2.0 * (n * cout * oh * ow * cin * k * k) as f64;
                 (
                     f[1],
                     flops,
                     Box::new(move || {
-                        tc::conv2d_tc_packed(&x, &packed, &p, &Epilogue::default()).expect("conv");
+                        conv2d_tc_nhwc(&x, &packed, &p, &ep).expect("conv");
                     }),
                 )
             }

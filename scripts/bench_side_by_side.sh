@@ -9,15 +9,19 @@
 #
 #   scripts/bench_side_by_side.sh [--device cpu|cuda] [--batch 1,2] [--iters N]
 #                                 [--pairs N] [--train] [--ops] [--threads N]
+#                                 [--size HxW]
 #
 # --ops also runs torch's conv2d / NMS / RoIAlign once, on the shapes of
-# benches/conv.rs, detection.rs and roi_align.rs; compare with `cargo bench` output
-# (criterion names). Results land in target/side_by_side/ (kestrel.N.json,
-# torchvision.N.json, *.txt, summary.txt).
+# benches/conv.rs, detection.rs and roi_align.rs (compare with `cargo bench` output,
+# criterion names), and on the CPU `kestrel bench --ops`: every ResNet-50-FPN conv
+# shape beside the square GEMM of the same FLOPs, and one SGD step's time.
+# --size (default 800x1216) is for short smoke runs; the figures are at 800x1216.
+# Results land in target/side_by_side/ (kestrel.N.json, torchvision.N.json, *.txt,
+# summary.txt, which starts with the CPU model and its vector flags).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
-DEVICE=cpu BATCH=1 ITERS=3 PAIRS=3 TRAIN="" OPS="" THREADS=0
+DEVICE=cpu BATCH=1 ITERS=3 PAIRS=3 TRAIN="" OPS="" THREADS=0 SIZE=800x1216
 while [ $# -gt 0 ]; do
     case "$1" in
     --device) DEVICE=$2; shift 2 ;;
@@ -25,6 +29,7 @@ while [ $# -gt 0 ]; do
     --iters) ITERS=$2; shift 2 ;;
     --pairs) PAIRS=$2; shift 2 ;;
     --threads) THREADS=$2; shift 2 ;;
+    --size) SIZE=$2; shift 2 ;;
     --train) TRAIN=--train; shift ;;
     --ops) OPS=--ops; shift ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
@@ -54,27 +59,34 @@ fi
 DEV_ARG=$DEVICE
 [ "$DEVICE" = cuda ] && DEV_ARG=cuda:0
 
-echo "== machine: $(uname -m), $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(grep -o 'avx512f\|avx512_bf16\|avx2' /proc/cpuinfo | sort -u | xargs), load $(cut -d' ' -f1-3 /proc/loadavg), $(date -u +%FT%TZ)"
+CPU_FLAGS=$(grep -m1 '^flags' /proc/cpuinfo | tr ' ' '\n' | grep -E '^(avx2|fma|avx512f|avx512bw|avx512vl|avx512_vnni|avx512_bf16|avx512_fp16|amx_tile|amx_bf16|amx_int8)$' | xargs)
+MACHINE="$(uname -m), $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs) (family $(grep -m1 '^cpu family' /proc/cpuinfo | cut -d: -f2 | xargs) model $(grep -m1 '^model\s*:' /proc/cpuinfo | cut -d: -f2 | xargs)), flags: $CPU_FLAGS, load $(cut -d' ' -f1-3 /proc/loadavg), $(date -u +%FT%TZ)"
+echo "== machine: $MACHINE"
 # KESTREL_BENCH_NO_BUILD=1 uses the binary already in target/release as it is.
 [ -n "${KESTREL_BENCH_NO_BUILD:-}" ] || cargo build --release --bin kestrel
 rm -f "$OUT"/kestrel.*.json "$OUT"/torchvision.*.json
 for i in $(seq 1 "$PAIRS"); do
     echo "== pair $i/$PAIRS: kestrel bench (load $(cut -d' ' -f1-3 /proc/loadavg))"
-    ./target/release/kestrel bench --device "$DEV_ARG" --batch "$BATCH" --iters "$ITERS" $TRAIN \
+    ./target/release/kestrel bench --device "$DEV_ARG" --batch "$BATCH" --size "$SIZE" --iters "$ITERS" $TRAIN \
         --json "$OUT/kestrel.$i.json" | tee "$OUT/kestrel.$i.txt"
     echo "== pair $i/$PAIRS: torchvision (load $(cut -d' ' -f1-3 /proc/loadavg))"
     "$VENV/bin/python" scripts/bench_torchvision.py --model --device "$DEVICE" --threads "$THREADS" \
-        --batch "$BATCH" --iters "$ITERS" $TRAIN --json "$OUT/torchvision.$i.json" | tee "$OUT/torchvision.$i.txt"
+        --batch "$BATCH" --size "$SIZE" --iters "$ITERS" $TRAIN --json "$OUT/torchvision.$i.json" | tee "$OUT/torchvision.$i.txt"
 done
 if [ -n "$OPS" ]; then
     echo "== torch ops"
     "$VENV/bin/python" scripts/bench_torchvision.py --ops --device "$DEVICE" --threads "$THREADS" \
         --json "$OUT/torchvision_ops.json" | tee "$OUT/torchvision_ops.txt"
+    if [ "$DEVICE" = cpu ]; then
+        echo "== kestrel ops: conv vs square GEMM per layer shape, SGD step (load $(cut -d' ' -f1-3 /proc/loadavg))"
+        ./target/release/kestrel bench --device cpu --no-infer --ops --iters "$ITERS" | tee "$OUT/kestrel_ops.txt"
+    fi
 fi
 echo "== ratios (torchvision ms / kestrel ms per pair; > 1: kestrel faster), load now $(cut -d' ' -f1-3 /proc/loadavg)"
-python3 - "$OUT" "$PAIRS" <<'EOF' | tee "$OUT/summary.txt"
+python3 - "$OUT" "$PAIRS" "$MACHINE" <<'EOF' | tee "$OUT/summary.txt"
 import json, statistics, sys
 out, pairs = sys.argv[1], int(sys.argv[2])
+print(f"machine: {sys.argv[3]}")
 import os
 # Complete pairs only (a run cut short still summarises the pairs it finished).
 runs = [(json.load(open(f"{out}/kestrel.{i}.json")), json.load(open(f"{out}/torchvision.{i}.json")))

@@ -8,45 +8,16 @@
 
 mod common;
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicU64, Ordering};
-
 use kestrel::detection::{FasterRcnn, FasterRcnnConfig};
 use kestrel::io::TensorFile;
 use kestrel::tensor::pool;
 use kestrel::Tensor;
 
-/// Counts allocations of at least `pool::MIN_POOLED_BYTES` bytes.
-struct Counting;
-
-static LARGE: AtomicU64 = AtomicU64::new(0);
-
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        if l.size() >= pool::MIN_POOLED_BYTES {
-            LARGE.fetch_add(1, Ordering::Relaxed);
-        }
-        System.alloc(l)
-    }
-    unsafe fn alloc_zeroed(&self, l: Layout) -> *mut u8 {
-        if l.size() >= pool::MIN_POOLED_BYTES {
-            LARGE.fetch_add(1, Ordering::Relaxed);
-        }
-        System.alloc_zeroed(l)
-    }
-    unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
-        if new >= pool::MIN_POOLED_BYTES {
-            LARGE.fetch_add(1, Ordering::Relaxed);
-        }
-        System.realloc(p, l, new)
-    }
-    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
-        System.dealloc(p, l)
-    }
-}
+#[path = "common/large_allocs.rs"]
+mod large_allocs;
 
 #[global_allocator]
-static GLOBAL: Counting = Counting;
+static GLOBAL: large_allocs::Counting = large_allocs::Counting;
 
 /// Two detect passes to warm up, then one measured: (pool statistics, allocations of
 /// 64 KiB or more outside the pool, first and measured detections' scores).
@@ -69,9 +40,9 @@ fn warm_pass() -> (pool::PoolStats, u64, Vec<f32>, Vec<f32>) {
     let first = model.detect(&images).unwrap();
     model.detect(&images).unwrap();
     pool::reset_stats();
-    let large_before = LARGE.load(Ordering::Relaxed);
+    let large_before = large_allocs::large();
     let again = model.detect(&images).unwrap();
-    let large = LARGE.load(Ordering::Relaxed) - large_before;
+    let large = large_allocs::large() - large_before;
     let s = pool::stats();
     eprintln!("warm pass: pool {s:?}, large allocations {large}");
     (s, large, first[0].scores.clone(), again[0].scores.clone())
@@ -79,15 +50,22 @@ fn warm_pass() -> (pool::PoolStats, u64, Vec<f32>, Vec<f32>) {
 
 #[test]
 fn warm_inference_takes_its_buffers_from_the_pool() {
-    let (s, _, first, again) = warm_pass();
+    let (s, large, first, again) = warm_pass();
     assert_eq!(first, again, "recycled buffers change nothing");
     assert!(s.hits > 20, "the pass used the pool: {s:?}");
     assert_eq!(s.misses, 0, "a warm pass missed the pool: {s:?}");
+    // 24-25 measured (144 before the convolutions and linear layers stopped making
+    // the gemm crate allocate): a regression guard until the gap below is closed.
+    assert!(
+        large <= 30,
+        "{large} large allocations outside the pool in a warm pass"
+    );
 }
 
 #[test]
-#[ignore = "known gap (issue 12): index lists, RoIAlign plans, NMS/top-k scratch and the \
-            transform's resize still allocate outside the pool (144 per warm pass)"]
+#[ignore = "known gap (issue 12): 24 large allocations per warm pass remain outside the \
+            pool: NMS records and grids, RoIAlign plans, proposal gather/decode, anchors, \
+            permute and the detection lists"]
 fn warm_inference_allocates_nothing_large_outside_the_pool() {
     let (_, large, _, _) = warm_pass();
     assert_eq!(

@@ -39,6 +39,9 @@ pub struct BenchOptions {
     pub json: Option<PathBuf>,
     /// The precisions to time, side by side (a column each).
     pub precision: Vec<crate::nn::Precision>,
+    /// On the CPU, also print the per-layer conv vs square-GEMM table and an SGD
+    /// step's time ([`super::bench_ops`]).
+    pub ops: bool,
 }
 
 /// Timings of one configuration (mode and batch size).
@@ -218,10 +221,10 @@ pub fn run(a: &BenchOptions) -> Result<()> {
             "--iters and every --batch must be at least 1",
         ));
     }
-    if a.no_infer && !a.train {
+    if a.no_infer && !a.train && !a.ops {
         return Err(Error::invalid(
             "bench",
-            "--no-infer without --train times nothing",
+            "--no-infer without --train or --ops times nothing",
         ));
     }
     let cfg = FasterRcnnConfig::resnet50_fpn(91, 0.0)?;
@@ -265,7 +268,12 @@ pub fn run(a: &BenchOptions) -> Result<()> {
             tracks_rss,
         )?);
     }
-    print_results(a, device, size, tracks_rss, &rows)
+    print_results(a, device, size, tracks_rss, &rows)?;
+    if a.ops && !device.is_cuda() {
+        super::bench_ops::sgd_time(&model, a.iters.max(3))?;
+        super::bench_ops::conv_table(a.iters.max(3))?;
+    }
+    Ok(())
 }
 
 /// The inference and training columns of one precision.

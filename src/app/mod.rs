@@ -8,6 +8,7 @@
 //! file or evaluation.
 
 pub mod bench;
+pub mod bench_ops;
 pub mod commands;
 pub mod dist;
 pub mod eval;

@@ -241,6 +241,10 @@ struct BenchArgs {
     /// Precisions to time side by side: f32, bf16 or f32,bf16.
     #[arg(long, value_delimiter = ',', default_value = "f32")]
     precision: Vec<Precision>,
+    /// CPU: also print each ResNet-50-FPN conv shape beside the square GEMM of the
+    /// same FLOPs, and one SGD step's time.
+    #[arg(long)]
+    ops: bool,
 }
 
 impl From<BenchArgs> for bench::BenchOptions {
@@ -256,6 +260,7 @@ impl From<BenchArgs> for bench::BenchOptions {
             seed: a.seed,
             json: a.json,
             precision: a.precision,
+            ops: a.ops,
         }
     }
 }

@@ -241,7 +241,7 @@ pub const KERNEL_TESTS: &[KernelTests] = &[
     // Tensor-core implicit-GEMM conv/linear (bf16): parity, fixtures and planted bugs.
     KernelTests {
         stem: "tc_conv",
-        tests: &[t("tensor_core")],
+        tests: &[t("tensor_core"), t("tc_chain")],
         bench: Some(("tc_conv", "")),
     },
     // Single-instruction probes of mma/ldmatrix/cp.async against the PTX ISA tables.

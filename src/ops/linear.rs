@@ -592,9 +592,7 @@ pub(crate) fn linear_cpu_fused(
     with_dtype!(same_dtype(OP, &all)?, T => {
         use rayon::prelude::*;
         let (xs, ws) = (x.cpu_slice::<T>()?, w.cpu_slice::<T>()?);
-        let mut y = crate::tensor::pool::take::<T>(n * fout);
-        let (a, b) = (MatRef::row_major(xs, n, fin), MatRef::row_major(ws, fout, fin).t());
-        gemm_into(&mut y, fout, false, a, b, gemm_parallelism(2 * n * fout * fin));
+        let mut y = product_wt(xs, ws, n, fin, fout);
         let sc = scale.map(|t| t.cpu_slice::<T>()).transpose()?;
         let sh = shift.map(|t| t.cpu_slice::<T>()).transpose()?;
         let res = residual.map(|t| t.cpu_slice::<T>()).transpose()?;
@@ -618,6 +616,60 @@ pub(crate) fn linear_cpu_fused(
         }
         Tensor::from_vec(y, [n, fout])
     })
+}
+
+/// f32 lanes of an AVX-512 register (see [`product_wt`]).
+const LANES: usize = 16;
+
+/// `x wᵀ` for `x: [n, fin]`, `w: [fout, fin]`, into a pooled `[n, fout]` buffer.
+///
+/// Why the copy: handed `w` as it is (rows `fin` apart), the gemm crate packs all of
+/// it into a fresh allocation on every call (51 MB for the box head's fc6). `wᵀ`
+/// copied into a pooled `[fin, fout']` buffer (fout' = fout rounded up to whole
+/// vector lanes, zero columns after fout) is read in place instead: the same copy,
+/// no allocation. A ragged fout goes through a pooled `[n, fout']` product too.
+fn product_wt<T: Element>(xs: &[T], ws: &[T], n: usize, fin: usize, fout: usize) -> Vec<T> {
+    use crate::tensor::pool;
+    use rayon::prelude::*;
+    let foutp = fout.next_multiple_of(LANES);
+    let mut wt = pool::take::<T>(fin * foutp);
+    // Blocks of rows of wᵀ: each reads a short contiguous run of every row of w,
+    // and writes a block of wᵀ small enough to stay in L1.
+    const ROWS: usize = 64;
+    wt.par_chunks_mut((ROWS * foutp).max(1))
+        .enumerate()
+        .for_each(|(blk, rows)| {
+            let i0 = blk * ROWS;
+            let nr = rows.len() / foutp.max(1);
+            for j in 0..fout {
+                let src = &ws[j * fin + i0..j * fin + i0 + nr];
+                for (r, &v) in src.iter().enumerate() {
+                    rows[r * foutp + j] = v;
+                }
+            }
+            for row in rows.chunks_exact_mut(foutp.max(1)) {
+                row[fout..].fill(T::zero());
+            }
+        });
+    let a = MatRef::row_major(xs, n, fin);
+    let b = MatRef::row_major(&wt[..], fin, foutp);
+    let par = gemm_parallelism(2 * n * foutp * fin);
+    let y = if foutp == fout {
+        let mut y = pool::take::<T>(n * fout);
+        gemm_into(&mut y, fout, false, a, b, par);
+        y
+    } else {
+        let mut yp = pool::take::<T>(n * foutp);
+        gemm_into(&mut yp, foutp, false, a, b, par);
+        let mut y = pool::take::<T>(n * fout);
+        y.par_chunks_mut(fout.max(1))
+            .zip(yp.par_chunks(foutp.max(1)))
+            .for_each(|(d, s)| d.copy_from_slice(&s[..fout]));
+        pool::give(yp);
+        y
+    };
+    pool::give(wt);
+    y
 }
 
 fn add_bias_rows(y: &Tensor, b: &Tensor, n: usize, fout: usize) -> Result<Tensor> {

@@ -13,6 +13,8 @@
 //! A linear layer `x [M, K] @ w[N, K]^T` is the 1x1 convolution of `M` images of one
 //! pixel, so it runs on the same kernels.
 
+pub mod chain;
+
 use crate::device::gpu::{GpuDevice, KernelArg, LaunchCfg};
 use crate::device::Device;
 use crate::error::{Error, Result};
@@ -34,6 +36,7 @@ const RES_BF16: i32 = 4;
 const HAS_SCALE: i32 = 8;
 const HAS_SHIFT: i32 = 16;
 const HAS_RES: i32 = 32;
+const NHWC: i32 = 64;
 
 /// Whether `x`, `w` and the epilogue ask for the bf16 tensor-core path (any bf16
 /// operand or a bf16 output). f32-only calls keep the f32 kernels and their results.
@@ -181,8 +184,35 @@ pub fn conv2d_tc_backward_weight(
     float_input(OP, gy)?;
     match x.device() {
         Device::Cpu => conv2d_bf16_reference_backward_weight(x, gy, w_dims, p),
-        Device::Cuda(_) => cuda_wgrad(x, gy, w_dims, p),
+        Device::Cuda(_) => cuda_wgrad(x, gy, w_dims, p, None),
     }
+}
+
+/// [`conv2d_tc_backward_weight`] with `splits` K slices forced (CUDA), for the tests
+/// of split-K (at least 1; a slice past the last K tile reduces nothing and adds
+/// zeros).
+#[doc(hidden)]
+pub fn conv2d_tc_backward_weight_split(
+    x: &Tensor,
+    gy: &Tensor,
+    w_dims: &[usize],
+    p: &Conv2dParams,
+    splits: usize,
+) -> Result<Tensor> {
+    cuda_wgrad(x, gy, w_dims, p, Some(splits.max(1)))
+}
+
+/// How many K slices the weight gradient is split into: its output has few tiles
+/// (Cout/64 x kh kw Cin/64: 9 for a 64-channel 3x3 conv) while its reduction runs over
+/// every output pixel of the batch, so without splitting most SMs idle. Aim for two
+/// blocks per SM of an H100 (132 SMs), each slice reducing at least 8 K tiles (256
+/// pixels) so the partial sums and their reduction stay a small cost. A function of
+/// the shapes only: the same call always sums in the same order.
+pub fn wgrad_splits(w_dims: [usize; 4], pixels: usize) -> usize {
+    let [cout, cin, kh, kw] = w_dims;
+    let tiles = cout.div_ceil(TILE) * (kh * kw * pad8(cin)).div_ceil(TILE);
+    let ktiles = pixels.div_ceil(32);
+    (264 / tiles.max(1)).min(ktiles / 8).clamp(1, 64)
 }
 
 fn as_pixels(op: &'static str, t: &Tensor) -> Result<Tensor> {
@@ -322,6 +352,7 @@ fn pack_weight(op: &'static str, w: &Tensor, transpose: bool) -> Result<Tensor> 
 /// Convolution weights packed once for the forward tensor-core kernel (bf16,
 /// `[Cout][kh][kw][Cin rounded up to 8]`). Pack when the weights change (and fold a
 /// frozen BatchNorm into the epilogue's scale/shift at the same time), not per call.
+/// On the CPU the weights are kept as given (the reference rounds them per call).
 #[derive(Clone, Debug)]
 pub struct TcConvWeight {
     packed: Tensor,
@@ -329,14 +360,21 @@ pub struct TcConvWeight {
 }
 
 impl TcConvWeight {
-    /// Pack `w` `[Cout, Cin, kh, kw]` (f32 or bf16, on a CUDA device).
+    /// Pack `w` `[Cout, Cin, kh, kw]` (f32 or bf16; on a CUDA device one launch, on the
+    /// CPU a copy of the handle).
     pub fn new(w: &Tensor) -> Result<Self> {
         const OP: &str = "TcConvWeight::new";
         float_input(OP, w)?;
-        Ok(TcConvWeight {
-            packed: pack_weight(OP, w, false)?,
-            dims: dims4(OP, w)?,
-        })
+        let dims = dims4(OP, w)?;
+        let packed = match w.device() {
+            Device::Cpu => w.clone(),
+            Device::Cuda(_) => pack_weight(OP, w, false)?,
+        };
+        Ok(TcConvWeight { packed, dims })
+    }
+    /// The device the weights live on.
+    pub fn device(&self) -> Device {
+        self.packed.device()
     }
     /// `[Cout, Cin, kh, kw]` of the unpacked weights.
     pub fn dims(&self) -> [usize; 4] {
@@ -449,14 +487,24 @@ fn alloc_out(dev: &GpuDevice, dims: &[usize], dtype: DType) -> Result<Tensor> {
     ))
 }
 
-/// [`conv2d_tc`] with weights packed beforehand (CUDA).
+/// [`conv2d_tc`] with weights packed beforehand (CUDA: one launch to pack `x` to NHWC,
+/// one for the convolution; CPU: the reference).
 pub fn conv2d_tc_packed(
     x: &Tensor,
     w: &TcConvWeight,
     p: &Conv2dParams,
     ep: &Epilogue,
 ) -> Result<Tensor> {
-    conv_fwd_launch("tc_conv_fwd_bf16", x, w, p, ep, None)
+    match (x.device(), w.device()) {
+        (Device::Cpu, Device::Cpu) => conv2d_bf16_reference(x, &w.packed, p, ep),
+        (Device::Cuda(_), Device::Cuda(_)) => {
+            conv_fwd_launch("tc_conv_fwd_bf16", x, w, p, ep, None)
+        }
+        (a, b) => Err(Error::invalid(
+            "conv2d_tc",
+            format!("x on {a:?} with packed weights on {b:?}"),
+        )),
+    }
 }
 
 /// The forward kernel with a planted bug (1 no wait_group, 2 no barrier between
@@ -474,6 +522,60 @@ pub fn conv2d_tc_planted_bug(x: &Tensor, w: &Tensor, p: &Conv2dParams, bug: i32)
     )
 }
 
+/// The output size of the forward conv of `xd` by `w`, or a shape error.
+fn fwd_output_size(
+    op: &'static str,
+    xd: [usize; 4],
+    w: &TcConvWeight,
+    p: &Conv2dParams,
+) -> Result<(usize, usize)> {
+    let [_, wcin, kh, kw] = w.dims;
+    if wcin != xd[1] {
+        return Err(Error::shape(
+            op,
+            format!("x {xd:?} with weights {:?}", w.dims),
+        ));
+    }
+    conv2d_output_size((xd[2], xd[3]), (kh, kw), p)
+        .ok_or_else(|| Error::shape(op, format!("kernel {kh}x{kw} does not fit input {xd:?}")))
+}
+
+/// One launch of a forward kernel: `xp` is x as bf16 NHWC-Cp (dims `xd` of the NCHW
+/// view), `y` the output (layout per `flags`), `ep_args` from [`epilogue_args`].
+#[allow(clippy::too_many_arguments)]
+fn fwd_kernel(
+    op: &'static str,
+    kernel: &str,
+    xp: &Tensor,
+    xd: [usize; 4],
+    w: &TcConvWeight,
+    p: &Conv2dParams,
+    y: &Tensor,
+    ep_args: Vec<KernelArg>,
+    flags: i32,
+    bug: Option<i32>,
+) -> Result<()> {
+    let dev = gpu_of(op, xp)?;
+    let [cout, _, kh, kw] = w.dims;
+    let (oh, ow) = fwd_output_size(op, xd, w, p)?;
+    let m = xd[0] * oh * ow;
+    if m == 0 || cout == 0 {
+        return Ok(());
+    }
+    let mut args = vec![
+        xp.gpu()?.buf.arg(),
+        w.packed.gpu()?.buf.arg(),
+        y.gpu()?.buf.arg(),
+    ];
+    args.extend(ep_args);
+    args.extend(geom_args(op, xd, cout, (oh, ow), (kh, kw), p)?);
+    args.push(KernelArg::I32(flags));
+    if let Some(b) = bug {
+        args.push(KernelArg::I32(b));
+    }
+    dev.launch(kernel, grid(op, m, cout)?, &args)
+}
+
 fn conv_fwd_launch(
     kernel: &str,
     x: &Tensor,
@@ -486,43 +588,20 @@ fn conv_fwd_launch(
     float_input(OP, x)?;
     let dev = gpu_of(OP, x)?;
     let xd = dims4(OP, x)?;
-    let [cout, wcin, kh, kw] = w.dims;
-    if wcin != xd[1] {
-        return Err(Error::shape(
-            OP,
-            format!("x {} with weights {:?}", x.shape(), w.dims),
-        ));
-    }
-    let (oh, ow) = conv2d_output_size((xd[2], xd[3]), (kh, kw), p).ok_or_else(|| {
-        Error::shape(
-            OP,
-            format!("kernel {kh}x{kw} does not fit input {}", x.shape()),
-        )
-    })?;
+    let (oh, ow) = fwd_output_size(OP, xd, w, p)?;
+    let cout = w.dims[0];
     let out = out_dtype(OP, x, ep)?;
     let y_dims = [xd[0], cout, oh, ow];
     ep.check(OP, cout, &y_dims, x.device())?;
     let y = alloc_out(&dev, &y_dims, out)?;
-    let m = xd[0] * oh * ow;
-    if m == 0 || cout == 0 {
+    if xd[0] * oh * ow == 0 || cout == 0 {
         return Ok(y);
     }
     let xp = pack_nhwc(OP, x, pad8(xd[1]))?;
     // The packed input (at least 8 bf16 per pixel) stands in for absent epilogue
     // operands: a one-element bf16 output is too small to pass as a float pointer.
     let (ep_args, flags) = epilogue_args(OP, ep, out, &xp)?;
-    let mut args = vec![
-        xp.gpu()?.buf.arg(),
-        w.packed.gpu()?.buf.arg(),
-        y.gpu()?.buf.arg(),
-    ];
-    args.extend(ep_args);
-    args.extend(geom_args(OP, xd, cout, (oh, ow), (kh, kw), p)?);
-    args.push(KernelArg::I32(flags));
-    if let Some(b) = bug {
-        args.push(KernelArg::I32(b));
-    }
-    dev.launch(kernel, grid(OP, m, cout)?, &args)?;
+    fwd_kernel(OP, kernel, &xp, xd, w, p, &y, ep_args, flags, bug)?;
     Ok(y)
 }
 
@@ -565,11 +644,22 @@ fn cuda_dgrad(gy: &Tensor, w: &Tensor, x_dims: &[usize], p: &Conv2dParams) -> Re
     args.extend(ep_args);
     args.extend(geom_args(OP, xd, cout, (oh, ow), (kh, kw), p)?);
     args.push(KernelArg::I32(flags));
-    dev.launch("tc_conv_dgrad_bf16", grid(OP, m, cin)?, &args)?;
+    // One z per stride phase (ih mod sh, iw mod sw): each phase has its own live taps.
+    let (sh, sw) = p.stride;
+    let phases = i32_of(OP, "stride phases", sh * sw)?;
+    let mut cfg = grid(OP, xd[0] * xd[2].div_ceil(sh) * xd[3].div_ceil(sw), cin)?;
+    cfg.grid.2 = phases as u32; // positive: strides are at least 1
+    dev.launch("tc_conv_dgrad_bf16", cfg, &args)?;
     Ok(dx)
 }
 
-fn cuda_wgrad(x: &Tensor, gy: &Tensor, w_dims: &[usize], p: &Conv2dParams) -> Result<Tensor> {
+fn cuda_wgrad(
+    x: &Tensor,
+    gy: &Tensor,
+    w_dims: &[usize],
+    p: &Conv2dParams,
+    splits: Option<usize>,
+) -> Result<Tensor> {
     const OP: &str = "conv2d_tc_backward_weight";
     let dev = gpu_of(OP, x)?;
     let xd = dims4(OP, x)?;
@@ -590,22 +680,42 @@ fn cuda_wgrad(x: &Tensor, gy: &Tensor, w_dims: &[usize], p: &Conv2dParams) -> Re
         return Tensor::zeros(wd.to_vec(), DType::F32, x.device());
     }
     let dw = alloc_out(&dev, &wd, DType::F32)?;
+    let splits = splits.unwrap_or_else(|| wgrad_splits(wd, k));
+    let splits_i32 = i32_of(OP, "K slices", splits)?;
+    let numel = cout * cin * kh * kw;
+    // Each slice writes a whole partial gradient; one slice writes dw itself.
+    let target = if splits > 1 {
+        alloc_out(&dev, &[splits, numel], DType::F32)?
+    } else {
+        dw.clone()
+    };
     let gyp = pack_nhwc(OP, gy, pad8(cout))?;
     let xp = pack_nhwc(OP, x, pad8(cin))?;
     let (ep_args, flags) = epilogue_args(OP, &Epilogue::default(), DType::F32, &gyp)?;
     let mut args = vec![
         gyp.gpu()?.buf.arg(),
         xp.gpu()?.buf.arg(),
-        dw.gpu()?.buf.arg(),
+        target.gpu()?.buf.arg(),
     ];
     args.extend(ep_args);
     args.extend(geom_args(OP, xd, cout, (oh, ow), (kh, kw), p)?);
     args.push(KernelArg::I32(flags));
-    dev.launch(
-        "tc_conv_wgrad_bf16",
-        grid(OP, cout, kh * kw * pad8(cin))?,
-        &args,
-    )?;
+    let mut cfg = grid(OP, cout, kh * kw * pad8(cin))?;
+    cfg.grid.2 = splits_i32 as u32; // positive: splits >= 1
+    dev.launch("tc_conv_wgrad_bf16", cfg, &args)?;
+    if splits > 1 {
+        launch_1d(
+            &dev,
+            "tc_splitk_reduce_f32",
+            numel,
+            &[
+                target.gpu()?.buf.arg(),
+                dw.gpu()?.buf.arg(),
+                KernelArg::I64(numel as i64),
+                KernelArg::I32(splits_i32),
+            ],
+        )?;
+    }
     Ok(dw)
 }
 

@@ -88,17 +88,20 @@ fn segment_topk<T: Element>(seg: &[T], k: usize) -> Vec<u32> {
         return Vec::new();
     }
     // (key, index) pairs are unique: selecting and sorting them gives the stable order.
-    let mut keyed: Vec<(u64, u32)> = seg
-        .iter()
-        .enumerate()
-        .map(|(i, v)| (descending_key(v.f64()), i as u32))
-        .collect();
-    if kk < keyed.len() {
-        keyed.select_nth_unstable(kk - 1);
-        keyed.truncate(kk);
-    }
-    keyed.sort_unstable();
-    keyed.into_iter().map(|(_, i)| i).collect()
+    // The keys live in a per-thread vector reused across calls.
+    crate::tensor::pool::with_vec::<(u64, u32), _>(seg.len(), |keyed| {
+        keyed.extend(
+            seg.iter()
+                .enumerate()
+                .map(|(i, v)| (descending_key(v.f64()), i as u32)),
+        );
+        if kk < keyed.len() {
+            keyed.select_nth_unstable(kk - 1);
+            keyed.truncate(kk);
+        }
+        keyed.sort_unstable();
+        keyed.iter().map(|&(_, i)| i).collect()
+    })
 }
 
 fn topk_cpu<T: Element>(

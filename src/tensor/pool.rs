@@ -157,6 +157,29 @@ pub fn with_scratch<T: Element, R>(len: usize, f: impl FnOnce(&mut [T]) -> R) ->
     })
 }
 
+thread_local! {
+    /// Per-thread reusable vectors of any element type (sort keys, index lists).
+    static VECS: std::cell::RefCell<HashMap<TypeId, Box<dyn Any>>> =
+        std::cell::RefCell::new(HashMap::new());
+}
+
+/// Runs `f` on this thread's empty vector of `T` with room for at least `cap`
+/// elements, kept for the next call: temporaries such as sort keys stop allocating
+/// once warm. A nested call for the same `T` gets a fresh vector.
+pub fn with_vec<T: 'static, R>(cap: usize, f: impl FnOnce(&mut Vec<T>) -> R) -> R {
+    let key = TypeId::of::<T>();
+    let kept = VECS.with(|m| m.borrow_mut().remove(&key));
+    let mut v: Vec<T> = kept
+        .and_then(|b| b.downcast::<Vec<T>>().ok())
+        .map_or_else(Vec::new, |b| *b);
+    v.clear();
+    v.reserve(cap);
+    let r = f(&mut v);
+    v.clear();
+    VECS.with(|m| m.borrow_mut().insert(key, Box::new(v)));
+    r
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -178,6 +201,17 @@ mod tests {
         // f64 of another byte size never aliases an f32 shelf.
         let z = take_zeroed::<f64>(len);
         assert!(z.iter().all(|&x| x == 0.0));
+    }
+
+    #[test]
+    fn a_thread_vector_is_reused() {
+        let p = with_vec::<(u64, u32), _>(1000, |v| {
+            v.push((1, 2));
+            v.as_ptr()
+        });
+        let (q, empty) = with_vec::<(u64, u32), _>(10, |v| (v.as_ptr(), v.is_empty()));
+        assert_eq!(p, q, "the same allocation comes back");
+        assert!(empty, "handed out empty");
     }
 
     #[test]

@@ -28,8 +28,15 @@ pub(super) fn cols_per_task(k: usize, ohw: usize, images: usize) -> usize {
         cols = cols.min(ohw.div_ceil(per_image).max(MIN_SPLIT_COLS));
     }
     let chunks = ohw.div_ceil(cols.max(1)).max(1);
-    ohw.div_ceil(chunks).max(1)
+    // A whole number of vector lanes: the gemm crate copies (into a fresh allocation,
+    // every call) an operand whose column count is not one; only the last chunk of an
+    // image is ragged, and `forward` pads it.
+    ohw.div_ceil(chunks).max(1).next_multiple_of(LANES)
 }
+
+/// f32 lanes of an AVX-512 register: the column granularity that lets the gemm
+/// crate read the im2col slice in place.
+const LANES: usize = 16;
 
 /// Output columns per chunk for an im2col slice of `rows` rows.
 fn cols_for_rows(rows: usize) -> usize {
@@ -86,8 +93,15 @@ fn tap(g: &Geom, oh: usize, ki: usize, kj: usize) -> (Option<usize>, isize) {
 /// Columns `[p0, p0 + pc)` of the im2col matrix of one image `x: [Cin, H, W]` into
 /// `col: [K, pc]`.
 pub(super) fn im2col<T: Element>(x: &[T], g: &Geom, p0: usize, pc: usize, col: &mut [T]) {
+    im2col_ld(x, g, p0, pc, col, pc)
+}
+
+/// [`im2col`] into rows `ld >= pc` elements apart (the columns past `pc` are left
+/// as they are).
+fn im2col_ld<T: Element>(x: &[T], g: &Geom, p0: usize, pc: usize, col: &mut [T], ld: usize) {
     let (khw, sw) = (g.kh * g.kw, g.p.stride.1);
-    for (r, row) in col.chunks_exact_mut(pc).enumerate() {
+    for (r, row) in col.chunks_mut(ld).take(g.k()).enumerate() {
+        let row = &mut row[..pc];
         let (c, ki, kj) = (r / khw, (r / g.kw) % g.kh, r % g.kw);
         let plane = &x[c * g.hw()..(c + 1) * g.hw()];
         row_pieces(g.ow, p0, pc, |oh, o0, o1, at| {
@@ -206,19 +220,46 @@ pub(crate) fn forward<T: Element>(x: &[T], w: &[T], ep: &TileEpilogue<'_, T>, g:
         let pc = cols.min(ohw - p0);
         let xi = &x[img * chw..(img + 1) * chw];
         let base = img * g.cout * ohw + p0;
-        let run = |rhs: MatRef<'_, T>| {
-            // SAFETY: columns [p0, p0 + pc) of image `img` belong to this task
-            // alone, and y outlives the parallel loop.
-            unsafe {
-                let dst = yp.get().add(base);
-                gemm_ptr(dst, ohw, false, wm, rhs, Parallelism::None);
-                if !ep.is_identity() {
-                    for co in 0..g.cout {
-                        let row = std::slice::from_raw_parts_mut(dst.add(co * ohw), pc);
-                        ep.apply_row(row, co, base + co * ohw);
-                    }
+        // SAFETY (for both writers below): columns [p0, p0 + pc) of image `img`
+        // belong to this task alone, and y outlives the parallel loop.
+        let epilogue = |dst: *mut T| unsafe {
+            if !ep.is_identity() {
+                for co in 0..g.cout {
+                    let row = std::slice::from_raw_parts_mut(dst.add(co * ohw), pc);
+                    ep.apply_row(row, co, base + co * ohw);
                 }
             }
+        };
+        if pc % LANES != 0 {
+            // The ragged last chunk: its columns padded to whole lanes in scratch
+            // (operand and product), then the real columns copied out, so that the
+            // gemm crate allocates nothing.
+            let pcp = pc.next_multiple_of(LANES);
+            pool::with_scratch(k * pcp + g.cout * pcp, |buf: &mut [T]| {
+                let (col, prod) = buf.split_at_mut(k * pcp);
+                if g.pointwise() {
+                    for (r, row) in col.chunks_exact_mut(pcp).enumerate() {
+                        row[..pc].copy_from_slice(&xi[r * ohw + p0..r * ohw + p0 + pc]);
+                    }
+                } else {
+                    im2col_ld(xi, g, p0, pc, col, pcp);
+                }
+                let rhs = MatRef::row_major(&*col, k, pcp);
+                gemm_into(prod, pcp, false, wm, rhs, Parallelism::None);
+                unsafe {
+                    let dst = yp.get().add(base);
+                    for (co, row) in prod.chunks_exact(pcp).enumerate() {
+                        std::ptr::copy_nonoverlapping(row.as_ptr(), dst.add(co * ohw), pc);
+                    }
+                    epilogue(dst);
+                }
+            });
+            return;
+        }
+        let run = |rhs: MatRef<'_, T>| unsafe {
+            let dst = yp.get().add(base);
+            gemm_ptr(dst, ohw, false, wm, rhs, Parallelism::None);
+            epilogue(dst);
         };
         if g.pointwise() {
             run(MatRef::rows_ld(&xi[p0..], g.cin, pc, ohw));

@@ -25,18 +25,22 @@ const PAR_MIN: usize = 16 * 1024;
 
 /// Positions `0..n` in torch's stable descending order of `scores`.
 pub(crate) fn sort_descending<T: Element>(scores: &[T]) -> Vec<u32> {
-    // (key, index) pairs are unique, so an unstable sort gives the stable order.
-    let mut keyed: Vec<(u64, u32)> = scores
-        .iter()
-        .enumerate()
-        .map(|(i, s)| (descending_key(s.f64()), i as u32))
-        .collect();
-    if keyed.len() >= PAR_MIN {
-        keyed.par_sort_unstable();
-    } else {
-        keyed.sort_unstable();
-    }
-    keyed.into_iter().map(|(_, i)| i).collect()
+    // (key, index) pairs are unique, so an unstable sort gives the stable order. The
+    // keys live in a per-thread vector reused across calls.
+    crate::tensor::pool::with_vec::<(u64, u32), _>(scores.len(), |keyed| {
+        keyed.extend(
+            scores
+                .iter()
+                .enumerate()
+                .map(|(i, s)| (descending_key(s.f64()), i as u32)),
+        );
+        if keyed.len() >= PAR_MIN {
+            keyed.par_sort_unstable();
+        } else {
+            keyed.sort_unstable();
+        }
+        keyed.iter().map(|&(_, i)| i).collect()
+    })
 }
 
 /// One box in sorted order: its position, coordinates, area and class (0 when not

@@ -1,0 +1,190 @@
+//! `kestrel bench --ops` on the CPU: every distinct convolution of ResNet-50-FPN at
+//! 800x1216 (scripts/resnet50_fpn_layers.txt) beside the square GEMM of the same
+//! FLOPs, and one SGD step over the detector's trainable parameters.
+//!
+//! The conv and its GEMM alternate (conv, GEMM, conv, GEMM, ...) and each keeps its
+//! fastest run: on a shared machine the two see the same load, so their ratio holds
+//! even where the absolute GFLOP/s do not.
+
+use std::time::Instant;
+
+use crate::detection::FasterRcnn;
+use crate::ops::conv2d::{conv2d_output_size, Conv2dParams};
+use crate::ops::linear::matmul;
+use crate::ops::{self, Epilogue};
+use crate::optim::{Sgd, SgdConfig};
+use crate::rng::Rng;
+use crate::{Error, Result, Tensor};
+
+/// The layer table (shared with benches/tc_conv.rs and scripts/bench_tc_torch.py).
+const LAYERS: &str = include_str!("../../scripts/resnet50_fpn_layers.txt");
+
+/// One conv line of the table: name, Cin, H, W, Cout, kernel, stride, padding.
+struct ConvShape {
+    name: String,
+    cin: usize,
+    hw: (usize, usize),
+    cout: usize,
+    k: usize,
+    stride: usize,
+    pad: usize,
+}
+
+fn conv_shapes() -> Vec<ConvShape> {
+    LAYERS
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            if f.first() != Some(&"conv") || f.len() < 11 {
+                return None;
+            }
+            let n = |i: usize| f[i].parse::<usize>().ok();
+            Some(ConvShape {
+                name: f[1].to_string(),
+                cin: n(3)?,
+                hw: (n(4)?, n(5)?),
+                cout: n(6)?,
+                k: n(7)?,
+                stride: n(8)?,
+                pad: n(9)?,
+            })
+        })
+        .collect()
+}
+
+fn uniform(shape: &[usize], seed: u64) -> Result<Tensor> {
+    let mut rng = Rng::new(seed);
+    let n = shape.iter().product();
+    let v: Vec<f32> = (0..n).map(|_| rng.range(-1.0, 1.0) as f32).collect();
+    Tensor::from_vec(v, shape.to_vec())
+}
+
+/// Seconds of the fastest of `reps` calls of each of `a` and `b`, called alternately.
+fn interleaved(
+    reps: usize,
+    mut a: impl FnMut() -> Result<()>,
+    mut b: impl FnMut() -> Result<()>,
+) -> Result<(f64, f64)> {
+    let (mut ta, mut tb) = (f64::INFINITY, f64::INFINITY);
+    // One untimed call each: the pool and the caches warm up.
+    a()?;
+    b()?;
+    for _ in 0..reps {
+        let t = Instant::now();
+        a()?;
+        ta = ta.min(t.elapsed().as_secs_f64());
+        let t = Instant::now();
+        b()?;
+        tb = tb.min(t.elapsed().as_secs_f64());
+    }
+    Ok((ta, tb))
+}
+
+/// Prints, per layer shape, the fused conv's GFLOP/s (bias + ReLU epilogue, as the
+/// inference path runs it), the square GEMM's of the same FLOPs and their ratio;
+/// then the shapes under 60% and the FLOP-weighted ratio.
+pub fn conv_table(reps: usize) -> Result<()> {
+    println!(
+        "conv2d vs square GEMM of the same FLOPs (CPU, {} threads, fastest of {reps} interleaved runs)",
+        rayon::current_num_threads()
+    );
+    println!(
+        "{:<22} {:>24} {:>8} {:>9} {:>6} {:>9} {:>6}",
+        "layer", "Cin>Cout k/s HxW", "GFLOP", "conv GF/s", "n", "gemm GF/s", "ratio"
+    );
+    let (mut below, mut conv_s, mut gemm_s) = (Vec::new(), 0.0, 0.0);
+    for (i, l) in conv_shapes().iter().enumerate() {
+        let p = Conv2dParams::new(l.stride, l.pad, 1);
+        let (oh, ow) = conv2d_output_size(l.hw, (l.k, l.k), &p)
+            .ok_or_else(|| Error::invalid("bench --ops", format!("{}: no output", l.name)))?;
+        let flops = 2.0 * (l.cout * l.cin * l.k * l.k * oh * ow) as f64;
+        let x = uniform(&[1, l.cin, l.hw.0, l.hw.1], i as u64)?;
+        let w = uniform(&[l.cout, l.cin, l.k, l.k], 100 + i as u64)?;
+        let b = uniform(&[l.cout], 200 + i as u64)?;
+        // The square product with (about) the same FLOPs: n³ = flops / 2.
+        let n = ((flops / 2.0).cbrt().round() as usize).max(1);
+        let ga = uniform(&[n, n], 300 + i as u64)?;
+        let gb = uniform(&[n, n], 400 + i as u64)?;
+        let ep = Epilogue {
+            shift: Some(&b),
+            relu: true,
+            ..Default::default()
+        };
+        let (tc, tg) = interleaved(
+            reps,
+            || ops::conv2d_fused(&x, &w, &p, &ep).map(drop),
+            || matmul(&ga, &gb).map(drop),
+        )?;
+        let gflops_g = 2.0 * (n * n * n) as f64 / tg / 1e9;
+        let gflops_c = flops / tc / 1e9;
+        let ratio = gflops_c / gflops_g;
+        if ratio < 0.6 {
+            below.push(l.name.clone());
+        }
+        conv_s += tc;
+        gemm_s += tg * flops / (2.0 * (n * n * n) as f64);
+        println!(
+            "{:<22} {:>24} {:>8.2} {:>9.1} {:>6} {:>9.1} {:>5.0}%",
+            l.name,
+            format!(
+                "{}>{} {}/{} {}x{}",
+                l.cin, l.cout, l.k, l.stride, l.hw.0, l.hw.1
+            ),
+            flops / 1e9,
+            gflops_c,
+            n,
+            gflops_g,
+            100.0 * ratio
+        );
+    }
+    println!(
+        "all shapes: conv {:.0} ms, square GEMMs of the same FLOPs {:.0} ms ({:.0}%); under 60%: {}",
+        conv_s * 1e3,
+        gemm_s * 1e3,
+        100.0 * gemm_s / conv_s,
+        if below.is_empty() {
+            "none".to_string()
+        } else {
+            below.join(", ")
+        }
+    );
+    Ok(())
+}
+
+/// One SGD step (momentum 0.9, weight decay 1e-4, as torchvision's recipe) over
+/// every trainable parameter of `model`, with seeded gradients: the fastest of
+/// `reps` steps after one that creates the momentum buffers.
+pub fn sgd_time(model: &FasterRcnn, reps: usize) -> Result<()> {
+    let names = model.params.trainable_names();
+    let mut params: Vec<Tensor> = names
+        .iter()
+        .map(|n| model.params.get(n).cloned())
+        .collect::<Result<_>>()?;
+    let grads: Vec<Tensor> = params
+        .iter()
+        .enumerate()
+        .map(|(i, p)| uniform(p.dims(), 500 + i as u64))
+        .collect::<Result<_>>()?;
+    let count: usize = params.iter().map(|p| p.numel()).sum();
+    let mut sgd = Sgd::new(SgdConfig {
+        lr: 1e-4,
+        momentum: 0.9,
+        weight_decay: 1e-4,
+        ..SgdConfig::default()
+    })?;
+    sgd.step(&mut params, &grads)?;
+    let mut best = f64::INFINITY;
+    for _ in 0..reps {
+        let t = Instant::now();
+        sgd.step(&mut params, &grads)?;
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    println!(
+        "sgd step: {} tensors, {:.1} M parameters, {:.1} ms (fastest of {reps}, {} threads, momentum + weight decay)",
+        params.len(),
+        count as f64 / 1e6,
+        best * 1e3,
+        rayon::current_num_threads()
+    );
+    Ok(())
+}
