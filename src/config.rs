@@ -261,6 +261,9 @@ pub struct RuntimeConfig {
     pub seed: u64,
     /// `auto`, `cpu` or `cuda:N`.
     pub device: String,
+    /// `"f32"` (default) or `"bf16"`: the dtype the conv and linear layers compute in
+    /// (see [`crate::nn::Precision`]); parameters and checkpoints stay f32 either way.
+    pub precision: crate::nn::Precision,
     /// Phases, e.g. `[["train", 1], ["val", 1]]`.
     pub workflow: Vec<(Mode, usize)>,
     /// Checkpoint every this many epochs (iterations when the schedule is in iterations).
@@ -293,6 +296,7 @@ impl Default for RuntimeConfig {
             work_dir: "work_dirs/fasterrcnn_resnet50_fpn".into(),
             seed: 0,
             device: "auto".into(),
+            precision: crate::nn::Precision::F32,
             workflow: vec![(Mode::Train, 1)],
             checkpoint_interval: 1,
             max_keep_ckpts: None,

@@ -37,6 +37,8 @@ pub struct BenchOptions {
     pub seed: u64,
     /// Also write the results as JSON to this file.
     pub json: Option<PathBuf>,
+    /// The precisions to time, side by side (a column each).
+    pub precision: Vec<crate::nn::Precision>,
     /// On the CPU, also print the per-layer conv vs square-GEMM table and an SGD
     /// step's time ([`super::bench_ops`]).
     pub ops: bool,
@@ -249,15 +251,56 @@ pub fn run(a: &BenchOptions) -> Result<()> {
             None
         }
     };
+    let precisions = if a.precision.is_empty() {
+        vec![crate::nn::Precision::F32]
+    } else {
+        a.precision.clone()
+    };
+    for &precision in &precisions {
+        model.set_precision(precision);
+        let bf16 = precision.is_bf16();
+        rows.extend(bench_precision(
+            a,
+            &mut model,
+            (&images, &targets),
+            bf16,
+            &peak,
+            tracks_rss,
+        )?);
+    }
+    print_results(a, device, size, tracks_rss, &rows)?;
+    if a.ops && !device.is_cuda() {
+        super::bench_ops::sgd_time(&model, a.iters.max(3))?;
+        super::bench_ops::conv_table(a.iters.max(3))?;
+    }
+    Ok(())
+}
+
+/// The inference and training columns of one precision.
+fn bench_precision(
+    a: &BenchOptions,
+    model: &mut FasterRcnn,
+    (images, targets): (&[Tensor], &[Target]),
+    bf16: bool,
+    peak: &dyn Fn(bool) -> Option<f64>,
+    tracks_rss: bool,
+) -> Result<Vec<Row>> {
+    let device = model_device_of(model);
+    let mut rows = Vec::new();
+    let (infer_mode, train_mode) = if bf16 {
+        ("infer-bf16", "train-bf16")
+    } else {
+        ("infer", "train")
+    };
     if !a.no_infer {
         for &b in &a.batch {
             reset_peak_rss();
             device.reset_peak_memory();
             let label = format!("infer b{b}");
             let runs = repeat(&label, a.warmup, a.iters, || {
-                Ok(detect_profiled(&model, &images[..b])?.1)
+                Ok(detect_profiled(model, &images[..b])?.1)
             })?;
-            rows.push(summarize("infer", b, &runs, peak(tracks_rss)));
+            rows.push(summarize(infer_mode, b, &runs, peak(tracks_rss)));
             pool_note(&label);
         }
     }
@@ -275,23 +318,35 @@ pub fn run(a: &BenchOptions) -> Result<()> {
             device.reset_peak_memory();
             let label = format!("train b{b}");
             let runs = repeat(&label, a.warmup, a.iters, || {
-                let (loss, t) = train_step_profiled(
-                    &mut model,
-                    &images[..b],
-                    &targets[..b],
-                    &mut sgd,
-                    &mut rng,
-                )?;
+                let (loss, t) =
+                    train_step_profiled(model, &images[..b], &targets[..b], &mut sgd, &mut rng)?;
                 if !loss.is_finite() {
                     eprintln!("  (loss is {loss}: timings still stand)");
                 }
                 Ok(t)
             })?;
-            rows.push(summarize("train", b, &runs, peak(tracks_rss)));
+            rows.push(summarize(train_mode, b, &runs, peak(tracks_rss)));
             pool_note(&label);
         }
     }
+    Ok(rows)
+}
 
+fn model_device_of(m: &FasterRcnn) -> Device {
+    m.params
+        .iter()
+        .next()
+        .map(|(_, t)| t.device())
+        .unwrap_or(Device::Cpu)
+}
+
+fn print_results(
+    a: &BenchOptions,
+    device: Device,
+    size: (usize, usize),
+    tracks_rss: bool,
+    rows: &[Row],
+) -> Result<()> {
     let memory_note = if device.is_cuda() {
         "peak memory: the caching allocator's peak of bytes in use (blocks lent to tensors), reset per column"
     } else if tracks_rss {
@@ -308,17 +363,13 @@ pub fn run(a: &BenchOptions) -> Result<()> {
         a.warmup,
         a.iters
     );
-    print_table(&rows);
+    print_table(rows);
     println!("{memory_note}");
     if device.is_cuda() {
-        print_counters(&rows);
+        print_counters(rows);
     }
     if let Some(path) = &a.json {
-        write_json(path, device, size, a, &rows)?;
-    }
-    if a.ops && !device.is_cuda() {
-        super::bench_ops::sgd_time(&model, a.iters.max(3))?;
-        super::bench_ops::conv_table(a.iters.max(3))?;
+        write_json(path, device, size, a, rows)?;
     }
     Ok(())
 }

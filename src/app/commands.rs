@@ -14,6 +14,7 @@ use crate::config::{Config, DatasetKind};
 use crate::detection::draw::save_detections_png;
 use crate::detection::{FasterRcnn, FasterRcnnConfig};
 use crate::eval::{evaluate, evaluate_with, write_results, DetBox};
+use crate::nn::Precision;
 use crate::runner::{prepare_work_dir, Mode, WorkDirPolicy};
 use crate::{Device, Error, Result};
 
@@ -42,7 +43,12 @@ fn device(s: &str) -> Result<Device> {
 }
 
 /// `kestrel demo`.
-pub fn demo(out: &Path, device_name: &str, iters: Option<usize>) -> Result<()> {
+pub fn demo(
+    out: &Path,
+    device_name: &str,
+    iters: Option<usize>,
+    precision: Precision,
+) -> Result<()> {
     let t0 = Instant::now();
     let dev = device(device_name)?;
     let iters = iters.unwrap_or(if dev.is_cuda() {
@@ -55,7 +61,9 @@ pub fn demo(out: &Path, device_name: &str, iters: Option<usize>) -> Result<()> {
     // A fresh run every time: an old `latest` would make the schedule look finished.
     // Lock first: another demo writing into the same folder must not lose its files.
     let lock = prepare_work_dir(&work_dir, WorkDirPolicy::Overwrite)?;
-    let run = ShapesRun::demo(&work_dir, dev, iters);
+    let mut run = ShapesRun::demo(&work_dir, dev, iters);
+    run.precision = precision;
+    println!("precision: {precision}");
 
     println!(
         "[1/4] generating {} training and {} validation shape images ({}x{})...",
@@ -81,6 +89,7 @@ pub fn demo(out: &Path, device_name: &str, iters: Option<usize>) -> Result<()> {
     cfg.schedule.warmup_iters = run.warmup_iters;
     cfg.schedule.steps = run.steps.clone();
     cfg.runtime.work_dir = work_dir.clone();
+    cfg.runtime.precision = precision;
     std::fs::create_dir_all(&work_dir).map_err(io(&work_dir))?;
     std::fs::write(work_dir.join("config.toml"), cfg.to_toml_string()?).map_err(io(&work_dir))?;
     let t_train = Instant::now();
@@ -157,14 +166,25 @@ fn config_device(cfg: &Config, flag: Option<&str>) -> Result<Device> {
     device(flag.unwrap_or(&cfg.runtime.device))
 }
 
+/// The config, with `--precision` (when given) in place of `runtime.precision`.
+fn config_with_precision(config: &Path, flag: Option<Precision>) -> Result<Config> {
+    let mut cfg = Config::from_file(config)?;
+    if let Some(p) = flag {
+        cfg.runtime.precision = p;
+    }
+    println!("precision: {}", cfg.runtime.precision);
+    Ok(cfg)
+}
+
 /// `kestrel train CONFIG [--resume | --overwrite]`.
 pub fn train(
     config: &Path,
     resume: bool,
     overwrite: bool,
     device_flag: Option<&str>,
+    precision: Option<Precision>,
 ) -> Result<()> {
-    let cfg = Config::from_file(config)?;
+    let cfg = config_with_precision(config, precision)?;
     let dev = config_device(&cfg, device_flag)?;
     let r = &cfg.runtime;
     let resume = resume || r.resume;
@@ -197,12 +217,14 @@ pub fn eval(
     checkpoint: &Path,
     device_flag: Option<&str>,
     results: Option<&Path>,
+    precision: Option<Precision>,
 ) -> Result<()> {
-    let cfg = Config::from_file(config)?;
+    let cfg = config_with_precision(config, precision)?;
     let dev = config_device(&cfg, device_flag)?;
     let (_, val) = config_datasets(&cfg)?;
     let mut model = FasterRcnn::new(cfg.model.clone(), cfg.runtime.seed)?;
     model.to_device(dev)?;
+    model.set_precision(cfg.runtime.precision);
     load_weights(&mut model, checkpoint)?;
     let t = Instant::now();
     let res = detect_dataset(
@@ -285,6 +307,7 @@ pub fn infer(
     config: Option<&Path>,
     min_score: f32,
     device_name: &str,
+    precision: Precision,
 ) -> Result<()> {
     if !(0.0..=1.0).contains(&min_score) {
         return Err(Error::invalid(
@@ -295,6 +318,7 @@ pub fn infer(
     let dev = device(device_name)?;
     let mut model = infer_model(checkpoint, config)?;
     model.to_device(dev)?;
+    model.set_precision(precision);
     let names = class_names(checkpoint);
     std::fs::create_dir_all(out).map_err(io(out))?;
     let files = drawing_names(images);

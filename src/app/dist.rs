@@ -177,9 +177,13 @@ pub fn train_worker(
     config: &Path,
     resume: bool,
     device_flag: Option<&str>,
+    precision: Option<crate::nn::Precision>,
     rdv: &Rendezvous,
 ) -> Result<()> {
-    let cfg = Config::from_file(config)?;
+    let mut cfg = Config::from_file(config)?;
+    if let Some(p) = precision {
+        cfg.runtime.precision = p;
+    }
     let dev = match Device::parse(device_flag.unwrap_or(&cfg.runtime.device))? {
         // One GPU per local rank.
         Device::Cuda(_) => Device::Cuda(rdv.local_rank),

@@ -6,7 +6,6 @@ use crate::detection::transform::image_from_u8;
 use crate::detection::{FasterRcnn, Target};
 use crate::device::Device;
 use crate::error::{Error, Result};
-use crate::nn::Ctx;
 use crate::rng::Rng;
 use crate::runner::{self, DataLoader};
 use crate::tensor::Tensor;
@@ -137,7 +136,7 @@ impl runner::Model for DetectorModel {
     fn train_step(&mut self, batch: &DetBatch, rng: &mut Rng) -> Result<Vec<(String, Tensor)>> {
         let images = self.images_on_device(batch)?;
         let (losses, updates) = {
-            let ctx = Ctx::new(&self.model.params, true);
+            let ctx = self.model.ctx(true);
             let losses = self.model.losses(&ctx, &images, &batch.targets, rng)?;
             (losses, ctx.take_buffer_updates())
         };
@@ -151,7 +150,7 @@ impl runner::Model for DetectorModel {
     fn val_step(&mut self, batch: &DetBatch, rng: &mut Rng) -> Result<Vec<(String, Tensor)>> {
         let images = self.images_on_device(batch)?;
         crate::autograd::no_grad(|| {
-            let ctx = Ctx::new(&self.model.params, false);
+            let ctx = self.model.ctx(false);
             self.model.losses(&ctx, &images, &batch.targets, rng)
         })
     }

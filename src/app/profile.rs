@@ -14,7 +14,6 @@ use crate::detection::{FasterRcnn, Target};
 use crate::device::gpu::{CounterScope, Counters};
 use crate::device::Device;
 use crate::error::Result;
-use crate::nn::Ctx;
 use crate::optim::sgd::Sgd;
 use crate::rng::Rng;
 use crate::tensor::Tensor;
@@ -123,7 +122,7 @@ pub fn train_step_profiled(
         tape.watch(model.params.get(n)?);
     }
     let (total, grads) = {
-        let ctx = Ctx::new(&model.params, true);
+        let ctx = model.ctx(true);
         let guard = tape.activate();
         let losses = model.losses_staged(&ctx, images, targets, rng, &mut |s| laps.lap(s))?;
         let mut total = losses[0].1.clone();

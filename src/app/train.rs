@@ -103,6 +103,8 @@ pub struct ShapesRun {
     pub log_interval: usize,
     /// Print nothing (tests).
     pub quiet: bool,
+    /// The dtype the conv and linear layers compute in.
+    pub precision: crate::nn::Precision,
 }
 
 impl ShapesRun {
@@ -124,6 +126,7 @@ impl ShapesRun {
             checkpoint_interval: 0,
             log_interval: 20,
             quiet: false,
+            precision: crate::nn::Precision::F32,
         }
     }
 
@@ -153,6 +156,7 @@ impl ShapesRun {
         let num_classes = crate::data::shapes::SHAPE_CLASSES.len() + 1;
         let mut model = FasterRcnn::new(small_config(num_classes, self.image_size), self.seed)?;
         model.to_device(self.device)?;
+        model.set_precision(self.precision);
         let sgd = Sgd::new(SgdConfig {
             lr: self.lr,
             momentum: 0.9,
@@ -259,6 +263,7 @@ pub fn config_runner(cfg: &Config, dev: Device) -> Result<Runner<DetectorModel>>
     let (train_set, val_set) = config_datasets(cfg)?;
     let mut model = FasterRcnn::new(cfg.model.clone(), cfg.runtime.seed)?;
     model.to_device(dev)?;
+    model.set_precision(cfg.runtime.precision);
     let s = &cfg.schedule;
     let sgd = Sgd::new(SgdConfig {
         lr: s.lr,

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 use kestrel::app::{bench, commands, kernel_check};
+use kestrel::nn::Precision;
 
 #[derive(Parser)]
 #[command(
@@ -53,6 +54,7 @@ fn train(
     resume: bool,
     overwrite: bool,
     device: Option<&str>,
+    precision: Option<Precision>,
     f: DistFlags,
 ) -> kestrel::Result<()> {
     let args = kestrel::app::dist::DistArgs {
@@ -76,11 +78,14 @@ fn train(
         if let Some(d) = device {
             fwd.extend(["--device".to_string(), d.to_string()]);
         }
+        if let Some(p) = precision {
+            fwd.extend(["--precision".to_string(), p.to_string()]);
+        }
         return kestrel::app::dist::launch_local(&args, &fwd);
     }
     match args.rendezvous()? {
-        Some(rdv) => kestrel::app::dist::train_worker(config, resume, device, &rdv),
-        None => commands::train(config, resume, overwrite, device),
+        Some(rdv) => kestrel::app::dist::train_worker(config, resume, device, precision, &rdv),
+        None => commands::train(config, resume, overwrite, device, precision),
     }
 }
 
@@ -139,6 +144,9 @@ enum Cmd {
         /// Training iterations (default: the tuned demo schedule).
         #[arg(long)]
         iters: Option<usize>,
+        /// f32 or bf16: the dtype of the conv and linear layers.
+        #[arg(long, default_value = "f32")]
+        precision: Precision,
     },
     /// Train with a TOML config (see configs/).
     Train {
@@ -153,6 +161,9 @@ enum Cmd {
         /// auto, cpu or cuda:N (default: the config's runtime.device).
         #[arg(long)]
         device: Option<String>,
+        /// f32 or bf16 (default: the config's runtime.precision).
+        #[arg(long)]
+        precision: Option<Precision>,
         #[command(flatten)]
         dist: DistFlags,
     },
@@ -166,6 +177,9 @@ enum Cmd {
         /// Also write the COCO results (detections) to this JSON file.
         #[arg(long)]
         results: Option<PathBuf>,
+        /// f32 or bf16 (default: the config's runtime.precision).
+        #[arg(long)]
+        precision: Option<Precision>,
     },
     /// Detect objects in images with a checkpoint; writes boxes as JSON and drawn PNGs.
     Infer {
@@ -185,6 +199,9 @@ enum Cmd {
         /// auto, cpu or cuda:N.
         #[arg(long, default_value = "auto")]
         device: String,
+        /// f32 or bf16: the dtype of the conv and linear layers.
+        #[arg(long, default_value = "f32")]
+        precision: Precision,
     },
     /// Time full-size ResNet-50-FPN Faster R-CNN per stage (inference, and with
     /// --train one training step): ms per stage, images/s, peak memory.
@@ -221,6 +238,9 @@ struct BenchArgs {
     /// Also write the results as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Precisions to time side by side: f32, bf16 or f32,bf16.
+    #[arg(long, value_delimiter = ',', default_value = "f32")]
+    precision: Vec<Precision>,
     /// CPU: also print each ResNet-50-FPN conv shape beside the square GEMM of the
     /// same FLOPs, and one SGD step's time.
     #[arg(long)]
@@ -239,6 +259,7 @@ impl From<BenchArgs> for bench::BenchOptions {
             no_infer: a.no_infer,
             seed: a.seed,
             json: a.json,
+            precision: a.precision,
             ops: a.ops,
         }
     }
@@ -264,20 +285,40 @@ fn main() {
             size,
         } => commands::shapes(&out, seed, count, size),
         Cmd::KernelCheck { name, no_bench } => kernel_check::kernel_check(&name, !no_bench),
-        Cmd::Demo { out, device, iters } => commands::demo(&out, &device, iters),
+        Cmd::Demo {
+            out,
+            device,
+            iters,
+            precision,
+        } => commands::demo(&out, &device, iters, precision),
         Cmd::Train {
             config,
             resume,
             overwrite,
             device,
+            precision,
             dist,
-        } => train(&config, resume, overwrite, device.as_deref(), dist),
+        } => train(
+            &config,
+            resume,
+            overwrite,
+            device.as_deref(),
+            precision,
+            dist,
+        ),
         Cmd::Eval {
             config,
             checkpoint,
             device,
             results,
-        } => commands::eval(&config, &checkpoint, device.as_deref(), results.as_deref()),
+            precision,
+        } => commands::eval(
+            &config,
+            &checkpoint,
+            device.as_deref(),
+            results.as_deref(),
+            precision,
+        ),
         Cmd::Infer {
             checkpoint,
             images,
@@ -285,6 +326,7 @@ fn main() {
             config,
             min_score,
             device,
+            precision,
         } => commands::infer(
             &checkpoint,
             &images,
@@ -292,6 +334,7 @@ fn main() {
             config.as_deref(),
             min_score,
             &device,
+            precision,
         ),
         Cmd::Bench(args) => bench::run(&args.into()),
     };

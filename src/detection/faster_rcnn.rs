@@ -11,7 +11,7 @@ use crate::error::{Error, Result};
 use crate::io::TensorFile;
 use crate::nn::fpn::Fpn;
 use crate::nn::resnet::{BlockKind, ResNet, ResNetConfig};
-use crate::nn::{Ctx, NormKind, ParamSpec, ParamStore};
+use crate::nn::{Bf16Weights, Ctx, NormKind, ParamSpec, ParamStore, Precision};
 use crate::rng::Rng;
 use crate::tensor::Tensor;
 
@@ -271,8 +271,13 @@ pub struct FasterRcnn {
     pub rpn: Rpn,
     /// The box branch.
     pub roi_heads: RoiHeads,
-    /// Every parameter and buffer, by torchvision name.
+    /// Every parameter and buffer, by torchvision name (f32 masters in every
+    /// precision: what the optimizer updates and checkpoints hold).
     pub params: ParamStore,
+    /// Which dtype the conv and linear layers compute in ([`FasterRcnn::ctx`]).
+    pub precision: Precision,
+    /// bf16 copies of the weights for [`Precision::Bf16`], one per weight version.
+    pub bf16_weights: Bf16Weights,
 }
 
 /// Intermediate results of an inference pass, for inspection and stage tests.
@@ -316,6 +321,8 @@ impl FasterRcnn {
             rpn,
             roi_heads,
             params,
+            precision: Precision::F32,
+            bf16_weights: Bf16Weights::default(),
         };
         m.freeze_backbone();
         Ok(m)
@@ -394,6 +401,17 @@ impl FasterRcnn {
         Ok(())
     }
 
+    /// The forward context of this model: its parameters, `training` mode, and its
+    /// precision with its bf16 weight copies.
+    pub fn ctx(&self, training: bool) -> Ctx<'_> {
+        Ctx::new(&self.params, training).with_precision(self.precision, &self.bf16_weights)
+    }
+
+    /// Compute in `precision` from now on (the parameters stay f32).
+    pub fn set_precision(&mut self, precision: Precision) {
+        self.precision = precision;
+    }
+
     /// P2..P6 of a batch `[N, 3, H, W]`.
     pub fn features(&self, ctx: &Ctx, batch: &Tensor) -> Result<Vec<Tensor>> {
         let c = self.body.forward(ctx, batch)?;
@@ -425,7 +443,7 @@ impl FasterRcnn {
     /// ([`INFERENCE_STAGES`]) as it ends, so a profiler can time the real pass (it
     /// may synchronise the device inside the callback).
     pub fn detect_staged(&self, images: &[Tensor], on_stage: StageFn) -> Result<InferenceTrace> {
-        let ctx = Ctx::new(&self.params, false);
+        let ctx = self.ctx(false);
         let il = transform(images, &self.config.transform)?;
         on_stage("transform")?;
         let c = self.body.forward(&ctx, &il.tensors)?;

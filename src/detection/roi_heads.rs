@@ -222,7 +222,13 @@ impl RoiHeads {
         proposals: &[Tensor],
         image_sizes: &[(usize, usize)],
     ) -> Result<Tensor> {
-        self.pooler.forward(feats, proposals, image_sizes)
+        // RoIAlign interpolates and accumulates in f32: bf16 feature maps are widened
+        // at this boundary (exactly; the conversion is recorded).
+        let f32s = feats
+            .iter()
+            .map(|f| crate::ops::mixed::cast(f, crate::tensor::DType::F32))
+            .collect::<Result<Vec<_>>>()?;
+        self.pooler.forward(&f32s, proposals, image_sizes)
     }
 
     /// TwoMLPHead: `[R, C, S, S]` to `[R, representation_size]`.
@@ -246,8 +252,9 @@ impl RoiHeads {
     /// FastRCNNPredictor: class logits `[R, classes]` and box deltas `[R, 4 classes]`.
     pub fn predictor(&self, ctx: &Ctx, x: &Tensor) -> Result<(Tensor, Tensor)> {
         Ok((
-            self.cls_score.forward(ctx, x)?,
-            self.bbox_pred.forward(ctx, x)?,
+            // Logits and deltas feed softmax, box coding and the losses: f32.
+            self.cls_score.forward_head(ctx, x)?,
+            self.bbox_pred.forward_head(ctx, x)?,
         ))
     }
 

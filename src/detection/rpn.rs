@@ -182,8 +182,9 @@ impl Rpn {
             } else {
                 ops::relu(&self.conv.forward(ctx, f)?)?
             };
-            objectness.push(self.cls_logits.forward(ctx, &t)?);
-            deltas.push(self.bbox_pred.forward(ctx, &t)?);
+            // Scores and deltas feed proposal selection and the losses: f32.
+            objectness.push(self.cls_logits.forward_head(ctx, &t)?);
+            deltas.push(self.bbox_pred.forward_head(ctx, &t)?);
         }
         Ok(RpnHeadOutput { objectness, deltas })
     }

@@ -10,7 +10,8 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use super::{Conv2d, Ctx, Linear, Norm2d, NormKind};
+use super::layers::{run_conv, run_linear};
+use super::{Conv2d, Ctx, LayerOut, Linear, Norm2d, NormKind};
 use crate::autograd;
 use crate::error::{Error, Result};
 use crate::ops::{self, Epilogue};
@@ -109,7 +110,6 @@ pub fn conv_bn_fused(
             format!("{} has a bias; a conv before a norm has none", conv.name),
         ));
     }
-    let w = ctx.params.get(&format!("{}.weight", conv.name))?;
     let (scale, shift) = cache.folded(ctx, norm)?;
     let ep = Epilogue {
         scale: Some(&scale),
@@ -118,33 +118,26 @@ pub fn conv_bn_fused(
         relu,
         out_dtype: None,
     };
-    ops::conv2d_fused(x, w, &conv.params, &ep)
+    run_conv(ctx, conv, x, Some(ep), LayerOut::Activation)
 }
 
 /// `relu?(conv(x) + bias)` with the bias and ReLU in the conv's epilogue.
 pub fn conv_fused(ctx: &Ctx, conv: &Conv2d, x: &Tensor, relu: bool) -> Result<Tensor> {
-    let w = ctx.params.get(&format!("{}.weight", conv.name))?;
-    let b = if conv.bias {
-        Some(ctx.params.get(&format!("{}.bias", conv.name))?)
-    } else {
-        None
-    };
     let ep = Epilogue {
-        shift: b,
+        shift: conv.bias_of(ctx)?,
         relu,
         ..Default::default()
     };
-    ops::conv2d_fused(x, w, &conv.params, &ep)
+    run_conv(ctx, conv, x, Some(ep), LayerOut::Activation)
 }
 
 /// `relu?(x Wᵀ + b)` with the bias and ReLU in the product's epilogue.
 pub fn linear_fused(ctx: &Ctx, lin: &Linear, x: &Tensor, relu: bool) -> Result<Tensor> {
-    let w = ctx.params.get(&format!("{}.weight", lin.name))?;
     let b = ctx.params.get(&format!("{}.bias", lin.name))?;
     let ep = Epilogue {
         shift: Some(b),
         relu,
         ..Default::default()
     };
-    ops::linear_fused(x, w, &ep)
+    run_linear(ctx, lin, x, Some(ep), LayerOut::Activation)
 }

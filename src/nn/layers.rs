@@ -1,10 +1,11 @@
 //! Conv2d, Linear and the two BatchNorms, as torchvision names their tensors.
 
-use super::{Ctx, Init, ParamSpec};
+use super::{Ctx, Init, LayerOut, ParamSpec};
 use crate::error::Result;
 use crate::ops::conv2d::{conv2d, Conv2dParams};
 use crate::ops::linear::linear;
 use crate::ops::norm::{batch_norm, frozen_batch_norm, BatchNormConfig};
+use crate::ops::{self, mixed, Epilogue};
 use crate::tensor::Tensor;
 
 /// A convolution whose tensors are `{name}.weight` `[cout, cin, kh, kw]` and, with a
@@ -54,15 +55,23 @@ impl Conv2d {
         self.init = init;
         self
     }
-    /// `x` `[N, cin, H, W]` to `[N, cout, OH, OW]`.
+    /// `x` `[N, cin, H, W]` to `[N, cout, OH, OW]`, an activation for the next layer
+    /// (bf16 under [`super::Precision::Bf16`]).
     pub fn forward(&self, ctx: &Ctx, x: &Tensor) -> Result<Tensor> {
-        let w = ctx.params.get(&format!("{}.weight", self.name))?;
-        let b = if self.bias {
-            Some(ctx.params.get(&format!("{}.bias", self.name))?)
+        run_conv(ctx, self, x, None, LayerOut::Activation)
+    }
+    /// [`Conv2d::forward`] for a layer whose output feeds box coding, scores or a
+    /// loss: f32 in every precision.
+    pub fn forward_head(&self, ctx: &Ctx, x: &Tensor) -> Result<Tensor> {
+        run_conv(ctx, self, x, None, LayerOut::Head)
+    }
+    /// The layer's bias, if it has one.
+    pub(crate) fn bias_of<'c>(&self, ctx: &Ctx<'c>) -> Result<Option<&'c Tensor>> {
+        if self.bias {
+            Ok(Some(ctx.params.get(&format!("{}.bias", self.name))?))
         } else {
-            None
-        };
-        conv2d(x, w, b, &self.params)
+            Ok(None)
+        }
     }
     /// The tensors this layer expects.
     pub fn specs(&self, out: &mut Vec<ParamSpec>) {
@@ -114,11 +123,14 @@ impl Linear {
         self.init = init;
         self
     }
-    /// `x` `[N, in]` to `[N, out]`.
+    /// `x` `[N, in]` to `[N, out]`, an activation for the next layer.
     pub fn forward(&self, ctx: &Ctx, x: &Tensor) -> Result<Tensor> {
-        let w = ctx.params.get(&format!("{}.weight", self.name))?;
-        let b = ctx.params.get(&format!("{}.bias", self.name))?;
-        linear(x, w, Some(b))
+        run_linear(ctx, self, x, None, LayerOut::Activation)
+    }
+    /// [`Linear::forward`] for a layer whose output feeds softmax, box coding or a
+    /// loss (the box predictor): f32 in every precision.
+    pub fn forward_head(&self, ctx: &Ctx, x: &Tensor) -> Result<Tensor> {
+        run_linear(ctx, self, x, None, LayerOut::Head)
     }
     /// The tensors this layer expects.
     pub fn specs(&self, out: &mut Vec<ParamSpec>) {
@@ -185,6 +197,11 @@ pub struct Norm2d {
 impl Norm2d {
     /// `x` `[N, c, H, W]` normalised per channel.
     pub fn forward(&self, ctx: &Ctx, x: &Tensor) -> Result<Tensor> {
+        // bf16 activations are normalised in f32 and rounded back (the statistics
+        // and the affine are f32 parameters).
+        if let Some(y) = mixed::bf16_via_f32("norm", &[x], |v| self.forward(ctx, &v[0]))? {
+            return Ok(y);
+        }
         let p = |s: &str| ctx.params.get(&format!("{}.{s}", self.name));
         let (w, b, rm, rv) = (
             p("weight")?,
@@ -269,4 +286,63 @@ impl Norm2d {
             Init::Const(1.0),
         ));
     }
+}
+
+/// The one place every convolution layer of the model is launched, so the launch
+/// path changes here alone. `ep` is `None` for the plain recorded layer (conv + bias)
+/// and the fused epilogue for inference ([`super::fold`]); `out` says what the
+/// output feeds. f32: the f32 ops, as before the policy existed. bf16: the
+/// tensor-core op with f32 accumulation, the bf16 copy of the weight, the epilogue
+/// fused, and the output dtype the policy gives `out`.
+pub(crate) fn run_conv(
+    ctx: &Ctx,
+    conv: &Conv2d,
+    x: &Tensor,
+    ep: Option<Epilogue>,
+    out: LayerOut,
+) -> Result<Tensor> {
+    let w = ctx.params.get(&format!("{}.weight", conv.name))?;
+    let b = conv.bias_of(ctx)?;
+    if !ctx.precision.is_bf16() {
+        return match ep {
+            None => conv2d(x, w, b, &conv.params),
+            Some(ep) => ops::conv2d_fused(x, w, &conv.params, &ep),
+        };
+    }
+    let w16 = ctx.bf16_weight(&conv.name, w, true)?;
+    let ep = Epilogue {
+        out_dtype: Some(ctx.precision.out_dtype(out)),
+        ..ep.unwrap_or(Epilogue {
+            shift: b,
+            ..Default::default()
+        })
+    };
+    mixed::conv2d_bf16(x, w, &w16, &conv.params, &ep)
+}
+
+/// The one place every linear layer is launched (see [`run_conv`]).
+pub(crate) fn run_linear(
+    ctx: &Ctx,
+    lin: &Linear,
+    x: &Tensor,
+    ep: Option<Epilogue>,
+    out: LayerOut,
+) -> Result<Tensor> {
+    let w = ctx.params.get(&format!("{}.weight", lin.name))?;
+    let b = ctx.params.get(&format!("{}.bias", lin.name))?;
+    if !ctx.precision.is_bf16() {
+        return match ep {
+            None => linear(x, w, Some(b)),
+            Some(ep) => ops::linear_fused(x, w, &ep),
+        };
+    }
+    let w16 = ctx.bf16_weight(&lin.name, w, false)?;
+    let ep = Epilogue {
+        out_dtype: Some(ctx.precision.out_dtype(out)),
+        ..ep.unwrap_or(Epilogue {
+            shift: Some(b),
+            ..Default::default()
+        })
+    };
+    mixed::linear_bf16(x, w, &w16, &ep)
 }

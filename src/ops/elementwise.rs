@@ -43,6 +43,9 @@ fn gpu_binary(op: &'static str, kernel: &str, a: &Tensor, b: &Tensor) -> Result<
 
 /// `max(x, 0)`, any shape.
 pub fn relu(x: &Tensor) -> Result<Tensor> {
+    if let Some(y) = super::mixed::bf16_via_f32("relu", &[x], |v| relu(&v[0]))? {
+        return Ok(y);
+    }
     let y = match x.device() {
         Device::Cpu => {
             with_dtype!(x.dtype(), T => map1::<T>(x, |v| if v > T::zero() { v } else { T::zero() }))?
@@ -84,6 +87,9 @@ pub fn relu_backward(y: &Tensor, gy: &Tensor) -> Result<Tensor> {
 /// `a + b` for same-shaped tensors.
 pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     check_same_shape("add", a, b)?;
+    if let Some(y) = super::mixed::bf16_via_f32("add", &[a, b], |v| add(&v[0], &v[1]))? {
+        return Ok(y);
+    }
     let y = match same_device("add", &[a, b])? {
         Device::Cpu => {
             with_dtype!(same_dtype("add", &[a, b])?, T => map2::<T>(a, b, |x, y| x + y))?

@@ -9,6 +9,7 @@ pub mod elementwise;
 pub mod fused;
 pub mod linear;
 pub mod losses;
+pub mod mixed;
 pub mod nms;
 pub mod norm;
 pub mod pool;

@@ -111,6 +111,12 @@ pub fn frozen_batch_norm(
     eps: f64,
 ) -> Result<Tensor> {
     const OP: &str = "frozen_batch_norm";
+    // bf16 activations: normalised in f32 with the f32 statistics, rounded back.
+    if let Some(y) = super::mixed::bf16_via_f32(OP, &[x], |v| {
+        frozen_batch_norm(&v[0], weight, bias, running_mean, running_var, eps)
+    })? {
+        return Ok(y);
+    }
     let d = check_inputs(
         OP,
         x,

@@ -155,6 +155,11 @@ pub fn max_pool2d(
     padding: impl Into<Size2d>,
 ) -> Result<Tensor> {
     let p = Pool2d::new(kernel, stride, padding);
+    if let Some(y) = super::mixed::bf16_via_f32("max_pool2d", &[x], |v| {
+        max_pool2d(&v[0], p.kernel, p.stride, p.padding)
+    })? {
+        return Ok(y);
+    }
     // Indices are only worth their memory when a backward may follow.
     if !is_recording() {
         return forward(x, p, false).map(|(y, _)| y);

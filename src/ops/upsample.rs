@@ -86,6 +86,11 @@ fn geom_args(g: &Geom) -> [KernelArg; 5] {
 pub fn upsample_nearest_add(lateral: &Tensor, top: &Tensor) -> Result<Tensor> {
     const OP: &str = "upsample_nearest_add";
     let g = geometry(OP, lateral.dims(), top.dims())?;
+    if let Some(y) =
+        super::mixed::bf16_via_f32(OP, &[lateral, top], |v| upsample_nearest_add(&v[0], &v[1]))?
+    {
+        return Ok(y);
+    }
     float_input(OP, lateral)?;
     float_input(OP, top)?;
     let y = match same_device(OP, &[lateral, top])? {

@@ -1,0 +1,208 @@
+//! Mixed precision: the recorded dtype conversion, the bf16 convolution and linear
+//! layers with f32 master weights and f32 gradients, and the rule by which the f32
+//! ops accept bf16 activations.
+//!
+//! The precision policy (see [`crate::nn::Precision`]) gives the conv and linear
+//! layers bf16 activations; every other op the model runs computes in f32. Such an op
+//! called with bf16 activations runs on f32 copies and rounds its output back to bf16
+//! ([`bf16_via_f32`]): exactly the CPU reference semantics of bf16 (inputs in bf16,
+//! compute in f32, outputs rounded), on the CPU and on CUDA alike. Mixing a bf16
+//! activation with an f32 one in one op is not something the policy produces, so it
+//! is an error naming the op rather than a silent promotion.
+//!
+//! Gradients are always f32, whatever the dtype of the tensor they belong to: the
+//! tensor-core backward kernels read an f32 upstream gradient (rounding it to bf16 in
+//! their tile loads) and write f32, and the master weights are f32. No loss scaling
+//! is needed: bf16 has f32's 8-bit exponent, so a gradient that is representable in
+//! f32 does not underflow in bf16 (fp16's 5-bit exponent is what makes loss scaling
+//! necessary there); and the gradients here are stored in f32 anyway.
+
+use crate::autograd::record;
+use crate::device::Device;
+use crate::error::{Error, Result};
+use crate::ops::conv2d::{conv2d_backward_bias, Conv2dParams};
+use crate::ops::fused::Epilogue;
+use crate::ops::tc::{self, TcConvWeight};
+use crate::tensor::{DType, Tensor};
+
+/// `x` converted to `dtype` (f32 <-> bf16 on CUDA, any float pair on the CPU),
+/// recorded on the tape: the gradient passes through, as f32.
+pub fn cast(x: &Tensor, dtype: DType) -> Result<Tensor> {
+    if x.dtype() == dtype {
+        return Ok(x.clone());
+    }
+    let y = x.to_dtype(dtype)?;
+    record("cast", &[x], &y, |gy, _| Ok(vec![Some(grad_f32(gy)?)]));
+    Ok(y)
+}
+
+/// `g` as f32 (gradients are f32 whatever the dtype of their tensor).
+pub fn grad_f32(g: &Tensor) -> Result<Tensor> {
+    match g.dtype() {
+        DType::BF16 => g.to_dtype(DType::F32),
+        _ => Ok(g.clone()),
+    }
+}
+
+/// For an op that computes in f32 on activations `acts`: `None` when none is bf16
+/// (the caller goes on as before); when all are bf16, `f` runs on f32 copies and its
+/// output comes back rounded to bf16 (the conversions are recorded, so the op's own
+/// backward is reused). Some bf16 and some f32 activations: an error naming `op`.
+pub fn bf16_via_f32(
+    op: &'static str,
+    acts: &[&Tensor],
+    f: impl FnOnce(&[Tensor]) -> Result<Tensor>,
+) -> Result<Option<Tensor>> {
+    let n16 = acts.iter().filter(|t| t.dtype() == DType::BF16).count();
+    if n16 == 0 {
+        return Ok(None);
+    }
+    if n16 != acts.len() {
+        let dts: Vec<String> = acts.iter().map(|t| t.dtype().to_string()).collect();
+        return Err(Error::DType {
+            op,
+            dtype: "bf16".into(),
+            msg: format!(
+                "activations of mixed dtypes ({}): the precision policy gives an op \
+                 activations of one dtype; convert explicitly",
+                dts.join(", ")
+            ),
+        });
+    }
+    let xs = acts
+        .iter()
+        .map(|t| cast(t, DType::F32))
+        .collect::<Result<Vec<_>>>()?;
+    let y = f(&xs)?;
+    cast(&y, DType::BF16).map(Some)
+}
+
+/// The bf16 copy of an f32 master weight as the tensor-core kernels read it: the
+/// rounded tensor (both devices) and, for a convolution on CUDA, the packed forward
+/// layout. Made once per weight version ([`crate::nn::Bf16Weights`]).
+#[derive(Clone, Debug)]
+pub struct Bf16Weight {
+    /// The weight rounded to bf16, same shape and device as the master.
+    pub bf16: Tensor,
+    /// The forward kernel's packed layout (CUDA convolutions only).
+    pub packed: Option<TcConvWeight>,
+}
+
+impl Bf16Weight {
+    /// Round `w` (and pack it for the forward kernel when `conv` and on CUDA).
+    pub fn new(w: &Tensor, conv: bool) -> Result<Self> {
+        let bf16 = w.to_dtype(DType::BF16)?;
+        let packed = match (conv, bf16.device()) {
+            (true, Device::Cuda(_)) => Some(TcConvWeight::new(&bf16)?),
+            _ => None,
+        };
+        Ok(Bf16Weight { bf16, packed })
+    }
+}
+
+fn plain_epilogue(op: &'static str, ep: &Epilogue) -> Result<()> {
+    if crate::autograd::is_recording() && (ep.scale.is_some() || ep.residual.is_some() || ep.relu) {
+        return Err(Error::invalid(
+            op,
+            "under a tape only a bias may ride in the epilogue (norm, residual and ReLU \
+             run as their own recorded ops)",
+        ));
+    }
+    Ok(())
+}
+
+/// A convolution in bf16 with f32 accumulation on the tensor-core kernels (the CPU
+/// reference on the CPU): `x` `[N, Cin, H, W]` (f32 or bf16), master weight `w`
+/// (f32, the tensor gradients go to) read through its bf16 copy `w16`, epilogue `ep`
+/// (a bias as `shift`; under a tape nothing else), output in `ep.out_dtype`.
+/// Records dL/dx, dL/dw (tensor-core dgrad / wgrad, f32) and dL/dbias (f32).
+pub fn conv2d_bf16(
+    x: &Tensor,
+    w: &Tensor,
+    w16: &Bf16Weight,
+    p: &Conv2dParams,
+    ep: &Epilogue,
+) -> Result<Tensor> {
+    const OP: &str = "conv2d_bf16";
+    plain_epilogue(OP, ep)?;
+    if w16.bf16.dims() != w.dims() {
+        return Err(Error::shape(
+            OP,
+            format!("bf16 copy {} of weight {}", w16.bf16.shape(), w.shape()),
+        ));
+    }
+    let y = match &w16.packed {
+        Some(packed) if x.device() != Device::Cpu => tc::conv2d_tc_packed(x, packed, p, ep)?,
+        _ => tc::conv2d_tc(x, &w16.bf16, p, ep)?,
+    };
+    let (xc, wc, pc) = (x.clone(), w16.bf16.clone(), *p);
+    let mut inputs = vec![x, w];
+    inputs.extend(ep.shift);
+    let has_bias = ep.shift.is_some();
+    record(OP, &inputs, &y, move |gy, needs| {
+        let gy = grad_f32(gy)?;
+        let gx = if needs[0] {
+            Some(tc::conv2d_tc_backward_input(&gy, &wc, xc.dims(), &pc)?)
+        } else {
+            None
+        };
+        let gw = if needs[1] {
+            Some(tc::conv2d_tc_backward_weight(&xc, &gy, wc.dims(), &pc)?)
+        } else {
+            None
+        };
+        let mut out = vec![gx, gw];
+        if has_bias {
+            out.push(if needs[2] {
+                Some(conv2d_backward_bias(&gy)?)
+            } else {
+                None
+            });
+        }
+        Ok(out)
+    });
+    Ok(y)
+}
+
+/// `x Wᵀ (+ bias in ep.shift)` in bf16 with f32 accumulation: `x` `[M, K]`, master
+/// weight `w` `[N, K]` read through its bf16 copy `w16`, output `[M, N]` in
+/// `ep.out_dtype`. Records f32 gradients of x, w and the bias.
+pub fn linear_bf16(x: &Tensor, w: &Tensor, w16: &Bf16Weight, ep: &Epilogue) -> Result<Tensor> {
+    const OP: &str = "linear_bf16";
+    plain_epilogue(OP, ep)?;
+    if w16.bf16.dims() != w.dims() {
+        return Err(Error::shape(
+            OP,
+            format!("bf16 copy {} of weight {}", w16.bf16.shape(), w.shape()),
+        ));
+    }
+    let y = tc::linear_tc(x, &w16.bf16, ep)?;
+    let (xc, wc) = (x.clone(), w16.bf16.clone());
+    let mut inputs = vec![x, w];
+    inputs.extend(ep.shift);
+    let has_bias = ep.shift.is_some();
+    record(OP, &inputs, &y, move |gy, needs| {
+        let gy = grad_f32(gy)?;
+        let gx = if needs[0] {
+            Some(tc::linear_tc_backward_input(&gy, &wc)?)
+        } else {
+            None
+        };
+        let gw = if needs[1] {
+            Some(tc::linear_tc_backward_weight(&xc, &gy)?)
+        } else {
+            None
+        };
+        let mut out = vec![gx, gw];
+        if has_bias {
+            out.push(if needs[2] {
+                let (m, n) = (gy.dims()[0], gy.dims()[1]);
+                Some(conv2d_backward_bias(&gy.reshape_detached([m, n, 1, 1])?)?)
+            } else {
+                None
+            });
+        }
+        Ok(out)
+    });
+    Ok(y)
+}
