@@ -14,6 +14,7 @@ use super::layers::{run_conv, run_linear};
 use super::{Conv2d, Ctx, LayerOut, Linear, Norm2d, NormKind};
 use crate::autograd;
 use crate::error::{Error, Result};
+use crate::ops::tc::chain::TcConv;
 use crate::ops::{self, Epilogue};
 use crate::tensor::{Tensor, TensorId};
 
@@ -75,6 +76,50 @@ impl FoldCache {
         let (s, t) = ops::fold_frozen_bn(w, b, rm, rv, eps)?;
         m.insert(norm.name.clone(), (ids, s.clone(), t.clone()));
         Ok((s, t))
+    }
+}
+
+/// The packed tensor-core convolutions (with their folded norm) of the bf16
+/// inference chain ([`crate::ops::tc::chain`]), packed at most once per version of
+/// the conv's weight and of its fold.
+#[derive(Default)]
+pub struct TcConvCache(Mutex<HashMap<String, ([TensorId; 3], TcConv)>>);
+
+impl Clone for TcConvCache {
+    /// An empty cache: packs are redone from the parameter store they belong to.
+    fn clone(&self) -> Self {
+        TcConvCache::default()
+    }
+}
+
+impl std::fmt::Debug for TcConvCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let n = self.0.lock().map(|m| m.len()).unwrap_or(0);
+        write!(f, "TcConvCache({n} convs)")
+    }
+}
+
+impl TcConvCache {
+    /// `conv` packed for the chain with `norm` folded into its epilogue (through
+    /// `folds`), for the tensors now in `ctx`.
+    pub fn conv(
+        &self,
+        ctx: &Ctx,
+        folds: &FoldCache,
+        (conv, norm): (&Conv2d, &Norm2d),
+    ) -> Result<TcConv> {
+        let w = ctx.params.get(&format!("{}.weight", conv.name))?;
+        let (scale, shift) = folds.folded(ctx, norm)?;
+        let ids = [w.id(), scale.id(), shift.id()];
+        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((have, c)) = m.get(&conv.name) {
+            if *have == ids {
+                return Ok(c.clone());
+            }
+        }
+        let c = TcConv::new(w, Some(scale), Some(shift), conv.params)?;
+        m.insert(conv.name.clone(), (ids, c.clone()));
+        Ok(c)
     }
 }
 

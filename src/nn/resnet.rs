@@ -1,11 +1,12 @@
 //! torchvision's ResNet (v1.5: stride on the 3x3 of a Bottleneck) as a detection
 //! body: stem, layer1..layer4, returning the four stage outputs C2..C5.
 
-use super::fold::{conv_bn_fused, fusable, FoldCache};
+use super::fold::{conv_bn_fused, fusable, FoldCache, TcConvCache};
 use super::{Conv2d, Ctx, Init, Norm2d, NormKind, ParamSpec};
 use crate::error::{Error, Result};
+use crate::ops::tc::chain::TcActivation;
 use crate::ops::{add, pool::max_pool2d, relu};
-use crate::tensor::Tensor;
+use crate::tensor::{DType, Tensor};
 
 /// Residual block type.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -259,6 +260,8 @@ pub struct ResNet {
     stages: Vec<Vec<Block>>,
     /// Folded norms for the fused inference path.
     folds: FoldCache,
+    /// Packed convs of the bf16 inference chain.
+    tc_convs: TcConvCache,
 }
 
 /// He-normal (fan_out, relu), torchvision's ResNet init for convolutions.
@@ -342,6 +345,7 @@ impl ResNet {
             stem,
             stages,
             folds: FoldCache::default(),
+            tc_convs: TcConvCache::default(),
         })
     }
 
@@ -390,6 +394,9 @@ impl ResNet {
         let (c0, n0) = &self.stem;
         let x = conv_bn_fused(ctx, f, (c0, n0), x, None, true)?;
         let mut x = max_pool2d(&x, 3, 2, 1)?;
+        if ctx.precision.is_bf16() {
+            return self.blocks_chained(ctx, &x);
+        }
         let mut outs = Vec::with_capacity(4);
         for stage in &self.stages {
             for b in stage {
@@ -406,6 +413,36 @@ impl ResNet {
                 x = h;
             }
             outs.push(x.clone());
+        }
+        Ok(outs)
+    }
+
+    /// The blocks of the bf16 inference forward as one tensor-core chain: the pooled
+    /// stem output is packed to channels-last bf16 once, every block is then its
+    /// convs' launches and nothing else (a bottleneck three, four with a
+    /// downsample: the norms folded, ReLU and the residual add in the epilogues),
+    /// and each stage's output is unpacked once for the FPN. Equal to the unchained
+    /// bf16 path bit for bit (the same kernels and epilogues; see tests/tc_chain.rs).
+    pub fn blocks_chained(&self, ctx: &Ctx, x: &Tensor) -> Result<Vec<Tensor>> {
+        let (f, t) = (&self.folds, &self.tc_convs);
+        let mut a = TcActivation::from_nchw(x)?;
+        let mut outs = Vec::with_capacity(4);
+        for stage in &self.stages {
+            for b in stage {
+                let identity = match &b.downsample {
+                    Some((c, n)) => Some(t.conv(ctx, f, (c, n))?.forward(&a, None, false)?),
+                    None => None,
+                };
+                let last = b.convs.len() - 1;
+                let mut h: Option<TcActivation> = None;
+                for (i, (c, n)) in b.convs.iter().enumerate() {
+                    let input = h.as_ref().unwrap_or(&a);
+                    let residual = (i == last).then(|| identity.as_ref().unwrap_or(&a));
+                    h = Some(t.conv(ctx, f, (c, n))?.forward(input, residual, true)?);
+                }
+                a = h.ok_or_else(|| Error::invalid("resnet", "a block without convs"))?;
+            }
+            outs.push(a.to_nchw(DType::BF16)?);
         }
         Ok(outs)
     }
