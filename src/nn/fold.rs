@@ -15,6 +15,7 @@ use super::{Conv2d, Ctx, LayerOut, Linear, Norm2d, NormKind};
 use crate::autograd;
 use crate::error::{Error, Result};
 use crate::ops::tc::chain::TcConv;
+use crate::ops::tc::TcConvWeight;
 use crate::ops::{self, Epilogue};
 use crate::tensor::{Tensor, TensorId};
 
@@ -109,15 +110,27 @@ impl TcConvCache {
         (conv, norm): (&Conv2d, &Norm2d),
     ) -> Result<TcConv> {
         let w = ctx.params.get(&format!("{}.weight", conv.name))?;
+        // The layer's bf16 copy (one per weight version, counted by `Bf16Weights`,
+        // packed on CUDA) is what the chain multiplies by.
+        let w16 = ctx.bf16_weight(&conv.name, w, true)?;
         let (scale, shift) = folds.folded(ctx, norm)?;
-        let ids = [w.id(), scale.id(), shift.id()];
+        let ids = [w16.bf16.id(), scale.id(), shift.id()];
         let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
         if let Some((have, c)) = m.get(&conv.name) {
             if *have == ids {
                 return Ok(c.clone());
             }
         }
-        let c = TcConv::new(w, Some(scale), Some(shift), conv.params)?;
+        let weight = match &w16.packed {
+            Some(p) => p.clone(),
+            None => TcConvWeight::new(&w16.bf16)?,
+        };
+        let c = TcConv {
+            weight,
+            scale: Some(scale),
+            shift: Some(shift),
+            params: conv.params,
+        };
         m.insert(conv.name.clone(), (ids, c.clone()));
         Ok(c)
     }
