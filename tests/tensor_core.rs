@@ -727,7 +727,19 @@ fn bf16_tensors_convert_on_cpu_and_device_and_move_between_them() {
         .map(|&b| half::bf16::from_bits(b).to_f32())
         .collect();
     assert_eq!(back, exact, "device bf16 -> f32");
-    // Ops that do not take bf16 say so.
-    let e = kestrel::ops::relu(&b).unwrap_err().to_string();
-    assert!(e.contains("bf16"), "{e}");
+    // relu takes bf16 by the reference rule (widen, f32 op, round back): the
+    // bf16 values clamped at zero, still bf16.
+    let r = kestrel::ops::relu(&b).unwrap();
+    assert_eq!(r.dtype(), DType::BF16);
+    let clamped: Vec<f32> = exact
+        .iter()
+        .map(|&v| if v > 0.0 { v } else { 0.0 })
+        .collect();
+    assert_eq!(
+        r.to_dtype(DType::F32).unwrap().to_vec::<f32>().unwrap(),
+        clamped
+    );
+    // A bf16 tensor mixed with an f32 one is refused, naming the op.
+    let e = kestrel::ops::add(&b, &t).unwrap_err().to_string();
+    assert!(e.contains("add") && e.contains("bf16"), "{e}");
 }
