@@ -22,6 +22,8 @@
 
 mod common;
 
+use common::{fixture_dets, iou, orig_sizes};
+
 use common::assert_close;
 use kestrel::autograd::Tape;
 use kestrel::detection::transform::image_from_u8;
@@ -211,34 +213,6 @@ fn check_stages_bf16(device: Device) {
     );
 }
 
-fn fixture_dets(f: &TensorFile, i: usize) -> Detections {
-    let b = f
-        .tensor(&format!("det{i}.boxes"))
-        .unwrap()
-        .to_vec::<f32>()
-        .unwrap();
-    Detections {
-        boxes: b
-            .chunks_exact(4)
-            .map(|c| [c[0], c[1], c[2], c[3]])
-            .collect(),
-        scores: f
-            .tensor(&format!("det{i}.scores"))
-            .unwrap()
-            .to_vec::<f32>()
-            .unwrap(),
-        labels: f.ints(&format!("det{i}.labels")).unwrap().0,
-    }
-}
-
-fn iou(a: &[f32; 4], b: &[f32; 4]) -> f32 {
-    let area = |b: &[f32; 4]| (b[2] - b[0]) * (b[3] - b[1]);
-    let iw = (a[2].min(b[2]) - a[0].max(b[0])).max(0.0);
-    let ih = (a[3].min(b[3]) - a[1].max(b[1])).max(0.0);
-    let inter = iw * ih;
-    inter / (area(a) + area(b) - inter)
-}
-
 /// Bound on a detection score's change in bf16 from torchvision's proposals: the
 /// class logits come D = 3 bf16 layers after the f32 RoIAlign (fc6, fc7, predictor),
 /// relative error tol(3); softmax moves a probability by at most 1/2 of the largest
@@ -302,20 +276,6 @@ fn confident_found_in(what: &str, a: &Detections, b: &Detections) -> usize {
         );
     }
     n
-}
-
-fn orig_sizes(f: &TensorFile) -> Vec<(usize, usize)> {
-    f.params().unwrap()["original_sizes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| {
-            (
-                s[0].as_u64().unwrap() as usize,
-                s[1].as_u64().unwrap() as usize,
-            )
-        })
-        .collect()
 }
 
 /// Images to detections in bf16. The RPN's proposal list is a discrete choice: among

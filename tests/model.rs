@@ -12,6 +12,8 @@
 
 mod common;
 
+use common::{fixture_dets, iou, orig_sizes};
+
 use common::assert_close;
 use common::detection_ties::{self, Det};
 use common::proposal_ties::{self, Candidate, Rule};
@@ -427,47 +429,6 @@ fn check_rpn_targets_on(device: Device) {
 
 fn flat(b: &[[f32; 4]]) -> Vec<f64> {
     b.iter().flatten().map(|&v| v as f64).collect()
-}
-
-fn orig_sizes(f: &TensorFile) -> Vec<(usize, usize)> {
-    f.params().unwrap()["original_sizes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| {
-            (
-                s[0].as_u64().unwrap() as usize,
-                s[1].as_u64().unwrap() as usize,
-            )
-        })
-        .collect()
-}
-
-fn fixture_dets(f: &TensorFile, i: usize) -> Detections {
-    let b = f
-        .tensor(&format!("det{i}.boxes"))
-        .unwrap()
-        .to_vec::<f32>()
-        .unwrap();
-    Detections {
-        boxes: b
-            .chunks_exact(4)
-            .map(|c| [c[0], c[1], c[2], c[3]])
-            .collect(),
-        scores: f
-            .tensor(&format!("det{i}.scores"))
-            .unwrap()
-            .to_vec::<f32>()
-            .unwrap(),
-        labels: f.ints(&format!("det{i}.labels")).unwrap().0,
-    }
-}
-
-fn iou(a: &[f32; 4], b: &[f32; 4]) -> f32 {
-    let area = |b: &[f32; 4]| (b[2] - b[0]) * (b[3] - b[1]);
-    let w = (a[2].min(b[2]) - a[0].max(b[0])).max(0.0);
-    let h = (a[3].min(b[3]) - a[1].max(b[1])).max(0.0);
-    w * h / (area(a) + area(b) - w * h)
 }
 
 /// Every detection of `want` pairs with one of `got` and none is left over: the same

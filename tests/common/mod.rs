@@ -400,3 +400,47 @@ pub fn fixture_targets(f: &TensorFile) -> Vec<kestrel::detection::Target> {
         })
         .collect()
 }
+
+/// The original image sizes `(h, w)` of a model fixture (its `original_sizes` param).
+pub fn orig_sizes(f: &TensorFile) -> Vec<(usize, usize)> {
+    f.params().unwrap()["original_sizes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s[0].as_u64().unwrap() as usize,
+                s[1].as_u64().unwrap() as usize,
+            )
+        })
+        .collect()
+}
+
+/// torchvision's detections of image `i` of a model fixture (original-image pixels).
+pub fn fixture_dets(f: &TensorFile, i: usize) -> kestrel::detection::Detections {
+    let b = f
+        .tensor(&format!("det{i}.boxes"))
+        .unwrap()
+        .to_vec::<f32>()
+        .unwrap();
+    kestrel::detection::Detections {
+        boxes: b
+            .chunks_exact(4)
+            .map(|c| [c[0], c[1], c[2], c[3]])
+            .collect(),
+        scores: f
+            .tensor(&format!("det{i}.scores"))
+            .unwrap()
+            .to_vec::<f32>()
+            .unwrap(),
+        labels: f.ints(&format!("det{i}.labels")).unwrap().0,
+    }
+}
+
+/// IoU of two boxes (x1, y1, x2, y2) in f32.
+pub fn iou(a: &[f32; 4], b: &[f32; 4]) -> f32 {
+    let area = |b: &[f32; 4]| (b[2] - b[0]) * (b[3] - b[1]);
+    let w = (a[2].min(b[2]) - a[0].max(b[0])).max(0.0);
+    let h = (a[3].min(b[3]) - a[1].max(b[1])).max(0.0);
+    w * h / (area(a) + area(b) - w * h)
+}
