@@ -8,9 +8,6 @@ mod common;
 
 use kestrel::app::profile::train_step_profiled;
 use kestrel::autograd::Tape;
-use kestrel::detection::transform::image_from_u8;
-use kestrel::detection::{FasterRcnn, FasterRcnnConfig, Target};
-use kestrel::io::TensorFile;
 use kestrel::ops;
 use kestrel::ops::roi_align::{roi_align_backward, RoiAlignParams};
 use kestrel::optim::{Sgd, SgdConfig};
@@ -131,41 +128,10 @@ fn index_select_backward_with_repeats_gives_the_same_bits_every_run_emulated() {
 
 // ------------------------------------------------------------ training steps
 
-fn load_model(device: Device) -> FasterRcnn {
-    let path = common::fixtures_dir().join("model/weights.safetensors");
-    let params = TensorFile::open(&path).unwrap().params().unwrap();
-    let cfg = FasterRcnnConfig::from_params(&params).unwrap();
-    let mut m = FasterRcnn::load(cfg, &path).unwrap();
-    m.to_device(device).unwrap();
-    m
-}
-
-fn batch(device: Device) -> (Vec<Tensor>, Vec<Target>) {
-    let e = common::fixture("model/eval.safetensors");
-    let f = common::fixture("model/train.safetensors");
-    let images: Vec<Tensor> = (0..)
-        .map(|i| format!("image{i}.u8"))
-        .take_while(|n| e.contains(n))
-        .map(|n| {
-            let (v, s) = e.ints(&n).unwrap();
-            let bytes: Vec<u8> = v.into_iter().map(|x| x as u8).collect();
-            image_from_u8(&bytes, s.dim(1), s.dim(2))
-                .unwrap()
-                .to_device(device)
-                .unwrap()
-        })
-        .collect();
-    let targets = common::fixture_targets(&f)
-        .into_iter()
-        .take(images.len())
-        .collect();
-    (images, targets)
-}
-
 /// Every parameter's bits after `steps` SGD steps from the fixture's weights.
 fn train(device: Device, steps: usize) -> Vec<(String, Vec<u32>)> {
-    let mut m = load_model(device);
-    let (images, targets) = batch(device);
+    let mut m = common::fixture_model(device);
+    let (images, targets) = common::fixture_training_batch(device);
     let mut sgd = Sgd::new(SgdConfig {
         lr: 1e-2,
         momentum: 0.9,

@@ -7,10 +7,9 @@ mod common;
 
 use kestrel::app::profile::train_step_profiled;
 use kestrel::detection::transform::image_from_u8;
-use kestrel::detection::{FasterRcnn, FasterRcnnConfig, Target};
+use kestrel::detection::Target;
 use kestrel::device::emu;
 use kestrel::device::gpu::Counters;
-use kestrel::io::TensorFile;
 use kestrel::optim::{Sgd, SgdConfig};
 use kestrel::rng::Rng;
 use kestrel::{Device, Tensor};
@@ -80,15 +79,6 @@ fn counters_are_per_thread_emulated() {
 
 // ------------------------------------------------------------ the small model
 
-fn load_model(device: Device) -> FasterRcnn {
-    let path = common::fixtures_dir().join("model/weights.safetensors");
-    let params = TensorFile::open(&path).unwrap().params().unwrap();
-    let cfg = FasterRcnnConfig::from_params(&params).unwrap();
-    let mut m = FasterRcnn::load(cfg, &path).unwrap();
-    m.to_device(device).unwrap();
-    m
-}
-
 fn images(device: Device) -> Vec<Tensor> {
     let f = common::fixture("model/eval.safetensors");
     (0..)
@@ -114,7 +104,7 @@ fn targets(n: usize) -> Vec<Target> {
 fn inference_after_a_warm_up_allocates_nothing_from_the_driver_emulated() {
     let _l = LOCK.lock().unwrap_or_else(|p| p.into_inner());
     let device = common::emulated();
-    let m = load_model(device);
+    let m = common::fixture_model(device);
     let imgs = images(device);
     m.detect(&imgs).unwrap(); // warm-up: fills the cache
     let c = device.counters();
@@ -133,7 +123,7 @@ fn inference_after_a_warm_up_allocates_nothing_from_the_driver_emulated() {
 fn a_training_step_after_a_warm_up_allocates_nothing_from_the_driver_emulated() {
     let _l = LOCK.lock().unwrap_or_else(|p| p.into_inner());
     let device = common::emulated();
-    let mut m = load_model(device);
+    let mut m = common::fixture_model(device);
     let imgs = images(device);
     let t = targets(imgs.len());
     let mut sgd = Sgd::new(SgdConfig {

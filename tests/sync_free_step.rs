@@ -11,10 +11,8 @@ mod common;
 
 use kestrel::autograd::Tape;
 use kestrel::detection::targets::PackedTargets;
-use kestrel::detection::transform::image_from_u8;
-use kestrel::detection::{FasterRcnn, FasterRcnnConfig, Target};
+use kestrel::detection::{FasterRcnn, Target};
 use kestrel::device::error_flags;
-use kestrel::io::TensorFile;
 use kestrel::nn::Ctx;
 use kestrel::optim::{Sgd, SgdConfig};
 use kestrel::rng::Rng;
@@ -23,37 +21,6 @@ use kestrel::{Device, Tensor};
 
 /// The cache measurements need the device to themselves.
 static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn load_model(device: Device) -> FasterRcnn {
-    let path = common::fixtures_dir().join("model/weights.safetensors");
-    let params = TensorFile::open(&path).unwrap().params().unwrap();
-    let cfg = FasterRcnnConfig::from_params(&params).unwrap();
-    let mut m = FasterRcnn::load(cfg, &path).unwrap();
-    m.to_device(device).unwrap();
-    m
-}
-
-fn batch(device: Device) -> (Vec<Tensor>, Vec<Target>) {
-    let e = common::fixture("model/eval.safetensors");
-    let f = common::fixture("model/train.safetensors");
-    let images: Vec<Tensor> = (0..)
-        .map(|i| format!("image{i}.u8"))
-        .take_while(|n| e.contains(n))
-        .map(|n| {
-            let (v, s) = e.ints(&n).unwrap();
-            let bytes: Vec<u8> = v.into_iter().map(|x| x as u8).collect();
-            image_from_u8(&bytes, s.dim(1), s.dim(2))
-                .unwrap()
-                .to_device(device)
-                .unwrap()
-        })
-        .collect();
-    let targets = common::fixture_targets(&f)
-        .into_iter()
-        .take(images.len())
-        .collect();
-    (images, targets)
-}
 
 fn sgd() -> Sgd {
     Sgd::new(SgdConfig {
@@ -120,8 +87,8 @@ fn step(
 fn a_non_logging_step_reads_nothing_back_and_a_logging_step_reads_once_emulated() {
     let _l = LOCK.lock().unwrap_or_else(|p| p.into_inner());
     let device = common::emulated();
-    let mut m = load_model(device);
-    let (images, targets) = batch(device);
+    let mut m = common::fixture_model(device);
+    let (images, targets) = common::fixture_training_batch(device);
     let (mut opt, mut rng) = (sgd(), Rng::new(0));
     let mut warm = 0;
     // Warm-up: a logging and a non-logging step each round (their allocation
@@ -268,9 +235,9 @@ fn same(a: &[(String, Vec<u32>)], b: &[(String, Vec<u32>)], what: &str) {
 fn runs_are_bit_identical_and_a_resume_equals_the_uninterrupted_run_emulated() {
     let _l = LOCK.lock().unwrap_or_else(|p| p.into_inner());
     let device = common::emulated();
-    let (images, targets) = batch(device);
+    let (images, targets) = common::fixture_training_batch(device);
     let run = |steps: usize| {
-        let mut m = load_model(device);
+        let mut m = common::fixture_model(device);
         let (mut opt, mut rng) = (sgd(), Rng::new(11));
         for _ in 0..steps {
             step(&mut m, &images, &targets, &mut opt, &mut rng, false).unwrap();
@@ -302,7 +269,7 @@ fn runs_are_bit_identical_and_a_resume_equals_the_uninterrupted_run_emulated() {
         .collect();
     let rng_state = rng.state();
     drop((m, opt, rng));
-    let mut m = load_model(device);
+    let mut m = common::fixture_model(device);
     for (n, t) in &saved {
         m.params.set(n, t.to_device(device).unwrap()).unwrap();
     }

@@ -444,3 +444,35 @@ pub fn iou(a: &[f32; 4], b: &[f32; 4]) -> f32 {
     let h = (a[3].min(b[3]) - a[1].max(b[1])).max(0.0);
     w * h / (area(a) + area(b) - w * h)
 }
+
+/// The fixture's model (tests/fixtures/model/weights.safetensors, its own config) on
+/// `device`, f32.
+pub fn fixture_model(device: Device) -> kestrel::detection::FasterRcnn {
+    let path = fixtures_dir().join("model/weights.safetensors");
+    let params = TensorFile::open(&path).unwrap().params().unwrap();
+    let cfg = kestrel::detection::FasterRcnnConfig::from_params(&params).unwrap();
+    let mut m = kestrel::detection::FasterRcnn::load(cfg, &path).unwrap();
+    m.to_device(device).unwrap();
+    m
+}
+
+/// The fixture's images (u8, through `image_from_u8`) on `device` and its training
+/// targets, one per image.
+pub fn fixture_training_batch(device: Device) -> (Vec<Tensor>, Vec<kestrel::detection::Target>) {
+    let e = fixture("model/eval.safetensors");
+    let f = fixture("model/train.safetensors");
+    let images: Vec<Tensor> = (0..)
+        .map(|i| format!("image{i}.u8"))
+        .take_while(|n| e.contains(n))
+        .map(|n| {
+            let (v, s) = e.ints(&n).unwrap();
+            let bytes: Vec<u8> = v.into_iter().map(|x| x as u8).collect();
+            kestrel::detection::transform::image_from_u8(&bytes, s.dim(1), s.dim(2))
+                .unwrap()
+                .to_device(device)
+                .unwrap()
+        })
+        .collect();
+    let targets = fixture_targets(&f).into_iter().take(images.len()).collect();
+    (images, targets)
+}
