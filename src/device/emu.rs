@@ -86,11 +86,9 @@ pub fn gpu_device() -> Result<gpu::GpuDevice> {
         ));
     }
     static BACKEND: OnceLock<Arc<EmuBackend>> = OnceLock::new();
-    if let Some(d) = gpu::registered(EMU_ORDINAL) {
-        return Ok(d);
-    }
-    let b = BACKEND.get_or_init(|| Arc::new(EmuBackend::new()));
-    Ok(gpu::register_backend(EMU_ORDINAL, b.clone()))
+    Ok(gpu::register_backend_once(EMU_ORDINAL, || {
+        BACKEND.get_or_init(|| Arc::new(EmuBackend::new())).clone()
+    }))
 }
 
 /// Which sanitizer the emulated kernels were built with: `"none"`, `"address"` or

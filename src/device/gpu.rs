@@ -471,6 +471,21 @@ pub fn register_backend(ordinal: usize, backend: Arc<dyn GpuBackend>) -> GpuDevi
     dev
 }
 
+/// The device registered under `ordinal`, registering `backend()` there first if
+/// nothing is: one lock for both, so threads racing to first use all get the same
+/// device (two handles for one ordinal would each have their own cache and capture
+/// state). `backend` runs under that lock: it must not open or register devices.
+pub fn register_backend_once(
+    ordinal: usize,
+    backend: impl FnOnce() -> Arc<dyn GpuBackend>,
+) -> GpuDevice {
+    let mut reg = registry().lock().unwrap_or_else(|p| p.into_inner());
+    reg.1
+        .entry(ordinal)
+        .or_insert_with(|| GpuDevice::managed(ordinal, backend()))
+        .clone()
+}
+
 /// The device registered or opened under `ordinal`, if any (opens nothing).
 pub fn registered(ordinal: usize) -> Option<GpuDevice> {
     let reg = registry().lock().unwrap_or_else(|p| p.into_inner());
@@ -523,4 +538,50 @@ pub fn validate_launch(kernel: &str, cfg: &LaunchCfg) -> Result<()> {
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// Threads racing to the first use of an ordinal all get the one device: a
+    /// second handle would have its own cache and capture state (a graph capture
+    /// begun on one handle would not see the work queued through the other).
+    #[test]
+    fn racing_first_use_registers_one_device() {
+        const ORD: usize = 9_000_017; // no other test uses it
+        static OPENED: AtomicUsize = AtomicUsize::new(0);
+        // Any backend will do; fetched first, as the registry's lock is held while
+        // the closure runs.
+        let emu = crate::device::emu::gpu_device()
+            .expect("the emulated device")
+            .backend;
+        let start = std::sync::Barrier::new(8);
+        let devs: Vec<GpuDevice> = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..8)
+                .map(|_| {
+                    s.spawn(|| {
+                        start.wait();
+                        register_backend_once(ORD, || {
+                            OPENED.fetch_add(1, Ordering::SeqCst);
+                            emu.clone()
+                        })
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert_eq!(
+            OPENED.load(Ordering::SeqCst),
+            1,
+            "the backend was opened once"
+        );
+        for d in &devs[1..] {
+            assert!(
+                Arc::ptr_eq(&d.backend, &devs[0].backend),
+                "one handle per ordinal"
+            );
+        }
+    }
 }
