@@ -83,12 +83,12 @@ fn rank_step(dev: Device, comm: Comm, mark: impl Fn(&str)) -> RankResult {
         let seed = Tensor::full(loss.shape().clone(), 1.0, loss.dtype(), dev).unwrap();
         let scope = dev.counters();
         let mut reducer = reducer;
-        if let Some(r) = reducer.as_deref_mut() {
+        if let Some(r) = &mut reducer {
             r.attach(&tape, &ws).unwrap();
         }
         let g = tape.backward_with(&loss, seed).unwrap();
         let mut grads: Vec<Option<Tensor>> = ws.iter().map(|w| g.get(w).cloned()).collect();
-        if let Some(r) = reducer.as_deref_mut() {
+        if let Some(r) = &mut reducer {
             r.finish(&mut grads).unwrap();
         }
         let d = scope.delta();
