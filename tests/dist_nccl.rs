@@ -14,7 +14,7 @@
 use std::time::Duration;
 
 use kestrel::autograd::Tape;
-use kestrel::dist::{Collective, Comm, GradReducer, NcclComm, Rendezvous, TcpComm};
+use kestrel::dist::{Comm, GradReducer, NcclComm, Rendezvous, TcpComm};
 use kestrel::ops;
 use kestrel::rng::Rng;
 use kestrel::runner::GradSync;
