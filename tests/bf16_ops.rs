@@ -119,7 +119,9 @@ fn both(what: &str, acts: &[Tensor], params: &[Tensor], f: impl Fn(&[Tensor]) ->
 
 #[test]
 fn relu_bf16_follows_the_rule() {
-    both("relu", &[bf16_exact(1, &[2, 3, 5, 7])], &[], |v| ops::relu(&v[0]));
+    both("relu", &[bf16_exact(1, &[2, 3, 5, 7])], &[], |v| {
+        ops::relu(&v[0])
+    });
 }
 
 #[test]
@@ -172,7 +174,12 @@ fn max_pool2d_bf16_follows_the_rule() {
     });
     // Without a tape the forward skips the indices (the other kernel).
     let x = bf16_exact(12, &[1, 2, 8, 8]);
-    let want = bits(&ops::max_pool2d(&x, 3, 2, 1).unwrap().to_dtype(DType::BF16).unwrap());
+    let want = bits(
+        &ops::max_pool2d(&x, 3, 2, 1)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap(),
+    );
     common::on_emulated(|d| {
         let x16 = x.to_dtype(DType::BF16).unwrap().to_device(d).unwrap();
         assert_eq!(bits(&ops::max_pool2d(&x16, 3, 2, 1).unwrap()), want);
@@ -276,6 +283,12 @@ fn bf16_peak_device_memory_is_below_f32() {
         mib(ib32),
         mib(ib16),
     );
-    assert!(t16 < t32, "training: bf16 peak {t16} B is not below f32 {t32} B");
-    assert!(i16 < i32_, "inference: bf16 peak {i16} B is not below f32 {i32_} B");
+    assert!(
+        t16 < t32,
+        "training: bf16 peak {t16} B is not below f32 {t32} B"
+    );
+    assert!(
+        i16 < i32_,
+        "inference: bf16 peak {i16} B is not below f32 {i32_} B"
+    );
 }

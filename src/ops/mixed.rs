@@ -23,8 +23,8 @@ use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::ops::conv2d::{conv2d_backward_bias, Conv2dParams};
 use crate::ops::fused::Epilogue;
-use crate::ops::{arg, launch_elems};
 use crate::ops::tc::{self, TcConvWeight};
+use crate::ops::{arg, launch_elems};
 use crate::tensor::{DType, Tensor};
 
 /// `x` converted to `dtype` (f32 <-> bf16 on CUDA, any float pair on the CPU),
@@ -192,7 +192,12 @@ pub fn relu_backward_bf16(y: &Tensor, gy: &Tensor) -> Result<Tensor> {
                 &dev,
                 "relu_bwd_bf16",
                 y.numel(),
-                &[arg(y)?, arg(gy)?, arg(&gx)?, KernelArg::I64(y.numel() as i64)],
+                &[
+                    arg(y)?,
+                    arg(gy)?,
+                    arg(&gx)?,
+                    KernelArg::I64(y.numel() as i64),
+                ],
             )?;
             Ok(gx)
         }
