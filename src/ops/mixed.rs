@@ -3,10 +3,15 @@
 //! ops accept bf16 activations.
 //!
 //! The precision policy (see [`crate::nn::Precision`]) gives the conv and linear
-//! layers bf16 activations; every other op the model runs computes in f32. Such an op
-//! called with bf16 activations runs on f32 copies and rounds its output back to bf16
-//! ([`bf16_via_f32`]): exactly the CPU reference semantics of bf16 (inputs in bf16,
-//! compute in f32, outputs rounded), on the CPU and on CUDA alike. Mixing a bf16
+//! layers bf16 activations; every other op the model runs computes in f32. The rule
+//! for such an op called with bf16 activations: its output is the f32 op on the
+//! widened inputs, rounded back to bf16 once, and its gradients are the f32 op's, f32
+//! (the CPU reference semantics of bf16: inputs in bf16, compute in f32, outputs
+//! rounded). The ops between the model's convolutions (relu, add, frozen batch norm,
+//! the FPN's nearest-upsample + add, max pooling) follow it natively: their kernels
+//! (kernels/bf16_ops.cu) read and write bf16 and their tapes keep bf16 tensors, which
+//! is what makes bf16's peak device memory lower than f32's; the others run on f32
+//! copies ([`bf16_via_f32`]), the same values. Mixing a bf16
 //! activation with an f32 one in one op is not something the policy produces, so it
 //! is an error naming the op rather than a silent promotion.
 //!
