@@ -241,7 +241,7 @@ fn training_peak(device: Device, p: Precision) -> (u64, u64) {
     let grads = tape.backward(&total).unwrap();
     let peak = device.memory().peak_allocated;
     drop(grads);
-    (peak as u64, base as u64)
+    (peak, base)
 }
 
 fn inference_peak(device: Device, p: Precision) -> (u64, u64) {
@@ -253,7 +253,7 @@ fn inference_peak(device: Device, p: Precision) -> (u64, u64) {
     let base = device.memory().peak_allocated;
     let dets = m.detect(&imgs).unwrap();
     assert!(!dets.is_empty());
-    (device.memory().peak_allocated as u64, base as u64)
+    (device.memory().peak_allocated, base)
 }
 
 fn mib(b: u64) -> f64 {
