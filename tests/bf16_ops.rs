@@ -118,14 +118,14 @@ fn both(what: &str, acts: &[Tensor], params: &[Tensor], f: impl Fn(&[Tensor]) ->
 }
 
 #[test]
-fn relu_bf16_follows_the_rule() {
+fn relu_bf16_follows_the_rule_cpu_and_emulated() {
     both("relu", &[bf16_exact(1, &[2, 3, 5, 7])], &[], |v| {
         ops::relu(&v[0])
     });
 }
 
 #[test]
-fn add_bf16_follows_the_rule() {
+fn add_bf16_follows_the_rule_cpu_and_emulated() {
     // Sums of two bf16 values need rounding (and hit round-to-even ties often).
     both(
         "add",
@@ -136,7 +136,7 @@ fn add_bf16_follows_the_rule() {
 }
 
 #[test]
-fn frozen_batch_norm_bf16_follows_the_rule() {
+fn frozen_batch_norm_bf16_follows_the_rule_cpu_and_emulated() {
     let c = 6;
     let pos = |s: u64| {
         let v: Vec<f32> = common::randn(s, c)
@@ -156,7 +156,7 @@ fn frozen_batch_norm_bf16_follows_the_rule() {
 }
 
 #[test]
-fn upsample_nearest_add_bf16_follows_the_rule() {
+fn upsample_nearest_add_bf16_follows_the_rule_cpu_and_emulated() {
     // A non-integer ratio (7 -> 3, 10 -> 5) exercises the nearest rule.
     both(
         "upsample_nearest_add",
@@ -167,7 +167,7 @@ fn upsample_nearest_add_bf16_follows_the_rule() {
 }
 
 #[test]
-fn max_pool2d_bf16_follows_the_rule() {
+fn max_pool2d_bf16_follows_the_rule_cpu_and_emulated() {
     // The stem's pooling: 3x3, stride 2, padding 1; repeated values give ties.
     both("max_pool2d", &[bf16_exact(11, &[2, 3, 9, 11])], &[], |v| {
         pool::max_pool2d(&v[0], 3, 2, 1)
@@ -188,7 +188,7 @@ fn max_pool2d_bf16_follows_the_rule() {
 
 /// A bf16 activation with an f32 one is refused, naming the op, on both devices.
 #[test]
-fn mixed_dtypes_are_an_error_naming_the_op() {
+fn mixed_dtypes_are_an_error_naming_the_op_cpu_and_emulated() {
     let a = bf16_exact(13, &[1, 2, 4, 4]);
     let t = bf16_exact(14, &[1, 2, 2, 2]);
     for dev in [Device::Cpu, emulated()] {
@@ -264,7 +264,7 @@ fn mib(b: u64) -> f64 {
 /// less device memory at their peak than f32 (before them the widening ops kept f32
 /// copies on the tape and bf16 peaked above f32: 441.5 vs 395.4 MiB).
 #[test]
-fn bf16_peak_device_memory_is_below_f32() {
+fn bf16_peak_device_memory_is_below_f32_emulated() {
     let device = emulated();
     let (t32, b32) = training_peak(device, Precision::F32);
     let (t16, b16) = training_peak(device, Precision::Bf16);

@@ -148,7 +148,10 @@ pub fn frozen_batch_norm(
         &y,
         move |gy, needs| {
             let gy = super::mixed::grad_f32(gy)?;
-            let xw = xc.to_dtype(DType::F32)?;
+            let xw = match xc.dtype() {
+                DType::BF16 => xc.to_dtype(DType::F32)?,
+                _ => xc.clone(),
+            };
             let mut g = norm_backward(&gy, &xw, &wc, &aff, d, false, needs)?;
             g.extend([None, None]);
             Ok(g)
