@@ -149,6 +149,12 @@ pub const KERNEL_TESTS: &[KernelTests] = &[
         tests: &[t("anchors")],
         bench: Some(("detection", "anchors/")),
     },
+    // Native bf16 relu/add/affine/upsample-add/max-pool of the bf16 model.
+    KernelTests {
+        stem: "bf16_ops",
+        tests: &[t("bf16_ops")],
+        bench: None,
+    },
     KernelTests {
         stem: "box_coder",
         tests: &[t("box_coder")],

@@ -199,8 +199,12 @@ impl Norm2d {
     pub fn forward(&self, ctx: &Ctx, x: &Tensor) -> Result<Tensor> {
         // bf16 activations are normalised in f32 and rounded back (the statistics
         // and the affine are f32 parameters).
-        if let Some(y) = mixed::bf16_via_f32("norm", &[x], |v| self.forward(ctx, &v[0]))? {
-            return Ok(y);
+        // Frozen batch norm takes bf16 natively (its tape keeps the bf16 input).
+        let native = matches!(self.kind, NormKind::Frozen { .. });
+        if !native {
+            if let Some(y) = mixed::bf16_via_f32("norm", &[x], |v| self.forward(ctx, &v[0]))? {
+                return Ok(y);
+            }
         }
         let p = |s: &str| ctx.params.get(&format!("{}.{s}", self.name));
         let (w, b, rm, rv) = (

@@ -43,8 +43,9 @@ fn gpu_binary(op: &'static str, kernel: &str, a: &Tensor, b: &Tensor) -> Result<
 
 /// `max(x, 0)`, any shape.
 pub fn relu(x: &Tensor) -> Result<Tensor> {
-    if let Some(y) = super::mixed::bf16_via_f32("relu", &[x], |v| relu(&v[0]))? {
-        return Ok(y);
+    // bf16 natively: the tape keeps the bf16 output, not an f32 copy.
+    if super::mixed::all_bf16("relu", &[x])? {
+        return super::mixed::relu_bf16(x);
     }
     let y = match x.device() {
         Device::Cpu => {
@@ -87,8 +88,8 @@ pub fn relu_backward(y: &Tensor, gy: &Tensor) -> Result<Tensor> {
 /// `a + b` for same-shaped tensors.
 pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     check_same_shape("add", a, b)?;
-    if let Some(y) = super::mixed::bf16_via_f32("add", &[a, b], |v| add(&v[0], &v[1]))? {
-        return Ok(y);
+    if super::mixed::all_bf16("add", &[a, b])? {
+        return super::mixed::add_bf16(a, b);
     }
     let y = match same_device("add", &[a, b])? {
         Device::Cpu => {

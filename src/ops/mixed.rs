@@ -3,10 +3,15 @@
 //! ops accept bf16 activations.
 //!
 //! The precision policy (see [`crate::nn::Precision`]) gives the conv and linear
-//! layers bf16 activations; every other op the model runs computes in f32. Such an op
-//! called with bf16 activations runs on f32 copies and rounds its output back to bf16
-//! ([`bf16_via_f32`]): exactly the CPU reference semantics of bf16 (inputs in bf16,
-//! compute in f32, outputs rounded), on the CPU and on CUDA alike. Mixing a bf16
+//! layers bf16 activations; every other op the model runs computes in f32. The rule
+//! for such an op called with bf16 activations: its output is the f32 op on the
+//! widened inputs, rounded back to bf16 once, and its gradients are the f32 op's, f32
+//! (the CPU reference semantics of bf16: inputs in bf16, compute in f32, outputs
+//! rounded). The ops between the model's convolutions (relu, add, frozen batch norm,
+//! the FPN's nearest-upsample + add, max pooling) follow it natively: their kernels
+//! (kernels/bf16_ops.cu) read and write bf16 and their tapes keep bf16 tensors, which
+//! is what makes bf16's peak device memory lower than f32's; the others run on f32
+//! copies ([`bf16_via_f32`]), the same values. Mixing a bf16
 //! activation with an f32 one in one op is not something the policy produces, so it
 //! is an error naming the op rather than a silent promotion.
 //!
@@ -18,11 +23,13 @@
 //! necessary there); and the gradients here are stored in f32 anyway.
 
 use crate::autograd::record;
+use crate::device::gpu::{GpuDevice, KernelArg};
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::ops::conv2d::{conv2d_backward_bias, Conv2dParams};
 use crate::ops::fused::Epilogue;
 use crate::ops::tc::{self, TcConvWeight};
+use crate::ops::{arg, launch_elems};
 use crate::tensor::{DType, Tensor};
 
 /// `x` converted to `dtype` (f32 <-> bf16 on CUDA, any float pair on the CPU),
@@ -53,9 +60,23 @@ pub fn bf16_via_f32(
     acts: &[&Tensor],
     f: impl FnOnce(&[Tensor]) -> Result<Tensor>,
 ) -> Result<Option<Tensor>> {
+    if !all_bf16(op, acts)? {
+        return Ok(None);
+    }
+    let xs = acts
+        .iter()
+        .map(|t| cast(t, DType::F32))
+        .collect::<Result<Vec<_>>>()?;
+    let y = f(&xs)?;
+    cast(&y, DType::BF16).map(Some)
+}
+
+/// Whether `op` runs on bf16 activations: `false` when none of `acts` is bf16, `true`
+/// when all are; some of each is an error naming `op` (the policy never produces it).
+pub fn all_bf16(op: &'static str, acts: &[&Tensor]) -> Result<bool> {
     let n16 = acts.iter().filter(|t| t.dtype() == DType::BF16).count();
     if n16 == 0 {
-        return Ok(None);
+        return Ok(false);
     }
     if n16 != acts.len() {
         let dts: Vec<String> = acts.iter().map(|t| t.dtype().to_string()).collect();
@@ -69,12 +90,157 @@ pub fn bf16_via_f32(
             ),
         });
     }
-    let xs = acts
+    Ok(true)
+}
+
+/// The device of a bf16 CUDA tensor (the f32 ops' `gpu_dev` takes f32 only).
+pub(crate) fn gpu_dev_bf16(op: &'static str, t: &Tensor) -> Result<GpuDevice> {
+    if t.dtype() != DType::BF16 {
+        return Err(Error::DType {
+            op,
+            dtype: t.dtype().to_string(),
+            msg: "the bf16 path takes bf16 activations".into(),
+        });
+    }
+    Ok(t.gpu()?.dev.clone())
+}
+
+/// A bf16 CUDA tensor of `dims` with unspecified contents.
+pub(crate) fn gpu_empty_bf16(dev: &GpuDevice, dims: &[usize]) -> Result<Tensor> {
+    let n: usize = dims.iter().product();
+    let buf = dev.alloc(n.max(1) * DType::BF16.size())?;
+    Ok(Tensor::from_gpu_typed(
+        dev.clone(),
+        buf,
+        dims.to_vec(),
+        DType::BF16,
+    ))
+}
+
+/// The CPU reference of a bf16 op: `f` on the inputs widened to f32 (not recorded),
+/// its f32 output rounded to bf16 once, to nearest even.
+pub(crate) fn cpu_bf16_rule(
+    xs: &[&Tensor],
+    f: impl FnOnce(&[Tensor]) -> Result<Tensor>,
+) -> Result<Tensor> {
+    let wide = xs
         .iter()
-        .map(|t| cast(t, DType::F32))
+        .map(|t| t.to_dtype(DType::F32))
         .collect::<Result<Vec<_>>>()?;
-    let y = f(&xs)?;
-    cast(&y, DType::BF16).map(Some)
+    crate::autograd::no_grad(|| f(&wide))?.to_dtype(DType::BF16)
+}
+
+/// relu of a bf16 tensor, bf16 out (the sign decides, so the value is exact); the
+/// tape keeps the bf16 output, not an f32 copy. The gradient is f32.
+pub(crate) fn relu_bf16(x: &Tensor) -> Result<Tensor> {
+    const OP: &str = "relu";
+    let y = match x.device() {
+        Device::Cpu => {
+            let v: Vec<half::bf16> = x
+                .to_vec_bf16()?
+                .into_iter()
+                .map(|v| {
+                    if v.to_f32() > 0.0 {
+                        v
+                    } else {
+                        half::bf16::ZERO
+                    }
+                })
+                .collect();
+            Tensor::from_vec_bf16(v, x.shape().clone())?
+        }
+        Device::Cuda(_) => {
+            let dev = gpu_dev_bf16(OP, x)?;
+            let y = gpu_empty_bf16(&dev, x.dims())?;
+            launch_elems(
+                &dev,
+                "relu_fwd_bf16",
+                x.numel(),
+                &[arg(x)?, arg(&y)?, KernelArg::I64(x.numel() as i64)],
+            )?;
+            y
+        }
+    };
+    let yc = y.clone();
+    record(OP, &[x], &y, move |gy, _| {
+        Ok(vec![Some(relu_backward_bf16(&yc, &grad_f32(gy)?)?)])
+    });
+    Ok(y)
+}
+
+/// dL/dx (f32) of relu from its bf16 output `y` and dL/dy (f32): the f32 backward
+/// of the widened output.
+pub fn relu_backward_bf16(y: &Tensor, gy: &Tensor) -> Result<Tensor> {
+    const OP: &str = "relu_backward";
+    super::check_same_shape(OP, y, gy)?;
+    if y.dtype() != DType::BF16 || gy.dtype() != DType::F32 {
+        return Err(Error::DType {
+            op: OP,
+            dtype: format!("{}/{}", y.dtype(), gy.dtype()),
+            msg: "the bf16 backward takes a bf16 output and an f32 gradient".into(),
+        });
+    }
+    match crate::tensor::same_device(OP, &[y, gy])? {
+        Device::Cpu => {
+            let g: Vec<f32> = y
+                .to_vec_bf16()?
+                .iter()
+                .zip(gy.cpu_slice::<f32>()?)
+                .map(|(y, &g)| if y.to_f32() > 0.0 { g } else { 0.0 })
+                .collect();
+            Tensor::from_vec(g, y.shape().clone())
+        }
+        Device::Cuda(_) => {
+            let dev = gpu_dev_bf16(OP, y)?;
+            let gx = Tensor::gpu_empty(&dev, y.shape().clone())?;
+            launch_elems(
+                &dev,
+                "relu_bwd_bf16",
+                y.numel(),
+                &[
+                    arg(y)?,
+                    arg(gy)?,
+                    arg(&gx)?,
+                    KernelArg::I64(y.numel() as i64),
+                ],
+            )?;
+            Ok(gx)
+        }
+    }
+}
+
+/// `a + b` for same-shaped bf16 tensors: the f32 sum rounded once. The gradient
+/// passes through to both, as f32.
+pub(crate) fn add_bf16(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    const OP: &str = "add";
+    let y = match crate::tensor::same_device(OP, &[a, b])? {
+        Device::Cpu => {
+            let v: Vec<half::bf16> = a
+                .to_vec_bf16()?
+                .iter()
+                .zip(b.to_vec_bf16()?)
+                .map(|(x, y)| half::bf16::from_f32(x.to_f32() + y.to_f32()))
+                .collect();
+            Tensor::from_vec_bf16(v, a.shape().clone())?
+        }
+        Device::Cuda(_) => {
+            let dev = gpu_dev_bf16(OP, a)?;
+            gpu_dev_bf16(OP, b)?;
+            let y = gpu_empty_bf16(&dev, a.dims())?;
+            launch_elems(
+                &dev,
+                "add_bf16",
+                a.numel(),
+                &[arg(a)?, arg(b)?, arg(&y)?, KernelArg::I64(a.numel() as i64)],
+            )?;
+            y
+        }
+    };
+    record(OP, &[a, b], &y, |gy, _| {
+        let g = grad_f32(gy)?;
+        Ok(vec![Some(g.clone()), Some(g)])
+    });
+    Ok(y)
 }
 
 /// The bf16 copy of an f32 master weight as the tensor-core kernels read it: the

@@ -63,7 +63,18 @@ fn check_inputs(op: &'static str, x: &Tensor, per_channel: &[(&str, &Tensor)]) -
         .chain(per_channel.iter().map(|(_, t)| *t))
         .collect();
     same_device(op, &all)?;
-    if same_dtype(op, &all)? == DType::I64 {
+    // bf16 activations come with f32 parameters (the precision policy's f32
+    // statistics); the ops that do not take bf16 say so where they dispatch.
+    let params: Vec<&Tensor> = per_channel.iter().map(|(_, t)| *t).collect();
+    let dt = if params.is_empty() {
+        x.dtype()
+    } else {
+        same_dtype(op, &params)?
+    };
+    if !(x.dtype() == dt || (x.dtype() == DType::BF16 && dt == DType::F32)) {
+        same_dtype(op, &all)?;
+    }
+    if x.dtype() == DType::I64 || dt == DType::I64 {
         return Err(Error::DType {
             op,
             dtype: "i64".into(),
@@ -111,12 +122,6 @@ pub fn frozen_batch_norm(
     eps: f64,
 ) -> Result<Tensor> {
     const OP: &str = "frozen_batch_norm";
-    // bf16 activations: normalised in f32 with the f32 statistics, rounded back.
-    if let Some(y) = super::mixed::bf16_via_f32(OP, &[x], |v| {
-        frozen_batch_norm(&v[0], weight, bias, running_mean, running_var, eps)
-    })? {
-        return Ok(y);
-    }
     let d = check_inputs(
         OP,
         x,
@@ -129,14 +134,25 @@ pub fn frozen_batch_norm(
     )?;
     check_eps(OP, eps)?;
     let aff = affine_from_stats(weight, bias, running_mean, running_var, eps)?;
-    let y = apply_affine(x, &aff.scale, &aff.shift, d)?;
+    // bf16 activations: normalised in f32 with the f32 statistics, rounded once, and
+    // the tape keeps the bf16 input (widened only in the backward, one layer at a time).
+    let y = if x.dtype() == DType::BF16 {
+        apply_affine_bf16(x, &aff.scale, &aff.shift, d)?
+    } else {
+        apply_affine(x, &aff.scale, &aff.shift, d)?
+    };
     let (xc, wc) = (x.clone(), weight.clone());
     record(
         OP,
         &[x, weight, bias, running_mean, running_var],
         &y,
         move |gy, needs| {
-            let mut g = norm_backward(gy, &xc, &wc, &aff, d, false, needs)?;
+            let gy = super::mixed::grad_f32(gy)?;
+            let xw = match xc.dtype() {
+                DType::BF16 => xc.to_dtype(DType::F32)?,
+                _ => xc.clone(),
+            };
+            let mut g = norm_backward(&gy, &xw, &wc, &aff, d, false, needs)?;
             g.extend([None, None]);
             Ok(g)
         },
@@ -356,6 +372,26 @@ fn apply_affine(x: &Tensor, scale: &Tensor, shift: &Tensor, d: Dims) -> Result<T
             launch_planes(
                 &dev,
                 "channel_affine_f32",
+                d,
+                &[arg(x)?, arg(scale)?, arg(shift)?, arg(&y)?],
+            )?;
+            Ok(y)
+        }
+    }
+}
+
+/// [`apply_affine`] on a bf16 `x` with f32 `scale` and `shift`: each value is the f32
+/// result rounded to bf16 (the CPU widens, runs the f32 affine and rounds; CUDA reads
+/// and writes bf16).
+fn apply_affine_bf16(x: &Tensor, scale: &Tensor, shift: &Tensor, d: Dims) -> Result<Tensor> {
+    match x.device() {
+        Device::Cpu => super::mixed::cpu_bf16_rule(&[x], |v| apply_affine(&v[0], scale, shift, d)),
+        Device::Cuda(_) => {
+            let dev = super::mixed::gpu_dev_bf16("frozen_batch_norm", x)?;
+            let y = super::mixed::gpu_empty_bf16(&dev, x.dims())?;
+            launch_planes(
+                &dev,
+                "channel_affine_bf16",
                 d,
                 &[arg(x)?, arg(scale)?, arg(shift)?, arg(&y)?],
             )?;

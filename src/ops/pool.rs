@@ -155,11 +155,9 @@ pub fn max_pool2d(
     padding: impl Into<Size2d>,
 ) -> Result<Tensor> {
     let p = Pool2d::new(kernel, stride, padding);
-    if let Some(y) = super::mixed::bf16_via_f32("max_pool2d", &[x], |v| {
-        max_pool2d(&v[0], p.kernel, p.stride, p.padding)
-    })? {
-        return Ok(y);
-    }
+    // bf16 runs natively through `forward` (the maximum of bf16 values is one of
+    // them); the backward is the f32 one, from the indices.
+    super::mixed::all_bf16("max_pool2d", &[x])?;
     // Indices are only worth their memory when a backward may follow.
     if !is_recording() {
         return forward(x, p, false).map(|(y, _)| y);
@@ -168,7 +166,8 @@ pub fn max_pool2d(
     let idx = idx.expect("forward with indices returns them");
     let in_shape = x.shape().clone();
     record("max_pool2d", &[x], &y, move |gy, _| {
-        Ok(vec![Some(max_pool2d_backward(gy, &idx, &in_shape, p)?)])
+        let gy = super::mixed::grad_f32(gy)?;
+        Ok(vec![Some(max_pool2d_backward(&gy, &idx, &in_shape, p)?)])
     });
     Ok(y)
 }
@@ -190,6 +189,9 @@ fn forward(x: &Tensor, p: Pool2d, with_indices: bool) -> Result<(Tensor, Option<
     float_input(OP, x)?;
     let g = geometry(OP, x.dims(), p)?;
     let out_shape = Shape::new(vec![x.dims()[0], x.dims()[1], g.oh, g.ow]);
+    if x.dtype() == DType::BF16 {
+        return forward_bf16(x, &g, out_shape, with_indices);
+    }
     match x.device() {
         Device::Cpu => with_dtype!(x.dtype(), T => {
             let (y, idx) = cpu_forward::<T>(x.cpu_slice::<T>()?, &g, with_indices);
@@ -197,6 +199,48 @@ fn forward(x: &Tensor, p: Pool2d, with_indices: bool) -> Result<(Tensor, Option<
             Ok((Tensor::from_vec(y, out_shape)?, idx))
         }),
         Device::Cuda(_) => gpu_forward(x, &g, out_shape, with_indices),
+    }
+}
+
+/// The bf16 forward: the CPU widens, pools in f32 and rounds (exact: the maximum is
+/// one of the inputs); CUDA reads and writes bf16. Same values and indices.
+fn forward_bf16(
+    x: &Tensor,
+    g: &Geom,
+    out_shape: Shape,
+    with_indices: bool,
+) -> Result<(Tensor, Option<Tensor>)> {
+    const OP: &str = "max_pool2d";
+    match x.device() {
+        Device::Cpu => {
+            let xw = x.to_dtype(DType::F32)?;
+            let (y, idx) = cpu_forward::<f32>(xw.cpu_slice::<f32>()?, g, with_indices);
+            let idx = idx
+                .map(|i| Tensor::from_vec_i64(i, out_shape.clone()))
+                .transpose()?;
+            Ok((Tensor::from_vec(y, out_shape)?.to_dtype(DType::BF16)?, idx))
+        }
+        Device::Cuda(_) => {
+            let dev = super::mixed::gpu_dev_bf16(OP, x)?;
+            let y = super::mixed::gpu_empty_bf16(&dev, out_shape.dims())?;
+            let idx = if with_indices {
+                Some(Tensor::gpu_empty_i64(&dev, out_shape)?)
+            } else {
+                None
+            };
+            let mut args = vec![arg(x)?, arg(&y)?];
+            if let Some(i) = &idx {
+                args.push(arg(i)?);
+            }
+            args.extend(geom_args(g));
+            let kernel = if with_indices {
+                "max_pool2d_fwd_idx_bf16"
+            } else {
+                "max_pool2d_fwd_bf16"
+            };
+            launch_elems(&dev, kernel, y.numel(), &args)?;
+            Ok((y, idx))
+        }
     }
 }
 

@@ -86,27 +86,14 @@ fn geom_args(g: &Geom) -> [KernelArg; 5] {
 pub fn upsample_nearest_add(lateral: &Tensor, top: &Tensor) -> Result<Tensor> {
     const OP: &str = "upsample_nearest_add";
     let g = geometry(OP, lateral.dims(), top.dims())?;
-    if let Some(y) =
-        super::mixed::bf16_via_f32(OP, &[lateral, top], |v| upsample_nearest_add(&v[0], &v[1]))?
-    {
-        return Ok(y);
-    }
+    // bf16 natively: read and written as bf16, the f32 sum rounded once.
+    let bf16 = super::mixed::all_bf16(OP, &[lateral, top])?;
     float_input(OP, lateral)?;
     float_input(OP, top)?;
-    let y = match same_device(OP, &[lateral, top])? {
-        Device::Cpu => with_dtype!(same_dtype(OP, &[lateral, top])?, T => {
-            let y = cpu_forward::<T>(lateral.cpu_slice::<T>()?, top.cpu_slice::<T>()?, &g);
-            Tensor::from_vec(y, lateral.shape().clone())?
-        }),
-        Device::Cuda(_) => {
-            let dev = gpu_dev(OP, lateral)?;
-            gpu_dev(OP, top)?;
-            let y = Tensor::gpu_empty(&dev, lateral.shape().clone())?;
-            let mut args = vec![arg(lateral)?, arg(top)?, arg(&y)?];
-            args.extend(geom_args(&g));
-            launch_elems(&dev, "upsample_nearest_add_fwd_f32", y.numel(), &args)?;
-            y
-        }
+    let y = if bf16 {
+        forward_bf16(lateral, top, &g)?
+    } else {
+        forward(lateral, top, &g)?
     };
     let top_shape = top.shape().clone();
     record(OP, &[lateral, top], &y, move |gy, needs| {
@@ -118,6 +105,44 @@ pub fn upsample_nearest_add(lateral: &Tensor, top: &Tensor) -> Result<Tensor> {
         Ok(vec![Some(gy.clone()), gtop])
     });
     Ok(y)
+}
+
+/// The f32 (or f64) forward of [`upsample_nearest_add`], not recorded.
+fn forward(lateral: &Tensor, top: &Tensor, g: &Geom) -> Result<Tensor> {
+    const OP: &str = "upsample_nearest_add";
+    Ok(match same_device(OP, &[lateral, top])? {
+        Device::Cpu => with_dtype!(same_dtype(OP, &[lateral, top])?, T => {
+            let y = cpu_forward::<T>(lateral.cpu_slice::<T>()?, top.cpu_slice::<T>()?, g);
+            Tensor::from_vec(y, lateral.shape().clone())?
+        }),
+        Device::Cuda(_) => {
+            let dev = gpu_dev(OP, lateral)?;
+            gpu_dev(OP, top)?;
+            let y = Tensor::gpu_empty(&dev, lateral.shape().clone())?;
+            let mut args = vec![arg(lateral)?, arg(top)?, arg(&y)?];
+            args.extend(geom_args(g));
+            launch_elems(&dev, "upsample_nearest_add_fwd_f32", y.numel(), &args)?;
+            y
+        }
+    })
+}
+
+/// The bf16 forward of [`upsample_nearest_add`], not recorded: the CPU widens, runs
+/// the f32 forward and rounds; CUDA reads and writes bf16 (the same values).
+fn forward_bf16(lateral: &Tensor, top: &Tensor, g: &Geom) -> Result<Tensor> {
+    const OP: &str = "upsample_nearest_add";
+    match same_device(OP, &[lateral, top])? {
+        Device::Cpu => super::mixed::cpu_bf16_rule(&[lateral, top], |v| forward(&v[0], &v[1], g)),
+        Device::Cuda(_) => {
+            let dev = super::mixed::gpu_dev_bf16(OP, lateral)?;
+            super::mixed::gpu_dev_bf16(OP, top)?;
+            let y = super::mixed::gpu_empty_bf16(&dev, lateral.dims())?;
+            let mut args = vec![arg(lateral)?, arg(top)?, arg(&y)?];
+            args.extend(geom_args(g));
+            launch_elems(&dev, "upsample_nearest_add_fwd_bf16", y.numel(), &args)?;
+            Ok(y)
+        }
+    }
 }
 
 /// Source row and column of every output row and column.
