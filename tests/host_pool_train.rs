@@ -61,7 +61,9 @@ fn warm_step() -> (pool::PoolStats, u64) {
     }
     pool::reset_stats();
     let before = large_allocs::large();
+    large_allocs::trace(true);
     train_step_profiled(&mut m, &images, &targets, &mut sgd, &mut rng).unwrap();
+    large_allocs::trace(false);
     let large = large_allocs::large() - before;
     let s = pool::stats();
     eprintln!("warm training step: pool {s:?}, large allocations outside the pool {large}");
