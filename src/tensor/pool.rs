@@ -111,7 +111,8 @@ fn shelves() -> std::sync::MutexGuard<'static, Shelves> {
 /// The most bytes the pool keeps: `KESTREL_HOST_POOL_MIB` MiB if set (0 turns the
 /// pool off), else 2 GiB; the footprint bound (see `FOOTPRINT_NUM`) applies as well.
 /// Known cost: an R50-FPN training step at batch 1 (2.3 GiB live at its peak) fills
-/// the 2 GiB and misses the pool in every step (~170 misses); raising it is to be
+/// the 2 GiB and still misses the pool after warm-up (374 misses over one warm-up
+/// and one timed step, with a 1.2x bound); raising it is to be
 /// measured against the 3.7 GB peak-RSS limit (3001 MiB measured with 2 GiB and a
 /// 1.2x bound).
 pub fn max_pooled_bytes() -> usize {
