@@ -286,6 +286,11 @@ pub(crate) fn give<T: Send + 'static>(v: Vec<T>) {
         if bytes > limit {
             return;
         }
+        // A buffer made outside the pool adds to the footprint: it is kept only
+        // where it fits the bound (it never displaces the pool's own buffers).
+        if !was_live && s.live + s.pooled + bytes > footprint_bound(s.live_peak) {
+            return;
+        }
         s.free
             .entry(TypeId::of::<T>())
             .or_insert_with(|| Shelf {
@@ -296,11 +301,6 @@ pub(crate) fn give<T: Send + 'static>(v: Vec<T>) {
             .entry(cap)
             .or_default()
             .push(Box::new(v));
-        // A buffer made outside the pool adds to the footprint: it is kept only
-        // where it fits the bound (it never displaces the pool's own buffers).
-        if !was_live && s.live + s.pooled + bytes > footprint_bound(s.live_peak) {
-            return;
-        }
         s.pooled += bytes;
         while s.pooled > limit {
             let Some(b) = evict_largest(&mut s) else {
