@@ -61,7 +61,9 @@ fn warm_step() -> (pool::PoolStats, u64) {
     }
     pool::reset_stats();
     let before = large_allocs::large();
+    large_allocs::trace(true);
     train_step_profiled(&mut m, &images, &targets, &mut sgd, &mut rng).unwrap();
+    large_allocs::trace(false);
     let large = large_allocs::large() - before;
     let s = pool::stats();
     eprintln!("warm training step: pool {s:?}, large allocations outside the pool {large}");
@@ -70,15 +72,22 @@ fn warm_step() -> (pool::PoolStats, u64) {
 
 #[test]
 fn warm_training_step_takes_its_buffers_from_the_pool() {
-    let (s, _) = warm_step();
+    let (s, large) = warm_step();
     assert!(s.hits > 20, "the step used the pool: {s:?}");
     assert_eq!(s.misses, 0, "a warm training step missed the pool: {s:?}");
+    // 566 measured (655 before conv backward's im2col/col2im buffers moved to the
+    // per-thread scratch): a regression guard until the gap below is closed.
+    assert!(
+        large <= 600,
+        "{large} large allocations outside the pool in a warm training step"
+    );
 }
 
 #[test]
-#[ignore = "known gap (issue 12): 655-656 large allocations per warm step remain outside \
-            the pool; not traced yet (suspects: the gemm crate's packing in conv and linear \
-            backward, conv backward's per-task scratch, gradient temporaries)"]
+#[ignore = "known gap (issue 12): 566 large allocations per warm step remain outside \
+            the pool; traced (KESTREL_TRACE_LARGE_ALLOCS=1): 504 are the gemm crate's \
+            packing inside conv backward's GEMMs (grad_weight 320, grad_input 184), the \
+            rest permute, RPN sampling, RoIAlign/upsample/max-pool backward, NMS"]
 fn warm_training_step_allocates_nothing_large_outside_the_pool() {
     let (_, large) = warm_step();
     assert_eq!(

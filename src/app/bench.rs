@@ -145,12 +145,20 @@ fn peak_rss_mib() -> Option<f64> {
 fn pool_note(label: &str) {
     let s = crate::tensor::pool::stats();
     eprintln!(
-        "  {label}: host pool {} hits, {} misses over warm-up + timed passes, {:.0} MiB pooled",
+        "  {label}: host pool {} hits, {} misses, {} evictions over warm-up + timed passes, \
+         {:.0} MiB pooled, peak {:.0} MiB handed out, {:.0} MiB handed out + pooled",
         s.hits,
         s.misses,
-        s.pooled_bytes as f64 / (1 << 20) as f64
+        s.evictions,
+        mib(s.pooled_bytes),
+        mib(s.live_peak_bytes),
+        mib(s.footprint_peak_bytes)
     );
     crate::tensor::pool::reset_stats();
+}
+
+fn mib(bytes: usize) -> f64 {
+    bytes as f64 / (1 << 20) as f64
 }
 
 fn median(mut v: Vec<f64>) -> f64 {

@@ -4,7 +4,8 @@
 //! process-wide: only the binaries that count allocations install it.
 
 use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use kestrel::tensor::pool;
 
@@ -18,9 +19,33 @@ pub fn large() -> u64 {
     LARGE.load(Ordering::Relaxed)
 }
 
+static TRACING: AtomicBool = AtomicBool::new(false);
+
+thread_local! {
+    /// Set while this thread prints a backtrace (which allocates itself).
+    static IN_TRACE: Cell<bool> = const { Cell::new(false) };
+}
+
+/// With `KESTREL_TRACE_LARGE_ALLOCS` set in the environment, print the size and a
+/// backtrace of every large allocation made while `on` (how the remaining sources
+/// are found; the counts do not depend on it).
+#[allow(dead_code)]
+pub fn trace(on: bool) {
+    TRACING.store(
+        on && std::env::var_os("KESTREL_TRACE_LARGE_ALLOCS").is_some(),
+        Ordering::Relaxed,
+    );
+}
+
 fn note(size: usize) {
-    if size >= pool::MIN_POOLED_BYTES {
+    // The backtrace's own allocations (symbol tables) are not counted.
+    if size >= pool::MIN_POOLED_BYTES && !IN_TRACE.with(|t| t.get()) {
         LARGE.fetch_add(1, Ordering::Relaxed);
+        if TRACING.load(Ordering::Relaxed) && !IN_TRACE.with(|t| t.replace(true)) {
+            let bt = std::backtrace::Backtrace::force_capture();
+            eprintln!("LARGE ALLOC {size} bytes\n{bt}");
+            IN_TRACE.with(|t| t.set(false));
+        }
     }
 }
 

@@ -290,9 +290,9 @@ pub(super) fn grad_input<T: Element>(gy: &[T], w: &[T], g: &Geom) -> Vec<T> {
         .enumerate()
         .for_each(|(img, gxi)| {
             let gyi = &gy[img * g.cout * ohw..(img + 1) * g.cout * ohw];
-            gxi.par_chunks_mut(cg * hw).enumerate().for_each_init(
-                Vec::new,
-                |buf: &mut Vec<T>, (gi, gxg)| {
+            gxi.par_chunks_mut(cg * hw)
+                .enumerate()
+                .for_each(|(gi, gxg)| {
                     let rows = gxg.len() / hw * khw;
                     // Wᵀ restricted to this group's rows of the col matrix.
                     let wt = MatRef {
@@ -308,15 +308,18 @@ pub(super) fn grad_input<T: Element>(gy: &[T], w: &[T], g: &Geom) -> Vec<T> {
                         return;
                     }
                     let cols = cols_for_rows(rows);
-                    for p0 in (0..ohw).step_by(cols) {
-                        let pc = cols.min(ohw - p0);
-                        buf.resize(rows * pc, T::zero());
-                        let gym = MatRef::rows_ld(&gyi[p0..], g.cout, pc, ohw);
-                        gemm_into(buf, pc, false, wt, gym, Parallelism::None);
-                        col2im_add(buf, g, p0, pc, gxg);
-                    }
-                },
-            );
+                    // This thread's scratch, not a vector per task: a warm
+                    // training step allocates nothing here.
+                    pool::with_scratch(rows * cols.min(ohw), |scratch: &mut [T]| {
+                        for p0 in (0..ohw).step_by(cols) {
+                            let pc = cols.min(ohw - p0);
+                            let buf = &mut scratch[..rows * pc];
+                            let gym = MatRef::rows_ld(&gyi[p0..], g.cout, pc, ohw);
+                            gemm_into(buf, pc, false, wt, gym, Parallelism::None);
+                            col2im_add(buf, g, p0, pc, gxg);
+                        }
+                    });
+                });
         });
     gx
 }
@@ -336,21 +339,24 @@ pub(super) fn grad_weight<T: Element>(x: &[T], gy: &[T], g: &Geom) -> Vec<T> {
         .into_par_iter()
         .map(|run| {
             let mut acc = pool::take_zeroed::<T>(len);
-            let mut buf = Vec::new();
-            for t in run * per_run..tasks.min((run + 1) * per_run) {
-                let (img, p0) = (t / chunks, (t % chunks) * cols);
-                let pc = cols.min(ohw - p0);
-                let xi = &x[img * chw..(img + 1) * chw];
-                let gym = MatRef::rows_ld(&gy[img * g.cout * ohw + p0..], g.cout, pc, ohw);
-                let col_t = if g.pointwise() {
-                    MatRef::rows_ld(&xi[p0..], g.cin, pc, ohw).t()
-                } else {
-                    buf.resize(k * pc, T::zero());
-                    im2col(xi, g, p0, pc, &mut buf);
-                    MatRef::row_major(&buf[..], k, pc).t()
-                };
-                gemm_into(&mut acc, k, true, gym, col_t, Parallelism::None);
-            }
+            // The im2col slices live in this thread's scratch (no vector per run).
+            let scratch_len = if g.pointwise() { 0 } else { k * cols.min(ohw) };
+            pool::with_scratch(scratch_len, |scratch: &mut [T]| {
+                for t in run * per_run..tasks.min((run + 1) * per_run) {
+                    let (img, p0) = (t / chunks, (t % chunks) * cols);
+                    let pc = cols.min(ohw - p0);
+                    let xi = &x[img * chw..(img + 1) * chw];
+                    let gym = MatRef::rows_ld(&gy[img * g.cout * ohw + p0..], g.cout, pc, ohw);
+                    let col_t = if g.pointwise() {
+                        MatRef::rows_ld(&xi[p0..], g.cin, pc, ohw).t()
+                    } else {
+                        let buf = &mut scratch[..k * pc];
+                        im2col(xi, g, p0, pc, buf);
+                        MatRef::row_major(&*buf, k, pc).t()
+                    };
+                    gemm_into(&mut acc, k, true, gym, col_t, Parallelism::None);
+                }
+            });
             acc
         })
         .collect();
