@@ -50,7 +50,7 @@ pub use log_buffer::LogBuffer;
 pub use log_sink::LogSink;
 pub use model::{Model, Optimizer};
 pub use priority::Priority;
-pub use runner::{parse_losses, Mode, ResumePoint, Runner, Schedule, StepOutputs};
+pub use runner::{parse_losses, Mode, NonFinite, ResumePoint, Runner, Schedule, StepOutputs};
 pub use state::{
     latest_checkpoint, newest_numbered_checkpoint, read_checkpoint_meta, CheckpointMeta,
     CHECKPOINT_KEY, LATEST,
