@@ -732,7 +732,9 @@ impl<M: Model> Runner<M> {
                 .iter()
                 .map(|t| match t.dtype() {
                     crate::tensor::DType::F32 => Ok(t.clone()),
-                    _ => crate::autograd::no_grad(|| ops::mixed::cast(t, crate::tensor::DType::F32)),
+                    _ => {
+                        crate::autograd::no_grad(|| ops::mixed::cast(t, crate::tensor::DType::F32))
+                    }
                 })
                 .collect::<Result<_>>()?;
             super::read_step_values(&all)?.values
