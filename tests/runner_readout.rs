@@ -187,12 +187,12 @@ fn take(log: &Log) -> Vec<Iteration> {
     std::mem::take(&mut *log.lock().unwrap())
 }
 
-/// The JSON log's training lines: (iter, loss averages by name).
+/// The JSON log's lines: (iter, loss averages by name). Every line is a training
+/// line here (no validation phase; without a timer hook the logger tags them `val`).
 fn json_log(dir: &std::path::Path) -> Vec<(u64, Vec<(String, f64)>)> {
     let text = std::fs::read_to_string(dir.join("log.jsonl")).unwrap();
     text.lines()
         .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-        .filter(|v| v["mode"] == "train")
         .map(|v| {
             let o = v.as_object().unwrap();
             let losses = o
