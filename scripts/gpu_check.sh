@@ -37,6 +37,14 @@ for l in sys.stdin:
   # Data-parallel check: the CLI with NCCL (libnccl is loaded at run time there).
   cargo build --release --features nccl --bin kestrel
   cp target/release/kestrel "$STAGE/kestrel-nccl"
+  # NCCL gradient buckets on the device (communication stream + CUDA events): the
+  # test exists only with the feature, so it replaces the empty default-build binary.
+  cargo test --release --features nccl --no-run --test dist_nccl --message-format=json 2>/dev/null \
+    | python3 -c 'import sys,json
+for l in sys.stdin:
+    m=json.loads(l)
+    if m.get("reason")=="compiler-artifact" and m.get("executable") and m["target"]["kind"]==["test"]:
+        print(m["executable"])' | while read -r exe; do cp "$exe" "$STAGE/bin/dist_nccl"; done
   du -sh "$STAGE"
 }
 

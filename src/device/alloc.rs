@@ -430,6 +430,10 @@ impl GpuBackend for Managed {
     fn is_capturing(&self) -> bool {
         self.capture_pool().is_some()
     }
+
+    fn cuda_stream(&self) -> Option<usize> {
+        self.driver.cuda_stream()
+    }
 }
 
 /// Placeholder exec while the driver's graph is being built.

@@ -264,6 +264,10 @@ impl GpuBackend for CudaBackend {
             .map_err(|e| Error::cuda("synchronize", e))
     }
 
+    fn cuda_stream(&self) -> Option<usize> {
+        Some(self.stream.cu_stream() as usize)
+    }
+
     fn begin_capture(&self) -> Result<()> {
         // Thread-local mode: an unsafe call (a sync, a legacy-stream copy) from
         // this thread during the capture fails instead of silently joining it.

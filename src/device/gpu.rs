@@ -185,6 +185,12 @@ pub trait GpuBackend: Send + Sync {
     fn is_capturing(&self) -> bool {
         false
     }
+    /// The raw `CUstream` the backend queues its work on, as an integer, for code
+    /// that must order other streams against it with events (NCCL's communication
+    /// stream, `kestrel::dist`). `None` for backends without a CUDA stream.
+    fn cuda_stream(&self) -> Option<usize> {
+        None
+    }
 }
 
 /// A captured, instantiated graph (see [`GpuBackend::begin_capture`]): replaying it

@@ -10,6 +10,7 @@
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use super::queues::{BucketQueues, EmuQueues, QueueLog};
 use super::{exchange_all_reduce, exchange_broadcast, Collective, Exchange, ReduceOp};
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
@@ -55,6 +56,8 @@ impl Shared {
 pub struct LocalComm {
     rank: usize,
     shared: Arc<Shared>,
+    /// The emulated compute/communication queues of this rank's device buckets.
+    queues: Arc<EmuQueues>,
 }
 
 /// `world_size` communicators of one in-process group, rank `i` at index `i`; hand
@@ -75,10 +78,12 @@ pub fn local_group(world_size: usize, timeout: Duration) -> Result<Vec<LocalComm
         }),
         wake: Condvar::new(),
     });
+    let log = QueueLog::new();
     Ok((0..world_size)
         .map(|rank| LocalComm {
             rank,
             shared: shared.clone(),
+            queues: Arc::new(EmuQueues::new(rank, log.clone(), timeout)),
         })
         .collect())
 }
@@ -106,6 +111,11 @@ impl Exchange for LocalComm {
 }
 
 impl LocalComm {
+    /// This rank's emulated bucket queues (their log is shared by the whole group).
+    pub fn queues(&self) -> Arc<EmuQueues> {
+        self.queues.clone()
+    }
+
     fn exchange_payload(&self, what: &str, data: Payload) -> Result<Arc<Vec<Payload>>> {
         let sh = &self.shared;
         let mut st = sh.lock();
@@ -186,6 +196,9 @@ impl LocalComm {
 impl Collective for LocalComm {
     fn rank(&self) -> usize {
         self.rank
+    }
+    fn bucket_queues(&self) -> Option<Arc<dyn BucketQueues>> {
+        Some(self.queues.clone())
     }
     fn world_size(&self) -> usize {
         self.shared.world

@@ -11,6 +11,9 @@
 //! - [`GradReducer`]: gradients in ~25 MB buckets in reverse parameter order, each
 //!   bucket all-reduced on a communication thread as soon as its gradients are final
 //!   during backward, in the same bucket order on every rank.
+//! - [`BucketQueues`]: a device bucket's trip from the compute stream to the
+//!   communication stream and back, ordered by events (NCCL: CUDA events and a
+//!   communication stream; emulated devices: [`EmuQueues`], which logs the order).
 //! - [`CommStream`]: the rank's communication thread; the gradient buckets and
 //!   SyncBatchNorm's collectives queue on it so that every rank issues them in one order.
 //! - [`sync_batch_norm`]: `torch.nn.SyncBatchNorm` (`norm = "sync_bn"` in
@@ -32,6 +35,7 @@ mod eval;
 mod local;
 #[cfg(feature = "nccl")]
 mod nccl;
+mod queues;
 mod reducer;
 mod rendezvous;
 mod stream;
@@ -43,6 +47,7 @@ pub use eval::gather_detections;
 pub use local::{local_group, LocalComm};
 #[cfg(feature = "nccl")]
 pub use nccl::{nccl_available, NcclComm};
+pub use queues::{BucketQueues, EmuQueues, Queue, QueueEntry, QueueEvent, QueueLog, QueueStep};
 pub use reducer::{BucketLaunch, GradReducer, DEFAULT_BUCKET_BYTES};
 pub use rendezvous::Rendezvous;
 pub use stream::{CommStream, Pending};
@@ -104,6 +109,14 @@ pub trait Collective: Send + Sync {
     /// fail with an error naming this rank. Dropping the communicator without having
     /// called it does the same with a generic reason.
     fn abort(&self, reason: &str);
+
+    /// The device queues that order this communicator's all-reduces of device
+    /// gradient buckets against the compute stream with events ([`BucketQueues`]);
+    /// `None` (the default) reduces device buckets with
+    /// [`Collective::all_reduce_tensor`] on the communication thread.
+    fn bucket_queues(&self) -> Option<Arc<dyn BucketQueues>> {
+        None
+    }
 
     /// Every rank's `data` (lengths may differ), in rank order.
     fn all_gather(&self, data: &[f32]) -> Result<Vec<Vec<f32>>> {

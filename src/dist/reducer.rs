@@ -13,11 +13,17 @@
 //! `find_unused_parameters`), waits, and writes the averages back.
 //!
 //! Where the buckets live: for parameters on a CUDA (or emulated) device a bucket is
-//! one device buffer (the gradients concatenated on the device) handed to
-//! [`super::Collective::all_reduce_tensor`]; the in-process group reduces the ranks'
-//! device buffers on the device, and the averages are sliced back on the device, so
-//! the reduction makes no host copy. (`NcclComm` and `TcpComm` still stage device
-//! buckets through the host.) CPU parameters use host buckets.
+//! one device buffer (the gradients concatenated on the device). When the
+//! communicator has [`super::BucketQueues`] (NCCL, the in-process group) the bucket
+//! goes through them: a ready event on the compute stream after the concatenation,
+//! the all-reduce on the communication stream after that event, and in
+//! [`GradReducer::finish`] the compute stream waits for each bucket's done event
+//! before the averages are sliced back on the device, so the optimizer, queued
+//! after, reads reduced values and nothing is copied to the host. (With NCCL the
+//! training thread waits only until the communication thread has *queued* each
+//! all-reduce; the GPU orders the rest.) Communicators without queues (`TcpComm`)
+//! reduce through [`super::Collective::all_reduce_tensor`], via the host. CPU
+//! parameters use host buckets.
 //!
 //! Gradient accumulation: the runner reduces only in the backward of a step's last
 //! micro-batch (DDP's `no_sync`); [`GradSync::attach_accumulated`] hands the reducer
@@ -27,6 +33,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use super::queues::{BucketQueues, QueueEvent};
 use super::stream::{CommStream, Pending};
 use super::{Comm, ReduceOp};
 use crate::autograd::{GradReady, Tape};
@@ -66,6 +73,8 @@ struct Pass {
     /// Each parameter's device.
     devices: Vec<Device>,
     stream: Arc<CommStream>,
+    /// The communicator's device queues (device buckets go through them).
+    queues: Option<Arc<dyn BucketQueues>>,
     log: Arc<Mutex<Vec<BucketLaunch>>>,
     ops_total: usize,
 }
@@ -147,10 +156,12 @@ impl GradReducer {
     }
 }
 
-/// A bucket's flat values: on the host (CPU parameters) or in one device buffer.
+/// A bucket's flat values: on the host (CPU parameters) or in one device buffer,
+/// the latter with the done event of its all-reduce when it went through the queues.
 enum Bucket {
     Host(Vec<f32>),
     Device(Tensor),
+    Queued(Tensor, QueueEvent),
 }
 
 impl Pass {
@@ -204,15 +215,26 @@ impl Pass {
         while self.next_launch < buckets.len() && (all || self.missing[self.next_launch] == 0) {
             let b = self.next_launch;
             let bucket = self.flatten(&buckets[b], shapes)?;
-            let pending = self.stream.submit(move |c| match bucket {
-                Bucket::Host(mut data) => {
-                    c.all_reduce(&mut data, ReduceOp::Avg)?;
-                    Ok(Bucket::Host(data))
+            let pending = match (bucket, self.queues.clone()) {
+                (Bucket::Device(t), Some(q)) => {
+                    // Ready event on the compute stream now, behind the concatenation;
+                    // the communication stream waits for it before reducing.
+                    let ready = q.record_ready(b, &t)?;
+                    self.stream.submit(move |c| {
+                        let (t, done) = q.reduce_after(c, b, ready, t)?;
+                        Ok(Bucket::Queued(t, done))
+                    })?
                 }
-                // Reduced in place on the device by collectives that can (the
-                // in-process group, NCCL); through the host by the others.
-                Bucket::Device(t) => Ok(Bucket::Device(c.all_reduce_tensor(&t, ReduceOp::Avg)?)),
-            })?;
+                (bucket, _) => self.stream.submit(move |c| match bucket {
+                    Bucket::Host(mut data) => {
+                        c.all_reduce(&mut data, ReduceOp::Avg)?;
+                        Ok(Bucket::Host(data))
+                    }
+                    Bucket::Device(t) | Bucket::Queued(t, _) => {
+                        Ok(Bucket::Device(c.all_reduce_tensor(&t, ReduceOp::Avg)?))
+                    }
+                })?,
+            };
             self.pending.push(pending);
             self.log
                 .lock()
@@ -249,6 +271,7 @@ impl GradSync for GradReducer {
             pending: Vec::new(),
             devices: self.devices.clone(),
             stream: self.stream.clone(),
+            queues: self.stream.comm().bucket_queues(),
             log: self.log.clone(),
             ops_total: 0,
         }));
@@ -291,16 +314,28 @@ impl GradSync for GradReducer {
         }
         p.launch_ready(&self.buckets, &self.shapes, None, true)?;
         let pending = std::mem::take(&mut p.pending);
+        let p_queues = p.queues.clone();
         drop(p);
         for (b, pending) in pending.into_iter().enumerate() {
-            let bucket = pending.wait()?;
+            let bucket = match pending.wait()? {
+                Bucket::Queued(t, done) => {
+                    // The slicing below and the optimizer after it are queued behind
+                    // the all-reduce's done event.
+                    let q = p_queues.as_ref().ok_or_else(|| {
+                        Error::Distributed("a queued bucket without queues".into())
+                    })?;
+                    q.compute_wait(b, done)?;
+                    Bucket::Device(t)
+                }
+                other => other,
+            };
             let mut off = 0;
             for &i in &self.buckets[b] {
                 let (n, shape) = (self.shapes[i].numel(), self.shapes[i].clone());
                 grads[i] = Some(match &bucket {
                     Bucket::Host(data) => Tensor::from_vec(data[off..off + n].to_vec(), shape)?
                         .to_device(self.devices[i])?,
-                    Bucket::Device(t) => {
+                    Bucket::Device(t) | Bucket::Queued(t, _) => {
                         crate::ops::narrow(t, 0, off, n)?.reshape_detached(shape)?
                     }
                 });
