@@ -292,7 +292,16 @@ fn norm_backward(
         (_, false) => None,
         (Some(t), true) if training => Some(backward_x(x, gy, aff, t, d)?),
         _ => {
-            let zero = Tensor::zeros([d.c], weight.dtype(), weight.device())?;
+            // A frozen norm's backward every step: on a GPU the zero shift is a cached
+            // device constant (read only), not a host upload per layer per step.
+            let zero = match weight.device() {
+                Device::Cuda(_) => {
+                    let dev = gpu_dev("batch_norm_backward", weight)?;
+                    let buf = dev.constant(&vec![0u8; d.c * weight.dtype().size()])?;
+                    Tensor::from_gpu_typed(dev, buf, [d.c], weight.dtype())
+                }
+                Device::Cpu => Tensor::zeros([d.c], weight.dtype(), Device::Cpu)?,
+            };
             Some(apply_affine(gy, &aff.scale, &zero, d)?)
         }
     };

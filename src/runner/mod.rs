@@ -7,6 +7,17 @@
 //! ([`hooks::OptimizerHook`]), as are the learning-rate schedule, checkpoints, logs,
 //! timing, evaluation, EMA and the NaN guard.
 //!
+//! Loss values on a GPU stay on the device: the runner reads them back only on
+//! logging iterations (the logger's interval, [`Runner::set_readout_interval`]; every
+//! iteration without a logger), all values of the interval in ONE device-to-host copy
+//! together with the device's deferred kernel-error flags and a NaN flag
+//! ([`Runner::read_out`]), so a non-logging iteration copies nothing back. A NaN is
+//! therefore caught at the next logging iteration (the guard's error names the
+//! iteration that produced it and the range the read-out covered), and every
+//! checkpoint save forces a read-out first and refuses a state after a NaN
+//! ([`Runner::verify_finite`]): see [`hooks::NanGuardHook`]. On the CPU values are
+//! read every iteration, as before.
+//!
 //! Resuming ([`Runner::resume`]) restores weights, optimizer state, pending gradients,
 //! counters, the RNG and the data position, so a run stopped after iteration k and
 //! resumed ends with the weights, bit for bit on the CPU, of a run never stopped.
@@ -50,7 +61,7 @@ pub use log_buffer::LogBuffer;
 pub use log_sink::LogSink;
 pub use model::{Model, Optimizer};
 pub use priority::Priority;
-pub use runner::{parse_losses, Mode, ResumePoint, Runner, Schedule, StepOutputs};
+pub use runner::{parse_losses, Mode, NonFinite, ResumePoint, Runner, Schedule, StepOutputs};
 pub use state::{
     latest_checkpoint, newest_numbered_checkpoint, read_checkpoint_meta, CheckpointMeta,
     CHECKPOINT_KEY, LATEST,

@@ -10,6 +10,7 @@ use super::log_buffer::LogBuffer;
 use super::log_sink::LogSink;
 use super::{DataLoader, GradSync, Model, Optimizer, Priority};
 use crate::autograd::Tape;
+use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::ops;
 use crate::rng::Rng;
@@ -41,8 +42,13 @@ pub struct StepOutputs {
     /// The total loss (sum of the entries named `*loss*`), scalar, on the tape; `None`
     /// for a validation step that returned no loss.
     pub loss: Option<Tensor>,
-    /// Every returned value as f64, then `loss`, the total.
+    /// Every returned value as f64, then `loss`, the total — filled when the values
+    /// were read: always on the CPU, on a GPU only on read-out (logging) iterations
+    /// (empty otherwise; see [`Runner::read_out`]).
     pub log_vars: Vec<(String, f64)>,
+    /// The same values as scalar tensors where the model computed them (on a GPU they
+    /// stay there until a read-out), detached from the tape.
+    pub values: Vec<(String, Tensor)>,
     /// Samples in the batch (the weight in the log's averages).
     pub num_samples: usize,
     tape: Option<Tape>,
@@ -60,6 +66,30 @@ pub struct ResumePoint {
     pub data_epoch: u64,
     /// Batches of that epoch already consumed.
     pub data_position: usize,
+}
+
+/// A step whose values wait on the device for the next read-out.
+struct PendingValues {
+    iter: usize,
+    num_samples: usize,
+    names: Vec<String>,
+    values: Vec<Tensor>,
+}
+
+/// A NaN or infinite logged value found by a read-out ([`Runner::non_finite`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct NonFinite {
+    /// The first value found non-finite, by name (`loss` is the total).
+    pub name: String,
+    /// Its value (NaN or ±inf).
+    pub value: f64,
+    /// The iteration (1-based, as the log counts) that produced it.
+    pub iter: usize,
+    /// The first iteration (1-based) of the read-out that found it: the read-out
+    /// covered iterations `first_read..=read_at`, read in one copy.
+    pub first_read: usize,
+    /// The iteration (1-based) during which the read-out ran.
+    pub read_at: usize,
 }
 
 struct HookEntry<M: Model> {
@@ -121,6 +151,12 @@ pub struct Runner<M: Model> {
     initial_lr: f64,
     seed: u64,
     work_dir_lock: Option<super::WorkDirLock>,
+    /// Steps whose values are still on the device, oldest first.
+    pending: Vec<PendingValues>,
+    /// Read the values every this many iterations (the log interval).
+    readout_interval: usize,
+    /// The first non-finite value any read-out found (sticky).
+    non_finite: Option<NonFinite>,
 }
 
 impl<M: Model> Runner<M> {
@@ -162,6 +198,9 @@ impl<M: Model> Runner<M> {
             train_started: false,
             stage: None,
             hooks: Vec::new(),
+            pending: Vec::new(),
+            readout_interval: 1,
+            non_finite: None,
             initial_lr,
             seed,
             work_dir_lock: None,
@@ -422,6 +461,7 @@ impl<M: Model> Runner<M> {
             self.call_hook(Stage::BeforeTrainEpoch)?;
         }
         self.run_workflow(workflow)?;
+        self.finish_readout()?;
         if !self.by_epoch() {
             self.mode = Mode::Train;
             self.call_hook(Stage::AfterTrainEpoch)?;
@@ -591,6 +631,9 @@ impl<M: Model> Runner<M> {
     }
 
     fn train_iter(&mut self, batch: M::Batch) -> Result<()> {
+        // Kernel errors (a bad index, a label outside the classes) raise the device's
+        // flag table instead of a read-back per op; the next read-out reports them.
+        let _defer = crate::device::error_flags::defer();
         self.mode = Mode::Train;
         self.call_hook(Stage::BeforeTrainIter)?;
         self.train_step(&batch)?;
@@ -603,6 +646,11 @@ impl<M: Model> Runner<M> {
     /// The forward pass of a training step: watch the parameters, run the model under
     /// the tape, parse its losses, log them. The backward pass and the update are the
     /// optimizer hook's ([`Runner::backward`], [`Runner::optimizer_step`]).
+    ///
+    /// The values stay where the model computed them: on the CPU they are read at
+    /// once; on a GPU they wait for the next read-out ([`Runner::read_out`]), which
+    /// runs here on logging iterations (see [`Runner::set_readout_interval`]), so a
+    /// non-logging iteration copies nothing back.
     fn train_step(&mut self, batch: &M::Batch) -> Result<()> {
         let params: Vec<Tensor> = self.model.params().into_iter().map(|(_, t)| t).collect();
         let tape = Tape::new();
@@ -610,19 +658,147 @@ impl<M: Model> Runner<M> {
             tape.watch(p);
         }
         let num_samples = self.model.num_samples(batch);
-        let (loss, log_vars) = {
+        let (loss, values) = {
             let _active = tape.activate();
             let losses = self.model.train_step(batch, &mut self.rng)?;
-            parse_named(losses, true)?
+            parse_tensors(losses, true)?
         };
-        self.log_buffer.update(&log_vars, num_samples);
+        let on_host = values.iter().all(|(_, t)| t.device() == Device::Cpu);
+        self.pending.push(PendingValues {
+            iter: self.iter,
+            num_samples,
+            names: values.iter().map(|(n, _)| n.clone()).collect(),
+            values: values.iter().map(|(_, t)| t.clone()).collect(),
+        });
         self.outputs = Some(StepOutputs {
             loss,
-            log_vars,
+            log_vars: Vec::new(),
+            values,
             num_samples,
             tape: Some(tape),
             params,
         });
+        if on_host || self.readout_due() {
+            self.read_out()?;
+        }
+        Ok(())
+    }
+
+    /// Read the logged values every `n` iterations (and at the end of an epoch and of
+    /// the run). The [`hooks::LoggerHook`](super::hooks::LoggerHook) sets its interval
+    /// here; without a logger the values are read every iteration. Values on the CPU
+    /// are always read at once.
+    pub fn set_readout_interval(&mut self, n: usize) {
+        self.readout_interval = n.max(1);
+    }
+
+    /// The read-out interval ([`Runner::set_readout_interval`]).
+    pub fn readout_interval(&self) -> usize {
+        self.readout_interval
+    }
+
+    /// Whether the current training iteration reads its values out.
+    fn readout_due(&self) -> bool {
+        let n = self.readout_interval;
+        if self.by_epoch() {
+            self.every_n_inner_iters(n) || self.end_of_epoch()
+        } else {
+            self.every_n_iters(n) || self.is_last_iter()
+        }
+    }
+
+    /// Read the values of every training step not yet read, in ONE device-to-host
+    /// copy (with the device's deferred kernel-error flags and a NaN flag: see
+    /// [`super::read_step_values`]), add them to the [`LogBuffer`] in iteration order
+    /// (the averages equal those of a read every iteration) and fill the current
+    /// step's [`StepOutputs::log_vars`]. A raised kernel-error flag is returned as
+    /// that op's error. Returns the first non-finite value any read-out has found
+    /// ([`Runner::non_finite`]). Nothing to read: no copy.
+    pub fn read_out(&mut self) -> Result<Option<NonFinite>> {
+        if self.pending.is_empty() {
+            return Ok(self.non_finite.clone());
+        }
+        let pending = std::mem::take(&mut self.pending);
+        let all: Vec<Tensor> = pending
+            .iter()
+            .flat_map(|p| p.values.iter().cloned())
+            .collect();
+        let read: Vec<f64> = if all.iter().all(|t| t.device() == Device::Cpu) {
+            // Host values (of any dtype) cost no copy: read them one by one.
+            all.iter().map(Tensor::item).collect::<Result<_>>()?
+        } else {
+            // The packing kernel reads f32 (a bf16 loss is widened exactly).
+            let all: Vec<Tensor> = all
+                .iter()
+                .map(|t| match t.dtype() {
+                    crate::tensor::DType::F32 => Ok(t.clone()),
+                    _ => {
+                        crate::autograd::no_grad(|| ops::mixed::cast(t, crate::tensor::DType::F32))
+                    }
+                })
+                .collect::<Result<_>>()?;
+            super::read_step_values(&all)?.values
+        };
+        let first_read = pending[0].iter + 1;
+        let mut at = 0;
+        for p in &pending {
+            let vars: Vec<(String, f64)> = p
+                .names
+                .iter()
+                .cloned()
+                .zip(read[at..at + p.names.len()].iter().copied())
+                .collect();
+            at += p.names.len();
+            self.log_buffer.update(&vars, p.num_samples);
+            if self.non_finite.is_none() {
+                if let Some((name, value)) = vars.iter().find(|(_, v)| !v.is_finite()) {
+                    self.non_finite = Some(NonFinite {
+                        name: name.clone(),
+                        value: *value,
+                        iter: p.iter + 1,
+                        first_read,
+                        read_at: self.iter + 1,
+                    });
+                }
+            }
+            if p.iter == self.iter && self.mode == Mode::Train {
+                if let Some(out) = self.outputs.as_mut() {
+                    out.log_vars = vars;
+                }
+            }
+        }
+        Ok(self.non_finite.clone())
+    }
+
+    /// The first NaN or infinite logged value a read-out has found, if any: on a GPU
+    /// it is known only from the read-out after the iteration that produced it.
+    pub fn non_finite(&self) -> Option<&NonFinite> {
+        self.non_finite.as_ref()
+    }
+
+    /// Force a read-out and fail if any value read so far was NaN or infinite: a
+    /// checkpoint is saved only after this, so the state of a NaN step is never
+    /// saved as good (the checkpoint hooks call it).
+    pub fn verify_finite(&mut self) -> Result<()> {
+        match self.read_out()? {
+            None => Ok(()),
+            Some(nf) => Err(Error::Training(format!(
+                "not saving a checkpoint: `{}` was {} at iteration {} (found by the \
+                 read-out at iteration {}), so the weights are not known to be good",
+                nf.name, nf.value, nf.iter, nf.read_at
+            ))),
+        }
+    }
+
+    /// The end of the training: read what is left and check the kernel-error flags
+    /// raised after the last read-out (by the last backward passes and updates).
+    fn finish_readout(&mut self) -> Result<()> {
+        self.read_out()?;
+        if let Some((_, p)) = self.model.params().first() {
+            if let Ok(g) = p.gpu() {
+                crate::device::error_flags::check(&g.dev)?;
+            }
+        }
         Ok(())
     }
 
@@ -652,11 +828,13 @@ impl<M: Model> Runner<M> {
             self.call_hook(Stage::BeforeValIter)?;
             let num_samples = self.model.num_samples(&batch);
             let values = self.model.val_step(&batch, &mut rng)?;
-            let (loss, log_vars) = parse_named(values, false)?;
+            let (loss, values) = parse_tensors(values, false)?;
+            let log_vars = read_now(&values)?;
             self.log_buffer.update(&log_vars, num_samples);
             self.outputs = Some(StepOutputs {
                 loss,
                 log_vars,
+                values,
                 num_samples,
                 tape: None,
                 params: Vec::new(),
@@ -854,17 +1032,19 @@ impl<M: Model> Runner<M> {
 /// kept for the log, followed by `loss`. Errors when no entry is a loss, on duplicate
 /// names, and on an entry named `loss` (it would be overwritten by the total).
 pub fn parse_losses(losses: Vec<(String, Tensor)>) -> Result<(Tensor, Vec<(String, f64)>)> {
-    let (loss, vars) = parse_named(losses, true)?;
-    // parse_named(.., true) returns a loss or an error.
-    Ok((loss.expect("parse_named requires a loss"), vars))
+    let (loss, values) = parse_tensors(losses, true)?;
+    let vars = read_now(&values)?;
+    // parse_tensors(.., true) returns a loss or an error.
+    Ok((loss.expect("parse_tensors requires a loss"), vars))
 }
 
-/// The total loss (if any) and every value for the log.
-type Parsed = (Option<Tensor>, Vec<(String, f64)>);
+/// The total loss (if any) and every value as a scalar tensor, then the total as
+/// `loss` (detached: the log's copies).
+type Parsed = (Option<Tensor>, Vec<(String, Tensor)>);
 
-fn parse_named(losses: Vec<(String, Tensor)>, require_loss: bool) -> Result<Parsed> {
+fn parse_tensors(losses: Vec<(String, Tensor)>, require_loss: bool) -> Result<Parsed> {
     let mut total: Option<Tensor> = None;
-    let mut vars: Vec<(String, f64)> = Vec::with_capacity(losses.len() + 1);
+    let mut vars: Vec<(String, Tensor)> = Vec::with_capacity(losses.len() + 1);
     for (name, value) in losses {
         if name == "loss" || vars.iter().any(|(n, _)| *n == name) {
             return Err(Error::invalid(
@@ -877,7 +1057,7 @@ fn parse_named(losses: Vec<(String, Tensor)>, require_loss: bool) -> Result<Pars
         } else {
             ops::mean(&value)?
         };
-        vars.push((name.clone(), scalar.item()?));
+        vars.push((name.clone(), scalar.detach()));
         if name.contains("loss") {
             total = Some(match total {
                 Some(t) => ops::add(&t, &scalar)?,
@@ -886,7 +1066,7 @@ fn parse_named(losses: Vec<(String, Tensor)>, require_loss: bool) -> Result<Pars
         }
     }
     match &total {
-        Some(t) => vars.push(("loss".into(), t.item()?)),
+        Some(t) => vars.push(("loss".into(), t.detach())),
         None if require_loss => {
             let names: Vec<&str> = vars.iter().map(|(n, _)| n.as_str()).collect();
             return Err(Error::invalid(
@@ -897,6 +1077,14 @@ fn parse_named(losses: Vec<(String, Tensor)>, require_loss: bool) -> Result<Pars
         None => {}
     }
     Ok((total, vars))
+}
+
+/// The values as f64, read now (one copy per value on a GPU: validation only).
+fn read_now(values: &[(String, Tensor)]) -> Result<Vec<(String, f64)>> {
+    values
+        .iter()
+        .map(|(n, t)| Ok((n.clone(), t.item()?)))
+        .collect()
 }
 
 /// ‖v‖ₚ, with p = ∞ the largest magnitude.

@@ -57,6 +57,9 @@ impl CheckpointHook {
     }
 
     fn save<M: Model>(&self, runner: &mut Runner<M>) -> Result<()> {
+        // Losses on a GPU are read only on logging iterations: read the pending ones
+        // first, so a step that went NaN is never saved as a good checkpoint.
+        runner.verify_finite()?;
         let dir = self
             .out_dir
             .clone()
@@ -200,6 +203,7 @@ pub fn save_best<M: Model>(
     if best.is_some_and(|b| !rule.better(score, b)) {
         return Ok(false);
     }
+    runner.verify_finite()?;
     let previous = hook_msg(runner, "best_ckpt")
         .and_then(Value::as_str)
         .map(PathBuf::from);

@@ -163,6 +163,8 @@ impl<M: Model> Hook<M> for LoggerHook {
     }
 
     fn before_run(&mut self, runner: &mut Runner<M>) -> Result<()> {
+        // Loss values on a GPU are read back only when this hook logs them.
+        runner.set_readout_interval(self.interval);
         self.start_iter = runner.iter();
         self.time_sec_tot = 0.0;
         if self.progress_bar && !runner.log.quiet && std::io::stdout().is_terminal() {
@@ -208,6 +210,8 @@ impl<M: Model> Hook<M> for LoggerHook {
             runner.every_n_iters(self.interval)
         };
         if due || (runner.by_epoch() && runner.end_of_epoch() && !self.ignore_last) {
+            // Normally done by the runner this iteration already (no copy then).
+            runner.read_out()?;
             runner.log_buffer.average(self.interval);
         }
         if runner.log_buffer.ready {
@@ -217,6 +221,7 @@ impl<M: Model> Hook<M> for LoggerHook {
     }
 
     fn after_train_epoch(&mut self, runner: &mut Runner<M>) -> Result<()> {
+        runner.read_out()?;
         if runner.log_buffer.ready {
             self.log(runner);
         }

@@ -1,0 +1,344 @@
+//! The Runner's loss read-out on the emulated device (issue 14, item 6): a real
+//! [`Runner`] trains the fixture model (batch 2) through [`DetectorModel`]; the loss
+//! values stay on the device and are read back only on logging iterations, in ONE
+//! device-to-host copy for all losses of the interval, the kernel-error flags and the
+//! NaN flag. The counters are taken per iteration by a hook that wraps every other
+//! hook (highest priority before, lowest after). Also: the values logged equal the
+//! CPU run's; a planted NaN is caught at the next logging iteration, naming both
+//! iterations, and no checkpoint of the NaN state is written.
+
+mod common;
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use kestrel::app::model::{DetBatch, DetectorModel};
+use kestrel::device::gpu::{CounterScope, Counters};
+use kestrel::optim::{Sgd, SgdConfig};
+use kestrel::runner::{hooks, DataLoader, Hook, Mode, Model, Priority, Runner, Schedule};
+use kestrel::{Device, Tensor};
+
+/// The fixture batch, `len` times per epoch.
+struct Repeat {
+    batch: DetBatch,
+    len: usize,
+    at: usize,
+}
+
+impl DataLoader for Repeat {
+    type Batch = DetBatch;
+    fn len(&self) -> usize {
+        self.len
+    }
+    fn start(&mut self, _epoch: u64, position: usize) -> kestrel::Result<()> {
+        self.at = position;
+        Ok(())
+    }
+    fn next_batch(&mut self) -> Option<kestrel::Result<DetBatch>> {
+        (self.at < self.len).then(|| {
+            self.at += 1;
+            Ok(self.batch.clone())
+        })
+    }
+}
+
+fn batch() -> DetBatch {
+    // Host images, as the loader gives them; the model moves them to its device.
+    let (images, targets) = common::fixture_training_batch(Device::Cpu);
+    let n = images.len();
+    DetBatch {
+        images,
+        targets,
+        image_ids: (0..n as i64).collect(),
+    }
+}
+
+type Log = Arc<Mutex<Vec<Iteration>>>;
+
+/// What one training iteration did.
+#[derive(Clone, Debug)]
+struct Iteration {
+    counters: Counters,
+    /// `runner.outputs.log_vars` after all hooks (empty when nothing was read).
+    log_vars: Vec<(String, f64)>,
+}
+
+/// Opens a counter scope before every other hook of an iteration...
+struct Open {
+    device: Device,
+    scope: Arc<Mutex<Option<CounterScope>>>,
+}
+
+impl<M: Model> Hook<M> for Open {
+    fn before_train_iter(&mut self, _r: &mut Runner<M>) -> kestrel::Result<()> {
+        *self.scope.lock().unwrap() = Some(self.device.counters());
+        Ok(())
+    }
+}
+
+/// ...and reads it after every other hook.
+struct Close {
+    scope: Arc<Mutex<Option<CounterScope>>>,
+    log: Log,
+}
+
+impl<M: Model> Hook<M> for Close {
+    fn after_train_iter(&mut self, r: &mut Runner<M>) -> kestrel::Result<()> {
+        let counters = self.scope.lock().unwrap().take().unwrap().delta();
+        let log_vars = r
+            .outputs
+            .as_ref()
+            .map(|o| o.log_vars.clone())
+            .unwrap_or_default();
+        self.log
+            .lock()
+            .unwrap()
+            .push(Iteration { counters, log_vars });
+        Ok(())
+    }
+}
+
+/// Sets the box classifier's bias to NaN before iteration `at` (1-based).
+struct PlantNan {
+    at: usize,
+}
+
+impl<M: Model> Hook<M> for PlantNan {
+    fn before_train_iter(&mut self, r: &mut Runner<M>) -> kestrel::Result<()> {
+        if r.iter() + 1 != self.at {
+            return Ok(());
+        }
+        let named = r.model.params();
+        let mut hit = false;
+        let params = named
+            .into_iter()
+            .map(|(n, t)| {
+                if n == "roi_heads.box_predictor.cls_score.bias" {
+                    hit = true;
+                    Tensor::full(t.shape().clone(), f64::NAN, t.dtype(), t.device())
+                } else {
+                    Ok(t)
+                }
+            })
+            .collect::<kestrel::Result<Vec<_>>>()?;
+        assert!(hit, "the planted parameter exists");
+        r.model.set_params(params)
+    }
+}
+
+fn tmp_dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!(
+        "kestrel_runner_readout_{name}_{}",
+        std::process::id()
+    ));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+/// A runner over the fixture model on `device`: SGD, a logger every `log` iterations
+/// (no progress bar), the counting hooks, and whatever `extra` adds.
+fn runner(
+    device: Device,
+    dir: &PathBuf,
+    iters: usize,
+    log: usize,
+    extra: impl FnOnce(&mut Runner<DetectorModel>),
+) -> (Runner<DetectorModel>, Log) {
+    let model = DetectorModel::new(common::fixture_model(device), device);
+    let sgd = Sgd::new(SgdConfig {
+        lr: 1e-3,
+        momentum: 0.9,
+        weight_decay: 1e-4,
+        ..SgdConfig::default()
+    })
+    .unwrap();
+    let mut r = Runner::new(model, Box::new(sgd), dir, Schedule::Iters(iters), 0);
+    r.log.quiet = true;
+    r.set_train_loader(Box::new(Repeat {
+        batch: batch(),
+        len: iters,
+        at: 0,
+    }));
+    let mut logger = hooks::LoggerHook::new(log);
+    logger.progress_bar = false;
+    r.register_hook(hooks::OptimizerHook::new());
+    r.register_hook(logger);
+    let scope = Arc::new(Mutex::new(None));
+    let out: Log = Arc::new(Mutex::new(Vec::new()));
+    r.register_hook_with_priority(
+        Open {
+            device,
+            scope: scope.clone(),
+        },
+        Priority::HIGHEST,
+    );
+    r.register_hook_with_priority(
+        Close {
+            scope,
+            log: out.clone(),
+        },
+        Priority::LOWEST,
+    );
+    extra(&mut r);
+    (r, out)
+}
+
+fn take(log: &Log) -> Vec<Iteration> {
+    std::mem::take(&mut *log.lock().unwrap())
+}
+
+/// The JSON log's lines: (iter, loss averages by name). Every line is a training
+/// line here (no validation phase; without a timer hook the logger tags them `val`).
+fn json_log(dir: &std::path::Path) -> Vec<(u64, Vec<(String, f64)>)> {
+    let text = std::fs::read_to_string(dir.join("log.jsonl")).unwrap();
+    text.lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .map(|v| {
+            let o = v.as_object().unwrap();
+            let losses = o
+                .iter()
+                .filter(|(k, _)| k.contains("loss"))
+                .map(|(k, x)| (k.clone(), x.as_f64().unwrap()))
+                .collect();
+            (v["iter"].as_u64().unwrap(), losses)
+        })
+        .collect()
+}
+
+#[test]
+fn a_runner_reads_the_losses_back_once_per_logging_iteration_emulated() {
+    const ITERS: usize = 4;
+    const LOG: usize = 2;
+    let device = common::emulated();
+    let dir = tmp_dir("emu");
+    let (mut r, log) = runner(device, &dir, ITERS, LOG, |_| {});
+    r.run(&[(Mode::Train, 1)]).unwrap();
+    drop(r);
+    let emu = take(&log);
+    assert_eq!(emu.len(), ITERS);
+    for (i, it) in emu.iter().enumerate() {
+        eprintln!(
+            "iteration {} (emulated runner, log every {LOG}): {}",
+            i + 1,
+            it.counters
+        );
+    }
+    // The first iteration warms the allocator and the caches; from the second on:
+    for (i, it) in emu.iter().enumerate().skip(1) {
+        let n = i + 1;
+        let c = it.counters;
+        assert!(c.launches > 0, "iteration {n} ran on the device: {c}");
+        assert_eq!(c.syncs, 0, "iteration {n}: {c}");
+        if n % LOG == 0 {
+            assert_eq!(c.dtoh, 1, "logging iteration {n}: one read-out: {c}");
+            // The losses and the total of the interval's iterations, the error table
+            // and the NaN flag, as f32, in that one copy.
+            let k = it.log_vars.len();
+            assert_eq!(k, 5, "four losses and the total: {:?}", it.log_vars);
+            let slots = kestrel::device::error_flags::SLOTS;
+            assert_eq!(c.dtoh_bytes, 4 * (LOG * k + slots + 1) as u64, "{c}");
+        } else {
+            assert_eq!(c.dtoh, 0, "non-logging iteration {n}: nothing read: {c}");
+            assert!(it.log_vars.is_empty(), "iteration {n} was not read");
+        }
+    }
+
+    // The same run reading every iteration (log interval 1, the eager behaviour):
+    // the deferred read-out gives the same values bit for bit, and the log's
+    // interval averages are the same.
+    let edir = tmp_dir("eager");
+    let (mut e, elog) = runner(device, &edir, ITERS, LOG, |r| {
+        r.register_hook_with_priority(ReadEvery, Priority::HIGHEST);
+    });
+    e.run(&[(Mode::Train, 1)]).unwrap();
+    drop(e);
+    let eager = take(&elog);
+    for (i, it) in eager.iter().enumerate().skip(1) {
+        assert_eq!(
+            it.counters.dtoh,
+            1,
+            "eager iteration {}: {}",
+            i + 1,
+            it.counters
+        );
+    }
+    for n in (LOG..=ITERS).step_by(LOG) {
+        let (d, g) = (&emu[n - 1].log_vars, &eager[n - 1].log_vars);
+        assert_eq!(d.len(), 5);
+        for ((dn, dv), (gn, gv)) in d.iter().zip(g) {
+            assert_eq!(dn, gn);
+            assert_eq!(
+                dv.to_bits(),
+                gv.to_bits(),
+                "iteration {n}: {dn}: deferred {dv}, read every iteration {gv}"
+            );
+        }
+    }
+    let (jd, je) = (json_log(&dir), json_log(&edir));
+    assert_eq!(jd.len(), ITERS / LOG, "{jd:?}");
+    assert_eq!(jd, je, "the logged interval averages");
+    assert!(jd.iter().all(|(_, l)| l.len() == 5), "{jd:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(&edir);
+}
+
+/// Sets the read-out interval to 1 after the logger set its own: values are read
+/// every iteration, as before deferral.
+struct ReadEvery;
+
+impl<M: Model> Hook<M> for ReadEvery {
+    fn before_train_iter(&mut self, r: &mut Runner<M>) -> kestrel::Result<()> {
+        r.set_readout_interval(1);
+        Ok(())
+    }
+}
+
+#[test]
+fn a_planted_nan_is_caught_at_the_next_logging_iteration_and_never_checkpointed_emulated() {
+    let device = common::emulated();
+    let dir = tmp_dir("nan");
+    // Log and checkpoint every 2 iterations; NaN planted before iteration 3, a
+    // non-logging one: its update is applied before anything is read.
+    let (mut r, log) = runner(device, &dir, 4, 2, |r| {
+        r.register_hook(hooks::NanGuardHook::new());
+        r.register_hook(hooks::CheckpointHook::new(2, false));
+        r.register_hook(PlantNan { at: 3 });
+    });
+    let err = r.run(&[(Mode::Train, 1)]).unwrap_err().to_string();
+    eprintln!("{err}");
+    assert!(err.contains("at iteration 3"), "{err}");
+    assert!(err.contains("caught at iteration 4"), "{err}");
+    assert!(err.contains("iterations 3..=4"), "{err}");
+    assert!(err.contains("no checkpoint is saved"), "{err}");
+    let its = take(&log);
+    // Iteration 4's hooks stopped at the guard: three complete iterations.
+    assert_eq!(its.len(), 3);
+    assert_eq!(its[2].counters.dtoh, 0, "iteration 3 read nothing");
+    assert!(
+        dir.join("iter_2.safetensors").exists(),
+        "the good checkpoint"
+    );
+    let files: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".safetensors"))
+        .collect();
+    assert_eq!(files, vec!["iter_2.safetensors".to_string()], "{files:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn the_checkpoint_hook_refuses_a_state_after_a_nan_without_a_guard() {
+    // On the CPU the values are read every iteration; without a NaN guard the run
+    // goes on, and the checkpoint hook's forced read-out refuses to save.
+    let dir = tmp_dir("nan_noguard");
+    let (mut r, _log) = runner(Device::Cpu, &dir, 2, 1, |r| {
+        r.register_hook(hooks::CheckpointHook::new(2, false));
+        r.register_hook(PlantNan { at: 1 });
+    });
+    let err = r.run(&[(Mode::Train, 1)]).unwrap_err().to_string();
+    assert!(err.contains("not saving a checkpoint"), "{err}");
+    assert!(err.contains("at iteration 1"), "{err}");
+    assert!(!dir.join("iter_2.safetensors").exists());
+    let _ = std::fs::remove_dir_all(&dir);
+}
