@@ -89,6 +89,11 @@ pub fn distribute_runner<M: Model + 'static>(
     if rank != 0 {
         runner.main_process = false;
         runner.log.quiet = true;
+        // Without its logger this rank would read its losses back every iteration:
+        // keep rank 0's read-out interval (the NaN guard checks at those reads).
+        if let Some(n) = runner.hooks_readout_interval() {
+            runner.set_readout_interval(n);
+        }
         runner.remove_hooks("CheckpointHook");
         runner.remove_hooks("LoggerHook");
         // The NaN guard still stops this rank (and so the world), without writing.

@@ -76,6 +76,13 @@ pub trait Hook<M: Model> {
         Priority::NORMAL
     }
 
+    /// How often this hook needs the training values read back to the host (the
+    /// logger: its interval). A rank that drops the hook (data-parallel ranks other
+    /// than 0) keeps reading at that interval rather than every iteration.
+    fn readout_interval(&self) -> Option<usize> {
+        None
+    }
+
     /// Called at [`Stage::BeforeRun`].
     fn before_run(&mut self, runner: &mut Runner<M>) -> Result<()> {
         Ok(())

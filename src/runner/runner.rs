@@ -233,6 +233,15 @@ impl<M: Model> Runner<M> {
         before - self.hooks.len()
     }
 
+    /// The smallest read-out interval the registered hooks ask for
+    /// ([`Hook::readout_interval`]), if any does.
+    pub fn hooks_readout_interval(&self) -> Option<usize> {
+        self.hooks
+            .iter()
+            .filter_map(|h| h.hook.readout_interval())
+            .min()
+    }
+
     /// Set the validation loader (used by `Val` workflow phases).
     pub fn set_val_loader(&mut self, loader: Box<dyn DataLoader<Batch = M::Batch>>) {
         self.val_loader = Some(loader);

@@ -162,6 +162,10 @@ impl<M: Model> Hook<M> for LoggerHook {
         Priority::VERY_LOW
     }
 
+    fn readout_interval(&self) -> Option<usize> {
+        Some(self.interval)
+    }
+
     fn before_run(&mut self, runner: &mut Runner<M>) -> Result<()> {
         // Loss values on a GPU are read back only when this hook logs them.
         runner.set_readout_interval(self.interval);
