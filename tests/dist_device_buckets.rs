@@ -20,37 +20,10 @@ use std::time::Duration;
 use common::emulated;
 use kestrel::autograd::Tape;
 use kestrel::dist::{local_group, Comm, GradReducer};
-use kestrel::ops;
-use kestrel::rng::Rng;
 use kestrel::runner::GradSync;
-use kestrel::{Device, Result, Tensor};
+use kestrel::{Device, Tensor};
 
-const D: usize = 6;
-const LAYERS: usize = 4;
-
-fn weights(dev: Device) -> Vec<Tensor> {
-    let mut rng = Rng::new(7);
-    (0..LAYERS)
-        .map(|_| {
-            let v: Vec<f32> = (0..D * D).map(|_| rng.range(-0.5, 0.5) as f32).collect();
-            Tensor::from_vec(v, [D, D]).unwrap().to_device(dev).unwrap()
-        })
-        .collect()
-}
-
-fn input(rank: usize, dev: Device) -> Tensor {
-    let mut rng = Rng::new(100 + rank as u64);
-    let v: Vec<f32> = (0..3 * D).map(|_| rng.range(-1.0, 1.0) as f32).collect();
-    Tensor::from_vec(v, [3, D]).unwrap().to_device(dev).unwrap()
-}
-
-fn forward(ws: &[Tensor], x: &Tensor) -> Result<Tensor> {
-    let mut h = x.clone();
-    for w in ws {
-        h = ops::relu(&ops::linear::linear(&h, w, None)?)?;
-    }
-    ops::sum(&ops::mul(&h, &h)?)
-}
+use common::dist_mlp::{forward, input, weights, D, LAYERS};
 
 /// (htod, dtoh) on this thread during one backward, with or without the reducer;
 /// the gradients before and after reduction.
@@ -62,8 +35,8 @@ struct Pass {
 }
 
 fn one_pass(dev: Device, rank: usize, reducer: Option<&mut GradReducer>) -> Pass {
-    let ws = weights(dev);
-    let x = input(rank, dev);
+    let ws = weights(7, dev);
+    let x = input(100 + rank as u64, dev);
     let tape = Tape::new();
     ws.iter().for_each(|w| tape.watch(w));
     let loss = {

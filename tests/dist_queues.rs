@@ -23,37 +23,11 @@ use common::emulated;
 use kestrel::autograd::Tape;
 use kestrel::dist::{local_group, Collective, Comm, GradReducer, Queue, QueueEntry, QueueStep};
 use kestrel::ops;
-use kestrel::rng::Rng;
 use kestrel::runner::GradSync;
-use kestrel::{Device, Result, Tensor};
+use kestrel::{Device, Tensor};
 
-const D: usize = 6;
-const LAYERS: usize = 4;
+use common::dist_mlp::{forward, input, weights, D, LAYERS};
 const LR: f32 = 0.125;
-
-fn weights(dev: Device) -> Vec<Tensor> {
-    let mut rng = Rng::new(11);
-    (0..LAYERS)
-        .map(|_| {
-            let v: Vec<f32> = (0..D * D).map(|_| rng.range(-0.5, 0.5) as f32).collect();
-            Tensor::from_vec(v, [D, D]).unwrap().to_device(dev).unwrap()
-        })
-        .collect()
-}
-
-fn input(rank: usize, dev: Device) -> Tensor {
-    let mut rng = Rng::new(200 + rank as u64);
-    let v: Vec<f32> = (0..3 * D).map(|_| rng.range(-1.0, 1.0) as f32).collect();
-    Tensor::from_vec(v, [3, D]).unwrap().to_device(dev).unwrap()
-}
-
-fn forward(ws: &[Tensor], x: &Tensor) -> Result<Tensor> {
-    let mut h = x.clone();
-    for w in ws {
-        h = ops::relu(&ops::linear::linear(&h, w, None)?)?;
-    }
-    ops::sum(&ops::mul(&h, &h)?)
-}
 
 struct RankResult {
     own: Vec<Vec<f32>>,
@@ -71,8 +45,8 @@ fn host(v: &[Tensor]) -> Vec<Vec<f32>> {
 /// One backward with the reducer, then the "optimizer" (marked in the queue log):
 /// `w - LR * g` on the device.
 fn rank_step(dev: Device, comm: Comm, mark: impl Fn(&str)) -> RankResult {
-    let ws = weights(dev);
-    let x = input(comm.rank(), dev);
+    let ws = weights(11, dev);
+    let x = input(200 + comm.rank() as u64, dev);
     let pass = |reducer: Option<&mut GradReducer>| {
         let tape = Tape::new();
         ws.iter().for_each(|w| tape.watch(w));

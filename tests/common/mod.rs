@@ -13,6 +13,7 @@ use kestrel::{Device, Result, Tensor};
 use serde_json::Value;
 
 pub mod detection_ties;
+pub mod dist_mlp;
 pub mod proposal_ties;
 
 /// `KESTREL_FIXTURES` (any set made by make_fixtures.py), else the slim set shipped
