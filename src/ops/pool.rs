@@ -210,7 +210,6 @@ fn forward_bf16(
     out_shape: Shape,
     with_indices: bool,
 ) -> Result<(Tensor, Option<Tensor>)> {
-    const OP: &str = "max_pool2d";
     match x.device() {
         Device::Cpu => {
             let xw = x.to_dtype(DType::F32)?;
@@ -220,27 +219,7 @@ fn forward_bf16(
                 .transpose()?;
             Ok((Tensor::from_vec(y, out_shape)?.to_dtype(DType::BF16)?, idx))
         }
-        Device::Cuda(_) => {
-            let dev = super::mixed::gpu_dev_bf16(OP, x)?;
-            let y = super::mixed::gpu_empty_bf16(&dev, out_shape.dims())?;
-            let idx = if with_indices {
-                Some(Tensor::gpu_empty_i64(&dev, out_shape)?)
-            } else {
-                None
-            };
-            let mut args = vec![arg(x)?, arg(&y)?];
-            if let Some(i) = &idx {
-                args.push(arg(i)?);
-            }
-            args.extend(geom_args(g));
-            let kernel = if with_indices {
-                "max_pool2d_fwd_idx_bf16"
-            } else {
-                "max_pool2d_fwd_bf16"
-            };
-            launch_elems(&dev, kernel, y.numel(), &args)?;
-            Ok((y, idx))
-        }
+        Device::Cuda(_) => gpu_forward(x, g, out_shape, with_indices),
     }
 }
 
@@ -306,8 +285,18 @@ fn gpu_forward(
     out_shape: Shape,
     with_indices: bool,
 ) -> Result<(Tensor, Option<Tensor>)> {
-    let dev = gpu_dev("max_pool2d", x)?;
-    let y = Tensor::gpu_empty(&dev, out_shape.clone())?;
+    // f32 or bf16 in, the same dtype out (the bf16 kernels compare in f32 and write
+    // the maximum back unchanged: exact).
+    let bf16 = x.dtype() == DType::BF16;
+    let (dev, y) = if bf16 {
+        let dev = super::mixed::gpu_dev_bf16("max_pool2d", x)?;
+        let y = super::mixed::gpu_empty_bf16(&dev, out_shape.dims())?;
+        (dev, y)
+    } else {
+        let dev = gpu_dev("max_pool2d", x)?;
+        let y = Tensor::gpu_empty(&dev, out_shape.clone())?;
+        (dev, y)
+    };
     let idx = if with_indices {
         Some(Tensor::gpu_empty_i64(&dev, out_shape)?)
     } else {
@@ -318,10 +307,11 @@ fn gpu_forward(
         args.push(arg(i)?);
     }
     args.extend(geom_args(g));
-    let kernel = if with_indices {
-        "max_pool2d_fwd_idx_f32"
-    } else {
-        "max_pool2d_fwd_f32"
+    let kernel = match (with_indices, bf16) {
+        (true, false) => "max_pool2d_fwd_idx_f32",
+        (false, false) => "max_pool2d_fwd_f32",
+        (true, true) => "max_pool2d_fwd_idx_bf16",
+        (false, true) => "max_pool2d_fwd_bf16",
     };
     launch_elems(&dev, kernel, y.numel(), &args)?;
     Ok((y, idx))
