@@ -432,9 +432,15 @@ impl FasterRcnn {
     }
 
     /// Detections for `images` (each f32 `[3, H, W]` in 0..1, on the model's
-    /// device), in original image pixels.
+    /// device), in original image pixels. On a GPU nothing is read back until the
+    /// end: the detections come back in one copy ([`FasterRcnn::detect_packed`]).
     pub fn detect(&self, images: &[Tensor]) -> Result<Vec<Detections>> {
-        Ok(self.detect_traced(images)?.detections)
+        let il = transform(images, &self.config.transform)?;
+        let orig: Vec<(usize, usize)> = images
+            .iter()
+            .map(|im| (im.dims()[1], im.dims()[2]))
+            .collect();
+        Ok(self.infer(il, &orig, false, &mut |_| Ok(()))?.detections)
     }
 
     /// Detections in the PNG or JPEG image at `path` (original image pixels), run on
