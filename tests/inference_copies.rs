@@ -234,9 +234,9 @@ fn padded_inputs(seed: u64) -> (Vec<f32>, Vec<f32>, Vec<f32>, Vec<i64>) {
     let mut logits = Vec::new();
     let mut deltas = Vec::new();
     let mut boxes = Vec::new();
-    for n in 0..N {
+    for &count in &counts {
         for i in 0..P {
-            let real = (i as i64) < counts[n];
+            let real = (i as i64) < count;
             for _ in 0..C {
                 logits.push(if real { 3.0 * u() - 1.0 } else { 20.0 + u() });
             }
@@ -273,13 +273,12 @@ fn host_selected(s: &Selected) -> (Vec<i64>, Vec<u32>, Vec<u32>, Vec<i64>) {
     )
 }
 
-/// Per image, the detections of a selection as (label, box bits, score bits) with
-/// the candidate index mapped to (image row, class).
-fn rows_of(
-    s: &Selected,
-    per_image: &[usize],
-    classes: usize,
-) -> Vec<Vec<(usize, usize, [u32; 4], u32)>> {
+/// One selected detection: (row within its image, class, box bits, score bits).
+type Picked = (usize, usize, [u32; 4], u32);
+
+/// Per image, the detections of a selection with the candidate index mapped to the
+/// row within the image and the class.
+fn rows_of(s: &Selected, per_image: &[usize], classes: usize) -> Vec<Vec<Picked>> {
     let (counts, b, sc, idx) = host_selected(s);
     let top = s.scores.dims()[1];
     let starts: Vec<usize> = per_image
@@ -462,7 +461,13 @@ fn check_zero_proposals(device: Device) {
     m.to_device(device).unwrap();
     let mut rng = Rng::new(3);
     let imgs: Vec<Image> = (0..2)
-        .map(|_| ((0..3 * 64 * 64).map(|_| rng.below(256) as u8).collect(), 64, 64))
+        .map(|_| {
+            (
+                (0..3 * 64 * 64).map(|_| rng.below(256) as u8).collect(),
+                64,
+                64,
+            )
+        })
         .collect();
     let dets = m.detect_u8(&views(&imgs)).unwrap();
     assert_eq!(dets.len(), 2);
@@ -470,12 +475,9 @@ fn check_zero_proposals(device: Device) {
         assert!(d.boxes.is_empty() && d.scores.is_empty() && d.labels.is_empty());
     }
     if device != Device::Cpu {
-        let up = kestrel::detection::transform::upload_u8(
-            &views(&imgs),
-            &m.config.transform,
-            device,
-        )
-        .unwrap();
+        let up =
+            kestrel::detection::transform::upload_u8(&views(&imgs), &m.config.transform, device)
+                .unwrap();
         let il = kestrel::detection::transform::transform_uploaded(&up).unwrap();
         let pass = kestrel::autograd::no_grad(|| m.detect_packed(&il)).unwrap();
         let read = pass.packed.read().unwrap();
