@@ -227,13 +227,56 @@ fn check_f32(op: &'static str, ts: &[&Tensor]) -> Result<()> {
     }
 }
 
-/// Image sizes as `[N, 2]` f32 (h, w) on `device` (an upload, no read back).
+/// Image sizes as `[N, 2]` f32 (h, w) on `device`, no read back. On a GPU the last
+/// few distinct size lists stay uploaded: a training run at fixed sizes (every
+/// batch the same) then makes no upload per step for them, and varied sizes cost
+/// one small upload, as before. Bounded, since the sizes are data (one entry per
+/// distinct batch of sizes would grow without end on COCO).
 fn sizes_tensor(image_sizes: &[(usize, usize)], device: Device) -> Result<Tensor> {
-    let v: Vec<f32> = image_sizes
+    use std::sync::{Mutex, OnceLock};
+    const KEEP: usize = 8;
+    type Cache = Mutex<Vec<(Device, Vec<(usize, usize)>, Tensor)>>;
+    static CACHE: OnceLock<Cache> = OnceLock::new();
+    let upload = || {
+        let v: Vec<f32> = image_sizes
+            .iter()
+            .flat_map(|&(h, w)| [h as f32, w as f32])
+            .collect();
+        Tensor::from_vec(v, [image_sizes.len(), 2])?.to_device(device)
+    };
+    if !device.is_cuda() {
+        return upload();
+    }
+    let cache = CACHE.get_or_init(|| Mutex::new(Vec::new()));
+    let mut c = cache.lock().unwrap_or_else(|e| e.into_inner());
+    // The device handle of a cached tensor must be the current one: an ordinal can
+    // be registered again with another backend (tests open emulated devices).
+    let live = |t: &Tensor| match (t.gpu(), crate::device::gpu::registered(device_ordinal(device))) {
+        (Ok(g), Some(d)) => std::sync::Arc::ptr_eq(&g.dev.backend, &d.backend),
+        _ => false,
+    };
+    if let Some(k) = c
         .iter()
-        .flat_map(|&(h, w)| [h as f32, w as f32])
-        .collect();
-    Tensor::from_vec(v, [image_sizes.len(), 2])?.to_device(device)
+        .position(|(d, s, t)| *d == device && s == image_sizes && live(t))
+    {
+        let hit = c.remove(k);
+        let t = hit.2.clone();
+        c.push(hit);
+        return Ok(t);
+    }
+    let t = upload()?;
+    if c.len() >= KEEP {
+        c.remove(0);
+    }
+    c.push((device, image_sizes.to_vec(), t.clone()));
+    Ok(t)
+}
+
+fn device_ordinal(d: Device) -> usize {
+    match d {
+        Device::Cuda(n) => n,
+        Device::Cpu => 0,
+    }
 }
 
 /// The deltas and anchors of the top-k columns `idx` `[N, K]`: both `[N * K, 4]`.

@@ -23,6 +23,15 @@ pub trait Model {
     /// the same shapes.
     fn set_params(&mut self, params: Vec<Tensor>) -> Result<()>;
 
+    /// Move the trainable parameters out, in [`Model::params`] order, for an update
+    /// in place; the runner always gives them back with [`Model::set_params`] before
+    /// anything else reads the model. While the model keeps a clone the optimizer
+    /// cannot write in place (it copies each parameter first), so a model that can
+    /// let go of its tensors should. By default: the values of [`Model::params`].
+    fn take_params(&mut self) -> Vec<Tensor> {
+        self.params().into_iter().map(|(_, t)| t).collect()
+    }
+
     /// Non-trainable state saved with the weights (frozen parameters, BatchNorm
     /// running statistics), with names. None by default.
     fn buffers(&self) -> Vec<(String, Tensor)> {
