@@ -84,13 +84,20 @@ fn addresses_stay(device: Device) {
         }
         for (k, p) in params.iter().enumerate() {
             if p.numel() > 0 {
-                assert_eq!(addr(p), before[k], "{device}: step {step} moved parameter {k}");
+                assert_eq!(
+                    addr(p),
+                    before[k],
+                    "{device}: step {step} moved parameter {k}"
+                );
                 assert_ne!(p.id(), ids[k], "{device}: parameter {k} kept its id");
             }
         }
         if step > 0 {
             let bufs: Vec<u64> = sgd.state().iter().map(|(_, t)| addr(t)).collect();
-            assert_eq!(bufs, bufs_before, "{device}: step {step} moved a momentum buffer");
+            assert_eq!(
+                bufs, bufs_before,
+                "{device}: step {step} moved a momentum buffer"
+            );
         }
     }
     for (k, (got, want)) in values(&params).iter().zip(&p_ref).enumerate() {
@@ -136,10 +143,18 @@ fn shared_parameters_are_copied(device: Device) {
         b.step(&mut shared, &grads).unwrap();
     }
     assert_eq!(values(&held), held_before, "{device}: a held clone changed");
-    assert_eq!(values(&shared), values(&alone), "{device}: copy on write changed the result");
+    assert_eq!(
+        values(&shared),
+        values(&alone),
+        "{device}: copy on write changed the result"
+    );
     for (k, (s, h)) in shared.iter().zip(&held).enumerate() {
         if s.numel() > 0 {
-            assert_ne!(addr(s), addr(h), "{device}: parameter {k} written in place while shared");
+            assert_ne!(
+                addr(s),
+                addr(h),
+                "{device}: parameter {k} written in place while shared"
+            );
         }
     }
 }

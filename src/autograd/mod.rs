@@ -281,7 +281,12 @@ pub fn seed_like(output: &Tensor, value: f64) -> Result<Tensor> {
             return Ok(Tensor::from_gpu(g.dev.clone(), buf, output.shape().clone()));
         }
     }
-    Tensor::full(output.shape().clone(), value, output.dtype(), output.device())
+    Tensor::full(
+        output.shape().clone(),
+        value,
+        output.dtype(),
+        output.device(),
+    )
 }
 
 /// Gradients keyed by tensor id.

@@ -251,7 +251,10 @@ fn sizes_tensor(image_sizes: &[(usize, usize)], device: Device) -> Result<Tensor
     let mut c = cache.lock().unwrap_or_else(|e| e.into_inner());
     // The device handle of a cached tensor must be the current one: an ordinal can
     // be registered again with another backend (tests open emulated devices).
-    let live = |t: &Tensor| match (t.gpu(), crate::device::gpu::registered(device_ordinal(device))) {
+    let live = |t: &Tensor| match (
+        t.gpu(),
+        crate::device::gpu::registered(device_ordinal(device)),
+    ) {
         (Ok(g), Some(d)) => std::sync::Arc::ptr_eq(&g.dev.backend, &d.backend),
         _ => false,
     };

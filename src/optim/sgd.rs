@@ -341,7 +341,9 @@ fn own(t: &mut Tensor) -> Result<()> {
                 t.shape().clone(),
                 t.dtype(),
             );
-            g.dev.backend.copy_dtod(&g.buf, &c.gpu()?.buf, g.buf.bytes())?;
+            g.dev
+                .backend
+                .copy_dtod(&g.buf, &c.gpu()?.buf, g.buf.bytes())?;
             c
         }
         Storage::Cpu(_) => match t.dtype() {
@@ -369,15 +371,18 @@ fn empty_like(p: &Tensor) -> Result<Tensor> {
 fn cpu_mut_ptr<T: Element>(t: &mut Tensor) -> Result<SharedMut<T>> {
     let shape = t.shape().to_string();
     match t.storage_mut() {
-        Some(Storage::Cpu(CpuStorage::F32(v))) if T::DTYPE == DType::F32 => {
-            Ok(SharedMut(bytemuck::cast_slice_mut::<f32, T>(v).as_mut_ptr()))
-        }
-        Some(Storage::Cpu(CpuStorage::F64(v))) if T::DTYPE == DType::F64 => {
-            Ok(SharedMut(bytemuck::cast_slice_mut::<f64, T>(v).as_mut_ptr()))
-        }
+        Some(Storage::Cpu(CpuStorage::F32(v))) if T::DTYPE == DType::F32 => Ok(SharedMut(
+            bytemuck::cast_slice_mut::<f32, T>(v).as_mut_ptr(),
+        )),
+        Some(Storage::Cpu(CpuStorage::F64(v))) if T::DTYPE == DType::F64 => Ok(SharedMut(
+            bytemuck::cast_slice_mut::<f64, T>(v).as_mut_ptr(),
+        )),
         _ => Err(Error::invalid(
             "Sgd::step",
-            format!("tensor {shape} is not exclusive host storage of {}", T::DTYPE),
+            format!(
+                "tensor {shape} is not exclusive host storage of {}",
+                T::DTYPE
+            ),
         )),
     }
 }

@@ -2,8 +2,10 @@
 //!
 //! Parameters are immutable [`Tensor`]s. A train step runs with an active
 //! [`crate::autograd::Tape`] on which the runner has watched every parameter; the
-//! optimizer hook backpropagates the total loss, the optimizer returns new parameter
-//! tensors and the runner hands them back with [`Model::set_params`].
+//! optimizer hook backpropagates the total loss, the runner moves the parameters out
+//! of the model ([`Model::take_params`]), the optimizer updates them (in place where
+//! it holds the only handle on their storage: new values with fresh ids in the same
+//! buffers) and the runner hands them back with [`Model::set_params`].
 
 use crate::error::Result;
 use crate::rng::Rng;

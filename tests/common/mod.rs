@@ -479,7 +479,6 @@ pub fn fixture_training_pixels() -> (
     (pixels, targets)
 }
 
-
 /// The fixture's images (u8, through `image_from_u8`) on `device` and its training
 /// targets, one per image.
 pub fn fixture_training_batch(device: Device) -> (Vec<Tensor>, Vec<kestrel::detection::Target>) {
