@@ -512,21 +512,21 @@ fn update<T: Element, const WD: bool>(
             match (first, nesterov) {
                 (true, false) => it.for_each(|((p, &g), b)| {
                     *b = d(g, *p);
-                    *p = *p - lr * *b;
+                    *p -= lr * *b;
                 }),
                 (true, true) => it.for_each(|((p, &g), b)| {
                     let di = d(g, *p);
                     *b = di;
-                    *p = *p - lr * (di + m * *b);
+                    *p -= lr * (di + m * *b);
                 }),
                 (false, false) => it.for_each(|((p, &g), b)| {
                     *b = m * *b + keep * d(g, *p);
-                    *p = *p - lr * *b;
+                    *p -= lr * *b;
                 }),
                 (false, true) => it.for_each(|((p, &g), b)| {
                     let di = d(g, *p);
                     *b = m * *b + keep * di;
-                    *p = *p - lr * (di + m * *b);
+                    *p -= lr * (di + m * *b);
                 }),
             }
         }

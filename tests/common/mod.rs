@@ -457,16 +457,16 @@ pub fn fixture_model(device: Device) -> kestrel::detection::FasterRcnn {
     m
 }
 
+/// One image's u8 pixels (`3 * H * W` bytes, channel-major), H and W.
+pub type Pixels = (Vec<u8>, usize, usize);
+
 /// The fixture's training images as u8 pixels (`3 * H * W` bytes, H, W), as the
 /// data loader yields them, with their targets (what [`fixture_training_batch`]
 /// holds as f32).
-pub fn fixture_training_pixels() -> (
-    Vec<(Vec<u8>, usize, usize)>,
-    Vec<kestrel::detection::Target>,
-) {
+pub fn fixture_training_pixels() -> (Vec<Pixels>, Vec<kestrel::detection::Target>) {
     let e = fixture("model/eval.safetensors");
     let f = fixture("model/train.safetensors");
-    let pixels: Vec<(Vec<u8>, usize, usize)> = (0..)
+    let pixels: Vec<Pixels> = (0..)
         .map(|i| format!("image{i}.u8"))
         .take_while(|n| e.contains(n))
         .map(|n| {
