@@ -51,7 +51,7 @@ pub fn detect_samples(
             .collect::<Result<Vec<_>>>()?;
         let batch = DetBatch::from_samples(&samples)?;
         let images = batch
-            .images
+            .host_images()?
             .iter()
             .map(|t| t.to_device(device))
             .collect::<Result<Vec<_>>>()?;

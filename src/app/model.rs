@@ -2,7 +2,7 @@
 //! glue between the detector and the training loop.
 
 use crate::data::{Loader, LoaderState, Sample};
-use crate::detection::transform::image_from_u8;
+use crate::detection::transform::{image_from_u8, upload_u8, ImageU8};
 use crate::detection::{FasterRcnn, Target};
 use crate::device::Device;
 use crate::error::{Error, Result};
@@ -10,12 +10,18 @@ use crate::rng::Rng;
 use crate::runner::{self, DataLoader};
 use crate::tensor::Tensor;
 
-/// One training or validation batch: images `[3, H, W]` in 0..1 (CPU) and their
-/// ground truth in pixels.
+/// One training or validation batch: images as the loader gives them (u8 pixels)
+/// or as f32 tensors, and their ground truth in pixels.
 #[derive(Clone, Debug)]
 pub struct DetBatch {
-    /// Images `[3, H, W]` in 0..1.
+    /// Images `[3, H, W]` in 0..1 (host), for batches built from tensors; empty when
+    /// the batch holds [`DetBatch::pixels`] (see [`DetBatch::host_images`]).
     pub images: Vec<Tensor>,
+    /// Images as u8 pixels (`3 * H * W` bytes, channel-major, then H and W), as the
+    /// loader yields them after its augmentation: a step uploads them to the model's
+    /// device in one pinned copy and normalises them there. Used instead of
+    /// [`DetBatch::images`] when not empty.
+    pub pixels: Vec<(Vec<u8>, usize, usize)>,
     /// Ground truth per image, pixels.
     pub targets: Vec<Target>,
     /// COCO image id per image.
@@ -25,12 +31,12 @@ pub struct DetBatch {
 impl DetBatch {
     /// A batch from loader samples.
     pub fn from_samples(samples: &[Sample]) -> Result<DetBatch> {
-        let images = samples
-            .iter()
-            .map(|s| image_from_u8(&s.image, s.height, s.width))
-            .collect::<Result<_>>()?;
         Ok(DetBatch {
-            images,
+            images: Vec::new(),
+            pixels: samples
+                .iter()
+                .map(|s| (s.image.clone(), s.height, s.width))
+                .collect(),
             targets: samples
                 .iter()
                 .map(|s| Target {
@@ -40,6 +46,28 @@ impl DetBatch {
                 .collect(),
             image_ids: samples.iter().map(|s| s.image_id).collect(),
         })
+    }
+
+    /// Number of images.
+    pub fn len(&self) -> usize {
+        self.images.len().max(self.pixels.len())
+    }
+
+    /// True when the batch holds no image.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The images as f32 `[3, H, W]` host tensors in 0..1 (converted from
+    /// [`DetBatch::pixels`] when the batch holds those).
+    pub fn host_images(&self) -> Result<Vec<Tensor>> {
+        if !self.images.is_empty() || self.pixels.is_empty() {
+            return Ok(self.images.clone());
+        }
+        self.pixels
+            .iter()
+            .map(|(d, h, w)| image_from_u8(d, *h, *w))
+            .collect()
     }
 }
 
@@ -82,6 +110,32 @@ impl DetectorModel {
             .collect()
     }
 
+    /// The losses of `batch`: u8 pixels go up in one pinned copy
+    /// (`upload_u8`) and are normalised on the device; f32 images are moved one by
+    /// one. On the CPU both give the same bits.
+    fn batch_losses(
+        &self,
+        ctx: &crate::nn::Ctx,
+        batch: &DetBatch,
+        rng: &mut Rng,
+    ) -> Result<Vec<(String, Tensor)>> {
+        if batch.pixels.is_empty() {
+            let images = self.images_on_device(batch)?;
+            return self.model.losses(ctx, &images, &batch.targets, rng);
+        }
+        let images: Vec<ImageU8> = batch
+            .pixels
+            .iter()
+            .map(|(data, height, width)| ImageU8 {
+                data,
+                height: *height,
+                width: *width,
+            })
+            .collect();
+        let up = upload_u8(&images, &self.model.config.transform, self.device)?;
+        self.model.losses_uploaded(ctx, &up, &batch.targets, rng)
+    }
+
     fn set_named(&mut self, names: &[String], values: Vec<Tensor>) -> Result<()> {
         if names.len() != values.len() {
             return Err(Error::invalid(
@@ -90,7 +144,7 @@ impl DetectorModel {
             ));
         }
         for (n, t) in names.iter().zip(values) {
-            self.model.params.set(n, t)?;
+            self.model.params.put(n, t)?;
         }
         Ok(())
     }
@@ -116,6 +170,13 @@ impl runner::Model for DetectorModel {
         self.set_named(&names, params)
     }
 
+    fn take_params(&mut self) -> Vec<Tensor> {
+        self.names
+            .iter()
+            .map(|n| self.model.params.take(n).expect("own name"))
+            .collect()
+    }
+
     fn buffers(&self) -> Vec<(String, Tensor)> {
         self.buffer_names
             .iter()
@@ -134,10 +195,9 @@ impl runner::Model for DetectorModel {
     }
 
     fn train_step(&mut self, batch: &DetBatch, rng: &mut Rng) -> Result<Vec<(String, Tensor)>> {
-        let images = self.images_on_device(batch)?;
         let (losses, updates) = {
             let ctx = self.model.ctx(true);
-            let losses = self.model.losses(&ctx, &images, &batch.targets, rng)?;
+            let losses = self.batch_losses(&ctx, batch, rng)?;
             (losses, ctx.take_buffer_updates())
         };
         for (n, t) in updates {
@@ -148,15 +208,14 @@ impl runner::Model for DetectorModel {
     }
 
     fn val_step(&mut self, batch: &DetBatch, rng: &mut Rng) -> Result<Vec<(String, Tensor)>> {
-        let images = self.images_on_device(batch)?;
         crate::autograd::no_grad(|| {
             let ctx = self.model.ctx(false);
-            self.model.losses(&ctx, &images, &batch.targets, rng)
+            self.batch_losses(&ctx, batch, rng)
         })
     }
 
     fn num_samples(&self, batch: &DetBatch) -> usize {
-        batch.images.len()
+        batch.len()
     }
 }
 

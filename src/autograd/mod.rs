@@ -16,7 +16,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use crate::error::{Error, Result};
-use crate::tensor::{Tensor, TensorId};
+use crate::tensor::{DType, Tensor, TensorId};
 
 /// Backward of one op: given dL/d(output) and which inputs need a gradient, returns
 /// dL/d(input) for each input (`None` where not needed).
@@ -165,8 +165,7 @@ impl Tape {
                 loss.shape()
             )));
         }
-        let seed = Tensor::full(loss.shape().clone(), 1.0, loss.dtype(), loss.device())?;
-        self.backward_with(loss, seed)
+        self.backward_with(loss, seed_like(loss, 1.0)?)
     }
 
     /// Gradients given dL/d(output) = `grad` for a non-scalar `output`.
@@ -262,6 +261,32 @@ impl Tape {
             Ok(Gradients(grads))
         })
     }
+}
+
+/// The seed gradient of a backward pass from the scalar (or small) `output`: every
+/// element `value`, on `output`'s device and dtype. On a GPU an f32 seed is a cached
+/// device constant ([`crate::device::gpu::GpuDevice::constant`]), so a training
+/// step does not upload it every time (the table is keyed by content: one upload
+/// per distinct value and size, e.g. 1 or a gradient-accumulation 1/n). Nothing
+/// writes to a seed: tensors are values, and the optimizer only updates storage no
+/// one else holds.
+pub fn seed_like(output: &Tensor, value: f64) -> Result<Tensor> {
+    const MAX_CONSTANT_ELEMS: usize = 64;
+    if let (crate::tensor::Storage::Cuda(g), DType::F32) = (output.storage(), output.dtype()) {
+        if (1..=MAX_CONSTANT_ELEMS).contains(&output.numel()) {
+            let bytes: Vec<u8> = std::iter::repeat_n((value as f32).to_le_bytes(), output.numel())
+                .flatten()
+                .collect();
+            let buf = g.dev.constant(&bytes)?;
+            return Ok(Tensor::from_gpu(g.dev.clone(), buf, output.shape().clone()));
+        }
+    }
+    Tensor::full(
+        output.shape().clone(),
+        value,
+        output.dtype(),
+        output.device(),
+    )
 }
 
 /// Gradients keyed by tensor id.

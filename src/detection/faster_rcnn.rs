@@ -7,6 +7,7 @@ use super::roi_heads::{RoiHeads, RoiHeadsConfig};
 use super::rpn::{Rpn, RpnConfig};
 use super::transform::{
     resize_box_list, transform, transform_uploaded, upload_u8, ImageList, ImageU8, TransformConfig,
+    UploadedBatch,
 };
 use super::{Detections, Target};
 use crate::device::Device;
@@ -682,7 +683,21 @@ impl FasterRcnn {
         rng: &mut Rng,
         on_stage: StageFn,
     ) -> Result<Vec<(String, Tensor)>> {
-        self.losses_given(ctx, images, targets, None, rng, on_stage)
+        self.losses_given(ctx, Images::F32(images), targets, None, rng, on_stage)
+    }
+
+    /// [`FasterRcnn::losses`] for a batch uploaded as u8
+    /// ([`super::transform::upload_u8`], one pinned copy on a GPU): normalised and
+    /// resized where it lies by [`super::transform::transform_uploaded`], which
+    /// gives the f32 path's bits. `targets` are in original image pixels.
+    pub fn losses_uploaded(
+        &self,
+        ctx: &Ctx,
+        batch: &UploadedBatch,
+        targets: &[Target],
+        rng: &mut Rng,
+    ) -> Result<Vec<(String, Tensor)>> {
+        self.losses_given(ctx, Images::U8(batch), targets, None, rng, &mut |_| Ok(()))
     }
 
     /// [`FasterRcnn::losses`] with the RoI heads fed `proposals` (one `[K_n, 4]` per
@@ -709,34 +724,55 @@ impl FasterRcnn {
                 ),
             ));
         }
-        self.losses_given(ctx, images, targets, Some(proposals), rng, &mut |_| Ok(()))
+        self.losses_given(
+            ctx,
+            Images::F32(images),
+            targets,
+            Some(proposals),
+            rng,
+            &mut |_| Ok(()),
+        )
     }
 
     fn losses_given(
         &self,
         ctx: &Ctx,
-        images: &[Tensor],
+        images: Images,
         targets: &[Target],
         given: Option<&[Tensor]>,
         rng: &mut Rng,
         on_stage: StageFn,
     ) -> Result<Vec<(String, Tensor)>> {
-        if images.len() != targets.len() {
+        let originals: Vec<(usize, usize)> = match images {
+            Images::F32(ims) => ims
+                .iter()
+                .map(|im| match im.dims() {
+                    [_, h, w] => (*h, *w),
+                    // `transform` refuses it below, naming the shape.
+                    _ => (0, 0),
+                })
+                .collect(),
+            Images::U8(b) => b.original_sizes().to_vec(),
+        };
+        if originals.len() != targets.len() {
             return Err(Error::invalid(
                 "FasterRcnn::losses",
-                format!("{} images and {} targets", images.len(), targets.len()),
+                format!("{} images and {} targets", originals.len(), targets.len()),
             ));
         }
         for (i, t) in targets.iter().enumerate() {
             t.validate()
                 .map_err(|m| Error::invalid("FasterRcnn::losses", format!("target {i}: {m}")))?;
         }
-        let il = transform(images, &self.config.transform)?;
+        let il = match images {
+            Images::F32(ims) => transform(ims, &self.config.transform)?,
+            Images::U8(b) => transform_uploaded(b)?,
+        };
         let targets: Vec<Target> = targets
             .iter()
-            .zip(images)
+            .zip(&originals)
             .zip(&il.image_sizes)
-            .map(|((t, im), &size)| t.resized((im.dims()[1], im.dims()[2]), size))
+            .map(|((t, &from), &size)| t.resized(from, size))
             .collect();
         on_stage("transform")?;
         let c = self.body.forward(ctx, &il.tensors)?;
@@ -782,6 +818,13 @@ impl FasterRcnn {
             ("loss_box_reg".into(), loss_box),
         ])
     }
+}
+
+/// The images of a training batch: f32 tensors, or u8 already uploaded.
+#[derive(Clone, Copy)]
+enum Images<'a> {
+    F32(&'a [Tensor]),
+    U8(&'a UploadedBatch),
 }
 
 /// The device of the model's parameters (the CPU for a model without any).

@@ -474,26 +474,69 @@ fn check_f32(op: &'static str, ts: &[&Tensor]) -> Result<()> {
     }
 }
 
-/// Image sizes as `[N, 2]` f32 (h, w) on `device`. On a GPU this is a device
-/// constant ([`crate::device::gpu::GpuDevice::constant`]: keyed by content, uploaded
-/// the first time a batch geometry is seen): the sizes are shape metadata that
-/// recur batch after batch, so a warm pass uploads nothing here, and a region run
-/// once eagerly can be captured as a graph.
+/// Image sizes as `[N, 2]` f32 (h, w) on `device`, no read back. On a GPU the last
+/// few distinct size lists stay uploaded: a training run or an evaluation at fixed
+/// sizes (every batch the same) then makes no upload for them, and varied sizes
+/// cost one small upload, as before. Bounded, since the sizes are data (one entry
+/// per distinct batch of sizes would grow without end on COCO), except that an
+/// entry read during a graph capture is kept for the process: the graph reads its
+/// buffer on every replay, so it must never be freed and reused.
 fn sizes_tensor(image_sizes: &[(usize, usize)], device: Device) -> Result<Tensor> {
-    let v: Vec<f32> = image_sizes
+    use std::sync::{Mutex, OnceLock};
+    const KEEP: usize = 8;
+    struct Entry {
+        device: Device,
+        sizes: Vec<(usize, usize)>,
+        table: Tensor,
+        /// Read by a captured graph: never evicted.
+        pinned: bool,
+    }
+    static CACHE: OnceLock<Mutex<Vec<Entry>>> = OnceLock::new();
+    let upload = || {
+        let v: Vec<f32> = image_sizes
+            .iter()
+            .flat_map(|&(h, w)| [h as f32, w as f32])
+            .collect();
+        Tensor::from_vec(v, [image_sizes.len(), 2])?.to_device(device)
+    };
+    let Device::Cuda(ordinal) = device else {
+        return upload();
+    };
+    let cache = CACHE.get_or_init(|| Mutex::new(Vec::new()));
+    let mut c = cache.lock().unwrap_or_else(|e| e.into_inner());
+    // The device handle of a cached tensor must be the current one: an ordinal can
+    // be registered again with another backend (tests open emulated devices).
+    let current = crate::device::gpu::registered(ordinal);
+    let live = |t: &Tensor| match (t.gpu(), &current) {
+        (Ok(g), Some(d)) => std::sync::Arc::ptr_eq(&g.dev.backend, &d.backend),
+        _ => false,
+    };
+    let capturing = current.as_ref().is_some_and(|d| d.backend.is_capturing());
+    if let Some(k) = c
         .iter()
-        .flat_map(|&(h, w)| [h as f32, w as f32])
-        .collect();
-    let shape = [image_sizes.len(), 2];
-    match device {
-        Device::Cpu => Tensor::from_vec(v, shape),
-        Device::Cuda(n) => {
-            let dev = crate::device::gpu::device(n)?;
-            let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
-            let buf = dev.constant(&bytes)?;
-            Ok(Tensor::from_gpu(dev, buf, shape))
+        .position(|e| e.device == device && e.sizes == image_sizes && live(&e.table))
+    {
+        let mut hit = c.remove(k);
+        hit.pinned |= capturing;
+        let t = hit.table.clone();
+        c.push(hit);
+        return Ok(t);
+    }
+    // A miss during a capture fails in the upload (a host copy is refused there),
+    // naming the op: run the region once eagerly first.
+    let t = upload()?;
+    if c.iter().filter(|e| !e.pinned).count() >= KEEP {
+        if let Some(k) = c.iter().position(|e| !e.pinned) {
+            c.remove(k);
         }
     }
+    c.push(Entry {
+        device,
+        sizes: image_sizes.to_vec(),
+        table: t.clone(),
+        pinned: capturing,
+    });
+    Ok(t)
 }
 
 /// The deltas and anchors of the top-k columns `idx` `[N, K]`: both `[N * K, 4]`.

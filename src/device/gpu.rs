@@ -37,6 +37,12 @@ impl GpuBuffer {
     pub fn bytes(&self) -> usize {
         self.bytes
     }
+    /// Whether this handle is the only one on its allocation (no clone, no view
+    /// into it, no cached table holds it): then writing to it changes nothing
+    /// anyone else can see.
+    pub fn is_unique(&self) -> bool {
+        Arc::strong_count(&self._owner) == 1
+    }
     /// A kernel argument pointing at this buffer.
     pub fn arg(&self) -> KernelArg {
         KernelArg::Ptr {

@@ -188,6 +188,31 @@ impl ParamStore {
         Ok(())
     }
 
+    /// Move the tensor called `name` out, leaving an empty placeholder (shape `[0]`)
+    /// until [`ParamStore::put`] gives it back: for updates in place, which need the
+    /// only handle on a tensor.
+    pub fn take(&mut self, name: &str) -> Result<Tensor> {
+        let e = self.map.get_mut(name).ok_or_else(|| Error::Tensor {
+            name: name.into(),
+            msg: "not in the parameter store".into(),
+        })?;
+        Ok(std::mem::replace(&mut e.0, Tensor::placeholder()))
+    }
+
+    /// Give back a tensor moved out by [`ParamStore::take`] (or replace `name` by a
+    /// tensor of its shape, as [`ParamStore::set`]).
+    pub fn put(&mut self, name: &str, t: Tensor) -> Result<()> {
+        let e = self.map.get_mut(name).ok_or_else(|| Error::Tensor {
+            name: name.into(),
+            msg: "not in the parameter store".into(),
+        })?;
+        if e.0.numel() == 0 && e.0.dims() == [0] && t.numel() != 0 {
+            e.0 = t;
+            return Ok(());
+        }
+        self.set(name, t)
+    }
+
     /// Mark parameters whose name starts with one of `prefixes` as not trained.
     pub fn freeze(&mut self, prefixes: &[String]) {
         self.frozen.extend(prefixes.iter().cloned());

@@ -11,22 +11,27 @@
 //! p = p - lr * d
 //! ```
 //!
-//! Tensors are immutable values: a step replaces each parameter with a new tensor
-//! (a new id) and keeps the new momentum buffers. On the CPU every parameter is
-//! updated in one parallel pass over all of them, into buffers recycled from the
-//! previous step through the host pool. On CUDA one multi-tensor kernel
-//! (`sgd_multi_f32`, kernels/sgd.cu) updates every parameter of the step in one
-//! launch over a pointer table (one small upload): it reads `p`, `g`, `buf` and
-//! writes the new `p` and `buf` in one pass. The new tensors come from the caching
-//! allocator (the blocks of the previous step's values), so a step after the
-//! first allocates nothing from the driver; it is not in place, since other holders
-//! of the old values (EMA, checkpoints, the caller) must keep seeing them.
+//! The step is in place: each parameter's and momentum buffer's own storage is
+//! overwritten, so their buffers (and device addresses) stay the same from step to
+//! step and a step allocates nothing. In place is only done where nobody else can
+//! see it: a tensor whose storage is shared (an EMA copy, a checkpoint in flight,
+//! the caller's clone) is first copied (copy on write, [`Tensor::storage_mut`]),
+//! so holders of the old value keep it. An updated parameter gets a fresh id.
+//!
+//! On the CPU every parameter is updated in one parallel pass (rayon) over chunks of
+//! all of them. On CUDA one multi-tensor kernel (`sgd_multi_f32`, kernels/sgd.cu)
+//! updates every parameter in one launch over a pointer table. The table is uploaded
+//! once and cached: it is rebuilt every step and uploaded again only if it differs
+//! (a buffer was replaced). Gradients come fresh from the autograd each step (new
+//! buffers), so the table does not point at them: each gradient is first copied
+//! (device to device, no host involvement) into a persistent per-parameter staging
+//! buffer owned by the optimizer, and the table points at those.
 
 use crate::device::gpu::KernelArg;
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::ops::{arg, gpu_dev, launch_elems};
-use crate::tensor::{DType, Element, Tensor};
+use crate::tensor::{CpuStorage, DType, Element, Storage, Tensor};
 use crate::with_dtype;
 
 /// Hyperparameters of [`Sgd`]: torch.optim.SGD's names and defaults.
@@ -88,6 +93,11 @@ pub struct Sgd {
     cfg: SgdConfig,
     /// Momentum buffer of parameter `i`; `None` before its first step.
     buffers: Vec<Option<Tensor>>,
+    /// CUDA only: the persistent buffer gradient `i` is copied into before the
+    /// update, so the pointer table stays the same from step to step.
+    grad_stage: Vec<Option<Tensor>>,
+    /// CUDA only: per device ordinal, the last pointer table and its device copy.
+    tables: Vec<(usize, Vec<i64>, Tensor)>,
 }
 
 /// The state name of parameter `i`'s momentum buffer.
@@ -103,6 +113,8 @@ impl Sgd {
         Ok(Sgd {
             cfg,
             buffers: Vec::new(),
+            grad_stage: Vec::new(),
+            tables: Vec::new(),
         })
     }
 
@@ -154,56 +166,75 @@ impl Sgd {
                 ),
             ));
         }
-        self.buffers.resize(params.len(), None);
-        // Compute every update before replacing anything, so an error leaves the
-        // parameters and buffers as they were. CUDA parameters are collected and
-        // updated together, one launch per device.
-        let mut updates = Vec::with_capacity(params.len());
-        let mut on_gpu: Vec<GpuJob> = Vec::new();
-        // CPU parameters are collected and updated together in one parallel pass.
-        let mut cpu_items = Vec::new();
+        // Check everything before writing anything, so an error leaves the
+        // parameters and buffers as they were.
+        let momentum = self.cfg.momentum != 0.0;
+        let mut conformed: Vec<Option<Tensor>> = vec![None; params.len()];
         for (i, (p, g)) in params.iter().zip(grads).enumerate() {
-            let Some(g) = g else {
-                updates.push(None);
-                continue;
-            };
+            let Some(g) = g else { continue };
             check_grad(i, p, g)?;
-            let buf = match &self.buffers[i] {
-                Some(b) if self.cfg.momentum != 0.0 => Some(conform(b, p, i)?),
-                _ => None,
-            };
-            if p.device().is_cuda() {
-                on_gpu.push(GpuJob {
-                    i,
-                    p: p.clone(),
-                    g: (*g).clone(),
-                    buf,
+            if p.dtype() == DType::I64 || p.dtype() == DType::BF16 {
+                return Err(Error::DType {
+                    op: "Sgd::step",
+                    dtype: p.dtype().to_string(),
+                    msg: format!("parameter {i} must be f32 or f64"),
                 });
-                updates.push(None);
-            } else {
-                cpu_items.push(CpuItem {
-                    index: i,
-                    p: p.clone(),
-                    g: (*g).clone(),
-                    buf,
-                });
-                updates.push(None);
             }
-        }
-        for (i, u) in gpu_update_all(&self.cfg, on_gpu)? {
-            updates[i] = Some(u);
-        }
-        for (i, u) in cpu_step_all(&self.cfg, &cpu_items)? {
-            updates[i] = Some(u);
-        }
-        drop(cpu_items);
-        for (i, u) in updates.into_iter().enumerate() {
-            if let Some((p, buf)) = u {
-                params[i] = p;
-                if buf.is_some() {
-                    self.buffers[i] = buf;
+            if p.device().is_cuda() && p.dtype() != DType::F32 {
+                return Err(Error::DType {
+                    op: "Sgd::step",
+                    dtype: p.dtype().to_string(),
+                    msg: format!("parameter {i} on CUDA must be f32"),
+                });
+            }
+            if momentum {
+                if let Some(Some(b)) = self.buffers.get(i) {
+                    conformed[i] = Some(conform(b, p, i)?);
                 }
             }
+        }
+        self.buffers.resize(params.len(), None);
+        self.grad_stage.resize(params.len(), None);
+        let mut items: Vec<Item> = Vec::new();
+        for (i, g) in grads.iter().enumerate() {
+            let Some(g) = g else { continue };
+            own(&mut params[i])?;
+            // The conformed buffer replaces the stored one (same tensor when it
+            // was already on the right device and dtype), then is made exclusive.
+            let first = conformed[i].is_none();
+            if momentum {
+                let mut b = match conformed[i].take() {
+                    Some(b) => b,
+                    None => empty_like(&params[i])?,
+                };
+                self.buffers[i] = None;
+                own(&mut b)?;
+                self.buffers[i] = Some(b);
+            }
+            items.push(Item {
+                index: i,
+                g: (*g).clone(),
+                first,
+            });
+        }
+        let cpu: Vec<&Item> = items
+            .iter()
+            .filter(|it| !params[it.index].device().is_cuda())
+            .collect();
+        cpu_step_all(&self.cfg, params, &mut self.buffers, &cpu)?;
+        let mut devices: Vec<Device> = Vec::new();
+        for it in &items {
+            let d = params[it.index].device();
+            if d.is_cuda() && !devices.contains(&d) {
+                devices.push(d);
+            }
+        }
+        for device in devices {
+            let mine: Vec<&Item> = items
+                .iter()
+                .filter(|it| params[it.index].device() == device)
+                .collect();
+            self.gpu_step_device(params, &mine)?;
         }
         Ok(())
     }
@@ -288,12 +319,72 @@ fn check_grad(i: usize, p: &Tensor, g: &Tensor) -> Result<()> {
     Ok(())
 }
 
-/// One CPU parameter of a step: its index, value, gradient and momentum buffer.
-struct CpuItem {
+/// One parameter of a step: its index, gradient, and whether its momentum buffer
+/// starts now (PyTorch's first step: `buf = d`).
+struct Item {
     index: usize,
-    p: Tensor,
     g: Tensor,
-    buf: Option<Tensor>,
+    first: bool,
+}
+
+/// Make `t`'s storage exclusive (copy on write): unchanged if nobody else holds it,
+/// else replaced by a private copy of the same value.
+fn own(t: &mut Tensor) -> Result<()> {
+    if t.storage_mut().is_some() {
+        return Ok(());
+    }
+    let copy = match t.storage() {
+        Storage::Cuda(g) => {
+            let c = Tensor::from_gpu_typed(
+                g.dev.clone(),
+                g.dev.alloc(g.buf.bytes())?,
+                t.shape().clone(),
+                t.dtype(),
+            );
+            g.dev
+                .backend
+                .copy_dtod(&g.buf, &c.gpu()?.buf, g.buf.bytes())?;
+            c
+        }
+        Storage::Cpu(_) => match t.dtype() {
+            DType::F64 => Tensor::from_vec(t.cpu_slice::<f64>()?.to_vec(), t.shape().clone())?,
+            _ => Tensor::from_vec(t.cpu_slice::<f32>()?.to_vec(), t.shape().clone())?,
+        },
+    };
+    *t = copy;
+    Ok(())
+}
+
+/// A tensor of `p`'s shape, dtype and device with unspecified contents (a new
+/// momentum buffer, written before it is read).
+fn empty_like(p: &Tensor) -> Result<Tensor> {
+    match p.storage() {
+        Storage::Cuda(g) => Tensor::gpu_empty(&g.dev, p.shape().clone()),
+        Storage::Cpu(_) => {
+            with_dtype!(p.dtype(), T => Tensor::from_vec(crate::tensor::pool::take::<T>(p.numel()), p.shape().clone()))
+        }
+    }
+}
+
+/// The address of `t`'s host elements as `T`, for the in-place pass; `t` must be
+/// exclusive (see [`own`]).
+fn cpu_mut_ptr<T: Element>(t: &mut Tensor) -> Result<SharedMut<T>> {
+    let shape = t.shape().to_string();
+    match t.storage_mut() {
+        Some(Storage::Cpu(CpuStorage::F32(v))) if T::DTYPE == DType::F32 => Ok(SharedMut(
+            bytemuck::cast_slice_mut::<f32, T>(v).as_mut_ptr(),
+        )),
+        Some(Storage::Cpu(CpuStorage::F64(v))) if T::DTYPE == DType::F64 => Ok(SharedMut(
+            bytemuck::cast_slice_mut::<f64, T>(v).as_mut_ptr(),
+        )),
+        _ => Err(Error::invalid(
+            "Sgd::step",
+            format!(
+                "tensor {shape} is not exclusive host storage of {}",
+                T::DTYPE
+            ),
+        )),
+    }
 }
 
 /// Elements per task of the CPU pass: large enough to stream, small enough that the
@@ -307,217 +398,231 @@ struct SharedMut<T>(*mut T);
 unsafe impl<T: Send> Send for SharedMut<T> {}
 unsafe impl<T: Send> Sync for SharedMut<T> {}
 
-/// Every CPU parameter's update in one parallel pass: the parameters are cut into
-/// chunks of [`SGD_CHUNK`] elements and each task reads `p`, `g`, `buf` and writes
-/// the new `p` and `buf` of its chunk (PyTorch's SGD element formula: weight decay, dampened momentum, Nesterov). The
-/// outputs come from the host pool, where the previous step's parameters and
-/// buffers went when they were replaced, so a steady-state step allocates nothing.
-fn cpu_step_all(cfg: &SgdConfig, items: &[CpuItem]) -> Result<Vec<(usize, Update)>> {
-    let mut out = Vec::with_capacity(items.len());
+/// Every CPU parameter's update in one parallel pass, per float type.
+fn cpu_step_all(
+    cfg: &SgdConfig,
+    params: &mut [Tensor],
+    buffers: &mut [Option<Tensor>],
+    items: &[&Item],
+) -> Result<()> {
     for dtype in [DType::F32, DType::F64] {
-        let of: Vec<&CpuItem> = items.iter().filter(|it| it.p.dtype() == dtype).collect();
+        let of: Vec<&Item> = items
+            .iter()
+            .copied()
+            .filter(|it| params[it.index].dtype() == dtype)
+            .collect();
         if of.is_empty() {
             continue;
         }
-        with_dtype!(dtype, T => out.extend(cpu_pass::<T>(cfg, &of)?));
+        with_dtype!(dtype, T => cpu_pass::<T>(cfg, params, buffers, &of)?);
     }
-    if let Some(it) = items.iter().find(|it| it.p.dtype() == DType::I64) {
-        return Err(Error::DType {
-            op: "Sgd::step",
-            dtype: "i64".into(),
-            msg: format!("parameter {} is an integer tensor", it.index),
-        });
-    }
-    Ok(out)
+    Ok(())
 }
 
-fn cpu_pass<T: Element>(cfg: &SgdConfig, items: &[&CpuItem]) -> Result<Vec<(usize, Update)>> {
+/// The parameters are cut into chunks of [`SGD_CHUNK`] elements; each task reads
+/// `p`, `g`, `buf` of its chunk and writes `p` and `buf` back in place (PyTorch's SGD
+/// element formula: weight decay, dampened momentum, Nesterov). Nothing is
+/// allocated: the parameters and buffers were made exclusive by the caller.
+fn cpu_pass<T: Element>(
+    cfg: &SgdConfig,
+    params: &mut [Tensor],
+    buffers: &mut [Option<Tensor>],
+    items: &[&Item],
+) -> Result<()> {
     use rayon::prelude::*;
     let (lr, m, wd) = (T::of(cfg.lr), T::of(cfg.momentum), T::of(cfg.weight_decay));
     let keep = T::of(1.0 - cfg.dampening);
     let momentum = cfg.momentum != 0.0;
     struct Views<'a, T> {
-        p: &'a [T],
+        n: usize,
         g: &'a [T],
-        buf: Option<&'a [T]>,
-        new_p: SharedMut<T>,
-        new_buf: SharedMut<T>,
-    }
-    let mut new_ps: Vec<Vec<T>> = Vec::with_capacity(items.len());
-    let mut new_bufs: Vec<Vec<T>> = Vec::with_capacity(items.len());
-    for it in items {
-        let n = it.p.numel();
-        new_ps.push(crate::tensor::pool::take::<T>(n));
-        new_bufs.push(if momentum {
-            crate::tensor::pool::take::<T>(n)
-        } else {
-            Vec::new()
-        });
+        p: SharedMut<T>,
+        buf: Option<SharedMut<T>>,
+        first: bool,
     }
     let mut views = Vec::with_capacity(items.len());
-    for (k, it) in items.iter().enumerate() {
+    for it in items {
+        let n = params[it.index].numel();
+        let p = cpu_mut_ptr::<T>(&mut params[it.index])?;
+        let buf = match (momentum, buffers[it.index].as_mut()) {
+            (true, Some(b)) => Some(cpu_mut_ptr::<T>(b)?),
+            _ => None,
+        };
         views.push(Views {
-            p: it.p.cpu_slice::<T>()?,
+            n,
             g: it.g.cpu_slice::<T>()?,
-            buf: it.buf.as_ref().map(|b| b.cpu_slice::<T>()).transpose()?,
-            new_p: SharedMut(new_ps[k].as_mut_ptr()),
-            new_buf: SharedMut(new_bufs[k].as_mut_ptr()),
+            p,
+            buf,
+            first: it.first,
         });
     }
     let chunks: Vec<(usize, usize)> = views
         .iter()
         .enumerate()
-        .flat_map(|(k, v)| (0..v.p.len()).step_by(SGD_CHUNK).map(move |s| (k, s)))
+        .flat_map(|(k, v)| (0..v.n).step_by(SGD_CHUNK).map(move |s| (k, s)))
         .collect();
     chunks.par_iter().for_each(|&(k, start)| {
         let v = &views[k];
-        let end = v.p.len().min(start + SGD_CHUNK);
-        // SAFETY: the chunk [start, end) of item k is written by this task alone, and
-        // the output buffers (new_ps, new_bufs) outlive the parallel loop.
-        let np = unsafe { std::slice::from_raw_parts_mut(v.new_p.0.add(start), end - start) };
-        let (p, g) = (&v.p[start..end], &v.g[start..end]);
-        let d = |i: usize| {
-            if cfg.weight_decay != 0.0 {
-                g[i] + wd * p[i]
-            } else {
-                g[i]
-            }
-        };
-        if !momentum {
-            for (i, o) in np.iter_mut().enumerate() {
-                *o = p[i] - lr * d(i);
-            }
-            return;
-        }
-        // SAFETY: as above, for the new momentum buffer.
-        let nb = unsafe { std::slice::from_raw_parts_mut(v.new_buf.0.add(start), end - start) };
-        let old = v.buf.map(|b| &b[start..end]);
-        for i in 0..np.len() {
-            let di = d(i);
-            let b = match old {
-                None => di,
-                Some(ob) => m * ob[i] + keep * di,
-            };
-            nb[i] = b;
-            let step = if cfg.nesterov { di + m * b } else { b };
-            np[i] = p[i] - lr * step;
+        let end = v.n.min(start + SGD_CHUNK);
+        // SAFETY: the chunk [start, end) of item k is touched by this task alone; the
+        // parameter's storage is exclusive (no other tensor reads it) and outlives
+        // the loop, which holds `params` mutably borrowed.
+        let p = unsafe { std::slice::from_raw_parts_mut(v.p.0.add(start), end - start) };
+        let g = &v.g[start..end];
+        // SAFETY: as above, for the momentum buffer of item k.
+        let buf = v
+            .buf
+            .map(|b| unsafe { std::slice::from_raw_parts_mut(b.0.add(start), end - start) });
+        // The branches are hoisted out of the element loops (so they vectorise); the
+        // element formula is the same in every variant.
+        if cfg.weight_decay != 0.0 {
+            update::<T, true>(p, g, buf, v.first, lr, m, wd, keep, cfg.nesterov);
+        } else {
+            update::<T, false>(p, g, buf, v.first, lr, m, wd, keep, cfg.nesterov);
         }
     });
-    drop(views);
-    let mut out = Vec::with_capacity(items.len());
-    for ((it, np), nb) in items.iter().zip(new_ps).zip(new_bufs) {
-        let shape = it.p.shape().clone();
-        let buf = if momentum {
-            Some(Tensor::from_vec(nb, shape.clone())?)
-        } else {
-            None
-        };
-        out.push((it.index, (Tensor::from_vec(np, shape)?, buf)));
-    }
-    Ok(out)
+    Ok(())
 }
 
-/// A parameter's new value and (with momentum) its new buffer.
-type Update = (Tensor, Option<Tensor>);
-
-/// One CUDA parameter of a step: its index, value, gradient and momentum buffer.
-struct GpuJob {
-    i: usize,
-    p: Tensor,
-    g: Tensor,
-    buf: Option<Tensor>,
+/// One chunk's update, in place: `d = g (+ wd * p)`; with a momentum buffer
+/// `buf = first ? d : m * buf + keep * d` and `d = nesterov ? d + m * buf : buf`;
+/// `p -= lr * d`.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn update<T: Element, const WD: bool>(
+    p: &mut [T],
+    g: &[T],
+    buf: Option<&mut [T]>,
+    first: bool,
+    lr: T,
+    m: T,
+    wd: T,
+    keep: T,
+    nesterov: bool,
+) {
+    let d = |g: T, p: T| if WD { g + wd * p } else { g };
+    match buf {
+        None => {
+            for (p, &g) in p.iter_mut().zip(g) {
+                *p = *p - lr * d(g, *p);
+            }
+        }
+        Some(buf) => {
+            let it = p.iter_mut().zip(g).zip(buf.iter_mut());
+            match (first, nesterov) {
+                (true, false) => it.for_each(|((p, &g), b)| {
+                    *b = d(g, *p);
+                    *p -= lr * *b;
+                }),
+                (true, true) => it.for_each(|((p, &g), b)| {
+                    let di = d(g, *p);
+                    *b = di;
+                    *p -= lr * (di + m * *b);
+                }),
+                (false, false) => it.for_each(|((p, &g), b)| {
+                    *b = m * *b + keep * d(g, *p);
+                    *p -= lr * *b;
+                }),
+                (false, true) => it.for_each(|((p, &g), b)| {
+                    let di = d(g, *p);
+                    *b = m * *b + keep * di;
+                    *p -= lr * (di + m * *b);
+                }),
+            }
+        }
+    }
 }
 
 /// Fields per parameter in the pointer table of `sgd_multi_f32` (SGD_FIELDS in
 /// kernels/sgd.cu).
 const SGD_FIELDS: usize = 8;
 
-/// The updates of every CUDA parameter, as `(index, (new p, new buffer))`: one
-/// pointer table upload and one `sgd_multi_f32` launch per device, whatever the
-/// number of parameters.
-fn gpu_update_all(cfg: &SgdConfig, jobs: Vec<GpuJob>) -> Result<Vec<(usize, Update)>> {
-    let mut devices: Vec<Device> = Vec::new();
-    for j in &jobs {
-        if !devices.contains(&j.p.device()) {
-            devices.push(j.p.device());
-        }
-    }
-    let mut out = Vec::with_capacity(jobs.len());
-    for device in devices {
-        let mine: Vec<&GpuJob> = jobs.iter().filter(|j| j.p.device() == device).collect();
-        out.extend(gpu_update_device(cfg, &mine)?);
-    }
-    Ok(out)
-}
-
-fn gpu_update_device(cfg: &SgdConfig, jobs: &[&GpuJob]) -> Result<Vec<(usize, Update)>> {
-    let Some(first) = jobs.first() else {
-        return Ok(Vec::new());
-    };
-    if let Some(j) = jobs.iter().find(|j| j.p.dtype() != DType::F32) {
-        return Err(Error::DType {
-            op: "Sgd::step",
-            dtype: j.p.dtype().to_string(),
-            msg: format!("parameter {} on CUDA must be f32", j.i),
-        });
-    }
-    let dev = gpu_dev("Sgd::step", &first.p)?;
-    let with_momentum = cfg.momentum != 0.0;
-    let mut out = Vec::with_capacity(jobs.len());
-    let mut table: Vec<i64> = Vec::with_capacity(jobs.len() * SGD_FIELDS);
-    let mut total = 0usize;
-    for j in jobs {
-        let n = j.p.numel();
-        let new_p = Tensor::gpu_empty(&dev, j.p.shape().clone())?;
-        let new_buf = if with_momentum {
-            Some(Tensor::gpu_empty(&dev, j.p.shape().clone())?)
-        } else {
-            None
+impl Sgd {
+    /// The CUDA parameters of one device: gradients copied into the persistent
+    /// staging buffers, then one `sgd_multi_f32` launch over the pointer table,
+    /// which is uploaded only when it differs from the last one of this device.
+    fn gpu_step_device(&mut self, params: &mut [Tensor], items: &[&Item]) -> Result<()> {
+        let Some(first) = items.first() else {
+            return Ok(());
         };
-        if n > 0 {
-            let ptr = |t: &Tensor| -> Result<i64> { Ok(t.gpu()?.buf.ptr() as i64) };
-            // Unused buffer fields (no momentum, or the first step) point at p /
-            // new_p: the kernel never reads or writes them then.
+        let dev = gpu_dev("Sgd::step", &params[first.index])?;
+        let ptr = |t: &Tensor| -> Result<i64> { Ok(t.gpu()?.buf.ptr() as i64) };
+        let mut table: Vec<i64> = Vec::with_capacity(items.len() * SGD_FIELDS);
+        let mut total = 0usize;
+        for it in items {
+            let i = it.index;
+            let p = &params[i];
+            let n = p.numel();
+            if n == 0 {
+                continue;
+            }
+            let fits = matches!(&self.grad_stage[i],
+                Some(s) if s.device() == p.device() && s.shape() == p.shape());
+            if !fits {
+                self.grad_stage[i] = Some(Tensor::gpu_empty(&dev, p.shape().clone())?);
+            }
+            // Just made above when missing.
+            let stage = self.grad_stage[i].as_ref().expect("staging buffer");
+            dev.backend
+                .copy_dtod(&it.g.gpu()?.buf, &stage.gpu()?.buf, n * 4)?;
+            let p_ptr = ptr(p)?;
+            // Without momentum the buffer fields point at p: the kernel never
+            // reads or writes them then.
+            let buf_ptr = match &self.buffers[i] {
+                Some(b) if self.cfg.momentum != 0.0 => ptr(b)?,
+                _ => p_ptr,
+            };
             table.extend([
-                ptr(&j.p)?,
-                ptr(&j.g)?,
-                ptr(j.buf.as_ref().unwrap_or(&j.p))?,
-                ptr(&new_p)?,
-                ptr(new_buf.as_ref().unwrap_or(&new_p))?,
+                p_ptr,
+                ptr(stage)?,
+                buf_ptr,
+                p_ptr,
+                buf_ptr,
                 n as i64,
                 total as i64,
-                j.buf.is_none() as i64,
+                it.first as i64,
             ]);
             total += n;
         }
-        out.push((j.i, (new_p, new_buf)));
+        let rows = table.len() / SGD_FIELDS;
+        if rows == 0 {
+            return Ok(());
+        }
+        if rows > i32::MAX as usize {
+            return Err(Error::invalid("Sgd::step", format!("{rows} parameters")));
+        }
+        let cached = self
+            .tables
+            .iter()
+            .position(|(o, t, _)| *o == dev.ordinal && *t == table);
+        let device_table = match cached {
+            Some(k) => self.tables[k].2.clone(),
+            None => {
+                let t = Tensor::from_vec_i64(table.clone(), [rows * SGD_FIELDS])?
+                    .to_device(params[first.index].device())?;
+                self.tables.retain(|(o, _, _)| *o != dev.ordinal);
+                self.tables.push((dev.ordinal, table, t.clone()));
+                t
+            }
+        };
+        // Every buffer the table points at is held by `params`, `self.buffers` and
+        // `self.grad_stage`, which later steps reuse in stream order.
+        launch_elems(
+            &dev,
+            "sgd_multi_f32",
+            total,
+            &[
+                arg(&device_table)?,
+                KernelArg::I32(rows as i32),
+                KernelArg::I64(total as i64),
+                KernelArg::F32(self.cfg.lr as f32),
+                KernelArg::F32(self.cfg.momentum as f32),
+                KernelArg::F32(self.cfg.weight_decay as f32),
+                KernelArg::F32((1.0 - self.cfg.dampening) as f32),
+                KernelArg::I32(self.cfg.nesterov as i32),
+            ],
+        )
     }
-    let rows = table.len() / SGD_FIELDS;
-    if rows == 0 {
-        return Ok(out);
-    }
-    if rows > i32::MAX as usize {
-        return Err(Error::invalid("Sgd::step", format!("{rows} parameters")));
-    }
-    // Every tensor the table points at is held by `jobs` or `out` until the launch
-    // has been queued; later work on the one stream runs after it.
-    let table = Tensor::from_vec_i64(table, [rows * SGD_FIELDS])?.to_device(first.p.device())?;
-    launch_elems(
-        &dev,
-        "sgd_multi_f32",
-        total,
-        &[
-            arg(&table)?,
-            KernelArg::I32(rows as i32),
-            KernelArg::I64(total as i64),
-            KernelArg::F32(cfg.lr as f32),
-            KernelArg::F32(cfg.momentum as f32),
-            KernelArg::F32(cfg.weight_decay as f32),
-            KernelArg::F32((1.0 - cfg.dampening) as f32),
-            KernelArg::I32(cfg.nesterov as i32),
-        ],
-    )?;
-    Ok(out)
 }
 
 impl crate::runner::Optimizer for Sgd {

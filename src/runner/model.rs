@@ -2,8 +2,10 @@
 //!
 //! Parameters are immutable [`Tensor`]s. A train step runs with an active
 //! [`crate::autograd::Tape`] on which the runner has watched every parameter; the
-//! optimizer hook backpropagates the total loss, the optimizer returns new parameter
-//! tensors and the runner hands them back with [`Model::set_params`].
+//! optimizer hook backpropagates the total loss, the runner moves the parameters out
+//! of the model ([`Model::take_params`]), the optimizer updates them (in place where
+//! it holds the only handle on their storage: new values with fresh ids in the same
+//! buffers) and the runner hands them back with [`Model::set_params`].
 
 use crate::error::Result;
 use crate::rng::Rng;
@@ -22,6 +24,15 @@ pub trait Model {
     /// Replace the trainable parameters; `params` is in [`Model::params`] order with
     /// the same shapes.
     fn set_params(&mut self, params: Vec<Tensor>) -> Result<()>;
+
+    /// Move the trainable parameters out, in [`Model::params`] order, for an update
+    /// in place; the runner always gives them back with [`Model::set_params`] before
+    /// anything else reads the model. While the model keeps a clone the optimizer
+    /// cannot write in place (it copies each parameter first), so a model that can
+    /// let go of its tensors should. By default: the values of [`Model::params`].
+    fn take_params(&mut self) -> Vec<Tensor> {
+        self.params().into_iter().map(|(_, t)| t).collect()
+    }
 
     /// Non-trainable state saved with the weights (frozen parameters, BatchNorm
     /// running statistics), with names. None by default.

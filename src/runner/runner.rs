@@ -907,12 +907,7 @@ impl<M: Model> Runner<M> {
             .take()
             .ok_or_else(|| Error::Autograd("this step's loss was already backpropagated".into()))?;
         let params = out.params.clone();
-        let seed = Tensor::full(
-            loss.shape().clone(),
-            loss_scale,
-            loss.dtype(),
-            loss.device(),
-        )?;
+        let seed = crate::autograd::seed_like(&loss, loss_scale)?;
         self.ensure_grads(params.len())?;
         let reducer = self.grad_sync.as_mut().filter(|_| sync);
         // Unreduced gradients of earlier micro-steps join this step's reduction.
@@ -971,10 +966,19 @@ impl<M: Model> Runner<M> {
 
     /// Apply the optimizer to the model's parameters with [`Runner::grads`].
     pub fn optimizer_step(&mut self) -> Result<()> {
-        let mut params: Vec<Tensor> = self.model.params().into_iter().map(|(_, t)| t).collect();
-        self.ensure_grads(params.len())?;
-        self.optimizer.step(&mut params, &self.grads)?;
-        self.model.set_params(params)
+        // The step's own clones of the parameters (watched by its tape) are no
+        // longer needed after backward; dropping them lets the optimizer update the
+        // parameters' buffers in place instead of copying them.
+        if let Some(out) = self.outputs.as_mut() {
+            out.params.clear();
+        }
+        let n = self.model.params().len();
+        self.ensure_grads(n)?;
+        let mut params = self.model.take_params();
+        let stepped = self.optimizer.step(&mut params, &self.grads);
+        // Given back even when the step failed (then unchanged).
+        self.model.set_params(params)?;
+        stepped
     }
 
     // ---- checkpoint counters ----------------------------------------------------------

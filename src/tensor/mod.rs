@@ -167,6 +167,16 @@ impl Tensor {
         ))
     }
 
+    /// An empty f32 tensor of shape `[0]` that owns no memory: what a slot holds
+    /// while its tensor is moved out for an update in place.
+    pub(crate) fn placeholder() -> Tensor {
+        Self::make(
+            Shape::new(vec![0]),
+            DType::F32,
+            Arc::new(Storage::Cpu(CpuStorage::F32(Vec::new()))),
+        )
+    }
+
     /// A rank-0 f32 tensor on the CPU.
     pub fn scalar(v: f32) -> Tensor {
         Self::make(
@@ -307,6 +317,23 @@ impl Tensor {
                 format!("tensor {} is on {}", self.shape(), self.device()),
             )),
         }
+    }
+
+    /// Exclusive access to the elements, for an in-place update (the optimizer's
+    /// step): `Some` only when no other tensor, view or buffer handle shares this
+    /// storage, so no holder of the old value can see the change. The tensor then
+    /// gets a fresh [`TensorId`]: its value is about to change, and gradients or
+    /// caches keyed by the old id (bf16 weight copies) must not apply to it.
+    pub fn storage_mut(&mut self) -> Option<&mut Storage> {
+        let inner = Arc::get_mut(&mut self.0)?;
+        let storage = Arc::get_mut(&mut inner.storage)?;
+        if let Storage::Cuda(g) = storage {
+            if !g.buf.is_unique() {
+                return None;
+            }
+        }
+        inner.id = TensorId::fresh();
+        Some(storage)
     }
 
     /// The device buffer, when the tensor is on a CUDA device.

@@ -457,6 +457,28 @@ pub fn fixture_model(device: Device) -> kestrel::detection::FasterRcnn {
     m
 }
 
+/// One image's u8 pixels (`3 * H * W` bytes, channel-major), H and W.
+pub type Pixels = (Vec<u8>, usize, usize);
+
+/// The fixture's training images as u8 pixels (`3 * H * W` bytes, H, W), as the
+/// data loader yields them, with their targets (what [`fixture_training_batch`]
+/// holds as f32).
+pub fn fixture_training_pixels() -> (Vec<Pixels>, Vec<kestrel::detection::Target>) {
+    let e = fixture("model/eval.safetensors");
+    let f = fixture("model/train.safetensors");
+    let pixels: Vec<Pixels> = (0..)
+        .map(|i| format!("image{i}.u8"))
+        .take_while(|n| e.contains(n))
+        .map(|n| {
+            let (v, s) = e.ints(&n).unwrap();
+            let bytes: Vec<u8> = v.into_iter().map(|x| x as u8).collect();
+            (bytes, s.dim(1), s.dim(2))
+        })
+        .collect();
+    let targets = fixture_targets(&f).into_iter().take(pixels.len()).collect();
+    (pixels, targets)
+}
+
 /// The fixture's images (u8, through `image_from_u8`) on `device` and its training
 /// targets, one per image.
 pub fn fixture_training_batch(device: Device) -> (Vec<Tensor>, Vec<kestrel::detection::Target>) {
