@@ -42,6 +42,9 @@ pub struct BenchOptions {
     /// On the CPU, also print the per-layer conv vs square-GEMM table and an SGD
     /// step's time ([`super::bench_ops`]).
     pub ops: bool,
+    /// `r50` (ResNet-50-FPN) or `small` (the demo's model: BasicBlock [1,1,1,1],
+    /// FPN 32, 91 classes, images kept at the larger side of `size`).
+    pub model: String,
 }
 
 /// Timings of one configuration (mode and batch size).
@@ -238,7 +241,16 @@ pub fn run(a: &BenchOptions) -> Result<()> {
             "--no-infer without --train or --ops times nothing",
         ));
     }
-    let cfg = FasterRcnnConfig::resnet50_fpn(91, 0.0)?;
+    let cfg = match a.model.as_str() {
+        "r50" => FasterRcnnConfig::resnet50_fpn(91, 0.0)?,
+        "small" => super::train::small_config(91, size.0.max(size.1)),
+        m => {
+            return Err(Error::invalid(
+                "bench",
+                format!("--model {m}: r50 or small"),
+            ))
+        }
+    };
     let mut model = FasterRcnn::new(cfg, a.seed)?;
     model.to_device(device)?;
     let max_batch = *a.batch.iter().max().expect("checked non-empty");
@@ -370,7 +382,11 @@ fn print_results(
         "peak memory: peak RSS of the process (VmHWM, since start)"
     };
     println!(
-        "kestrel bench: fasterrcnn_resnet50_fpn (random weights, seed {}), input {}x{}, device {device} ({} CPU threads), warm-up {}, median of {}",
+        "kestrel bench: {} (random weights, seed {}), input {}x{}, device {device} ({} CPU threads), warm-up {}, median of {}",
+        match a.model.as_str() {
+            "small" => "the demo's small ResNet-FPN Faster R-CNN",
+            _ => "fasterrcnn_resnet50_fpn",
+        },
         a.seed,
         size.0,
         size.1,
