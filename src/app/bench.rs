@@ -42,11 +42,16 @@ pub struct BenchOptions {
     /// On the CPU, also print the per-layer conv vs square-GEMM table and an SGD
     /// step's time ([`super::bench_ops`]).
     pub ops: bool,
+    /// `r50` (ResNet-50-FPN) or `small` (the demo's model: BasicBlock [1,1,1,1],
+    /// FPN 32, 91 classes, images kept at the larger side of `size`).
+    pub model: String,
 }
 
 /// Timings of one configuration (mode and batch size).
 struct Row {
     mode: &'static str,
+    /// Whether the model ran in bf16 (the mode's `-bf16`).
+    bf16: bool,
     batch: usize,
     /// Median ms per stage, in stage order.
     stages: Vec<(&'static str, f64)>,
@@ -186,6 +191,7 @@ fn summarize(mode: &'static str, batch: usize, runs: &[StageTimes], peak: Option
         .collect();
     Row {
         mode,
+        bf16: mode.ends_with("-bf16"),
         batch,
         stages,
         total_ms: median(runs.iter().map(|r| r.total() * 1e3).collect()),
@@ -235,7 +241,16 @@ pub fn run(a: &BenchOptions) -> Result<()> {
             "--no-infer without --train or --ops times nothing",
         ));
     }
-    let cfg = FasterRcnnConfig::resnet50_fpn(91, 0.0)?;
+    let cfg = match a.model.as_str() {
+        "r50" => FasterRcnnConfig::resnet50_fpn(91, 0.0)?,
+        "small" => super::train::small_config(91, size.0.max(size.1)),
+        m => {
+            return Err(Error::invalid(
+                "bench",
+                format!("--model {m}: r50 or small"),
+            ))
+        }
+    };
     let mut model = FasterRcnn::new(cfg, a.seed)?;
     model.to_device(device)?;
     let max_batch = *a.batch.iter().max().expect("checked non-empty");
@@ -276,6 +291,10 @@ pub fn run(a: &BenchOptions) -> Result<()> {
             tracks_rss,
         )?);
     }
+    // f32 and bf16 of one configuration side by side (a column each, then bf16's
+    // ratio to f32), not all of f32 then all of bf16.
+    let kind = |r: &Row| usize::from(r.mode.starts_with("train"));
+    rows.sort_by_key(|r| (kind(r), r.batch, r.bf16));
     print_results(a, device, size, tracks_rss, &rows)?;
     if a.ops && !device.is_cuda() {
         super::bench_ops::sgd_time(&model, a.iters.max(3))?;
@@ -363,7 +382,11 @@ fn print_results(
         "peak memory: peak RSS of the process (VmHWM, since start)"
     };
     println!(
-        "kestrel bench: fasterrcnn_resnet50_fpn (random weights, seed {}), input {}x{}, device {device} ({} CPU threads), warm-up {}, median of {}",
+        "kestrel bench: {} (random weights, seed {}), input {}x{}, device {device} ({} CPU threads), warm-up {}, median of {}",
+        match a.model.as_str() {
+            "small" => "the demo's small ResNet-FPN Faster R-CNN",
+            _ => "fasterrcnn_resnet50_fpn",
+        },
         a.seed,
         size.0,
         size.1,
@@ -383,7 +406,9 @@ fn print_results(
 }
 
 /// The table scripts/bench_torchvision.py also prints: a row per stage, a column per
-/// configuration.
+/// configuration. A bf16 column that follows its f32 twin (same mode and batch) is
+/// followed by a `bf16/f32` column: each row's bf16 value over its f32 value (ms
+/// and MiB below 1, images/s above 1: bf16 is the better).
 fn print_table(rows: &[Row]) {
     let mut stages: Vec<&str> = Vec::new();
     for s in INFERENCE_STAGES.iter().chain(TRAINING_STAGES.iter()) {
@@ -391,39 +416,56 @@ fn print_table(rows: &[Row]) {
             stages.push(s);
         }
     }
-    print!("{:<14}", "ms");
-    for r in rows {
-        print!(" {:>12}", format!("{} b{}", r.mode, r.batch));
+    // Each column: a row, and the f32 twin it is compared with (for a ratio column).
+    let mut cols: Vec<(&Row, Option<&Row>)> = Vec::new();
+    for (i, r) in rows.iter().enumerate() {
+        cols.push((r, None));
+        let twin = i
+            .checked_sub(1)
+            .map(|j| &rows[j])
+            .filter(|p| r.bf16 && !p.bf16 && p.batch == r.batch && r.mode.starts_with(p.mode));
+        if let Some(p) = twin {
+            cols.push((r, Some(p)));
+        }
     }
-    println!();
-    for s in &stages {
-        print!("{s:<14}");
-        for r in rows {
-            match r.stages.iter().find(|x| x.0 == *s) {
-                Some((_, ms)) => print!(" {ms:>12.1}"),
-                None => print!(" {:>12}", "-"),
+    let ratio = |v: Option<f64>, base: Option<f64>| match (v, base) {
+        (Some(v), Some(b)) if b > 0.0 => format!("{:>12.2}", v / b),
+        _ => format!("{:>12}", "-"),
+    };
+    let stage_ms = |r: &Row, s: &str| r.stages.iter().find(|x| x.0 == s).map(|x| x.1);
+    let line = |label: &str, value: &dyn Fn(&Row) -> Option<f64>, fmt: &dyn Fn(f64) -> String| {
+        print!("{label:<14}");
+        for (r, twin) in &cols {
+            match twin {
+                Some(p) => print!(" {}", ratio(value(r), value(p))),
+                None => match value(r) {
+                    Some(v) => print!(" {}", fmt(v)),
+                    None => print!(" {:>12}", "-"),
+                },
             }
         }
         println!();
-    }
-    print!("{:<14}", "total");
-    for r in rows {
-        print!(" {:>12.1}", r.total_ms);
-    }
-    println!();
-    print!("{:<14}", "images/s");
-    for r in rows {
-        print!(" {:>12.3}", r.batch as f64 * 1e3 / r.total_ms);
-    }
-    println!();
-    print!("{:<14}", "peak MiB");
-    for r in rows {
-        match r.peak_mib {
-            Some(m) => print!(" {m:>12.0}"),
-            None => print!(" {:>12}", "n/a"),
-        }
+    };
+    print!("{:<14}", "ms");
+    for (r, twin) in &cols {
+        let head = match twin {
+            Some(_) => "bf16/f32".to_string(),
+            None => format!("{} b{}", r.mode, r.batch),
+        };
+        print!(" {head:>12}");
     }
     println!();
+    let ms = |v: f64| format!("{v:>12.1}");
+    for s in &stages {
+        line(s, &|r| stage_ms(r, s), &ms);
+    }
+    line("total", &|r| Some(r.total_ms), &ms);
+    line(
+        "images/s",
+        &|r| Some(r.batch as f64 * 1e3 / r.total_ms),
+        &|v| format!("{v:>12.3}"),
+    );
+    line("peak MiB", &|r| r.peak_mib, &|m| format!("{m:>12.0}"));
 }
 
 /// Device work per stage and per step (last timed iteration): launches, driver

@@ -245,6 +245,10 @@ struct BenchArgs {
     /// same FLOPs, and one SGD step's time.
     #[arg(long)]
     ops: bool,
+    /// r50 (ResNet-50-FPN, torchvision's) or small (the demo's model, 91 classes,
+    /// images kept at the larger side of --size: fast enough for the emulated device).
+    #[arg(long, default_value = "r50")]
+    model: String,
 }
 
 impl From<BenchArgs> for bench::BenchOptions {
@@ -261,6 +265,7 @@ impl From<BenchArgs> for bench::BenchOptions {
             json: a.json,
             precision: a.precision,
             ops: a.ops,
+            model: a.model,
         }
     }
 }

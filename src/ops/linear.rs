@@ -398,7 +398,7 @@ fn check_rank2(op: &'static str, name: &str, t: &Tensor) -> Result<(usize, usize
 
 /// Which operands of a product are transposed.
 #[derive(Clone, Copy)]
-enum Trans {
+pub(crate) enum Trans {
     /// `a @ b`
     NN,
     /// `a @ bᵀ`
@@ -409,7 +409,7 @@ enum Trans {
 
 /// `op(a) @ op(b)` without recording, on the operands' device. Shapes are the stored
 /// ones: `a` is `[m, k]` (`[k, m]` for TN), `b` is `[k, n]` (`[n, k]` for NT).
-fn product(op: &'static str, a: &Tensor, b: &Tensor, tr: Trans) -> Result<Tensor> {
+pub(crate) fn product(op: &'static str, a: &Tensor, b: &Tensor, tr: Trans) -> Result<Tensor> {
     let (ar, ac) = check_rank2(op, "a", a)?;
     let (br, bc) = check_rank2(op, "b", b)?;
     let (m, ka) = match tr {

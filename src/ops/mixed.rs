@@ -26,11 +26,13 @@ use crate::autograd::record;
 use crate::device::gpu::{GpuDevice, KernelArg};
 use crate::device::Device;
 use crate::error::{Error, Result};
-use crate::ops::conv2d::{conv2d_backward_bias, Conv2dParams};
+use crate::ops::conv2d::{
+    conv2d_backward_bias, conv2d_backward_input, conv2d_backward_weight, Conv2dParams,
+};
 use crate::ops::fused::Epilogue;
 use crate::ops::tc::{self, TcConvWeight};
 use crate::ops::{arg, launch_elems};
-use crate::tensor::{DType, Tensor};
+use crate::tensor::{bf16, DType, Tensor};
 
 /// `x` converted to `dtype` (f32 <-> bf16 on CUDA, any float pair on the CPU),
 /// recorded on the tape: the gradient passes through, as f32.
@@ -136,17 +138,13 @@ pub(crate) fn relu_bf16(x: &Tensor) -> Result<Tensor> {
     const OP: &str = "relu";
     let y = match x.device() {
         Device::Cpu => {
-            let v: Vec<half::bf16> = x
-                .to_vec_bf16()?
-                .into_iter()
-                .map(|v| {
-                    if v.to_f32() > 0.0 {
-                        v
-                    } else {
-                        half::bf16::ZERO
-                    }
-                })
-                .collect();
+            let v = bf16::map(x.cpu_bf16()?, |v| {
+                if positive(v) {
+                    v
+                } else {
+                    half::bf16::ZERO
+                }
+            });
             Tensor::from_vec_bf16(v, x.shape().clone())?
         }
         Device::Cuda(_) => {
@@ -168,6 +166,18 @@ pub(crate) fn relu_bf16(x: &Tensor) -> Result<Tensor> {
     Ok(y)
 }
 
+/// Whether a bf16 value is above zero, from its bits (`to_f32() > 0.0`: 0x0001 up to
+/// +infinity; zeros, negatives and NaNs are not).
+#[inline(always)]
+fn positive(v: half::bf16) -> bool {
+    v.to_bits().wrapping_sub(1) < 0x7f80
+}
+
+/// Fewest elements for which a CPU pass is split across threads, and the elements per
+/// task (as in [`crate::tensor::bf16`]).
+const PAR_MIN: usize = 1 << 16;
+const CHUNK: usize = 1 << 14;
+
 /// dL/dx (f32) of relu from its bf16 output `y` and dL/dy (f32): the f32 backward
 /// of the widened output.
 pub fn relu_backward_bf16(y: &Tensor, gy: &Tensor) -> Result<Tensor> {
@@ -182,12 +192,21 @@ pub fn relu_backward_bf16(y: &Tensor, gy: &Tensor) -> Result<Tensor> {
     }
     match crate::tensor::same_device(OP, &[y, gy])? {
         Device::Cpu => {
-            let g: Vec<f32> = y
-                .to_vec_bf16()?
-                .iter()
-                .zip(gy.cpu_slice::<f32>()?)
-                .map(|(y, &g)| if y.to_f32() > 0.0 { g } else { 0.0 })
-                .collect();
+            let (ys, gs) = (y.cpu_bf16()?, gy.cpu_slice::<f32>()?);
+            let mut g = crate::tensor::pool::take::<f32>(ys.len());
+            let run = |ys: &[half::bf16], gs: &[f32], out: &mut [f32]| {
+                for ((o, &y), &g) in out.iter_mut().zip(ys).zip(gs) {
+                    *o = if positive(y) { g } else { 0.0 };
+                }
+            };
+            if ys.len() < PAR_MIN {
+                run(ys, gs, &mut g);
+            } else {
+                use rayon::prelude::*;
+                g.par_chunks_mut(CHUNK)
+                    .zip(ys.par_chunks(CHUNK).zip(gs.par_chunks(CHUNK)))
+                    .for_each(|(o, (y, g))| run(y, g, o));
+            }
             Tensor::from_vec(g, y.shape().clone())
         }
         Device::Cuda(_) => {
@@ -215,12 +234,8 @@ pub(crate) fn add_bf16(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     const OP: &str = "add";
     let y = match crate::tensor::same_device(OP, &[a, b])? {
         Device::Cpu => {
-            let v: Vec<half::bf16> = a
-                .to_vec_bf16()?
-                .iter()
-                .zip(b.to_vec_bf16()?)
-                .map(|(x, y)| half::bf16::from_f32(x.to_f32() + y.to_f32()))
-                .collect();
+            super::check_same_shape(OP, a, b)?;
+            let v = bf16::zip_map(a.cpu_bf16()?, b.cpu_bf16()?, |x, y| x + y);
             Tensor::from_vec_bf16(v, a.shape().clone())?
         }
         Device::Cuda(_) => {
@@ -307,15 +322,25 @@ pub fn conv2d_bf16(
     let has_bias = ep.shift.is_some();
     record(OP, &inputs, &y, move |gy, needs| {
         let gy = grad_f32(gy)?;
-        let gx = if needs[0] {
-            Some(tc::conv2d_tc_backward_input(&gy, &wc, xc.dims(), &pc)?)
+        let (gx, gw) = if gy.device() == Device::Cpu {
+            // The CPU reference, with gy rounded once for both products (each
+            // `conv2d_tc_backward_*` would round it again: the same values).
+            let gyr = tc::round_to_bf16(&gy)?;
+            let gx = needs[0]
+                .then(|| conv2d_backward_input(&gyr, &tc::round_to_bf16(&wc)?, xc.dims(), &pc))
+                .transpose()?;
+            let gw = needs[1]
+                .then(|| conv2d_backward_weight(&tc::round_to_bf16(&xc)?, &gyr, wc.dims(), &pc))
+                .transpose()?;
+            (gx, gw)
         } else {
-            None
-        };
-        let gw = if needs[1] {
-            Some(tc::conv2d_tc_backward_weight(&xc, &gy, wc.dims(), &pc)?)
-        } else {
-            None
+            let gx = needs[0]
+                .then(|| tc::conv2d_tc_backward_input(&gy, &wc, xc.dims(), &pc))
+                .transpose()?;
+            let gw = needs[1]
+                .then(|| tc::conv2d_tc_backward_weight(&xc, &gy, wc.dims(), &pc))
+                .transpose()?;
+            (gx, gw)
         };
         let mut out = vec![gx, gw];
         if has_bias {

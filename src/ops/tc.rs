@@ -44,11 +44,19 @@ pub fn wants_bf16(x: &Tensor, w: &Tensor, ep: &Epilogue) -> bool {
     x.dtype() == DType::BF16 || w.dtype() == DType::BF16 || ep.out_dtype == Some(DType::BF16)
 }
 
-/// `x` rounded to bf16 and widened back to f32, on the CPU.
+/// `x` rounded to bf16 and widened back to f32, on the CPU. One pass on a CPU
+/// tensor (a bf16 one is widened, an f32 one rounded and widened in place of two
+/// conversions and a bf16 copy).
 pub fn round_to_bf16(x: &Tensor) -> Result<Tensor> {
-    x.to_device(Device::Cpu)?
-        .to_dtype(DType::BF16)?
-        .to_dtype(DType::F32)
+    let x = x.to_device(Device::Cpu)?;
+    match x.dtype() {
+        DType::BF16 => x.to_dtype(DType::F32),
+        DType::F32 => Tensor::from_vec(
+            crate::tensor::bf16::round_f32_vec(x.cpu_slice::<f32>()?),
+            x.shape().clone(),
+        ),
+        _ => x.to_dtype(DType::BF16)?.to_dtype(DType::F32),
+    }
 }
 
 fn float_input(op: &'static str, t: &Tensor) -> Result<()> {
@@ -110,8 +118,24 @@ pub fn conv2d_bf16_reference(
     ep: &Epilogue,
 ) -> Result<Tensor> {
     let out = out_dtype("conv2d_tc", x, ep)?;
-    let acc = conv2d_forward(&round_to_bf16(x)?, &round_to_bf16(w)?, None, p)?;
-    cpu_epilogue(acc, ep, out)
+    let (x, w) = (round_to_bf16(x)?, round_to_bf16(w)?);
+    // A bias alone (every layer under a tape) rides in the f32 convolution's own
+    // tile epilogue, `acc + b` as the separate pass computes it (same bits).
+    if let Some(b) = bias_only(ep)? {
+        return conv2d_forward(&x, &w, Some(&b), p)?.to_dtype(out);
+    }
+    cpu_epilogue(conv2d_forward(&x, &w, None, p)?, ep, out)
+}
+
+/// The f32 CPU bias when `ep` is at most a bias (no scale, residual or ReLU), for
+/// the f32 ops' fused bias; `None` when the epilogue needs [`cpu_epilogue`].
+fn bias_only(ep: &Epilogue) -> Result<Option<Tensor>> {
+    if ep.scale.is_some() || ep.residual.is_some() || ep.relu {
+        return Ok(None);
+    }
+    ep.shift
+        .map(|b| b.to_device(Device::Cpu)?.to_dtype(DType::F32))
+        .transpose()
 }
 
 /// CPU reference of [`conv2d_tc_backward_input`] (f32 output).
@@ -226,6 +250,9 @@ fn as_pixels(op: &'static str, t: &Tensor) -> Result<Tensor> {
 /// `[M, K]`, w `[N, K]`, output `[M, N]` in `ep.out_dtype` (default `x`'s dtype).
 pub fn linear_tc(x: &Tensor, w: &Tensor, ep: &Epilogue) -> Result<Tensor> {
     const OP: &str = "linear_tc";
+    if x.device() == Device::Cpu {
+        return linear_bf16_reference(x, w, ep);
+    }
     let (x4, w4) = (as_pixels(OP, x)?, as_pixels(OP, w)?);
     let res4 = ep.residual.map(|r| as_pixels(OP, r)).transpose()?;
     let ep4 = Epilogue {
@@ -237,9 +264,33 @@ pub fn linear_tc(x: &Tensor, w: &Tensor, ep: &Epilogue) -> Result<Tensor> {
     y.reshape_detached([m, n])
 }
 
+/// CPU reference of [`linear_tc`]: `x`, `w` rounded to bf16, the f32 linear layer
+/// (one GEMM over all rows, the bias in its row pass; as M 1x1 convolutions of one
+/// pixel each it was a padded GEMM per row), the epilogue in f32, output rounded
+/// to `ep.out_dtype` (default: `x`'s dtype).
+fn linear_bf16_reference(x: &Tensor, w: &Tensor, ep: &Epilogue) -> Result<Tensor> {
+    const OP: &str = "linear_tc";
+    float_input(OP, x)?;
+    float_input(OP, w)?;
+    let out = out_dtype(OP, x, ep)?;
+    let (x, w) = (round_to_bf16(x)?, round_to_bf16(w)?);
+    if let Some(b) = bias_only(ep)? {
+        return crate::ops::linear::linear_cpu_fused(&x, &w, None, Some(&b), None, false)?
+            .to_dtype(out);
+    }
+    let acc = crate::ops::linear::linear_cpu_fused(&x, &w, None, None, None, false)?;
+    cpu_epilogue(acc, ep, out)
+}
+
 /// `gx = gy @ w` in bf16 with f32 accumulation: gy `[M, N]`, w `[N, K]`, f32 `[M, K]`.
 pub fn linear_tc_backward_input(gy: &Tensor, w: &Tensor) -> Result<Tensor> {
     const OP: &str = "linear_tc_backward_input";
+    if gy.device() == Device::Cpu {
+        float_input(OP, gy)?;
+        float_input(OP, w)?;
+        let (gy, w) = (round_to_bf16(gy)?, round_to_bf16(w)?);
+        return crate::ops::linear::product(OP, &gy, &w, crate::ops::linear::Trans::NN);
+    }
     let (gy4, w4) = (as_pixels(OP, gy)?, as_pixels(OP, w)?);
     let (m, k) = (gy.dims()[0], w.dims()[1]);
     conv2d_tc_backward_input(&gy4, &w4, &[m, k, 1, 1], &Conv2dParams::default())?
@@ -249,6 +300,12 @@ pub fn linear_tc_backward_input(gy: &Tensor, w: &Tensor) -> Result<Tensor> {
 /// `gw = gy^T @ x` in bf16 with f32 accumulation: x `[M, K]`, gy `[M, N]`, f32 `[N, K]`.
 pub fn linear_tc_backward_weight(x: &Tensor, gy: &Tensor) -> Result<Tensor> {
     const OP: &str = "linear_tc_backward_weight";
+    if x.device() == Device::Cpu {
+        float_input(OP, x)?;
+        float_input(OP, gy)?;
+        let (x, gy) = (round_to_bf16(x)?, round_to_bf16(gy)?);
+        return crate::ops::linear::product(OP, &gy, &x, crate::ops::linear::Trans::TN);
+    }
     let (x4, gy4) = (as_pixels(OP, x)?, as_pixels(OP, gy)?);
     let (n, k) = (gy.dims()[1], x.dims()[1]);
     conv2d_tc_backward_weight(&x4, &gy4, &[n, k, 1, 1], &Conv2dParams::default())?

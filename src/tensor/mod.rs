@@ -4,6 +4,7 @@
 //! has a fresh [`TensorId`] (a reshape shares storage but gets a new id), which the
 //! autograd tape uses as the key of its gradients.
 
+pub mod bf16;
 mod dtype;
 pub mod pool;
 mod shape;
@@ -298,6 +299,18 @@ impl Tensor {
         }
     }
 
+    /// The elements of a bf16 CPU tensor, borrowed (no copy).
+    pub fn cpu_bf16(&self) -> Result<&[half::bf16]> {
+        match &*self.0.storage {
+            Storage::Cpu(CpuStorage::BF16(v)) => Ok(v),
+            _ => Err(Error::DType {
+                op: "cpu_bf16",
+                dtype: format!("{} on {}", self.dtype(), self.device()),
+                msg: "not a bf16 CPU tensor".into(),
+            }),
+        }
+    }
+
     /// The host elements, when the tensor is on the CPU with element type `T`.
     pub fn cpu_slice<T: Element>(&self) -> Result<&[T]> {
         match &*self.0.storage {
@@ -503,6 +516,17 @@ impl Tensor {
                 dtype: dtype.to_string(),
                 msg: "dtype conversion runs on the CPU".into(),
             });
+        }
+        // f32 <-> bf16, the conversions the CPU's bf16 emulation runs around every
+        // op: one vectorised pass over the bits (same values as the scalar path below).
+        match (&*self.0.storage, dtype) {
+            (Storage::Cpu(CpuStorage::BF16(v)), DType::F32) => {
+                return Tensor::from_vec(bf16::widen_vec(v), self.shape().clone());
+            }
+            (Storage::Cpu(CpuStorage::F32(v)), DType::BF16) => {
+                return Tensor::from_vec_bf16(bf16::round_vec(v), self.shape().clone());
+            }
+            _ => {}
         }
         match dtype {
             DType::F32 => Tensor::from_vec(self.to_vec::<f32>()?, self.shape().clone()),
