@@ -429,7 +429,7 @@ impl FasterRcnn {
     /// P2..P6 of a batch `[N, 3, H, W]`.
     pub fn features(&self, ctx: &Ctx, batch: &Tensor) -> Result<Vec<Tensor>> {
         let c = self.body.forward(ctx, batch)?;
-        self.fpn.forward(ctx, &c)
+        self.fpn.forward_owned(ctx, c)
     }
 
     /// Detections for `images` (each f32 `[3, H, W]` in 0..1, on the model's
@@ -558,8 +558,8 @@ impl FasterRcnn {
     fn dense(&self, ctx: &Ctx, il: &ImageList, on_stage: StageFn) -> Result<Vec<Tensor>> {
         let c = self.body.forward(ctx, &il.tensors)?;
         on_stage("backbone")?;
-        let features = self.fpn.forward(ctx, &c)?;
-        drop(c);
+        // The FPN takes the maps, freeing each as soon as it is read.
+        let features = self.fpn.forward_owned(ctx, c)?;
         on_stage("fpn")?;
         Ok(features)
     }

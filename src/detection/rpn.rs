@@ -14,7 +14,7 @@ use crate::error::{Error, Result};
 use crate::nn::{Conv2d, Ctx, Init, ParamSpec};
 use crate::ops::boxes::box_iou;
 use crate::ops::{self, Reduction};
-use crate::tensor::Tensor;
+use crate::tensor::{DType, Tensor, TensorId};
 
 /// Settings of the RPN (torchvision's defaults in [`RpnConfig::default`]): the
 /// `[model.rpn]` section of a config.
@@ -119,6 +119,10 @@ pub struct Rpn {
     bbox_pred: Conv2d,
     coder: BoxCoder,
     anchor_generator: AnchorGenerator,
+    /// The objectness and box-delta weights and biases concatenated (`[5A, C, 1, 1]`,
+    /// `[5A]`) for the CPU inference head, with the ids of the four tensors they were
+    /// made from: remade when an optimizer step or a load replaces one.
+    joint_head: std::sync::Mutex<Option<([TensorId; 4], Tensor, Tensor)>>,
 }
 
 /// Head outputs per level: objectness `[N, A, H, W]` and deltas `[N, 4A, H, W]`.
@@ -155,6 +159,7 @@ impl Rpn {
             coder: BoxCoder::new([1.0; 4]),
             anchor_generator,
             config,
+            joint_head: Default::default(),
         })
     }
 
@@ -176,6 +181,11 @@ impl Rpn {
         let mut objectness = Vec::with_capacity(feats.len());
         let mut deltas = Vec::with_capacity(feats.len());
         for f in feats {
+            if let Some([o, d]) = self.head_cpu_joint(ctx, f)? {
+                objectness.push(o);
+                deltas.push(d);
+                continue;
+            }
             // Without a tape the bias and ReLU ride in the conv's epilogue.
             let t = if crate::nn::fold::fusable_plain() {
                 crate::nn::fold::conv_fused(ctx, &self.conv, f, true)?
@@ -187,6 +197,59 @@ impl Rpn {
             deltas.push(self.bbox_pred.forward_head(ctx, &t)?);
         }
         Ok(RpnHeadOutput { objectness, deltas })
+    }
+
+    /// CPU f32 inference: the 3x3 conv (bias, ReLU) with the objectness and
+    /// box-delta 1x1 convs run as one 5A-channel conv on each of its output tiles
+    /// while the tile is in cache (`conv2d_relu_pointwise_cpu`); `None` where that
+    /// path does not apply (a tape records, bf16, a device tensor).
+    fn head_cpu_joint(&self, ctx: &Ctx, f: &Tensor) -> Result<Option<[Tensor; 2]>> {
+        if !crate::nn::fold::fusable_plain()
+            || ctx.precision.is_bf16()
+            || f.device() != Device::Cpu
+            || !matches!(f.dtype(), DType::F32 | DType::F64)
+        {
+            return Ok(None);
+        }
+        let get = |n: &str| ctx.params.get(n);
+        let w = get(&format!("{}.weight", self.conv.name))?;
+        let b = self.conv.bias_of(ctx)?;
+        let (cw, cb) = (
+            get(&format!("{}.weight", self.cls_logits.name))?,
+            get(&format!("{}.bias", self.cls_logits.name))?,
+        );
+        let (dw, db) = (
+            get(&format!("{}.weight", self.bbox_pred.name))?,
+            get(&format!("{}.bias", self.bbox_pred.name))?,
+        );
+        if w.device() != Device::Cpu || w.dtype() != f.dtype() {
+            return Ok(None);
+        }
+        let ids = [cw.id(), cb.id(), dw.id(), db.id()];
+        let (w2, b2) = {
+            let mut joint = self.joint_head.lock().unwrap_or_else(|e| e.into_inner());
+            match &*joint {
+                Some((have, w2, b2)) if *have == ids => (w2.clone(), b2.clone()),
+                _ => {
+                    let w2 = ops::concat(&[cw, dw], 0)?;
+                    let b2 = ops::concat(&[cb, db], 0)?;
+                    *joint = Some((ids, w2.clone(), b2.clone()));
+                    (w2, b2)
+                }
+            }
+        };
+        let splits = [self.cls_logits.cout, self.bbox_pred.cout];
+        let outs = ops::conv2d::conv2d_relu_pointwise_cpu(
+            f,
+            (w, b),
+            &self.conv.params,
+            (&w2, Some(&b2)),
+            &splits,
+        )?;
+        let [o, d]: [Tensor; 2] = outs
+            .try_into()
+            .map_err(|_| Error::invalid("rpn head", "expected two outputs"))?;
+        Ok(Some([o, d]))
     }
 
     /// Anchors `[A, 4]` (f32, pixels) of one image of the batch on `device` (all

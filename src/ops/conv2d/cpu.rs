@@ -275,6 +275,84 @@ pub(crate) fn forward<T: Element>(x: &[T], w: &[T], ep: &TileEpilogue<'_, T>, g:
     y
 }
 
+/// A 1x1 convolution applied to [`forward`]'s output tile while the tile is in
+/// cache: `w2: [c2, Cout]`, `b2: [c2]`. The RPN head's objectness and box-delta
+/// convs (3 + 12 channels over 256) are such a pair: run on their own they read the
+/// 256-channel map from memory twice for 15 output channels (memory-bound, under a
+/// fifth of the square GEMM's GFLOP/s); here each tile of the 3x3 conv's output
+/// feeds them straight from L2, and the 3x3 output is never stored.
+#[derive(Clone, Copy)]
+pub(crate) struct PointwiseHead<'a, T> {
+    pub w2: &'a [T],
+    pub b2: Option<&'a [T]>,
+    /// Output channels of each result, in order: `w2`'s rows are split among them.
+    pub splits: &'a [usize],
+}
+
+/// `heads = W2 @ epilogue(W @ col) + b2`, one task per (image, column chunk) as in
+/// [`forward`]; returns one `[N, splits[i], OH * OW]` buffer per split. Each
+/// output element is the same sum of the same products as [`forward`] followed by
+/// a 1x1 [`forward`] (the tiles are as wide, or wider, per GEMM call); the
+/// tests check it against that pair.
+pub(crate) fn forward_pointwise_head<T: Element>(
+    x: &[T],
+    w: &[T],
+    ep: &TileEpilogue<'_, T>,
+    head: &PointwiseHead<'_, T>,
+    g: &Geom,
+) -> Vec<Vec<T>> {
+    let (k, ohw, chw) = (g.k(), g.ohw(), g.cin * g.hw());
+    let c2: usize = head.splits.iter().sum();
+    let mut outs: Vec<Vec<T>> = head
+        .splits
+        .iter()
+        .map(|&c| pool::take::<T>(g.n * c * ohw))
+        .collect();
+    let ptrs: Vec<SharedPtr<T>> = outs.iter_mut().map(|o| SharedPtr(o.as_mut_ptr())).collect();
+    let cols = cols_per_task(k, ohw, g.n);
+    let chunks = ohw.div_ceil(cols);
+    let wm = MatRef::row_major(w, g.cout, k);
+    let w2m = MatRef::row_major(head.w2, c2, g.cout);
+    (0..g.n * chunks).into_par_iter().for_each(|t| {
+        let (img, p0) = (t / chunks, (t % chunks) * cols);
+        let pc = cols.min(ohw - p0);
+        let pcp = pc.next_multiple_of(LANES);
+        let xi = &x[img * chw..(img + 1) * chw];
+        // Operand, tile and head product in this thread's scratch, columns padded
+        // to whole lanes (the padding columns are never read back).
+        pool::with_scratch((k + g.cout + c2) * pcp, |buf: &mut [T]| {
+            let (col, rest) = buf.split_at_mut(k * pcp);
+            let (tile, prod) = rest.split_at_mut(g.cout * pcp);
+            im2col_ld(xi, g, p0, pc, col, pcp);
+            let rhs = MatRef::row_major(&*col, k, pcp);
+            gemm_into(tile, pcp, false, wm, rhs, Parallelism::None);
+            if !ep.is_identity() {
+                let base = img * g.cout * ohw + p0;
+                for (co, row) in tile.chunks_exact_mut(pcp).enumerate() {
+                    ep.apply_row(&mut row[..pc], co, base + co * ohw);
+                }
+            }
+            let tm = MatRef::row_major(&*tile, g.cout, pcp);
+            gemm_into(prod, pcp, false, w2m, tm, Parallelism::None);
+            let mut rows = prod.chunks_exact(pcp).enumerate();
+            for (&c, out) in head.splits.iter().zip(&ptrs) {
+                for (j, (co, row)) in rows.by_ref().take(c).enumerate() {
+                    let b = head.b2.map_or(T::zero(), |b| b[co]);
+                    // SAFETY: columns [p0, p0 + pc) of image `img` belong to this
+                    // task alone, and the outputs outlive the parallel loop.
+                    let dst = unsafe {
+                        std::slice::from_raw_parts_mut(out.get().add((img * c + j) * ohw + p0), pc)
+                    };
+                    dst.iter_mut()
+                        .zip(&row[..pc])
+                        .for_each(|(d, &v)| *d = v + b);
+                }
+            }
+        });
+    });
+    outs
+}
+
 /// `gx = col2im(Wᵀ @ gy)`, one task per (image, group of input channels); each
 /// task owns its channels' planes of gx, so col2im needs no synchronisation.
 pub(super) fn grad_input<T: Element>(gy: &[T], w: &[T], g: &Geom) -> Vec<T> {

@@ -263,6 +263,65 @@ pub(crate) fn conv2d_cpu_fused(
     })
 }
 
+/// Inference on the CPU: `relu(conv(x, w) + b)` (`x: [N, Cin, H, W]`,
+/// `w: [Cout, Cin, kh, kw]`, `b: [Cout]`) followed by a 1x1 convolution
+/// `w2: [C2, Cout, 1, 1]` plus `b2: [C2]`, computed tile by tile so the first
+/// conv's output is never stored. Returns the second conv's output split by
+/// channel into `[N, splits[i], OH, OW]` tensors (`splits` sums to `C2`): the RPN
+/// head's objectness and box deltas. Records nothing; f32 or f64, CPU tensors only.
+pub fn conv2d_relu_pointwise_cpu(
+    x: &Tensor,
+    (w, b): (&Tensor, Option<&Tensor>),
+    p: &Conv2dParams,
+    (w2, b2): (&Tensor, Option<&Tensor>),
+    splits: &[usize],
+) -> Result<Vec<Tensor>> {
+    const OP: &str = "conv2d_relu_pointwise_cpu";
+    if crate::autograd::is_recording() {
+        return Err(Error::invalid(
+            OP,
+            "records no backward; use conv2d, relu and conv2d under a tape",
+        ));
+    }
+    let g = geometry(OP, x.dims(), w.dims(), p)?;
+    check_bias(OP, b, g.cout)?;
+    let c2: usize = splits.iter().sum();
+    if w2.dims() != [c2, g.cout, 1, 1] {
+        return Err(Error::shape(
+            OP,
+            format!(
+                "second weight {} for {} input and {c2} output channels (splits {splits:?})",
+                w2.shape(),
+                g.cout
+            ),
+        ));
+    }
+    check_bias(OP, b2, c2)?;
+    let mut all = vec![x, w, w2];
+    all.extend(b);
+    all.extend(b2);
+    if same_device(OP, &all)? != Device::Cpu {
+        return Err(Error::invalid(OP, "the CPU path got device tensors"));
+    }
+    with_dtype!(same_dtype(OP, &all)?, T => {
+        let ep = cpu::TileEpilogue {
+            shift: b.map(|t| t.cpu_slice::<T>()).transpose()?,
+            relu: true,
+            ..Default::default()
+        };
+        let head = cpu::PointwiseHead {
+            w2: w2.cpu_slice::<T>()?,
+            b2: b2.map(|t| t.cpu_slice::<T>()).transpose()?,
+            splits,
+        };
+        let outs = cpu::forward_pointwise_head(x.cpu_slice::<T>()?, w.cpu_slice::<T>()?, &ep, &head, &g);
+        outs.into_iter()
+            .zip(splits)
+            .map(|(y, &c)| Tensor::from_vec(y, [g.n, c, g.oh, g.ow]))
+            .collect()
+    })
+}
+
 /// The gradients of [`conv2d`]; each is `None` unless asked for.
 #[derive(Clone, Debug, Default)]
 pub struct Conv2dGrads {
