@@ -245,6 +245,10 @@ struct BenchArgs {
     /// same FLOPs, and one SGD step's time.
     #[arg(long)]
     ops: bool,
+    /// With --device emu: plan mode, device memory and counters without computing
+    /// the kernels (exact; times are not kernel times).
+    #[arg(long)]
+    plan: bool,
 }
 
 impl From<BenchArgs> for bench::BenchOptions {
@@ -261,6 +265,7 @@ impl From<BenchArgs> for bench::BenchOptions {
             json: a.json,
             precision: a.precision,
             ops: a.ops,
+            plan: a.plan,
         }
     }
 }
