@@ -315,26 +315,35 @@ impl Drop for ReadoutGuard {
     }
 }
 
-/// The first function of the caller's stack outside the device and tensor layers
-/// (the op that read back), or `None` when symbols are unavailable.
+/// The first function of the caller's stack in Kestrel's source outside the device
+/// and tensor layers (the op that read back), with its file and line, or `None`
+/// when the build has no line tables.
 fn reading_op() -> Option<String> {
     let bt = std::backtrace::Backtrace::force_capture().to_string();
     // Lines are `  N: name`, `      name` (a frame inlined into the one above) or
-    // `at file:line`.
-    bt.lines()
-        .map(str::trim)
-        .filter(|l| !l.starts_with("at "))
-        .map(|l| match l.split_once(": ") {
-            Some((n, f)) if n.chars().all(|c| c.is_ascii_digit()) => f.trim(),
-            _ => l,
-        })
-        .filter(|f| f.starts_with("kestrel::") || f.starts_with("<kestrel::"))
-        .find(|f| {
-            !["kestrel::device::", "<kestrel::device::", "kestrel::tensor::", "<kestrel::tensor::"]
-                .iter()
-                .any(|p| f.starts_with(p))
-        })
-        .map(|f| f.trim_end_matches("::{{closure}}").to_string())
+    // `at file:line:col` for the name above; names may lack their module path (line
+    // tables only), so the file says whose code it is.
+    let mut name = "";
+    for l in bt.lines().map(str::trim) {
+        if let Some(at) = l.strip_prefix("at ") {
+            let ours = at.contains("src/")
+                && !at.contains(".cargo")
+                && !at.contains("/rustc/")
+                && !at.contains("src/device/")
+                && !at.contains("src/tensor/");
+            if ours {
+                let at = at.rsplit_once(':').map_or(at, |(f, _col)| f);
+                let at = at.find("src/").map_or(at, |i| &at[i..]);
+                return Some(format!("{name} ({at})"));
+            }
+        } else {
+            name = match l.split_once(": ") {
+                Some((n, f)) if n.chars().all(|c| c.is_ascii_digit()) => f.trim(),
+                _ => l,
+            };
+        }
+    }
+    None
 }
 
 /// In plan mode, refuse a device-to-host copy outside an allowed read-out.
@@ -342,7 +351,7 @@ fn check_plan_readback(bytes: usize) -> Result<()> {
     if !plan_mode() || READOUTS.with(|r| !r.borrow().is_empty()) {
         return Ok(());
     }
-    let op = reading_op().unwrap_or_else(|| "an unnamed caller (no symbols)".into());
+    let op = reading_op().unwrap_or_else(|| "an unnamed caller (no line tables)".into());
     let last = LAST_KERNEL.with(|k| k.borrow().clone());
     Err(Error::invalid(
         "emulated device plan mode",
