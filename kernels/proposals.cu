@@ -72,11 +72,33 @@ extern "C" __global__ void proposals_filter_f32(const float* __restrict__ decode
     }
 }
 
+// One box-head candidate: the softmax probability of class j (max-shifted, summed in
+// class order) in logits row x [c], and the box decoded for class j (b [4]) clipped
+// to an image of (h, w); kept when p > score_thresh and both sides >= min_size.
+// Writes the clipped box to o [4] and returns the score (-inf when rejected).
+__device__ __forceinline__ float prop_roi_candidate(const float* x, long long c, long long j,
+                                                    const float* b, float h, float w,
+                                                    float score_thresh, float min_size, float* o,
+                                                    bool* kept) {
+    float m = prop_neg_inf();
+    for (long long q = 0; q < c; ++q) m = (x[q] > m) ? x[q] : m;
+    float sum = 0.f;
+    for (long long q = 0; q < c; ++q) sum = det_add(sum, expf(det_sub(x[q], m)));
+    float p = expf(det_sub(x[j], m)) / sum;
+    float x1 = prop_clamp(b[0], w), y1 = prop_clamp(b[1], h);
+    float x2 = prop_clamp(b[2], w), y2 = prop_clamp(b[3], h);
+    bool ok = p > score_thresh && det_sub(x2, x1) >= min_size && det_sub(y2, y1) >= min_size;
+    o[0] = x1;
+    o[1] = y1;
+    o[2] = x2;
+    o[3] = y2;
+    *kept = ok;
+    return ok ? p : prop_neg_inf();
+}
+
 // Box-head candidates: for row r of logits [rows, c] and class j in 1..c, the
-// softmax probability p (max-shifted, summed in class order) and the box decoded
-// [rows, 4c] for class j clipped to its image (row_image[r]); kept when p >
-// score_thresh and both sides >= min_size. Output e = r * (c - 1) + j - 1, group
-// image * c + j.
+// candidate of prop_roi_candidate for the box decoded [rows, 4c] for class j, clipped
+// to its image (row_image[r]). Output e = r * (c - 1) + j - 1, group image * c + j.
 extern "C" __global__ void proposals_roi_filter_f32(const float* __restrict__ logits,
                                                     const float* __restrict__ decoded,
                                                     const long long* __restrict__ row_image,
@@ -87,24 +109,33 @@ extern "C" __global__ void proposals_roi_filter_f32(const float* __restrict__ lo
                                                     long long* __restrict__ groups) {
     KESTREL_LOOP(e, rows * (c - 1)) {
         long long r = e / (c - 1), j = e % (c - 1) + 1;
-        const float* x = logits + r * c;
-        float m = prop_neg_inf();
-        for (long long q = 0; q < c; ++q) m = (x[q] > m) ? x[q] : m;
-        float sum = 0.f;
-        for (long long q = 0; q < c; ++q) sum = det_add(sum, expf(det_sub(x[q], m)));
-        float p = expf(det_sub(x[j], m)) / sum;
         long long img = row_image[r];
-        float h = sizes[2 * img], w = sizes[2 * img + 1];
-        const float* b = decoded + 4 * (r * c + j);
-        float x1 = prop_clamp(b[0], w), y1 = prop_clamp(b[1], h);
-        float x2 = prop_clamp(b[2], w), y2 = prop_clamp(b[3], h);
-        bool ok = p > score_thresh && det_sub(x2, x1) >= min_size && det_sub(y2, y1) >= min_size;
-        float* o = boxes + 4 * e;
-        o[0] = x1;
-        o[1] = y1;
-        o[2] = x2;
-        o[3] = y2;
-        scores[e] = ok ? p : prop_neg_inf();
+        bool ok;
+        scores[e] = prop_roi_candidate(logits + r * c, c, j, decoded + 4 * (r * c + j),
+                                       sizes[2 * img], sizes[2 * img + 1], score_thresh,
+                                       min_size, boxes + 4 * e, &ok);
+        groups[e] = ok ? img * c + j : -1;
+    }
+}
+
+// proposals_roi_filter_f32 on padded rows: image n owns rows n * per_image ..
+// (n + 1) * per_image, of which the first counts[n] are real. A padding row's
+// candidates are rejected whatever their values (its box is written, clipped, so the
+// output holds no stale memory), so padding never reaches NMS or the selection.
+extern "C" __global__ void proposals_roi_filter_padded_f32(
+    const float* __restrict__ logits, const float* __restrict__ decoded,
+    const long long* __restrict__ counts, const float* __restrict__ sizes, long long n_img,
+    long long per_image, long long c, float score_thresh, float min_size,
+    float* __restrict__ boxes, float* __restrict__ scores, long long* __restrict__ groups) {
+    KESTREL_LOOP(e, n_img * per_image * (c - 1)) {
+        long long r = e / (c - 1), j = e % (c - 1) + 1;
+        long long img = r / per_image;
+        bool ok;
+        float s = prop_roi_candidate(logits + r * c, c, j, decoded + 4 * (r * c + j),
+                                     sizes[2 * img], sizes[2 * img + 1], score_thresh, min_size,
+                                     boxes + 4 * e, &ok);
+        ok = ok && r - img * per_image < counts[img];
+        scores[e] = ok ? s : prop_neg_inf();
         groups[e] = ok ? img * c + j : -1;
     }
 }
@@ -155,4 +186,38 @@ extern "C" __global__ void proposals_select_f32(const long long* __restrict__ ke
         oi[p] = -1;
     }
     if (threadIdx.x == 0) out_counts[img] = got;
+}
+
+// Everything the host needs from an inference pass, in one buffer of 32-bit words
+// (so one device-to-host copy reads it), layout documented at
+// `detection::proposals::PackedDetections`:
+//   words [0, n_img)                  detections per image (i32)
+//   words [n_img, 2 n_img)            proposals per image (i32)
+//   then per image n and slot s < top, 6 words at 2 n_img + 6 (n top + s):
+//     x1, y1, x2, y2, score (f32 bits), label (i32) = index % (c - 1) + 1;
+//   slots at or past the count are zeros (label 0), so the buffer is the same bytes
+//   for the same result whatever the allocator handed out.
+// det_* are the selection's outputs (counts, boxes [n_img, top, 4], scores and
+// candidate indices [n_img, top]); prop_counts [n_img] the proposals'.
+extern "C" __global__ void proposals_pack_detections_f32(
+    const long long* __restrict__ det_counts, const float* __restrict__ det_boxes,
+    const float* __restrict__ det_scores, const long long* __restrict__ det_idx,
+    const long long* __restrict__ prop_counts, long long n_img, long long top,
+    long long classes_minus_bg, unsigned int* __restrict__ out) {
+    KESTREL_LOOP(e, n_img * (top + 2)) {
+        if (e < 2 * n_img) {
+            out[e] = (unsigned int)(int)(e < n_img ? det_counts[e] : prop_counts[e - n_img]);
+            continue;
+        }
+        long long slot = e - 2 * n_img;  // n * top + s
+        long long n = slot / top, s = slot % top;
+        unsigned int* o = out + 2 * n_img + 6 * slot;
+        if (s < det_counts[n]) {
+            for (int q = 0; q < 4; ++q) o[q] = __float_as_uint(det_boxes[4 * slot + q]);
+            o[4] = __float_as_uint(det_scores[slot]);
+            o[5] = (unsigned int)(int)(det_idx[slot] % classes_minus_bg + 1);
+        } else {
+            for (int q = 0; q < 6; ++q) o[q] = 0u;
+        }
+    }
 }

@@ -2,9 +2,12 @@
 
 use std::path::Path;
 
+use super::proposals::{PackedDetections, Selected};
 use super::roi_heads::{RoiHeads, RoiHeadsConfig};
 use super::rpn::{Rpn, RpnConfig};
-use super::transform::{resize_box_list, transform, ImageList, TransformConfig};
+use super::transform::{
+    resize_box_list, transform, transform_uploaded, upload_u8, ImageList, ImageU8, TransformConfig,
+};
 use super::{Detections, Target};
 use crate::device::Device;
 use crate::error::{Error, Result};
@@ -280,6 +283,16 @@ pub struct FasterRcnn {
     pub bf16_weights: Bf16Weights,
 }
 
+/// What [`FasterRcnn::detect_packed`] leaves on the device.
+pub struct PackedPass {
+    /// P2..P6.
+    pub features: Vec<Tensor>,
+    /// The proposals, padded (`[N, post_nms_top_n_test, 4]`, counts on the device).
+    pub proposals: Selected,
+    /// Detections (resized-image pixels) and proposal counts, in one buffer.
+    pub packed: PackedDetections,
+}
+
 /// Intermediate results of an inference pass, for inspection and stage tests.
 pub struct InferenceTrace {
     /// The resized, padded batch.
@@ -419,19 +432,44 @@ impl FasterRcnn {
     }
 
     /// Detections for `images` (each f32 `[3, H, W]` in 0..1, on the model's
-    /// device), in original image pixels.
+    /// device), in original image pixels. On a GPU nothing is read back until the
+    /// end: the detections come back in one copy ([`FasterRcnn::detect_packed`]).
     pub fn detect(&self, images: &[Tensor]) -> Result<Vec<Detections>> {
-        Ok(self.detect_traced(images)?.detections)
+        let il = transform(images, &self.config.transform)?;
+        let orig: Vec<(usize, usize)> = images
+            .iter()
+            .map(|im| (im.dims()[1], im.dims()[2]))
+            .collect();
+        Ok(self.infer(il, &orig, false, &mut |_| Ok(()))?.detections)
     }
 
     /// Detections in the PNG or JPEG image at `path` (original image pixels), run on
-    /// the model's device without recording gradients.
+    /// the model's device without recording gradients ([`FasterRcnn::detect_u8`]).
     pub fn detect_image(&self, path: impl AsRef<Path>) -> Result<Detections> {
         let rgb = crate::data::image_io::load_rgb(path.as_ref())?;
-        let x = super::transform::image_from_u8(&rgb.data, rgb.height, rgb.width)?
-            .to_device(model_device(self))?;
-        let mut d = crate::autograd::no_grad(|| self.detect(&[x]))?;
+        let image = ImageU8 {
+            data: &rgb.data,
+            height: rgb.height,
+            width: rgb.width,
+        };
+        let mut d = self.detect_u8(&[image])?;
         Ok(d.pop().unwrap_or_default())
+    }
+
+    /// Detections for 8-bit RGB images (CHW), in original image pixels, without
+    /// recording gradients. On a GPU the batch goes up in ONE host-to-device copy
+    /// ([`upload_u8`]), is resized and normalised there, and the detections come
+    /// back in ONE device-to-host copy ([`PackedDetections`]); nothing else crosses
+    /// (warm: after the first batch of a geometry, whose size table is uploaded
+    /// once). The same detections as [`FasterRcnn::detect`] on the images in 0..1.
+    pub fn detect_u8(&self, images: &[ImageU8]) -> Result<Vec<Detections>> {
+        crate::autograd::no_grad(|| {
+            let up = upload_u8(images, &self.config.transform, model_device(self))?;
+            let il = transform_uploaded(&up)?;
+            Ok(self
+                .infer(il, up.original_sizes(), false, &mut |_| Ok(()))?
+                .detections)
+        })
     }
 
     /// [`FasterRcnn::detect`] keeping the intermediate results.
@@ -443,36 +481,68 @@ impl FasterRcnn {
     /// ([`INFERENCE_STAGES`]) as it ends, so a profiler can time the real pass (it
     /// may synchronise the device inside the callback).
     pub fn detect_staged(&self, images: &[Tensor], on_stage: StageFn) -> Result<InferenceTrace> {
-        let ctx = self.ctx(false);
         let il = transform(images, &self.config.transform)?;
         on_stage("transform")?;
-        let c = self.body.forward(&ctx, &il.tensors)?;
-        on_stage("backbone")?;
-        let features = self.fpn.forward(&ctx, &c)?;
-        drop(c);
-        on_stage("fpn")?;
-        let head = self.rpn.head(&ctx, &features)?;
-        on_stage("rpn_head")?;
-        let anchors = self.anchors_tensor(&il, &features)?;
-        let proposals = self
-            .rpn
-            .proposals(&head, &anchors, &il.image_sizes, false)?;
-        drop(head);
-        on_stage("proposals")?;
-        let pooled = self
-            .roi_heads
-            .pool(&features[..4], &proposals, &il.image_sizes)?;
-        let x = self.roi_heads.box_head(&ctx, &pooled)?;
-        let (logits, regs) = self.roi_heads.predictor(&ctx, &x)?;
-        on_stage("roi_heads")?;
-        let dets = self
-            .roi_heads
-            .postprocess(&logits, &regs, &proposals, &il.image_sizes)?;
+        let orig: Vec<(usize, usize)> = images
+            .iter()
+            .map(|im| (im.dims()[1], im.dims()[2]))
+            .collect();
+        self.infer(il, &orig, true, on_stage)
+    }
+
+    /// Inference from the transformed batch `il` (of images `orig` pixels before
+    /// resizing). On a GPU the tail is [`FasterRcnn::detect_packed`]'s, read back in
+    /// one copy; `keep_proposals` then cuts the per-image proposals for the trace
+    /// from the padded ones on the device (the counts come with that copy). The CPU
+    /// runs the per-image tail: the counts are on the host there anyway, and the box
+    /// head runs on the real rows only.
+    fn infer(
+        &self,
+        il: ImageList,
+        orig: &[(usize, usize)],
+        keep_proposals: bool,
+        on_stage: StageFn,
+    ) -> Result<InferenceTrace> {
+        let ctx = self.ctx(false);
+        let (features, proposals, dets) = if il.tensors.device() == Device::Cpu {
+            let features = self.dense(&ctx, &il, on_stage)?;
+            let head = self.rpn.head(&ctx, &features)?;
+            on_stage("rpn_head")?;
+            let anchors = self.anchors_tensor(&il, &features)?;
+            let proposals = self
+                .rpn
+                .proposals(&head, &anchors, &il.image_sizes, false)?;
+            drop(head);
+            on_stage("proposals")?;
+            let pooled = self
+                .roi_heads
+                .pool(&features[..4], &proposals, &il.image_sizes)?;
+            let x = self.roi_heads.box_head(&ctx, &pooled)?;
+            let (logits, regs) = self.roi_heads.predictor(&ctx, &x)?;
+            on_stage("roi_heads")?;
+            let dets = self
+                .roi_heads
+                .postprocess(&logits, &regs, &proposals, &il.image_sizes)?;
+            (features, proposals, dets)
+        } else {
+            let p = self.packed_staged(&ctx, &il, on_stage)?;
+            let read = p.packed.read()?;
+            let proposals = if keep_proposals {
+                read.proposal_counts
+                    .iter()
+                    .enumerate()
+                    .map(|(n, &k)| p.proposals.image_boxes(n, k))
+                    .collect::<Result<_>>()?
+            } else {
+                Vec::new()
+            };
+            (p.features, proposals, read.detections)
+        };
         let detections = dets
             .into_iter()
-            .zip(images)
+            .zip(orig)
             .zip(&il.image_sizes)
-            .map(|((d, im), &size)| d.resized(size, (im.dims()[1], im.dims()[2])))
+            .map(|((d, &o), &size)| d.resized(size, o))
             .collect::<Result<_>>()?;
         on_stage("postprocess")?;
         Ok(InferenceTrace {
@@ -480,6 +550,59 @@ impl FasterRcnn {
             features,
             proposals,
             detections,
+        })
+    }
+
+    /// Backbone and FPN: P2..P6 of the batch.
+    fn dense(&self, ctx: &Ctx, il: &ImageList, on_stage: StageFn) -> Result<Vec<Tensor>> {
+        let c = self.body.forward(ctx, &il.tensors)?;
+        on_stage("backbone")?;
+        let features = self.fpn.forward(ctx, &c)?;
+        drop(c);
+        on_stage("fpn")?;
+        Ok(features)
+    }
+
+    /// Inference of a transformed batch with nothing read back and no size that
+    /// depends on the data: the proposals stay padded (`[N, post_nms_top_n_test, 4]`
+    /// with the counts on the device), the box head runs on every padded row, the
+    /// padding rows are left out of the detection selection, and the result is one
+    /// [`PackedDetections`] buffer (boxes in resized-image pixels) for the caller to
+    /// read in one copy. Between its input and that buffer it can be captured as a
+    /// device graph ([`super::graphed::GraphedDetector`]). Runs on the CPU too (the
+    /// twin of every kernel), where [`FasterRcnn::detect`] takes a cheaper path.
+    pub fn detect_packed(&self, il: &ImageList) -> Result<PackedPass> {
+        self.packed_staged(&self.ctx(false), il, &mut |_| Ok(()))
+    }
+
+    fn packed_staged(&self, ctx: &Ctx, il: &ImageList, on_stage: StageFn) -> Result<PackedPass> {
+        let features = self.dense(ctx, il, on_stage)?;
+        let head = self.rpn.head(ctx, &features)?;
+        on_stage("rpn_head")?;
+        let anchors = self.anchors_tensor(il, &features)?;
+        let proposals = self
+            .rpn
+            .proposals_padded(&head, &anchors, &il.image_sizes, false)?;
+        drop(head);
+        on_stage("proposals")?;
+        let (n, p) = (il.image_sizes.len(), proposals.boxes.dims()[1]);
+        let per_image = (0..n)
+            .map(|i| proposals.image_boxes(i, p))
+            .collect::<Result<Vec<_>>>()?;
+        let pooled = self
+            .roi_heads
+            .pool(&features[..4], &per_image, &il.image_sizes)?;
+        drop(per_image);
+        let x = self.roi_heads.box_head(ctx, &pooled)?;
+        let (logits, regs) = self.roi_heads.predictor(ctx, &x)?;
+        on_stage("roi_heads")?;
+        let packed = self
+            .roi_heads
+            .detect_padded(&logits, &regs, &proposals, &il.image_sizes)?;
+        Ok(PackedPass {
+            features,
+            proposals,
+            packed,
         })
     }
 

@@ -212,6 +212,253 @@ pub fn select_detections(
     select(&keep, &cand, c, image_sizes.len(), p.detections_per_img)
 }
 
+/// [`select_detections`] on padded rows: class logits `[N P, C]` and box regression
+/// `[N P, 4C]` of the proposals `[N, P, 4]`, of which the first `counts[n]` (i64 `[N]`,
+/// on the device) rows of image `n` are real. Padding rows are rejected in the
+/// filter, so they never reach NMS: the result is [`select_detections`]'s on the real
+/// rows, except that a candidate index counts padded rows (`row * (C - 1) + class -
+/// 1` with `row = n P + i`; the class is still `indices % (C - 1) + 1`). Nothing is
+/// read back and no size depends on the data: the whole selection can be captured as
+/// a device graph.
+pub fn select_detections_padded(
+    class_logits: &Tensor,
+    box_regression: &Tensor,
+    proposals: &Tensor,
+    counts: &Tensor,
+    image_sizes: &[(usize, usize)],
+    coder: &BoxCoder,
+    p: &DetectionParams,
+) -> Result<Selected> {
+    let (n, per_image) = match proposals.dims() {
+        [n, pi, 4] => (*n, *pi),
+        d => return Err(shape_err(format!("proposals {d:?} (expected [N, P, 4])"))),
+    };
+    let r = n * per_image;
+    let c = match class_logits.dims() {
+        [rows, c] if *rows == r && *c >= 1 => *c,
+        d => {
+            return Err(shape_err(format!(
+                "class logits {d:?} for proposals {:?} (expected [{r}, C])",
+                proposals.dims()
+            )))
+        }
+    };
+    if box_regression.dims() != [r, 4 * c]
+        || counts.dims() != [n]
+        || counts.dtype() != DType::I64
+        || image_sizes.len() != n
+    {
+        return Err(shape_err(format!(
+            "class logits {:?}, box regression {:?}, proposals {:?}, counts {:?} {}, {} image sizes",
+            class_logits.dims(),
+            box_regression.dims(),
+            proposals.dims(),
+            counts.dims(),
+            counts.dtype(),
+            image_sizes.len()
+        )));
+    }
+    check_f32(
+        "select_detections_padded",
+        &[class_logits, box_regression, proposals],
+    )?;
+    let device = crate::tensor::same_device(
+        "select_detections_padded",
+        &[class_logits, box_regression, proposals, counts],
+    )?;
+    let decoded = coder.decode(box_regression, &proposals.reshape_detached([r, 4])?)?;
+    let sizes = sizes_tensor(image_sizes, device)?;
+    let cand = match device {
+        Device::Cpu => {
+            let counts = counts.cpu_i64()?;
+            roi_candidates_cpu(class_logits, &decoded, &sizes, p, |row| {
+                let img = row / per_image.max(1);
+                (img, ((row - img * per_image) as i64) < counts[img])
+            })?
+        }
+        Device::Cuda(_) => {
+            let dev = gpu_dev("select_detections_padded", class_logits)?;
+            let cand = gpu_candidates(&dev, r * (c - 1))?;
+            if cand.groups.numel() > 0 {
+                launch_elems(
+                    &dev,
+                    "proposals_roi_filter_padded_f32",
+                    r * (c - 1),
+                    &[
+                        arg(class_logits)?,
+                        arg(&decoded)?,
+                        counts.gpu()?.buf.arg(),
+                        arg(&sizes)?,
+                        KernelArg::I64(n as i64),
+                        KernelArg::I64(per_image as i64),
+                        KernelArg::I64(c as i64),
+                        KernelArg::F32(p.score_thresh),
+                        KernelArg::F32(p.min_size),
+                        arg(&cand.boxes)?,
+                        arg(&cand.scores)?,
+                        cand.groups.gpu()?.buf.arg(),
+                    ],
+                )?;
+            }
+            cand
+        }
+    };
+    let keep = nms_groups_device(&cand.boxes, &cand.scores, &cand.groups, p.nms_thresh)?;
+    select(&keep, &cand, c, n, p.detections_per_img)
+}
+
+/// Words before the rows in a [`PackedDetections`] buffer, per image: the detection
+/// count and the proposal count.
+const PACK_HEADER_WORDS: usize = 2;
+/// Words per detection row in a [`PackedDetections`] buffer.
+const PACK_ROW_WORDS: usize = 6;
+
+/// Everything the host needs from an inference pass in one device buffer of 32-bit
+/// words, so that reading it is ONE device-to-host copy (kernel
+/// `proposals_pack_detections_f32`). For `N` images and `top` detections per image:
+///
+/// - words `0..N`: detections per image (i32);
+/// - words `N..2N`: proposals per image (i32);
+/// - then for image `n` and slot `s < top`, 6 words at `2N + 6 (n top + s)`: `x1, y1,
+///   x2, y2` (f32, resized-image pixels), score (f32), label (i32, 1..C-1). Slots at
+///   or past the image's count are all zero.
+///
+/// The buffer is a fixed `(2 + 6 top) N` words whatever was detected, so the pass
+/// that writes it can be replayed as a graph.
+#[derive(Clone, Debug)]
+pub struct PackedDetections {
+    /// The words (an f32 tensor holding the bits above), on the pass's device.
+    pub words: Tensor,
+    /// Images of the batch.
+    pub images: usize,
+    /// Detection slots per image.
+    pub top: usize,
+}
+
+/// What one read of a [`PackedDetections`] gives.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ReadDetections {
+    /// Per image `(boxes, scores, labels)`, boxes in resized-image pixels.
+    pub detections: Vec<super::Detections>,
+    /// Proposals per image.
+    pub proposal_counts: Vec<usize>,
+}
+
+impl PackedDetections {
+    /// Pack a detection selection `sel` (`[N, top]` rows, candidate indices over
+    /// `classes` classes with background) and the proposal counts `prop_counts`
+    /// (i64 `[N]`) into one buffer on their device: one launch on a GPU.
+    pub fn new(sel: &Selected, prop_counts: &Tensor, classes: usize) -> Result<PackedDetections> {
+        let (n, top) = match sel.scores.dims() {
+            [n, top] => (*n, *top),
+            d => {
+                return Err(shape_err(format!(
+                    "selected scores {d:?} (expected [N, top])"
+                )))
+            }
+        };
+        if prop_counts.dims() != [n] || prop_counts.dtype() != DType::I64 || classes < 2 {
+            return Err(shape_err(format!(
+                "proposal counts {:?} {} for {n} images, {classes} classes",
+                prop_counts.dims(),
+                prop_counts.dtype()
+            )));
+        }
+        let len = (PACK_HEADER_WORDS + PACK_ROW_WORDS * top) * n;
+        let per_row = (classes - 1) as i64;
+        let words = match sel.scores.device() {
+            Device::Cpu => {
+                let (dc, pc) = (sel.counts.cpu_i64()?, prop_counts.cpu_i64()?);
+                let (b, sc, ix) = (
+                    sel.boxes.cpu_slice::<f32>()?,
+                    sel.scores.cpu_slice::<f32>()?,
+                    sel.indices.cpu_i64()?,
+                );
+                let mut w = vec![0u32; len];
+                for img in 0..n {
+                    w[img] = dc[img] as i32 as u32;
+                    w[n + img] = pc[img] as i32 as u32;
+                    for s in 0..(dc[img].max(0) as usize).min(top) {
+                        let slot = img * top + s;
+                        let o = PACK_HEADER_WORDS * n + PACK_ROW_WORDS * slot;
+                        for q in 0..4 {
+                            w[o + q] = b[4 * slot + q].to_bits();
+                        }
+                        w[o + 4] = sc[slot].to_bits();
+                        w[o + 5] = (ix[slot] % per_row + 1) as i32 as u32;
+                    }
+                }
+                Tensor::from_vec(w.into_iter().map(f32::from_bits).collect(), [len])?
+            }
+            Device::Cuda(_) => {
+                let dev = gpu_dev("PackedDetections", &sel.scores)?;
+                let words = Tensor::gpu_empty(&dev, [len])?;
+                if len > 0 {
+                    launch_elems(
+                        &dev,
+                        "proposals_pack_detections_f32",
+                        n * (top + PACK_HEADER_WORDS),
+                        &[
+                            sel.counts.gpu()?.buf.arg(),
+                            arg(&sel.boxes)?,
+                            arg(&sel.scores)?,
+                            sel.indices.gpu()?.buf.arg(),
+                            prop_counts.gpu()?.buf.arg(),
+                            KernelArg::I64(n as i64),
+                            KernelArg::I64(top as i64),
+                            KernelArg::I64(per_row),
+                            arg(&words)?,
+                        ],
+                    )?;
+                }
+                words
+            }
+        };
+        Ok(PackedDetections {
+            words,
+            images: n,
+            top,
+        })
+    }
+
+    /// Read the buffer: ONE device-to-host copy on a GPU (which waits for the work
+    /// before it; no other synchronisation).
+    pub fn read(&self) -> Result<ReadDetections> {
+        let w: Vec<u32> = self
+            .words
+            .to_vec::<f32>()?
+            .into_iter()
+            .map(f32::to_bits)
+            .collect();
+        let (n, top) = (self.images, self.top);
+        let count = |i: usize| -> Result<usize> {
+            let c = w[i] as i32;
+            if c < 0 || (i < n && c as usize > top) {
+                return Err(Error::invalid(
+                    "PackedDetections::read",
+                    format!("count {c} in word {i} (top {top})"),
+                ));
+            }
+            Ok(c as usize)
+        };
+        let mut out = ReadDetections::default();
+        for img in 0..n {
+            let k = count(img)?;
+            out.proposal_counts.push(count(n + img)?);
+            let mut d = super::Detections::default();
+            for s in 0..k {
+                let o = PACK_HEADER_WORDS * n + PACK_ROW_WORDS * (img * top + s);
+                let f = |q: usize| f32::from_bits(w[o + q]);
+                d.boxes.push([f(0), f(1), f(2), f(3)]);
+                d.scores.push(f(4));
+                d.labels.push(w[o + 5] as i32 as i64);
+            }
+            out.detections.push(d);
+        }
+        Ok(out)
+    }
+}
+
 fn shape_err(msg: String) -> Error {
     Error::shape("proposals", msg)
 }
@@ -227,13 +474,26 @@ fn check_f32(op: &'static str, ts: &[&Tensor]) -> Result<()> {
     }
 }
 
-/// Image sizes as `[N, 2]` f32 (h, w) on `device` (an upload, no read back).
+/// Image sizes as `[N, 2]` f32 (h, w) on `device`. On a GPU this is a device
+/// constant ([`crate::device::gpu::GpuDevice::constant`]: keyed by content, uploaded
+/// the first time a batch geometry is seen): the sizes are shape metadata that
+/// recur batch after batch, so a warm pass uploads nothing here, and a region run
+/// once eagerly can be captured as a graph.
 fn sizes_tensor(image_sizes: &[(usize, usize)], device: Device) -> Result<Tensor> {
     let v: Vec<f32> = image_sizes
         .iter()
         .flat_map(|&(h, w)| [h as f32, w as f32])
         .collect();
-    Tensor::from_vec(v, [image_sizes.len(), 2])?.to_device(device)
+    let shape = [image_sizes.len(), 2];
+    match device {
+        Device::Cpu => Tensor::from_vec(v, shape),
+        Device::Cuda(n) => {
+            let dev = crate::device::gpu::device(n)?;
+            let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+            let buf = dev.constant(&bytes)?;
+            Ok(Tensor::from_gpu(dev, buf, shape))
+        }
+    }
 }
 
 /// The deltas and anchors of the top-k columns `idx` `[N, K]`: both `[N * K, 4]`.
@@ -388,32 +648,8 @@ fn filter_detections(
     let m = r * (c - 1);
     match logits.device() {
         Device::Cpu => {
-            let (x, d, ri, s) = (
-                logits.cpu_slice::<f32>()?,
-                decoded.cpu_slice::<f32>()?,
-                row_image.cpu_i64()?,
-                sizes.cpu_slice::<f32>()?,
-            );
-            let mut boxes = Vec::with_capacity(4 * m);
-            let mut scores = Vec::with_capacity(m);
-            let mut groups = Vec::with_capacity(m);
-            for row in 0..r {
-                let probs = softmax(&x[row * c..(row + 1) * c]);
-                let img = ri[row] as usize;
-                for (j, &prob) in probs.iter().enumerate().skip(1) {
-                    let o = 4 * (row * c + j);
-                    let b = clip(&d[o..o + 4], s[2 * img], s[2 * img + 1]);
-                    let ok = prob > p.score_thresh && big_enough(&b, p.min_size);
-                    boxes.extend_from_slice(&b);
-                    scores.push(if ok { prob } else { f32::NEG_INFINITY });
-                    groups.push(if ok { (img * c + j) as i64 } else { -1 });
-                }
-            }
-            Ok(Candidates {
-                boxes: Tensor::from_vec(boxes, [m, 4])?,
-                scores: Tensor::from_vec(scores, [m])?,
-                groups: Tensor::from_vec_i64(groups, [m])?,
-            })
+            let ri = row_image.cpu_i64()?;
+            roi_candidates_cpu(logits, decoded, sizes, p, |row| (ri[row] as usize, true))
         }
         Device::Cuda(_) => {
             let dev = gpu_dev("select_detections", logits)?;
@@ -439,6 +675,46 @@ fn filter_detections(
             Ok(cand)
         }
     }
+}
+
+/// Box-head candidates `[R * (C - 1)]` on the CPU (the twin of
+/// proposals_roi_filter_f32 and proposals_roi_filter_padded_f32): `row_of(r)` gives
+/// row `r`'s image and whether the row is real (a padding row's candidates are
+/// rejected).
+fn roi_candidates_cpu(
+    logits: &Tensor,
+    decoded: &Tensor,
+    sizes: &Tensor,
+    p: &DetectionParams,
+    row_of: impl Fn(usize) -> (usize, bool),
+) -> Result<Candidates> {
+    let (r, c) = (logits.dims()[0], logits.dims()[1]);
+    let m = r * (c - 1);
+    let (x, d, s) = (
+        logits.cpu_slice::<f32>()?,
+        decoded.cpu_slice::<f32>()?,
+        sizes.cpu_slice::<f32>()?,
+    );
+    let mut boxes = Vec::with_capacity(4 * m);
+    let mut scores = Vec::with_capacity(m);
+    let mut groups = Vec::with_capacity(m);
+    for row in 0..r {
+        let probs = softmax(&x[row * c..(row + 1) * c]);
+        let (img, real) = row_of(row);
+        for (j, &prob) in probs.iter().enumerate().skip(1) {
+            let o = 4 * (row * c + j);
+            let b = clip(&d[o..o + 4], s[2 * img], s[2 * img + 1]);
+            let ok = real && prob > p.score_thresh && big_enough(&b, p.min_size);
+            boxes.extend_from_slice(&b);
+            scores.push(if ok { prob } else { f32::NEG_INFINITY });
+            groups.push(if ok { (img * c + j) as i64 } else { -1 });
+        }
+    }
+    Ok(Candidates {
+        boxes: Tensor::from_vec(boxes, [m, 4])?,
+        scores: Tensor::from_vec(scores, [m])?,
+        groups: Tensor::from_vec_i64(groups, [m])?,
+    })
 }
 
 fn gpu_candidates(dev: &crate::device::gpu::GpuDevice, m: usize) -> Result<Candidates> {

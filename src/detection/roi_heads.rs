@@ -5,7 +5,9 @@
 use super::box_coder::BoxCoder;
 use super::matcher::Matcher;
 use super::poolers::MultiScaleRoIAlign;
-use super::proposals::{select_detections, DetectionParams, Selected};
+use super::proposals::{
+    select_detections, select_detections_padded, DetectionParams, PackedDetections, Selected,
+};
 use super::targets::{
     match_labels, roi_gather, roi_loss_inputs, sample, Candidates, LabelMode, PackedTargets,
     RoiLossInputs, SampleSpec, STAGE_ROI,
@@ -339,6 +341,32 @@ impl RoiHeads {
                 }
             })
             .collect())
+    }
+
+    /// [`RoiHeads::postprocess`] without a read-back, for proposals padded as
+    /// [`super::rpn::Rpn::proposals_padded`] gives them (`proposals.boxes` `[N, P, 4]`,
+    /// `proposals.counts` on the device): the logits and deltas are those of all `N P`
+    /// rows, padding included, and the padding rows are left out of the selection
+    /// ([`select_detections_padded`]). The selection and the proposal counts are
+    /// packed into one buffer ([`PackedDetections`]) for the caller to read in one
+    /// copy.
+    pub fn detect_padded(
+        &self,
+        class_logits: &Tensor,
+        box_regression: &Tensor,
+        proposals: &Selected,
+        image_sizes: &[(usize, usize)],
+    ) -> Result<PackedDetections> {
+        let sel = select_detections_padded(
+            class_logits,
+            box_regression,
+            &proposals.boxes,
+            &proposals.counts,
+            image_sizes,
+            &self.coder,
+            &self.detection_params(),
+        )?;
+        PackedDetections::new(&sel, &proposals.counts, self.config.num_classes)
     }
 
     /// torchvision's `select_training_samples` for proposals given per image (`[K_n,

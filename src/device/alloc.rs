@@ -190,12 +190,17 @@ impl Managed {
         }
     }
 
-    /// A free block of the capture's private pool, class `class` up to `2 * class`.
-    fn take_private(&self, pr: &Mutex<PrivatePool>, class: usize) -> Option<(GpuBuffer, usize)> {
+    /// A free block of the capture's private pool, class `class` up to `max_class`.
+    fn take_private(
+        &self,
+        pr: &Mutex<PrivatePool>,
+        class: usize,
+        max_class: usize,
+    ) -> Option<(GpuBuffer, usize)> {
         let mut g = pr.lock().unwrap_or_else(|e| e.into_inner());
         let found = g
             .free
-            .range_mut(class..=2 * class)
+            .range_mut(class..=max_class)
             .find(|(_, v)| !v.is_empty())
             .map(|(&c, v)| (v.pop(), c));
         drop(g);
@@ -208,6 +213,15 @@ impl Managed {
             }
             _ => None,
         }
+    }
+
+    /// The class of the block [`Managed::take_cached`] would hand out, if any.
+    fn smallest_cached(&self, class: usize) -> Option<usize> {
+        let p = self.pool.lock().unwrap_or_else(|e| e.into_inner());
+        p.free
+            .range(class..=2 * class)
+            .find(|(_, v)| !v.is_empty())
+            .map(|(&c, _)| c)
     }
 
     /// A cached block of class `class` up to `2 * class`, if any.
@@ -263,9 +277,16 @@ impl GpuBackend for Managed {
         let class = size_class(used).next_multiple_of(align);
         let private = self.capture_pool();
         let hit = match &private {
-            Some(pr) => self
-                .take_private(pr, class)
-                .or_else(|| self.take_cached(class)),
+            // The smallest fitting block of the private pool and the shared cache
+            // together, as an eager run picks from its one cache: preferring any
+            // private block could give a request a larger block that a later, larger
+            // request of the same region then lacks (a driver allocation the warm-up
+            // never needed, refused in capture).
+            Some(pr) => {
+                let shared = self.smallest_cached(class).unwrap_or(2 * class);
+                self.take_private(pr, class, shared)
+                    .or_else(|| self.take_cached(class))
+            }
             None => self.take_cached(class),
         };
         let (block, class) = match hit {

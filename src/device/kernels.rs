@@ -215,13 +215,17 @@ pub const KERNEL_TESTS: &[KernelTests] = &[
         bench: Some(("layers", "max_pool2d")),
     },
     // Proposal selection and the box head's postprocess are model stages: their
-    // parity tests run the model's RPN and RoI heads against torchvision's.
+    // parity tests run the model's RPN and RoI heads against torchvision's. The padded
+    // detection filter and the packing of the one download are inference_copies'.
     KernelTests {
         stem: "proposals",
-        tests: &[TestTarget {
-            target: "model",
-            filters: &["proposal_stage", "postprocess_stage"],
-        }],
+        tests: &[
+            TestTarget {
+                target: "model",
+                filters: &["proposal_stage", "postprocess_stage"],
+            },
+            t("inference_copies"),
+        ],
         bench: Some(("detection", "proposals/")),
     },
     // The logging iteration's single read-back (losses, NaN flag, kernel errors).
