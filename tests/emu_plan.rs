@@ -104,12 +104,30 @@ fn training(plan: bool, precision: Precision, steps: usize) -> Vec<PassFigures> 
 fn assert_same(real: &[PassFigures], plan: &[PassFigures], what: &str) {
     assert_eq!(real.len(), plan.len());
     for (i, (r, p)) in real.iter().zip(plan).enumerate() {
-        assert!(r.total.launches > 0, "{what} {i}: nothing launched: {}", r.total);
-        assert_eq!(r.total, p.total, "{what} {i}: counters\n real {}\n plan {}", r.total, p.total);
-        assert_eq!(r.stages, p.stages, "{what} {i}: per-stage counters or memory");
-        assert_eq!(r.after, p.after, "{what} {i}: allocator state after the pass");
+        assert!(
+            r.total.launches > 0,
+            "{what} {i}: nothing launched: {}",
+            r.total
+        );
+        assert_eq!(
+            r.total, p.total,
+            "{what} {i}: counters\n real {}\n plan {}",
+            r.total, p.total
+        );
+        assert_eq!(
+            r.stages, p.stages,
+            "{what} {i}: per-stage counters or memory"
+        );
+        assert_eq!(
+            r.after, p.after,
+            "{what} {i}: allocator state after the pass"
+        );
     }
-    let peak = |f: &[PassFigures]| f.iter().flat_map(|x| x.stages.1.iter().map(|s| s.1.peak)).max();
+    let peak = |f: &[PassFigures]| {
+        f.iter()
+            .flat_map(|x| x.stages.1.iter().map(|s| s.1.peak))
+            .max()
+    };
     eprintln!(
         "{what}: plan == real over {} passes; peak allocated {:?} B, first pass {}",
         real.len(),
@@ -166,7 +184,9 @@ fn a_read_back_in_plan_mode_is_refused_naming_the_op_emulated() {
     assert_eq!(y.to_vec::<f32>().unwrap(), vec![0., 1., 2., 6., 7., 8.]);
 
     let _p = Plan::on(true);
-    let err = kestrel::ops::index_select(&x, 0, &idx).unwrap_err().to_string();
+    let err = kestrel::ops::index_select(&x, 0, &idx)
+        .unwrap_err()
+        .to_string();
     // Named twice: by the function that read back and by the last kernel launched.
     assert!(
         err.contains("plan mode")
@@ -175,10 +195,17 @@ fn a_read_back_in_plan_mode_is_refused_naming_the_op_emulated() {
         "{err}"
     );
     let err = y.to_vec::<f32>().unwrap_err().to_string();
-    assert!(err.contains("plan mode") && err.contains("read 24 bytes back"), "{err}");
+    assert!(
+        err.contains("plan mode") && err.contains("read 24 bytes back"),
+        "{err}"
+    );
     {
         let _r = emu::allow_readout("test read-out");
-        assert_eq!(y.to_vec::<f32>().unwrap(), vec![0.0; 6], "plan read-outs read zeros");
+        assert_eq!(
+            y.to_vec::<f32>().unwrap(),
+            vec![0.0; 6],
+            "plan read-outs read zeros"
+        );
     }
     assert!(y.to_vec::<f32>().is_err(), "the scope ended with its guard");
 }
@@ -190,8 +217,13 @@ fn a_read_back_in_plan_mode_is_refused_naming_the_op_emulated() {
 fn the_plan_comparison_fails_when_a_size_depends_on_device_data_emulated() {
     let _l = LOCK.lock().unwrap_or_else(|p| p.into_inner());
     let device = common::emulated();
-    let host: Vec<f32> = (0..4096).map(|i| if i % 3 == 0 { 1.0 } else { -1.0 }).collect();
-    let x = Tensor::from_vec(host, [4096]).unwrap().to_device(device).unwrap();
+    let host: Vec<f32> = (0..4096)
+        .map(|i| if i % 3 == 0 { 1.0 } else { -1.0 })
+        .collect();
+    let x = Tensor::from_vec(host, [4096])
+        .unwrap()
+        .to_device(device)
+        .unwrap();
     let pass = |plan: bool| {
         let _p = Plan::on(plan);
         emu::gpu_device().unwrap().empty_cache();
@@ -200,7 +232,11 @@ fn the_plan_comparison_fails_when_a_size_depends_on_device_data_emulated() {
         let y = kestrel::ops::relu(&x).unwrap();
         let positives = {
             let _r = emu::allow_readout("a size read from device data (wrong on purpose)");
-            y.to_vec::<f32>().unwrap().iter().filter(|v| **v > 0.0).count()
+            y.to_vec::<f32>()
+                .unwrap()
+                .iter()
+                .filter(|v| **v > 0.0)
+                .count()
         };
         let sized = Tensor::zeros([positives.max(1) * 256], kestrel::DType::F32, device).unwrap();
         drop(sized);
@@ -209,7 +245,10 @@ fn the_plan_comparison_fails_when_a_size_depends_on_device_data_emulated() {
     let real = pass(false);
     let plan = pass(true);
     eprintln!("real {real:?}\nplan {plan:?}");
-    assert_ne!(real, plan, "a data-dependent size must show in the comparison");
+    assert_ne!(
+        real, plan,
+        "a data-dependent size must show in the comparison"
+    );
     assert_ne!(real.1, plan.1, "the peaks differ");
 }
 

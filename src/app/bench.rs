@@ -238,7 +238,10 @@ pub fn run(a: &BenchOptions) -> Result<()> {
             ));
         }
         if a.ops {
-            return Err(Error::invalid("bench", "--plan with --ops: --ops times the CPU"));
+            return Err(Error::invalid(
+                "bench",
+                "--plan with --ops: --ops times the CPU",
+            ));
         }
         // This thread runs every pass of the bench.
         crate::device::emu::set_plan_mode(true);
@@ -279,7 +282,11 @@ pub fn run(a: &BenchOptions) -> Result<()> {
     let peak = |tracks: bool, runs: &[StageTimes]| {
         if device.is_cuda() {
             // The profiler restarts the device's peak at every stage cut.
-            let p = runs.iter().map(StageTimes::peak_allocated).max().unwrap_or(0);
+            let p = runs
+                .iter()
+                .map(StageTimes::peak_allocated)
+                .max()
+                .unwrap_or(0);
             Some(p as f64 / (1024.0 * 1024.0))
         } else if tracks {
             peak_rss_mib()
@@ -486,7 +493,9 @@ fn print_counters(rows: &[Row]) {
 /// Device memory per stage (last timed iteration): bytes in use before the stage,
 /// its peak, and what the stage added over what was live before it.
 fn print_stage_memory(rows: &[Row]) {
-    println!("device memory per stage, MiB (last timed iteration; added = stage peak - live before it):");
+    println!(
+        "device memory per stage, MiB (last timed iteration; added = stage peak - live before it):"
+    );
     for r in rows {
         println!("  {} b{}:", r.mode, r.batch);
         println!(

@@ -300,7 +300,9 @@ pub fn plan_mode() -> bool {
 /// Outside plan mode (and on other backends) the guard does nothing.
 pub fn allow_readout(what: &'static str) -> ReadoutGuard {
     READOUTS.with(|r| r.borrow_mut().push(what));
-    ReadoutGuard { _not_send: std::marker::PhantomData }
+    ReadoutGuard {
+        _not_send: std::marker::PhantomData,
+    }
 }
 
 /// See [`allow_readout`]; ends the scope when dropped.
@@ -558,7 +560,12 @@ impl Drop for EmuAlloc {
 
 /// Run a checked launch: in plan mode only note it (not in the coverage records of
 /// [`record_dir`]: its code did not run).
-fn run_launch(kernel: &str, entry: &imp::EntryInfo, cfg: &LaunchCfg, args: &[KernelArg]) -> Result<()> {
+fn run_launch(
+    kernel: &str,
+    entry: &imp::EntryInfo,
+    cfg: &LaunchCfg,
+    args: &[KernelArg],
+) -> Result<()> {
     LAST_KERNEL.with(|k| *k.borrow_mut() = Some(kernel.to_string()));
     if plan_mode() {
         THREAD_LAUNCHES.with(|l| l.borrow_mut().push(kernel.to_string()));
