@@ -451,3 +451,38 @@ fn check_padded_selection(device: Device) {
 crate::device_tests! {
     padded_selection(cpu, emulated, cuda) => check_padded_selection;
 }
+
+/// A model whose RPN keeps no proposal (a sigmoid never reaches 2): every row of
+/// the padded tail is padding, and the packed result has no detection (and zero
+/// proposal counts) on every device.
+fn check_zero_proposals(device: Device) {
+    let mut cfg = kestrel::app::train::small_config(3, 64);
+    cfg.rpn.score_thresh = 2.0;
+    let mut m = kestrel::detection::FasterRcnn::new(cfg, 0).unwrap();
+    m.to_device(device).unwrap();
+    let mut rng = Rng::new(3);
+    let imgs: Vec<Image> = (0..2)
+        .map(|_| ((0..3 * 64 * 64).map(|_| rng.below(256) as u8).collect(), 64, 64))
+        .collect();
+    let dets = m.detect_u8(&views(&imgs)).unwrap();
+    assert_eq!(dets.len(), 2);
+    for d in &dets {
+        assert!(d.boxes.is_empty() && d.scores.is_empty() && d.labels.is_empty());
+    }
+    if device != Device::Cpu {
+        let up = kestrel::detection::transform::upload_u8(
+            &views(&imgs),
+            &m.config.transform,
+            device,
+        )
+        .unwrap();
+        let il = kestrel::detection::transform::transform_uploaded(&up).unwrap();
+        let pass = kestrel::autograd::no_grad(|| m.detect_packed(&il)).unwrap();
+        let read = pass.packed.read().unwrap();
+        assert_eq!(read.proposal_counts, vec![0, 0]);
+    }
+}
+
+crate::device_tests! {
+    zero_proposals_give_no_detections(cpu, emulated, cuda) => check_zero_proposals;
+}
