@@ -462,7 +462,13 @@ fn check_zero_proposals(device: Device) {
     m.to_device(device).unwrap();
     let mut rng = Rng::new(3);
     let imgs: Vec<Image> = (0..2)
-        .map(|_| ((0..3 * 64 * 64).map(|_| rng.below(256) as u8).collect(), 64, 64))
+        .map(|_| {
+            (
+                (0..3 * 64 * 64).map(|_| rng.below(256) as u8).collect(),
+                64,
+                64,
+            )
+        })
         .collect();
     let dets = m.detect_u8(&views(&imgs)).unwrap();
     assert_eq!(dets.len(), 2);
@@ -470,12 +476,9 @@ fn check_zero_proposals(device: Device) {
         assert!(d.boxes.is_empty() && d.scores.is_empty() && d.labels.is_empty());
     }
     if device != Device::Cpu {
-        let up = kestrel::detection::transform::upload_u8(
-            &views(&imgs),
-            &m.config.transform,
-            device,
-        )
-        .unwrap();
+        let up =
+            kestrel::detection::transform::upload_u8(&views(&imgs), &m.config.transform, device)
+                .unwrap();
         let il = kestrel::detection::transform::transform_uploaded(&up).unwrap();
         let pass = kestrel::autograd::no_grad(|| m.detect_packed(&il)).unwrap();
         let read = pass.packed.read().unwrap();
