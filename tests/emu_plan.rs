@@ -259,8 +259,10 @@ fn the_plan_comparison_fails_when_a_size_depends_on_device_data_emulated() {
 ///
 /// KNOWN FAILURE (2026-12-02, with io4's inference merged): allocations, bytes and
 /// copies are equal, but the real pass launches `block_copy_u32` twice where the
-/// plan does not (234 vs 232 launches): some launch depends on emulator state that
-/// plan mode skips (likely a device-to-device copy path). Ignored until found; the
+/// plan does not (234 vs 232 launches). Likely cause (not verified): after the
+/// allowed read-out of the packed detections, the per-image detection tensors are
+/// cut with row copies (`ops::shape`'s `block_copy_u32`) whose count follows the
+/// detection counts read back, which are zeros in plan mode. Ignored until fixed; the
 /// inference memory figures in BENCH_RESULTS.md carry this caveat.
 #[test]
 #[ignore = "plan launches 2 fewer block_copy_u32 than the real inference pass: under investigation"]
