@@ -4,11 +4,19 @@
 //! iterations after a warm-up), images/s and peak memory; `--json` writes the same
 //! numbers for scripts/bench_side_by_side.sh, which prints them beside torchvision's
 //! (scripts/bench_torchvision.py prints the same table).
+//!
+//! `--plan` (emulated device only) runs the same passes in the emulator's plan mode
+//! ([`crate::device::emu::set_plan_mode`]): kernels are checked and counted but not
+//! computed, so the device memory and counters of R50-FPN at full size and batch 16
+//! come in seconds instead of hours; the figures are those of a real run (plan mode
+//! refuses any read-back that could make them differ; tests/emu_plan.rs compares
+//! plans with real runs). Times are then meaningless and are not the point.
 
 use std::path::PathBuf;
 
 use super::profile::{
-    detect_profiled, train_step_profiled, StageTimes, INFERENCE_STAGES, TRAINING_STAGES,
+    detect_profiled, train_step_profiled, StageMemory, StageTimes, INFERENCE_STAGES,
+    TRAINING_STAGES,
 };
 use crate::detection::{FasterRcnn, FasterRcnnConfig, Target};
 use crate::device::gpu::Counters;
@@ -45,6 +53,8 @@ pub struct BenchOptions {
     /// `r50` (ResNet-50-FPN) or `small` (the demo's model: BasicBlock [1,1,1,1],
     /// FPN 32, 91 classes, images kept at the larger side of `size`).
     pub model: String,
+    /// Emulated device only: run in plan mode (memory and counters, no compute).
+    pub plan: bool,
 }
 
 /// Timings of one configuration (mode and batch size).
@@ -61,6 +71,8 @@ struct Row {
     peak_mib: Option<f64>,
     /// Device work per stage of the last timed iteration (zero on the CPU).
     counters: Vec<(&'static str, Counters)>,
+    /// Device memory per stage of the last timed iteration (zero on the CPU).
+    memory: Vec<(&'static str, StageMemory)>,
 }
 
 /// Parse `800x1216` into (800, 1216).
@@ -197,6 +209,7 @@ fn summarize(mode: &'static str, batch: usize, runs: &[StageTimes], peak: Option
         total_ms: median(runs.iter().map(|r| r.total() * 1e3).collect()),
         peak_mib: peak,
         counters: runs.last().map(|r| r.1.clone()).unwrap_or_default(),
+        memory: runs.last().map(|r| r.2.clone()).unwrap_or_default(),
     }
 }
 
@@ -223,6 +236,22 @@ fn repeat(
 pub fn run(a: &BenchOptions) -> Result<()> {
     let device = Device::parse(&a.device)?;
     let size = parse_size(&a.size)?;
+    if a.plan {
+        if device != Device::Cuda(crate::device::emu::EMU_ORDINAL) {
+            return Err(Error::invalid(
+                "bench",
+                format!("--plan needs --device emu (the emulator's plan mode), not {device}"),
+            ));
+        }
+        if a.ops {
+            return Err(Error::invalid(
+                "bench",
+                "--plan with --ops: --ops times the CPU",
+            ));
+        }
+        // This thread runs every pass of the bench.
+        crate::device::emu::set_plan_mode(true);
+    }
     if let Some(b) = a.batch.iter().find(|&&b| b > MAX_BENCH_BATCH) {
         return Err(Error::invalid(
             "bench",
@@ -265,9 +294,15 @@ pub fn run(a: &BenchOptions) -> Result<()> {
     let mut rows = Vec::new();
     // On a device: the caching allocator's peak (bytes in use, as PyTorch's
     // max_memory_allocated); on the CPU: the process's peak RSS.
-    let peak = |tracks: bool| {
+    let peak = |tracks: bool, runs: &[StageTimes]| {
         if device.is_cuda() {
-            Some(device.memory().peak_allocated as f64 / (1024.0 * 1024.0))
+            // The profiler restarts the device's peak at every stage cut.
+            let p = runs
+                .iter()
+                .map(StageTimes::peak_allocated)
+                .max()
+                .unwrap_or(0);
+            Some(p as f64 / (1024.0 * 1024.0))
         } else if tracks {
             peak_rss_mib()
         } else {
@@ -309,7 +344,7 @@ fn bench_precision(
     model: &mut FasterRcnn,
     (images, targets): (&[Tensor], &[Target]),
     bf16: bool,
-    peak: &dyn Fn(bool) -> Option<f64>,
+    peak: &dyn Fn(bool, &[StageTimes]) -> Option<f64>,
     tracks_rss: bool,
 ) -> Result<Vec<Row>> {
     let device = model_device_of(model);
@@ -327,7 +362,7 @@ fn bench_precision(
             let runs = repeat(&label, a.warmup, a.iters, || {
                 Ok(detect_profiled(model, &images[..b])?.1)
             })?;
-            rows.push(summarize(infer_mode, b, &runs, peak(tracks_rss)));
+            rows.push(summarize(infer_mode, b, &runs, peak(tracks_rss, &runs)));
             pool_note(&label);
         }
     }
@@ -347,12 +382,12 @@ fn bench_precision(
             let runs = repeat(&label, a.warmup, a.iters, || {
                 let (loss, t) =
                     train_step_profiled(model, &images[..b], &targets[..b], &mut sgd, &mut rng)?;
-                if !loss.is_finite() {
+                if !loss.is_finite() && !a.plan {
                     eprintln!("  (loss is {loss}: timings still stand)");
                 }
                 Ok(t)
             })?;
-            rows.push(summarize(train_mode, b, &runs, peak(tracks_rss)));
+            rows.push(summarize(train_mode, b, &runs, peak(tracks_rss, &runs)));
             pool_note(&label);
         }
     }
@@ -374,7 +409,10 @@ fn print_results(
     tracks_rss: bool,
     rows: &[Row],
 ) -> Result<()> {
-    let memory_note = if device.is_cuda() {
+    let memory_note = if a.plan {
+        "plan mode (emulated device, kernels checked and counted but not run): times are not kernel times; \
+         peak memory: the caching allocator's peak of bytes in use, exact (tests/emu_plan.rs)"
+    } else if device.is_cuda() {
         "peak memory: the caching allocator's peak of bytes in use (blocks lent to tensors), reset per column"
     } else if tracks_rss {
         "peak memory: peak RSS of the process (VmHWM, reset per column)"
@@ -398,6 +436,7 @@ fn print_results(
     println!("{memory_note}");
     if device.is_cuda() {
         print_counters(rows);
+        print_stage_memory(rows);
     }
     if let Some(path) = &a.json {
         write_json(path, device, size, a, rows)?;
@@ -493,6 +532,31 @@ fn print_counters(rows: &[Row]) {
     }
 }
 
+/// Device memory per stage (last timed iteration): bytes in use before the stage,
+/// its peak, and what the stage added over what was live before it.
+fn print_stage_memory(rows: &[Row]) {
+    println!(
+        "device memory per stage, MiB (last timed iteration; added = stage peak - live before it):"
+    );
+    for r in rows {
+        println!("  {} b{}:", r.mode, r.batch);
+        println!(
+            "    {:<12} {:>12} {:>12} {:>12} {:>12}",
+            "stage", "live before", "peak", "added", "live after"
+        );
+        for (name, m) in &r.memory {
+            println!(
+                "    {:<12} {:>12.1} {:>12.1} {:>12.1} {:>12.1}",
+                name,
+                mib(m.before as usize),
+                mib(m.peak as usize),
+                mib(m.added() as usize),
+                mib(m.after as usize)
+            );
+        }
+    }
+}
+
 fn write_json(
     path: &std::path::Path,
     device: Device,
@@ -516,11 +580,20 @@ fn write_json(
                 "total_ms": r.total_ms,
                 "images_per_s": r.batch as f64 * 1e3 / r.total_ms,
                 "peak_mib": r.peak_mib,
+                "memory": r.memory.iter().map(|(n, m)| json!({
+                    "stage": n,
+                    "before_bytes": m.before,
+                    "peak_bytes": m.peak,
+                    "added_bytes": m.added(),
+                    "after_bytes": m.after,
+                })).collect::<Vec<_>>(),
                 "counters": r.counters.iter().map(|(n, c)| json!({
                     "stage": n,
                     "launches": c.launches,
                     "driver_allocs": c.driver_allocs,
                     "driver_alloc_bytes": c.driver_alloc_bytes,
+                    "driver_frees": c.driver_frees,
+                    "cached_allocs": c.cached_allocs,
                     "memsets": c.memsets,
                     "htod": c.htod,
                     "dtoh": c.dtoh,
@@ -537,6 +610,7 @@ fn write_json(
         "size": [size.0, size.1],
         "warmup": a.warmup,
         "iters": a.iters,
+        "plan": a.plan,
         "results": results,
     });
     let text = serde_json::to_string_pretty(&doc).expect("numbers serialise");

@@ -24,16 +24,42 @@ pub use crate::detection::faster_rcnn::{INFERENCE_STAGES, TRAINING_STAGES};
 /// Seconds per stage of one pass, in stage order, and the device work each stage
 /// asked for ([`Counters`] of the calling thread; zero on the CPU). The
 /// synchronisation at each cut is the profiler's own and is not counted.
+/// On a device, also the caching allocator's bytes per stage ([`StageMemory`]).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct StageTimes(
     pub Vec<(&'static str, f64)>,
     pub Vec<(&'static str, Counters)>,
+    pub Vec<(&'static str, StageMemory)>,
 );
+
+/// Device memory of one stage, bytes of blocks lent to tensors (the caching
+/// allocator's `allocated`, as PyTorch's `memory_allocated`); zero on the CPU.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StageMemory {
+    /// Bytes in use when the stage began.
+    pub before: u64,
+    /// Highest bytes in use during the stage.
+    pub peak: u64,
+    /// Bytes in use when the stage ended.
+    pub after: u64,
+}
+
+impl StageMemory {
+    /// What the stage itself needed on top of what was live before it.
+    pub fn added(&self) -> u64 {
+        self.peak.saturating_sub(self.before)
+    }
+}
 
 impl StageTimes {
     /// Sum of the stages, seconds.
     pub fn total(&self) -> f64 {
         self.0.iter().map(|s| s.1).sum()
+    }
+
+    /// Highest bytes in use over the stages (zero on the CPU).
+    pub fn peak_allocated(&self) -> u64 {
+        self.2.iter().map(|s| s.1.peak).max().unwrap_or(0)
     }
 
     /// Sum of the stages' counters.
@@ -59,16 +85,22 @@ struct Laps {
     last: Instant,
     counters: CounterScope,
     times: StageTimes,
+    /// Bytes in use at the last cut.
+    live: u64,
 }
 
 impl Laps {
     fn start(device: Device) -> Result<Laps> {
         synchronize(device)?;
+        // Each stage's peak is measured from its own start: the device's peak is
+        // restarted at every cut (the pass's peak is the largest stage peak).
+        device.reset_peak_memory();
         Ok(Laps {
             device,
             last: Instant::now(),
             counters: device.counters(),
             times: StageTimes::default(),
+            live: device.memory().allocated,
         })
     }
 
@@ -80,6 +112,17 @@ impl Laps {
             .0
             .push((name, now.duration_since(self.last).as_secs_f64()));
         self.times.1.push((name, counted));
+        let m = self.device.memory();
+        self.times.2.push((
+            name,
+            StageMemory {
+                before: self.live,
+                peak: m.peak_allocated,
+                after: m.allocated,
+            },
+        ));
+        self.live = m.allocated;
+        self.device.reset_peak_memory();
         self.counters.reset();
         self.last = now;
         Ok(())
@@ -115,6 +158,9 @@ pub fn train_step_profiled(
     sgd: &mut Sgd,
     rng: &mut Rng,
 ) -> Result<(f64, StageTimes)> {
+    // Kernel errors go to the device's flag table, read with the loss (as in the
+    // Runner's step), not back per op.
+    let _defer = crate::device::error_flags::defer();
     let mut laps = Laps::start(model_device(model))?;
     let names = model.params.trainable_names();
     let tape = Tape::new();
@@ -132,7 +178,10 @@ pub fn train_step_profiled(
         drop(guard);
         let grads = tape.backward(&total)?;
         laps.lap("backward")?;
-        (total.item()?, grads)
+        // The step's one read-out, as the Runner's logging iteration makes it: the
+        // loss, the NaN flag and the deferred kernel errors in one copy.
+        let read = crate::runner::read_step_values(std::slice::from_ref(&total))?;
+        (read.values[0], grads)
     };
     drop(tape);
     let mut params: Vec<Tensor> = Vec::with_capacity(names.len());

@@ -249,6 +249,10 @@ struct BenchArgs {
     /// images kept at the larger side of --size: fast enough for the emulated device).
     #[arg(long, default_value = "r50")]
     model: String,
+    /// With --device emu: plan mode, device memory and counters without computing
+    /// the kernels (exact; times are not kernel times).
+    #[arg(long)]
+    plan: bool,
 }
 
 impl From<BenchArgs> for bench::BenchOptions {
@@ -266,6 +270,7 @@ impl From<BenchArgs> for bench::BenchOptions {
             precision: a.precision,
             ops: a.ops,
             model: a.model,
+            plan: a.plan,
         }
     }
 }

@@ -46,6 +46,9 @@
 //!   same `cargo test` run.
 //! - `kestrel kernel-check NAME`: the kernel's parity tests (emulated, and on a real
 //!   GPU when present) and its bench, in one command.
+//! - Plan mode (`KESTREL_EMU_PLAN=1` for the process, [`set_plan_mode`] for the
+//!   calling thread): memory and launch accounting of a pass without computing it.
+//!   See [`set_plan_mode`].
 //!
 //! What the shim supports and its limits: kernels/emu/shim.h.
 
@@ -243,6 +246,124 @@ fn record_launch(kernel: &str) {
     }
 }
 
+thread_local! {
+    /// This thread's plan-mode override (see [`set_plan_mode`]); `None`: the process
+    /// default (`KESTREL_EMU_PLAN`).
+    static PLAN: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
+    /// Read-outs allowed in plan mode on this thread, innermost last (see [`allow_readout`]).
+    static READOUTS: std::cell::RefCell<Vec<&'static str>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// The last kernel launched from this thread, to say where a refused read-back came from.
+    static LAST_KERNEL: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Turn plan mode on or off for the calling thread (overriding `KESTREL_EMU_PLAN=1`,
+/// which turns it on for every thread of the process).
+///
+/// In plan mode the emulated device does everything a pass does to the device
+/// except compute: launches are checked exactly as always (grid, block, shared
+/// memory, argument kinds, live buffers) and counted, but their bodies do not run;
+/// blocks are not poisoned and device-to-device copies are counted but not
+/// performed, so untouched pages of a block are never mapped (a batch-16 R50-FPN
+/// pass may reserve many GB). Host-to-device copies and memsets still write: they
+/// are cheap, and state that outlives the pass (the kernel-error flag table, zeroed
+/// once) stays valid for real runs later in the same process.
+///
+/// Why it is exact: the caching allocator's decisions (which block, which size
+/// class, when to ask the driver) depend only on the sequence of allocation sizes
+/// and frees, and those depend on data only where the host reads device data back
+/// (a count that sizes the next buffer). So plan mode refuses every device-to-host
+/// copy outside an [`allow_readout`] scope (an end-of-step read-out whose values
+/// decide nothing): with no refusal, the plan made exactly the allocations, frees,
+/// launches and copies of a real run, and the allocator's peak is the real peak.
+/// tests/emu_plan.rs checks this against real runs. An allowed read-out reads zeros
+/// (nothing was computed).
+pub fn set_plan_mode(on: bool) {
+    PLAN.with(|p| p.set(Some(on)));
+}
+
+/// Whether plan mode is on for the calling thread (see [`set_plan_mode`]).
+pub fn plan_mode() -> bool {
+    static PROCESS: OnceLock<bool> = OnceLock::new();
+    PLAN.with(|p| p.get()).unwrap_or_else(|| {
+        *PROCESS.get_or_init(|| {
+            std::env::var("KESTREL_EMU_PLAN").is_ok_and(|v| !v.is_empty() && v != "0")
+        })
+    })
+}
+
+/// While the returned guard lives, device-to-host copies of the calling thread are
+/// allowed in plan mode: an end-of-step read-out named `what` (the losses read on a
+/// logging iteration, the final detections). Its values are not computed in plan
+/// mode: the copy yields zeros (whatever a block held before would be stale data of
+/// another op; zeros keep the read-out's flag checks quiet and make the plan
+/// deterministic), so the caller must not let them size or steer later device work.
+/// Outside plan mode (and on other backends) the guard does nothing.
+pub fn allow_readout(what: &'static str) -> ReadoutGuard {
+    READOUTS.with(|r| r.borrow_mut().push(what));
+    ReadoutGuard {
+        _not_send: std::marker::PhantomData,
+    }
+}
+
+/// See [`allow_readout`]; ends the scope when dropped.
+pub struct ReadoutGuard {
+    /// The scope belongs to the thread that opened it.
+    _not_send: std::marker::PhantomData<*const ()>,
+}
+
+impl Drop for ReadoutGuard {
+    fn drop(&mut self) {
+        READOUTS.with(|r| r.borrow_mut().pop());
+    }
+}
+
+/// The first function of the caller's stack in Kestrel's source outside the device
+/// and tensor layers (the op that read back), with its file and line, or `None`
+/// when the build has no line tables.
+fn reading_op() -> Option<String> {
+    let bt = std::backtrace::Backtrace::force_capture().to_string();
+    // Lines are `  N: name`, `      name` (a frame inlined into the one above) or
+    // `at file:line:col` for the name above; names may lack their module path (line
+    // tables only), so the file says whose code it is.
+    let mut name = "";
+    for l in bt.lines().map(str::trim) {
+        if let Some(at) = l.strip_prefix("at ") {
+            let ours = at.contains("src/")
+                && !at.contains(".cargo")
+                && !at.contains("/rustc/")
+                && !at.contains("src/device/")
+                && !at.contains("src/tensor/");
+            if ours {
+                let at = at.rsplit_once(':').map_or(at, |(f, _col)| f);
+                let at = at.find("src/").map_or(at, |i| &at[i..]);
+                return Some(format!("{name} ({at})"));
+            }
+        } else {
+            name = match l.split_once(": ") {
+                Some((n, f)) if n.chars().all(|c| c.is_ascii_digit()) => f.trim(),
+                _ => l,
+            };
+        }
+    }
+    None
+}
+
+/// In plan mode, refuse a device-to-host copy outside an allowed read-out.
+fn check_plan_readback(bytes: usize) -> Result<()> {
+    if !plan_mode() || READOUTS.with(|r| !r.borrow().is_empty()) {
+        return Ok(());
+    }
+    let op = reading_op().unwrap_or_else(|| "an unnamed caller (no line tables)".into());
+    let last = LAST_KERNEL.with(|k| k.borrow().clone());
+    Err(Error::invalid(
+        "emulated device plan mode",
+        format!(
+            "{op} read {bytes} bytes back from the device (after kernel {}): in plan mode kernels do not compute, so a value read back could size or steer later work differently from a real run; only an end-of-step read-out (emu::allow_readout) may read back",
+            last.as_deref().unwrap_or("none")
+        ),
+    ))
+}
+
 /// The byte every block handed out by the caching allocator is filled with: all
 /// bits set is NaN as f32 and f64 and -1 as i64, so a kernel that relied on fresh
 /// memory being zero gives visibly wrong results.
@@ -318,8 +439,7 @@ impl EmuBackend {
             Node::Launch { kernel, cfg, args } => {
                 let entry = imp::entry(kernel)?;
                 self.check_launch(kernel, cfg, args, entry.params())?;
-                record_launch(kernel);
-                imp::launch(kernel, entry, cfg, args)
+                run_launch(kernel, entry, cfg, args)
             }
             Node::Memset { ptr, bytes, value } => {
                 self.check_range("memset", *ptr, *bytes)?;
@@ -330,6 +450,9 @@ impl EmuBackend {
             Node::Dtod { src, dst, bytes } => {
                 self.check_range("copy_dtod source", *src, *bytes)?;
                 self.check_range("copy_dtod destination", *dst, *bytes)?;
+                if plan_mode() {
+                    return Ok(());
+                }
                 // SAFETY: both ranges checked live above; `copy` allows overlap.
                 unsafe { std::ptr::copy(*src as *const u8, *dst as *mut u8, *bytes) };
                 Ok(())
@@ -435,6 +558,23 @@ impl Drop for EmuAlloc {
     }
 }
 
+/// Run a checked launch: in plan mode only note it (not in the coverage records of
+/// [`record_dir`]: its code did not run).
+fn run_launch(
+    kernel: &str,
+    entry: &imp::EntryInfo,
+    cfg: &LaunchCfg,
+    args: &[KernelArg],
+) -> Result<()> {
+    LAST_KERNEL.with(|k| *k.borrow_mut() = Some(kernel.to_string()));
+    if plan_mode() {
+        THREAD_LAUNCHES.with(|l| l.borrow_mut().push(kernel.to_string()));
+        return Ok(());
+    }
+    record_launch(kernel);
+    imp::launch(kernel, entry, cfg, args)
+}
+
 fn check_copy(op: &'static str, len: usize, cap: usize) -> Result<()> {
     if len > cap {
         return Err(Error::invalid(
@@ -482,6 +622,11 @@ impl GpuBackend for EmuBackend {
 
     fn copy_dtoh(&self, src: &GpuBuffer, dst: &mut [u8]) -> Result<()> {
         check_copy("copy_dtoh", dst.len(), src.bytes())?;
+        check_plan_readback(dst.len())?;
+        if plan_mode() {
+            dst.fill(0);
+            return Ok(());
+        }
         // SAFETY: as in copy_htod, with the roles swapped.
         unsafe {
             std::ptr::copy_nonoverlapping(src.ptr() as *const u8, dst.as_mut_ptr(), dst.len())
@@ -496,6 +641,9 @@ impl GpuBackend for EmuBackend {
             dst: dst.ptr(),
             bytes,
         }) {
+            return Ok(());
+        }
+        if plan_mode() {
             return Ok(());
         }
         // SAFETY: both are live allocations of at least `bytes` bytes; `copy` allows
@@ -541,8 +689,7 @@ impl GpuBackend for EmuBackend {
         }) {
             return Ok(());
         }
-        record_launch(kernel);
-        imp::launch(kernel, entry, cfg, args)
+        run_launch(kernel, entry, cfg, args)
     }
 
     fn synchronize(&self) -> Result<()> {
