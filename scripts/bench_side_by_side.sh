@@ -9,7 +9,7 @@
 #
 #   scripts/bench_side_by_side.sh [--device cpu|cuda] [--batch 1,2] [--iters N]
 #                                 [--pairs N] [--train] [--ops] [--threads N]
-#                                 [--size HxW]
+#                                 [--size HxW] [--flush-denormals]
 #
 # --ops also runs torch's conv2d / NMS / RoIAlign once, on the shapes of
 # benches/conv.rs, detection.rs and roi_align.rs (compare with `cargo bench` output,
@@ -21,7 +21,7 @@
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
-DEVICE=cpu BATCH=1 ITERS=3 PAIRS=3 TRAIN="" OPS="" THREADS=0 SIZE=800x1216
+DEVICE=cpu BATCH=1 ITERS=3 PAIRS=3 TRAIN="" OPS="" THREADS=0 SIZE=800x1216 FLUSH=""
 while [ $# -gt 0 ]; do
     case "$1" in
     --device) DEVICE=$2; shift 2 ;;
@@ -32,6 +32,7 @@ while [ $# -gt 0 ]; do
     --size) SIZE=$2; shift 2 ;;
     --train) TRAIN=--train; shift ;;
     --ops) OPS=--ops; shift ;;
+    --flush-denormals) FLUSH=--flush-denormals; shift ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
     esac
 done
@@ -67,11 +68,11 @@ echo "== machine: $MACHINE"
 rm -f "$OUT"/kestrel.*.json "$OUT"/torchvision.*.json
 for i in $(seq 1 "$PAIRS"); do
     echo "== pair $i/$PAIRS: kestrel bench (load $(cut -d' ' -f1-3 /proc/loadavg))"
-    ./target/release/kestrel bench --device "$DEV_ARG" --batch "$BATCH" --size "$SIZE" --iters "$ITERS" $TRAIN \
+    ./target/release/kestrel bench --device "$DEV_ARG" --batch "$BATCH" --size "$SIZE" --iters "$ITERS" $TRAIN $FLUSH \
         --json "$OUT/kestrel.$i.json" | tee "$OUT/kestrel.$i.txt"
     echo "== pair $i/$PAIRS: torchvision (load $(cut -d' ' -f1-3 /proc/loadavg))"
     "$VENV/bin/python" scripts/bench_torchvision.py --model --device "$DEVICE" --threads "$THREADS" \
-        --batch "$BATCH" --size "$SIZE" --iters "$ITERS" $TRAIN --json "$OUT/torchvision.$i.json" | tee "$OUT/torchvision.$i.txt"
+        --batch "$BATCH" --size "$SIZE" --iters "$ITERS" $TRAIN $FLUSH --json "$OUT/torchvision.$i.json" | tee "$OUT/torchvision.$i.txt"
 done
 if [ -n "$OPS" ]; then
     echo "== torch ops"

@@ -387,6 +387,8 @@ def main():
     ap.add_argument("--bn", choices=["frozen", "batchnorm"], default="frozen")
     ap.add_argument("--op-reps", type=int, default=5)
     ap.add_argument("--json")
+    ap.add_argument("--flush-denormals", action="store_true",
+                    help="torch.set_flush_denormal(True), as kestrel bench --flush-denormals")
     a = ap.parse_args()
     if not (a.model or a.ops):
         a.model = True
@@ -395,6 +397,8 @@ def main():
 
     if a.threads:
         torch.set_num_threads(a.threads)
+    if a.flush_denormals and not torch.set_flush_denormal(True):
+        sys.exit("torch.set_flush_denormal(True) is not supported on this CPU")
     print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, {platform.processor() or platform.machine()}, "
           f"{a.device}, {torch.get_num_threads()} threads")
     doc = {"impl": "torchvision", "torch": torch.__version__, "torchvision": torchvision.__version__,

@@ -42,6 +42,12 @@ impl DataLoader for Repeat {
     }
 }
 
+/// The emulated tests of this file run one at a time: the device's caching
+/// allocator is shared by every thread of the process, so a test running beside
+/// them could take the blocks a Runner freed and turn their steady-state cache
+/// hits (asserted: 0 driver allocations) into misses.
+static EMULATED: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn batch() -> DetBatch {
     // u8 pixels on the host, as the loader gives them; the model uploads them to its
     // device in one copy.
@@ -221,6 +227,7 @@ fn json_log(dir: &std::path::Path) -> Vec<(u64, Vec<(String, f64)>)> {
 
 #[test]
 fn a_runner_reads_the_losses_back_once_per_logging_iteration_emulated() {
+    let _serial = EMULATED.lock().unwrap_or_else(|p| p.into_inner());
     const ITERS: usize = 4;
     const LOG: usize = 2;
     let device = common::emulated();
@@ -309,6 +316,7 @@ impl<M: Model> Hook<M> for ReadEvery {
 
 #[test]
 fn a_planted_nan_is_caught_at_the_next_logging_iteration_and_never_checkpointed_emulated() {
+    let _serial = EMULATED.lock().unwrap_or_else(|p| p.into_inner());
     let device = common::emulated();
     let dir = tmp_dir("nan");
     // Log and checkpoint every 2 iterations; NaN planted before iteration 3, a
@@ -367,6 +375,7 @@ fn the_checkpoint_hook_refuses_a_state_after_a_nan_without_a_guard() {
 /// blocks, so 0 is asserted on iteration 5 only.
 #[test]
 fn a_runner_step_uploads_only_images_and_targets_emulated() {
+    let _serial = EMULATED.lock().unwrap_or_else(|p| p.into_inner());
     const ITERS: usize = 6;
     const LOG: usize = 3;
     let device = common::emulated();

@@ -55,6 +55,8 @@ pub struct BenchOptions {
     pub model: String,
     /// Emulated device only: run in plan mode (memory and counters, no compute).
     pub plan: bool,
+    /// CPU: flush denormal floats to zero ([`crate::device::cpu::flush_denormals`]).
+    pub flush_denormals: bool,
 }
 
 /// Timings of one configuration (mode and batch size).
@@ -251,6 +253,10 @@ pub fn run(a: &BenchOptions) -> Result<()> {
         }
         // This thread runs every pass of the bench.
         crate::device::emu::set_plan_mode(true);
+    }
+    if a.flush_denormals {
+        crate::device::cpu::flush_denormals()?;
+        eprintln!("denormal floats flushed to zero on the CPU (--flush-denormals)");
     }
     if let Some(b) = a.batch.iter().find(|&&b| b > MAX_BENCH_BATCH) {
         return Err(Error::invalid(

@@ -253,6 +253,10 @@ struct BenchArgs {
     /// the kernels (exact; times are not kernel times).
     #[arg(long)]
     plan: bool,
+    /// CPU: flush denormal floats to zero (FTZ/DAZ, as torch.set_flush_denormal):
+    /// avoids the slow microcode path denormal operands take on Intel CPUs.
+    #[arg(long)]
+    flush_denormals: bool,
 }
 
 impl From<BenchArgs> for bench::BenchOptions {
@@ -271,6 +275,7 @@ impl From<BenchArgs> for bench::BenchOptions {
             ops: a.ops,
             model: a.model,
             plan: a.plan,
+            flush_denormals: a.flush_denormals,
         }
     }
 }
