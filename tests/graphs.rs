@@ -175,25 +175,11 @@ fn load_model(device: Device) -> FasterRcnn {
 }
 
 fn fixture_images() -> Vec<(Vec<u8>, usize, usize)> {
-    let f = common::fixture("model/eval.safetensors");
-    (0..)
-        .map(|i| format!("image{i}.u8"))
-        .take_while(|n| f.contains(n))
-        .map(|n| {
-            let (v, s) = f.ints(&n).unwrap();
-            (v.into_iter().map(|x| x as u8).collect(), s.dim(1), s.dim(2))
-        })
-        .collect()
+    common::fixture_pixels()
 }
 
 fn views(imgs: &[(Vec<u8>, usize, usize)]) -> Vec<ImageU8<'_>> {
-    imgs.iter()
-        .map(|(d, h, w)| ImageU8 {
-            data: d,
-            height: *h,
-            width: *w,
-        })
-        .collect()
+    common::u8_views(imgs)
 }
 
 fn eager(m: &FasterRcnn, imgs: &[(Vec<u8>, usize, usize)], device: Device) -> Vec<Detections> {

@@ -36,15 +36,7 @@ static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
 type Image = (Vec<u8>, usize, usize);
 
 fn fixture_images() -> Vec<Image> {
-    let f = common::fixture("model/eval.safetensors");
-    (0..)
-        .map(|i| format!("image{i}.u8"))
-        .take_while(|n| f.contains(n))
-        .map(|n| {
-            let (v, s) = f.ints(&n).unwrap();
-            (v.into_iter().map(|x| x as u8).collect(), s.dim(1), s.dim(2))
-        })
-        .collect()
+    common::fixture_pixels()
 }
 
 /// The fixture batch with every pixel moved by up to +-20 (same sizes).
@@ -62,13 +54,7 @@ fn perturbed(a: &[Image], seed: u64) -> Vec<Image> {
 }
 
 fn views(imgs: &[Image]) -> Vec<ImageU8<'_>> {
-    imgs.iter()
-        .map(|(d, h, w)| ImageU8 {
-            data: d,
-            height: *h,
-            width: *w,
-        })
-        .collect()
+    common::u8_views(imgs)
 }
 
 fn bits(d: &Detections) -> (Vec<[u32; 4]>, Vec<u32>, Vec<i64>) {
@@ -84,48 +70,6 @@ fn assert_bits_equal(what: &str, got: &[Detections], want: &[Detections]) {
     for (i, (g, w)) in got.iter().zip(want).enumerate() {
         assert_eq!(bits(g), bits(w), "{what}: image {i}");
     }
-}
-
-/// Detections equal torchvision's up to the order of equal scores: the same count,
-/// and within each run of equal torchvision scores a one-to-one pairing by label
-/// (nearest box) whose boxes and scores agree within `tol` relative to the largest
-/// value (the model fixtures' stage tolerance).
-fn assert_matches_fixture(what: &str, got: &Detections, want: &Detections, tol: f64) {
-    let n = want.scores.len();
-    assert_eq!(got.scores.len(), n, "{what}: count");
-    let (mut gv, mut wv) = (Vec::new(), Vec::new());
-    let mut k = 0;
-    while k < n {
-        let end = (k..n)
-            .find(|&e| want.scores[e] != want.scores[k])
-            .unwrap_or(n);
-        let mut used = vec![false; end - k];
-        for w in k..end {
-            let dist = |j: usize| {
-                (0..4)
-                    .map(|c| (got.boxes[j][c] - want.boxes[w][c]).abs())
-                    .fold(0.0f32, f32::max)
-            };
-            let j = (k..end)
-                .filter(|&j| !used[j - k] && got.labels[j] == want.labels[w])
-                .min_by(|&x, &y| dist(x).total_cmp(&dist(y)))
-                .unwrap_or_else(|| {
-                    panic!(
-                        "{what}: labels {:?} at {k}..{end}, torchvision {:?}",
-                        &got.labels[k..end],
-                        &want.labels[k..end]
-                    )
-                });
-            used[j - k] = true;
-            gv.extend(got.boxes[j].iter().map(|&v| v as f64));
-            gv.push(got.scores[j] as f64);
-            wv.extend(want.boxes[w].iter().map(|&v| v as f64));
-            wv.push(want.scores[w] as f64);
-        }
-        k = end;
-    }
-    let e = common::rel_err(&gv, &wv);
-    assert!(e <= tol, "{what}: relative error {e:.3e} > {tol:e}");
 }
 
 fn check_eager(device: Device) {
@@ -152,7 +96,12 @@ fn check_eager(device: Device) {
     let f = common::fixture("model/eval.safetensors");
     assert!(got.iter().map(|d| d.scores.len()).sum::<usize>() > 0);
     for (i, g) in got.iter().enumerate() {
-        assert_matches_fixture(&format!("image {i}"), g, &common::fixture_dets(&f, i), 1e-4);
+        common::detection_ties::assert_same_order_up_to_ties(
+            &format!("image {i}"),
+            g,
+            &common::fixture_dets(&f, i),
+            1e-4,
+        );
     }
     // The f32 API (images already on the device) gives the same bits.
     let t: Vec<Tensor> = imgs

@@ -331,60 +331,13 @@ fn check_postprocess_stage(f: &TensorFile, m: &FasterRcnn, device: Device) {
     let orig = orig_sizes(f);
     for (i, d) in dets.into_iter().enumerate() {
         let d = d.resized(il.image_sizes[i], orig[i]).unwrap();
-        assert_same_order_up_to_ties(&format!("det{i}"), &d, &fixture_dets(f, i));
+        detection_ties::assert_same_order_up_to_ties(
+            &format!("det{i}"),
+            &d,
+            &fixture_dets(f, i),
+            STAGE_TOL,
+        );
     }
-}
-
-/// The same detections in the same order, except that detections of equal
-/// torchvision score may come in any order: torchvision's per-class ("vanilla")
-/// batched NMS, which it uses above 4000 box coordinates, sorts the kept boxes with
-/// an unstable sort (RoIs over a flat region get bit-identical scores). So within
-/// each run of equal torchvision scores, the engine's detections at those positions
-/// must pair one to one with torchvision's (same label, nearest box); then labels
-/// exactly, and boxes and scores within the stage tolerance, pair by pair.
-fn assert_same_order_up_to_ties(what: &str, got: &Detections, want: &Detections) {
-    let n = want.boxes.len();
-    assert_eq!(got.boxes.len(), n, "{what}: count");
-    let mut pair = vec![0; n];
-    let mut k = 0;
-    while k < n {
-        let end = (k..n)
-            .find(|&e| want.scores[e] != want.scores[k])
-            .unwrap_or(n);
-        let mut used = vec![false; end - k];
-        for (w, slot) in pair.iter_mut().enumerate().take(end).skip(k) {
-            let dist = |j: usize| {
-                (0..4)
-                    .map(|c| (got.boxes[j][c] - want.boxes[w][c]).abs())
-                    .fold(0.0f32, f32::max)
-            };
-            let j = (k..end)
-                .filter(|&j| !used[j - k] && got.labels[j] == want.labels[w])
-                .min_by(|&x, &y| dist(x).total_cmp(&dist(y)))
-                .unwrap_or_else(|| {
-                    panic!(
-                        "{what}: labels {:?} at {k}..{end}, torchvision {:?}",
-                        &got.labels[k..end],
-                        &want.labels[k..end]
-                    )
-                });
-            used[j - k] = true;
-            *slot = j;
-        }
-        k = end;
-    }
-    let gb: Vec<f64> = pair
-        .iter()
-        .flat_map(|&j| got.boxes[j].map(|v| v as f64))
-        .collect();
-    let gs: Vec<f64> = pair.iter().map(|&j| got.scores[j] as f64).collect();
-    let ws: Vec<f64> = want.scores.iter().map(|&v| v as f64).collect();
-    let (eb, es) = (
-        common::rel_err(&gb, &flat(&want.boxes)),
-        common::rel_err(&gs, &ws),
-    );
-    assert!(eb <= STAGE_TOL, "{what} boxes: relative error {eb:.3e}");
-    assert!(es <= STAGE_TOL, "{what} scores: relative error {es:.3e}");
 }
 
 /// RPN anchor labels (matching on the device) and regression targets against the
@@ -425,10 +378,6 @@ fn check_rpn_targets_on(device: Device) {
             STAGE_TOL,
         );
     }
-}
-
-fn flat(b: &[[f32; 4]]) -> Vec<f64> {
-    b.iter().flatten().map(|&v| v as f64).collect()
 }
 
 /// Every detection of `want` pairs with one of `got` and none is left over: the same

@@ -13,21 +13,7 @@ use kestrel::{Device, Tensor};
 const SHAPES: [&[usize]; 5] = [&[3, 4], &[0, 5], &[1], &[2, 3, 5, 7], &[1000]];
 
 fn tensors(seed: u64, device: Device) -> Vec<Tensor> {
-    SHAPES
-        .iter()
-        .enumerate()
-        .map(|(i, s)| {
-            let n: usize = s.iter().product();
-            let v: Vec<f32> = common::randn(seed + i as u64, n)
-                .into_iter()
-                .map(|x| x as f32)
-                .collect();
-            Tensor::from_vec(v, s.to_vec())
-                .unwrap()
-                .to_device(device)
-                .unwrap()
-        })
-        .collect()
+    common::rand_f32_tensors(seed, &SHAPES, device)
 }
 
 /// The address of a tensor's elements, host or device.

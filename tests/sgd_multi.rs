@@ -19,21 +19,9 @@ fn shapes() -> Vec<Vec<usize>> {
 }
 
 fn tensors(seed: u64, device: Device) -> Vec<Tensor> {
-    shapes()
-        .iter()
-        .enumerate()
-        .map(|(i, s)| {
-            let n: usize = s.iter().product();
-            let v: Vec<f32> = common::randn(seed + i as u64, n)
-                .into_iter()
-                .map(|x| x as f32)
-                .collect();
-            Tensor::from_vec(v, s.clone())
-                .unwrap()
-                .to_device(device)
-                .unwrap()
-        })
-        .collect()
+    let shapes = shapes();
+    let shapes: Vec<&[usize]> = shapes.iter().map(|s| s.as_slice()).collect();
+    common::rand_f32_tensors(seed, &shapes, device)
 }
 
 /// Three steps of `cfg` on `device`; returns the parameters and momentum buffers.

@@ -123,3 +123,68 @@ pub fn order_flip<'a>(
         .filter(|last| listed.len() == top && c.score <= last.score && close(last));
     suppressor.or(cut)
 }
+
+/// The same detections in the same order, except that detections of equal
+/// torchvision score may come in any order: torchvision's per-class ("vanilla")
+/// batched NMS, which it uses above 4000 box coordinates, sorts the kept boxes with
+/// an unstable sort (RoIs over a flat region get bit-identical scores). So within
+/// each run of equal torchvision scores, the engine's detections at those positions
+/// must pair one to one with torchvision's (same label, nearest box); then labels
+/// exactly, and boxes and scores within `tol` (relative to the largest value), pair by
+/// pair.
+pub fn assert_same_order_up_to_ties(
+    what: &str,
+    got: &kestrel::detection::Detections,
+    want: &kestrel::detection::Detections,
+    tol: f64,
+) {
+    let n = want.boxes.len();
+    assert_eq!(got.boxes.len(), n, "{what}: count");
+    let mut pair = vec![0; n];
+    let mut k = 0;
+    while k < n {
+        let end = (k..n)
+            .find(|&e| want.scores[e] != want.scores[k])
+            .unwrap_or(n);
+        let mut used = vec![false; end - k];
+        for (w, slot) in pair.iter_mut().enumerate().take(end).skip(k) {
+            let dist = |j: usize| {
+                (0..4)
+                    .map(|c| (got.boxes[j][c] - want.boxes[w][c]).abs())
+                    .fold(0.0f32, f32::max)
+            };
+            let j = (k..end)
+                .filter(|&j| !used[j - k] && got.labels[j] == want.labels[w])
+                .min_by(|&x, &y| dist(x).total_cmp(&dist(y)))
+                .unwrap_or_else(|| {
+                    panic!(
+                        "{what}: labels {:?} at {k}..{end}, torchvision {:?}",
+                        &got.labels[k..end],
+                        &want.labels[k..end]
+                    )
+                });
+            used[j - k] = true;
+            *slot = j;
+        }
+        k = end;
+    }
+    let gb: Vec<f64> = pair
+        .iter()
+        .flat_map(|&j| got.boxes[j].map(|v| v as f64))
+        .collect();
+    let gs: Vec<f64> = pair.iter().map(|&j| got.scores[j] as f64).collect();
+    let ws: Vec<f64> = want.scores.iter().map(|&v| v as f64).collect();
+    let (eb, es) = (
+        super::rel_err(
+            &gb,
+            &want
+                .boxes
+                .iter()
+                .flat_map(|b| b.map(|v| v as f64))
+                .collect::<Vec<_>>(),
+        ),
+        super::rel_err(&gs, &ws),
+    );
+    assert!(eb <= tol, "{what} boxes: relative error {eb:.3e}");
+    assert!(es <= tol, "{what} scores: relative error {es:.3e}");
+}

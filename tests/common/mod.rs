@@ -102,6 +102,25 @@ pub fn randn(seed: u64, n: usize) -> Vec<f64> {
     (0..n).map(|_| r.range(-1.0, 1.0)).collect()
 }
 
+/// One f32 tensor of random values per shape, on `device` (shape `i` seeded
+/// `seed + i`).
+pub fn rand_f32_tensors(seed: u64, shapes: &[&[usize]], device: Device) -> Vec<Tensor> {
+    shapes
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let v: Vec<f32> = randn(seed + i as u64, s.iter().product())
+                .into_iter()
+                .map(|x| x as f32)
+                .collect();
+            Tensor::from_vec(v, s.to_vec())
+                .unwrap()
+                .to_device(device)
+                .unwrap()
+        })
+        .collect()
+}
+
 /// An f64 CPU tensor of random values.
 pub fn rand_t(seed: u64, shape: &[usize]) -> Tensor {
     Tensor::from_vec(randn(seed, shape.iter().product()), shape.to_vec()).unwrap()
@@ -464,9 +483,16 @@ pub type Pixels = (Vec<u8>, usize, usize);
 /// data loader yields them, with their targets (what [`fixture_training_batch`]
 /// holds as f32).
 pub fn fixture_training_pixels() -> (Vec<Pixels>, Vec<kestrel::detection::Target>) {
-    let e = fixture("model/eval.safetensors");
     let f = fixture("model/train.safetensors");
-    let pixels: Vec<Pixels> = (0..)
+    let pixels = fixture_pixels();
+    let targets = fixture_targets(&f).into_iter().take(pixels.len()).collect();
+    (pixels, targets)
+}
+
+/// The fixture's images as u8 pixels (`3 * H * W` bytes, H, W).
+pub fn fixture_pixels() -> Vec<Pixels> {
+    let e = fixture("model/eval.safetensors");
+    (0..)
         .map(|i| format!("image{i}.u8"))
         .take_while(|n| e.contains(n))
         .map(|n| {
@@ -474,9 +500,19 @@ pub fn fixture_training_pixels() -> (Vec<Pixels>, Vec<kestrel::detection::Target
             let bytes: Vec<u8> = v.into_iter().map(|x| x as u8).collect();
             (bytes, s.dim(1), s.dim(2))
         })
-        .collect();
-    let targets = fixture_targets(&f).into_iter().take(pixels.len()).collect();
-    (pixels, targets)
+        .collect()
+}
+
+/// Borrowed 8-bit views of `images`, as `upload_u8` and `detect_u8` take them.
+pub fn u8_views(images: &[Pixels]) -> Vec<kestrel::detection::transform::ImageU8<'_>> {
+    images
+        .iter()
+        .map(|(d, h, w)| kestrel::detection::transform::ImageU8 {
+            data: d,
+            height: *h,
+            width: *w,
+        })
+        .collect()
 }
 
 /// The fixture's images (u8, through `image_from_u8`) on `device` and its training
