@@ -184,18 +184,20 @@ pub fn train_step_profiled(
         (read.values[0], grads)
     };
     drop(tape);
+    // The parameters are moved out of the model, not cloned, so the step updates
+    // their buffers in place (a held copy would make SGD copy them first).
     let mut params: Vec<Tensor> = Vec::with_capacity(names.len());
     for n in &names {
-        params.push(model.params.get(n)?.clone());
+        params.push(model.params.take(n)?);
     }
-    let g: Vec<Option<&Tensor>> = params.iter().map(|p| grads.get(p)).collect();
-    let mut new = params.clone();
-    sgd.step_optional(&mut new, &g)?;
-    drop(g);
+    let g: Vec<Option<Tensor>> = params.iter().map(|p| grads.get(p).cloned()).collect();
     drop(grads);
-    for (n, t) in names.iter().zip(new) {
-        model.params.set(n, t)?;
+    let g: Vec<Option<&Tensor>> = g.iter().map(Option::as_ref).collect();
+    let stepped = sgd.step_optional(&mut params, &g);
+    for (n, t) in names.iter().zip(params) {
+        model.params.put(n, t)?;
     }
+    stepped?;
     laps.lap("optimizer")?;
     Ok((total, laps.times))
 }
