@@ -288,6 +288,15 @@ pub struct RuntimeConfig {
     pub resume: bool,
     /// Weights to start from (a checkpoint or a state_dict), if any.
     pub load_from: Option<PathBuf>,
+    /// CPU: flush denormal floats to zero (FTZ/DAZ,
+    /// [`crate::device::cpu::flush_denormals`]; `--flush-denormals` on `train`,
+    /// `eval`, `infer`, `demo` and `bench` does the same). Off by default, as in
+    /// PyTorch (`torch.set_flush_denormal(False)`): results are then IEEE's and match
+    /// torchvision's; on, values below 2^-126 become zero, which changes results only
+    /// there, and an Intel CPU no longer takes its slow microcode path for them (a
+    /// R50-FPN training step with random weights went from 6 s to 12 s once its
+    /// operands turned denormal, BENCH_RESULTS.md). No effect on a GPU's kernels.
+    pub flush_denormals: bool,
 }
 
 impl Default for RuntimeConfig {
@@ -309,6 +318,7 @@ impl Default for RuntimeConfig {
             progress_bar: true,
             resume: false,
             load_from: None,
+            flush_denormals: false,
         }
     }
 }

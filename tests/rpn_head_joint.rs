@@ -1,8 +1,11 @@
-//! The RPN head's CPU inference path: the 3x3 conv with the objectness and
+//! The RPN head's CPU paths. Inference: the 3x3 conv with the objectness and
 //! box-delta 1x1 convs run as one conv on each output tile of the 3x3 conv
-//! (`Rpn::head` without a tape). Checked against the unfused path (the same layers
-//! with a tape active: the 3x3 conv, ReLU, then each 1x1 conv on the stored map),
-//! against torchvision's head outputs, and after the head's weights are replaced.
+//! (`Rpn::head` without a tape). Training: the 3x3 conv with bias and ReLU in its
+//! epilogue (`ops::conv2d_bias_relu`) and both 1x1 convs as one 5A-channel conv
+//! (`Rpn::head` with a tape). Each is checked against the unfused layers (the 3x3
+//! conv, ReLU, then each 1x1 conv on the stored map, written out here), against
+//! torchvision's head outputs, after the head's weights are replaced, and the
+//! training path's gradients against the unfused layers' gradients.
 
 mod common;
 
@@ -35,11 +38,39 @@ fn fixture_features(f: &TensorFile) -> Vec<Tensor> {
     names.iter().map(|n| f.tensor(n).unwrap()).collect()
 }
 
-/// The head through the unfused layers: a tape is active, so no epilogue is fused.
-fn head_unfused(m: &FasterRcnn, ctx: &Ctx, feats: &[Tensor]) -> RpnHeadOutput {
-    let tape = Tape::new();
-    let _on = tape.activate();
-    m.rpn.head(ctx, feats).unwrap()
+/// The head's parameters: 3x3 weight and bias, objectness weight and bias, delta
+/// weight and bias.
+fn head_params(m: &FasterRcnn) -> [Tensor; 6] {
+    [
+        "rpn.head.conv.0.0.weight",
+        "rpn.head.conv.0.0.bias",
+        "rpn.head.cls_logits.weight",
+        "rpn.head.cls_logits.bias",
+        "rpn.head.bbox_pred.weight",
+        "rpn.head.bbox_pred.bias",
+    ]
+    .map(|n| m.params.get(n).unwrap().clone())
+}
+
+/// The head through the unfused layers, written out: the 3x3 conv (bias), ReLU,
+/// then each 1x1 conv on the stored map.
+fn head_layers(p: &[Tensor; 6], feats: &[Tensor]) -> RpnHeadOutput {
+    let (p3, p1) = (Conv2dParams::new(1, 1, 1), Conv2dParams::default());
+    let mut out = RpnHeadOutput {
+        objectness: Vec::new(),
+        deltas: Vec::new(),
+    };
+    for f in feats {
+        let t = ops::relu(&conv2d(f, &p[0], Some(&p[1]), &p3).unwrap()).unwrap();
+        out.objectness
+            .push(conv2d(&t, &p[2], Some(&p[3]), &p1).unwrap());
+        out.deltas.push(conv2d(&t, &p[4], Some(&p[5]), &p1).unwrap());
+    }
+    out
+}
+
+fn head_unfused(m: &FasterRcnn, _ctx: &Ctx, feats: &[Tensor]) -> RpnHeadOutput {
+    head_layers(&head_params(m), feats)
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
@@ -235,4 +266,82 @@ fn pointwise_head_op_refuses_a_tape() {
         kestrel::ops::conv2d::conv2d_relu_pointwise_cpu(&x, (&wt, None), &p, (&w2, None), &[3, 12])
             .unwrap_err();
     assert!(e.to_string().contains("tape"), "{e}");
+}
+
+/// `sum(objectness * ro) + sum(deltas * rd)` with fixed random `ro`, `rd`: a loss
+/// whose gradient reaches every output element with a different weight.
+fn weighted_sum(h: &RpnHeadOutput) -> Tensor {
+    let mut total: Option<Tensor> = None;
+    for (i, t) in h.objectness.iter().chain(&h.deltas).enumerate() {
+        let r = uniform(t.dims(), 100 + i as u64);
+        let s = ops::sum(&ops::mul(t, &r).unwrap()).unwrap();
+        total = Some(match total {
+            None => s,
+            Some(a) => ops::add(&a, &s).unwrap(),
+        });
+    }
+    total.unwrap()
+}
+
+/// The training head (a tape records: fused 3x3 conv + bias + ReLU, one joint 1x1
+/// conv, split) gives the unfused layers' outputs and the same gradients for the
+/// features and all six head tensors, on torchvision's fixture features.
+#[test]
+fn training_head_matches_the_unfused_layers_and_their_gradients() {
+    let f = common::fixture("model/eval.safetensors");
+    let m = load_model();
+    let feats = fixture_features(&f);
+    let params = head_params(&m);
+    // One pass per path, each on its own tape watching the same tensors.
+    let run = |train_path: bool| {
+        let tape = Tape::new();
+        for t in feats.iter().chain(&params) {
+            tape.watch(t);
+        }
+        let (head, loss) = {
+            let _on = tape.activate();
+            let head = if train_path {
+                let ctx = Ctx::new(&m.params, true);
+                m.rpn.head(&ctx, &feats).unwrap()
+            } else {
+                head_layers(&params, &feats)
+            };
+            let loss = weighted_sum(&head);
+            (head, loss)
+        };
+        let grads = tape.backward(&loss).unwrap();
+        let g: Vec<Tensor> = feats
+            .iter()
+            .chain(&params)
+            .map(|t| grads.get(t).expect("a gradient for every input").clone())
+            .collect();
+        (head, g)
+    };
+    let (fused, g_fused) = run(true);
+    let (plain, g_plain) = run(false);
+    let (diff, scale) = (head_diff(&fused, &plain), head_scale(&plain));
+    println!("training vs unfused head: max |diff| {diff:.3e}, max |output| {scale:.3e}");
+    assert!(
+        diff <= REL_TOL * scale.max(1.0),
+        "training head differs from the unfused layers by {diff:e} (outputs up to {scale:e})"
+    );
+    let names = (0..feats.len())
+        .map(|i| format!("features.{i}"))
+        .chain(
+            ["conv.weight", "conv.bias", "cls.weight", "cls.bias", "bbox.weight", "bbox.bias"]
+                .map(String::from),
+        );
+    for ((name, a), b) in names.zip(&g_fused).zip(&g_plain) {
+        let d = max_abs_diff(a, b);
+        let s = b
+            .to_vec::<f32>()
+            .unwrap()
+            .iter()
+            .fold(0f64, |m, v| m.max(v.abs() as f64));
+        println!("grad {name}: max |diff| {d:.3e} of {s:.3e}");
+        assert!(
+            s > 0.0 && d <= 1e-4 * s,
+            "gradient of {name} differs by {d:e} (values up to {s:e})"
+        );
+    }
 }

@@ -42,15 +42,29 @@ fn device(s: &str) -> Result<Device> {
     Ok(d)
 }
 
+/// Flush denormal floats to zero on the CPU when `on` (`--flush-denormals`, or
+/// `[runtime] flush_denormals`; see [`crate::device::cpu::flush_denormals`]), saying
+/// so. Call it before any CPU work starts: it sets the calling thread and rayon's
+/// pool.
+pub(crate) fn flush_denormals_if(on: bool) -> Result<()> {
+    if on {
+        crate::device::cpu::flush_denormals()?;
+        println!("denormal floats flushed to zero on the CPU");
+    }
+    Ok(())
+}
+
 /// `kestrel demo`.
 pub fn demo(
     out: &Path,
     device_name: &str,
     iters: Option<usize>,
     precision: Precision,
+    flush_denormals: bool,
 ) -> Result<()> {
     let t0 = Instant::now();
     let dev = device(device_name)?;
+    flush_denormals_if(flush_denormals)?;
     let iters = iters.unwrap_or(if dev.is_cuda() {
         DEMO_ITERS_GPU
     } else {
@@ -90,6 +104,7 @@ pub fn demo(
     cfg.schedule.steps = run.steps.clone();
     cfg.runtime.work_dir = work_dir.clone();
     cfg.runtime.precision = precision;
+    cfg.runtime.flush_denormals = flush_denormals;
     std::fs::create_dir_all(&work_dir).map_err(io(&work_dir))?;
     std::fs::write(work_dir.join("config.toml"), cfg.to_toml_string()?).map_err(io(&work_dir))?;
     let t_train = Instant::now();
@@ -166,13 +181,17 @@ fn config_device(cfg: &Config, flag: Option<&str>) -> Result<Device> {
     device(flag.unwrap_or(&cfg.runtime.device))
 }
 
-/// The config, with `--precision` (when given) in place of `runtime.precision`.
-fn config_with_precision(config: &Path, flag: Option<Precision>) -> Result<Config> {
+/// The config, with `--precision` (when given) in place of `runtime.precision` and
+/// `--flush-denormals` turning `runtime.flush_denormals` on; denormals are flushed
+/// here when that is on.
+fn config_with_flags(config: &Path, precision: Option<Precision>, flush: bool) -> Result<Config> {
     let mut cfg = Config::from_file(config)?;
-    if let Some(p) = flag {
+    if let Some(p) = precision {
         cfg.runtime.precision = p;
     }
+    cfg.runtime.flush_denormals |= flush;
     println!("precision: {}", cfg.runtime.precision);
+    flush_denormals_if(cfg.runtime.flush_denormals)?;
     Ok(cfg)
 }
 
@@ -183,8 +202,9 @@ pub fn train(
     overwrite: bool,
     device_flag: Option<&str>,
     precision: Option<Precision>,
+    flush_denormals: bool,
 ) -> Result<()> {
-    let cfg = config_with_precision(config, precision)?;
+    let cfg = config_with_flags(config, precision, flush_denormals)?;
     let dev = config_device(&cfg, device_flag)?;
     let r = &cfg.runtime;
     let resume = resume || r.resume;
@@ -218,8 +238,9 @@ pub fn eval(
     device_flag: Option<&str>,
     results: Option<&Path>,
     precision: Option<Precision>,
+    flush_denormals: bool,
 ) -> Result<()> {
-    let cfg = config_with_precision(config, precision)?;
+    let cfg = config_with_flags(config, precision, flush_denormals)?;
     let dev = config_device(&cfg, device_flag)?;
     let (_, val) = config_datasets(&cfg)?;
     let mut model = FasterRcnn::new(cfg.model.clone(), cfg.runtime.seed)?;
@@ -300,6 +321,9 @@ fn class_names(checkpoint: &Path) -> Vec<String> {
 /// (`STEM_det.png`, with the image's position added when two inputs share a stem);
 /// an image that fails is reported in `detections.json` with its error, the others'
 /// results are kept, and the command then fails naming the bad ones.
+/// `flush_denormals`: `--flush-denormals` (the config's `runtime.flush_denormals`
+/// does not apply here).
+#[allow(clippy::too_many_arguments)]
 pub fn infer(
     checkpoint: &Path,
     images: &[PathBuf],
@@ -308,6 +332,7 @@ pub fn infer(
     min_score: f32,
     device_name: &str,
     precision: Precision,
+    flush_denormals: bool,
 ) -> Result<()> {
     if !(0.0..=1.0).contains(&min_score) {
         return Err(Error::invalid(
@@ -316,6 +341,7 @@ pub fn infer(
         ));
     }
     let dev = device(device_name)?;
+    flush_denormals_if(flush_denormals)?;
     let mut model = infer_model(checkpoint, config)?;
     model.to_device(dev)?;
     model.set_precision(precision);

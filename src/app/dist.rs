@@ -178,12 +178,15 @@ pub fn train_worker(
     resume: bool,
     device_flag: Option<&str>,
     precision: Option<crate::nn::Precision>,
+    flush_denormals: bool,
     rdv: &Rendezvous,
 ) -> Result<()> {
     let mut cfg = Config::from_file(config)?;
     if let Some(p) = precision {
         cfg.runtime.precision = p;
     }
+    cfg.runtime.flush_denormals |= flush_denormals;
+    super::commands::flush_denormals_if(cfg.runtime.flush_denormals)?;
     let dev = match Device::parse(device_flag.unwrap_or(&cfg.runtime.device))? {
         // One GPU per local rank.
         Device::Cuda(_) => Device::Cuda(rdv.local_rank),

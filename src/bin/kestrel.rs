@@ -55,6 +55,7 @@ fn train(
     overwrite: bool,
     device: Option<&str>,
     precision: Option<Precision>,
+    flush_denormals: bool,
     f: DistFlags,
 ) -> kestrel::Result<()> {
     let args = kestrel::app::dist::DistArgs {
@@ -81,11 +82,28 @@ fn train(
         if let Some(p) = precision {
             fwd.extend(["--precision".to_string(), p.to_string()]);
         }
+        if flush_denormals {
+            fwd.push("--flush-denormals".into());
+        }
         return kestrel::app::dist::launch_local(&args, &fwd);
     }
     match args.rendezvous()? {
-        Some(rdv) => kestrel::app::dist::train_worker(config, resume, device, precision, &rdv),
-        None => commands::train(config, resume, overwrite, device, precision),
+        Some(rdv) => kestrel::app::dist::train_worker(
+            config,
+            resume,
+            device,
+            precision,
+            flush_denormals,
+            &rdv,
+        ),
+        None => commands::train(
+            config,
+            resume,
+            overwrite,
+            device,
+            precision,
+            flush_denormals,
+        ),
     }
 }
 
@@ -147,6 +165,9 @@ enum Cmd {
         /// f32 or bf16: the dtype of the conv and linear layers.
         #[arg(long, default_value = "f32")]
         precision: Precision,
+        /// CPU: flush denormal floats to zero (FTZ/DAZ, as torch.set_flush_denormal).
+        #[arg(long)]
+        flush_denormals: bool,
     },
     /// Train with a TOML config (see configs/).
     Train {
@@ -164,6 +185,10 @@ enum Cmd {
         /// f32 or bf16 (default: the config's runtime.precision).
         #[arg(long)]
         precision: Option<Precision>,
+        /// CPU: flush denormal floats to zero (FTZ/DAZ, as torch.set_flush_denormal);
+        /// default: the config's runtime.flush_denormals.
+        #[arg(long)]
+        flush_denormals: bool,
         #[command(flatten)]
         dist: DistFlags,
     },
@@ -180,6 +205,10 @@ enum Cmd {
         /// f32 or bf16 (default: the config's runtime.precision).
         #[arg(long)]
         precision: Option<Precision>,
+        /// CPU: flush denormal floats to zero (FTZ/DAZ, as torch.set_flush_denormal);
+        /// default: the config's runtime.flush_denormals.
+        #[arg(long)]
+        flush_denormals: bool,
     },
     /// Detect objects in images with a checkpoint; writes boxes as JSON and drawn PNGs.
     Infer {
@@ -202,6 +231,9 @@ enum Cmd {
         /// f32 or bf16: the dtype of the conv and linear layers.
         #[arg(long, default_value = "f32")]
         precision: Precision,
+        /// CPU: flush denormal floats to zero (FTZ/DAZ, as torch.set_flush_denormal).
+        #[arg(long)]
+        flush_denormals: bool,
     },
     /// Time full-size ResNet-50-FPN Faster R-CNN per stage (inference, and with
     /// --train one training step): ms per stage, images/s, peak memory.
@@ -305,13 +337,15 @@ fn main() {
             device,
             iters,
             precision,
-        } => commands::demo(&out, &device, iters, precision),
+            flush_denormals,
+        } => commands::demo(&out, &device, iters, precision, flush_denormals),
         Cmd::Train {
             config,
             resume,
             overwrite,
             device,
             precision,
+            flush_denormals,
             dist,
         } => train(
             &config,
@@ -319,6 +353,7 @@ fn main() {
             overwrite,
             device.as_deref(),
             precision,
+            flush_denormals,
             dist,
         ),
         Cmd::Eval {
@@ -327,12 +362,14 @@ fn main() {
             device,
             results,
             precision,
+            flush_denormals,
         } => commands::eval(
             &config,
             &checkpoint,
             device.as_deref(),
             results.as_deref(),
             precision,
+            flush_denormals,
         ),
         Cmd::Infer {
             checkpoint,
@@ -342,6 +379,7 @@ fn main() {
             min_score,
             device,
             precision,
+            flush_denormals,
         } => commands::infer(
             &checkpoint,
             &images,
@@ -350,6 +388,7 @@ fn main() {
             min_score,
             &device,
             precision,
+            flush_denormals,
         ),
         Cmd::Bench(args) => bench::run(&args.into()),
     };

@@ -186,6 +186,11 @@ impl Rpn {
                 deltas.push(d);
                 continue;
             }
+            if let Some([o, d]) = self.head_cpu_train(ctx, f)? {
+                objectness.push(o);
+                deltas.push(d);
+                continue;
+            }
             // Without a tape the bias and ReLU ride in the conv's epilogue.
             let t = if crate::nn::fold::fusable_plain() {
                 crate::nn::fold::conv_fused(ctx, &self.conv, f, true)?
@@ -250,6 +255,49 @@ impl Rpn {
             .try_into()
             .map_err(|_| Error::invalid("rpn head", "expected two outputs"))?;
         Ok(Some([o, d]))
+    }
+
+    /// CPU f32 training (a tape records): the 3x3 conv with its bias and ReLU in the
+    /// tile epilogue ([`ops::conv2d_bias_relu`], no separate ReLU pass), then the
+    /// objectness and box-delta 1x1 convs as one 5A-channel conv (their weights
+    /// concatenated, on the tape), which reads the 256-channel activation once
+    /// instead of twice, split by channel. The same gradients as the unfused layers
+    /// (tests/rpn_head_joint.rs). `None` where it does not apply (no tape, bf16, a
+    /// device tensor).
+    fn head_cpu_train(&self, ctx: &Ctx, f: &Tensor) -> Result<Option<[Tensor; 2]>> {
+        if crate::nn::fold::fusable_plain()
+            || ctx.precision.is_bf16()
+            || f.device() != Device::Cpu
+            || !matches!(f.dtype(), DType::F32 | DType::F64)
+        {
+            return Ok(None);
+        }
+        let get = |n: &str| ctx.params.get(n);
+        let w = get(&format!("{}.weight", self.conv.name))?;
+        let Some(b) = self.conv.bias_of(ctx)? else {
+            return Ok(None);
+        };
+        if w.device() != Device::Cpu || w.dtype() != f.dtype() {
+            return Ok(None);
+        }
+        let t = ops::conv2d_bias_relu(f, w, b, &self.conv.params)?;
+        let (cw, cb) = (
+            get(&format!("{}.weight", self.cls_logits.name))?,
+            get(&format!("{}.bias", self.cls_logits.name))?,
+        );
+        let (dw, db) = (
+            get(&format!("{}.weight", self.bbox_pred.name))?,
+            get(&format!("{}.bias", self.bbox_pred.name))?,
+        );
+        let w2 = ops::concat(&[cw, dw], 0)?;
+        let b2 = ops::concat(&[cb, db], 0)?;
+        let y = ops::conv2d::conv2d(&t, &w2, Some(&b2), &self.cls_logits.params)?;
+        drop(t);
+        let a = self.cls_logits.cout;
+        Ok(Some([
+            ops::narrow(&y, 1, 0, a)?,
+            ops::narrow(&y, 1, a, self.bbox_pred.cout)?,
+        ]))
     }
 
     /// Anchors `[A, 4]` (f32, pixels) of one image of the batch on `device` (all

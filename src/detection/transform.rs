@@ -108,6 +108,15 @@ pub fn image_from_u8(data: &[u8], h: usize, w: usize) -> Result<Tensor> {
     )
 }
 
+/// The batch's (height, width): the largest resized sides, rounded up to a multiple
+/// of `size_divisible`.
+fn padded_size(sizes: &[(usize, usize)], cfg: &TransformConfig) -> (usize, usize) {
+    let d = cfg.size_divisible.max(1);
+    let ph = sizes.iter().map(|s| s.0).max().unwrap_or(0).div_ceil(d) * d;
+    let pw = sizes.iter().map(|s| s.1).max().unwrap_or(0).div_ceil(d) * d;
+    (ph, pw)
+}
+
 /// Normalise, resize and batch `images` (each f32 `[3, H, W]` in 0..1, all on one
 /// device) into an [`ImageList`] on that device.
 pub fn transform(images: &[Tensor], cfg: &TransformConfig) -> Result<ImageList> {
@@ -137,19 +146,21 @@ pub fn transform(images: &[Tensor], cfg: &TransformConfig) -> Result<ImageList> 
             cfg.max_size,
         ));
     }
-    let d = cfg.size_divisible.max(1);
-    let ph = sizes.iter().map(|s| s.0).max().unwrap_or(0).div_ceil(d) * d;
-    let pw = sizes.iter().map(|s| s.1).max().unwrap_or(0).div_ceil(d) * d;
+    let (ph, pw) = padded_size(&sizes, cfg);
     let n = images.len();
     let tensors = match device {
         Device::Cpu => {
-            let mut out = crate::tensor::pool::take_zeroed::<f32>(n * 3 * ph * pw);
-            for (b, (im, &(oh, ow))) in images.iter().zip(&sizes).enumerate() {
-                let src = im.cpu_slice::<f32>()?;
-                let dst = &mut out[b * 3 * ph * pw..(b + 1) * 3 * ph * pw];
-                resize_normalize_cpu(src, im.dims()[1], im.dims()[2], dst, oh, ow, ph, pw, cfg);
-            }
-            Tensor::from_vec(out, [n, 3, ph, pw])?
+            let pixels = images
+                .iter()
+                .map(|im| {
+                    Ok((
+                        CpuPixels::F32(im.cpu_slice::<f32>()?),
+                        im.dims()[1],
+                        im.dims()[2],
+                    ))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            Tensor::from_vec(transform_cpu(&pixels, &sizes, ph, pw, cfg), [n, 3, ph, pw])?
         }
         Device::Cuda(_) => {
             let dev = gpu_dev("transform", &images[0])?;
@@ -186,44 +197,208 @@ pub fn transform(images: &[Tensor], cfg: &TransformConfig) -> Result<ImageList> 
     })
 }
 
-/// CPU twin of `resize_normalize_f32`: same float operations in the same order.
-#[allow(clippy::too_many_arguments)]
-fn resize_normalize_cpu(
-    src: &[f32],
-    h: usize,
-    w: usize,
-    dst: &mut [f32],
-    oh: usize,
-    ow: usize,
-    ph: usize,
-    pw: usize,
-    cfg: &TransformConfig,
-) {
-    let (sh, sw) = (h as f32 / oh as f32, w as f32 / ow as f32);
-    // Source index pairs and weights per output column and row, as PyTorch's
-    // upsample_bilinear2d computes them (source clamped at 0, no "+1" past the edge).
-    let taps = |scale: f32, o: usize, len: usize| {
-        let f = (scale * (o as f32 + 0.5) - 0.5).max(0.0);
-        let i0 = f as usize;
-        let i1 = i0 + usize::from(i0 < len - 1);
-        let l1 = f - i0 as f32;
-        (i0, i1, 1.0 - l1, l1)
-    };
-    let cols: Vec<_> = (0..ow).map(|x| taps(sw, x, w)).collect();
-    for c in 0..3 {
-        let (mean, std) = (cfg.mean[c], cfg.std[c]);
-        let p = &src[c * h * w..(c + 1) * h * w];
-        let norm = |y: usize, x: usize| (p[y * w + x] - mean) / std;
-        for oy in 0..oh {
-            let (y0, y1, ly0, ly1) = taps(sh, oy, h);
-            let row = &mut dst[(c * ph + oy) * pw..(c * ph + oy) * pw + ow];
-            for (ox, o) in row.iter_mut().enumerate() {
-                let (x0, x1, lx0, lx1) = cols[ox];
-                *o = ly0 * (lx0 * norm(y0, x0) + lx1 * norm(y0, x1))
-                    + ly1 * (lx0 * norm(y1, x0) + lx1 * norm(y1, x1));
+/// Where one image's pixels come from on the CPU: f32 in 0..1, or 8-bit bytes whose
+/// value is `v / 255` (what [`image_from_u8`] makes).
+#[derive(Clone, Copy)]
+enum CpuPixels<'a> {
+    F32(&'a [f32]),
+    U8(&'a [u8]),
+}
+
+/// Bilinear taps of one output column or row, as PyTorch's upsample_bilinear2d
+/// computes them (source clamped at 0, no "+1" past the edge): the two source
+/// indices and their weights.
+#[derive(Clone, Copy)]
+struct Tap {
+    i0: usize,
+    i1: usize,
+    l0: f32,
+    l1: f32,
+}
+
+fn tap(scale: f32, o: usize, len: usize) -> Tap {
+    let f = (scale * (o as f32 + 0.5) - 0.5).max(0.0);
+    let i0 = f as usize;
+    let i1 = i0 + usize::from(i0 < len - 1);
+    let l1 = f - i0 as f32;
+    Tap {
+        i0,
+        i1,
+        l0: 1.0 - l1,
+        l1,
+    }
+}
+
+/// Output rows written per parallel task: enough to amortise the one or two source
+/// rows a task blends again at its start, small enough to share 3 x 800 rows evenly
+/// between threads.
+const ROWS_PER_TASK: usize = 16;
+
+/// The horizontal taps of every output column, by field (so that the blend over
+/// contiguous columns vectorises).
+struct Columns {
+    i0: Vec<usize>,
+    i1: Vec<usize>,
+    l0: Vec<f32>,
+    l1: Vec<f32>,
+    /// Column x reads source columns x and x + 1 (x at the last one): the output
+    /// is as wide as the source and the scale is 1.
+    unit: bool,
+}
+
+impl Columns {
+    fn new(w: usize, ow: usize) -> Columns {
+        let sw = w as f32 / ow as f32;
+        let taps: Vec<Tap> = (0..ow).map(|x| tap(sw, x, w)).collect();
+        let unit = ow == w
+            && taps
+                .iter()
+                .enumerate()
+                .all(|(x, t)| t.i0 == x && t.i1 == (x + 1).min(w - 1));
+        Columns {
+            i0: taps.iter().map(|t| t.i0).collect(),
+            i1: taps.iter().map(|t| t.i1).collect(),
+            l0: taps.iter().map(|t| t.l0).collect(),
+            l1: taps.iter().map(|t| t.l1).collect(),
+            unit,
+        }
+    }
+
+    /// `dst[x] = l0[x] * src[i0[x]] + l1[x] * src[i1[x]]` for every output column.
+    fn blend(&self, src: &[f32], dst: &mut [f32]) {
+        let w = src.len();
+        if self.unit && w > 1 {
+            let (body, last) = dst.split_at_mut(w - 1);
+            for ((((o, &l0), &l1), &a), &b) in body
+                .iter_mut()
+                .zip(&self.l0)
+                .zip(&self.l1)
+                .zip(src)
+                .zip(&src[1..])
+            {
+                *o = l0 * a + l1 * b;
+            }
+            last[0] = self.l0[w - 1] * src[w - 1] + self.l1[w - 1] * src[w - 1];
+        } else {
+            for (x, o) in dst.iter_mut().enumerate() {
+                *o = self.l0[x] * src[self.i0[x]] + self.l1[x] * src[self.i1[x]];
             }
         }
     }
+}
+
+/// One image's source rows, normalised and blended horizontally on demand; the two
+/// most recent are kept (consecutive output rows share source rows).
+struct RowCache<'a> {
+    px: CpuPixels<'a>,
+    h: usize,
+    w: usize,
+    cfg: &'a TransformConfig,
+    luts: &'a [[f32; 256]; 3],
+    cols: &'a Columns,
+    norm: Vec<f32>,
+    /// (channel * h + row, blended row) per slot; `usize::MAX`: empty.
+    rows: [(usize, Vec<f32>); 2],
+}
+
+impl RowCache<'_> {
+    /// The slot holding source row `y` of channel `c` blended horizontally; when it
+    /// is not there, it is made in slot `slot`.
+    fn get(&mut self, c: usize, y: usize, slot: usize) -> usize {
+        let key = c * self.h + y;
+        if let Some(k) = self.rows.iter().position(|e| e.0 == key) {
+            return k;
+        }
+        let (w, at) = (self.w, (c * self.h + y) * self.w);
+        match self.px {
+            CpuPixels::F32(p) => {
+                let (mean, std) = (self.cfg.mean[c], self.cfg.std[c]);
+                for (n, &v) in self.norm.iter_mut().zip(&p[at..at + w]) {
+                    *n = (v - mean) / std;
+                }
+            }
+            CpuPixels::U8(p) => {
+                let lut = &self.luts[c];
+                for (n, &v) in self.norm.iter_mut().zip(&p[at..at + w]) {
+                    *n = lut[v as usize];
+                }
+            }
+        }
+        self.cols.blend(&self.norm, &mut self.rows[slot].1);
+        self.rows[slot].0 = key;
+        slot
+    }
+}
+
+/// The padded batch `[N, 3, PH, PW]` on the CPU: every image normalised, resized to
+/// its size in `sizes` and written into its slab, the padding written as zeros (no
+/// separate zero fill). The twin of `resize_normalize_f32` / `transform_batch_u8`,
+/// with the same float operations in the same order (checked bit for bit against
+/// the per-pixel formula in tests/transform.rs), only arranged to be fast:
+///
+/// - each source pixel is normalised once (the per-pixel formula normalises each
+///   of its four taps: four subtractions and divisions per output pixel), and an
+///   8-bit pixel through a 256-entry table per channel (`(v / 255 - mean) / std`,
+///   the same value);
+/// - bilinear interpolation is separable in exactly these operations:
+///   `ly0 * (lx0 * a + lx1 * b) + ly1 * (lx0 * c + lx1 * d)` is the vertical blend of
+///   two horizontally blended source rows, so each source row is blended
+///   horizontally once per task and reused by the output rows that read it;
+/// - rows are written in parallel, straight into the batch buffer.
+fn transform_cpu(
+    images: &[(CpuPixels, usize, usize)],
+    sizes: &[(usize, usize)],
+    ph: usize,
+    pw: usize,
+    cfg: &TransformConfig,
+) -> Vec<f32> {
+    use rayon::prelude::*;
+    let mut out = crate::tensor::pool::take::<f32>(images.len() * 3 * ph * pw);
+    if out.is_empty() {
+        return out;
+    }
+    let luts: [[f32; 256]; 3] = std::array::from_fn(|c| {
+        std::array::from_fn(|v| (v as f32 / 255.0 - cfg.mean[c]) / cfg.std[c])
+    });
+    for (slab, (&(px, h, w), &(oh, ow))) in
+        out.chunks_mut(3 * ph * pw).zip(images.iter().zip(sizes))
+    {
+        let sh = h as f32 / oh as f32;
+        let cols = Columns::new(w, ow);
+        slab.par_chunks_mut(ROWS_PER_TASK * pw)
+            .enumerate()
+            .for_each(|(t, rows)| {
+                let mut cache = RowCache {
+                    px,
+                    h,
+                    w,
+                    cfg,
+                    luts: &luts,
+                    cols: &cols,
+                    norm: vec![0.0; w],
+                    rows: [(usize::MAX, vec![0.0; ow]), (usize::MAX, vec![0.0; ow])],
+                };
+                for (k, orow) in rows.chunks_mut(pw).enumerate() {
+                    let r = t * ROWS_PER_TASK + k;
+                    let (c, oy) = (r / ph, r % ph);
+                    if oy >= oh {
+                        orow.fill(0.0);
+                        continue;
+                    }
+                    let ty = tap(sh, oy, h);
+                    let a = cache.get(c, ty.i0, 0);
+                    // The other slot for the second row, so that the first stays.
+                    let b = cache.get(c, ty.i1, 1 - a);
+                    let (top, bot) = (&cache.rows[a].1, &cache.rows[b].1);
+                    let (img, pad) = orow.split_at_mut(ow);
+                    for ((o, &u), &v) in img.iter_mut().zip(top).zip(bot) {
+                        *o = ty.l0 * u + ty.l1 * v;
+                    }
+                    pad.fill(0.0);
+                }
+            });
+    }
+    out
 }
 
 /// An 8-bit RGB image in CHW order (what decoding a PNG or JPEG gives), borrowed.
@@ -386,31 +561,34 @@ impl UploadedBatch {
 /// Normalise, resize and batch an uploaded batch into an [`ImageList`] on its
 /// device, with the config it was uploaded for: on a GPU one launch of
 /// `transform_batch_u8` for every image, writing the padding too (no memset); on
-/// the CPU `image_from_u8` then [`transform`]. Both give the same bits (the kernel
-/// does the CPU's float operations in the same order, none contracted).
+/// the CPU the bytes are read where they lie, with the result of `image_from_u8`
+/// then [`transform`]. Both give the same bits (the kernel does the CPU's float
+/// operations in the same order, none contracted).
 pub fn transform_uploaded(batch: &UploadedBatch) -> Result<ImageList> {
     let cfg = &batch.cfg;
-    let Some((dev, buf)) = &batch.gpu else {
-        let images = batch
-            .sizes
-            .iter()
-            .enumerate()
-            .map(|(i, &(h, w))| {
-                let off = read_offset(&batch.packed, i);
-                image_from_u8(&batch.packed[off..off + 3 * h * w], h, w)
-            })
-            .collect::<Result<Vec<_>>>()?;
-        return transform(&images, cfg);
-    };
     let sizes: Vec<(usize, usize)> = batch
         .sizes
         .iter()
         .map(|&(h, w)| resized_size(h, w, cfg.min_size, cfg.max_size))
         .collect();
-    let d = cfg.size_divisible.max(1);
-    let ph = sizes.iter().map(|s| s.0).max().unwrap_or(0).div_ceil(d) * d;
-    let pw = sizes.iter().map(|s| s.1).max().unwrap_or(0).div_ceil(d) * d;
+    let (ph, pw) = padded_size(&sizes, cfg);
     let n = sizes.len();
+    let Some((dev, buf)) = &batch.gpu else {
+        let pixels: Vec<_> = batch
+            .sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &(h, w))| {
+                let off = read_offset(&batch.packed, i);
+                (CpuPixels::U8(&batch.packed[off..off + 3 * h * w]), h, w)
+            })
+            .collect();
+        let out = transform_cpu(&pixels, &sizes, ph, pw, cfg);
+        return Ok(ImageList {
+            tensors: Tensor::from_vec(out, [n, 3, ph, pw])?,
+            image_sizes: sizes,
+        });
+    };
     if n > 65535 {
         return Err(Error::invalid(
             "transform_uploaded",

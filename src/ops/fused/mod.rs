@@ -6,7 +6,8 @@
 //! `shift` alone, the residual add and ReLU applied while the output tile is hot.
 //! The API is device-independent; [`cpu`] and [`cuda`] hold the implementations.
 //! These ops record no backward: under an active tape they are refused, and training
-//! uses the unfused, recorded ops.
+//! uses the unfused, recorded ops; [`conv2d_bias_relu`] is the exception (its
+//! backward is the unfused pair's).
 
 mod cpu;
 mod cuda;
@@ -105,6 +106,31 @@ pub fn conv2d_fused(x: &Tensor, w: &Tensor, p: &Conv2dParams, ep: &Epilogue) -> 
         Device::Cpu => cpu::conv2d_fused(x, w, p, ep),
         Device::Cuda(_) => cuda::conv2d_fused(x, w, p, ep),
     }
+}
+
+/// `relu(conv2d(x, w) + b)` with the bias and ReLU applied in the convolution's
+/// tile epilogue ([`conv2d_fused`]: no separate pass over the output), recorded on
+/// the tape: its backward is ReLU's mask on the output, then
+/// [`crate::ops::conv2d::conv2d_backward`] — the gradients of `relu(conv2d(x, w, b))`.
+/// The forward values are those of the unfused pair too (the same accumulation; the
+/// bias added and the ReLU taken on it, in the same order). How the RPN head's 3x3
+/// conv trains on the CPU. x `[N, Cin, H, W]`, w `[Cout, Cin, kh, kw]`, b `[Cout]`,
+/// f32 or f64.
+pub fn conv2d_bias_relu(x: &Tensor, w: &Tensor, b: &Tensor, p: &Conv2dParams) -> Result<Tensor> {
+    let ep = Epilogue {
+        shift: Some(b),
+        relu: true,
+        ..Default::default()
+    };
+    let y = autograd::no_grad(|| conv2d_fused(x, w, p, &ep))?;
+    let (xc, wc, yc, pc) = (x.clone(), w.clone(), y.clone(), *p);
+    autograd::record("conv2d_bias_relu", &[x, w, b], &y, move |gy, needs| {
+        let g = crate::ops::elementwise::relu_backward(&yc, gy)?;
+        let needs = [needs[0], needs[1], needs[2]];
+        let gr = crate::ops::conv2d::conv2d_backward(&xc, &wc, &g, &pc, needs)?;
+        Ok(vec![gr.gx, gr.gw, gr.gb])
+    });
+    Ok(y)
 }
 
 /// `act(x @ w^T * scale + shift + residual)`: x `[M, K]`, w `[N, K]` (PyTorch's
