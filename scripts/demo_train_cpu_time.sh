@@ -5,17 +5,18 @@
 # starts ("[2/4]") and when it ends ("s per iteration"), then stops the demo (the
 # evaluation is not timed).
 #
-# usage: scripts/demo_train_cpu_time.sh BINARY PRECISION ITERS TAG
+# usage: scripts/demo_train_cpu_time.sh BINARY PRECISION ITERS TAG [DEMO FLAGS...]
+# (extra flags go to `kestrel demo`, e.g. --flush-denormals)
 # prints: TAG PRECISION wall_train_s=... cpu_train_s=... load=... and the last logged losses
 # e.g. A B A B:
 #   for r in 1 2; do scripts/demo_train_cpu_time.sh target/debug/kestrel f32 30 r$r-f32
 #                    scripts/demo_train_cpu_time.sh target/debug/kestrel bf16 30 r$r-bf16; done
 set -u
-bin=$1; prec=$2; iters=$3; tag=$4
+bin=$1; prec=$2; iters=$3; tag=$4; shift 4
 log=${TMPDIR:-/tmp}/demo-cpu-time-$tag.log
 out=${TMPDIR:-/tmp}/demo-cpu-time-$tag
 rm -rf "$out"
-"$bin" demo --out "$out" --device cpu --precision "$prec" --iters "$iters" > "$log" 2>&1 &
+"$bin" demo --out "$out" --device cpu --precision "$prec" --iters "$iters" "$@" > "$log" 2>&1 &
 pid=$!
 tck=$(getconf CLK_TCK)
 cpu() { awk '{print $14 + $15}' /proc/$pid/stat; }

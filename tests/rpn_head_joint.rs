@@ -64,7 +64,8 @@ fn head_layers(p: &[Tensor; 6], feats: &[Tensor]) -> RpnHeadOutput {
         let t = ops::relu(&conv2d(f, &p[0], Some(&p[1]), &p3).unwrap()).unwrap();
         out.objectness
             .push(conv2d(&t, &p[2], Some(&p[3]), &p1).unwrap());
-        out.deltas.push(conv2d(&t, &p[4], Some(&p[5]), &p1).unwrap());
+        out.deltas
+            .push(conv2d(&t, &p[4], Some(&p[5]), &p1).unwrap());
     }
     out
 }
@@ -325,12 +326,17 @@ fn training_head_matches_the_unfused_layers_and_their_gradients() {
         diff <= REL_TOL * scale.max(1.0),
         "training head differs from the unfused layers by {diff:e} (outputs up to {scale:e})"
     );
-    let names = (0..feats.len())
-        .map(|i| format!("features.{i}"))
-        .chain(
-            ["conv.weight", "conv.bias", "cls.weight", "cls.bias", "bbox.weight", "bbox.bias"]
-                .map(String::from),
-        );
+    let names = (0..feats.len()).map(|i| format!("features.{i}")).chain(
+        [
+            "conv.weight",
+            "conv.bias",
+            "cls.weight",
+            "cls.bias",
+            "bbox.weight",
+            "bbox.bias",
+        ]
+        .map(String::from),
+    );
     for ((name, a), b) in names.zip(&g_fused).zip(&g_plain) {
         let d = max_abs_diff(a, b);
         let s = b
