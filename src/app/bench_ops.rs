@@ -196,7 +196,10 @@ pub fn conv_backward_table(reps: usize) -> Result<()> {
         let gb = uniform(&[n, n], 400 + i as u64)?;
         let stem = l.name == "stem";
         let (td, tg) = if stem {
-            (f64::NAN, interleaved(reps, || Ok(()), || matmul(&ga, &gb).map(drop))?.1)
+            (
+                f64::NAN,
+                interleaved(reps, || Ok(()), || matmul(&ga, &gb).map(drop))?.1,
+            )
         } else {
             interleaved(
                 reps,

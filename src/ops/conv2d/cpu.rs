@@ -534,7 +534,9 @@ pub(super) fn grad_weight<T: Element>(x: &[T], gy: &[T], g: &Geom) -> Vec<T> {
         gw.fill(T::zero());
         return gw;
     }
-    let tasks = (2 * rayon::current_num_threads()).min(k.div_ceil(MIN_WGRAD_ROWS)).max(1);
+    let tasks = (2 * rayon::current_num_threads())
+        .min(k.div_ceil(MIN_WGRAD_ROWS))
+        .max(1);
     let per = k.div_ceil(tasks);
     let gwp = SharedPtr(gw.as_mut_ptr());
     (0..k.div_ceil(per)).into_par_iter().for_each(|t| {

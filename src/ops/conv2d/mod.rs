@@ -348,7 +348,11 @@ pub fn conv2d_backward(
             .then(|| timed("conv2d.dgrad", || conv2d_backward_input(gy, w, x.dims(), p)))
             .transpose()?,
         gw: needs[1]
-            .then(|| timed("conv2d.wgrad", || conv2d_backward_weight(x, gy, w.dims(), p)))
+            .then(|| {
+                timed("conv2d.wgrad", || {
+                    conv2d_backward_weight(x, gy, w.dims(), p)
+                })
+            })
             .transpose()?,
         gb: needs[2]
             .then(|| timed("conv2d.bias", || conv2d_backward_bias(gy)))
