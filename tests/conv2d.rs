@@ -232,6 +232,31 @@ fn check_conv2d_vs_direct_on(dev: Device) {
         p((1, 3), (2, 1), (1, 2)),
         70,
     );
+    // dL/dx on the CPU: stride 1 runs as a convolution of dL/dy with the flipped
+    // kernel (asymmetric kernel, dilation and padding here), a strided 1x1 as a
+    // scatter of the 1x1 product (odd sizes, unequal strides), and a padding beyond
+    // the kernel's reach falls back to col2im.
+    compare_with_direct(
+        dev,
+        &[2, 3, 15, 17],
+        &[5, 3, 3, 2],
+        p((1, 1), (2, 1), (2, 1)),
+        80,
+    );
+    compare_with_direct(
+        dev,
+        &[2, 5, 17, 23],
+        &[6, 5, 1, 1],
+        p((2, 3), (0, 0), (1, 1)),
+        90,
+    );
+    compare_with_direct(
+        dev,
+        &[1, 3, 9, 10],
+        &[4, 3, 1, 1],
+        p((1, 1), (1, 2), (1, 1)),
+        100,
+    );
 }
 
 crate::device_tests! {
@@ -255,6 +280,14 @@ fn conv2d_cpu_large_shapes_match_direct_reference() {
         &[16, 128, 3, 3],
         Conv2dParams::new(1, 2, 2),
         60,
+    );
+    // A strided 1x1 (a ResNet downsample) over several column chunks.
+    compare_with_direct(
+        Device::Cpu,
+        &[2, 96, 60, 70],
+        &[40, 96, 1, 1],
+        Conv2dParams::new(2, 0, 1),
+        61,
     );
 }
 

@@ -131,3 +131,70 @@ fn fold_cache_refolds_when_a_norm_is_replaced() {
     );
     assert_close_scaled("after replacing bn1.weight", &after[3], &want[3], 2e-5);
 }
+
+/// Under a tape that watches only layers 2-4 (torchvision's trainable_layers = 3),
+/// the frozen stem and layer1 record nothing and run the fused path
+/// (`ResNet::frozen_on_tape`): C2 equals the fused forward's bit for bit, the later
+/// stages stay within f32 rounding of the all-unfused chain, and the backward
+/// reaches every trainable conv and nothing else. (On this body the unfused chain
+/// gives the same C2 bits, so the test checks the results, not which path ran; the
+/// speed is measured in BENCH_RESULTS.md.)
+#[test]
+fn frozen_layers_under_a_tape_match_and_record_nothing() {
+    use kestrel::autograd::Tape;
+    let cfg = ResNetConfig {
+        block: BlockKind::Bottleneck,
+        layers: [1, 2, 1, 1],
+        width_per_group: 16,
+        norm: NormKind::Frozen { eps: 1e-5 },
+        trainable_layers: 3,
+    };
+    let net = ResNet::new("", cfg).unwrap();
+    let store = random_store(&net, 11);
+    let x = common::rand_t(12, &[2, 3, 64, 96])
+        .to_dtype(DType::F32)
+        .unwrap();
+    let ctx = Ctx::new(&store, true);
+    let frozen = net.stage_prefixes(2);
+    let mut specs = Vec::new();
+    net.specs(&mut specs);
+    let trainable: Vec<String> = specs
+        .iter()
+        .map(|s| s.name.clone())
+        .filter(|n| n.ends_with(".weight") && (n.contains("conv") || n.contains("downsample.0")))
+        .filter(|n| !frozen.iter().any(|p| n.starts_with(p.as_str())))
+        .collect();
+    assert!(trainable.iter().all(|n| !n.starts_with("layer1")) && !trainable.is_empty());
+    let tape = Tape::new();
+    for n in &trainable {
+        tape.watch(store.get(n).unwrap());
+    }
+    let (taped, loss) = {
+        let _g = tape.activate();
+        let c = net.forward_unfused(&ctx, &x).unwrap();
+        let loss = kestrel::ops::sum(&c[3]).unwrap();
+        (c, loss)
+    };
+    let fused = net.forward_fused(&Ctx::new(&store, false), &x).unwrap();
+    let unfused = net.forward_unfused(&Ctx::new(&store, false), &x).unwrap();
+    assert_eq!(
+        taped[0].to_vec::<f32>().unwrap(),
+        fused[0].to_vec::<f32>().unwrap(),
+        "C2 (layer1, frozen) is the fused path's"
+    );
+    for (i, (t, u)) in taped.iter().zip(&unfused).enumerate() {
+        assert_close_scaled(&format!("C{}", i + 2), t, u, 2e-5);
+    }
+    // Every recorded op belongs to layers 2-4: a sum of C5 backpropagates into
+    // the trainable weights only.
+    let grads = tape.backward(&loss).unwrap();
+    assert_eq!(grads.len(), trainable.len());
+    for n in &trainable {
+        let g = grads.get(store.get(n).unwrap()).unwrap();
+        let v = g.to_vec::<f32>().unwrap();
+        assert!(
+            v.iter().all(|x| x.is_finite()) && v.iter().any(|&x| x != 0.0),
+            "{n}"
+        );
+    }
+}

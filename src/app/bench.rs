@@ -57,6 +57,9 @@ pub struct BenchOptions {
     pub plan: bool,
     /// CPU: flush denormal floats to zero ([`crate::device::cpu::flush_denormals`]).
     pub flush_denormals: bool,
+    /// Training: also print the last step's backward time by op
+    /// ([`crate::autograd::set_op_timing`]).
+    pub op_times: bool,
 }
 
 /// Timings of one configuration (mode and batch size).
@@ -340,6 +343,9 @@ pub fn run(a: &BenchOptions) -> Result<()> {
     if a.ops && !device.is_cuda() {
         super::bench_ops::sgd_time(&model, a.iters.max(3))?;
         super::bench_ops::conv_table(a.iters.max(3))?;
+        if a.train {
+            super::bench_ops::conv_backward_table(a.iters.max(3))?;
+        }
     }
     Ok(())
 }
@@ -385,19 +391,39 @@ fn bench_precision(
             reset_peak_rss();
             device.reset_peak_memory();
             let label = format!("train b{b}");
+            crate::autograd::set_op_timing(a.op_times);
+            let mut op_times = Vec::new();
             let runs = repeat(&label, a.warmup, a.iters, || {
+                crate::autograd::take_op_times();
                 let (loss, t) =
                     train_step_profiled(model, &images[..b], &targets[..b], &mut sgd, &mut rng)?;
+                op_times = crate::autograd::take_op_times();
                 if !loss.is_finite() && !a.plan {
                     eprintln!("  (loss is {loss}: timings still stand)");
                 }
                 Ok(t)
             })?;
+            crate::autograd::set_op_timing(false);
+            if a.op_times {
+                print_op_times(&label, &op_times);
+            }
             rows.push(summarize(train_mode, b, &runs, peak(tracks_rss, &runs)));
             pool_note(&label);
         }
     }
     Ok(rows)
+}
+
+/// The last step's backward by op, slowest first (to stderr, beside the progress).
+fn print_op_times(label: &str, times: &[(&'static str, usize, f64)]) {
+    let mut v = times.to_vec();
+    v.sort_by(|a, b| b.2.total_cmp(&a.2));
+    let total: f64 = v.iter().filter(|e| !e.0.contains('.')).map(|e| e.2).sum();
+    eprintln!("{label} backward by op (last step; `op.part` rows are inside their op's row):");
+    for (op, calls, s) in v {
+        eprintln!("  {op:<24} {calls:>5} calls {:>9.1} ms", s * 1e3);
+    }
+    eprintln!("  {:<24} {:>15.1} ms", "sum of ops", total * 1e3);
 }
 
 fn model_device_of(m: &FasterRcnn) -> Device {

@@ -164,6 +164,87 @@ pub fn conv_table(reps: usize) -> Result<()> {
     Ok(())
 }
 
+/// Per layer shape, the backward's two products beside the forward: dL/dx
+/// (`conv2d_backward_input`) and dL/dw (`conv2d_backward_weight`) in GFLOP/s
+/// (each has the forward's FLOPs), fastest of `reps` interleaved runs, and the
+/// square GEMM of the same FLOPs; then the FLOP-weighted totals. The stem's dL/dx is
+/// not shown (its input is the image, which needs no gradient).
+pub fn conv_backward_table(reps: usize) -> Result<()> {
+    use crate::ops::conv2d::{conv2d_backward_input, conv2d_backward_weight};
+    println!(
+        "conv2d backward vs square GEMM of the same FLOPs (CPU, {} threads, fastest of {reps} interleaved runs)",
+        rayon::current_num_threads()
+    );
+    println!(
+        "{:<22} {:>24} {:>8} {:>9} {:>6} {:>9} {:>6} {:>6}",
+        "layer", "Cin>Cout k/s HxW", "GFLOP", "gemm GF/s", "dgrad", "GF/s", "wgrad", "GF/s"
+    );
+    let (mut td_all, mut tw_all, mut tg_all) = (0.0, 0.0, 0.0);
+    for (i, l) in conv_shapes().iter().enumerate() {
+        if is_rpn_1x1(&l.name) {
+            continue;
+        }
+        let p = Conv2dParams::new(l.stride, l.pad, 1);
+        let (oh, ow) = conv2d_output_size(l.hw, (l.k, l.k), &p)
+            .ok_or_else(|| Error::invalid("bench --ops", format!("{}: no output", l.name)))?;
+        let flops = 2.0 * (l.cout * l.cin * l.k * l.k * oh * ow) as f64;
+        let x = uniform(&[1, l.cin, l.hw.0, l.hw.1], i as u64)?;
+        let w = uniform(&[l.cout, l.cin, l.k, l.k], 100 + i as u64)?;
+        let gy = uniform(&[1, l.cout, oh, ow], 500 + i as u64)?;
+        let n = ((flops / 2.0).cbrt().round() as usize).max(1);
+        let ga = uniform(&[n, n], 300 + i as u64)?;
+        let gb = uniform(&[n, n], 400 + i as u64)?;
+        let stem = l.name == "stem";
+        let (td, tg) = if stem {
+            (
+                f64::NAN,
+                interleaved(reps, || Ok(()), || matmul(&ga, &gb).map(drop))?.1,
+            )
+        } else {
+            interleaved(
+                reps,
+                || conv2d_backward_input(&gy, &w, x.dims(), &p).map(drop),
+                || matmul(&ga, &gb).map(drop),
+            )?
+        };
+        let (tw, _) = interleaved(
+            reps,
+            || conv2d_backward_weight(&x, &gy, w.dims(), &p).map(drop),
+            || Ok(()),
+        )?;
+        let gg = 2.0 * (n * n * n) as f64 / tg / 1e9;
+        let scale = flops / (2.0 * (n * n * n) as f64);
+        if !stem {
+            td_all += td;
+            tg_all += tg * scale;
+        }
+        tw_all += tw;
+        tg_all += tg * scale;
+        println!(
+            "{:<22} {:>24} {:>8.2} {:>9.1} {:>5.0}% {:>6.1} {:>5.0}% {:>6.1}",
+            l.name,
+            format!(
+                "{}>{} {}/{} {}x{}",
+                l.cin, l.cout, l.k, l.stride, l.hw.0, l.hw.1
+            ),
+            flops / 1e9,
+            gg,
+            100.0 * flops / td / 1e9 / gg,
+            flops / td / 1e9,
+            100.0 * flops / tw / 1e9 / gg,
+            flops / tw / 1e9,
+        );
+    }
+    println!(
+        "all shapes: dgrad {:.0} ms, wgrad {:.0} ms, square GEMMs of the same FLOPs {:.0} ms ({:.0}%)",
+        td_all * 1e3,
+        tw_all * 1e3,
+        tg_all * 1e3,
+        100.0 * tg_all / (td_all + tw_all)
+    );
+    Ok(())
+}
+
 /// The RPN head's objectness and box-delta 1x1 convs (256 -> 3 and 256 -> 12):
 /// inference on the CPU runs them inside the 3x3 conv's output tiles.
 fn is_rpn_1x1(name: &str) -> bool {

@@ -13,6 +13,7 @@ pub use gradcheck::{gradcheck, GradcheckReport};
 
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::error::{Error, Result};
@@ -89,6 +90,56 @@ pub fn no_grad<R>(f: impl FnOnce() -> R) -> R {
 /// Whether an op run now on this thread could be recorded.
 pub fn is_recording() -> bool {
     ACTIVE.with(|a| a.borrow().is_some())
+}
+
+static OP_TIMING: AtomicBool = AtomicBool::new(false);
+static OP_TIMES: Mutex<Vec<(&'static str, usize, f64)>> = Mutex::new(Vec::new());
+
+/// Turns on (or off) the timing of backward passes by op, for every thread:
+/// [`Tape::backward`] then times each op's backward closure (and the accumulation
+/// of gradients, as `grad_accumulate`), and [`timed`] the parts ops mark inside.
+pub fn set_op_timing(on: bool) {
+    OP_TIMING.store(on, Ordering::Relaxed);
+}
+
+/// The backward time by op since the last call, as `(op, calls, seconds)` in the
+/// order first seen. Parts named `op.part` (e.g. `conv2d.wgrad`) are included in
+/// their op's own row.
+pub fn take_op_times() -> Vec<(&'static str, usize, f64)> {
+    std::mem::take(&mut *OP_TIMES.lock().unwrap_or_else(|p| p.into_inner()))
+}
+
+/// Runs `f`, adding its wall time to `name`'s row of [`take_op_times`] while op
+/// timing is on ([`set_op_timing`]); otherwise just runs it.
+pub fn timed<R>(name: &'static str, f: impl FnOnce() -> R) -> R {
+    if !OP_TIMING.load(Ordering::Relaxed) {
+        return f();
+    }
+    let t0 = std::time::Instant::now();
+    let r = f();
+    let dt = t0.elapsed().as_secs_f64();
+    let mut v = OP_TIMES.lock().unwrap_or_else(|p| p.into_inner());
+    match v.iter_mut().find(|e| e.0 == name) {
+        Some(e) => {
+            e.1 += 1;
+            e.2 += dt;
+        }
+        None => v.push((name, 1, dt)),
+    }
+    r
+}
+
+/// Whether an op reading `t` now would be recorded: a tape is active on this thread
+/// and `t` is watched or the output of a recorded op. A layer whose inputs and
+/// tensors are all untracked (a frozen stage below the first trainable one) records
+/// nothing and may run its inference path.
+pub fn is_tracked(t: &Tensor) -> bool {
+    ACTIVE.with(|a| {
+        a.borrow().as_ref().is_some_and(|tape| {
+            let inner = tape.0.lock().unwrap_or_else(|p| p.into_inner());
+            inner.tracked.contains(&t.id())
+        })
+    })
 }
 
 /// Record `backward` for an op with these inputs and output, if a tape is active
@@ -222,7 +273,7 @@ impl Tape {
                 if let Some(g) = g {
                     let needs: Vec<bool> =
                         node.inputs.iter().map(|i| tracked.contains(i)).collect();
-                    let gin = (node.backward)(&g, &needs)?;
+                    let gin = timed(op, || (node.backward)(&g, &needs))?;
                     if gin.len() != node.inputs.len() {
                         return Err(Error::Autograd(format!(
                             "{op} backward returned {} gradients for {} inputs",
@@ -236,7 +287,7 @@ impl Tape {
                             continue;
                         }
                         let acc = match grads.remove(id) {
-                            Some(prev) => crate::ops::add(&prev, &gi)?,
+                            Some(prev) => timed("grad_accumulate", || crate::ops::add(&prev, &gi))?,
                             None => gi,
                         };
                         grads.insert(*id, acc);

@@ -289,6 +289,9 @@ struct BenchArgs {
     /// avoids the slow microcode path denormal operands take on Intel CPUs.
     #[arg(long)]
     flush_denormals: bool,
+    /// With --train: also print the last step's backward time by op (to stderr).
+    #[arg(long)]
+    op_times: bool,
 }
 
 impl From<BenchArgs> for bench::BenchOptions {
@@ -308,6 +311,7 @@ impl From<BenchArgs> for bench::BenchOptions {
             model: a.model,
             plan: a.plan,
             flush_denormals: a.flush_denormals,
+            op_times: a.op_times,
         }
     }
 }

@@ -140,11 +140,17 @@ impl TcConvCache {
 /// norms use fixed statistics (frozen, frozen statistics with a trained affine, or
 /// BatchNorm2d outside training).
 pub fn fusable(ctx: &Ctx, norm: NormKind) -> bool {
-    !autograd::is_recording()
-        && match norm {
-            NormKind::Frozen { .. } | NormKind::FrozenStats { .. } => true,
-            NormKind::Batch { .. } | NormKind::SyncBatch { .. } => !ctx.training,
-        }
+    !autograd::is_recording() && fixed_stats(ctx, norm)
+}
+
+/// Whether a norm normalises with fixed statistics in this pass (frozen, frozen
+/// statistics with a trained affine, or BatchNorm2d outside training), so that it
+/// folds into a per-channel `(scale, shift)`.
+pub fn fixed_stats(ctx: &Ctx, norm: NormKind) -> bool {
+    match norm {
+        NormKind::Frozen { .. } | NormKind::FrozenStats { .. } => true,
+        NormKind::Batch { .. } | NormKind::SyncBatch { .. } => !ctx.training,
+    }
 }
 
 /// Whether a layer without a norm (FPN, RPN and box-head layers) may be fused.

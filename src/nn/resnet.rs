@@ -1,8 +1,9 @@
 //! torchvision's ResNet (v1.5: stride on the 3x3 of a Bottleneck) as a detection
 //! body: stem, layer1..layer4, returning the four stage outputs C2..C5.
 
-use super::fold::{conv_bn_fused, fusable, FoldCache, TcConvCache};
+use super::fold::{conv_bn_fused, fixed_stats, fusable, FoldCache, TcConvCache};
 use super::{Conv2d, Ctx, Init, Norm2d, NormKind, ParamSpec};
+use crate::autograd;
 use crate::error::{Error, Result};
 use crate::ops::tc::chain::TcActivation;
 use crate::ops::{add, pool::max_pool2d, relu};
@@ -400,21 +401,56 @@ impl ResNet {
         let mut outs = Vec::with_capacity(4);
         for stage in &self.stages {
             for b in stage {
-                let identity = match &b.downsample {
-                    Some((c, n)) => conv_bn_fused(ctx, f, (c, n), &x, None, false)?,
-                    None => x.clone(),
-                };
-                let last = b.convs.len() - 1;
-                let mut h = x;
-                for (i, (c, n)) in b.convs.iter().enumerate() {
-                    let residual = (i == last).then_some(&identity);
-                    h = conv_bn_fused(ctx, f, (c, n), &h, residual, true)?;
-                }
-                x = h;
+                x = self.block_fused(ctx, b, &x)?;
             }
             outs.push(x.clone());
         }
         Ok(outs)
+    }
+
+    /// One block of [`ResNet::forward_fused`]: each conv with its folded norm, the
+    /// residual add and ReLU in its epilogue.
+    fn block_fused(&self, ctx: &Ctx, b: &Block, x: &Tensor) -> Result<Tensor> {
+        let f = &self.folds;
+        let identity = match &b.downsample {
+            Some((c, n)) => conv_bn_fused(ctx, f, (c, n), x, None, false)?,
+            None => x.clone(),
+        };
+        let last = b.convs.len() - 1;
+        let mut h = x.clone();
+        for (i, (c, n)) in b.convs.iter().enumerate() {
+            let residual = (i == last).then_some(&identity);
+            h = conv_bn_fused(ctx, f, (c, n), &h, residual, true)?;
+        }
+        Ok(h)
+    }
+
+    /// Whether a training forward may run these layers on input `x` by the fused
+    /// inference path: their norms use fixed statistics and neither `x` nor any of
+    /// their tensors is tracked by the active tape, so the unfused ops would record
+    /// nothing either (torchvision's frozen stem and layer1, trainable_layers = 3).
+    fn frozen_on_tape<'a>(
+        &self,
+        ctx: &Ctx,
+        x: &Tensor,
+        layers: impl IntoIterator<Item = &'a (Conv2d, Norm2d)>,
+    ) -> Result<bool> {
+        if autograd::is_tracked(x) || !fixed_stats(ctx, self.config.norm) {
+            return Ok(false);
+        }
+        for (c, n) in layers {
+            let names = [
+                format!("{}.weight", c.name),
+                format!("{}.weight", n.name),
+                format!("{}.bias", n.name),
+            ];
+            for name in names {
+                if autograd::is_tracked(ctx.params.get(&name)?) {
+                    return Ok(false);
+                }
+            }
+        }
+        Ok(true)
     }
 
     /// The blocks of the bf16 inference forward as one tensor-core chain: the pooled
@@ -448,12 +484,25 @@ impl ResNet {
     }
 
     /// The recorded forward: conv, norm, add and ReLU as separate ops (training).
+    /// Frozen layers at the bottom (nothing tracked, see
+    /// [`ResNet::frozen_on_tape`]) run the fused inference path instead: they
+    /// record nothing either way, and the fused path makes one pass over each
+    /// output instead of three or four.
     pub fn forward_unfused(&self, ctx: &Ctx, x: &Tensor) -> Result<Vec<Tensor>> {
-        let x = relu(&self.stem.1.forward(ctx, &self.stem.0.forward(ctx, x)?)?)?;
+        let x = if self.frozen_on_tape(ctx, x, [&self.stem])? {
+            let (c0, n0) = &self.stem;
+            autograd::no_grad(|| conv_bn_fused(ctx, &self.folds, (c0, n0), x, None, true))?
+        } else {
+            relu(&self.stem.1.forward(ctx, &self.stem.0.forward(ctx, x)?)?)?
+        };
         let mut x = max_pool2d(&x, 3, 2, 1)?;
         let mut outs = Vec::with_capacity(4);
         for stage in &self.stages {
             for b in stage {
+                if self.frozen_on_tape(ctx, &x, b.convs.iter().chain(b.downsample.iter()))? {
+                    x = autograd::no_grad(|| self.block_fused(ctx, b, &x))?;
+                    continue;
+                }
                 let identity = match &b.downsample {
                     Some((c, n)) => n.forward(ctx, &c.forward(ctx, &x)?)?,
                     None => x.clone(),

@@ -99,8 +99,22 @@ pub(super) fn im2col<T: Element>(x: &[T], g: &Geom, p0: usize, pc: usize, col: &
 /// [`im2col`] into rows `ld >= pc` elements apart (the columns past `pc` are left
 /// as they are).
 fn im2col_ld<T: Element>(x: &[T], g: &Geom, p0: usize, pc: usize, col: &mut [T], ld: usize) {
+    im2col_rows(x, g, 0..g.k(), p0, pc, col, ld)
+}
+
+/// Rows `rows` of [`im2col`]'s matrix (columns `[p0, p0 + pc)`) into `col`, rows
+/// `ld >= pc` elements apart.
+fn im2col_rows<T: Element>(
+    x: &[T],
+    g: &Geom,
+    rows: std::ops::Range<usize>,
+    p0: usize,
+    pc: usize,
+    col: &mut [T],
+    ld: usize,
+) {
     let (khw, sw) = (g.kh * g.kw, g.p.stride.1);
-    for (r, row) in col.chunks_mut(ld).take(g.k()).enumerate() {
+    for (r, row) in rows.zip(col.chunks_mut(ld)) {
         let row = &mut row[..pc];
         let (c, ki, kj) = (r / khw, (r / g.kw) % g.kh, r % g.kw);
         let plane = &x[c * g.hw()..(c + 1) * g.hw()];
@@ -353,9 +367,111 @@ pub(crate) fn forward_pointwise_head<T: Element>(
     outs
 }
 
+/// dL/dx of the convolution `g` given `gy: [N, Cout, OH * OW]`.
+///
+/// Stride 1 (any kernel, padding at most the dilated kernel's reach): dL/dx is
+/// itself a stride-1 convolution of `gy` with the flipped, transposed kernel
+/// ([`transposed_geometry`]), so it runs as [`forward`] does: tasks over output
+/// columns, each GEMM's operand an L2-sized im2col slice of `gy` and its result
+/// written once, no zero-filled buffer and no col2im. A 1x1 unpadded kernel of
+/// stride s is the 1x1 product at the `OH x OW` positions it read, scattered into
+/// an otherwise zero gradient. Other shapes: [`grad_input_col2im`].
+pub(super) fn grad_input<T: Element>(gy: &[T], w: &[T], g: &Geom) -> Vec<T> {
+    if let Some(gt) = transposed_geometry(g) {
+        return forward(gy, &flipped_transposed(w, g), &TileEpilogue::default(), &gt);
+    }
+    if g.kh == 1 && g.kw == 1 && g.p.padding == (0, 0) && g.p.dilation == (1, 1) {
+        let gt = Geom {
+            cin: g.cout,
+            h: g.oh,
+            w: g.ow,
+            cout: g.cin,
+            p: super::Conv2dParams::default(),
+            ..*g
+        };
+        let z = forward(gy, &flipped_transposed(w, g), &TileEpilogue::default(), &gt);
+        let gx = scatter_strided(&z, g);
+        pool::give(z);
+        return gx;
+    }
+    grad_input_col2im(gy, w, g)
+}
+
+/// The geometry of dL/dx as a convolution of `gy` when `g` has stride 1: input
+/// `[N, Cout, OH, OW]`, `Cin` output channels, the same kernel and dilation,
+/// padding `d (k - 1) - p` (output `H x W` again). `None` for other strides, or
+/// a padding beyond the dilated kernel's reach.
+fn transposed_geometry(g: &Geom) -> Option<Geom> {
+    if g.p.stride != (1, 1) {
+        return None;
+    }
+    let pad = |d: usize, k: usize, p: usize| (d * (k - 1)).checked_sub(p);
+    let p = super::Conv2dParams {
+        stride: (1, 1),
+        padding: (
+            pad(g.p.dilation.0, g.kh, g.p.padding.0)?,
+            pad(g.p.dilation.1, g.kw, g.p.padding.1)?,
+        ),
+        dilation: g.p.dilation,
+    };
+    let gt = Geom {
+        cin: g.cout,
+        h: g.oh,
+        w: g.ow,
+        cout: g.cin,
+        oh: g.h,
+        ow: g.w,
+        p,
+        ..*g
+    };
+    // The output size must come back to H x W (it does whenever the forward's
+    // output size is exact, which stride 1 guarantees).
+    let back = super::conv2d_output_size((g.oh, g.ow), (g.kh, g.kw), &p);
+    (back == Some((g.h, g.w))).then_some(gt)
+}
+
+/// `w: [Cout, Cin, kh, kw]` as `[Cin, Cout, kh, kw]` with each kernel rotated by
+/// 180 degrees: the weight of dL/dx as a convolution of dL/dy.
+fn flipped_transposed<T: Element>(w: &[T], g: &Geom) -> Vec<T> {
+    let khw = g.kh * g.kw;
+    let mut wt = vec![T::zero(); w.len()];
+    for co in 0..g.cout {
+        for ci in 0..g.cin {
+            let src = &w[(co * g.cin + ci) * khw..][..khw];
+            let dst = &mut wt[(ci * g.cout + co) * khw..][..khw];
+            for (d, &v) in dst.iter_mut().zip(src.iter().rev()) {
+                *d = v;
+            }
+        }
+    }
+    wt
+}
+
+/// `z: [N, Cin, OH * OW]`, the 1x1 product at the positions a strided 1x1
+/// unpadded convolution read, placed at `(oh * sh, ow * sw)` of a `[N, Cin, H, W]`
+/// gradient that is zero elsewhere (every element written once).
+fn scatter_strided<T: Element>(z: &[T], g: &Geom) -> Vec<T> {
+    let (hw, ohw, (sh, sw)) = (g.hw(), g.ohw(), g.p.stride);
+    let mut gx = pool::take::<T>(g.n * g.cin * hw);
+    gx.par_chunks_mut(hw)
+        .zip(z.par_chunks(ohw))
+        .for_each(|(plane, zp)| {
+            for (ih, row) in plane.chunks_exact_mut(g.w).enumerate() {
+                row.fill(T::zero());
+                if ih % sh == 0 && ih / sh < g.oh {
+                    let src = &zp[(ih / sh) * g.ow..][..g.ow];
+                    for (d, &v) in row.iter_mut().step_by(sw).zip(src) {
+                        *d = v;
+                    }
+                }
+            }
+        });
+    gx
+}
+
 /// `gx = col2im(Wᵀ @ gy)`, one task per (image, group of input channels); each
 /// task owns its channels' planes of gx, so col2im needs no synchronisation.
-pub(super) fn grad_input<T: Element>(gy: &[T], w: &[T], g: &Geom) -> Vec<T> {
+fn grad_input_col2im<T: Element>(gy: &[T], w: &[T], g: &Geom) -> Vec<T> {
     let (k, ohw, hw, khw) = (g.k(), g.ohw(), g.hw(), g.kh * g.kw);
     let mut gx = pool::take_zeroed::<T>(g.n * g.cin * hw);
     if gx.is_empty() {
@@ -402,50 +518,61 @@ pub(super) fn grad_input<T: Element>(gy: &[T], w: &[T], g: &Geom) -> Vec<T> {
     gx
 }
 
-/// `gw = sum over images and column chunks of gy @ colᵀ`. The tasks are cut into
-/// a fixed number of consecutive runs, each summed into its own partial, and the
-/// partials are added in order: the result does not depend on thread scheduling.
+/// `gw = sum over images and column chunks of gy @ colᵀ`, the rows of col (the
+/// columns of gw) cut into one range per task: each task makes only its rows of
+/// every im2col slice and accumulates its own columns of gw over the whole batch,
+/// so the part of gw a GEMM reads and writes stays in L2, no partial sums are
+/// added afterwards, and every element is summed in the same order whatever the
+/// thread scheduling.
 pub(super) fn grad_weight<T: Element>(x: &[T], gy: &[T], g: &Geom) -> Vec<T> {
     let (k, ohw, chw) = (g.k(), g.ohw(), g.cin * g.hw());
-    let len = g.cout * k;
-    let cols = cols_per_task(k, ohw, g.n);
-    let chunks = ohw.div_ceil(cols);
-    let tasks = g.n * chunks;
-    let runs = rayon::current_num_threads().min(tasks).max(1);
-    let per_run = tasks.div_ceil(runs);
-    let partials: Vec<Vec<T>> = (0..runs)
-        .into_par_iter()
-        .map(|run| {
-            let mut acc = pool::take_zeroed::<T>(len);
-            // The im2col slices live in this thread's scratch (no vector per run).
-            let scratch_len = if g.pointwise() { 0 } else { k * cols.min(ohw) };
-            pool::with_scratch(scratch_len, |scratch: &mut [T]| {
-                for t in run * per_run..tasks.min((run + 1) * per_run) {
-                    let (img, p0) = (t / chunks, (t % chunks) * cols);
+    let mut gw = pool::take::<T>(g.cout * k);
+    if gw.is_empty() {
+        return gw;
+    }
+    if ohw == 0 || g.n == 0 {
+        gw.fill(T::zero());
+        return gw;
+    }
+    let tasks = (2 * rayon::current_num_threads())
+        .min(k.div_ceil(MIN_WGRAD_ROWS))
+        .max(1);
+    let per = k.div_ceil(tasks);
+    let gwp = SharedPtr(gw.as_mut_ptr());
+    (0..k.div_ceil(per)).into_par_iter().for_each(|t| {
+        let (r0, r1) = (t * per, k.min((t + 1) * per));
+        let rows = r1 - r0;
+        let cols = cols_for_rows(rows).next_multiple_of(LANES).min(ohw);
+        let scratch_len = if g.pointwise() { 0 } else { rows * cols };
+        pool::with_scratch(scratch_len, |scratch: &mut [T]| {
+            let mut first = true;
+            for img in 0..g.n {
+                let xi = &x[img * chw..(img + 1) * chw];
+                for p0 in (0..ohw).step_by(cols) {
                     let pc = cols.min(ohw - p0);
-                    let xi = &x[img * chw..(img + 1) * chw];
                     let gym = MatRef::rows_ld(&gy[img * g.cout * ohw + p0..], g.cout, pc, ohw);
                     let col_t = if g.pointwise() {
-                        MatRef::rows_ld(&xi[p0..], g.cin, pc, ohw).t()
+                        MatRef::rows_ld(&xi[r0 * ohw + p0..], rows, pc, ohw).t()
                     } else {
-                        let buf = &mut scratch[..k * pc];
-                        im2col(xi, g, p0, pc, buf);
-                        MatRef::row_major(&*buf, k, pc).t()
+                        let buf = &mut scratch[..rows * pc];
+                        im2col_rows(xi, g, r0..r1, p0, pc, buf, pc);
+                        MatRef::row_major(&*buf, rows, pc).t()
                     };
-                    gemm_into(&mut acc, k, true, gym, col_t, Parallelism::None);
+                    // SAFETY: columns [r0, r1) of gw belong to this task alone, and
+                    // gw outlives the parallel loop.
+                    unsafe {
+                        gemm_ptr(gwp.get().add(r0), k, !first, gym, col_t, Parallelism::None);
+                    }
+                    first = false;
                 }
-            });
-            acc
-        })
-        .collect();
-    let mut parts = partials.into_iter();
-    let mut gw = parts.next().unwrap_or_else(|| vec![T::zero(); len]);
-    for p in parts {
-        gw.iter_mut().zip(&p).for_each(|(a, &b)| *a += b);
-        pool::give(p);
-    }
+            }
+        });
+    });
     gw
 }
+
+/// Fewest rows of the im2col matrix (columns of gw) per weight-gradient task.
+const MIN_WGRAD_ROWS: usize = 16;
 
 /// `gb[c] = sum over images and positions of gy[n, c, p]`, accumulated in f64.
 pub(super) fn grad_bias<T: Element>(gy: &[T], n: usize, c: usize, hw: usize) -> Vec<T> {

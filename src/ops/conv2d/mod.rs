@@ -342,14 +342,21 @@ pub fn conv2d_backward(
     p: &Conv2dParams,
     needs: [bool; 3],
 ) -> Result<Conv2dGrads> {
+    use crate::autograd::timed;
     Ok(Conv2dGrads {
         gx: needs[0]
-            .then(|| conv2d_backward_input(gy, w, x.dims(), p))
+            .then(|| timed("conv2d.dgrad", || conv2d_backward_input(gy, w, x.dims(), p)))
             .transpose()?,
         gw: needs[1]
-            .then(|| conv2d_backward_weight(x, gy, w.dims(), p))
+            .then(|| {
+                timed("conv2d.wgrad", || {
+                    conv2d_backward_weight(x, gy, w.dims(), p)
+                })
+            })
             .transpose()?,
-        gb: needs[2].then(|| conv2d_backward_bias(gy)).transpose()?,
+        gb: needs[2]
+            .then(|| timed("conv2d.bias", || conv2d_backward_bias(gy)))
+            .transpose()?,
     })
 }
 
