@@ -141,11 +141,26 @@ fn conv2d_rounded_cpu(
     ep: &Epilogue,
     out: DType,
 ) -> Result<Tensor> {
+    match fused_product_cpu(x, w, p, ep)? {
+        Some(y) => finish_cpu(y, ep.relu, out),
+        None => cpu_epilogue(conv2d_forward(x, w, None, p)?, ep, out),
+    }
+}
+
+/// The f32 product with `ep`'s scale, shift and residual in its output tiles, ReLU
+/// not applied; `None` for the combination the tiles would not reproduce bit for bit
+/// (see [`conv2d_rounded_cpu`]).
+fn fused_product_cpu(
+    x: &Tensor,
+    w: &Tensor,
+    p: &Conv2dParams,
+    ep: &Epilogue,
+) -> Result<Option<Tensor>> {
     let ep32 = Epilogue32::of(ep)?;
     if ep32.residual.is_some() && ep32.scale.is_none() && ep32.shift.is_none() && !ep.relu {
-        return cpu_epilogue(conv2d_forward(x, w, None, p)?, ep, out);
+        return Ok(None);
     }
-    let y = crate::ops::conv2d::conv2d_cpu_fused(
+    crate::ops::conv2d::conv2d_cpu_fused(
         x,
         w,
         p,
@@ -153,8 +168,8 @@ fn conv2d_rounded_cpu(
         ep32.shift.as_ref(),
         ep32.residual.as_ref(),
         false,
-    )?;
-    finish_cpu(y, ep.relu, out)
+    )
+    .map(Some)
 }
 
 /// The f32 CPU copies of an epilogue's scale, shift and residual.
@@ -192,27 +207,33 @@ fn finish_cpu(y: Tensor, relu: bool, out: DType) -> Result<Tensor> {
 }
 
 /// The CPU's bf16 activation of a chained convolution ([`chain`]): the product of
-/// [`conv2d_rounded_cpu`], rounded to bf16 values kept in f32, in place.
+/// [`conv2d_rounded_cpu`] with ReLU and the rounding to bf16 values (kept in f32)
+/// in one pass, in place.
 pub(crate) fn conv2d_rounded_cpu_f32(
     x: &Tensor,
     w: &Tensor,
     p: &Conv2dParams,
     ep: &Epilogue,
 ) -> Result<Tensor> {
-    let mut y = conv2d_rounded_cpu(x, w, p, ep, DType::F32)?;
-    round_in_place(&mut y)?;
+    let (mut y, relu) = match fused_product_cpu(x, w, p, ep)? {
+        Some(y) => (y, ep.relu),
+        None => (conv2d_rounded_cpu(x, w, p, ep, DType::F32)?, false),
+    };
+    round_in_place(&mut y, relu)?;
     Ok(y)
 }
 
-/// `t` (f32, CPU) rounded to bf16 values kept in f32: in place when nobody shares
-/// its storage (a fresh output), else into a new tensor.
-fn round_in_place(t: &mut Tensor) -> Result<()> {
+/// `t` (f32, CPU) after ReLU when `relu`, rounded to bf16 values kept in f32: in
+/// place when nobody shares its storage (a fresh output), else into a copy.
+fn round_in_place(t: &mut Tensor, relu: bool) -> Result<()> {
     use crate::tensor::{CpuStorage, Storage};
     if let Some(Storage::Cpu(CpuStorage::F32(v))) = t.storage_mut() {
-        crate::tensor::bf16::round_in_place(v, false);
+        crate::tensor::bf16::round_in_place(v, relu);
         return Ok(());
     }
-    *t = round_to_bf16(t)?;
+    let mut v = t.cpu_slice::<f32>()?.to_vec();
+    crate::tensor::bf16::round_in_place(&mut v, relu);
+    *t = Tensor::from_vec(v, t.shape().clone())?;
     Ok(())
 }
 
