@@ -90,7 +90,7 @@ pub fn round_f32_vec(src: &[f32]) -> Vec<f32> {
 /// negatives and NaN give +0), then rounded to bf16.
 #[inline(always)]
 fn relu_round_bits(v: f32, relu: bool) -> u16 {
-    let v = if relu && !(v > 0.0) { 0.0 } else { v };
+    let v = if !relu || v > 0.0 { v } else { 0.0 };
     round_bits(v.to_bits())
 }
 
