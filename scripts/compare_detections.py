@@ -27,21 +27,18 @@ def iou(p, q):
     return inter / union if union > 0 else 0.0
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("a")
-    ap.add_argument("b")
-    ap.add_argument("--score", type=float, default=0.5)
-    ap.add_argument("--px", type=float, default=1.0)
-    args = ap.parse_args()
-    a, b = (json.load(open(p)) for p in (args.a, args.b))
+def twins(a, b, score=0.5, px=1.0):
+    """Detections of A above `score` with a same-image, same-category twin in B within
+    `px` pixels in every corner coordinate: (matched, total, misses), each miss as
+    (detection of A, (largest coordinate difference, nearest same-category box of B)
+    or None)."""
     by_image = collections.defaultdict(list)
     for d in b:
         by_image[d["image_id"]].append(d)
     total = matched = 0
     misses = []
     for d in a:
-        if d["score"] <= args.score:
+        if d["score"] <= score:
             continue
         total += 1
         box = corners(d)
@@ -52,19 +49,37 @@ def main():
             diff = max(abs(p - q) for p, q in zip(box, corners(e)))
             if best is None or diff < best[0]:
                 best = (diff, e)
-        if best is not None and best[0] <= args.px:
+        if best is not None and best[0] <= px:
             matched += 1
         else:
             misses.append((d, best))
-    print(f"{matched} of {total} detections of A with score > {args.score} have a "
-          f"same-category twin in B within {args.px} px")
+    return matched, total, misses
+
+
+def report(a, b, score=0.5, px=1.0, a_name="A", b_name="B"):
+    """Prints [`twins`]'s count and its misses; returns (matched, total)."""
+    matched, total, misses = twins(a, b, score, px)
+    print(f"{matched} of {total} detections of {a_name} with score > {score} have a "
+          f"same-category twin in {b_name} within {px} px")
     for d, best in misses:
         if best is None:
-            print(f"  image {d['image_id']} score {d['score']:.3f}: no same-category box in B")
+            print(f"  image {d['image_id']} score {d['score']:.3f}: no same-category box in {b_name}")
         else:
             diff, e = best
-            print(f"  image {d['image_id']} score {d['score']:.3f}: nearest in B differs by "
+            print(f"  image {d['image_id']} score {d['score']:.3f}: nearest in {b_name} differs by "
                   f"{diff:.2f} px (score {e['score']:.3f}, IoU {iou(corners(d), corners(e)):.3f})")
+    return matched, total
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("a")
+    ap.add_argument("b")
+    ap.add_argument("--score", type=float, default=0.5)
+    ap.add_argument("--px", type=float, default=1.0)
+    args = ap.parse_args()
+    a, b = (json.load(open(p)) for p in (args.a, args.b))
+    report(a, b, args.score, args.px)
     return 0
 
 

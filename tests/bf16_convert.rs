@@ -5,7 +5,9 @@
 //! edges of each rounding case (ties, carries into the exponent, overflow to
 //! infinity, subnormals, signalling and quiet NaNs of both signs) rounded.
 
-use kestrel::tensor::bf16::{round_bits, round_f32_vec, round_vec, widen_bits, widen_vec};
+use kestrel::tensor::bf16::{
+    round_bits, round_f32_vec, round_in_place, round_relu_vec, round_vec, widen_bits, widen_vec,
+};
 use kestrel::tensor::{DType, Tensor};
 
 fn edge_patterns() -> Vec<u32> {
@@ -72,6 +74,32 @@ fn bulk_conversions_match_scalar() {
         assert_eq!(back, want_back, "widen_vec n={n}");
         let once: Vec<u32> = round_f32_vec(&xs).iter().map(|v| v.to_bits()).collect();
         assert_eq!(once, want_back, "round_f32_vec n={n}");
+        // With ReLU first, by the f32 relu op's rule (`v > 0 ? v : 0`: -0, negatives
+        // and NaN give +0).
+        for relu in [false, true] {
+            let pre: Vec<f32> = if relu {
+                xs.iter().map(|&v| if v > 0.0 { v } else { 0.0 }).collect()
+            } else {
+                xs.clone()
+            };
+            let want: Vec<u16> = pre
+                .iter()
+                .map(|&v| half::bf16::from_f32(v).to_bits())
+                .collect();
+            let got: Vec<u16> = round_relu_vec(&xs, relu)
+                .iter()
+                .map(|b| b.to_bits())
+                .collect();
+            assert_eq!(got, want, "round_relu_vec n={n} relu={relu}");
+            let mut inplace = xs.clone();
+            round_in_place(&mut inplace, relu);
+            let want_f: Vec<u32> = want
+                .iter()
+                .map(|&b| half::bf16::from_bits(b).to_f32().to_bits())
+                .collect();
+            let got_f: Vec<u32> = inplace.iter().map(|v| v.to_bits()).collect();
+            assert_eq!(got_f, want_f, "round_in_place n={n} relu={relu}");
+        }
 
         let t = Tensor::from_vec(xs.clone(), [n]).unwrap();
         let t16 = t.to_dtype(DType::BF16).unwrap();

@@ -160,3 +160,102 @@ fn linear_bf16_cpu_is_the_f32_linear_on_rounded_operands_bit_for_bit() {
     assert_eq!(bits32(&g[1]), bits32(&gw_ref.unwrap()), "linear: dL/dw");
     assert_eq!(y.device(), Device::Cpu);
 }
+
+/// The inference epilogue `relu(acc * scale + shift + residual)` by its definition:
+/// the f32 product of the rounded operands, then the affine, the residual add and
+/// relu as separate f32 ops, rounded once (the CPU reference's route before the
+/// epilogue rode in the convolution's tiles).
+fn epilogue_by_passes(
+    x: &Tensor,
+    wt: &Tensor,
+    p: &Conv2dParams,
+    (scale, shift): (&Tensor, &Tensor),
+    residual: Option<&Tensor>,
+    relu: bool,
+) -> Tensor {
+    let acc = conv2d_forward(&rounded(x), &rounded(wt), None, p).unwrap();
+    let mut v = kestrel::ops::channel_affine(&acc, scale, shift).unwrap();
+    if let Some(r) = residual {
+        v = kestrel::ops::add(&v, &rounded(r)).unwrap();
+    }
+    if relu {
+        v = kestrel::ops::relu(&v).unwrap();
+    }
+    v.to_dtype(DType::BF16).unwrap()
+}
+
+#[test]
+fn inference_epilogue_in_the_tiles_is_the_separate_passes_bit_for_bit() {
+    use kestrel::ops::tc::chain::{TcActivation, TcConv};
+    use kestrel::ops::tc::conv2d_tc;
+    // Zero patches, negative scales, -0 shifts and residuals, a NaN and an infinity:
+    // where a tile's `t < 0 ? 0 : t` keeps -0 or NaN, relu gives +0.
+    let (n, cin, cout, h, w) = (2, 16, 24, 9, 7);
+    let mut xv = bf16_acts(11, &[n, cin, h, w]).to_vec::<f32>().unwrap();
+    // Image 0 all zeros: its products are 0, times a negative scale -0.
+    xv[..cin * h * w].iter_mut().for_each(|v| *v = 0.0);
+    let mut sc = f32_t(12, &[cout]).to_vec::<f32>().unwrap();
+    let mut sh = f32_t(13, &[cout]).to_vec::<f32>().unwrap();
+    for c in 0..cout / 2 {
+        sc[c] = -sc[c].abs();
+        sh[c] = -0.0;
+    }
+    let (scale, shift) = (
+        Tensor::from_vec(sc, [cout]).unwrap(),
+        Tensor::from_vec(sh, [cout]).unwrap(),
+    );
+    for (k, stride, pad) in [(3usize, 1usize, 1usize), (1, 1, 0), (1, 2, 0)] {
+        let p = Conv2dParams::new(stride, pad, 1);
+        let x = Tensor::from_vec(xv.clone(), [n, cin, h, w]).unwrap();
+        let wt = f32_t(14, &[cout, cin, k, k]);
+        let y_dims = conv2d_forward(&x, &wt, None, &p).unwrap().dims().to_vec();
+        let mut rv = bf16_acts(15, &y_dims).to_vec::<f32>().unwrap();
+        let plane = y_dims[2] * y_dims[3];
+        rv[..plane * cout / 2].iter_mut().for_each(|v| *v = -0.0);
+        rv[3] = f32::NAN;
+        rv[plane * cout + 1] = f32::INFINITY;
+        let res = Tensor::from_vec(rv, y_dims.clone()).unwrap();
+        for (residual, relu) in [
+            (None, true),
+            (None, false),
+            (Some(&res), true),
+            (Some(&res), false),
+        ] {
+            let what = format!(
+                "conv {k}x{k}/{stride}, residual {}, relu {relu}",
+                residual.is_some()
+            );
+            let want = bits16(&epilogue_by_passes(
+                &x,
+                &wt,
+                &p,
+                (&scale, &shift),
+                residual,
+                relu,
+            ));
+            let res16 = residual.map(|r| r.to_dtype(DType::BF16).unwrap());
+            let ep = Epilogue {
+                scale: Some(&scale),
+                shift: Some(&shift),
+                residual: res16.as_ref(),
+                relu,
+                out_dtype: Some(DType::BF16),
+            };
+            let y = conv2d_tc(&x.to_dtype(DType::BF16).unwrap(), &wt, &p, &ep).unwrap();
+            assert_eq!(bits16(&y), want, "{what}: conv2d_tc");
+            let conv = TcConv::new(&wt, Some(scale.clone()), Some(shift.clone()), p).unwrap();
+            let ra = residual.map(|r| TcActivation::from_nchw(r).unwrap());
+            let ya = conv
+                .forward(&TcActivation::from_nchw(&x).unwrap(), ra.as_ref(), relu)
+                .unwrap();
+            let y16 = ya.to_nchw(DType::BF16).unwrap();
+            assert_eq!(bits16(&y16), want, "{what}: chained");
+            // Its f32 exit is the same values, widened.
+            assert_eq!(
+                bits32(&ya.to_nchw(DType::F32).unwrap()),
+                bits32(&y16.to_dtype(DType::F32).unwrap()),
+                "{what}: chained f32 exit"
+            );
+        }
+    }
+}

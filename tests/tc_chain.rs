@@ -166,7 +166,7 @@ fn check_block(b: &Block, x_dims: [usize; 4], want_launches: u64) {
     let [n, c_out, oh, ow] = y.dims();
     let cp = y.channels_padded();
     assert!(cp > c_out || c_out % 8 == 0);
-    let raw = bits(y.nhwc());
+    let raw = bits(&y.nhwc().unwrap());
     for (i, v) in raw.iter().enumerate() {
         if i % cp >= c_out {
             assert_eq!(*v, 0, "padding channel {} of pixel {}", i % cp, i / cp);
@@ -222,9 +222,9 @@ fn chain_round_trip_on_the_cpu_and_device_is_bf16_rounding() {
         let a = TcActivation::from_nchw(&x.to_device(dev).unwrap()).unwrap();
         assert_eq!(a.dims(), [2, 13, 3, 4]);
         assert_eq!(a.channels_padded(), 16);
-        assert_eq!(a.nhwc().dims(), &[2, 3, 4, 16]);
+        assert_eq!(a.nhwc().unwrap().dims(), &[2, 3, 4, 16]);
         // Stored channels-last: element (n=1, c=5, h=2, w=3).
-        let raw = bits(a.nhwc());
+        let raw = bits(&a.nhwc().unwrap());
         assert_eq!(
             raw[((3 + 2) * 4 + 3) * 16 + 5],
             want[((13 + 5) * 3 + 2) * 4 + 3]

@@ -118,13 +118,123 @@ pub fn conv2d_bf16_reference(
     ep: &Epilogue,
 ) -> Result<Tensor> {
     let out = out_dtype("conv2d_tc", x, ep)?;
-    let (x, w) = (round_to_bf16(x)?, round_to_bf16(w)?);
-    // A bias alone (every layer under a tape) rides in the f32 convolution's own
-    // tile epilogue, `acc + b` as the separate pass computes it (same bits).
-    if let Some(b) = bias_only(ep)? {
-        return conv2d_forward(&x, &w, Some(&b), p)?.to_dtype(out);
+    conv2d_rounded_cpu(&round_to_bf16(x)?, &round_to_bf16(w)?, p, ep, out)
+}
+
+/// [`conv2d_bf16_reference`] on operands already rounded (f32 CPU tensors holding
+/// bf16 values; rounding them again would change nothing).
+///
+/// The epilogue `act(acc * scale + shift + residual)` is defined as separate f32
+/// passes over the product (`apply_unfused`: the affine, the add, relu), then the
+/// rounding. It runs inside the f32 convolution's output tiles instead
+/// (`conv2d_cpu_fused`: the same GEMM, then `acc * scale + shift + residual` per
+/// element, the same f32 operations in the same order), with ReLU left to the one
+/// pass that rounds (the tile epilogue's ReLU keeps -0 and NaN where the relu op
+/// gives +0): bit for bit the separate passes, without their three passes over the
+/// output. The one combination where a tile would differ (a residual with neither
+/// scale, shift nor ReLU: the tile adds a 0 shift, turning -0 into +0) keeps the
+/// separate passes.
+fn conv2d_rounded_cpu(
+    x: &Tensor,
+    w: &Tensor,
+    p: &Conv2dParams,
+    ep: &Epilogue,
+    out: DType,
+) -> Result<Tensor> {
+    match fused_product_cpu(x, w, p, ep)? {
+        Some(y) => finish_cpu(y, ep.relu, out),
+        None => cpu_epilogue(conv2d_forward(x, w, None, p)?, ep, out),
     }
-    cpu_epilogue(conv2d_forward(&x, &w, None, p)?, ep, out)
+}
+
+/// The f32 product with `ep`'s scale, shift and residual in its output tiles, ReLU
+/// not applied; `None` for the combination the tiles would not reproduce bit for bit
+/// (see [`conv2d_rounded_cpu`]).
+fn fused_product_cpu(
+    x: &Tensor,
+    w: &Tensor,
+    p: &Conv2dParams,
+    ep: &Epilogue,
+) -> Result<Option<Tensor>> {
+    let ep32 = Epilogue32::of(ep)?;
+    if ep32.residual.is_some() && ep32.scale.is_none() && ep32.shift.is_none() && !ep.relu {
+        return Ok(None);
+    }
+    crate::ops::conv2d::conv2d_cpu_fused(
+        x,
+        w,
+        p,
+        ep32.scale.as_ref(),
+        ep32.shift.as_ref(),
+        ep32.residual.as_ref(),
+        false,
+    )
+    .map(Some)
+}
+
+/// The f32 CPU copies of an epilogue's scale, shift and residual.
+struct Epilogue32 {
+    scale: Option<Tensor>,
+    shift: Option<Tensor>,
+    residual: Option<Tensor>,
+}
+
+impl Epilogue32 {
+    fn of(ep: &Epilogue) -> Result<Self> {
+        let cpu = |t: Option<&Tensor>| -> Result<Option<Tensor>> {
+            t.map(|t| t.to_device(Device::Cpu)?.to_dtype(DType::F32))
+                .transpose()
+        };
+        Ok(Epilogue32 {
+            scale: cpu(ep.scale)?,
+            shift: cpu(ep.shift)?,
+            residual: cpu(ep.residual)?,
+        })
+    }
+}
+
+/// ReLU (when `relu`) and the output dtype of an f32 CPU product whose epilogue
+/// left ReLU out: one pass.
+fn finish_cpu(y: Tensor, relu: bool, out: DType) -> Result<Tensor> {
+    match out {
+        DType::BF16 => Tensor::from_vec_bf16(
+            crate::tensor::bf16::round_relu_vec(y.cpu_slice::<f32>()?, relu),
+            y.shape().clone(),
+        ),
+        _ if relu => crate::ops::relu(&y)?.to_dtype(out),
+        _ => y.to_dtype(out),
+    }
+}
+
+/// The CPU's bf16 activation of a chained convolution ([`chain`]): the product of
+/// [`conv2d_rounded_cpu`] with ReLU and the rounding to bf16 values (kept in f32)
+/// in one pass, in place.
+pub(crate) fn conv2d_rounded_cpu_f32(
+    x: &Tensor,
+    w: &Tensor,
+    p: &Conv2dParams,
+    ep: &Epilogue,
+) -> Result<Tensor> {
+    let (mut y, relu) = match fused_product_cpu(x, w, p, ep)? {
+        Some(y) => (y, ep.relu),
+        None => (conv2d_rounded_cpu(x, w, p, ep, DType::F32)?, false),
+    };
+    round_in_place(&mut y, relu)?;
+    Ok(y)
+}
+
+/// `t` (f32, CPU) after ReLU when `relu`, rounded to bf16 values kept in f32: in
+/// place when nobody shares its storage (a fresh output), else into a copy.
+fn round_in_place(t: &mut Tensor, relu: bool) -> Result<()> {
+    use crate::tensor::{CpuStorage, Storage};
+    if let Some(Storage::Cpu(CpuStorage::F32(v))) = t.storage_mut() {
+        crate::tensor::bf16::round_in_place(v, relu);
+        return Ok(());
+    }
+    let mut v = t.cpu_slice::<f32>()?.to_vec();
+    crate::tensor::bf16::round_in_place(&mut v, relu);
+    *t = Tensor::from_vec(v, t.shape().clone())?;
+    Ok(())
 }
 
 /// The f32 CPU bias when `ep` is at most a bias (no scale, residual or ReLU), for
@@ -409,7 +519,8 @@ fn pack_weight(op: &'static str, w: &Tensor, transpose: bool) -> Result<Tensor> 
 /// Convolution weights packed once for the forward tensor-core kernel (bf16,
 /// `[Cout][kh][kw][Cin rounded up to 8]`). Pack when the weights change (and fold a
 /// frozen BatchNorm into the epilogue's scale/shift at the same time), not per call.
-/// On the CPU the weights are kept as given (the reference rounds them per call).
+/// On the CPU they are kept rounded to bf16 values in f32, the operand of the f32
+/// product the reference runs.
 #[derive(Clone, Debug)]
 pub struct TcConvWeight {
     packed: Tensor,
@@ -418,13 +529,13 @@ pub struct TcConvWeight {
 
 impl TcConvWeight {
     /// Pack `w` `[Cout, Cin, kh, kw]` (f32 or bf16; on a CUDA device one launch, on the
-    /// CPU a copy of the handle).
+    /// CPU one rounding pass).
     pub fn new(w: &Tensor) -> Result<Self> {
         const OP: &str = "TcConvWeight::new";
         float_input(OP, w)?;
         let dims = dims4(OP, w)?;
         let packed = match w.device() {
-            Device::Cpu => w.clone(),
+            Device::Cpu => round_to_bf16(w)?,
             Device::Cuda(_) => pack_weight(OP, w, false)?,
         };
         Ok(TcConvWeight { packed, dims })
@@ -553,7 +664,10 @@ pub fn conv2d_tc_packed(
     ep: &Epilogue,
 ) -> Result<Tensor> {
     match (x.device(), w.device()) {
-        (Device::Cpu, Device::Cpu) => conv2d_bf16_reference(x, &w.packed, p, ep),
+        (Device::Cpu, Device::Cpu) => {
+            let out = out_dtype("conv2d_tc", x, ep)?;
+            conv2d_rounded_cpu(&round_to_bf16(x)?, &w.packed, p, ep, out)
+        }
         (Device::Cuda(_), Device::Cuda(_)) => {
             conv_fwd_launch("tc_conv_fwd_bf16", x, w, p, ep, None)
         }

@@ -86,6 +86,42 @@ pub fn round_f32_vec(src: &[f32]) -> Vec<f32> {
     out
 }
 
+/// `v` after ReLU when `relu` (`v > 0 ? v : 0`, the f32 relu op's rule: zeros,
+/// negatives and NaN give +0), then rounded to bf16.
+#[inline(always)]
+fn relu_round_bits(v: f32, relu: bool) -> u16 {
+    let v = if !relu || v > 0.0 { v } else { 0.0 };
+    round_bits(v.to_bits())
+}
+
+/// `src` after ReLU when `relu` (see [`round_in_place`]), rounded to bf16: the bf16
+/// output of an f32 product whose epilogue left ReLU to the rounding pass.
+pub fn round_relu_vec(src: &[f32], relu: bool) -> Vec<half::bf16> {
+    let mut out = vec![half::bf16::ZERO; src.len()];
+    zip_chunks(src, &mut out, |s, d| {
+        for (o, &v) in d.iter_mut().zip(s) {
+            *o = half::bf16::from_bits(relu_round_bits(v, relu));
+        }
+    });
+    out
+}
+
+/// `v` after ReLU when `relu` (`v > 0 ? v : 0`, the f32 relu op's rule), rounded
+/// to bf16 and kept as f32 (exactly the widened bf16), in place: the CPU's bf16
+/// activation, in one pass over a freshly written output.
+pub fn round_in_place(v: &mut [f32], relu: bool) {
+    let run = |d: &mut [f32]| {
+        for o in d.iter_mut() {
+            *o = f32::from_bits(widen_bits(relu_round_bits(*o, relu)));
+        }
+    };
+    if v.len() < PAR_MIN {
+        run(v);
+    } else {
+        v.par_chunks_mut(CHUNK).for_each(run);
+    }
+}
+
 /// `f(a, b)` element by element over two bf16 slices, computed in f32 and rounded:
 /// the CPU rule for a binary bf16 op, in one pass.
 pub fn zip_map(

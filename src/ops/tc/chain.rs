@@ -13,11 +13,16 @@
 //!
 //! Results equal those of the NCHW path with bf16 outputs bit for bit: the same kernel
 //! accumulates in the same order and rounds once to bf16; only the addresses differ.
-//! On the CPU the same types run the bf16 reference (through NCHW).
+//! On the CPU the same types run the bf16 reference, and a chained activation is
+//! kept as the reference's f32 product reads it: NCHW f32 holding bf16 values (no
+//! layout change, no widening per conv; the weights are rounded once, when packed),
+//! each conv the f32 convolution with its epilogue in its output tiles and one pass
+//! that applies ReLU and rounds (bit for bit the reference's separate passes; see
+//! `conv2d_rounded_cpu`). [`TcActivation::nhwc`] lays it out channels-last on demand.
 
 use super::{
-    alloc_bf16, conv2d_bf16_reference, dims4, epilogue_args, float_input, fwd_kernel,
-    fwd_output_size, gpu_of, i32_of, launch_1d, pack_nhwc, pad8, TcConvWeight, NHWC,
+    alloc_bf16, conv2d_rounded_cpu_f32, dims4, epilogue_args, float_input, fwd_kernel,
+    fwd_output_size, gpu_of, i32_of, launch_1d, pack_nhwc, pad8, round_to_bf16, TcConvWeight, NHWC,
 };
 use crate::device::gpu::KernelArg;
 use crate::device::Device;
@@ -28,7 +33,8 @@ use crate::tensor::{DType, Tensor};
 
 /// An activation `[N, C, H, W]` stored as bf16 NHWC `[N, H, W, Cp]`, `Cp` = C rounded
 /// up to 8 with zeros in the padding: the layout the tensor-core convolutions read
-/// and, in a chain, write.
+/// and, in a chain, write. On the CPU: f32 `[N, C, H, W]` holding bf16 values, what
+/// the CPU reference's f32 product reads.
 #[derive(Clone, Debug)]
 pub struct TcActivation {
     data: Tensor,
@@ -41,22 +47,11 @@ impl TcActivation {
     pub fn from_nchw(x: &Tensor) -> Result<Self> {
         const OP: &str = "TcActivation::from_nchw";
         float_input(OP, x)?;
-        let [n, c, h, w] = dims4(OP, x)?;
+        let [_, c, _, _] = dims4(OP, x)?;
         let cp = pad8(c);
         let data = match x.device() {
             Device::Cuda(_) => pack_nhwc(OP, x, cp)?,
-            Device::Cpu => {
-                let v = x.to_dtype(DType::BF16)?.to_vec_bf16()?;
-                let mut out = vec![half::bf16::ZERO; n * h * w * cp];
-                for ni in 0..n {
-                    for ci in 0..c {
-                        for p in 0..h * w {
-                            out[(ni * h * w + p) * cp + ci] = v[(ni * c + ci) * h * w + p];
-                        }
-                    }
-                }
-                Tensor::from_vec_bf16(out, [n, h, w, cp])?
-            }
+            Device::Cpu => round_to_bf16(x)?,
         };
         Ok(TcActivation { data, channels: c })
     }
@@ -97,36 +92,46 @@ impl TcActivation {
                 )?;
                 Ok(out)
             }
-            Device::Cpu => {
-                let v = self.data.to_vec_bf16()?;
-                let mut out = vec![half::bf16::ZERO; n * c * h * w];
-                for ni in 0..n {
-                    for ci in 0..c {
-                        for p in 0..h * w {
-                            out[(ni * c + ci) * h * w + p] = v[(ni * h * w + p) * cp + ci];
-                        }
-                    }
-                }
-                Tensor::from_vec_bf16(out, [n, c, h, w])?.to_dtype(dtype)
-            }
+            // Already the values; bf16 is an exact rounding of them.
+            Device::Cpu => self.data.to_dtype(dtype),
         }
     }
 
     /// `[N, C, H, W]` of the activation (logical channels, not padded).
     pub fn dims(&self) -> [usize; 4] {
         let d = self.data.dims();
-        [d[0], self.channels, d[1], d[2]]
+        match self.device() {
+            Device::Cpu => [d[0], d[1], d[2], d[3]],
+            Device::Cuda(_) => [d[0], self.channels, d[1], d[2]],
+        }
     }
 
     /// `Cp`: the stored channel count (C rounded up to 8).
     pub fn channels_padded(&self) -> usize {
-        self.data.dims()[3]
+        pad8(self.channels)
     }
 
-    /// The storage: bf16 `[N, H, W, Cp]`, channels past C zero. For consumers that read
-    /// channels-last directly.
-    pub fn nhwc(&self) -> &Tensor {
-        &self.data
+    /// The activation as the kernels store it: bf16 `[N, H, W, Cp]`, channels past C
+    /// zero. For consumers that read channels-last directly (on CUDA the storage
+    /// itself; on the CPU laid out on demand).
+    pub fn nhwc(&self) -> Result<Tensor> {
+        match self.device() {
+            Device::Cuda(_) => Ok(self.data.clone()),
+            Device::Cpu => {
+                let [n, c, h, w] = self.dims();
+                let cp = self.channels_padded();
+                let v = self.data.to_dtype(DType::BF16)?.to_vec_bf16()?;
+                let mut out = vec![half::bf16::ZERO; n * h * w * cp];
+                for ni in 0..n {
+                    for ci in 0..c {
+                        for p in 0..h * w {
+                            out[(ni * h * w + p) * cp + ci] = v[(ni * c + ci) * h * w + p];
+                        }
+                    }
+                }
+                Tensor::from_vec_bf16(out, [n, h, w, cp])
+            }
+        }
     }
 
     /// The device the activation lives on.
@@ -193,13 +198,16 @@ pub fn conv2d_tc_nhwc(
     flat.check(OP, cout, &y_dims, dev)?;
     match dev {
         Device::Cpu => {
-            let res = ep.residual.map(|r| r.to_nchw(DType::BF16)).transpose()?;
             let ep = Epilogue {
-                residual: res.as_ref(),
+                residual: ep.residual.map(|r| &r.data),
+                out_dtype: None,
                 ..flat
             };
-            let y = conv2d_bf16_reference(&x.to_nchw(DType::BF16)?, &w.packed, p, &ep)?;
-            TcActivation::from_nchw(&y)
+            let data = conv2d_rounded_cpu_f32(&x.data, &w.packed, p, &ep)?;
+            Ok(TcActivation {
+                data,
+                channels: cout,
+            })
         }
         Device::Cuda(_) => {
             let gdev = gpu_of(OP, &x.data)?;
