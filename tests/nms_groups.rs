@@ -260,7 +260,15 @@ fn first_per_image(keep: &[i64], images: usize, chunk: usize, top: usize) -> Vec
         .collect()
 }
 
-fn top_on(device: Device, b: &Tensor, s: &Tensor, g: &[i64], thr: f64, images: usize, top: usize) -> Vec<i64> {
+fn top_on(
+    device: Device,
+    b: &Tensor,
+    s: &Tensor,
+    g: &[i64],
+    thr: f64,
+    images: usize,
+    top: usize,
+) -> Vec<i64> {
     let out = nms::nms_groups_top_device(
         &on(b, device),
         &on(s, device),
@@ -331,7 +339,10 @@ fn grouped_nms_top_in_several_passes_equals_the_cpu_emulated() {
         .collect();
     let want = top_on(Device::Cpu, &b, &s, &g, 0.5, images, top);
     assert_eq!(want.len(), images * top, "every image fills its {top} rows");
-    assert_eq!(top_on(common::emulated(), &b, &s, &g, 0.5, images, top), want);
+    assert_eq!(
+        top_on(common::emulated(), &b, &s, &g, 0.5, images, top),
+        want
+    );
 }
 
 /// The detection NMS's own peak at the size of R50-FPN inference at batch 16 with 91
@@ -370,7 +381,8 @@ fn detection_nms_memory_is_one_pass_not_the_batch_plan_emulated() {
     kestrel::device::emu::set_plan_mode(false);
     // Candidates per pass: whole images, up to 2^17 (at least one image).
     let pass = chunk * ((1usize << 17) / chunk).clamp(1, images);
-    let bound = (16 * pass.next_power_of_two() + 16 * pass + 8 * images * top) as u64 * 5 / 4 + 4096;
+    let bound =
+        (16 * pass.next_power_of_two() + 16 * pass + 8 * images * top) as u64 * 5 / 4 + 4096;
     eprintln!(
         "detection NMS, {images} images x {chunk} candidates: own peak {own} B ({:.2} MiB), \
          bound {bound} B; batch-wide grouped NMS {batch_wide} B ({:.1} MiB)",
@@ -378,5 +390,8 @@ fn detection_nms_memory_is_one_pass_not_the_batch_plan_emulated() {
         batch_wide as f64 / 1048576.0
     );
     assert!(own <= bound, "own peak {own} B above one pass's {bound} B");
-    assert!(batch_wide > 4 * bound, "the batch-wide NMS ({batch_wide} B) would fail the bound");
+    assert!(
+        batch_wide > 4 * bound,
+        "the batch-wide NMS ({batch_wide} B) would fail the bound"
+    );
 }

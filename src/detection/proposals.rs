@@ -13,7 +13,9 @@
 //! then one grouped NMS over the batch ([`nms_groups_device`]; groups are (image,
 //! level) or (image, class), each walked on its own, so boxes of different images,
 //! levels or classes are never compared and no mask over the whole batch is built)
-//! and a selection of each image's first kept boxes. A candidate that fails the
+//! and a selection of each image's first kept boxes (on a device, the padded
+//! detection selection runs the NMS in passes of whole images instead,
+//! [`nms_groups_top_device`], so its memory is one pass's, not the batch's). A candidate that fails the
 //! filter is not removed (that would need its count on the host): it gets the score
 //! `-inf` and the group -1, which leaves it out of the NMS. The result is padded (`[N, top, 4]`) with a count per image, so on
 //! CUDA nothing is read back; reading the counts is left to the caller.

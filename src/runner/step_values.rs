@@ -160,8 +160,8 @@ impl StagedValues {
             }
         }
         let need = self.len + values.len();
-        let fits = matches!(&self.bufs, Some((d, _, _)) if d.ordinal == dev.ordinal)
-            && need <= self.cap;
+        let fits =
+            matches!(&self.bufs, Some((d, _, _)) if d.ordinal == dev.ordinal) && need <= self.cap;
         if !fits {
             let cap = need.max(2 * self.cap).max(64);
             let vals = dev.alloc(4 * cap)?;
@@ -179,9 +179,7 @@ impl StagedValues {
         for v in values {
             let v = match v.dtype() {
                 crate::tensor::DType::F32 => v.clone(),
-                _ => crate::autograd::no_grad(|| {
-                    ops::mixed::cast(v, crate::tensor::DType::F32)
-                })?,
+                _ => crate::autograd::no_grad(|| ops::mixed::cast(v, crate::tensor::DType::F32))?,
             };
             // A 4-byte view of the value's slot; it keeps the buffer alive.
             let slot = GpuBuffer::new(

@@ -342,11 +342,21 @@ pub(super) fn nms_groups_top_cuda(
         let imgs = per_pass.min(images - first);
         let (len, base) = (imgs * chunk, first * chunk);
         let padded = len.next_power_of_two().max(64);
-        let (sp, gp, bp) = (at(&s.buf, 4 * base), at(&g.buf, 8 * base), at(&b.buf, 16 * base));
+        let (sp, gp, bp) = (
+            at(&s.buf, 4 * base),
+            at(&g.buf, 8 * base),
+            at(&b.buf, 16 * base),
+        );
         dev.launch(
             "nms_group_keys_f32",
             LaunchCfg::for_elems(padded),
-            &[sp, gp, KernelArg::I64(len as i64), keys.arg(), KernelArg::I64(padded as i64)],
+            &[
+                sp,
+                gp,
+                KernelArg::I64(len as i64),
+                keys.arg(),
+                KernelArg::I64(padded as i64),
+            ],
         )?;
         sort_keys(&dev, &keys, padded, "nms_sort128")?;
         dev.launch(
