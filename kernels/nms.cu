@@ -340,3 +340,69 @@ extern "C" __global__ void nms_keep_from_keys_f32(const kestrel_u64* __restrict_
         if (q == 0 && !in) count[0] = 0;
     }
 }
+
+// Grouped NMS with each image's first `top` kept candidates (nms_groups_top): the
+// candidates are image-major in equal chunks, so a pass takes whole images and its
+// scratch is that of the pass, not of the batch. After the walk of a pass:
+//   6. nms_group_top_keys_f32: 128-bit keys (image in the pass, descending score,
+//      index) of the kept candidates, all ones for the others;
+//   7. nms_sort128_*_f32, then nms_group_top_f32: one block appends each image's
+//      first `top` sorted keys to the keep list at count[0] and advances it.
+
+// keys[i] = (i / chunk, desc_key(score[i]) << 32 | i) for the kept candidates of
+// the pass (i < n), all ones for the others and the padding up to `padded`.
+extern "C" __global__ void nms_group_top_keys_f32(const float* __restrict__ scores,
+                                                  const long long* __restrict__ groups,
+                                                  const int* __restrict__ kept, long long n,
+                                                  long long chunk, kestrel_u64* __restrict__ keys,
+                                                  long long padded) {
+    nms_key128* k = reinterpret_cast<nms_key128*>(keys);
+    KESTREL_LOOP(i, padded) {
+        nms_key128 v;
+        if (i < n && groups[i] >= 0 && kept[i]) {
+            v.hi = (kestrel_u64)(i / chunk);
+            v.lo = ((kestrel_u64)det_desc_key(scores[i]) << 32) | (kestrel_u64)i;
+        } else {
+            v.hi = ~0ull;
+            v.lo = ~0ull;
+        }
+        k[i] = v;
+    }
+}
+
+// First position in keys[0, n) whose image (hi) is >= img (keys sorted, all ones last).
+__device__ __forceinline__ long long nms_image_start(const nms_key128* k, long long n, kestrel_u64 img) {
+    long long lo = 0, hi = n;
+    while (lo < hi) {
+        long long mid = lo + (hi - lo) / 2;
+        if (k[mid].hi < img) lo = mid + 1;
+        else hi = mid;
+    }
+    return lo;
+}
+
+// One block: for each image j < images of the pass, its first min(kept, top) sorted
+// keys go to keep[count[0] ...] as base + index, and count[0] advances; so keep holds
+// every image's selection in image order, each in NMS visiting order.
+extern "C" __global__ void nms_group_top_f32(const kestrel_u64* __restrict__ keys, long long n,
+                                             long long images, long long top, long long base,
+                                             long long* __restrict__ keep, long long* __restrict__ count) {
+    const nms_key128* k = reinterpret_cast<const nms_key128*>(keys);
+    __shared__ long long s_start, s_take, s_at;
+    if (threadIdx.x == 0) s_at = count[0];
+    for (long long j = 0; j < images; ++j) {
+        if (threadIdx.x == 0) {
+            long long st = nms_image_start(k, n, (kestrel_u64)j);
+            long long en = nms_image_start(k, n, (kestrel_u64)j + 1);
+            s_start = st;
+            s_take = (en - st) < top ? (en - st) : top;
+        }
+        __syncthreads();
+        for (long long q = threadIdx.x; q < s_take; q += blockDim.x)
+            keep[s_at + q] = base + (long long)(k[s_start + q].lo & 0xffffffffull);
+        __syncthreads();
+        if (threadIdx.x == 0) s_at += s_take;
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) count[0] = s_at;
+}

@@ -223,3 +223,175 @@ fn grouped_nms_reads_nothing_back_and_stays_linear_in_memory_emulated() {
     );
     assert_eq!(kept(&out), reference(&b, &s, &g, 0.5));
 }
+
+/// `images` chunks of `chunk` clustered candidates, `classes` groups per image
+/// (group `image * classes + class`), one in `left_out` candidates left out (-1).
+fn image_major(
+    seed: u64,
+    images: usize,
+    chunk: usize,
+    classes: i64,
+    left_out: i64,
+) -> (Tensor, Tensor, Vec<i64>) {
+    let n = images * chunk;
+    let (b, s) = clustered(seed, n, 30);
+    let g = (0..n as i64)
+        .map(|i| {
+            let (img, j) = (i / chunk as i64, i % chunk as i64);
+            if (j * 31 + 5) % left_out == 0 {
+                -1
+            } else {
+                img * classes + (j * 7919) % classes
+            }
+        })
+        .collect();
+    (b, s, g)
+}
+
+/// Each image's first `top` entries of a grouped keep list, images in order.
+fn first_per_image(keep: &[i64], images: usize, chunk: usize, top: usize) -> Vec<i64> {
+    (0..images)
+        .flat_map(|img| {
+            keep.iter()
+                .copied()
+                .filter(move |&i| i as usize / chunk == img)
+                .take(top)
+        })
+        .collect()
+}
+
+fn top_on(
+    device: Device,
+    b: &Tensor,
+    s: &Tensor,
+    g: &[i64],
+    thr: f64,
+    images: usize,
+    top: usize,
+) -> Vec<i64> {
+    let out = nms::nms_groups_top_device(
+        &on(b, device),
+        &on(s, device),
+        &on(&i64_t(g.to_vec()), device),
+        thr,
+        images,
+        top,
+    )
+    .unwrap();
+    assert_eq!(out.keep.dims(), [images * top]);
+    kept(&out)
+}
+
+/// `nms_groups_top_device`: per image, the reference loop's keep list cut at `top`,
+/// images in order; small cases against the transcribed loop.
+fn check_top_on(device: Device) {
+    for (seed, images, chunk, classes, top, thr) in [
+        (11u64, 3usize, 500usize, 4i64, 20usize, 0.5),
+        (12, 4, 300, 2, 1000, 0.7),
+        (13, 1, 900, 6, 50, 0.3),
+        (14, 2, 400, 3, 0, 0.5),
+    ] {
+        let (b, s, g) = image_major(seed, images, chunk, classes, 9);
+        let want = first_per_image(&reference(&b, &s, &g, thr), images, chunk, top);
+        assert_eq!(
+            top_on(device, &b, &s, &g, thr, images, top),
+            want,
+            "{device}: seed {seed}, {images} images of {chunk}, {classes} classes, top {top}"
+        );
+    }
+}
+
+#[test]
+fn grouped_nms_top_per_image_equals_the_reference_loop_cpu() {
+    check_top_on(Device::Cpu);
+}
+
+#[test]
+fn grouped_nms_top_per_image_equals_the_reference_loop_emulated() {
+    let _l = LOCK.lock().unwrap_or_else(|p| p.into_inner());
+    check_top_on(common::emulated());
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn grouped_nms_top_per_image_equals_the_reference_loop_cuda() {
+    check_top_on(common::cuda());
+}
+
+/// Images large enough that the device takes them in several passes (one pass holds
+/// at most 2^17 candidates, whole images): the CPU's result (checked against the
+/// loop above), most candidates left out as the score filter leaves them.
+#[test]
+fn grouped_nms_top_in_several_passes_equals_the_cpu_emulated() {
+    let _l = LOCK.lock().unwrap_or_else(|p| p.into_inner());
+    let (images, chunk, top) = (5usize, 50_000usize, 100usize);
+    let (b, s) = clustered(21, images * chunk, 30);
+    // One candidate in 40 takes part, 90 classes per image.
+    let g: Vec<i64> = (0..images * chunk)
+        .map(|i| {
+            let (img, j) = (i / chunk, i % chunk);
+            if j % 40 == 3 {
+                (img * 90 + (j / 40) % 90) as i64
+            } else {
+                -1
+            }
+        })
+        .collect();
+    let want = top_on(Device::Cpu, &b, &s, &g, 0.5, images, top);
+    assert_eq!(want.len(), images * top, "every image fills its {top} rows");
+    assert_eq!(
+        top_on(common::emulated(), &b, &s, &g, 0.5, images, top),
+        want
+    );
+}
+
+/// The detection NMS's own peak at the size of R50-FPN inference at batch 16 with 91
+/// classes (1000 proposals x 90 classes per image, 100 detections per image), in
+/// the emulator's plan mode (exact allocator bytes, no compute): what the op
+/// allocates above what was in use when it began is one pass's scratch (16 bytes per
+/// sorted key slot, 16 per candidate of the pass, size classes up to 5/4) plus the
+/// `[images, top]` keep list: not the batch's candidates. The batch-wide grouped NMS
+/// on the same input is shown far above that bound, so the bound can fail.
+#[test]
+fn detection_nms_memory_is_one_pass_not_the_batch_plan_emulated() {
+    use kestrel::device::op_memory;
+    let _l = LOCK.lock().unwrap_or_else(|p| p.into_inner());
+    let device = common::emulated();
+    let (images, chunk, top) = (16usize, 1000 * 90, 100usize);
+    let n = images * chunk;
+    kestrel::device::emu::set_plan_mode(true);
+    op_memory::record(true);
+    let run = |batched: bool| {
+        let b = Tensor::zeros([n, 4], kestrel::DType::F32, device).unwrap();
+        let s = Tensor::zeros([n], kestrel::DType::F32, device).unwrap();
+        let g = Tensor::zeros([n], kestrel::DType::I64, device).unwrap();
+        op_memory::take();
+        let out = if batched {
+            nms::nms_groups_device(&b, &s, &g, 0.5)
+        } else {
+            nms::nms_groups_top_device(&b, &s, &g, 0.5, images, top)
+        };
+        drop(out.unwrap());
+        let m = op_memory::take();
+        assert_eq!(m.len(), 1, "{m:?}");
+        m[0].added()
+    };
+    let (own, batch_wide) = (run(false), run(true));
+    op_memory::record(false);
+    kestrel::device::emu::set_plan_mode(false);
+    // Candidates per pass: whole images, up to 2^17 (at least one image).
+    let pass = chunk * ((1usize << 17) / chunk).clamp(1, images);
+    let bound =
+        (16 * pass.next_power_of_two() + 16 * pass + 8 * images * top) as u64 * 5 / 4 + 4096;
+    eprintln!(
+        "detection NMS, {images} images x {chunk} candidates: own peak {own} B ({:.2} MiB), \
+         bound {bound} B; batch-wide grouped NMS {batch_wide} B ({:.1} MiB)",
+        own as f64 / 1048576.0,
+        batch_wide as f64 / 1048576.0
+    );
+    assert!(own <= bound, "own peak {own} B above one pass's {bound} B");
+    assert!(
+        batch_wide > 4 * bound,
+        "the batch-wide NMS ({batch_wide} B) would fail the bound"
+    );
+}

@@ -20,6 +20,7 @@ use super::profile::{
 };
 use crate::detection::{FasterRcnn, FasterRcnnConfig, Target};
 use crate::device::gpu::Counters;
+use crate::device::op_memory::OpMemory;
 use crate::optim::{Sgd, SgdConfig};
 use crate::rng::Rng;
 use crate::{Device, Error, Result, Tensor};
@@ -78,6 +79,9 @@ struct Row {
     counters: Vec<(&'static str, Counters)>,
     /// Device memory per stage of the last timed iteration (zero on the CPU).
     memory: Vec<(&'static str, StageMemory)>,
+    /// Ops measured on their own within a stage (the NMS), last timed iteration:
+    /// (stage, op's memory).
+    op_memory: Vec<(&'static str, OpMemory)>,
 }
 
 /// Parse `800x1216` into (800, 1216).
@@ -215,6 +219,7 @@ fn summarize(mode: &'static str, batch: usize, runs: &[StageTimes], peak: Option
         peak_mib: peak,
         counters: runs.last().map(|r| r.1.clone()).unwrap_or_default(),
         memory: runs.last().map(|r| r.2.clone()).unwrap_or_default(),
+        op_memory: runs.last().map(|r| r.3.clone()).unwrap_or_default(),
     }
 }
 
@@ -585,6 +590,18 @@ fn print_stage_memory(rows: &[Row]) {
                 mib(m.added() as usize),
                 mib(m.after as usize)
             );
+            // The stage's ops measured on their own: what each added over what was
+            // live when it began (scratch and outputs).
+            for (_, o) in r.op_memory.iter().filter(|(s, _)| s == name) {
+                println!(
+                    "      {:<10} {:>12.1} {:>12.1} {:>12.1} {:>12.1}",
+                    o.op,
+                    mib(o.before as usize),
+                    mib(o.peak as usize),
+                    mib(o.added() as usize),
+                    mib(o.after as usize)
+                );
+            }
         }
     }
 }
@@ -618,6 +635,14 @@ fn write_json(
                     "peak_bytes": m.peak,
                     "added_bytes": m.added(),
                     "after_bytes": m.after,
+                })).collect::<Vec<_>>(),
+                "op_memory": r.op_memory.iter().map(|(s, o)| json!({
+                    "stage": s,
+                    "op": o.op,
+                    "before_bytes": o.before,
+                    "peak_bytes": o.peak,
+                    "added_bytes": o.added(),
+                    "after_bytes": o.after,
                 })).collect::<Vec<_>>(),
                 "counters": r.counters.iter().map(|(n, c)| json!({
                     "stage": n,

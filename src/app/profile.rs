@@ -12,6 +12,7 @@ use std::time::Instant;
 use crate::autograd::Tape;
 use crate::detection::{FasterRcnn, Target};
 use crate::device::gpu::{CounterScope, Counters};
+use crate::device::op_memory::{self, OpMemory};
 use crate::device::Device;
 use crate::error::Result;
 use crate::optim::sgd::Sgd;
@@ -24,12 +25,14 @@ pub use crate::detection::faster_rcnn::{INFERENCE_STAGES, TRAINING_STAGES};
 /// Seconds per stage of one pass, in stage order, and the device work each stage
 /// asked for ([`Counters`] of the calling thread; zero on the CPU). The
 /// synchronisation at each cut is the profiler's own and is not counted.
-/// On a device, also the caching allocator's bytes per stage ([`StageMemory`]).
+/// On a device, also the caching allocator's bytes per stage ([`StageMemory`]), and
+/// per stage the bytes of the ops that measure themselves ([`OpMemory`]: the NMS).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct StageTimes(
     pub Vec<(&'static str, f64)>,
     pub Vec<(&'static str, Counters)>,
     pub Vec<(&'static str, StageMemory)>,
+    pub Vec<(&'static str, OpMemory)>,
 );
 
 /// Device memory of one stage, bytes of blocks lent to tensors (the caching
@@ -95,6 +98,7 @@ impl Laps {
         // Each stage's peak is measured from its own start: the device's peak is
         // restarted at every cut (the pass's peak is the largest stage peak).
         device.reset_peak_memory();
+        op_memory::record(true);
         Ok(Laps {
             device,
             last: Instant::now(),
@@ -122,10 +126,19 @@ impl Laps {
             },
         ));
         self.live = m.allocated;
+        for op in op_memory::take() {
+            self.times.3.push((name, op));
+        }
         self.device.reset_peak_memory();
         self.counters.reset();
         self.last = now;
         Ok(())
+    }
+}
+
+impl Drop for Laps {
+    fn drop(&mut self) {
+        op_memory::record(false);
     }
 }
 
@@ -145,7 +158,7 @@ pub fn detect_profiled(
 ) -> Result<(Vec<Detections>, StageTimes)> {
     let mut laps = Laps::start(model_device(model))?;
     let trace = model.detect_staged(images, &mut |s| laps.lap(s))?;
-    Ok((trace.detections, laps.times))
+    Ok((trace.detections, std::mem::take(&mut laps.times)))
 }
 
 /// One training step timed per stage ([`TRAINING_STAGES`]): the four losses of
@@ -199,5 +212,5 @@ pub fn train_step_profiled(
     }
     stepped?;
     laps.lap("optimizer")?;
-    Ok((total, laps.times))
+    Ok((total, std::mem::take(&mut laps.times)))
 }

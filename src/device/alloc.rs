@@ -387,6 +387,12 @@ impl GpuBackend for Managed {
         p.stats.peak_reserved = p.stats.reserved;
     }
 
+    fn raise_peak_memory(&self, allocated: u64, reserved: u64) {
+        let mut p = self.pool.lock().unwrap_or_else(|e| e.into_inner());
+        p.stats.peak_allocated = p.stats.peak_allocated.max(allocated);
+        p.stats.peak_reserved = p.stats.peak_reserved.max(reserved);
+    }
+
     fn empty_cache(&self) {
         let freed: Vec<(usize, Vec<GpuBuffer>)> = {
             let mut p = self.pool.lock().unwrap_or_else(|e| e.into_inner());

@@ -170,6 +170,10 @@ pub trait GpuBackend: Send + Sync {
     }
     /// Start the peak figures of [`GpuBackend::memory`] again from the current use.
     fn reset_peak_memory(&self) {}
+    /// Raise the peak figures of [`GpuBackend::memory`] to at least `allocated` and
+    /// `reserved` bytes (restores an enclosing peak after a nested measurement,
+    /// [`super::op_memory`]).
+    fn raise_peak_memory(&self, _allocated: u64, _reserved: u64) {}
     /// Give every cached, unused block back to the driver.
     fn empty_cache(&self) {}
     /// Start capturing this thread's work into a graph instead of running it (CUDA

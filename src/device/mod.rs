@@ -13,6 +13,7 @@ pub mod error_flags;
 pub mod gpu;
 pub mod graph;
 pub mod kernels;
+pub mod op_memory;
 
 use std::fmt;
 

@@ -66,7 +66,7 @@ pub use state::{
     latest_checkpoint, newest_numbered_checkpoint, read_checkpoint_meta, CheckpointMeta,
     CHECKPOINT_KEY, LATEST,
 };
-pub use step_values::{read_step_values, StepValues};
+pub use step_values::{read_step_values, StagedValues, StepValues};
 pub use work_dir::{
     has_run_output, is_temp_file, prepare_work_dir, remove_temp_files, WorkDirLock, WorkDirPolicy,
     LOCK_FILE,

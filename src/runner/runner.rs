@@ -73,6 +73,8 @@ struct PendingValues {
     iter: usize,
     num_samples: usize,
     names: Vec<String>,
+    /// Host values (read at once); empty when the values were staged on their
+    /// device ([`super::StagedValues`]).
     values: Vec<Tensor>,
 }
 
@@ -151,8 +153,10 @@ pub struct Runner<M: Model> {
     initial_lr: f64,
     seed: u64,
     work_dir_lock: Option<super::WorkDirLock>,
-    /// Steps whose values are still on the device, oldest first.
+    /// Steps whose values are not read yet, oldest first.
     pending: Vec<PendingValues>,
+    /// Their values on the device, in one buffer that outlives the steps.
+    staged: super::StagedValues,
     /// Read the values every this many iterations (the log interval).
     readout_interval: usize,
     /// The first non-finite value any read-out found (sticky).
@@ -199,6 +203,7 @@ impl<M: Model> Runner<M> {
             stage: None,
             hooks: Vec::new(),
             pending: Vec::new(),
+            staged: super::StagedValues::new(),
             readout_interval: 1,
             non_finite: None,
             initial_lr,
@@ -673,11 +678,20 @@ impl<M: Model> Runner<M> {
             parse_tensors(losses, true)?
         };
         let on_host = values.iter().all(|(_, t)| t.device() == Device::Cpu);
+        let kept = if on_host {
+            values.iter().map(|(_, t)| t.clone()).collect()
+        } else {
+            // Copied into the staging buffer, so no block of this step is held
+            // past it (see super::step_values).
+            let ts: Vec<Tensor> = values.iter().map(|(_, t)| t.clone()).collect();
+            self.staged.push(&ts)?;
+            Vec::new()
+        };
         self.pending.push(PendingValues {
             iter: self.iter,
             num_samples,
             names: values.iter().map(|(n, _)| n.clone()).collect(),
-            values: values.iter().map(|(_, t)| t.clone()).collect(),
+            values: kept,
         });
         self.outputs = Some(StepOutputs {
             loss,
@@ -728,26 +742,24 @@ impl<M: Model> Runner<M> {
             return Ok(self.non_finite.clone());
         }
         let pending = std::mem::take(&mut self.pending);
-        let all: Vec<Tensor> = pending
-            .iter()
-            .flat_map(|p| p.values.iter().cloned())
-            .collect();
-        let read: Vec<f64> = if all.iter().all(|t| t.device() == Device::Cpu) {
-            // Host values (of any dtype) cost no copy: read them one by one.
-            all.iter().map(Tensor::item).collect::<Result<_>>()?
-        } else {
-            // The packing kernel reads f32 (a bf16 loss is widened exactly).
-            let all: Vec<Tensor> = all
-                .iter()
-                .map(|t| match t.dtype() {
-                    crate::tensor::DType::F32 => Ok(t.clone()),
-                    _ => {
-                        crate::autograd::no_grad(|| ops::mixed::cast(t, crate::tensor::DType::F32))
-                    }
-                })
-                .collect::<Result<_>>()?;
-            super::read_step_values(&all)?.values
-        };
+        // The staged device values in one copy (if any), then each step's in order:
+        // staged ones from that copy, host ones (any dtype, no copy) one by one.
+        let mut from_device = self.staged.read()?.values.into_iter();
+        let mut read: Vec<f64> = Vec::new();
+        for p in &pending {
+            if p.values.is_empty() {
+                read.extend(from_device.by_ref().take(p.names.len()));
+            } else {
+                for t in &p.values {
+                    read.push(t.item()?);
+                }
+            }
+        }
+        if read.len() != pending.iter().map(|p| p.names.len()).sum::<usize>() {
+            return Err(Error::Training(
+                "the staged step values do not match the steps read".into(),
+            ));
+        }
         let first_read = pending[0].iter + 1;
         let mut at = 0;
         for p in &pending {

@@ -290,3 +290,131 @@ pub(super) fn nms_groups_cuda(
     )?;
     Ok(NmsOutput { keep, count })
 }
+
+/// Most candidates one pass of [`nms_groups_top_cuda`] takes: whole images per pass,
+/// at least one, so its scratch is about 40 bytes times this (or one image's
+/// candidates if larger), whatever the batch.
+const TOP_PASS_CANDIDATES: usize = 1 << 17;
+
+/// A kernel argument `bytes_in` bytes into `buf`.
+fn at(buf: &GpuBuffer, bytes_in: usize) -> KernelArg {
+    KernelArg::Ptr {
+        ptr: buf.ptr() + bytes_in as u64,
+        bytes: buf.bytes() - bytes_in,
+    }
+}
+
+/// Grouped NMS keeping each image's first `top` (kernels/nms.cu, "nms_groups_top"):
+/// the `n` candidates are `images` equal image-major chunks, and the passes take
+/// whole images, so the scratch is that of one pass ([`TOP_PASS_CANDIDATES`]) and
+/// the keep list is `images * top` long. The keep list holds each image's selection
+/// in image order, each in descending score order (ties by index).
+pub(super) fn nms_groups_top_cuda(
+    boxes: &Tensor,
+    scores: &Tensor,
+    groups: &Tensor,
+    n: usize,
+    thr: f64,
+    images: usize,
+    top: usize,
+) -> Result<NmsOutput> {
+    let dev = boxes.gpu()?.dev.clone();
+    // Entries past the count are -1 (all bits set); the passes append at the count.
+    let keep = Tensor::gpu_empty_i64(&dev, [images * top])?;
+    if images * top > 0 {
+        dev.backend.memset(&keep.gpu()?.buf, 0xff)?;
+    }
+    let count = Tensor::gpu_zeros_i64(&dev, [1])?;
+    if n == 0 || images == 0 || top == 0 {
+        return Ok(NmsOutput { keep, count });
+    }
+    let chunk = n / images;
+    let per_pass = (TOP_PASS_CANDIDATES / chunk).clamp(1, images);
+    let m = chunk * per_pass;
+    let (b, s, g) = (boxes.gpu()?, scores.gpu()?, groups.gpu()?);
+    let keys = dev.alloc(m.next_power_of_two().max(64) * 16)?;
+    let seg_start = dev.alloc(m * 8)?;
+    let nseg = dev.alloc(8)?;
+    let nvalid = dev.alloc(8)?;
+    let removed = dev.alloc(m * 4)?;
+    let kept = dev.alloc(m * 4)?;
+    for first in (0..images).step_by(per_pass) {
+        let imgs = per_pass.min(images - first);
+        let (len, base) = (imgs * chunk, first * chunk);
+        let padded = len.next_power_of_two().max(64);
+        let (sp, gp, bp) = (
+            at(&s.buf, 4 * base),
+            at(&g.buf, 8 * base),
+            at(&b.buf, 16 * base),
+        );
+        dev.launch(
+            "nms_group_keys_f32",
+            LaunchCfg::for_elems(padded),
+            &[
+                sp,
+                gp,
+                KernelArg::I64(len as i64),
+                keys.arg(),
+                KernelArg::I64(padded as i64),
+            ],
+        )?;
+        sort_keys(&dev, &keys, padded, "nms_sort128")?;
+        dev.launch(
+            "nms_group_segments_f32",
+            LaunchCfg::linear(1024, 1024),
+            &[
+                keys.arg(),
+                KernelArg::I64(len as i64),
+                seg_start.arg(),
+                nseg.arg(),
+                nvalid.arg(),
+            ],
+        )?;
+        dev.launch(
+            "nms_group_walk_f32",
+            LaunchCfg {
+                grid: (len.min(WALK_MAX_BLOCKS) as u32, 1, 1),
+                block: (WALK_THREADS, 1, 1),
+                shared_bytes: 0,
+            },
+            &[
+                bp,
+                keys.arg(),
+                seg_start.arg(),
+                nseg.arg(),
+                nvalid.arg(),
+                KernelArg::F64(thr),
+                removed.arg(),
+                kept.arg(),
+            ],
+        )?;
+        dev.launch(
+            "nms_group_top_keys_f32",
+            LaunchCfg::for_elems(padded),
+            &[
+                sp,
+                gp,
+                kept.arg(),
+                KernelArg::I64(len as i64),
+                KernelArg::I64(chunk as i64),
+                keys.arg(),
+                KernelArg::I64(padded as i64),
+            ],
+        )?;
+        sort_keys(&dev, &keys, padded, "nms_sort128")?;
+        dev.launch(
+            "nms_group_top_f32",
+            LaunchCfg::linear(256, 256),
+            &[
+                keys.arg(),
+                KernelArg::I64(len as i64),
+                KernelArg::I64(imgs as i64),
+                KernelArg::I64(top as i64),
+                KernelArg::I64(base as i64),
+                keep.gpu()?.buf.arg(),
+                count.gpu()?.buf.arg(),
+            ],
+        )?;
+    }
+    Ok(NmsOutput { keep, count })
+}

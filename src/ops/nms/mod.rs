@@ -46,7 +46,7 @@ use crate::with_dtype;
 
 use super::boxes::{check_boxes, prefix_i64};
 use cpu::{gather, greedy_reference, nms_cpu};
-use cuda::{nms_cuda, nms_groups_cuda};
+use cuda::{nms_cuda, nms_groups_cuda, nms_groups_top_cuda};
 
 pub(crate) use cpu::{descending_key, sort_descending};
 
@@ -155,7 +155,72 @@ pub fn nms_groups_device(
                     msg: "CUDA NMS takes f32 boxes".into(),
                 });
             }
+            // Booked as the NMS's own memory (scratch and outputs) when profiling.
+            let _mem = crate::device::op_memory::scope(&boxes.gpu()?.dev, "nms_groups");
             nms_groups_cuda(boxes, scores, groups, n, iou_threshold)
+        }
+    }
+}
+
+/// [`nms_groups_device`] for a batch of `images` whose candidates are image-major in
+/// equal chunks (`N / images` each, and no group spans two chunks), keeping only
+/// each image's first `top` kept candidates: `keep` `[images * top]` i64 holds every
+/// image's selection in image order, each in descending score order (ties by index),
+/// padded with -1 past `count`. Per image this is [`nms_groups_device`]'s keep list
+/// cut at `top`, so a per-image selection from either is the same.
+///
+/// On CUDA the batch is processed in passes of whole images (up to 2^17 candidates
+/// per pass, at least one image), all groups of a pass walked in parallel; the
+/// scratch is that of one pass, so memory does not grow with the batch (about 40
+/// bytes per candidate of a pass). Nothing is read back.
+pub fn nms_groups_top_device(
+    boxes: &Tensor,
+    scores: &Tensor,
+    groups: &Tensor,
+    iou_threshold: f64,
+    images: usize,
+    top: usize,
+) -> Result<NmsOutput> {
+    let n = check_inputs(boxes, scores, Some(groups), iou_threshold)?;
+    if (images == 0 && n > 0) || (images > 0 && n % images != 0) {
+        return Err(Error::invalid(
+            "nms_groups_top",
+            format!("{n} candidates are not {images} equal image chunks"),
+        ));
+    }
+    match boxes.device() {
+        Device::Cpu => {
+            let cls = groups.cpu_i64()?;
+            let keep = with_dtype!(boxes.dtype(), T => {
+                let (b, s) = (boxes.cpu_slice::<T>()?, scores.cpu_slice::<T>()?);
+                nms_cpu(b, s, Some(cls), iou_threshold)
+            });
+            let chunk = n / images.max(1);
+            let mut per_image = vec![Vec::new(); images];
+            for i in keep {
+                let img = i as usize / chunk;
+                if cls[i as usize] >= 0 && per_image[img].len() < top {
+                    per_image[img].push(i);
+                }
+            }
+            let mut padded: Vec<i64> = per_image.concat();
+            let k = padded.len();
+            padded.resize(images * top, -1);
+            Ok(NmsOutput {
+                keep: Tensor::from_vec_i64(padded, [images * top])?,
+                count: Tensor::from_vec_i64(vec![k as i64], [1])?,
+            })
+        }
+        Device::Cuda(_) => {
+            if boxes.dtype() != DType::F32 {
+                return Err(Error::DType {
+                    op: "nms_groups_top",
+                    dtype: boxes.dtype().to_string(),
+                    msg: "CUDA NMS takes f32 boxes".into(),
+                });
+            }
+            let _mem = crate::device::op_memory::scope(&boxes.gpu()?.dev, "nms_groups");
+            nms_groups_top_cuda(boxes, scores, groups, n, iou_threshold, images, top)
         }
     }
 }
