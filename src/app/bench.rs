@@ -425,7 +425,11 @@ fn bench_graphed(
     let size = parse_size(&a.size)?;
     let mut rng = Rng::new(a.seed ^ 0x9a7);
     let pixels: Vec<Vec<u8>> = (0..targets.len())
-        .map(|_| (0..3 * size.0 * size.1).map(|_| rng.below(256) as u8).collect())
+        .map(|_| {
+            (0..3 * size.0 * size.1)
+                .map(|_| rng.below(256) as u8)
+                .collect()
+        })
         .collect();
     let views: Vec<ImageU8> = pixels
         .iter()

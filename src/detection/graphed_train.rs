@@ -46,9 +46,9 @@ use crate::nn::NormKind;
 use crate::rng::Rng;
 use crate::tensor::Tensor;
 
+use super::faster_rcnn::StageFn;
 use super::rpn::RpnHeadOutput;
 use super::transform::{transform_uploaded, upload_u8, ImageList, ImageU8, UploadedBatch};
-use super::faster_rcnn::StageFn;
 use super::{FasterRcnn, Target};
 
 /// Stage names of a graphed training step: the upload and graph A; the head part
@@ -197,7 +197,9 @@ fn fill_seeds(seeds: &[(usize, Tensor)], out: &DenseOutputs, grads: &Gradients) 
             )
         })?;
         let (src, dst) = (g.gpu()?, seed.gpu()?);
-        dst.dev.backend.copy_dtod(&src.buf, &dst.buf, seed.numel() * 4)?;
+        dst.dev
+            .backend
+            .copy_dtod(&src.buf, &dst.buf, seed.numel() * 4)?;
     }
     Ok(())
 }
@@ -213,10 +215,7 @@ fn param_tape(model: &FasterRcnn, names: &[String]) -> Result<Tape> {
 
 fn seeded<'a>(seeds: &[(usize, Tensor)], out: &'a DenseOutputs) -> Vec<(&'a Tensor, Tensor)> {
     let leaves = out.leaves();
-    seeds
-        .iter()
-        .map(|(k, s)| (leaves[*k], s.clone()))
-        .collect()
+    seeds.iter().map(|(k, s)| (leaves[*k], s.clone())).collect()
 }
 
 fn addresses(model: &FasterRcnn) -> Result<Vec<(String, u64)>> {

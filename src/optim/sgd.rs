@@ -170,7 +170,11 @@ impl Sgd {
         if fixed.len() > params.len() {
             return Err(Error::invalid(
                 "Sgd::step",
-                format!("{} fixed flags for {} parameters", fixed.len(), params.len()),
+                format!(
+                    "{} fixed flags for {} parameters",
+                    fixed.len(),
+                    params.len()
+                ),
             ));
         }
         if grads.len() != params.len() {
