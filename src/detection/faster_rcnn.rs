@@ -798,15 +798,15 @@ impl FasterRcnn {
 
     /// The rest of a training step after [`FasterRcnn::dense_forward`]: anchors,
     /// proposals, the RPN losses, RoI sampling, pooling, the box head and its
-    /// losses, the four losses of [`FasterRcnn::losses`]. `originals` are the
-    /// images' sizes before the transform, `targets` in those pixels.
+    /// losses, the four losses of [`FasterRcnn::losses`]. `dense` is what
+    /// [`FasterRcnn::dense_forward`] returned (P2..P6 and the RPN head's outputs),
+    /// `originals` the images' sizes before the transform, `targets` in those pixels.
     pub fn head_losses(
         &self,
         ctx: &Ctx,
         il: &ImageList,
         originals: &[(usize, usize)],
-        features: &[Tensor],
-        head: &RpnHeadOutput,
+        (features, head): (&[Tensor], &RpnHeadOutput),
         targets: &[Target],
         rng: &mut Rng,
     ) -> Result<Vec<(String, Tensor)>> {

@@ -167,8 +167,7 @@ fn head(
             &ctx,
             &out.images,
             input.original_sizes(),
-            &out.features,
-            &out.head,
+            (&out.features, &out.head),
             targets,
             rng,
         )?;
@@ -331,7 +330,7 @@ impl<'m> GraphedTrainer<'m> {
 
     /// The model (its parameters are the ones the graphs read).
     pub fn model(&self) -> &FasterRcnn {
-        &self.model
+        self.model
     }
 
     /// The trainable parameters' names, the order of [`TrainStep::grads`].
