@@ -22,6 +22,7 @@ use crate::detection::graphed_train::{GraphedTrainer, GRAPHED_TRAINING_STAGES};
 use crate::detection::transform::ImageU8;
 use crate::detection::{FasterRcnn, FasterRcnnConfig, Target};
 use crate::device::gpu::Counters;
+use crate::nn::NormKind;
 use crate::optim::{Sgd, SgdConfig};
 use crate::rng::Rng;
 use crate::{Device, Error, Result, Tensor};
@@ -445,6 +446,20 @@ fn bench_graphed(
         weight_decay: 1e-4,
         ..SgdConfig::default()
     })?;
+    // The graphs need frozen BatchNorm (no running statistics): the small model's
+    // trainable BatchNorm is replaced by frozen BatchNorm, same seed, for this column.
+    let mut frozen;
+    let model: &mut FasterRcnn = match model.config.backbone.norm {
+        NormKind::Frozen { .. } | NormKind::FrozenStats { .. } => model,
+        NormKind::Batch { eps, .. } | NormKind::SyncBatch { eps, .. } => {
+            let mut cfg = model.config.clone();
+            cfg.backbone.norm = NormKind::Frozen { eps };
+            eprintln!("  train-graph: the model's BatchNorm frozen (graphs need fixed statistics)");
+            frozen = FasterRcnn::new(cfg, a.seed)?;
+            frozen.to_device(model_device_of(model))?;
+            &mut frozen
+        }
+    };
     let mut rows = Vec::new();
     for &b in &a.batch {
         let device = model_device_of(model);

@@ -26,7 +26,8 @@
 //! What must hold for the graphs to stay valid, and is checked where it can be:
 //! the parameters keep their buffers (the optimizer updates them in place; a
 //! parameter moved to a new buffer is an error at the next step), frozen BatchNorm
-//! (nothing of the dense part carries state from step to step), f32 precision (bf16
+//! statistics (`Frozen` or `FrozenStats`: nothing of the dense part carries state
+//! from step to step), f32 precision (bf16
 //! keeps per-version weight copies the graph could not follow), and the same image
 //! sizes every batch ([`super::transform::UploadedBatch::refill`] refuses others).
 //!
@@ -249,7 +250,10 @@ impl<'m> GraphedTrainer<'m> {
                 "bf16 keeps weight copies per version that a graph cannot follow: train in f32",
             ));
         }
-        if !matches!(model.config.backbone.norm, NormKind::Frozen { .. }) {
+        if !matches!(
+            model.config.backbone.norm,
+            NormKind::Frozen { .. } | NormKind::FrozenStats { .. }
+        ) {
             return Err(Error::invalid(
                 "GraphedTrainer",
                 "BatchNorm with running statistics changes state every step: use frozen BatchNorm",
