@@ -15,12 +15,15 @@
 use std::path::PathBuf;
 
 use super::profile::{
-    detect_profiled, train_step_profiled, StageMemory, StageTimes, INFERENCE_STAGES,
-    TRAINING_STAGES,
+    detect_profiled, train_step_graphed_profiled, train_step_profiled, StageMemory, StageTimes,
+    INFERENCE_STAGES, TRAINING_STAGES,
 };
+use crate::detection::graphed_train::{GraphedTrainer, GRAPHED_TRAINING_STAGES};
+use crate::detection::transform::ImageU8;
 use crate::detection::{FasterRcnn, FasterRcnnConfig, Target};
 use crate::device::gpu::Counters;
 use crate::device::op_memory::OpMemory;
+use crate::nn::NormKind;
 use crate::optim::{Sgd, SgdConfig};
 use crate::rng::Rng;
 use crate::{Device, Error, Result, Tensor};
@@ -42,6 +45,9 @@ pub struct BenchOptions {
     pub train: bool,
     /// Skip inference (with `train`: time training only).
     pub no_infer: bool,
+    /// With `train` on a device: also time the graphed training step
+    /// ([`crate::detection::graphed_train`]), a `train-graph` column.
+    pub graph: bool,
     /// Seed of the weights, the image and the targets.
     pub seed: u64,
     /// Also write the results as JSON to this file.
@@ -278,6 +284,12 @@ pub fn run(a: &BenchOptions) -> Result<()> {
             "--iters and every --batch must be at least 1",
         ));
     }
+    if a.graph && (!a.train || !device.is_cuda() || a.plan) {
+        return Err(Error::invalid(
+            "bench",
+            "--graph needs --train on a CUDA or emulated device, without --plan",
+        ));
+    }
     if a.no_infer && !a.train && !a.ops {
         return Err(Error::invalid(
             "bench",
@@ -416,6 +428,84 @@ fn bench_precision(
             pool_note(&label);
         }
     }
+    if a.train && a.graph && !bf16 {
+        rows.extend(bench_graphed(a, model, targets, peak)?);
+    }
+    Ok(rows)
+}
+
+/// The `train-graph` columns: [`GraphedTrainer`] steps on u8 noise images of the
+/// bench's size (the graphs are captured per batch size).
+fn bench_graphed(
+    a: &BenchOptions,
+    model: &mut FasterRcnn,
+    targets: &[Target],
+    peak: &dyn Fn(bool, &[StageTimes]) -> Option<f64>,
+) -> Result<Vec<Row>> {
+    let size = parse_size(&a.size)?;
+    let mut rng = Rng::new(a.seed ^ 0x9a7);
+    let pixels: Vec<Vec<u8>> = (0..targets.len())
+        .map(|_| {
+            (0..3 * size.0 * size.1)
+                .map(|_| rng.below(256) as u8)
+                .collect()
+        })
+        .collect();
+    let views: Vec<ImageU8> = pixels
+        .iter()
+        .map(|d| ImageU8 {
+            data: d,
+            height: size.0,
+            width: size.1,
+        })
+        .collect();
+    let mut sgd = Sgd::new(SgdConfig {
+        lr: 1e-4,
+        momentum: 0.9,
+        weight_decay: 1e-4,
+        ..SgdConfig::default()
+    })?;
+    // The graphs need frozen BatchNorm (no running statistics): the small model's
+    // trainable BatchNorm is replaced by frozen BatchNorm, same seed, for this column.
+    let mut frozen;
+    let model: &mut FasterRcnn = match model.config.backbone.norm {
+        NormKind::Frozen { .. } | NormKind::FrozenStats { .. } => model,
+        NormKind::Batch { eps, .. } | NormKind::SyncBatch { eps, .. } => {
+            let mut cfg = model.config.clone();
+            cfg.backbone.norm = NormKind::Frozen { eps };
+            eprintln!("  train-graph: the model's BatchNorm frozen (graphs need fixed statistics)");
+            frozen = FasterRcnn::new(cfg, a.seed)?;
+            frozen.to_device(model_device_of(model))?;
+            &mut frozen
+        }
+    };
+    let mut rows = Vec::new();
+    for &b in &a.batch {
+        let device = model_device_of(model);
+        device.reset_peak_memory();
+        let label = format!("train-graph b{b}");
+        let mut trainer = GraphedTrainer::new(model, &views[..b], &targets[..b])?;
+        let s = trainer.sizes();
+        eprintln!(
+            "  {label}: graph A {} nodes, graph B {} nodes, {} seed copies, {} gradients in place",
+            s.forward_nodes, s.backward_nodes, s.seeds, s.fixed_grads
+        );
+        let runs = repeat(&label, a.warmup, a.iters, || {
+            let (loss, t) = train_step_graphed_profiled(
+                &mut trainer,
+                &views[..b],
+                &targets[..b],
+                &mut sgd,
+                &mut rng,
+            )?;
+            if !loss.is_finite() {
+                eprintln!("  (loss is {loss}: timings still stand)");
+            }
+            Ok(t)
+        })?;
+        rows.push(summarize("train-graph", b, &runs, peak(false, &runs)));
+        pool_note(&label);
+    }
     Ok(rows)
 }
 
@@ -487,7 +577,11 @@ fn print_results(
 /// and MiB below 1, images/s above 1: bf16 is the better).
 fn print_table(rows: &[Row]) {
     let mut stages: Vec<&str> = Vec::new();
-    for s in INFERENCE_STAGES.iter().chain(TRAINING_STAGES.iter()) {
+    for s in INFERENCE_STAGES
+        .iter()
+        .chain(TRAINING_STAGES.iter())
+        .chain(GRAPHED_TRAINING_STAGES.iter())
+    {
         if !stages.contains(s) && rows.iter().any(|r| r.stages.iter().any(|x| x.0 == *s)) {
             stages.push(s);
         }

@@ -10,6 +10,8 @@
 use std::time::Instant;
 
 use crate::autograd::Tape;
+use crate::detection::graphed_train::GraphedTrainer;
+use crate::detection::transform::ImageU8;
 use crate::detection::{FasterRcnn, Target};
 use crate::device::gpu::{CounterScope, Counters};
 use crate::device::op_memory::{self, OpMemory};
@@ -213,4 +215,28 @@ pub fn train_step_profiled(
     stepped?;
     laps.lap("optimizer")?;
     Ok((total, std::mem::take(&mut laps.times)))
+}
+
+/// One [`GraphedTrainer`] step timed per stage ([`GRAPHED_TRAINING_STAGES`]): the
+/// upload and graph A, the head part, the seed copies and graph B, then the SGD
+/// step on the fixed gradients ([`Sgd::step_fixed_grads`]). The step's one read-out
+/// (the total loss, the NaN flag and the deferred kernel errors in one copy, as a
+/// logging iteration makes it) is booked under `optimizer`. Returns the total loss
+/// and the times.
+///
+/// [`GRAPHED_TRAINING_STAGES`]: crate::detection::graphed_train::GRAPHED_TRAINING_STAGES
+pub fn train_step_graphed_profiled(
+    trainer: &mut GraphedTrainer,
+    images: &[ImageU8],
+    targets: &[Target],
+    sgd: &mut Sgd,
+    rng: &mut Rng,
+) -> Result<(f64, StageTimes)> {
+    let _defer = crate::device::error_flags::defer();
+    let mut laps = Laps::start(model_device(trainer.model()))?;
+    let step = trainer.forward_backward_staged(images, targets, rng, &mut |s| laps.lap(s))?;
+    trainer.update(&step, |p, g, fixed| sgd.step_fixed_grads(p, g, fixed))?;
+    let read = crate::runner::read_step_values(std::slice::from_ref(&step.total))?;
+    laps.lap("optimizer")?;
+    Ok((read.values[0], std::mem::take(&mut laps.times)))
 }

@@ -221,12 +221,26 @@ impl Tape {
 
     /// Gradients given dL/d(output) = `grad` for a non-scalar `output`.
     pub fn backward_with(&self, output: &Tensor, grad: Tensor) -> Result<Gradients> {
-        if grad.shape() != output.shape() {
-            return Err(Error::Autograd(format!(
-                "seed gradient {} for output {}",
-                grad.shape(),
-                output.shape()
-            )));
+        self.backward_seeded(vec![(output, grad)])
+    }
+
+    /// Gradients given dL/d(output) = `grad` for several outputs at once, each pair
+    /// an output of a recorded op (or a watched tensor) and its seed gradient of the
+    /// same shape: the pass a split step runs on the part of the graph that feeds a
+    /// later part (whose own backward gave these seeds). A gradient of an output
+    /// that another recorded op also uses starts from its seed and adds the other
+    /// contributions in the order a single pass over both parts would (the later
+    /// part's ops were all recorded after this tape's), so the result equals that
+    /// pass bit for bit.
+    pub fn backward_seeded(&self, seeds: Vec<(&Tensor, Tensor)>) -> Result<Gradients> {
+        for (output, grad) in &seeds {
+            if grad.shape() != output.shape() {
+                return Err(Error::Autograd(format!(
+                    "seed gradient {} for output {}",
+                    grad.shape(),
+                    output.shape()
+                )));
+            }
         }
         let (nodes, tracked, watched, mut hook) = {
             let mut inner = self.0.lock().unwrap_or_else(|p| p.into_inner());
@@ -254,14 +268,20 @@ impl Tape {
             }
         }
         let ops_total = nodes.len();
-        if !tracked.contains(&output.id()) {
+        if seeds.is_empty() || seeds.iter().any(|(o, _)| !tracked.contains(&o.id())) {
             return Err(Error::Autograd(
                 "the output does not depend on any watched tensor through recorded ops".into(),
             ));
         }
         no_grad(|| {
             let mut grads: HashMap<TensorId, Tensor> = HashMap::new();
-            grads.insert(output.id(), grad);
+            for (output, grad) in seeds {
+                let acc = match grads.remove(&output.id()) {
+                    Some(prev) => crate::ops::add(&prev, &grad)?,
+                    None => grad,
+                };
+                grads.insert(output.id(), acc);
+            }
             for (done, (index, node)) in nodes.into_iter().enumerate().rev().enumerate() {
                 let op = node.op;
                 // A gradient nobody watches is dropped once its producer has read it.

@@ -264,6 +264,10 @@ struct BenchArgs {
     /// Skip inference (with --train: time training only).
     #[arg(long)]
     no_infer: bool,
+    /// With --train on a device: also time the graphed training step (transform,
+    /// backbone, FPN and RPN head forward and backward replayed as two device graphs).
+    #[arg(long)]
+    graph: bool,
     /// Seed of the weights, the image and the targets.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -304,6 +308,7 @@ impl From<BenchArgs> for bench::BenchOptions {
             warmup: a.warmup,
             train: a.train,
             no_infer: a.no_infer,
+            graph: a.graph,
             seed: a.seed,
             json: a.json,
             precision: a.precision,

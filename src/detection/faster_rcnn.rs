@@ -4,7 +4,7 @@ use std::path::Path;
 
 use super::proposals::{PackedDetections, Selected};
 use super::roi_heads::{RoiHeads, RoiHeadsConfig};
-use super::rpn::{Rpn, RpnConfig};
+use super::rpn::{Rpn, RpnConfig, RpnHeadOutput};
 use super::transform::{
     resize_box_list, transform, transform_uploaded, upload_u8, ImageList, ImageU8, TransformConfig,
     UploadedBatch,
@@ -768,13 +768,24 @@ impl FasterRcnn {
             Images::F32(ims) => transform(ims, &self.config.transform)?,
             Images::U8(b) => transform_uploaded(b)?,
         };
-        let targets: Vec<Target> = targets
-            .iter()
-            .zip(&originals)
-            .zip(&il.image_sizes)
-            .map(|((t, &from), &size)| t.resized(from, size))
-            .collect();
         on_stage("transform")?;
+        let (features, head) = self.dense_forward(ctx, &il, on_stage)?;
+        self.head_losses_given(
+            ctx, &il, &originals, &features, &head, targets, given, rng, on_stage,
+        )
+    }
+
+    /// The dense part of a training step on the transformed batch `il`: the
+    /// backbone, the FPN and the RPN head, P2..P6 and the head's objectness and
+    /// deltas per level. No shape in it depends on the data, so at a fixed padded
+    /// size it can be captured as a device graph (see [`super::graphed_train`]).
+    /// Calls `on_stage` after `backbone`, `fpn` and `rpn_head`.
+    pub fn dense_forward(
+        &self,
+        ctx: &Ctx,
+        il: &ImageList,
+        on_stage: StageFn,
+    ) -> Result<(Vec<Tensor>, RpnHeadOutput)> {
         let c = self.body.forward(ctx, &il.tensors)?;
         on_stage("backbone")?;
         let features = self.fpn.forward(ctx, &c)?;
@@ -782,7 +793,78 @@ impl FasterRcnn {
         on_stage("fpn")?;
         let head = self.rpn.head(ctx, &features)?;
         on_stage("rpn_head")?;
-        let anchors = self.anchors_tensor(&il, &features)?;
+        Ok((features, head))
+    }
+
+    /// The rest of a training step after [`FasterRcnn::dense_forward`]: anchors,
+    /// proposals, the RPN losses, RoI sampling, pooling, the box head and its
+    /// losses, the four losses of [`FasterRcnn::losses`]. `dense` is what
+    /// [`FasterRcnn::dense_forward`] returned (P2..P6 and the RPN head's outputs),
+    /// `originals` the images' sizes before the transform, `targets` in those pixels.
+    pub fn head_losses(
+        &self,
+        ctx: &Ctx,
+        il: &ImageList,
+        originals: &[(usize, usize)],
+        (features, head): (&[Tensor], &RpnHeadOutput),
+        targets: &[Target],
+        rng: &mut Rng,
+    ) -> Result<Vec<(String, Tensor)>> {
+        if originals.len() != targets.len() || il.image_sizes.len() != targets.len() {
+            return Err(Error::invalid(
+                "FasterRcnn::head_losses",
+                format!(
+                    "{} images ({} sizes) and {} targets",
+                    il.image_sizes.len(),
+                    originals.len(),
+                    targets.len()
+                ),
+            ));
+        }
+        if features.len() < 4 {
+            return Err(Error::invalid(
+                "FasterRcnn::head_losses",
+                format!("{} feature levels (P2..P5 at least)", features.len()),
+            ));
+        }
+        for (i, t) in targets.iter().enumerate() {
+            t.validate().map_err(|m| {
+                Error::invalid("FasterRcnn::head_losses", format!("target {i}: {m}"))
+            })?;
+        }
+        self.head_losses_given(
+            ctx,
+            il,
+            originals,
+            features,
+            head,
+            targets,
+            None,
+            rng,
+            &mut |_| Ok(()),
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn head_losses_given(
+        &self,
+        ctx: &Ctx,
+        il: &ImageList,
+        originals: &[(usize, usize)],
+        features: &[Tensor],
+        head: &RpnHeadOutput,
+        targets: &[Target],
+        given: Option<&[Tensor]>,
+        rng: &mut Rng,
+        on_stage: StageFn,
+    ) -> Result<Vec<(String, Tensor)>> {
+        let targets: Vec<Target> = targets
+            .iter()
+            .zip(originals)
+            .zip(&il.image_sizes)
+            .map(|((t, &from), &size)| t.resized(from, size))
+            .collect();
+        let anchors = self.anchors_tensor(il, features)?;
         // Proposals stay padded ([N, post_nms_top_n, 4] with counts on the device):
         // nothing of the sampling reads back.
         let (prop_boxes, prop_counts) = match given {
@@ -790,7 +872,7 @@ impl FasterRcnn {
             None => {
                 let sel = crate::autograd::no_grad(|| {
                     self.rpn
-                        .proposals_padded(&head, &anchors, &il.image_sizes, true)
+                        .proposals_padded(head, &anchors, &il.image_sizes, true)
                 })?;
                 (sel.boxes, sel.counts)
             }
@@ -799,7 +881,7 @@ impl FasterRcnn {
         // (Philox keys: the picks depend on the seed, the image and the index only).
         let tg = super::targets::PackedTargets::new(&targets, anchors.device())?;
         let seed = rng.next_u64();
-        let (loss_obj, loss_rpn_box) = self.rpn.losses(&head, &anchors, &tg, seed)?;
+        let (loss_obj, loss_rpn_box) = self.rpn.losses(head, &anchors, &tg, seed)?;
         on_stage("proposals")?;
         let samples = self
             .roi_heads

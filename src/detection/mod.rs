@@ -7,6 +7,7 @@ pub mod box_coder;
 pub mod draw;
 pub mod faster_rcnn;
 pub mod graphed;
+pub mod graphed_train;
 pub mod matcher;
 pub mod poolers;
 pub mod proposals;

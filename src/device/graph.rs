@@ -14,6 +14,10 @@
 //! once eagerly first so the cache holds the blocks it needs. The graph keeps every
 //! block it used in a private pool (see [`super::alloc`]), so nothing else reuses
 //! them between replays; the caller keeps the inputs alive.
+//!
+//! Users: [`crate::detection::graphed::GraphedDetector`] (a whole inference pass)
+//! and [`crate::detection::graphed_train::GraphedTrainer`] (a training step's dense
+//! forward and, from the tape recorded while it was captured, its backward).
 
 use super::gpu::GraphExec;
 use super::Device;

@@ -25,7 +25,9 @@
 //! (a buffer was replaced). Gradients come fresh from the autograd each step (new
 //! buffers), so the table does not point at them: each gradient is first copied
 //! (device to device, no host involvement) into a persistent per-parameter staging
-//! buffer owned by the optimizer, and the table points at those.
+//! buffer owned by the optimizer, and the table points at those. A gradient the
+//! caller declares fixed ([`Sgd::step_fixed_grads`]: a captured backward graph
+//! writes it into the same buffer every step) is read where it lies, no copy.
 
 use crate::device::gpu::KernelArg;
 use crate::device::Device;
@@ -150,6 +152,31 @@ impl Sgd {
         params: &mut [Tensor],
         grads: &[Option<&Tensor>],
     ) -> Result<()> {
+        self.step_fixed_grads(params, grads, &[])
+    }
+
+    /// [`Sgd::step_optional`] where `fixed[i]` says that gradient `i` lies in a
+    /// buffer that is the same from step to step and that nothing frees or reuses
+    /// between steps (the output of a captured backward graph,
+    /// [`crate::detection::graphed_train`]). On CUDA the pointer table then points
+    /// at that buffer itself: no staging copy for it, and the table stays the same.
+    /// Missing entries of `fixed` are `false`; on the CPU it changes nothing.
+    pub fn step_fixed_grads(
+        &mut self,
+        params: &mut [Tensor],
+        grads: &[Option<&Tensor>],
+        fixed: &[bool],
+    ) -> Result<()> {
+        if fixed.len() > params.len() {
+            return Err(Error::invalid(
+                "Sgd::step",
+                format!(
+                    "{} fixed flags for {} parameters",
+                    fixed.len(),
+                    params.len()
+                ),
+            ));
+        }
         if grads.len() != params.len() {
             return Err(Error::invalid(
                 "Sgd::step",
@@ -215,6 +242,7 @@ impl Sgd {
                 index: i,
                 g: (*g).clone(),
                 first,
+                fixed: fixed.get(i).copied().unwrap_or(false),
             });
         }
         let cpu: Vec<&Item> = items
@@ -325,6 +353,8 @@ struct Item {
     index: usize,
     g: Tensor,
     first: bool,
+    /// The gradient's buffer is the same every step (see [`Sgd::step_fixed_grads`]).
+    fixed: bool,
 }
 
 /// Make `t`'s storage exclusive (copy on write): unchanged if nobody else holds it,
@@ -556,15 +586,22 @@ impl Sgd {
             if n == 0 {
                 continue;
             }
-            let fits = matches!(&self.grad_stage[i],
-                Some(s) if s.device() == p.device() && s.shape() == p.shape());
-            if !fits {
-                self.grad_stage[i] = Some(Tensor::gpu_empty(&dev, p.shape().clone())?);
-            }
-            // Just made above when missing.
-            let stage = self.grad_stage[i].as_ref().expect("staging buffer");
-            dev.backend
-                .copy_dtod(&it.g.gpu()?.buf, &stage.gpu()?.buf, n * 4)?;
+            let grad_ptr = if it.fixed {
+                // Read where it lies: its buffer outlives the step (the caller's word).
+                self.grad_stage[i] = None;
+                ptr(&it.g)?
+            } else {
+                let fits = matches!(&self.grad_stage[i],
+                    Some(s) if s.device() == p.device() && s.shape() == p.shape());
+                if !fits {
+                    self.grad_stage[i] = Some(Tensor::gpu_empty(&dev, p.shape().clone())?);
+                }
+                // Just made above when missing.
+                let stage = self.grad_stage[i].as_ref().expect("staging buffer");
+                dev.backend
+                    .copy_dtod(&it.g.gpu()?.buf, &stage.gpu()?.buf, n * 4)?;
+                ptr(stage)?
+            };
             let p_ptr = ptr(p)?;
             // Without momentum the buffer fields point at p: the kernel never
             // reads or writes them then.
@@ -574,7 +611,7 @@ impl Sgd {
             };
             table.extend([
                 p_ptr,
-                ptr(stage)?,
+                grad_ptr,
                 buf_ptr,
                 p_ptr,
                 buf_ptr,
