@@ -14,7 +14,7 @@ use kestrel::detection::FasterRcnn;
 use kestrel::device::emu;
 use kestrel::device::gpu::{Counters, MemoryStats};
 use kestrel::nn::Precision;
-use kestrel::optim::{Sgd, SgdConfig};
+use kestrel::optim::Sgd;
 use kestrel::rng::Rng;
 use kestrel::{Device, Tensor};
 
@@ -60,13 +60,7 @@ fn figures(device: Device, total: Counters, t: StageTimes) -> PassFigures {
 }
 
 fn sgd() -> Sgd {
-    Sgd::new(SgdConfig {
-        lr: 1e-3,
-        momentum: 0.9,
-        weight_decay: 1e-4,
-        ..SgdConfig::default()
-    })
-    .unwrap()
+    common::recipe_sgd()
 }
 
 /// A fresh fixture model on the emulated device in `precision`, and the device's

@@ -13,7 +13,6 @@ use kestrel::detection::transform::ImageU8;
 use kestrel::detection::{Detections, FasterRcnn, FasterRcnnConfig};
 use kestrel::device::graph::capture;
 use kestrel::io::TensorFile;
-use kestrel::rng::Rng;
 use kestrel::{Device, Tensor};
 
 /// The model tests measure the device's cache and counters.
@@ -217,17 +216,7 @@ fn check_model(device: Device) {
     let _l = LOCK.lock().unwrap_or_else(|p| p.into_inner());
     let m = load_model(device);
     let a = fixture_images();
-    let mut rng = Rng::new(5);
-    let b: Vec<_> = a
-        .iter()
-        .map(|(d, h, w)| {
-            let d = d
-                .iter()
-                .map(|&v| v.saturating_add(rng.below(40) as u8).saturating_sub(20))
-                .collect();
-            (d, *h, *w)
-        })
-        .collect();
+    let b = common::perturbed_pixels(&a, 5);
     let want_a = eager(&m, &a, device);
     let want_b = eager(&m, &b, device);
     assert!(

@@ -14,7 +14,7 @@ use kestrel::detection::targets::PackedTargets;
 use kestrel::detection::{FasterRcnn, Target};
 use kestrel::device::error_flags;
 use kestrel::nn::Ctx;
-use kestrel::optim::{Sgd, SgdConfig};
+use kestrel::optim::Sgd;
 use kestrel::rng::Rng;
 use kestrel::runner::{read_step_values, StepValues};
 use kestrel::{Device, Tensor};
@@ -23,13 +23,7 @@ use kestrel::{Device, Tensor};
 static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn sgd() -> Sgd {
-    Sgd::new(SgdConfig {
-        lr: 1e-3,
-        momentum: 0.9,
-        weight_decay: 1e-4,
-        ..SgdConfig::default()
-    })
-    .unwrap()
+    common::recipe_sgd()
 }
 
 /// One step: losses, backward, SGD, with kernel errors deferred; on a logging

@@ -16,7 +16,7 @@ use kestrel::detection::transform::{transform_uploaded, upload_u8};
 use kestrel::detection::{FasterRcnn, Target};
 use kestrel::device::error_flags;
 use kestrel::device::graph::capture;
-use kestrel::optim::{Sgd, SgdConfig};
+use kestrel::optim::Sgd;
 use kestrel::rng::Rng;
 use kestrel::{Device, Tensor};
 
@@ -24,29 +24,13 @@ use kestrel::{Device, Tensor};
 static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn sgd() -> Sgd {
-    Sgd::new(SgdConfig {
-        lr: 1e-3,
-        momentum: 0.9,
-        weight_decay: 1e-4,
-        ..SgdConfig::default()
-    })
-    .unwrap()
+    common::recipe_sgd()
 }
 
 /// The fixture batch and a perturbed copy of it (same sizes, other pixels).
 fn two_batches() -> (Vec<Pixels>, Vec<Pixels>, Vec<Target>) {
     let (a, targets) = common::fixture_training_pixels();
-    let mut rng = Rng::new(5);
-    let b = a
-        .iter()
-        .map(|(d, h, w)| {
-            let d = d
-                .iter()
-                .map(|&v| v.saturating_add(rng.below(40) as u8).saturating_sub(20))
-                .collect();
-            (d, *h, *w)
-        })
-        .collect();
+    let b = common::perturbed_pixels(&a, 5);
     (a, b, targets)
 }
 

@@ -396,13 +396,7 @@ fn bench_precision(
         }
     }
     if a.train {
-        // torchvision's reference recipe; a small lr keeps random weights finite.
-        let mut sgd = Sgd::new(SgdConfig {
-            lr: 1e-4,
-            momentum: 0.9,
-            weight_decay: 1e-4,
-            ..SgdConfig::default()
-        })?;
+        let mut sgd = bench_sgd()?;
         let mut rng = Rng::new(a.seed);
         for &b in &a.batch {
             reset_peak_rss();
@@ -459,12 +453,7 @@ fn bench_graphed(
             width: size.1,
         })
         .collect();
-    let mut sgd = Sgd::new(SgdConfig {
-        lr: 1e-4,
-        momentum: 0.9,
-        weight_decay: 1e-4,
-        ..SgdConfig::default()
-    })?;
+    let mut sgd = bench_sgd()?;
     // The graphs need frozen BatchNorm (no running statistics): the small model's
     // trainable BatchNorm is replaced by frozen BatchNorm, same seed, for this column.
     let mut frozen;
@@ -768,5 +757,16 @@ fn write_json(
     std::fs::write(path, text).map_err(|source| Error::Io {
         path: path.to_path_buf(),
         source,
+    })
+}
+
+/// torchvision's reference recipe (momentum 0.9, weight decay 1e-4) at a small
+/// learning rate (1e-4), which keeps random weights finite over the timed steps.
+pub(crate) fn bench_sgd() -> Result<Sgd> {
+    Sgd::new(SgdConfig {
+        lr: 1e-4,
+        momentum: 0.9,
+        weight_decay: 1e-4,
+        ..SgdConfig::default()
     })
 }

@@ -12,7 +12,7 @@ use crate::detection::FasterRcnn;
 use crate::ops::conv2d::{conv2d_output_size, Conv2dParams};
 use crate::ops::linear::matmul;
 use crate::ops::{self, Epilogue};
-use crate::optim::{Sgd, SgdConfig};
+
 use crate::rng::Rng;
 use crate::{Error, Result, Tensor};
 
@@ -313,12 +313,7 @@ pub fn sgd_time(model: &FasterRcnn, reps: usize) -> Result<()> {
         .map(|(i, p)| uniform(p.dims(), 500 + i as u64))
         .collect::<Result<_>>()?;
     let count: usize = params.iter().map(|p| p.numel()).sum();
-    let mut sgd = Sgd::new(SgdConfig {
-        lr: 1e-4,
-        momentum: 0.9,
-        weight_decay: 1e-4,
-        ..SgdConfig::default()
-    })?;
+    let mut sgd = super::bench::bench_sgd()?;
     sgd.step(&mut params, &grads)?;
     let mut best = f64::INFINITY;
     for _ in 0..reps {

@@ -204,29 +204,36 @@ impl Rpn {
         Ok(RpnHeadOutput { objectness, deltas })
     }
 
+    /// Whether the CPU head paths apply: f32 (or f64) features on the CPU, not bf16.
+    fn cpu_float(ctx: &Ctx, f: &Tensor) -> bool {
+        !ctx.precision.is_bf16()
+            && f.device() == Device::Cpu
+            && matches!(f.dtype(), DType::F32 | DType::F64)
+    }
+
+    /// The objectness and box-delta 1x1 convs' weights and biases.
+    fn pointwise_params<'c>(&self, ctx: &'c Ctx) -> Result<[&'c Tensor; 4]> {
+        let get = |n: String| ctx.params.get(&n);
+        Ok([
+            get(format!("{}.weight", self.cls_logits.name))?,
+            get(format!("{}.bias", self.cls_logits.name))?,
+            get(format!("{}.weight", self.bbox_pred.name))?,
+            get(format!("{}.bias", self.bbox_pred.name))?,
+        ])
+    }
+
     /// CPU f32 inference: the 3x3 conv (bias, ReLU) with the objectness and
     /// box-delta 1x1 convs run as one 5A-channel conv on each of its output tiles
     /// while the tile is in cache (`conv2d_relu_pointwise_cpu`); `None` where that
     /// path does not apply (a tape records, bf16, a device tensor).
     fn head_cpu_joint(&self, ctx: &Ctx, f: &Tensor) -> Result<Option<[Tensor; 2]>> {
-        if !crate::nn::fold::fusable_plain()
-            || ctx.precision.is_bf16()
-            || f.device() != Device::Cpu
-            || !matches!(f.dtype(), DType::F32 | DType::F64)
-        {
+        if !crate::nn::fold::fusable_plain() || !Self::cpu_float(ctx, f) {
             return Ok(None);
         }
         let get = |n: &str| ctx.params.get(n);
         let w = get(&format!("{}.weight", self.conv.name))?;
         let b = self.conv.bias_of(ctx)?;
-        let (cw, cb) = (
-            get(&format!("{}.weight", self.cls_logits.name))?,
-            get(&format!("{}.bias", self.cls_logits.name))?,
-        );
-        let (dw, db) = (
-            get(&format!("{}.weight", self.bbox_pred.name))?,
-            get(&format!("{}.bias", self.bbox_pred.name))?,
-        );
+        let [cw, cb, dw, db] = self.pointwise_params(ctx)?;
         if w.device() != Device::Cpu || w.dtype() != f.dtype() {
             return Ok(None);
         }
@@ -265,11 +272,7 @@ impl Rpn {
     /// (tests/rpn_head_joint.rs). `None` where it does not apply (no tape, bf16, a
     /// device tensor).
     fn head_cpu_train(&self, ctx: &Ctx, f: &Tensor) -> Result<Option<[Tensor; 2]>> {
-        if crate::nn::fold::fusable_plain()
-            || ctx.precision.is_bf16()
-            || f.device() != Device::Cpu
-            || !matches!(f.dtype(), DType::F32 | DType::F64)
-        {
+        if crate::nn::fold::fusable_plain() || !Self::cpu_float(ctx, f) {
             return Ok(None);
         }
         let get = |n: &str| ctx.params.get(n);
@@ -281,14 +284,7 @@ impl Rpn {
             return Ok(None);
         }
         let t = ops::conv2d_bias_relu(f, w, b, &self.conv.params)?;
-        let (cw, cb) = (
-            get(&format!("{}.weight", self.cls_logits.name))?,
-            get(&format!("{}.bias", self.cls_logits.name))?,
-        );
-        let (dw, db) = (
-            get(&format!("{}.weight", self.bbox_pred.name))?,
-            get(&format!("{}.bias", self.bbox_pred.name))?,
-        );
+        let [cw, cb, dw, db] = self.pointwise_params(ctx)?;
         let w2 = ops::concat(&[cw, dw], 0)?;
         let b2 = ops::concat(&[cb, db], 0)?;
         let y = ops::conv2d::conv2d(&t, &w2, Some(&b2), &self.cls_logits.params)?;

@@ -503,6 +503,34 @@ pub fn fixture_pixels() -> Vec<Pixels> {
         .collect()
 }
 
+/// `images` with every byte moved by a uniform offset in [-20, 20) (clamped), from
+/// `seed`: a second batch of the same sizes with other pixels.
+pub fn perturbed_pixels(images: &[Pixels], seed: u64) -> Vec<Pixels> {
+    let mut rng = kestrel::rng::Rng::new(seed);
+    images
+        .iter()
+        .map(|(d, h, w)| {
+            let d = d
+                .iter()
+                .map(|&v| v.saturating_add(rng.below(40) as u8).saturating_sub(20))
+                .collect();
+            (d, *h, *w)
+        })
+        .collect()
+}
+
+/// torchvision's recipe SGD (momentum 0.9, weight decay 1e-4) at a small learning
+/// rate (1e-3), as the device step tests run it.
+pub fn recipe_sgd() -> kestrel::optim::Sgd {
+    kestrel::optim::Sgd::new(kestrel::optim::SgdConfig {
+        lr: 1e-3,
+        momentum: 0.9,
+        weight_decay: 1e-4,
+        ..kestrel::optim::SgdConfig::default()
+    })
+    .unwrap()
+}
+
 /// Borrowed 8-bit views of `images`, as `upload_u8` and `detect_u8` take them.
 pub fn u8_views(images: &[Pixels]) -> Vec<kestrel::detection::transform::ImageU8<'_>> {
     images
