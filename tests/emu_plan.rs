@@ -248,18 +248,11 @@ fn the_plan_comparison_fails_when_a_size_depends_on_device_data_emulated() {
 
 /// Inference of the fixture model's two images: a plan gives the real pass's
 /// counters and per-stage memory, or it is refused naming the op that reads back.
-/// While detection post-processing still sizes its outputs from counts read back,
-/// the refusal is what this shows (the plan can never silently differ).
-///
-/// KNOWN FAILURE (2026-12-02, with io4's inference merged): allocations, bytes and
-/// copies are equal, but the real pass launches `block_copy_u32` twice where the
-/// plan does not (234 vs 232 launches). Likely cause (not verified): after the
-/// allowed read-out of the packed detections, the per-image detection tensors are
-/// cut with row copies (`ops::shape`'s `block_copy_u32`) whose count follows the
-/// detection counts read back, which are zeros in plan mode. Ignored until fixed; the
-/// inference memory figures in BENCH_RESULTS.md carry this caveat.
+/// The profiled pass is `detect`'s (`FasterRcnn::detect_timed`): its one read-out is
+/// the packed detections, after which nothing on the device depends on the counts
+/// read (the trace's per-image proposal cut, whose row copies follow the counts,
+/// is not part of it), so the plan must equal the real pass exactly.
 #[test]
-#[ignore = "plan launches 2 fewer block_copy_u32 than the real inference pass: under investigation"]
 fn inference_planned_equals_the_real_pass_or_is_refused_emulated() {
     let _l = LOCK.lock().unwrap_or_else(|p| p.into_inner());
     let device = common::emulated();

@@ -1,5 +1,5 @@
 //! Stage timings of [`FasterRcnn`] for `kestrel bench`: the model's own
-//! [`FasterRcnn::detect_staged`] and [`FasterRcnn::losses_staged`] passes with a
+//! [`FasterRcnn::detect_timed`] and [`FasterRcnn::losses_staged`] passes with a
 //! device synchronisation and a clock reading at each stage boundary, then the
 //! backward pass and an SGD step.
 //!
@@ -159,8 +159,8 @@ pub fn detect_profiled(
     images: &[Tensor],
 ) -> Result<(Vec<Detections>, StageTimes)> {
     let mut laps = Laps::start(model_device(model))?;
-    let trace = model.detect_staged(images, &mut |s| laps.lap(s))?;
-    Ok((trace.detections, std::mem::take(&mut laps.times)))
+    let detections = model.detect_timed(images, &mut |s| laps.lap(s))?;
+    Ok((detections, std::mem::take(&mut laps.times)))
 }
 
 /// One training step timed per stage ([`TRAINING_STAGES`]): the four losses of

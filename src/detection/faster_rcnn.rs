@@ -491,6 +491,20 @@ impl FasterRcnn {
         self.infer(il, &orig, true, on_stage)
     }
 
+    /// [`FasterRcnn::detect`] calling `on_stage` as each stage ([`INFERENCE_STAGES`])
+    /// ends: the same pass, so a profiler times what `detect` runs (on a GPU the
+    /// detections come back in one copy and nothing is cut from the padded
+    /// proposals afterwards, unlike [`FasterRcnn::detect_staged`]'s trace).
+    pub fn detect_timed(&self, images: &[Tensor], on_stage: StageFn) -> Result<Vec<Detections>> {
+        let il = transform(images, &self.config.transform)?;
+        on_stage("transform")?;
+        let orig: Vec<(usize, usize)> = images
+            .iter()
+            .map(|im| (im.dims()[1], im.dims()[2]))
+            .collect();
+        Ok(self.infer(il, &orig, false, on_stage)?.detections)
+    }
+
     /// Inference from the transformed batch `il` (of images `orig` pixels before
     /// resizing). On a GPU the tail is [`FasterRcnn::detect_packed`]'s, read back in
     /// one copy; `keep_proposals` then cuts the per-image proposals for the trace
