@@ -131,12 +131,12 @@ pub fn add_into(mut a: Tensor, b: &Tensor) -> Result<Tensor> {
 fn add_slices<T: Element>(acc: &mut [T], b: &[T]) {
     use rayon::prelude::*;
     if acc.len() < crate::device::cpu::PAR_THRESHOLD {
-        acc.iter_mut().zip(b).for_each(|(a, &b)| *a = *a + b);
+        acc.iter_mut().zip(b).for_each(|(a, &b)| *a += b);
     } else {
         acc.par_iter_mut()
             .with_min_len(4096)
             .zip(b.par_iter())
-            .for_each(|(a, &b)| *a = *a + b);
+            .for_each(|(a, &b)| *a += b);
     }
 }
 

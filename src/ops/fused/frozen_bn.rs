@@ -103,7 +103,7 @@ fn mask_and_scale(
     }
     // Without ReLU the residual's gradient is the upstream gradient itself.
     let g1_plain = (!relu && want_g1).then(|| gy.clone());
-    if !want_g2 && !(relu && want_g1) {
+    if !(want_g2 || relu && want_g1) {
         return Ok((g1_plain, None));
     }
     let (c, hw) = (y.dims()[1], y.dims()[2..].iter().product::<usize>());
