@@ -307,7 +307,9 @@ impl Tape {
                             continue;
                         }
                         let acc = match grads.remove(id) {
-                            Some(prev) => timed("grad_accumulate", || crate::ops::add(&prev, &gi))?,
+                            Some(prev) => timed("grad_accumulate", || {
+                                crate::ops::elementwise::add_into(prev, &gi)
+                            })?,
                             None => gi,
                         };
                         grads.insert(*id, acc);

@@ -6,7 +6,7 @@ use super::{Conv2d, Ctx, Init, Norm2d, NormKind, ParamSpec};
 use crate::autograd;
 use crate::error::{Error, Result};
 use crate::ops::tc::chain::TcActivation;
-use crate::ops::{add, pool::max_pool2d, relu};
+use crate::ops::{self, add, pool::max_pool2d, relu};
 use crate::tensor::{DType, Tensor};
 
 /// Residual block type.
@@ -483,8 +483,9 @@ impl ResNet {
         Ok(outs)
     }
 
-    /// The recorded forward: conv, norm, add and ReLU as separate ops (training).
-    /// Frozen layers at the bottom (nothing tracked, see
+    /// The recorded forward (training): each conv with its norm, the residual add and
+    /// ReLU ([`ResNet::conv_bn_recorded`]: one recorded op with a frozen norm on the
+    /// CPU, separate ops otherwise). Frozen layers at the bottom (nothing tracked, see
     /// [`ResNet::frozen_on_tape`]) run the fused inference path instead: they
     /// record nothing either way, and the fused path makes one pass over each
     /// output instead of three or four.
@@ -493,7 +494,7 @@ impl ResNet {
             let (c0, n0) = &self.stem;
             autograd::no_grad(|| conv_bn_fused(ctx, &self.folds, (c0, n0), x, None, true))?
         } else {
-            relu(&self.stem.1.forward(ctx, &self.stem.0.forward(ctx, x)?)?)?
+            self.conv_bn_recorded(ctx, &self.stem, x, None, true)?
         };
         let mut x = max_pool2d(&x, 3, 2, 1)?;
         let mut outs = Vec::with_capacity(4);
@@ -504,21 +505,68 @@ impl ResNet {
                     continue;
                 }
                 let identity = match &b.downsample {
-                    Some((c, n)) => n.forward(ctx, &c.forward(ctx, &x)?)?,
+                    Some(cn) => self.conv_bn_recorded(ctx, cn, &x, None, false)?,
                     None => x.clone(),
                 };
                 let mut h = x;
                 let last = b.convs.len() - 1;
-                for (i, (c, n)) in b.convs.iter().enumerate() {
-                    h = n.forward(ctx, &c.forward(ctx, &h)?)?;
-                    if i != last {
-                        h = relu(&h)?;
-                    }
+                for (i, cn) in b.convs.iter().enumerate() {
+                    let residual = (i == last).then_some(&identity);
+                    h = self.conv_bn_recorded(ctx, cn, &h, residual, true)?;
                 }
-                x = relu(&add(&h, &identity)?)?;
+                x = h;
             }
             outs.push(x.clone());
         }
         Ok(outs)
+    }
+
+    /// `relu?(norm(conv(x)) + residual)`, recorded. With a frozen norm on the CPU in
+    /// f32/f64 ([`ResNet::fuses_on_tape`]) it is one op,
+    /// [`ops::conv2d_frozen_bn_act`]: the norm, the add and ReLU in the conv's
+    /// epilogue and in one pass of its backward, equal to the unfused ops bit for
+    /// bit. Otherwise (batch statistics, a trained affine, bf16, a GPU) the conv,
+    /// norm, add and ReLU are separate recorded ops.
+    fn conv_bn_recorded(
+        &self,
+        ctx: &Ctx,
+        (c, n): &(Conv2d, Norm2d),
+        x: &Tensor,
+        residual: Option<&Tensor>,
+        act: bool,
+    ) -> Result<Tensor> {
+        if self.fuses_on_tape(ctx, x, (c, n))? {
+            let w = ctx.params.get(&format!("{}.weight", c.name))?;
+            let (scale, shift) = self.folds.folded(ctx, n)?;
+            return ops::conv2d_frozen_bn_act(x, w, (&scale, &shift), residual, act, &c.params);
+        }
+        let mut h = n.forward(ctx, &c.forward(ctx, x)?)?;
+        if let Some(r) = residual {
+            h = add(&h, r)?;
+        }
+        if act {
+            h = relu(&h)?;
+        }
+        Ok(h)
+    }
+
+    /// Whether [`ResNet::conv_bn_recorded`] may fuse: a frozen norm whose tensors
+    /// nothing tracks (its affine is not trained), a conv without a bias, f32 or
+    /// f64 activations on the CPU. The device paths keep the unfused ops.
+    fn fuses_on_tape(&self, ctx: &Ctx, x: &Tensor, (c, n): (&Conv2d, &Norm2d)) -> Result<bool> {
+        if !matches!(n.kind, NormKind::Frozen { .. })
+            || c.bias
+            || ctx.precision.is_bf16()
+            || x.device() != crate::Device::Cpu
+            || !matches!(x.dtype(), DType::F32 | DType::F64)
+        {
+            return Ok(false);
+        }
+        for s in ["weight", "bias", "running_mean", "running_var"] {
+            if autograd::is_tracked(ctx.params.get(&format!("{}.{s}", n.name))?) {
+                return Ok(false);
+            }
+        }
+        Ok(true)
     }
 }

@@ -3,7 +3,7 @@
 use crate::autograd::record;
 use crate::device::Device;
 use crate::error::Result;
-use crate::tensor::{same_device, same_dtype, Element, Tensor};
+use crate::tensor::{same_device, same_dtype, DType, Element, Tensor};
 use crate::with_dtype;
 use num_traits::Zero;
 
@@ -101,6 +101,43 @@ pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
         Ok(vec![Some(gy.clone()), Some(gy.clone())])
     });
     Ok(y)
+}
+
+/// `a + b` for same-shaped tensors, written into `a`'s buffer when nothing else
+/// holds it (a CPU f32/f64 tensor: [`Tensor::storage_mut`]), else into a fresh one
+/// as [`add`]. The same values as [`add`] either way (IEEE addition commutes).
+/// Records nothing: how a backward pass accumulates a gradient without allocating
+/// a sum per contribution.
+pub fn add_into(mut a: Tensor, b: &Tensor) -> Result<Tensor> {
+    check_same_shape("add_into", &a, b)?;
+    if a.dtype() == b.dtype() && b.device() == Device::Cpu {
+        use crate::tensor::{CpuStorage, Storage};
+        match (a.storage_mut(), b.dtype()) {
+            (Some(Storage::Cpu(CpuStorage::F32(v))), DType::F32) => {
+                add_slices(v, b.cpu_slice::<f32>()?);
+                return Ok(a);
+            }
+            (Some(Storage::Cpu(CpuStorage::F64(v))), DType::F64) => {
+                add_slices(v, b.cpu_slice::<f64>()?);
+                return Ok(a);
+            }
+            _ => {}
+        }
+    }
+    crate::autograd::no_grad(|| add(&a, b))
+}
+
+/// `acc[i] += b[i]`, in parallel when large.
+fn add_slices<T: Element>(acc: &mut [T], b: &[T]) {
+    use rayon::prelude::*;
+    if acc.len() < crate::device::cpu::PAR_THRESHOLD {
+        acc.iter_mut().zip(b).for_each(|(a, &b)| *a += b);
+    } else {
+        acc.par_iter_mut()
+            .with_min_len(4096)
+            .zip(b.par_iter())
+            .for_each(|(a, &b)| *a += b);
+    }
 }
 
 /// `a * b` elementwise for same-shaped tensors.

@@ -6,11 +6,14 @@
 //! `shift` alone, the residual add and ReLU applied while the output tile is hot.
 //! The API is device-independent; [`cpu`] and [`cuda`] hold the implementations.
 //! These ops record no backward: under an active tape they are refused, and training
-//! uses the unfused, recorded ops; [`conv2d_bias_relu`] is the exception (its
-//! backward is the unfused pair's).
+//! uses the unfused, recorded ops; [`conv2d_bias_relu`] and [`conv2d_frozen_bn_act`]
+//! (frozen_bn.rs) are the exceptions (their backward is the unfused chain's).
 
 mod cpu;
 mod cuda;
+mod frozen_bn;
+
+pub use frozen_bn::conv2d_frozen_bn_act;
 
 use crate::autograd;
 use crate::error::{Error, Result};
