@@ -35,10 +35,7 @@ fn head(rng: &mut Rng, n: usize, grids: &[(usize, usize)]) -> RpnHeadOutput {
         objectness.push(t([n, 3, h, w], 2.5, -2.0));
         deltas.push(t([n, 12, h, w], 0.3, 0.0));
     }
-    RpnHeadOutput {
-        objectness,
-        deltas,
-    }
+    RpnHeadOutput { objectness, deltas }
 }
 
 fn boxes(rng: &mut Rng, k: usize, (h, w): (f64, f64)) -> Target {
@@ -124,14 +121,22 @@ fn sampled_losses_equal_dense_device_losses() {
         let (lc, gc) = losses_and_grads(&rpn, &h, &anchors, &targets, seed, Device::Cpu);
         let (ld, gd) = losses_and_grads(&rpn, &h, &anchors, &targets, seed, dev);
         for i in 0..2 {
-            assert!(close(lc[i], ld[i]), "case {case} loss {i}: cpu {} dense {}", lc[i], ld[i]);
+            assert!(
+                close(lc[i], ld[i]),
+                "case {case} loss {i}: cpu {} dense {}",
+                lc[i],
+                ld[i]
+            );
             assert!(lc[i].is_finite() && lc[i] >= 0.0, "case {case} loss {i}");
         }
         let mut sampled = 0;
         for (k, (c, d)) in gc.iter().zip(&gd).enumerate() {
             assert_eq!(c.len(), d.len());
             for (e, (&x, &y)) in c.iter().zip(d).enumerate() {
-                assert!(close(x, y), "case {case} map {k} element {e}: cpu {x} dense {y}");
+                assert!(
+                    close(x, y),
+                    "case {case} map {k} element {e}: cpu {x} dense {y}"
+                );
             }
             if k < GRIDS.len() {
                 sampled += c.iter().filter(|&&x| x != 0.0).count();
@@ -139,7 +144,10 @@ fn sampled_losses_equal_dense_device_losses() {
         }
         // Every sampled anchor has a nonzero BCE gradient (finite logits).
         let want = 2 * cfg.batch_size_per_image;
-        assert!(sampled > 0 && sampled <= want, "case {case}: {sampled} sampled");
+        assert!(
+            sampled > 0 && sampled <= want,
+            "case {case}: {sampled} sampled"
+        );
     }
 }
 
@@ -157,7 +165,11 @@ fn chunked_matching_equals_device() {
     let mut t0 = boxes(&mut rng, 5, (256.0, 384.0));
     t0.boxes.push([2000.0, 2000.0, 2100.0, 2100.0]);
     t0.labels.push(3);
-    let targets = vec![t0, boxes(&mut rng, 0, (256.0, 384.0)), boxes(&mut rng, 3, (256.0, 384.0))];
+    let targets = vec![
+        t0,
+        boxes(&mut rng, 0, (256.0, 384.0)),
+        boxes(&mut rng, 3, (256.0, 384.0)),
+    ];
     for matcher in [Matcher::new(0.7, 0.3, true), Matcher::new(0.5, 0.5, false)] {
         let matcher = matcher.unwrap();
         let run = |device: Device| {
@@ -171,8 +183,14 @@ fn chunked_matching_equals_device() {
                 append_gt: false,
             };
             let m = match_labels(&tg, &cands, &matcher, LabelMode::Class).unwrap();
-            let (sel, counts) =
-                sample(&m.labels, 3, SampleSpec::new(256, 0.5).unwrap(), 11, STAGE_RPN).unwrap();
+            let (sel, counts) = sample(
+                &m.labels,
+                3,
+                SampleSpec::new(256, 0.5).unwrap(),
+                11,
+                STAGE_RPN,
+            )
+            .unwrap();
             [ints(&m.labels), ints(&m.matched), ints(&sel), ints(&counts)]
         };
         let (c, d) = (run(Device::Cpu), run(dev));
@@ -200,26 +218,37 @@ fn stage_cpu_time() {
     for n in batches.split(',').map(|b| b.parse::<usize>().unwrap()) {
         let mut rng = Rng::new(5);
         let h = head(&mut rng, n, &R50);
-        let targets: Vec<Target> = (0..n).map(|_| boxes(&mut rng, 4, (800.0, 1216.0))).collect();
+        let targets: Vec<Target> = (0..n)
+            .map(|_| boxes(&mut rng, 4, (800.0, 1216.0)))
+            .collect();
         let sizes = vec![(800, 1216); n];
         let mut times = Vec::new();
         for it in 0..6 {
             let tape = Tape::new();
-            h.objectness.iter().chain(&h.deltas).for_each(|m| tape.watch(m));
-            let (c0, w0) = (cpu_seconds(), std::time::Instant::now());
+            h.objectness
+                .iter()
+                .chain(&h.deltas)
+                .for_each(|m| tape.watch(m));
+            let (c0, w0) = (common::cpu_seconds(), std::time::Instant::now());
             let _g = tape.activate();
-            let sel = kestrel::autograd::no_grad(|| rpn.proposals_padded(&h, &anchors, &sizes, true))
-                .unwrap();
+            let sel =
+                kestrel::autograd::no_grad(|| rpn.proposals_padded(&h, &anchors, &sizes, true))
+                    .unwrap();
             let tg = PackedTargets::new(&targets, Device::Cpu).unwrap();
             let (lo, lb) = rpn.losses(&h, &anchors, &tg, it).unwrap();
             let total = ops::add(&lo, &lb).unwrap();
-            let (c1, w1) = (cpu_seconds(), std::time::Instant::now());
+            let (c1, w1) = (common::cpu_seconds(), std::time::Instant::now());
             drop(_g);
             let grads = tape.backward(&total).unwrap();
-            let (c2, w2) = (cpu_seconds(), std::time::Instant::now());
+            let (c2, w2) = (common::cpu_seconds(), std::time::Instant::now());
             std::hint::black_box((sel, grads));
             if it > 0 {
-                times.push([(c1 - c0) * 1e3, (c2 - c1) * 1e3, (w1 - w0).as_secs_f64() * 1e3, (w2 - w1).as_secs_f64() * 1e3]);
+                times.push([
+                    (c1 - c0) * 1e3,
+                    (c2 - c1) * 1e3,
+                    (w1 - w0).as_secs_f64() * 1e3,
+                    (w2 - w1).as_secs_f64() * 1e3,
+                ]);
             }
         }
         let med = |k: usize| {
@@ -236,21 +265,4 @@ fn stage_cpu_time() {
             times.len()
         );
     }
-}
-
-/// User + system CPU seconds of the process (all threads), CLOCK_PROCESS_CPUTIME_ID.
-fn cpu_seconds() -> f64 {
-    #[repr(C)]
-    struct Timespec {
-        sec: i64,
-        nsec: i64,
-    }
-    extern "C" {
-        fn clock_gettime(clock: i32, ts: *mut Timespec) -> i32;
-    }
-    let mut ts = Timespec { sec: 0, nsec: 0 };
-    // SAFETY: clock_gettime writes one timespec (64-bit Linux layout) into `ts`.
-    let rc = unsafe { clock_gettime(2, &mut ts) };
-    assert_eq!(rc, 0, "clock_gettime(CLOCK_PROCESS_CPUTIME_ID)");
-    ts.sec as f64 + ts.nsec as f64 * 1e-9
 }

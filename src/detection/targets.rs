@@ -366,7 +366,14 @@ fn match_image_cpu(
         .map(sweep)
         .collect();
     // Each gt's maximum over all slots, folded in slot order as the kernel does.
-    let mut low_quality = vec![false; if matcher.allow_low_quality_matches { l } else { 0 }];
+    let mut low_quality = vec![
+        false;
+        if matcher.allow_low_quality_matches {
+            l
+        } else {
+            0
+        }
+    ];
     if matcher.allow_low_quality_matches {
         for r in 0..g {
             let m = chunks
@@ -430,7 +437,8 @@ pub fn match_labels(
             let c = host_cands(cands)?;
             let (mut labels, mut matched) = (vec![-1i64; n * l], vec![-1i64; n * l]);
             if l > 0 {
-                for (img, (lab, mt)) in labels.chunks_mut(l).zip(matched.chunks_mut(l)).enumerate() {
+                for (img, (lab, mt)) in labels.chunks_mut(l).zip(matched.chunks_mut(l)).enumerate()
+                {
                     match_image_cpu(&t, &c, img, matcher, (high, low), mode, lab, mt);
                 }
             }

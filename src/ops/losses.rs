@@ -471,7 +471,14 @@ pub fn bce_with_logits_at(
     targets: &[f32],
     weight: f32,
 ) -> Result<Tensor> {
-    gathered_loss("bce_with_logits_at", Pointwise::Bce, xs, at, targets, weight)
+    gathered_loss(
+        "bce_with_logits_at",
+        Pointwise::Bce,
+        xs,
+        at,
+        targets,
+        weight,
+    )
 }
 
 /// [`bce_with_logits_at`]'s twin for [`smooth_l1`] (`beta` finite, >= 0).
@@ -543,13 +550,22 @@ fn gathered_loss(
     let (at, targets) = (at.to_vec(), targets.to_vec());
     record(op, xs, &y, move |gy, needs| {
         if gy.numel() != 1 || gy.dtype() != DType::F32 || gy.device() != Device::Cpu {
-            return Err(Error::shape(op, format!("upstream gradient {}", gy.shape())));
+            return Err(Error::shape(
+                op,
+                format!("upstream gradient {}", gy.shape()),
+            ));
         }
         let g = gy.cpu_slice::<f32>()?[0] * weight;
         let mut grads: Vec<Option<Vec<f32>>> = shapes
             .iter()
             .enumerate()
-            .map(|(k, s)| needs.get(k).copied().unwrap_or(false).then(|| vec![0f32; s.numel()]))
+            .map(|(k, s)| {
+                needs
+                    .get(k)
+                    .copied()
+                    .unwrap_or(false)
+                    .then(|| vec![0f32; s.numel()])
+            })
             .collect();
         for (&(k, o), &t) in at.iter().zip(&targets) {
             if let Some(gk) = &mut grads[k] {
