@@ -469,10 +469,10 @@ impl Rpn {
         seed: u64,
     ) -> Result<Option<(Tensor, Tensor)>> {
         let cpu_f32 = |t: &Tensor| t.device() == Device::Cpu && t.dtype() == DType::F32;
-        if !(cpu_f32(anchors) && cpu_f32(&tg.data))
-            || !head.objectness.iter().chain(&head.deltas).all(cpu_f32)
-            || head.objectness.len() != head.deltas.len()
-        {
+        let all_cpu_f32 = cpu_f32(anchors)
+            && cpu_f32(&tg.data)
+            && head.objectness.iter().chain(&head.deltas).all(cpu_f32);
+        if !all_cpu_f32 || head.objectness.len() != head.deltas.len() {
             return Ok(None);
         }
         let (n, a) = (tg.images, anchors.dims()[0]);

@@ -379,7 +379,7 @@ fn match_image_cpu(
             let m = chunks
                 .iter()
                 .fold(f32::NEG_INFINITY, |m, ch| nan_max_first(m, ch.gt_max[r]));
-            if !(m > 0.0) {
+            if m.is_nan() || m <= 0.0 {
                 // A maximum of 0 or less (or NaN, which equals nothing): no list.
                 for (j, lq) in low_quality.iter_mut().enumerate() {
                     if let Some(q) = c.get(t, img, j) {
