@@ -850,3 +850,72 @@ fn roi_align_cpu_is_bit_exact_with_torchvision() {
         "multiscale y bits"
     );
 }
+
+/// CPU time (user + sys of the process, all threads) of MultiScaleRoIAlign at
+/// R50-FPN size, batch 2 of 800x1216 (P2..P5, 256 channels, 7x7, sampling 2):
+/// forward and backward with 512 RoIs per image (training), forward with 1000
+/// (inference); boxes as benches/roi_align.rs. Beside torchvision:
+/// scripts/bench_multiscale_roi_align.py. `cargo test --release --test roi_align --
+/// --ignored --nocapture multiscale_cpu_time`.
+#[test]
+#[ignore = "timing, not a check"]
+fn multiscale_cpu_time() {
+    const SIZES: [(usize, usize); 4] = [(200, 304), (100, 152), (50, 76), (25, 38)];
+    let n = 2;
+    let mut rng = Rng::new(1);
+    let feats: Vec<Tensor> = SIZES
+        .iter()
+        .map(|&(h, w)| {
+            let v: Vec<f32> = (0..n * 256 * h * w)
+                .map(|_| rng.range(-1.0, 1.0) as f32)
+                .collect();
+            Tensor::from_vec(v, [n, 256, h, w]).unwrap()
+        })
+        .collect();
+    let mut boxes = |k: usize| {
+        let v: Vec<f32> = (0..k)
+            .flat_map(|_| {
+                let side = 8.0 * 75f64.powf(rng.uniform());
+                let (bw, bh) = (side * rng.range(0.5, 2.0), side);
+                let (x1, y1) = (rng.range(0.0, 1215.0), rng.range(0.0, 799.0));
+                [x1, y1, (x1 + bw).min(1216.0), (y1 + bh).min(800.0)].map(|v| v as f32)
+            })
+            .collect();
+        Tensor::from_vec(v, [k, 4]).unwrap()
+    };
+    let m = MultiScaleRoIAlign::new((7, 7), 2);
+    let sizes = vec![(800, 1216); n];
+    let cpu = || {
+        let t = std::time::Instant::now();
+        (common::cpu_seconds(), t)
+    };
+    let report = |what: &str, f: &mut dyn FnMut()| {
+        f();
+        let mut v = Vec::new();
+        for _ in 0..3 {
+            let (c0, w0) = cpu();
+            f();
+            v.push((
+                (common::cpu_seconds() - c0) * 1e3,
+                w0.elapsed().as_secs_f64() * 1e3,
+            ));
+        }
+        v.sort_by(|a, b| a.0.total_cmp(&b.0));
+        println!(
+            "kestrel MultiScaleRoIAlign b{n} {what}: cpu {:.1} ms (wall {:.1}), median of 3",
+            v[1].0, v[1].1
+        );
+    };
+    let train: Vec<Tensor> = (0..n).map(|_| boxes(512)).collect();
+    let infer: Vec<Tensor> = (0..n).map(|_| boxes(1000)).collect();
+    let gy = Tensor::full([n * 512, 256, 7, 7], 0.5, DType::F32, Device::Cpu).unwrap();
+    report("train 512/image forward", &mut || {
+        std::hint::black_box(m.forward(&feats, &train, &sizes).unwrap());
+    });
+    report("train 512/image backward", &mut || {
+        std::hint::black_box(m.backward(&gy, &feats, &train, &sizes).unwrap());
+    });
+    report("infer 1000/image forward", &mut || {
+        std::hint::black_box(m.forward(&feats, &infer, &sizes).unwrap());
+    });
+}

@@ -405,6 +405,9 @@ impl Rpn {
         tg: &PackedTargets,
         seed: u64,
     ) -> Result<(Tensor, Tensor)> {
+        if let Some(l) = self.losses_cpu_sampled(head, anchors, tg, seed)? {
+            return Ok(l);
+        }
         let (obj, deltas) = flatten_head(head)?;
         let a = anchors.dims()[0];
         if obj.numel() != tg.images * a {
@@ -417,15 +420,6 @@ impl Rpn {
                 ),
             ));
         }
-        let matcher = Matcher::new(
-            self.config.fg_iou_thresh as f64,
-            self.config.bg_iou_thresh as f64,
-            true,
-        )?;
-        let spec = SampleSpec::new(
-            self.config.batch_size_per_image,
-            self.config.positive_fraction,
-        )?;
         let cands = Candidates {
             boxes: anchors,
             stride: 0,
@@ -433,8 +427,8 @@ impl Rpn {
             slots: a,
             append_gt: false,
         };
-        let m = match_labels(tg, &cands, &matcher, LabelMode::Objectness)?;
-        let (sel, counts) = sample(&m.labels, tg.images, spec, seed, STAGE_RPN)?;
+        let m = match_labels(tg, &cands, &self.matcher()?, LabelMode::Objectness)?;
+        let (sel, counts) = sample(&m.labels, tg.images, self.sample_spec()?, seed, STAGE_RPN)?;
         let t = rpn_targets(tg, anchors, &sel, &m.matched, &counts)?;
         let reg = self.coder.encode(&t.gt_boxes, &t.anchor_boxes)?;
         let bce = ops::bce_with_logits(&obj, &t.objectness, Reduction::None)?;
@@ -442,6 +436,128 @@ impl Rpn {
         let l1 = ops::smooth_l1(&deltas, &reg, self.config.box_loss_beta, Reduction::None)?;
         let loss_box = ops::sum(&ops::mul(&l1, &t.box_weight)?)?;
         Ok((loss_obj, loss_box))
+    }
+
+    /// The RPN's matcher (low-quality matches allowed).
+    fn matcher(&self) -> Result<Matcher> {
+        Matcher::new(
+            self.config.fg_iou_thresh as f64,
+            self.config.bg_iou_thresh as f64,
+            true,
+        )
+    }
+
+    /// The RPN's balanced-sampling settings.
+    fn sample_spec(&self) -> Result<SampleSpec> {
+        SampleSpec::new(
+            self.config.batch_size_per_image,
+            self.config.positive_fraction,
+        )
+    }
+
+    /// [`Rpn::losses`] on the CPU (f32 head, anchors and targets there): the same
+    /// matching and sampling, then the losses over the sampled anchors only, read
+    /// straight from the head's level maps (no flattened copy, no dense targets, only
+    /// the positives encoded); the backward writes the sampled anchors' gradients
+    /// into zeroed maps. The same values as the dense path, which stays the
+    /// device's (tests/rpn_sampled_losses.rs). `None` where it does not apply.
+    fn losses_cpu_sampled(
+        &self,
+        head: &RpnHeadOutput,
+        anchors: &Tensor,
+        tg: &PackedTargets,
+        seed: u64,
+    ) -> Result<Option<(Tensor, Tensor)>> {
+        let cpu_f32 = |t: &Tensor| t.device() == Device::Cpu && t.dtype() == DType::F32;
+        let all_cpu_f32 = cpu_f32(anchors)
+            && cpu_f32(&tg.data)
+            && head.objectness.iter().chain(&head.deltas).all(cpu_f32);
+        if !all_cpu_f32 || head.objectness.len() != head.deltas.len() {
+            return Ok(None);
+        }
+        let (n, a) = (tg.images, anchors.dims()[0]);
+        // Per level: (anchors per location, h * w), checked against the deltas.
+        let mut levels = Vec::with_capacity(head.objectness.len());
+        for (o, d) in head.objectness.iter().zip(&head.deltas) {
+            match (o.dims(), d.dims()) {
+                (&[on, oa, oh, ow], &[dn, da, dh, dw])
+                    if on == n && dn == n && da == 4 * oa && (dh, dw) == (oh, ow) =>
+                {
+                    levels.push((oa, oh * ow))
+                }
+                _ => {
+                    return Err(Error::shape(
+                        "rpn.losses",
+                        format!(
+                            "objectness {} and deltas {} for {n} images",
+                            o.shape(),
+                            d.shape()
+                        ),
+                    ))
+                }
+            }
+        }
+        if levels.iter().map(|&(k, hw)| k * hw).sum::<usize>() != a {
+            return Err(Error::shape(
+                "rpn.losses",
+                format!("head maps of {levels:?} (anchors, h w) for {a} anchors"),
+            ));
+        }
+        let cands = Candidates {
+            boxes: anchors,
+            stride: 0,
+            counts: None,
+            slots: a,
+            append_gt: false,
+        };
+        let m = match_labels(tg, &cands, &self.matcher()?, LabelMode::Objectness)?;
+        let (sel, counts) = sample(&m.labels, n, self.sample_spec()?, seed, STAGE_RPN)?;
+        let (s, matched) = (sel.cpu_i64()?, m.matched.cpu_i64()?);
+        let total: i64 = counts.cpu_i64()?.iter().sum();
+        let w = if total > 0 { 1.0 / total as f32 } else { 0.0 };
+        let (gt, anc) = (tg.data.cpu_slice::<f32>()?, anchors.cpu_slice::<f32>()?);
+        let nl = levels.len();
+        let (mut obj_at, mut obj_t) = (Vec::new(), Vec::new());
+        let (mut del_at, mut pos_gt, mut pos_anchor) = (Vec::new(), Vec::new(), Vec::new());
+        for img in 0..n {
+            let mut start = 0;
+            for (l, &(k, hw)) in levels.iter().enumerate() {
+                let row = &s[img * a + start..img * a + start + k * hw];
+                for (i, _) in row.iter().enumerate().filter(|(_, &v)| v >= 0) {
+                    // Flattened order (location, base anchor); maps [N, K, H, W] and
+                    // [N, 4K, H, W] (torchvision's concat_box_prediction_layers).
+                    let (loc, b) = (i / k, i % k);
+                    obj_at.push((l, (img * k + b) * hw + loc));
+                    let pos = row[i] == 1;
+                    obj_t.push(pos as u8 as f32);
+                    if pos {
+                        let (e, j) = (img * a + start + i, start + i);
+                        for c in 0..4 {
+                            del_at.push((nl + l, ((img * k + b) * 4 + c) * hw + loc));
+                        }
+                        let g = matched[e] as usize;
+                        pos_gt.extend_from_slice(&gt[4 * g..4 * g + 4]);
+                        pos_anchor.extend_from_slice(&anc[4 * j..4 * j + 4]);
+                    }
+                }
+                start += k * hw;
+            }
+        }
+        let p = pos_gt.len() / 4;
+        let reg = self.coder.encode(
+            &Tensor::from_vec(pos_gt, [p, 4])?,
+            &Tensor::from_vec(pos_anchor, [p, 4])?,
+        )?;
+        let maps: Vec<&Tensor> = head.objectness.iter().chain(&head.deltas).collect();
+        let loss_obj = ops::bce_with_logits_at(&maps, &obj_at, &obj_t, w)?;
+        let loss_box = ops::smooth_l1_at(
+            &maps,
+            &del_at,
+            reg.cpu_slice::<f32>()?,
+            self.config.box_loss_beta,
+            w,
+        )?;
+        Ok(Some((loss_obj, loss_box)))
     }
 
     /// Matches `[A]` (i64 on the anchors' device: GT index, -1 below 0.3, -2 between)

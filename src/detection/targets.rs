@@ -274,6 +274,153 @@ fn block_launch(dev: &GpuDevice, kernel: &str, blocks: usize, args: &[KernelArg]
     )
 }
 
+/// Slots per parallel chunk of the CPU matching.
+const MATCH_CHUNK: usize = 4096;
+
+/// One chunk of one image's slots after the IoU sweep: per slot the first best gt
+/// (image-local) and its IoU, and per gt of the image the chunk's maximum IoU and
+/// the slots that reach it.
+struct ChunkSweep {
+    best: Vec<(f32, u32)>,
+    gt_max: Vec<f32>,
+    gt_ties: Vec<Vec<u32>>,
+}
+
+/// The CPU twin of `sample_gt_max_f32` + `sample_match_f32` for one image, each IoU
+/// computed once: one sweep over the slots (in parallel chunks) gives every slot's
+/// best gt and every gt's maximum with the slots that reach it, so the low-quality
+/// rule needs no second pass over the IoUs. Writes the image's `labels` and
+/// `matched` rows (`[L]` each).
+#[allow(clippy::too_many_arguments)]
+fn match_image_cpu(
+    t: &HostTargets<'_>,
+    c: &HostCands<'_>,
+    img: usize,
+    matcher: &Matcher,
+    (high, low): (f32, f32),
+    mode: LabelMode,
+    labels: &mut [i64],
+    matched: &mut [i64],
+) {
+    use rayon::prelude::*;
+    let l = labels.len();
+    let (g0, g1) = t.range(img);
+    let g = g1 - g0;
+    if g == 0 {
+        for (j, lab) in labels.iter_mut().enumerate() {
+            // No gt: every real slot is background, matched to nothing.
+            *lab = if c.get(t, img, j).is_some() { 0 } else { -1 };
+        }
+        matched.fill(-1);
+        return;
+    }
+    let sweep = |ch: usize| -> ChunkSweep {
+        let (j0, j1) = (ch * MATCH_CHUNK, ((ch + 1) * MATCH_CHUNK).min(l));
+        let mut best = Vec::with_capacity(j1 - j0);
+        let mut gt_max = vec![f32::NEG_INFINITY; g];
+        let mut gt_ties = vec![Vec::new(); g];
+        let mut iou = vec![0f32; g];
+        for j in j0..j1 {
+            let Some(q) = c.get(t, img, j) else {
+                best.push((f32::NAN, u32::MAX));
+                continue;
+            };
+            for (r, v) in iou.iter_mut().enumerate() {
+                *v = box_iou1(t.bx(g0 + r), q);
+            }
+            // torch's max(dim=0): the first maximum, a NaN counting as the maximum.
+            let (mut b, mut arg) = (iou[0], 0usize);
+            for (r, &v) in iou.iter().enumerate() {
+                if v > b || v.is_nan() || b.is_nan() {
+                    b = v;
+                    arg = r;
+                    if v.is_nan() {
+                        break;
+                    }
+                }
+            }
+            best.push((b, arg as u32));
+            if matcher.allow_low_quality_matches {
+                for r in 0..g {
+                    let (v, m) = (iou[r], gt_max[r]);
+                    if !m.is_nan() && (v.is_nan() || m < v) {
+                        gt_ties[r].clear();
+                    }
+                    gt_max[r] = nan_max_first(m, v);
+                    // Ties at a maximum of 0 (a gt clear of every slot of the chunk)
+                    // are not listed: found again below in the rare case they count.
+                    if v == gt_max[r] && v > 0.0 {
+                        gt_ties[r].push(j as u32);
+                    }
+                }
+            }
+        }
+        ChunkSweep {
+            best,
+            gt_max,
+            gt_ties,
+        }
+    };
+    let chunks: Vec<ChunkSweep> = (0..l.div_ceil(MATCH_CHUNK))
+        .into_par_iter()
+        .map(sweep)
+        .collect();
+    // Each gt's maximum over all slots, folded in slot order as the kernel does.
+    let mut low_quality = vec![
+        false;
+        if matcher.allow_low_quality_matches {
+            l
+        } else {
+            0
+        }
+    ];
+    if matcher.allow_low_quality_matches {
+        for r in 0..g {
+            let m = chunks
+                .iter()
+                .fold(f32::NEG_INFINITY, |m, ch| nan_max_first(m, ch.gt_max[r]));
+            if m.is_nan() || m <= 0.0 {
+                // A maximum of 0 or less (or NaN, which equals nothing): no list.
+                for (j, lq) in low_quality.iter_mut().enumerate() {
+                    if let Some(q) = c.get(t, img, j) {
+                        *lq |= box_iou1(t.bx(g0 + r), q) == m;
+                    }
+                }
+                continue;
+            }
+            // A slot equals the maximum only in a chunk whose own maximum equals it.
+            for ch in chunks.iter().filter(|ch| ch.gt_max[r] == m) {
+                for &j in &ch.gt_ties[r] {
+                    low_quality[j as usize] = true;
+                }
+            }
+        }
+    }
+    for (j, &(b, arg)) in chunks.iter().flat_map(|ch| &ch.best).enumerate() {
+        if arg == u32::MAX {
+            labels[j] = -1;
+            matched[j] = -1;
+            continue;
+        }
+        let mut m = arg as i64;
+        if b < low {
+            m = -1;
+        } else if b >= low && b < high {
+            m = -2;
+        }
+        if matcher.allow_low_quality_matches && low_quality[j] {
+            m = arg as i64;
+        }
+        labels[j] = match (m, mode) {
+            (m, LabelMode::Objectness) if m >= 0 => 1,
+            (m, LabelMode::Class) if m >= 0 => t.labels[g0 + m as usize] as i64,
+            (-1, _) => 0,
+            _ => -1,
+        };
+        matched[j] = (g0 as i64) + m.max(0);
+    }
+}
+
 /// Match every candidate slot of every image to its image's gt with `matcher`'s
 /// rules (torchvision's `Matcher`, low-quality matches included) and label it.
 pub fn match_labels(
@@ -288,58 +435,11 @@ pub fn match_labels(
         Device::Cpu => {
             let t = tg.host()?;
             let c = host_cands(cands)?;
-            let mut rowmax = vec![f32::NEG_INFINITY; tg.boxes];
-            if matcher.allow_low_quality_matches {
-                for img in 0..n {
-                    let (g0, g1) = t.range(img);
-                    for (g, rm) in rowmax.iter_mut().enumerate().take(g1).skip(g0) {
-                        for j in 0..l {
-                            if let Some(q) = c.get(&t, img, j) {
-                                *rm = nan_max_first(*rm, box_iou1(t.bx(g), q));
-                            }
-                        }
-                    }
-                }
-            }
             let (mut labels, mut matched) = (vec![-1i64; n * l], vec![-1i64; n * l]);
-            for img in 0..n {
-                let (g0, g1) = t.range(img);
-                for j in 0..l {
-                    let Some(q) = c.get(&t, img, j) else { continue };
-                    let e = img * l + j;
-                    let mut m = -1i64;
-                    if g1 > g0 {
-                        let (mut best, mut arg) = (box_iou1(t.bx(g0), q), 0usize);
-                        for r in 0..g1 - g0 {
-                            let v = box_iou1(t.bx(g0 + r), q);
-                            // torch's `!(v <= best)`: also true when either is NaN.
-                            if v > best || v.is_nan() || best.is_nan() {
-                                best = v;
-                                arg = r;
-                                if v.is_nan() {
-                                    break;
-                                }
-                            }
-                        }
-                        m = arg as i64;
-                        if best < low {
-                            m = -1;
-                        } else if best >= low && best < high {
-                            m = -2;
-                        }
-                        if matcher.allow_low_quality_matches
-                            && (0..g1 - g0).any(|r| box_iou1(t.bx(g0 + r), q) == rowmax[g0 + r])
-                        {
-                            m = arg as i64;
-                        }
-                    }
-                    labels[e] = match (m, mode) {
-                        (m, LabelMode::Objectness) if m >= 0 => 1,
-                        (m, LabelMode::Class) if m >= 0 => t.labels[g0 + m as usize] as i64,
-                        (-1, _) => 0,
-                        _ => -1,
-                    };
-                    matched[e] = if g1 > g0 { (g0 as i64) + m.max(0) } else { -1 };
+            if l > 0 {
+                for (img, (lab, mt)) in labels.chunks_mut(l).zip(matched.chunks_mut(l)).enumerate()
+                {
+                    match_image_cpu(&t, &c, img, matcher, (high, low), mode, lab, mt);
                 }
             }
             Ok(Matched {
@@ -445,12 +545,9 @@ pub fn sample(
                     let picked: Vec<usize> = if k == members.len() {
                         members
                     } else {
-                        let mut keyed: Vec<(u32, usize)> = members
-                            .into_iter()
-                            .map(|j| (philox_sample_key(seed, n as u32, stage, j as u32), j))
-                            .collect();
-                        keyed.sort_unstable();
-                        keyed.into_iter().take(k).map(|(_, j)| j).collect()
+                        smallest_keys(members, k, |j| {
+                            philox_sample_key(seed, n as u32, stage, j as u32)
+                        })
                     };
                     for j in picked {
                         sel[n * l + j] = 1 - cls as i64;
@@ -488,6 +585,24 @@ pub fn sample(
             Ok((sel, counts))
         }
     }
+}
+
+/// The `k` members of smallest `(key(j), j)` (`k` < `members.len()`), in no
+/// particular order: the keys in parallel, then a selection instead of a sort (the
+/// pairs are distinct, so the set is the sorted prefix's).
+fn smallest_keys(members: Vec<usize>, k: usize, key: impl Fn(usize) -> u32 + Sync) -> Vec<usize> {
+    use rayon::prelude::*;
+    let mut keyed: Vec<(u32, usize)> = members
+        .into_par_iter()
+        .with_min_len(4096)
+        .map(|j| (key(j), j))
+        .collect();
+    if k == 0 {
+        return Vec::new();
+    }
+    keyed.select_nth_unstable(k - 1);
+    keyed.truncate(k);
+    keyed.into_iter().map(|(_, j)| j).collect()
 }
 
 /// What the RPN losses read, per anchor of the batch `[N * A]`.

@@ -457,6 +457,131 @@ fn gpu_pointwise_backward(
     Ok(vec![Some(gx), gt])
 }
 
+// ------------------------------------------------------------ gathered losses (CPU)
+
+/// `weight * Σ_i bce_with_logits(x_i, targets[i])` over the elements `at[i] = (k,
+/// o)` (element `o` of `xs[k]`), summed in `at`'s order in f64: the loss of a few
+/// sampled elements read where they lie, without gathering them into a tensor.
+/// CPU f32 only. Differentiable in each of `xs`: the gradient is zero except at the
+/// listed elements (`weight * upstream * dloss/dx`, in f32 in that order, the
+/// value `sum(mul(bce_with_logits(x, t, None), w))` gives there).
+pub fn bce_with_logits_at(
+    xs: &[&Tensor],
+    at: &[(usize, usize)],
+    targets: &[f32],
+    weight: f32,
+) -> Result<Tensor> {
+    gathered_loss(
+        "bce_with_logits_at",
+        Pointwise::Bce,
+        xs,
+        at,
+        targets,
+        weight,
+    )
+}
+
+/// [`bce_with_logits_at`]'s twin for [`smooth_l1`] (`beta` finite, >= 0).
+pub fn smooth_l1_at(
+    xs: &[&Tensor],
+    at: &[(usize, usize)],
+    targets: &[f32],
+    beta: f64,
+    weight: f32,
+) -> Result<Tensor> {
+    if !(beta >= 0.0 && beta.is_finite()) {
+        return Err(Error::invalid(
+            "smooth_l1_at",
+            format!("beta must be finite and >= 0, got {beta}"),
+        ));
+    }
+    gathered_loss(
+        "smooth_l1_at",
+        Pointwise::SmoothL1(beta),
+        xs,
+        at,
+        targets,
+        weight,
+    )
+}
+
+fn gathered_loss(
+    op: &'static str,
+    kind: Pointwise,
+    xs: &[&Tensor],
+    at: &[(usize, usize)],
+    targets: &[f32],
+    weight: f32,
+) -> Result<Tensor> {
+    if at.len() != targets.len() {
+        return Err(Error::shape(
+            op,
+            format!("{} elements and {} targets", at.len(), targets.len()),
+        ));
+    }
+    let mut slices = Vec::with_capacity(xs.len());
+    for x in xs {
+        if x.device() != Device::Cpu || x.dtype() != DType::F32 {
+            return Err(Error::DType {
+                op,
+                dtype: x.dtype().to_string(),
+                msg: format!("CPU f32 inputs only, got one on {:?}", x.device()),
+            });
+        }
+        slices.push(x.cpu_slice::<f32>()?);
+    }
+    if let Some(&(k, o)) = at
+        .iter()
+        .find(|&&(k, o)| k >= slices.len() || o >= slices[k].len())
+    {
+        return Err(Error::invalid(
+            op,
+            format!("element ({k}, {o}) outside the {} inputs", xs.len()),
+        ));
+    }
+    let s: f64 = at
+        .iter()
+        .zip(targets)
+        .map(|(&(k, o), &t)| (kind.loss(slices[k][o], t) * weight) as f64)
+        .sum();
+    let y = Tensor::from_vec(vec![s as f32], Shape::new(vec![]))?;
+    let shapes: Vec<Shape> = xs.iter().map(|x| x.shape().clone()).collect();
+    let kept: Vec<Tensor> = xs.iter().map(|&x| x.clone()).collect();
+    let (at, targets) = (at.to_vec(), targets.to_vec());
+    record(op, xs, &y, move |gy, needs| {
+        if gy.numel() != 1 || gy.dtype() != DType::F32 || gy.device() != Device::Cpu {
+            return Err(Error::shape(
+                op,
+                format!("upstream gradient {}", gy.shape()),
+            ));
+        }
+        let g = gy.cpu_slice::<f32>()?[0] * weight;
+        let mut grads: Vec<Option<Vec<f32>>> = shapes
+            .iter()
+            .enumerate()
+            .map(|(k, s)| {
+                needs
+                    .get(k)
+                    .copied()
+                    .unwrap_or(false)
+                    .then(|| vec![0f32; s.numel()])
+            })
+            .collect();
+        for (&(k, o), &t) in at.iter().zip(&targets) {
+            if let Some(gk) = &mut grads[k] {
+                let x = kept[k].cpu_slice::<f32>()?[o];
+                gk[o] += kind.grad(x, t).0 * g;
+            }
+        }
+        grads
+            .into_iter()
+            .zip(shapes)
+            .map(|(g, s)| g.map(|g| Tensor::from_vec(g, s)).transpose())
+            .collect()
+    });
+    Ok(y)
+}
+
 // ------------------------------------------------------------------ cross-entropy
 
 /// Per-row losses `[N]` and log-sum-exps `[N]` (kept for the backward), CPU.

@@ -23,7 +23,9 @@ pub mod upsample;
 
 pub use elementwise::{add, mul, relu, scale};
 pub use fused::{conv2d_bias_relu, conv2d_frozen_bn_act, conv2d_fused, linear_fused, Epilogue};
-pub use losses::{bce_with_logits, cross_entropy, l1_loss, smooth_l1, Reduction};
+pub use losses::{
+    bce_with_logits, bce_with_logits_at, cross_entropy, l1_loss, smooth_l1, smooth_l1_at, Reduction,
+};
 pub use norm::{
     batch_norm, channel_affine, fold_frozen_bn, frozen_batch_norm, BatchNormConfig, BatchNormOutput,
 };

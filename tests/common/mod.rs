@@ -563,3 +563,20 @@ pub fn fixture_training_batch(device: Device) -> (Vec<Tensor>, Vec<kestrel::dete
     let targets = fixture_targets(&f).into_iter().take(images.len()).collect();
     (images, targets)
 }
+
+/// User + system CPU seconds of the process (all threads), CLOCK_PROCESS_CPUTIME_ID.
+pub fn cpu_seconds() -> f64 {
+    #[repr(C)]
+    struct Timespec {
+        sec: i64,
+        nsec: i64,
+    }
+    extern "C" {
+        fn clock_gettime(clock: i32, ts: *mut Timespec) -> i32;
+    }
+    let mut ts = Timespec { sec: 0, nsec: 0 };
+    // SAFETY: clock_gettime writes one timespec (64-bit Linux layout) into `ts`.
+    let rc = unsafe { clock_gettime(2, &mut ts) };
+    assert_eq!(rc, 0, "clock_gettime(CLOCK_PROCESS_CPUTIME_ID)");
+    ts.sec as f64 + ts.nsec as f64 * 1e-9
+}
