@@ -289,6 +289,24 @@ fn conv2d_cpu_large_shapes_match_direct_reference() {
         Conv2dParams::new(2, 0, 1),
         61,
     );
+    // dL/dx of a strided 3x3 by phases (odd sizes: the phases' grids differ), over
+    // several tasks of grid rows.
+    compare_with_direct(
+        Device::Cpu,
+        &[2, 16, 41, 37],
+        &[12, 16, 3, 3],
+        Conv2dParams::new(2, 1, 1),
+        62,
+    );
+    // A stem-like dL/dw (K = 147 far below the 2 x 2250 columns): the reduction cut
+    // into partial sums over several column chunks and both images.
+    compare_with_direct(
+        Device::Cpu,
+        &[2, 3, 90, 100],
+        &[8, 3, 7, 7],
+        Conv2dParams::new(2, 3, 1),
+        63,
+    );
 }
 
 // ---------------------------------------------------------------------------------
