@@ -34,7 +34,10 @@ struct ConvShape {
 /// keeps only those, for a quick look at a few shapes.
 fn conv_shapes() -> Vec<ConvShape> {
     let only = std::env::var("KESTREL_BENCH_OPS_LAYERS").ok();
-    let keep = |name: &str| only.as_deref().is_none_or(|o| o.split(',').any(|n| n == name));
+    let keep = |name: &str| {
+        only.as_deref()
+            .is_none_or(|o| o.split(',').any(|n| n == name))
+    };
     LAYERS
         .lines()
         .filter_map(|l| {
