@@ -225,12 +225,7 @@ impl<T: Element> TileEpilogue<'_, T> {
 pub(crate) fn forward<T: Element>(x: &[T], w: &[T], ep: &TileEpilogue<'_, T>, g: &Geom) -> Vec<T> {
     let (k, ohw, chw) = (g.k(), g.ohw(), g.cin * g.hw());
     let mut y = pool::take::<T>(g.n * g.cout * ohw);
-    let mode = fwd_mode();
-    let cols = if mode > 0 {
-        cols_per_task(k + g.cout, ohw, g.n)
-    } else {
-        cols_per_task(k, ohw, g.n)
-    };
+    let cols = cols_per_task(k, ohw, g.n);
     let chunks = ohw.div_ceil(cols);
     let wm = MatRef::row_major(w, g.cout, k);
     let yp = SharedPtr(y.as_mut_ptr());
@@ -249,44 +244,6 @@ pub(crate) fn forward<T: Element>(x: &[T], w: &[T], ep: &TileEpilogue<'_, T>, g:
                 }
             }
         };
-        if mode > 0 {
-            let pcp = pc.next_multiple_of(LANES);
-            let in_place = g.pointwise() && pc == pcp;
-            let col_len = if in_place { 0 } else { k * pcp };
-            pool::with_scratch(col_len + g.cout * pcp, |buf: &mut [T]| {
-                let (col, prod) = buf.split_at_mut(col_len);
-                let rhs = if in_place {
-                    MatRef::rows_ld(&xi[p0..], g.cin, pc, ohw)
-                } else {
-                    if g.pointwise() {
-                        for (r, row) in col.chunks_exact_mut(pcp).enumerate() {
-                            row[..pc].copy_from_slice(&xi[r * ohw + p0..r * ohw + p0 + pc]);
-                        }
-                    } else {
-                        im2col_ld(xi, g, p0, pc, col, pcp);
-                    }
-                    MatRef::row_major(&*col, k, pcp)
-                };
-                gemm_into(prod, pcp, false, wm, rhs, Parallelism::None);
-                for (co, row) in prod.chunks_exact_mut(pcp).enumerate() {
-                    if !ep.is_identity() {
-                        ep.apply_row(&mut row[..pc], co, base + co * ohw);
-                    }
-                    unsafe {
-                        let dst = yp.get().add(base + co * ohw);
-                        if mode == 2 {
-                            copy_stream(dst, row.as_ptr(), pc);
-                        } else {
-                            std::ptr::copy_nonoverlapping(row.as_ptr(), dst, pc);
-                        }
-                    }
-                }
-                if mode == 2 {
-                    stream_fence();
-                }
-            });
-            return;
-        }
         if pc % LANES != 0 {
             // The ragged last chunk: its columns padded to whole lanes in scratch
             // (operand and product), then the real columns copied out, so that the
@@ -330,57 +287,6 @@ pub(crate) fn forward<T: Element>(x: &[T], w: &[T], ep: &TileEpilogue<'_, T>, g:
         }
     });
     y
-}
-
-/// Experiment switch (KESTREL_CONV_FWD): 0 the GEMM writes the output in place,
-/// 1 into an L2 tile copied out, 2 the same with streaming stores.
-fn fwd_mode() -> u8 {
-    static MODE: std::sync::OnceLock<u8> = std::sync::OnceLock::new();
-    *MODE.get_or_init(|| {
-        std::env::var("KESTREL_CONV_FWD")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
-    })
-}
-
-/// Copies `n` elements from `src` to `dst` with non-temporal stores where `dst` is
-/// 16-byte aligned (the output is not read again soon: no read for ownership).
-///
-/// # Safety
-/// As `copy_nonoverlapping`; call [`stream_fence`] before others read `dst`.
-unsafe fn copy_stream<T>(dst: *mut T, src: *const T, n: usize) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::arch::x86_64::{__m128i, _mm_loadu_si128, _mm_stream_si128};
-        let size = std::mem::size_of::<T>();
-        let bytes = n * size;
-        let (d, s) = (dst as *mut u8, src as *const u8);
-        let head = d.align_offset(16).min(bytes);
-        if head % size == 0 {
-            std::ptr::copy_nonoverlapping(s, d, head);
-            let mut i = head;
-            while i + 16 <= bytes {
-                _mm_stream_si128(
-                    d.add(i) as *mut __m128i,
-                    _mm_loadu_si128(s.add(i) as *const __m128i),
-                );
-                i += 16;
-            }
-            std::ptr::copy_nonoverlapping(s.add(i), d.add(i), bytes - i);
-            return;
-        }
-    }
-    std::ptr::copy_nonoverlapping(src, dst, n);
-}
-
-/// Orders [`copy_stream`]'s stores before later ones.
-fn stream_fence() {
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: sfence has no preconditions.
-    unsafe {
-        std::arch::x86_64::_mm_sfence()
-    };
 }
 
 /// A 1x1 convolution applied to [`forward`]'s output tile while the tile is in
