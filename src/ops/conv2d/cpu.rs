@@ -778,7 +778,7 @@ fn grad_weight_split_sum<T: Element>(x: &[T], gy: &[T], g: &Geom, gw: &mut [T]) 
             let at = i * per;
             for p in 0..parts - 1 {
                 let src = &partial[p * m + at..][..out.len()];
-                out.iter_mut().zip(src).for_each(|(o, &v)| *o = *o + v);
+                out.iter_mut().zip(src).for_each(|(o, &v)| *o += v);
             }
         });
     }
