@@ -289,8 +289,7 @@ fn conv2d_cpu_large_shapes_match_direct_reference() {
         Conv2dParams::new(2, 0, 1),
         61,
     );
-    // dL/dx of a strided 3x3 by phases (odd sizes: the phases' grids differ), over
-    // several tasks of grid rows.
+    // dL/dx of a strided 3x3 (odd sizes), over several tasks.
     compare_with_direct(
         Device::Cpu,
         &[2, 16, 41, 37],
@@ -310,8 +309,8 @@ fn conv2d_cpu_large_shapes_match_direct_reference() {
 }
 
 /// The CPU backward is the same bits run to run: dL/dw's partial sums over the
-/// reduction (stem-like shape) and dL/dx's phases (strided 3x3) are added in a
-/// fixed order, whichever thread finishes first. Under a second.
+/// reduction (stem-like shape, and a 1x1 with more output than input channels) are
+/// added in a fixed order, whichever thread finishes first. Under a second.
 #[test]
 fn conv2d_cpu_backward_is_bit_for_bit_run_to_run() {
     let cases = [

@@ -373,191 +373,28 @@ pub(crate) fn forward_pointwise_head<T: Element>(
 /// itself a stride-1 convolution of `gy` with the flipped, transposed kernel
 /// ([`transposed_geometry`]), so it runs as [`forward`] does: tasks over output
 /// columns, each GEMM's operand an L2-sized im2col slice of `gy` and its result
-/// written once, no zero-filled buffer and no col2im. A strided convolution runs
-/// as one small stride-1 correlation per phase of the input grid
-/// ([`grad_input_phases`]: no col2im, no zero fill, no intermediate product in
-/// memory). Other shapes (stride 1 with a padding beyond the kernel's reach):
-/// [`grad_input_col2im`].
+/// written once, no zero-filled buffer and no col2im. A 1x1 unpadded kernel of
+/// stride s is the 1x1 product at the `OH x OW` positions it read, scattered into
+/// an otherwise zero gradient. Other shapes: [`grad_input_col2im`].
 pub(super) fn grad_input<T: Element>(gy: &[T], w: &[T], g: &Geom) -> Vec<T> {
     if let Some(gt) = transposed_geometry(g) {
         return forward(gy, &flipped_transposed(w, g), &TileEpilogue::default(), &gt);
     }
-    if g.p.stride != (1, 1) {
-        return grad_input_phases(gy, w, g);
-    }
-    grad_input_col2im(gy, w, g)
-}
-
-/// The taps of one axis that reach input positions `i ≡ phase (mod s)`: for
-/// kernel tap `t` with `(phase + pad - t d) % s == 0`, the pair `(t, off)` where
-/// `off = (phase + pad - t d) / s`, so that input `a s + phase` reads output
-/// `a + off`.
-fn phase_taps(phase: usize, s: usize, pad: usize, d: usize, k: usize) -> Vec<(usize, isize)> {
-    (0..k)
-        .filter_map(|t| {
-            let num = (phase + pad) as isize - (t * d) as isize;
-            (num.rem_euclid(s as isize) == 0).then(|| (t, num.div_euclid(s as isize)))
-        })
-        .collect()
-}
-
-/// dL/dx of a strided convolution by phases: the input positions `(a sh + ph,
-/// b sw + pw)` of one phase `(ph, pw)` are reached only by the kernel taps
-/// [`phase_taps`] selects, each reading `gy` at `(a + offh, b + offw)`, so that
-/// phase of dL/dx is a stride-1 correlation of `gy` with those taps: a GEMM of the
-/// phase's sub-kernel `[Cin, Cout * taps]` with a gathered `[Cout * taps, cols]`
-/// slice of `gy`. Tasks own whole input rows (`sh` of them per row `a` of the
-/// phase grid) of one image, all phases: every element of dL/dx is written once,
-/// by one GEMM's sum (a phase no tap reaches is written as zeros), so nothing is
-/// zero-filled first and the result does not depend on the scheduling.
-fn grad_input_phases<T: Element>(gy: &[T], w: &[T], g: &Geom) -> Vec<T> {
-    let (sh, sw) = g.p.stride;
-    let (hw, ohw, khw) = (g.hw(), g.ohw(), g.kh * g.kw);
-    let mut gx = pool::take::<T>(g.n * g.cin * hw);
-    if gx.is_empty() {
+    if g.kh == 1 && g.kw == 1 && g.p.padding == (0, 0) && g.p.dilation == (1, 1) {
+        let gt = Geom {
+            cin: g.cout,
+            h: g.oh,
+            w: g.ow,
+            cout: g.cin,
+            p: super::Conv2dParams::default(),
+            ..*g
+        };
+        let z = forward(gy, &flipped_transposed(w, g), &TileEpilogue::default(), &gt);
+        let gx = scatter_strided(&z, g);
+        pool::give(z);
         return gx;
     }
-    // The phase grid: rows a and columns b, input (a sh + ph, b sw + pw).
-    let (gh, gw) = (g.h.div_ceil(sh), g.w.div_ceil(sw));
-    struct Phase<T> {
-        ph: usize,
-        pw: usize,
-        th: Vec<(usize, isize)>,
-        tw: Vec<(usize, isize)>,
-        /// `[Cin, Cout * th.len() * tw.len()]`, column `(co * th + i) * tw + j`.
-        wp: Vec<T>,
-    }
-    let phases: Vec<Phase<T>> = (0..sh * sw)
-        .map(|i| {
-            let (ph, pw) = (i / sw, i % sw);
-            let th = phase_taps(ph, sh, g.p.padding.0, g.p.dilation.0, g.kh);
-            let tw = phase_taps(pw, sw, g.p.padding.1, g.p.dilation.1, g.kw);
-            let kp = g.cout * th.len() * tw.len();
-            let mut wp = Vec::with_capacity(g.cin * kp);
-            for ci in 0..g.cin {
-                for co in 0..g.cout {
-                    for &(ki, _) in &th {
-                        for &(kj, _) in &tw {
-                            wp.push(w[(co * g.cin + ci) * khw + ki * g.kw + kj]);
-                        }
-                    }
-                }
-            }
-            Phase { ph, pw, th, tw, wp }
-        })
-        .collect();
-    let kmax = phases
-        .iter()
-        .map(|p| p.wp.len() / g.cin.max(1))
-        .max()
-        .unwrap_or(0);
-    // Grid rows per task: an L2-sized gathered slice, every thread busy.
-    let cols = cols_per_task(kmax.max(1), gh * gw, g.n);
-    let rows_per = cols.div_ceil(gw).clamp(1, gh);
-    let chunks = gh.div_ceil(rows_per);
-    let gxp = SharedPtr(gx.as_mut_ptr());
-    (0..g.n * chunks).into_par_iter().for_each(|t| {
-        let (img, a0) = (t / chunks, (t % chunks) * rows_per);
-        let a1 = gh.min(a0 + rows_per);
-        let pc = (a1 - a0) * gw;
-        let pcp = pc.next_multiple_of(LANES);
-        let gyi = &gy[img * g.cout * ohw..(img + 1) * g.cout * ohw];
-        // The input rows this task owns: [a0 sh, a1 sh), the last task to H.
-        let (r0, r1) = (a0 * sh, if a1 == gh { g.h } else { a1 * sh });
-        // A row of phase ph that some phase (ph, pw) leaves untouched (no tap
-        // reaches it) is zero-filled first, whole, then the other phases written.
-        for ih in r0..r1 {
-            if phases[(ih % sh) * sw..][..sw]
-                .iter()
-                .any(|p| p.wp.is_empty())
-            {
-                for ci in 0..g.cin {
-                    // SAFETY: input rows [r0, r1) of image `img` belong to this task
-                    // alone; gx outlives the parallel loop.
-                    unsafe {
-                        let row = gxp.get().add((img * g.cin + ci) * hw + ih * g.w);
-                        std::slice::from_raw_parts_mut(row, g.w).fill(T::zero());
-                    }
-                }
-            }
-        }
-        pool::with_scratch((kmax + g.cin) * pcp, |buf: &mut [T]| {
-            let (col, tile) = buf.split_at_mut(kmax * pcp);
-            for p in phases.iter().filter(|p| !p.wp.is_empty()) {
-                let kp = p.wp.len() / g.cin;
-                // Input rows of this phase in [r0, r1) and columns of this phase.
-                let ncols = if p.pw < g.w {
-                    (g.w - p.pw).div_ceil(sw)
-                } else {
-                    0
-                };
-                let rows_here = (a0..a1).filter(|&a| {
-                    let ih = a * sh + p.ph;
-                    ih >= r0 && ih < r1
-                });
-                gather_phase(gyi, g, &p.th, &p.tw, a0, a1, gw, &mut col[..kp * pcp], pcp);
-                let lhs = MatRef::row_major(&p.wp, g.cin, kp);
-                let rhs = MatRef::row_major(&col[..kp * pcp], kp, pcp);
-                gemm_into(tile, pcp, false, lhs, rhs, Parallelism::None);
-                for (ci, trow) in tile.chunks_exact(pcp).enumerate() {
-                    for a in rows_here.clone() {
-                        let ih = a * sh + p.ph;
-                        let src = &trow[(a - a0) * gw..][..ncols];
-                        // SAFETY: as above.
-                        unsafe {
-                            let row = gxp.get().add((img * g.cin + ci) * hw + ih * g.w);
-                            for (b, &v) in src.iter().enumerate() {
-                                *row.add(b * sw + p.pw) = v;
-                            }
-                        }
-                    }
-                }
-            }
-        });
-    });
-    gx
-}
-
-/// The gathered operand of one phase: row `(co * th.len() + i) * tw.len() + j`,
-/// column `(a - a0) * gw + b` (grid rows `[a0, a1)`) holds `gy[co, a + offh_i,
-/// b + offw_j]`, zero outside `gy`; rows `ld` elements apart.
-#[allow(clippy::too_many_arguments)]
-fn gather_phase<T: Element>(
-    gyi: &[T],
-    g: &Geom,
-    th: &[(usize, isize)],
-    tw: &[(usize, isize)],
-    a0: usize,
-    a1: usize,
-    gw: usize,
-    col: &mut [T],
-    ld: usize,
-) {
-    let ohw = g.ohw();
-    let mut rows = col.chunks_mut(ld);
-    for co in 0..g.cout {
-        let plane = &gyi[co * ohw..(co + 1) * ohw];
-        for &(_, offh) in th {
-            for &(_, offw) in tw {
-                let row = rows.next().expect("gather_phase: operand too small");
-                let (lo, hi) = inside(0, gw, g.ow, 1, offw);
-                for (a, piece) in (a0..a1).zip(row.chunks_exact_mut(gw)) {
-                    let oh = a as isize + offh;
-                    if oh < 0 || oh >= g.oh as isize {
-                        piece.fill(T::zero());
-                        continue;
-                    }
-                    let src = &plane[oh as usize * g.ow..][..g.ow];
-                    piece[..lo].fill(T::zero());
-                    piece[hi..].fill(T::zero());
-                    if hi > lo {
-                        let s0 = (lo as isize + offw) as usize;
-                        piece[lo..hi].copy_from_slice(&src[s0..s0 + hi - lo]);
-                    }
-                }
-            }
-        }
-    }
+    grad_input_col2im(gy, w, g)
 }
 
 /// The geometry of dL/dx as a convolution of `gy` when `g` has stride 1: input
@@ -608,6 +445,28 @@ fn flipped_transposed<T: Element>(w: &[T], g: &Geom) -> Vec<T> {
         }
     }
     wt
+}
+
+/// `z: [N, Cin, OH * OW]`, the 1x1 product at the positions a strided 1x1
+/// unpadded convolution read, placed at `(oh * sh, ow * sw)` of a `[N, Cin, H, W]`
+/// gradient that is zero elsewhere (every element written once).
+fn scatter_strided<T: Element>(z: &[T], g: &Geom) -> Vec<T> {
+    let (hw, ohw, (sh, sw)) = (g.hw(), g.ohw(), g.p.stride);
+    let mut gx = pool::take::<T>(g.n * g.cin * hw);
+    gx.par_chunks_mut(hw)
+        .zip(z.par_chunks(ohw))
+        .for_each(|(plane, zp)| {
+            for (ih, row) in plane.chunks_exact_mut(g.w).enumerate() {
+                row.fill(T::zero());
+                if ih % sh == 0 && ih / sh < g.oh {
+                    let src = &zp[(ih / sh) * g.ow..][..g.ow];
+                    for (d, &v) in row.iter_mut().step_by(sw).zip(src) {
+                        *d = v;
+                    }
+                }
+            }
+        });
+    gx
 }
 
 /// `gx = col2im(Wᵀ @ gy)`, one task per (image, group of input channels); each
@@ -661,8 +520,8 @@ fn grad_input_col2im<T: Element>(gy: &[T], w: &[T], g: &Geom) -> Vec<T> {
 
 /// `gw = sum over images and column chunks of gy @ colᵀ`.
 ///
-/// When dL/dw is small beside the reduction (`K` far below `N * OH * OW`: the
-/// stem, the 64-channel layers, most stride-2 layers at full resolution), the
+/// When dL/dw is small beside the reduction (`K` at most 256 and far below
+/// `N * OH * OW`: the stem, the 64-channel layers, the first downsample), the
 /// reduction is cut instead ([`grad_weight_split_sum`]): each task reads its own
 /// columns of `gy` and `x` once. Otherwise the rows of col (the columns of gw) are
 /// cut into one range per task: each task makes only its rows of every im2col
@@ -680,7 +539,16 @@ pub(super) fn grad_weight<T: Element>(x: &[T], gy: &[T], g: &Geom) -> Vec<T> {
         gw.fill(T::zero());
         return gw;
     }
-    if k * SPLIT_SUM_RATIO <= g.n * ohw && g.cout * k <= SPLIT_SUM_MAX_ELEMS {
+    // Measured (BENCH_RESULTS, conv6): better for K <= 256 except a pointwise conv
+    // with fewer output than input channels (l1.conv1: there the row cut re-reads
+    // only the smaller gy, and its GEMMs keep long reductions); worse for K = 1152
+    // (l2.conv2.first: chunks of 240 columns).
+    let pointwise_narrow = g.pointwise() && g.cout < k;
+    if k <= SPLIT_SUM_MAX_K
+        && k * SPLIT_SUM_RATIO <= g.n * ohw
+        && g.cout * k <= SPLIT_SUM_MAX_ELEMS
+        && !pointwise_narrow
+    {
         grad_weight_split_sum(x, gy, g, &mut gw);
         return gw;
     }
@@ -723,7 +591,9 @@ pub(super) fn grad_weight<T: Element>(x: &[T], gy: &[T], g: &Geom) -> Vec<T> {
 
 /// Fewest rows of the im2col matrix (columns of gw) per weight-gradient task.
 const MIN_WGRAD_ROWS: usize = 16;
-/// [`grad_weight`] cuts the reduction when it is at least this many times `K`...
+/// [`grad_weight`] cuts the reduction when `K` is at most this...
+const SPLIT_SUM_MAX_K: usize = 256;
+/// ... the reduction is at least this many times `K`...
 const SPLIT_SUM_RATIO: usize = 8;
 /// ... and dL/dw has at most this many elements (each partial sum stays in L2).
 const SPLIT_SUM_MAX_ELEMS: usize = 1 << 18;
