@@ -289,6 +289,61 @@ fn conv2d_cpu_large_shapes_match_direct_reference() {
         Conv2dParams::new(2, 0, 1),
         61,
     );
+    // dL/dx of a strided 3x3 (odd sizes), over several tasks.
+    compare_with_direct(
+        Device::Cpu,
+        &[2, 16, 41, 37],
+        &[12, 16, 3, 3],
+        Conv2dParams::new(2, 1, 1),
+        62,
+    );
+    // A stem-like dL/dw (K = 147 far below the 2 x 2250 columns): the reduction cut
+    // into partial sums over several column chunks and both images.
+    compare_with_direct(
+        Device::Cpu,
+        &[2, 3, 90, 100],
+        &[8, 3, 7, 7],
+        Conv2dParams::new(2, 3, 1),
+        63,
+    );
+}
+
+/// The CPU backward is the same bits run to run: dL/dw's partial sums over the
+/// reduction (stem-like shape, and a 1x1 with more output than input channels) are
+/// added in a fixed order, whichever thread finishes first. Under a second.
+#[test]
+fn conv2d_cpu_backward_is_bit_for_bit_run_to_run() {
+    let cases = [
+        ([2, 3, 90, 100], [8, 3, 7, 7], Conv2dParams::new(2, 3, 1)),
+        ([1, 16, 41, 37], [12, 16, 3, 3], Conv2dParams::new(2, 1, 1)),
+        ([2, 8, 40, 44], [16, 8, 1, 1], Conv2dParams::default()),
+    ];
+    for (i, (xd, wd, p)) in cases.iter().enumerate() {
+        let f32t = |t: Tensor| t.to_dtype(DType::F32).unwrap();
+        let x = f32t(rand_t(700 + i as u64, xd));
+        let w = f32t(rand_t(710 + i as u64, wd));
+        let y = conv2d_forward(&x, &w, None, p).unwrap();
+        let gy = f32t(rand_t(720 + i as u64, y.dims()));
+        let run = || {
+            let g = conv2d_backward(&x, &w, &gy, p, [true, true, false]).unwrap();
+            let bits = |t: Option<Tensor>| -> Vec<u32> {
+                t.unwrap()
+                    .to_vec::<f32>()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.to_bits())
+                    .collect()
+            };
+            (bits(g.gx), bits(g.gw))
+        };
+        let first = run();
+        for _ in 0..3 {
+            assert!(
+                run() == first,
+                "x {xd:?} w {wd:?} {p:?}: backward changed between runs"
+            );
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------

@@ -30,7 +30,14 @@ struct ConvShape {
     pad: usize,
 }
 
+/// The layers of the table; `KESTREL_BENCH_OPS_LAYERS` (names separated by commas)
+/// keeps only those, for a quick look at a few shapes.
 fn conv_shapes() -> Vec<ConvShape> {
+    let only = std::env::var("KESTREL_BENCH_OPS_LAYERS").ok();
+    let keep = |name: &str| {
+        only.as_deref()
+            .is_none_or(|o| o.split(',').any(|n| n == name))
+    };
     LAYERS
         .lines()
         .filter_map(|l| {
@@ -49,6 +56,7 @@ fn conv_shapes() -> Vec<ConvShape> {
                 pad: n(9)?,
             })
         })
+        .filter(|l| keep(&l.name))
         .collect()
 }
 

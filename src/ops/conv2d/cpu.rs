@@ -518,12 +518,17 @@ fn grad_input_col2im<T: Element>(gy: &[T], w: &[T], g: &Geom) -> Vec<T> {
     gx
 }
 
-/// `gw = sum over images and column chunks of gy @ colᵀ`, the rows of col (the
-/// columns of gw) cut into one range per task: each task makes only its rows of
-/// every im2col slice and accumulates its own columns of gw over the whole batch,
-/// so the part of gw a GEMM reads and writes stays in L2, no partial sums are
-/// added afterwards, and every element is summed in the same order whatever the
-/// thread scheduling.
+/// `gw = sum over images and column chunks of gy @ colᵀ`.
+///
+/// When dL/dw is small beside the reduction (`K` at most 256 and far below
+/// `N * OH * OW`: the stem, the 64-channel layers, the first downsample), the
+/// reduction is cut instead ([`grad_weight_split_sum`]): each task reads its own
+/// columns of `gy` and `x` once. Otherwise the rows of col (the columns of gw) are
+/// cut into one range per task: each task makes only its rows of every im2col
+/// slice and accumulates its own columns of gw over the whole batch, so the part of
+/// gw a GEMM reads and writes stays in L2 and no partial sums are added afterwards.
+/// Either way every element is summed in the same order whatever the thread
+/// scheduling.
 pub(super) fn grad_weight<T: Element>(x: &[T], gy: &[T], g: &Geom) -> Vec<T> {
     let (k, ohw, chw) = (g.k(), g.ohw(), g.cin * g.hw());
     let mut gw = pool::take::<T>(g.cout * k);
@@ -532,6 +537,19 @@ pub(super) fn grad_weight<T: Element>(x: &[T], gy: &[T], g: &Geom) -> Vec<T> {
     }
     if ohw == 0 || g.n == 0 {
         gw.fill(T::zero());
+        return gw;
+    }
+    // Measured (BENCH_RESULTS, conv6): better for K <= 256 except a pointwise conv
+    // with fewer output than input channels (l1.conv1: there the row cut re-reads
+    // only the smaller gy, and its GEMMs keep long reductions); worse for K = 1152
+    // (l2.conv2.first: chunks of 240 columns).
+    let pointwise_narrow = g.pointwise() && g.cout < k;
+    if k <= SPLIT_SUM_MAX_K
+        && k * SPLIT_SUM_RATIO <= g.n * ohw
+        && g.cout * k <= SPLIT_SUM_MAX_ELEMS
+        && !pointwise_narrow
+    {
+        grad_weight_split_sum(x, gy, g, &mut gw);
         return gw;
     }
     let tasks = (2 * rayon::current_num_threads())
@@ -573,6 +591,69 @@ pub(super) fn grad_weight<T: Element>(x: &[T], gy: &[T], g: &Geom) -> Vec<T> {
 
 /// Fewest rows of the im2col matrix (columns of gw) per weight-gradient task.
 const MIN_WGRAD_ROWS: usize = 16;
+/// [`grad_weight`] cuts the reduction when `K` is at most this...
+const SPLIT_SUM_MAX_K: usize = 256;
+/// ... the reduction is at least this many times `K`...
+const SPLIT_SUM_RATIO: usize = 8;
+/// ... and dL/dw has at most this many elements (each partial sum stays in L2).
+const SPLIT_SUM_MAX_ELEMS: usize = 1 << 18;
+/// Partial sums of [`grad_weight_split_sum`]: a fixed number (not one per thread),
+/// so that the summation order depends on the shapes alone.
+const SPLIT_SUM_PARTS: usize = 4;
+
+/// dL/dw with the reduction over (image, column) cut into [`SPLIT_SUM_PARTS`]
+/// contiguous ranges of L2-sized column chunks: part `i` sums its chunks' `gy @
+/// colᵀ` in order into its own `[Cout, K]` buffer, and `gw` is part 0 + part 1 +
+/// ... in that order, element by element. Each task reads its columns of `gy` and
+/// `x` once (the row-cut order re-reads all of `gy` once per task, and its GEMMs'
+/// few output columns made poor use of the packed `gy`).
+fn grad_weight_split_sum<T: Element>(x: &[T], gy: &[T], g: &Geom, gw: &mut [T]) {
+    let (k, ohw, chw, m) = (g.k(), g.ohw(), g.cin * g.hw(), g.cout * g.k());
+    let cols = cols_for_rows(k).next_multiple_of(LANES).min(ohw);
+    let per_image = ohw.div_ceil(cols);
+    let chunks = g.n * per_image;
+    let parts = SPLIT_SUM_PARTS.min(chunks);
+    let mut partial = pool::take::<T>((parts - 1) * m);
+    // Part 0 sums straight into gw, the others into `partial`.
+    let dsts: Vec<SharedPtr<T>> = std::iter::once(SharedPtr(gw.as_mut_ptr()))
+        .chain((1..parts).map(|i| SharedPtr(partial[(i - 1) * m..].as_mut_ptr())))
+        .collect();
+    (0..parts).into_par_iter().for_each(|part| {
+        let (c0, c1) = (part * chunks / parts, (part + 1) * chunks / parts);
+        let scratch_len = if g.pointwise() { 0 } else { k * cols };
+        pool::with_scratch(scratch_len, |scratch: &mut [T]| {
+            for c in c0..c1 {
+                let (img, p0) = (c / per_image, (c % per_image) * cols);
+                let pc = cols.min(ohw - p0);
+                let xi = &x[img * chw..(img + 1) * chw];
+                let gym = MatRef::rows_ld(&gy[img * g.cout * ohw + p0..], g.cout, pc, ohw);
+                let col_t = if g.pointwise() {
+                    MatRef::rows_ld(&xi[p0..], k, pc, ohw).t()
+                } else {
+                    let buf = &mut scratch[..k * pc];
+                    im2col(xi, g, p0, pc, buf);
+                    MatRef::row_major(&*buf, k, pc).t()
+                };
+                // SAFETY: part `part`'s buffer belongs to this task alone and
+                // outlives the parallel loop.
+                unsafe {
+                    gemm_ptr(dsts[part].get(), k, c > c0, gym, col_t, Parallelism::None);
+                }
+            }
+        });
+    });
+    if parts > 1 {
+        let per = m.div_ceil(2 * rayon::current_num_threads()).max(4096);
+        gw.par_chunks_mut(per).enumerate().for_each(|(i, out)| {
+            let at = i * per;
+            for p in 0..parts - 1 {
+                let src = &partial[p * m + at..][..out.len()];
+                out.iter_mut().zip(src).for_each(|(o, &v)| *o += v);
+            }
+        });
+    }
+    pool::give(partial);
+}
 
 /// `gb[c] = sum over images and positions of gy[n, c, p]`, accumulated in f64.
 pub(super) fn grad_bias<T: Element>(gy: &[T], n: usize, c: usize, hw: usize) -> Vec<T> {

@@ -8,8 +8,10 @@
 //!
 //! CPU (cpu.rs): the output columns are cut into chunks whose
 //! im2col slice stays in L2; the chunks of all images run as parallel tasks, each an
-//! im2col and a single-threaded `gemm` call. CUDA (cuda.rs): kernels/conv.cu (im2col,
-//! col2im) and the matmul kernels.
+//! im2col and a single-threaded `gemm` call. In the CPU backward, dL/dx of a stride-1
+//! conv is a forward conv of dL/dy (no col2im); dL/dw cuts the reduction into fixed
+//! partial sums when dL/dw is small beside it. CUDA (cuda.rs): kernels/conv.cu (im2col, col2im) and the
+//! matmul kernels.
 //!
 //! This file holds the API, the shape checks and the dispatch by device; cpu.rs and
 //! cuda.rs hold one backend each.
