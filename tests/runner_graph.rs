@@ -10,9 +10,9 @@
 
 mod common;
 
-use common::runner_counters::{self as rc, Iteration};
+use common::runner_counters as rc;
 use kestrel::app::model::{DetBatch, DetectorModel};
-use kestrel::runner::{hooks, Mode, Model, Runner, Schedule};
+use kestrel::runner::{hooks, Hook, Mode, Model, Runner, Schedule};
 use kestrel::{Device, Tensor};
 
 /// The emulated tests of this file run one at a time: they count the device's
@@ -92,25 +92,53 @@ fn log_text(dir: &std::path::Path) -> String {
     std::fs::read_to_string(dir.join("log.txt")).unwrap()
 }
 
+/// Saves a checkpoint (optimizer state included) after iteration `at` (1-based), as
+/// the checkpoint hook would: the state of a run stopped there.
+struct SaveAt {
+    at: usize,
+    path: std::path::PathBuf,
+}
+
+impl<M: Model> Hook<M> for SaveAt {
+    fn after_train_iter(&mut self, r: &mut Runner<M>) -> kestrel::Result<()> {
+        if r.iter() + 1 == self.at {
+            r.save_checkpoint(&self.path, true)?;
+        }
+        Ok(())
+    }
+}
+
 /// A graphed and an eager Runner, same seed, four iterations over batches a, b, a,
-/// b, logging every 2: every step's losses and total, the logged averages and every
+/// b, logging every 2: every step's losses and total, the logged values and every
 /// weight after the run are equal bit for bit (the replays read the new pixels:
 /// a's and b's losses differ). The graphed run captured once (one geometry) and
 /// said so in its log. Per iteration after warm-up the graphed one replays the two
 /// graphs, takes nothing from the driver, never synchronises, uploads the images
 /// pinned and the targets, reads nothing back on non-logging iterations and once
 /// on logging ones, and launches under a third of the eager iteration's kernels.
-/// (~30 s in the test profile: the capture costs about six eager steps.)
+/// Last, a graphed Runner resumed from the graphed run's state after iteration 2
+/// (saved by a hook) captures its own graphs over the loaded weights and ends with
+/// the uninterrupted run's weights bit for bit. (One test, as the three runs share
+/// the device's cache; about 20 eager steps' worth of work, ~60 s in the test
+/// profile on an idle 2-core machine.)
 #[test]
-fn a_graphed_runner_trains_as_the_eager_one_bit_for_bit_and_only_uploads_emulated() {
+fn a_graphed_runner_trains_as_the_eager_one_bit_for_bit_only_uploads_and_resumes_emulated() {
     let _serial = EMULATED.lock().unwrap_or_else(|p| p.into_inner());
     const ITERS: usize = 4;
     const LOG: usize = 2;
     let device = common::emulated();
+    let stop = rc::tmp_dir("runner_graph_stop").join("iter_2.safetensors");
+    std::fs::create_dir_all(stop.parent().unwrap()).unwrap();
     let mut runs = Vec::new();
     for graph in [false, true] {
         let dir = rc::tmp_dir(&format!("runner_graph_{graph}"));
         let (mut r, counted) = runner(device, &dir, ITERS, LOG, graph, true);
+        if graph {
+            r.register_hook(SaveAt {
+                at: WARM_UP,
+                path: stop.clone(),
+            });
+        }
         r.run(&[(Mode::Train, 1)]).unwrap();
         assert_eq!(r.model.captured_geometries(), usize::from(graph));
         let w = weight_bits(&r);
@@ -128,20 +156,26 @@ fn a_graphed_runner_trains_as_the_eager_one_bit_for_bit_and_only_uploads_emulate
         }
         let captures = text.matches("runtime.graph: capturing").count();
         assert_eq!(captures, usize::from(graph), "{text}");
-        runs.push((its, w, text));
+        runs.push((its, w));
         let _ = std::fs::remove_dir_all(&dir);
     }
     let (eager, graphed) = (&runs[0], &runs[1]);
     for (k, (e, g)) in eager.0.iter().zip(&graphed.0).enumerate() {
         assert_eq!(e.value_bits.len(), 5, "four losses and the total");
         assert_eq!(
-            g.value_bits, e.value_bits,
+            g.value_bits,
+            e.value_bits,
             "iteration {}: graphed vs eager values",
             k + 1
         );
         assert_eq!(g.log_vars.len(), e.log_vars.len());
         for ((gn, gv), (en, ev)) in g.log_vars.iter().zip(&e.log_vars) {
-            assert_eq!((gn, gv.to_bits()), (en, ev.to_bits()), "iteration {}", k + 1);
+            assert_eq!(
+                (gn, gv.to_bits()),
+                (en, ev.to_bits()),
+                "iteration {}",
+                k + 1
+            );
         }
     }
     assert_ne!(
@@ -150,7 +184,6 @@ fn a_graphed_runner_trains_as_the_eager_one_bit_for_bit_and_only_uploads_emulate
     );
     assert_same_weights("graphed vs eager after the run", &graphed.1, &eager.1);
 
-    let last_eager: &Iteration = &eager.0[ITERS - 2];
     for (i, it) in graphed.0.iter().enumerate().skip(WARM_UP) {
         let n = i + 1;
         let c = it.counters;
@@ -160,45 +193,34 @@ fn a_graphed_runner_trains_as_the_eager_one_bit_for_bit_and_only_uploads_emulate
         assert_eq!((c.htod, c.htod_pinned), (2, 1), "iteration {n}: {c}");
         let reads = u64::from(n % LOG == 0 || n == ITERS);
         assert_eq!(c.dtoh, reads, "iteration {n}: {c}");
-        let e = last_eager.counters;
+        let e = eager.0[i].counters;
         assert!(
             c.launches * 3 < e.launches,
-            "iteration {n}: graphed {c}\neager (same place in the log interval) {e}"
+            "iteration {n}: graphed {c}\neager {e}"
         );
     }
-}
-
-/// A graphed run of four iterations (checkpoint every 2) and a graphed run resumed
-/// from its iteration-2 checkpoint end with the same weights bit for bit; the
-/// resumed runner captured its own graphs over the loaded weights. (~25 s.)
-#[test]
-fn a_graphed_run_resumed_equals_the_uninterrupted_one_emulated() {
-    let _serial = EMULATED.lock().unwrap_or_else(|p| p.into_inner());
-    const ITERS: usize = 4;
-    let device = common::emulated();
-    let dir = rc::tmp_dir("runner_graph_whole");
-    let (mut r, _) = runner(device, &dir, ITERS, 2, true, false);
-    r.register_hook(hooks::CheckpointHook::new(2, false));
-    r.run(&[(Mode::Train, 1)]).unwrap();
-    let whole = weight_bits(&r);
-    drop(r);
 
     let rdir = rc::tmp_dir("runner_graph_resumed");
-    let (mut r, counted) = runner(device, &rdir, ITERS, 2, true, false);
-    r.resume(dir.join("iter_2.safetensors")).unwrap();
-    assert_eq!(r.iter(), 2);
+    let (mut r, counted) = runner(device, &rdir, ITERS, LOG, true, false);
+    r.resume(&stop).unwrap();
+    assert_eq!(r.iter(), WARM_UP);
     r.run(&[(Mode::Train, 1)]).unwrap();
-    assert_eq!(rc::take(&counted).len(), ITERS - 2, "two iterations resumed");
+    assert_eq!(rc::take(&counted).len(), ITERS - WARM_UP);
     assert_eq!(r.model.captured_geometries(), 1);
-    assert_same_weights("resumed vs uninterrupted", &weight_bits(&r), &whole);
+    assert_same_weights(
+        "resumed graphed vs uninterrupted graphed",
+        &weight_bits(&r),
+        &graphed.1,
+    );
     drop(r);
-    let _ = std::fs::remove_dir_all(&dir);
     let _ = std::fs::remove_dir_all(&rdir);
+    let _ = std::fs::remove_dir_all(stop.parent().unwrap());
 }
 
 /// Gradient accumulation scales each step's loss before its backward, which a
 /// graphed step cannot: the run is refused before its first step, naming the
-/// hook's setting. A CPU model asked for graphs trains eagerly and logs why, once.
+/// hook's setting. A CPU model asked for graphs trains eagerly and logs why, once
+/// (no step is run: the model declines before any work).
 #[test]
 fn what_graphs_cannot_run_is_refused_or_logged() {
     let _serial = EMULATED.lock().unwrap_or_else(|p| p.into_inner());
@@ -224,17 +246,22 @@ fn what_graphs_cannot_run_is_refused_or_logged() {
     drop(r);
     let _ = std::fs::remove_dir_all(&dir);
 
-    let dir = rc::tmp_dir("runner_graph_cpu");
-    let (mut r, _) = runner(Device::Cpu, &dir, 2, 1, true, false);
-    r.run(&[(Mode::Train, 1)]).unwrap();
-    assert_eq!(r.model.captured_geometries(), 0);
-    let text = log_text(&dir);
-    assert_eq!(
-        text.matches("runtime.graph: training eagerly: the CPU has no graphs")
-            .count(),
-        1,
-        "{text}"
+    // On the CPU the model asks for no step of its own: the runner trains eagerly.
+    let mut cpu =
+        DetectorModel::new(common::fixture_model(Device::Cpu), Device::Cpu).with_graphs(true);
+    assert!(!cpu.trains_through_graphs());
+    let mut lines = Vec::new();
+    let mut rng = kestrel::rng::Rng::new(0);
+    for _ in 0..2 {
+        let step = cpu
+            .graphed_train_step(&batches()[0], &mut rng, &mut |l| lines.push(l.to_string()))
+            .unwrap();
+        assert!(step.is_none(), "the CPU trains eagerly");
+    }
+    assert_eq!(lines.len(), 1, "said once: {lines:?}");
+    assert!(
+        lines[0].contains("runtime.graph: training eagerly: the CPU has no graphs"),
+        "{lines:?}"
     );
-    drop(r);
-    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(cpu.captured_geometries(), 0);
 }

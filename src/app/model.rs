@@ -309,7 +309,11 @@ impl runner::Model for DetectorModel {
                 "runtime.graph: the parameters left the buffers the graphs read (weights \
                  loaded or replaced): dropping {} captured geometr{}",
                 cache.trainers.len(),
-                if cache.trainers.len() == 1 { "y" } else { "ies" }
+                if cache.trainers.len() == 1 {
+                    "y"
+                } else {
+                    "ies"
+                }
             ));
             cache.trainers.clear();
         }

@@ -237,7 +237,9 @@ pub fn train_step_graphed_profiled(
     let mut laps = Laps::start(model_device(model))?;
     let step =
         trainer.forward_backward_staged(model, images, targets, rng, &mut |s| laps.lap(s))?;
-    trainer.update(model, &step, |p, g, fixed| sgd.step_fixed_grads(p, g, fixed))?;
+    trainer.update(model, &step, |p, g, fixed| {
+        sgd.step_fixed_grads(p, g, fixed)
+    })?;
     let read = crate::runner::read_step_values(std::slice::from_ref(&step.total))?;
     laps.lap("optimizer")?;
     Ok((read.values[0], std::mem::take(&mut laps.times)))

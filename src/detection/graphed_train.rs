@@ -435,14 +435,7 @@ impl GraphedTrainer {
         self.input.refill(images)?;
         self.forward.replay()?;
         on_stage("graph_forward")?;
-        let h = head(
-            model,
-            &self.names,
-            &self.input,
-            &self.outputs,
-            targets,
-            rng,
-        )?;
+        let h = head(model, &self.names, &self.input, &self.outputs, targets, rng)?;
         on_stage("heads")?;
         fill_seeds(&self.seeds, &self.outputs, &h.grads)?;
         self.backward.replay()?;

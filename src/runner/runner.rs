@@ -701,11 +701,16 @@ impl<M: Model> Runner<M> {
                     )));
                 }
                 let (loss, values) = parse_tensors(step.values, true)?;
-                (loss, values, None, Vec::new(), Some((step.grads, step.fixed)))
+                (
+                    loss,
+                    values,
+                    None,
+                    Vec::new(),
+                    Some((step.grads, step.fixed)),
+                )
             }
             None => {
-                let params: Vec<Tensor> =
-                    self.model.params().into_iter().map(|(_, t)| t).collect();
+                let params: Vec<Tensor> = self.model.params().into_iter().map(|(_, t)| t).collect();
                 let tape = Tape::new();
                 for p in &params {
                     tape.watch(p);
