@@ -49,6 +49,8 @@ struct DistFlags {
 
 /// `kestrel train`: the launcher with --gpus, a worker when a world is given (flags or
 /// torchrun/SLURM variables), else a single-process run.
+// The train command's flags, one argument each.
+#[allow(clippy::too_many_arguments)]
 fn train(
     config: &std::path::Path,
     resume: bool,
