@@ -19,8 +19,10 @@ use kestrel::{Device, Tensor};
 /// allocations, and a run beside them would take the blocks their cache holds.
 static EMULATED: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-/// Iterations the counters skip: the first captures, the second is the first replay.
-const WARM_UP: usize = 2;
+/// Iterations the counters skip: the first captures, the second is the first replay,
+/// the third may still take a small block from the driver (one of 1280 B when this
+/// test is the process's first user of the device's cache).
+const WARM_UP: usize = 3;
 
 /// The iteration after which the graphed run's state is saved for the resume: the
 /// capturing one (the save's read-backs change the cache, which the next, warm-up
@@ -113,8 +115,8 @@ impl<M: Model> Hook<M> for SaveAt {
     }
 }
 
-/// A graphed and an eager Runner, same seed, four iterations over batches a, b, a,
-/// b, logging every 2: every step's losses and total, the logged values and every
+/// A graphed and an eager Runner, same seed, five iterations over batches a, b, a,
+/// b, a, logging every 3: every step's losses and total, the logged values and every
 /// weight after the run are equal bit for bit (the replays read the new pixels:
 /// a's and b's losses differ). The graphed run captured once (one geometry) and
 /// said so in its log. Per iteration after warm-up the graphed one replays the two
@@ -129,8 +131,8 @@ impl<M: Model> Hook<M> for SaveAt {
 #[test]
 fn a_graphed_runner_trains_as_the_eager_one_bit_for_bit_only_uploads_and_resumes_emulated() {
     let _serial = EMULATED.lock().unwrap_or_else(|p| p.into_inner());
-    const ITERS: usize = 4;
-    const LOG: usize = 2;
+    const ITERS: usize = 5;
+    const LOG: usize = 3;
     let device = common::emulated();
     let stop = rc::tmp_dir("runner_graph_stop").join("iter_1.safetensors");
     std::fs::create_dir_all(stop.parent().unwrap()).unwrap();
