@@ -297,6 +297,16 @@ pub struct RuntimeConfig {
     /// R50-FPN training step with random weights went from 6 s to 12 s once its
     /// operands turned denormal, BENCH_RESULTS.md). No effect on a GPU's kernels.
     pub flush_denormals: bool,
+    /// Train through captured device graphs (`kestrel train --graph` does the same):
+    /// on a CUDA or emulated device, in f32 with frozen BatchNorm, each training
+    /// step replays the dense part's forward and backward as two graphs
+    /// ([`crate::detection::graphed_train`]), captured on the first batch of each
+    /// geometry (image sizes; up to 4 kept, [`crate::app::model::DetectorModel`]).
+    /// The same losses and weights as eager training, bit for bit. Elsewhere (CPU,
+    /// bf16, BatchNorm with running statistics) training runs eagerly with one log
+    /// line saying why; gradient accumulation (`cumulative_iters > 1`) and
+    /// data-parallel training are refused with it. Off by default.
+    pub graph: bool,
 }
 
 impl Default for RuntimeConfig {
@@ -319,6 +329,7 @@ impl Default for RuntimeConfig {
             resume: false,
             load_from: None,
             flush_denormals: false,
+            graph: false,
         }
     }
 }

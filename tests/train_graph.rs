@@ -85,6 +85,7 @@ fn eager_step(
 /// One replayed step, then SGD on the fixed gradients.
 fn graphed_step(
     t: &mut GraphedTrainer,
+    m: &mut FasterRcnn,
     imgs: &[Pixels],
     targets: &[Target],
     sgd: &mut Sgd,
@@ -92,9 +93,9 @@ fn graphed_step(
 ) -> TrainStep {
     let _defer = error_flags::defer();
     let step = t
-        .forward_backward(&common::u8_views(imgs), targets, rng)
+        .forward_backward(m, &common::u8_views(imgs), targets, rng)
         .unwrap();
-    t.update(&step, |p, g, fixed| sgd.step_fixed_grads(p, g, fixed))
+    t.update(m, &step, |p, g, fixed| sgd.step_fixed_grads(p, g, fixed))
         .unwrap();
     step
 }
@@ -138,7 +139,7 @@ fn replayed_training_steps_equal_eager_steps_bit_for_bit_and_talk_to_the_host_on
     let (a, b, targets) = two_batches();
     let mut eager = common::fixture_model(device);
     let mut graphed = common::fixture_model(device);
-    let mut trainer = GraphedTrainer::new(&mut graphed, &common::u8_views(&a), &targets).unwrap();
+    let mut trainer = GraphedTrainer::new(&graphed, &common::u8_views(&a), &targets).unwrap();
     let sizes = trainer.sizes();
     eprintln!("graphs: {sizes:?}");
     let names = trainer.names().to_vec();
@@ -165,7 +166,14 @@ fn replayed_training_steps_equal_eager_steps_bit_for_bit_and_talk_to_the_host_on
     let mut g = Default::default();
     for (k, imgs) in batches.into_iter().enumerate() {
         let c = device.counters();
-        let got = graphed_step(&mut trainer, imgs, &targets, &mut sgd_g, &mut rng_g);
+        let got = graphed_step(
+            &mut trainer,
+            &mut graphed,
+            imgs,
+            &targets,
+            &mut sgd_g,
+            &mut rng_g,
+        );
         g = c.delta();
         let (want_losses, want_grads, want_weights) = &want[k];
         for (i, (name, l)) in got.losses.iter().enumerate() {
@@ -186,7 +194,7 @@ fn replayed_training_steps_equal_eager_steps_bit_for_bit_and_talk_to_the_host_on
         }
         assert!(with_grad > sizes.fixed_grads, "the heads' gradients too");
         for (n, w) in names.iter().zip(want_weights) {
-            let got = trainer.model().params.get(n).unwrap();
+            let got = graphed.params.get(n).unwrap();
             assert_bits(&format!("step {k} weight {n} after SGD"), got, w);
         }
         eprintln!("step {k}: total loss {} (graphed = eager)", totals[k]);
@@ -231,16 +239,18 @@ fn replayed_training_steps_equal_eager_steps_bit_for_bit_and_talk_to_the_host_on
     // An update that is not in place: the first parameter gets a new buffer.
     let mut rng = Rng::new(0);
     let step = trainer
-        .forward_backward(&common::u8_views(&a), &targets, &mut rng)
+        .forward_backward(&graphed, &common::u8_views(&a), &targets, &mut rng)
         .unwrap();
+    assert!(trainer.reads_params_of(&graphed));
     trainer
-        .update(&step, |p, _, _| {
+        .update(&mut graphed, &step, |p, _, _| {
             p[0] = p[0].to_device(Device::Cpu)?.to_device(device)?;
             Ok(())
         })
         .unwrap();
+    assert!(!trainer.reads_params_of(&graphed));
     let err = trainer
-        .forward_backward(&common::u8_views(&a), &targets, &mut rng)
+        .forward_backward(&graphed, &common::u8_views(&a), &targets, &mut rng)
         .err()
         .expect("a moved parameter")
         .to_string();
@@ -292,8 +302,8 @@ fn forbidden_calls_in_a_training_capture_are_named_errors_emulated() {
     // The device works normally afterwards.
     assert_eq!(run().unwrap().len(), eager.len());
 
-    let mut cpu = common::fixture_model(Device::Cpu);
-    let e = GraphedTrainer::new(&mut cpu, &common::u8_views(&a), &targets)
+    let cpu = common::fixture_model(Device::Cpu);
+    let e = GraphedTrainer::new(&cpu, &common::u8_views(&a), &targets)
         .err()
         .expect("a CPU model has no graphs")
         .to_string();

@@ -482,6 +482,7 @@ fn bench_graphed(
         let runs = repeat(&label, a.warmup, a.iters, || {
             let (loss, t) = train_step_graphed_profiled(
                 &mut trainer,
+                model,
                 &views[..b],
                 &targets[..b],
                 &mut sgd,

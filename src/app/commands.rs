@@ -195,7 +195,8 @@ fn config_with_flags(config: &Path, precision: Option<Precision>, flush: bool) -
     Ok(cfg)
 }
 
-/// `kestrel train CONFIG [--resume | --overwrite]`.
+/// `kestrel train CONFIG [--resume | --overwrite]`; `graph` (`--graph`) turns
+/// `runtime.graph` on.
 pub fn train(
     config: &Path,
     resume: bool,
@@ -203,8 +204,10 @@ pub fn train(
     device_flag: Option<&str>,
     precision: Option<Precision>,
     flush_denormals: bool,
+    graph: bool,
 ) -> Result<()> {
-    let cfg = config_with_flags(config, precision, flush_denormals)?;
+    let mut cfg = config_with_flags(config, precision, flush_denormals)?;
+    cfg.runtime.graph |= graph;
     let dev = config_device(&cfg, device_flag)?;
     let r = &cfg.runtime;
     let resume = resume || r.resume;

@@ -2,6 +2,7 @@
 //! glue between the detector and the training loop.
 
 use crate::data::{Loader, LoaderState, Sample};
+use crate::detection::graphed_train::GraphedTrainer;
 use crate::detection::transform::{image_from_u8, upload_u8, ImageU8};
 use crate::detection::{FasterRcnn, Target};
 use crate::device::Device;
@@ -75,6 +76,16 @@ impl DetBatch {
 /// `params.trainable_names()` order, every other tensor (BatchNorm running statistics,
 /// frozen affine) a buffer. A training step applies the BatchNorm running-statistic
 /// updates of its forward pass.
+///
+/// With [`DetectorModel::with_graphs`] (`runtime.graph`) a training step of a batch
+/// of u8 pixels replays captured device graphs ([`GraphedTrainer`]): the first
+/// batch of each geometry (the images' sizes, in order) is captured, up to
+/// [`GRAPH_GEOMETRIES`] geometries are kept (the least recently used one is dropped
+/// for a new one), and each step logs nothing unless it captures. What the graphs
+/// cannot run trains eagerly, with one log line saying why: a model on the CPU, in
+/// bf16 or with BatchNorm keeping running statistics, and batches of f32 images.
+/// Parameters that left the buffers the graphs read (weights loaded or replaced
+/// between steps) drop the captured graphs; the next step captures again.
 pub struct DetectorModel {
     /// The detector.
     pub model: FasterRcnn,
@@ -82,6 +93,20 @@ pub struct DetectorModel {
     pub device: Device,
     names: Vec<String>,
     buffer_names: Vec<String>,
+    graphs: Option<GraphCache>,
+}
+
+/// Most batch geometries whose captured training steps a [`DetectorModel`] keeps.
+pub const GRAPH_GEOMETRIES: usize = 4;
+
+/// The captured training steps of a [`DetectorModel`], least recently used first.
+#[derive(Default)]
+struct GraphCache {
+    trainers: Vec<GraphedTrainer>,
+    /// Whether the eager fallback for an unsupported model was logged.
+    noted_unsupported: bool,
+    /// Whether the eager fallback for f32 image batches was logged.
+    noted_f32: bool,
 }
 
 impl DetectorModel {
@@ -99,7 +124,24 @@ impl DetectorModel {
             device,
             names,
             buffer_names,
+            graphs: None,
         }
+    }
+
+    /// Train through captured graphs when `on` (see the type's docs); off by default.
+    pub fn with_graphs(mut self, on: bool) -> DetectorModel {
+        self.graphs = on.then(GraphCache::default);
+        self
+    }
+
+    /// Number of batch geometries captured now.
+    pub fn captured_geometries(&self) -> usize {
+        self.graphs.as_ref().map_or(0, |g| g.trainers.len())
+    }
+
+    /// The captured training steps, least recently used first.
+    pub fn graphed_trainers(&self) -> &[GraphedTrainer] {
+        self.graphs.as_ref().map_or(&[], |g| &g.trainers)
     }
 
     fn images_on_device(&self, batch: &DetBatch) -> Result<Vec<Tensor>> {
@@ -216,6 +258,91 @@ impl runner::Model for DetectorModel {
 
     fn num_samples(&self, batch: &DetBatch) -> usize {
         batch.len()
+    }
+
+    fn trains_through_graphs(&self) -> bool {
+        self.graphs.is_some() && GraphedTrainer::unsupported(&self.model).is_none()
+    }
+
+    fn graphed_train_step(
+        &mut self,
+        batch: &DetBatch,
+        rng: &mut Rng,
+        log: &mut dyn FnMut(&str),
+    ) -> Result<Option<runner::GraphedStep>> {
+        let Some(cache) = self.graphs.as_mut() else {
+            return Ok(None);
+        };
+        if let Some(why) = GraphedTrainer::unsupported(&self.model) {
+            if !cache.noted_unsupported {
+                log(&format!("runtime.graph: training eagerly: {why}"));
+                cache.noted_unsupported = true;
+            }
+            return Ok(None);
+        }
+        if batch.pixels.is_empty() {
+            if !cache.noted_f32 {
+                log(
+                    "runtime.graph: batches of f32 images train eagerly (the graphs take the \
+                     loader's u8 pixels)",
+                );
+                cache.noted_f32 = true;
+            }
+            return Ok(None);
+        }
+        let images: Vec<ImageU8> = batch
+            .pixels
+            .iter()
+            .map(|(data, height, width)| ImageU8 {
+                data,
+                height: *height,
+                width: *width,
+            })
+            .collect();
+        let sizes: Vec<(usize, usize)> = images.iter().map(|i| (i.height, i.width)).collect();
+        if cache
+            .trainers
+            .iter()
+            .any(|t| !t.reads_params_of(&self.model))
+        {
+            log(&format!(
+                "runtime.graph: the parameters left the buffers the graphs read (weights \
+                 loaded or replaced): dropping {} captured geometr{}",
+                cache.trainers.len(),
+                if cache.trainers.len() == 1 {
+                    "y"
+                } else {
+                    "ies"
+                }
+            ));
+            cache.trainers.clear();
+        }
+        let mut trainer = match cache.trainers.iter().position(|t| t.image_sizes() == sizes) {
+            Some(i) => cache.trainers.remove(i),
+            None => {
+                if cache.trainers.len() >= GRAPH_GEOMETRIES {
+                    let old = cache.trainers.remove(0);
+                    log(&format!(
+                        "runtime.graph: dropping the least recently used geometry {:?} \
+                         (keeping {GRAPH_GEOMETRIES})",
+                        old.image_sizes()
+                    ));
+                }
+                log(&format!(
+                    "runtime.graph: capturing the training step of {} images of sizes {sizes:?}",
+                    sizes.len()
+                ));
+                GraphedTrainer::new(&self.model, &images, &batch.targets)?
+            }
+        };
+        let step = trainer.forward_backward(&self.model, &images, &batch.targets, rng);
+        cache.trainers.push(trainer);
+        let step = step?;
+        Ok(Some(runner::GraphedStep {
+            values: step.losses,
+            grads: step.grads,
+            fixed: step.fixed,
+        }))
     }
 }
 

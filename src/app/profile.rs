@@ -227,15 +227,19 @@ pub fn train_step_profiled(
 /// [`GRAPHED_TRAINING_STAGES`]: crate::detection::graphed_train::GRAPHED_TRAINING_STAGES
 pub fn train_step_graphed_profiled(
     trainer: &mut GraphedTrainer,
+    model: &mut FasterRcnn,
     images: &[ImageU8],
     targets: &[Target],
     sgd: &mut Sgd,
     rng: &mut Rng,
 ) -> Result<(f64, StageTimes)> {
     let _defer = crate::device::error_flags::defer();
-    let mut laps = Laps::start(model_device(trainer.model()))?;
-    let step = trainer.forward_backward_staged(images, targets, rng, &mut |s| laps.lap(s))?;
-    trainer.update(&step, |p, g, fixed| sgd.step_fixed_grads(p, g, fixed))?;
+    let mut laps = Laps::start(model_device(model))?;
+    let step =
+        trainer.forward_backward_staged(model, images, targets, rng, &mut |s| laps.lap(s))?;
+    trainer.update(model, &step, |p, g, fixed| {
+        sgd.step_fixed_grads(p, g, fixed)
+    })?;
     let read = crate::runner::read_step_values(std::slice::from_ref(&step.total))?;
     laps.lap("optimizer")?;
     Ok((read.values[0], std::mem::take(&mut laps.times)))

@@ -274,7 +274,7 @@ pub fn config_runner(cfg: &Config, dev: Device) -> Result<Runner<DetectorModel>>
     })?;
     let r = &cfg.runtime;
     let mut runner = Runner::new(
-        DetectorModel::new(model, dev),
+        DetectorModel::new(model, dev).with_graphs(r.graph),
         Box::new(sgd),
         &r.work_dir,
         s.max,

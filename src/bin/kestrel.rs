@@ -49,6 +49,8 @@ struct DistFlags {
 
 /// `kestrel train`: the launcher with --gpus, a worker when a world is given (flags or
 /// torchrun/SLURM variables), else a single-process run.
+// The train command's flags, one argument each.
+#[allow(clippy::too_many_arguments)]
 fn train(
     config: &std::path::Path,
     resume: bool,
@@ -56,6 +58,7 @@ fn train(
     device: Option<&str>,
     precision: Option<Precision>,
     flush_denormals: bool,
+    graph: bool,
     f: DistFlags,
 ) -> kestrel::Result<()> {
     let args = kestrel::app::dist::DistArgs {
@@ -85,9 +88,17 @@ fn train(
         if flush_denormals {
             fwd.push("--flush-denormals".into());
         }
+        if graph {
+            fwd.push("--graph".into());
+        }
         return kestrel::app::dist::launch_local(&args, &fwd);
     }
     match args.rendezvous()? {
+        Some(_) if graph => Err(kestrel::Error::invalid(
+            "kestrel train --graph",
+            "a graphed step cannot reduce gradients across data-parallel ranks: train \
+             data-parallel without --graph",
+        )),
         Some(rdv) => kestrel::app::dist::train_worker(
             config,
             resume,
@@ -103,6 +114,7 @@ fn train(
             device,
             precision,
             flush_denormals,
+            graph,
         ),
     }
 }
@@ -189,6 +201,9 @@ enum Cmd {
         /// default: the config's runtime.flush_denormals.
         #[arg(long)]
         flush_denormals: bool,
+        /// Train through captured device graphs (as `[runtime] graph = true`).
+        #[arg(long)]
+        graph: bool,
         #[command(flatten)]
         dist: DistFlags,
     },
@@ -355,6 +370,7 @@ fn main() {
             device,
             precision,
             flush_denormals,
+            graph,
             dist,
         } => train(
             &config,
@@ -363,6 +379,7 @@ fn main() {
             device.as_deref(),
             precision,
             flush_denormals,
+            graph,
             dist,
         ),
         Cmd::Eval {

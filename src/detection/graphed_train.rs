@@ -107,8 +107,7 @@ pub struct GraphSizes {
 }
 
 /// A model trained with its dense part replayed as graphs (see the module docs).
-pub struct GraphedTrainer<'m> {
-    model: &'m mut FasterRcnn,
+pub struct GraphedTrainer {
     names: Vec<String>,
     input: UploadedBatch,
     forward: Graph,
@@ -218,6 +217,16 @@ fn seeded<'a>(seeds: &[(usize, Tensor)], out: &'a DenseOutputs) -> Vec<(&'a Tens
     seeds.iter().map(|(k, s)| (leaves[*k], s.clone())).collect()
 }
 
+/// The device of `model`'s first parameter.
+fn model_device(model: &FasterRcnn) -> Result<Device> {
+    model
+        .params
+        .iter()
+        .next()
+        .map(|(_, t)| t.device())
+        .ok_or_else(|| Error::invalid("GraphedTrainer", "the model has no parameters"))
+}
+
 fn addresses(model: &FasterRcnn) -> Result<Vec<(String, u64)>> {
     model
         .params
@@ -226,45 +235,18 @@ fn addresses(model: &FasterRcnn) -> Result<Vec<(String, u64)>> {
         .collect()
 }
 
-impl<'m> GraphedTrainer<'m> {
+impl GraphedTrainer {
     /// Capture the training step of batches shaped like `images` (8-bit CHW, on the
     /// model's device), with `targets` for the warm-up passes (original pixels). The
-    /// model must be on a CUDA or emulated device, in f32; see the module docs. The
-    /// trainer holds the model for as long as the graphs read its parameters.
-    pub fn new(model: &'m mut FasterRcnn, images: &[ImageU8], targets: &[Target]) -> Result<Self> {
-        let device = model
-            .params
-            .iter()
-            .next()
-            .map(|(_, t)| t.device())
-            .ok_or_else(|| Error::invalid("GraphedTrainer", "the model has no parameters"))?;
-        if !matches!(device, Device::Cuda(_)) {
-            return Err(Error::invalid(
-                "GraphedTrainer",
-                "the CPU has no graphs: put the model on a CUDA or emulated device",
-            ));
+    /// model must be on a CUDA or emulated device, in f32; see the module docs
+    /// ([`GraphedTrainer::unsupported`]). The trainer does not hold the model: each
+    /// step takes it again, and refuses one whose parameters left the buffers the
+    /// graphs read ([`GraphedTrainer::reads_params_of`]).
+    pub fn new(model: &FasterRcnn, images: &[ImageU8], targets: &[Target]) -> Result<Self> {
+        if let Some(why) = Self::unsupported(model) {
+            return Err(Error::invalid("GraphedTrainer", why));
         }
-        if model.precision.is_bf16() {
-            return Err(Error::invalid(
-                "GraphedTrainer",
-                "bf16 keeps weight copies per version that a graph cannot follow: train in f32",
-            ));
-        }
-        if !matches!(
-            model.config.backbone.norm,
-            NormKind::Frozen { .. } | NormKind::FrozenStats { .. }
-        ) {
-            return Err(Error::invalid(
-                "GraphedTrainer",
-                "BatchNorm with running statistics changes state every step: use frozen BatchNorm",
-            ));
-        }
-        if let Some((n, t)) = model.params.iter().find(|(_, t)| t.device() != device) {
-            return Err(Error::invalid(
-                "GraphedTrainer",
-                format!("parameter {n} is on {}, the model on {device}", t.device()),
-            ));
-        }
+        let device = model_device(model)?;
         let _defer = crate::device::error_flags::defer();
         let names = model.params.trainable_names();
         let input = upload_u8(images, &model.config.transform, device)?;
@@ -320,7 +302,6 @@ impl<'m> GraphedTrainer<'m> {
         drop(grads);
         let addresses = addresses(model)?;
         Ok(GraphedTrainer {
-            model,
             names,
             input,
             forward,
@@ -332,9 +313,69 @@ impl<'m> GraphedTrainer<'m> {
         })
     }
 
-    /// The model (its parameters are the ones the graphs read).
-    pub fn model(&self) -> &FasterRcnn {
-        self.model
+    /// Why `model` cannot be trained through graphs (the CPU, bf16, BatchNorm with
+    /// running statistics, parameters on several devices), or `None` when it can.
+    pub fn unsupported(model: &FasterRcnn) -> Option<String> {
+        let device = match model_device(model) {
+            Ok(d) => d,
+            Err(e) => return Some(e.to_string()),
+        };
+        if !matches!(device, Device::Cuda(_)) {
+            return Some(
+                "the CPU has no graphs: put the model on a CUDA or emulated device".into(),
+            );
+        }
+        if model.precision.is_bf16() {
+            return Some(
+                "bf16 keeps weight copies per version that a graph cannot follow: train in f32"
+                    .into(),
+            );
+        }
+        if !matches!(
+            model.config.backbone.norm,
+            NormKind::Frozen { .. } | NormKind::FrozenStats { .. }
+        ) {
+            return Some(
+                "BatchNorm with running statistics changes state every step: use frozen \
+                 BatchNorm"
+                    .into(),
+            );
+        }
+        if let Some((n, t)) = model.params.iter().find(|(_, t)| t.device() != device) {
+            return Some(format!(
+                "parameter {n} is on {}, the model on {device}",
+                t.device()
+            ));
+        }
+        None
+    }
+
+    /// Whether every parameter and buffer of `model` lies where it lay at the
+    /// capture (same names, same device addresses): the graphs read those buffers.
+    pub fn reads_params_of(&self, model: &FasterRcnn) -> bool {
+        self.moved_param(model).ok().flatten().is_none()
+    }
+
+    /// The first parameter (or buffer) whose buffer is not the captured one.
+    fn moved_param(&self, model: &FasterRcnn) -> Result<Option<String>> {
+        let now = addresses(model)?;
+        if now.len() != self.addresses.len() {
+            return Ok(Some(format!(
+                "({} tensors now, {} at capture)",
+                now.len(),
+                self.addresses.len()
+            )));
+        }
+        Ok(now
+            .iter()
+            .zip(&self.addresses)
+            .find(|((na, a), (nb, b))| na != nb || a != b)
+            .map(|((n, _), _)| n.clone()))
+    }
+
+    /// The (height, width) of each image of the captured batch.
+    pub fn image_sizes(&self) -> Vec<(usize, usize)> {
+        self.input.original_sizes().to_vec()
     }
 
     /// The trainable parameters' names, the order of [`TrainStep::grads`].
@@ -364,28 +405,25 @@ impl<'m> GraphedTrainer<'m> {
     /// [`crate::device::error_flags::defer`] to keep kernel checks off the host.
     pub fn forward_backward(
         &mut self,
+        model: &FasterRcnn,
         images: &[ImageU8],
         targets: &[Target],
         rng: &mut Rng,
     ) -> Result<TrainStep> {
-        self.forward_backward_staged(images, targets, rng, &mut |_| Ok(()))
+        self.forward_backward_staged(model, images, targets, rng, &mut |_| Ok(()))
     }
 
     /// [`GraphedTrainer::forward_backward`] calling `on_stage` as each of
     /// [`GRAPHED_TRAINING_STAGES`] but the optimizer ends.
     pub fn forward_backward_staged(
         &mut self,
+        model: &FasterRcnn,
         images: &[ImageU8],
         targets: &[Target],
         rng: &mut Rng,
         on_stage: StageFn,
     ) -> Result<TrainStep> {
-        let now = addresses(self.model)?;
-        if let Some(((n, _), _)) = now
-            .iter()
-            .zip(&self.addresses)
-            .find(|((na, a), (nb, b))| na != nb || a != b)
-        {
+        if let Some(n) = self.moved_param(model)? {
             return Err(Error::invalid(
                 "GraphedTrainer",
                 format!(
@@ -397,14 +435,7 @@ impl<'m> GraphedTrainer<'m> {
         self.input.refill(images)?;
         self.forward.replay()?;
         on_stage("graph_forward")?;
-        let h = head(
-            self.model,
-            &self.names,
-            &self.input,
-            &self.outputs,
-            targets,
-            rng,
-        )?;
+        let h = head(model, &self.names, &self.input, &self.outputs, targets, rng)?;
         on_stage("heads")?;
         fill_seeds(&self.seeds, &self.outputs, &h.grads)?;
         self.backward.replay()?;
@@ -418,7 +449,7 @@ impl<'m> GraphedTrainer<'m> {
                     fixed.push(true);
                 }
                 None => {
-                    grads.push(h.grads.get(self.model.params.get(n)?).cloned());
+                    grads.push(h.grads.get(model.params.get(n)?).cloned());
                     fixed.push(false);
                 }
             }
@@ -437,18 +468,19 @@ impl<'m> GraphedTrainer<'m> {
     /// `update` returns; a parameter that left its buffer is an error at the next
     /// [`GraphedTrainer::forward_backward`].
     pub fn update(
-        &mut self,
+        &self,
+        model: &mut FasterRcnn,
         step: &TrainStep,
         update: impl FnOnce(&mut [Tensor], &[Option<&Tensor>], &[bool]) -> Result<()>,
     ) -> Result<()> {
         let mut params = Vec::with_capacity(self.names.len());
         for n in &self.names {
-            params.push(self.model.params.take(n)?);
+            params.push(model.params.take(n)?);
         }
         let g: Vec<Option<&Tensor>> = step.grads.iter().map(Option::as_ref).collect();
         let done = update(&mut params, &g, &step.fixed);
         for (n, t) in self.names.iter().zip(params) {
-            self.model.params.put(n, t)?;
+            model.params.put(n, t)?;
         }
         done
     }

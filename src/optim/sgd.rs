@@ -667,6 +667,15 @@ impl crate::runner::Optimizer for Sgd {
         let grads: Vec<Option<&Tensor>> = grads.iter().map(Option::as_ref).collect();
         self.step_optional(params, &grads)
     }
+    fn step_fixed(
+        &mut self,
+        params: &mut [Tensor],
+        grads: &[Option<Tensor>],
+        fixed: &[bool],
+    ) -> Result<()> {
+        let grads: Vec<Option<&Tensor>> = grads.iter().map(Option::as_ref).collect();
+        self.step_fixed_grads(params, &grads, fixed)
+    }
     fn lr(&self) -> f64 {
         Sgd::lr(self)
     }

@@ -59,7 +59,7 @@ pub use grad_sync::GradSync;
 pub use hook::{Hook, Stage};
 pub use log_buffer::LogBuffer;
 pub use log_sink::LogSink;
-pub use model::{Model, Optimizer};
+pub use model::{GraphedStep, Model, Optimizer};
 pub use priority::Priority;
 pub use runner::{parse_losses, Mode, NonFinite, ResumePoint, Runner, Schedule, StepOutputs};
 pub use state::{

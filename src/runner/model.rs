@@ -61,6 +61,31 @@ pub trait Model {
         self.train_step(batch, rng)
     }
 
+    /// Whether [`Model::graphed_train_step`] may compute training steps (the model
+    /// was asked to train through captured graphs and can). The runner refuses, at
+    /// the start of a run, what such a step cannot give: gradient accumulation with a
+    /// scaled loss, gradient reduction across ranks. False by default.
+    fn trains_through_graphs(&self) -> bool {
+        false
+    }
+
+    /// A training step whose forward AND backward the model computes itself (e.g.
+    /// replaying captured device graphs, [`crate::detection::graphed_train`]): the
+    /// named values as [`Model::train_step`] returns them and dL/d(param) of their
+    /// total (the `*loss*` entries summed, as [`super::parse_losses`] sums them) in
+    /// [`Model::params`] order. `Ok(None)`: not this batch (the runner then runs
+    /// [`Model::train_step`] under its tape). The runner asks at every training
+    /// step; `log` writes a line to the run's log. By default `None`.
+    fn graphed_train_step(
+        &mut self,
+        batch: &Self::Batch,
+        rng: &mut Rng,
+        log: &mut dyn FnMut(&str),
+    ) -> Result<Option<GraphedStep>> {
+        let _ = (batch, rng, log);
+        Ok(None)
+    }
+
     /// Number of samples (images) in `batch`, the weight of its values in the log's
     /// running averages.
     fn num_samples(&self, batch: &Self::Batch) -> usize {
@@ -69,12 +94,39 @@ pub trait Model {
     }
 }
 
+/// What [`Model::graphed_train_step`] returns.
+pub struct GraphedStep {
+    /// Named values, as [`Model::train_step`] returns them.
+    pub values: Vec<(String, Tensor)>,
+    /// dL/d(param) of the total loss, in [`Model::params`] order; `None` where the
+    /// loss does not depend on the parameter.
+    pub grads: Vec<Option<Tensor>>,
+    /// Per gradient: whether it lies in a buffer that stays the same from step to
+    /// step and that nothing frees or reuses between steps (a captured backward
+    /// graph's output), for [`Optimizer::step_fixed`].
+    pub fixed: Vec<bool>,
+}
+
 /// A first-order optimizer over the model's parameters (SGD, ...).
 pub trait Optimizer {
     /// One update. `params` are replaced by their new values; `grads[i]` is dL/d
     /// `params[i]`, `None` for a parameter the loss does not depend on (skipped
     /// entirely, as PyTorch skips parameters whose `.grad` is `None`).
     fn step(&mut self, params: &mut [Tensor], grads: &[Option<Tensor>]) -> Result<()>;
+
+    /// [`Optimizer::step`] where `fixed[i]` says that `grads[i]` lies in a buffer that
+    /// is the same every step (see [`GraphedStep::fixed`]), so an optimizer that keeps
+    /// a table of gradient addresses may point at it instead of copying it. By
+    /// default the flags are ignored.
+    fn step_fixed(
+        &mut self,
+        params: &mut [Tensor],
+        grads: &[Option<Tensor>],
+        fixed: &[bool],
+    ) -> Result<()> {
+        let _ = fixed;
+        self.step(params, grads)
+    }
 
     /// The current learning rate.
     fn lr(&self) -> f64;

@@ -53,6 +53,9 @@ pub struct StepOutputs {
     pub num_samples: usize,
     tape: Option<Tape>,
     params: Vec<Tensor>,
+    /// A graphed step's gradients and fixed flags ([`Model::graphed_train_step`]),
+    /// until [`Runner::backward`] takes them (instead of a tape).
+    graphed_grads: Option<(Vec<Option<Tensor>>, Vec<bool>)>,
 }
 
 /// Counters a checkpoint restores: where a resumed run starts.
@@ -128,6 +131,10 @@ pub struct Runner<M: Model> {
     /// Accumulated dL/d(param), in [`Model::params`] order (`param.grad`); empty or
     /// `None` entries mean zero.
     pub grads: Vec<Option<Tensor>>,
+    /// Per entry of [`Runner::grads`]: whether it is a graphed step's gradient still
+    /// in its fixed buffer (see [`super::GraphedStep::fixed`]); false once a gradient
+    /// is accumulated into, clipped or replaced.
+    grads_fixed: Vec<bool>,
     /// The latest evaluation metrics (set by the eval hook).
     pub metrics: Vec<(String, f64)>,
     /// Text output: stdout (or above the progress bar) and `work_dir/log.txt`.
@@ -185,6 +192,7 @@ impl<M: Model> Runner<M> {
             extra_tensors: BTreeMap::new(),
             outputs: None,
             grads: Vec::new(),
+            grads_fixed: Vec::new(),
             metrics: Vec::new(),
             log: LogSink::default(),
             main_process: true,
@@ -504,6 +512,13 @@ impl<M: Model> Runner<M> {
                 "the training loader has no batch",
             ));
         }
+        if self.model.trains_through_graphs() && self.grad_sync.is_some() {
+            return Err(Error::invalid(
+                "Runner::run",
+                "runtime.graph: a graphed training step cannot reduce gradients across \
+                 data-parallel ranks during its backward; train with graph = false",
+            ));
+        }
         if workflow.iter().any(|(m, _)| *m == Mode::Val) && self.val_loader.is_none() {
             return Err(Error::invalid(
                 "Runner::run",
@@ -665,17 +680,48 @@ impl<M: Model> Runner<M> {
     /// once; on a GPU they wait for the next read-out ([`Runner::read_out`]), which
     /// runs here on logging iterations (see [`Runner::set_readout_interval`]), so a
     /// non-logging iteration copies nothing back.
+    ///
+    /// A model that trains through graphs ([`Model::trains_through_graphs`]) computes
+    /// the step's gradients with its forward ([`Model::graphed_train_step`]); the
+    /// optimizer hook's [`Runner::backward`] then only takes them.
     fn train_step(&mut self, batch: &M::Batch) -> Result<()> {
-        let params: Vec<Tensor> = self.model.params().into_iter().map(|(_, t)| t).collect();
-        let tape = Tape::new();
-        for p in &params {
-            tape.watch(p);
-        }
         let num_samples = self.model.num_samples(batch);
-        let (loss, values) = {
-            let _active = tape.activate();
-            let losses = self.model.train_step(batch, &mut self.rng)?;
-            parse_tensors(losses, true)?
+        let log = &mut self.log;
+        let graphed = self
+            .model
+            .graphed_train_step(batch, &mut self.rng, &mut |l| log.line(l))?;
+        let (loss, values, tape, params, graphed_grads) = match graphed {
+            Some(step) => {
+                let n = self.model.params().len();
+                if step.grads.len() != n || step.fixed.len() != n {
+                    return Err(Error::Training(format!(
+                        "a graphed step gave {} gradients ({} flags) for {n} parameters",
+                        step.grads.len(),
+                        step.fixed.len()
+                    )));
+                }
+                let (loss, values) = parse_tensors(step.values, true)?;
+                (
+                    loss,
+                    values,
+                    None,
+                    Vec::new(),
+                    Some((step.grads, step.fixed)),
+                )
+            }
+            None => {
+                let params: Vec<Tensor> = self.model.params().into_iter().map(|(_, t)| t).collect();
+                let tape = Tape::new();
+                for p in &params {
+                    tape.watch(p);
+                }
+                let (loss, values) = {
+                    let _active = tape.activate();
+                    let losses = self.model.train_step(batch, &mut self.rng)?;
+                    parse_tensors(losses, true)?
+                };
+                (loss, values, Some(tape), params, None)
+            }
         };
         let on_host = values.iter().all(|(_, t)| t.device() == Device::Cpu);
         let kept = if on_host {
@@ -698,8 +744,9 @@ impl<M: Model> Runner<M> {
             log_vars: Vec::new(),
             values,
             num_samples,
-            tape: Some(tape),
+            tape,
             params,
+            graphed_grads,
         });
         if on_host || self.readout_due() {
             self.read_out()?;
@@ -859,6 +906,7 @@ impl<M: Model> Runner<M> {
                 num_samples,
                 tape: None,
                 params: Vec::new(),
+                graphed_grads: None,
             });
             self.call_hook(Stage::AfterValIter)?;
             self.outputs = None;
@@ -880,13 +928,21 @@ impl<M: Model> Runner<M> {
             }
             self.grads = vec![None; n];
         }
+        self.grads_fixed.resize(n, false);
         Ok(())
     }
 
     /// Forget the accumulated gradients (`optimizer.zero_grad()`).
     pub fn zero_grad(&mut self) {
         self.grads.iter_mut().for_each(|g| *g = None);
+        self.grads_fixed.iter_mut().for_each(|f| *f = false);
         self.unsynced = false;
+    }
+
+    /// Forget which gradients lie in a graph's fixed buffers (after
+    /// [`Runner::grads`] were replaced wholesale, e.g. by a resume).
+    pub(crate) fn clear_fixed_grads(&mut self) {
+        self.grads_fixed.clear();
     }
 
     /// Whether [`Runner::grads`] hold this rank's gradients not yet reduced across
@@ -910,6 +966,9 @@ impl<M: Model> Runner<M> {
             .outputs
             .as_mut()
             .ok_or_else(|| Error::Autograd("backward outside a training step".into()))?;
+        if let Some((grads, fixed)) = out.graphed_grads.take() {
+            return self.take_graphed_grads(grads, fixed, loss_scale, sync);
+        }
         let loss = out
             .loss
             .clone()
@@ -943,12 +1002,57 @@ impl<M: Model> Runner<M> {
         } else if self.grad_sync.is_some() {
             self.unsynced = true;
         }
-        for (slot, g) in self.grads.iter_mut().zip(step) {
+        for ((slot, f), g) in self.grads.iter_mut().zip(&mut self.grads_fixed).zip(step) {
             if let Some(g) = g {
+                *f = false;
                 *slot = Some(match slot.take() {
                     Some(prev) => ops::add(&prev, &g)?,
                     None => g,
                 });
+            }
+        }
+        Ok(())
+    }
+
+    /// [`Runner::backward_sync`] for a graphed step: its gradients (of the loss
+    /// unscaled, reduced nowhere) join [`Runner::grads`], the fixed ones flagged.
+    fn take_graphed_grads(
+        &mut self,
+        grads: Vec<Option<Tensor>>,
+        fixed: Vec<bool>,
+        loss_scale: f64,
+        sync: bool,
+    ) -> Result<()> {
+        if loss_scale != 1.0 {
+            return Err(Error::Training(format!(
+                "runtime.graph: a graphed step's gradients are those of the loss itself; \
+                 it cannot backpropagate the loss scaled by {loss_scale} (gradient \
+                 accumulation): train with graph = false"
+            )));
+        }
+        if sync && self.grad_sync.is_some() {
+            return Err(Error::Training(
+                "runtime.graph: a graphed step cannot reduce gradients across ranks".into(),
+            ));
+        }
+        self.ensure_grads(grads.len())?;
+        for ((slot, f), (g, fx)) in self
+            .grads
+            .iter_mut()
+            .zip(&mut self.grads_fixed)
+            .zip(grads.into_iter().zip(fixed))
+        {
+            if let Some(g) = g {
+                match slot.take() {
+                    Some(prev) => {
+                        *slot = Some(ops::add(&prev, &g)?);
+                        *f = false;
+                    }
+                    None => {
+                        *slot = Some(g);
+                        *f = fx;
+                    }
+                }
             }
         }
         Ok(())
@@ -972,6 +1076,8 @@ impl<M: Model> Runner<M> {
             for g in self.grads.iter_mut().flatten() {
                 *g = ops::scale(g, coef)?;
             }
+            // New tensors, no longer in a graph's fixed buffers.
+            self.grads_fixed.iter_mut().for_each(|f| *f = false);
         }
         Ok(total)
     }
@@ -986,8 +1092,13 @@ impl<M: Model> Runner<M> {
         }
         let n = self.model.params().len();
         self.ensure_grads(n)?;
+        if self.grads_fixed.len() != n {
+            self.grads_fixed = vec![false; n];
+        }
         let mut params = self.model.take_params();
-        let stepped = self.optimizer.step(&mut params, &self.grads);
+        let stepped = self
+            .optimizer
+            .step_fixed(&mut params, &self.grads, &self.grads_fixed);
         // Given back even when the step failed (then unchanged).
         self.model.set_params(params)?;
         stepped

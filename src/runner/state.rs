@@ -212,6 +212,7 @@ impl<M: Model> Runner<M> {
             ));
             self.grads.clear();
         }
+        self.clear_fixed_grads();
         self.extra_tensors = on_device(prefixed(&f, EXTRA)?, device)?
             .into_iter()
             .collect();

@@ -15,6 +15,7 @@ use serde_json::Value;
 pub mod detection_ties;
 pub mod dist_mlp;
 pub mod proposal_ties;
+pub mod runner_counters;
 
 /// `KESTREL_FIXTURES` (any set made by make_fixtures.py), else the slim set shipped
 /// in the repository, tests/fixtures (see its README).

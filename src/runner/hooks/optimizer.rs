@@ -22,6 +22,12 @@ pub struct GradClip {
 /// norm before clipping is logged as `grad_norm`. In data-parallel training the
 /// gradients are reduced across ranks only in the backward of the step's last
 /// micro-batch (DDP's `no_sync` for the others).
+///
+/// With a model that trains through graphs ([`Model::trains_through_graphs`],
+/// `runtime.graph`) the backward already ran in the step: [`Runner::backward`] takes
+/// its gradients, clipping works on them as on eager ones (reading their norms back,
+/// as eagerly), and accumulation (`cumulative_iters > 1`) is refused at the start of
+/// the run.
 #[derive(Clone, Debug)]
 pub struct OptimizerHook {
     /// Clipping, if any.
@@ -89,11 +95,22 @@ impl<M: Model> Hook<M> for OptimizerHook {
         Priority::ABOVE_NORMAL
     }
 
-    fn before_run(&mut self, _runner: &mut Runner<M>) -> Result<()> {
+    fn before_run(&mut self, runner: &mut Runner<M>) -> Result<()> {
         if self.cumulative_iters == 0 {
             return Err(Error::invalid(
                 "OptimizerHook",
                 "cumulative_iters must be positive",
+            ));
+        }
+        if self.cumulative_iters > 1 && runner.model.trains_through_graphs() {
+            return Err(Error::invalid(
+                "OptimizerHook",
+                format!(
+                    "cumulative_iters {} scales each step's loss before its backward, which \
+                     a graphed step (runtime.graph) cannot: set cumulative_iters = 1 or \
+                     graph = false",
+                    self.cumulative_iters
+                ),
             ));
         }
         if let Some(c) = self.grad_clip {
