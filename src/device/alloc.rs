@@ -10,10 +10,29 @@
 //! A training step after the first therefore allocates nothing from the driver.
 //!
 //! Size classes are four per power of two from 512 bytes up (512, 640, 768, 896,
-//! 1024, 1280, ...), so a block wastes less than a fifth of itself, and a request
-//! may take a cached block of up to twice its class: sizes that vary a little
-//! between steps (proposal and detection counts) still hit the cache. The pointer
-//! handed out is the *end* of the block (`block + class - round_up(bytes,
+//! 1024, 1280, ...), so a block wastes less than a fifth of itself. A request takes
+//! a cached block of its own class only: then each class counts its blocks on its
+//! own, and a step that repeats the requests of an earlier one (same classes, same
+//! order of allocations and frees) finds every block it needs, since the cache then
+//! holds at least the earlier step's most-in-use of every class. Had a request also
+//! taken a cached block of up to twice its class (as until 2026-12), a block added
+//! for one request could be taken by an earlier one in the next step, and the
+//! misses settled over several steps (Runner, fixture model: 242, 105, 5, 2 then 0
+//! driver blocks). A larger block (up to twice the class) still serves a request
+//! when the driver is out of memory (before the cache is emptied) and during a
+//! capture rather than a refused driver allocation. Sizes that vary between steps
+//! (detection counts) give each class met its own blocks.
+//!
+//! State that outlives the step that creates it (optimizer momentum and staging
+//! buffers, cached device tables and constants, the read-out buffers) is allocated
+//! under [`long_lived`], from a pool of its own: taken from the shared cache, it
+//! would hold blocks the first step's temporaries freed, and the second step would
+//! need new ones from the driver. Objects of one step held into the next (the
+//! previous step's gradients) have the same effect and are dropped at the step's
+//! end. `KESTREL_ALLOC_TRACE=1` prints each driver allocation (class, pool, the
+//! call sites in src/) to find what still misses.
+//!
+//! The pointer handed out is the *end* of the block (`block + class - round_up(bytes,
 //! alignment)`): on the emulated device, whose driver blocks end at a guard page, a
 //! kernel reading one element past its buffer still faults.
 //!
@@ -82,6 +101,27 @@ impl Drop for LongLived {
 
 fn is_long_lived() -> bool {
     LONG_LIVED.with(|d| d.get() > 0)
+}
+
+/// With `KESTREL_ALLOC_TRACE` set, print a driver allocation: its class, request,
+/// pool, and the first call sites outside the device and tensor layers.
+fn trace_miss(class: usize, bytes: usize, long: bool) {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    if !*ON.get_or_init(|| std::env::var_os("KESTREL_ALLOC_TRACE").is_some()) {
+        return;
+    }
+    let bt = std::backtrace::Backtrace::force_capture().to_string();
+    let sites: Vec<&str> = bt
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("at ./src/"))
+        .filter(|l| !l.starts_with("device/") && !l.starts_with("tensor/"))
+        .take(4)
+        .collect();
+    let pool = if long { "long-lived" } else { "shared" };
+    eprintln!(
+        "driver alloc: class {class} for {bytes} bytes ({pool}) at {}",
+        sites.join(" < ")
+    );
 }
 
 /// The size class of a request: the smallest of 512 * 2^k * {4,5,6,7}/4 that holds it.
@@ -355,16 +395,7 @@ impl GpuBackend for Managed {
                 self.refuse_in_capture(|| {
                     format!("a driver allocation of {bytes} bytes (cache miss)")
                 })?;
-                if std::env::var_os("KESTREL_ALLOC_TRACE").is_some() {
-                    let bt = std::backtrace::Backtrace::force_capture().to_string();
-                    let frames: Vec<&str> = bt
-                        .lines()
-                        .filter(|l| l.contains("kestrel::") && !l.contains("device::"))
-                        .map(|l| l.trim())
-                        .take(6)
-                        .collect();
-                    eprintln!("ALLOC-MISS class {class} bytes {bytes} long {long} | {}", frames.join(" < "));
-                }
+                trace_miss(class, bytes, long);
                 match self.driver.alloc(class) {
                     Ok(b) => {
                         self.count_driver_alloc(class);
