@@ -40,12 +40,22 @@ fn a_freed_block_is_reused_without_the_driver() {
     assert_eq!(delta.driver_allocs, 0, "{delta}");
     assert_eq!(delta.cached_allocs, 1, "{delta}");
     assert_eq!(again.ptr(), ptr, "the same block, at the same offset");
-    // A slightly smaller request of the same class takes the same block too.
+    // A slightly smaller request of the same class (3.5 MiB) takes the same block
+    // too.
     drop(again);
     let c = d.counters();
-    let smaller = d.alloc(size - 1000).unwrap();
+    let smaller = d.alloc(size - 8).unwrap();
     assert_eq!(c.delta().driver_allocs, 0, "{}", c.delta());
+    assert_eq!(smaller.ptr(), ptr);
     drop(smaller);
+    // A request of the class below (3 MiB) gets a block of its own class, not
+    // the cached larger one (src/device/alloc.rs: a request takes only its own
+    // class while the driver has memory).
+    let c = d.counters();
+    let below = d.alloc(size - 1000).unwrap();
+    assert_eq!(c.delta().driver_allocs, 1, "{}", c.delta());
+    assert_ne!(below.ptr(), ptr);
+    drop(below);
 }
 
 #[test]

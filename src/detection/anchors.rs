@@ -225,7 +225,10 @@ impl AnchorGenerator {
         }
         let flat: Vec<f32> = self.cells.iter().flatten().flatten().copied().collect();
         let count = flat.len() / 4;
-        let t = Tensor::from_vec(flat, [count, 4])?.to_device(device)?;
+        let t = {
+            let _long = crate::device::alloc::long_lived();
+            Tensor::from_vec(flat, [count, 4])?.to_device(device)?
+        };
         cache.insert(n, t.clone());
         Ok(t)
     }

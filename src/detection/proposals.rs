@@ -542,7 +542,10 @@ fn sizes_tensor(image_sizes: &[(usize, usize)], device: Device) -> Result<Tensor
     }
     // A miss during a capture fails in the upload (a host copy is refused there),
     // naming the op: run the region once eagerly first.
-    let t = upload()?;
+    let t = {
+        let _long = crate::device::alloc::long_lived();
+        upload()?
+    };
     if c.iter().filter(|e| !e.pinned).count() >= KEEP {
         if let Some(k) = c.iter().position(|e| !e.pinned) {
             c.remove(k);

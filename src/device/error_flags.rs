@@ -63,7 +63,10 @@ fn with_table<R>(dev: &GpuDevice, f: impl FnOnce(&mut Table) -> Result<R>) -> Re
     let mut tables = TABLES.lock().unwrap_or_else(|p| p.into_inner());
     if !tables.iter().any(|t| t.backend == key) {
         // Zeroed once; `check` clears the slots it reports.
-        let buf = dev.alloc_zeroed(4 * SLOTS)?;
+        let buf = {
+            let _long = super::alloc::long_lived();
+            dev.alloc_zeroed(4 * SLOTS)?
+        };
         tables.push(Table {
             backend: key,
             buf,

@@ -406,7 +406,10 @@ impl GpuDevice {
         if let Some((b, _)) = tables.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
             return Ok(b.clone());
         }
-        let b = self.backend.alloc(bytes.len())?;
+        let b = {
+            let _long = super::alloc::long_lived();
+            self.backend.alloc(bytes.len())?
+        };
         self.backend.copy_htod(bytes, &b)?;
         tables
             .lock()

@@ -74,7 +74,11 @@ impl FoldCache {
             | NormKind::Batch { eps, .. }
             | NormKind::SyncBatch { eps, .. } => eps,
         };
-        let (s, t) = ops::fold_frozen_bn(w, b, rm, rv, eps)?;
+        // Kept while the weights stay: not of the step that folds them.
+        let (s, t) = {
+            let _long = crate::device::alloc::long_lived();
+            ops::fold_frozen_bn(w, b, rm, rv, eps)?
+        };
         m.insert(norm.name.clone(), (ids, s.clone(), t.clone()));
         Ok((s, t))
     }

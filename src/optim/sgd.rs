@@ -193,6 +193,9 @@ impl Sgd {
                 ),
             ));
         }
+        // Everything this step allocates on a device (momentum and staging
+        // buffers, the pointer table, parameters made exclusive) outlives it.
+        let _long = crate::device::alloc::long_lived();
         // Check everything before writing anything, so an error leaves the
         // parameters and buffers as they were.
         let momentum = self.cfg.momentum != 0.0;
@@ -609,6 +612,18 @@ impl Sgd {
                 Some(b) if self.cfg.momentum != 0.0 => ptr(b)?,
                 _ => p_ptr,
             };
+            // Without dampening, a first step is a later step from a zero buffer
+            // (`momentum * 0 + d` is `d`): the new buffer is zeroed and the table
+            // says "later step", so the first step's table is every step's (one
+            // upload, in the warm-up step; see crate::device::alloc).
+            let first = if it.first && self.cfg.dampening == 0.0 && buf_ptr != p_ptr {
+                if let Some(b) = &self.buffers[i] {
+                    dev.backend.memset(&b.gpu()?.buf, 0)?;
+                }
+                false
+            } else {
+                it.first
+            };
             table.extend([
                 p_ptr,
                 grad_ptr,
@@ -617,7 +632,7 @@ impl Sgd {
                 buf_ptr,
                 n as i64,
                 total as i64,
-                it.first as i64,
+                first as i64,
             ]);
             total += n;
         }
@@ -635,9 +650,10 @@ impl Sgd {
         let device_table = match cached {
             Some(k) => self.tables[k].2.clone(),
             None => {
+                // The old table first, so the new one can take its block.
+                self.tables.retain(|(o, _, _)| *o != dev.ordinal);
                 let t = Tensor::from_vec_i64(table.clone(), [rows * SGD_FIELDS])?
                     .to_device(params[first.index].device())?;
-                self.tables.retain(|(o, _, _)| *o != dev.ordinal);
                 self.tables.push((dev.ordinal, table, t.clone()));
                 t
             }

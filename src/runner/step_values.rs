@@ -164,6 +164,7 @@ impl StagedValues {
             matches!(&self.bufs, Some((d, _, _)) if d.ordinal == dev.ordinal) && need <= self.cap;
         if !fits {
             let cap = need.max(2 * self.cap).max(64);
+            let _long = crate::device::alloc::long_lived();
             let vals = dev.alloc(4 * cap)?;
             let out = dev.alloc(4 * (cap + error_flags::SLOTS + 1))?;
             if let Some((_, old, _)) = &self.bufs {

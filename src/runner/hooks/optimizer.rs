@@ -131,7 +131,12 @@ impl<M: Model> Hook<M> for OptimizerHook {
         if self.cumulative_iters == 1 {
             runner.zero_grad();
             runner.backward(1.0)?;
-            return self.clip_and_step(runner);
+            self.clip_and_step(runner)?;
+            // Dropped now, not at the next backward: gradients held through the
+            // next step's forward would raise its peak and make its blocks differ
+            // from the first step's (driver allocations after warm-up).
+            runner.zero_grad();
+            return Ok(());
         }
         let factor = self.loss_factor(runner.iter(), runner.max_iters());
         let step = runner.every_n_iters(self.cumulative_iters) || runner.is_last_iter();
