@@ -583,6 +583,74 @@ fn scatter_channels<T: Element, const B: usize>(
     }
 }
 
+/// Channels scattered together in the backward, accumulated channel-last (see
+/// [`scatter_channels_last`]).
+const SCATTER_BLOCK: usize = 8;
+
+/// [`scatter_roi`] into a channel-last scratch `acc[pixel][j]`: a tap's `B` channels
+/// are one contiguous run (one vector operation), instead of `B` scalar
+/// read-modify-writes in `B` planes. Every element gets the same additions in the
+/// same order (RoIs, bins, samples, taps), so the same bits.
+fn scatter_roi_last<T: Element, const B: usize>(
+    acc: &mut [[T; B]],
+    plan: &RoiPlan<T>,
+    gy_rows: [&[T]; B],
+    (bins, pw): (usize, usize),
+    avg: impl Fn(T) -> T,
+) {
+    for b in 0..bins {
+        let g: [T; B] = gy_rows.map(|row| row[b]);
+        let (ys, xs) = bin_samples(plan, b, pw);
+        for y in ys.iter().filter(|y| y.ok) {
+            let (ylo, yhi) = (y.lo as usize, y.hi as usize);
+            for x in xs.iter().filter(|x| x.ok) {
+                let w = [y.h * x.h, y.h * x.l, y.l * x.h, y.l * x.l];
+                let taps = [
+                    ylo + x.lo as usize,
+                    ylo + x.hi as usize,
+                    yhi + x.lo as usize,
+                    yhi + x.hi as usize,
+                ];
+                for (&i, &w) in taps.iter().zip(&w) {
+                    let a = &mut acc[i];
+                    for (a, &g) in a.iter_mut().zip(&g) {
+                        *a += avg(g * w);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// [`scatter_channels`] through a channel-last scratch of the block's `B` planes,
+/// written into the (zero) planes at the end: the same values as scattering into
+/// the planes directly (each element's sum starts from zero in both).
+fn scatter_channels_last<T: Element, const B: usize>(
+    planes: &mut [&mut [T]; B],
+    plans: &[&RoiPlan<T>],
+    gy: &[T],
+    c: usize,
+    c0: usize,
+    bins: usize,
+    pw: usize,
+) {
+    let hw = planes[0].len();
+    let mut acc = vec![[T::zero(); B]; hw];
+    for plan in plans {
+        let rows: [&[T]; B] =
+            std::array::from_fn(|j| &gy[(plan.row * c + c0 + j) * bins..][..bins]);
+        match plan.inv_count {
+            Some(r) => scatter_roi_last(&mut acc, plan, rows, (bins, pw), |v| v * r),
+            None => scatter_roi_last(&mut acc, plan, rows, (bins, pw), |v| v / plan.count),
+        }
+    }
+    for (i, a) in acc.iter().enumerate() {
+        for (p, &v) in planes.iter_mut().zip(a) {
+            p[i] = v;
+        }
+    }
+}
+
 /// dL/d(level maps) from dL/dy `[K, C, ph, pw]`: one zero-initialised `[N, C, H, W]`
 /// buffer per level. One task per block of planes of one image, visiting that image's
 /// RoIs in row order: every plane has one writer and torchvision's summation order.
@@ -617,15 +685,15 @@ pub(crate) fn backward_levels<T: Element>(
             continue;
         }
         for (b, image) in g.chunks_mut(c * hw).enumerate() {
-            for (blk, chunk) in image.chunks_mut(CHANNEL_BLOCK * hw).enumerate() {
-                tasks.push((li, b, blk * CHANNEL_BLOCK, chunk.chunks_mut(hw).collect()));
+            for (blk, chunk) in image.chunks_mut(SCATTER_BLOCK * hw).enumerate() {
+                tasks.push((li, b, blk * SCATTER_BLOCK, chunk.chunks_mut(hw).collect()));
             }
         }
     }
     tasks.into_par_iter().for_each(|(li, b, c0, planes)| {
         let plans = &by_image[li][b];
-        match <[&mut [T]; CHANNEL_BLOCK]>::try_from(planes) {
-            Ok(mut block) => scatter_channels(&mut block, plans, gy, c, c0, bins, pw),
+        match <[&mut [T]; SCATTER_BLOCK]>::try_from(planes) {
+            Ok(mut block) => scatter_channels_last(&mut block, plans, gy, c, c0, bins, pw),
             Err(rest) => {
                 for (j, plane) in rest.into_iter().enumerate() {
                     scatter_channels(&mut [plane], plans, gy, c, c0 + j, bins, pw);
