@@ -420,9 +420,10 @@ fn plan_all<T: Element>(
     Ok(plans.into_iter().flatten().collect())
 }
 
-/// Channels pooled or scattered together: a sample's weights and offsets are
+/// Channels pooled together in the forward: a sample's weights and offsets are
 /// computed once for the block, and the block's planes (4 x 243 KB for an
-/// 800x1216 image's P2) stay in the 1-2 MB of L2 cache per core.
+/// 800x1216 image's P2) stay in the 1-2 MB of L2 cache per core. (The backward
+/// scatters [`SCATTER_BLOCK`] channels at a time, channel-last.)
 const CHANNEL_BLOCK: usize = 4;
 
 /// The bin and sample tables of bin `b` (row-major in `[ph, pw]`) of `plan`.
