@@ -14,13 +14,7 @@ use kestrel::optim::{Sgd, SgdConfig};
 use kestrel::rng::Rng;
 use kestrel::{Device, Tensor};
 
-fn bits(t: &Tensor) -> Vec<u32> {
-    t.to_vec::<f32>()
-        .unwrap()
-        .iter()
-        .map(|v| v.to_bits())
-        .collect()
-}
+use common::bits;
 
 /// Many RoIs over one small map: every feature pixel receives contributions from
 /// many RoIs and bins.

@@ -23,13 +23,7 @@ fn vec_on(v: Vec<f32>, device: Device) -> Tensor {
     Tensor::from_vec(v, [n]).unwrap().to_device(device).unwrap()
 }
 
-fn bits(t: &Tensor) -> Vec<u32> {
-    t.to_vec::<f32>()
-        .unwrap()
-        .iter()
-        .map(|v| v.to_bits())
-        .collect()
-}
+use common::bits;
 
 /// relu(x) * 2 + x through three kernels, allocating its intermediates.
 fn small_region(x: &Tensor) -> kestrel::Result<Tensor> {

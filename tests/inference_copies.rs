@@ -39,20 +39,6 @@ fn fixture_images() -> Vec<Image> {
     common::fixture_pixels()
 }
 
-/// The fixture batch with every pixel moved by up to +-20 (same sizes).
-fn perturbed(a: &[Image], seed: u64) -> Vec<Image> {
-    let mut rng = Rng::new(seed);
-    a.iter()
-        .map(|(d, h, w)| {
-            let d = d
-                .iter()
-                .map(|&v| v.saturating_add(rng.below(40) as u8).saturating_sub(20))
-                .collect();
-            (d, *h, *w)
-        })
-        .collect()
-}
-
 fn views(imgs: &[Image]) -> Vec<ImageU8<'_>> {
     common::u8_views(imgs)
 }
@@ -125,7 +111,7 @@ fn check_graph(device: Device) {
     let _l = LOCK.lock().unwrap_or_else(|p| p.into_inner());
     let m = common::fixture_model(device);
     let a = fixture_images();
-    let b = perturbed(&a, 5);
+    let b = common::perturbed_pixels(&a, 5);
     let want_a = m.detect_u8(&views(&a)).unwrap();
     let want_b = m.detect_u8(&views(&b)).unwrap();
     assert_ne!(

@@ -920,11 +920,12 @@ fn multiscale_cpu_time() {
     });
 }
 
-/// The CPU backward scatters blocks of channels through a channel-last scratch
-/// (one vector operation per tap); a channel alone takes the per-plane path, which
-/// the fixtures show bit-exact with torchvision. With 19 channels (two blocks and a
-/// remainder) every channel's gradient equals that channel's alone bit for bit, and
-/// the direct f64 transcription within tolerance.
+/// The CPU backward scatters blocks of 8 channels through a channel-last scratch
+/// (one vector operation per tap); a channel alone (and each channel of the
+/// fixtures' 5) goes one at a time, which the fixtures show bit-exact with
+/// torchvision. With 19 channels (two blocks and a remainder) every channel's
+/// gradient equals that channel's alone bit for bit, and the direct f64
+/// transcription within tolerance.
 #[test]
 fn roi_align_backward_channel_blocks_equal_single_channels_bit_for_bit() {
     let mut rng = Rng::new(23);

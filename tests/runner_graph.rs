@@ -13,7 +13,7 @@ mod common;
 use common::runner_counters as rc;
 use kestrel::app::model::{DetBatch, DetectorModel};
 use kestrel::runner::{hooks, Hook, Mode, Model, Runner, Schedule};
-use kestrel::{Device, Tensor};
+use kestrel::Device;
 
 /// The emulated tests of this file run one at a time: they count the device's
 /// allocations, and a run beside them would take the blocks their cache holds.
@@ -77,13 +77,7 @@ fn weight_bits(r: &Runner<DetectorModel>) -> Vec<(String, Vec<u32>)> {
         .collect()
 }
 
-fn bits(t: &Tensor) -> Vec<u32> {
-    t.to_vec::<f32>()
-        .unwrap()
-        .iter()
-        .map(|v| v.to_bits())
-        .collect()
-}
+use common::bits;
 
 fn assert_same_weights(what: &str, got: &[(String, Vec<u32>)], want: &[(String, Vec<u32>)]) {
     assert_eq!(got.len(), want.len(), "{what}: parameter count");

@@ -9,38 +9,15 @@
 
 mod common;
 
+use common::runner_counters as rc;
+
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
 
 use kestrel::app::model::{DetBatch, DetectorModel};
-use kestrel::device::gpu::{CounterScope, Counters};
+use kestrel::device::gpu::Counters;
 use kestrel::optim::{Sgd, SgdConfig};
-use kestrel::runner::{hooks, DataLoader, Hook, Mode, Model, Priority, Runner, Schedule};
+use kestrel::runner::{hooks, Hook, Mode, Model, Priority, Runner, Schedule};
 use kestrel::{Device, Tensor};
-
-/// The fixture batch, `len` times per epoch.
-struct Repeat {
-    batch: DetBatch,
-    len: usize,
-    at: usize,
-}
-
-impl DataLoader for Repeat {
-    type Batch = DetBatch;
-    fn len(&self) -> usize {
-        self.len
-    }
-    fn start(&mut self, _epoch: u64, position: usize) -> kestrel::Result<()> {
-        self.at = position;
-        Ok(())
-    }
-    fn next_batch(&mut self) -> Option<kestrel::Result<DetBatch>> {
-        (self.at < self.len).then(|| {
-            self.at += 1;
-            Ok(self.batch.clone())
-        })
-    }
-}
 
 /// The emulated tests of this file run one at a time: the device's caching
 /// allocator is shared by every thread of the process, so a test running beside
@@ -48,17 +25,10 @@ impl DataLoader for Repeat {
 /// hits (asserted: 0 driver allocations) into misses.
 static EMULATED: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
+/// u8 pixels on the host, as the loader gives them; the model uploads them to its
+/// device in one copy.
 fn batch() -> DetBatch {
-    // u8 pixels on the host, as the loader gives them; the model uploads them to its
-    // device in one copy.
-    let (pixels, targets) = common::fixture_training_pixels();
-    let n = pixels.len();
-    DetBatch {
-        images: Vec::new(),
-        pixels,
-        targets,
-        image_ids: (0..n as i64).collect(),
-    }
+    rc::fixture_batch()
 }
 
 /// The same batch as f32 host tensors (the path for batches built from tensors).
@@ -70,51 +40,6 @@ fn batch_f32() -> DetBatch {
         pixels: Vec::new(),
         targets,
         image_ids: (0..n as i64).collect(),
-    }
-}
-
-type Log = Arc<Mutex<Vec<Iteration>>>;
-
-/// What one training iteration did.
-#[derive(Clone, Debug)]
-struct Iteration {
-    counters: Counters,
-    /// `runner.outputs.log_vars` after all hooks (empty when nothing was read).
-    log_vars: Vec<(String, f64)>,
-}
-
-/// Opens a counter scope before every other hook of an iteration...
-struct Open {
-    device: Device,
-    scope: Arc<Mutex<Option<CounterScope>>>,
-}
-
-impl<M: Model> Hook<M> for Open {
-    fn before_train_iter(&mut self, _r: &mut Runner<M>) -> kestrel::Result<()> {
-        *self.scope.lock().unwrap() = Some(self.device.counters());
-        Ok(())
-    }
-}
-
-/// ...and reads it after every other hook.
-struct Close {
-    scope: Arc<Mutex<Option<CounterScope>>>,
-    log: Log,
-}
-
-impl<M: Model> Hook<M> for Close {
-    fn after_train_iter(&mut self, r: &mut Runner<M>) -> kestrel::Result<()> {
-        let counters = self.scope.lock().unwrap().take().unwrap().delta();
-        let log_vars = r
-            .outputs
-            .as_ref()
-            .map(|o| o.log_vars.clone())
-            .unwrap_or_default();
-        self.log
-            .lock()
-            .unwrap()
-            .push(Iteration { counters, log_vars });
-        Ok(())
     }
 }
 
@@ -146,15 +71,6 @@ impl<M: Model> Hook<M> for PlantNan {
     }
 }
 
-fn tmp_dir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!(
-        "kestrel_runner_readout_{name}_{}",
-        std::process::id()
-    ));
-    let _ = std::fs::remove_dir_all(&d);
-    d
-}
-
 /// A runner over the fixture model on `device`: SGD, a logger every `log` iterations
 /// (no progress bar), the counting hooks, and whatever `extra` adds.
 fn runner(
@@ -163,7 +79,7 @@ fn runner(
     iters: usize,
     log: usize,
     extra: impl FnOnce(&mut Runner<DetectorModel>),
-) -> (Runner<DetectorModel>, Log) {
+) -> (Runner<DetectorModel>, rc::IterationLog) {
     let model = DetectorModel::new(common::fixture_model(device), device);
     let sgd = Sgd::new(SgdConfig {
         lr: 1e-3,
@@ -174,37 +90,14 @@ fn runner(
     .unwrap();
     let mut r = Runner::new(model, Box::new(sgd), dir, Schedule::Iters(iters), 0);
     r.log.quiet = true;
-    r.set_train_loader(Box::new(Repeat {
-        batch: batch(),
-        len: iters,
-        at: 0,
-    }));
+    r.set_train_loader(Box::new(rc::Cycle::new(vec![batch()], iters)));
     let mut logger = hooks::LoggerHook::new(log);
     logger.progress_bar = false;
     r.register_hook(hooks::OptimizerHook::new());
     r.register_hook(logger);
-    let scope = Arc::new(Mutex::new(None));
-    let out: Log = Arc::new(Mutex::new(Vec::new()));
-    r.register_hook_with_priority(
-        Open {
-            device,
-            scope: scope.clone(),
-        },
-        Priority::HIGHEST,
-    );
-    r.register_hook_with_priority(
-        Close {
-            scope,
-            log: out.clone(),
-        },
-        Priority::LOWEST,
-    );
+    let out = rc::count_iterations(&mut r, device, false);
     extra(&mut r);
     (r, out)
-}
-
-fn take(log: &Log) -> Vec<Iteration> {
-    std::mem::take(&mut *log.lock().unwrap())
 }
 
 /// The JSON log's lines: (iter, loss averages by name). Every line is a training
@@ -231,11 +124,11 @@ fn a_runner_reads_the_losses_back_once_per_logging_iteration_emulated() {
     const ITERS: usize = 4;
     const LOG: usize = 2;
     let device = common::emulated();
-    let dir = tmp_dir("emu");
+    let dir = rc::tmp_dir("emu");
     let (mut r, log) = runner(device, &dir, ITERS, LOG, |_| {});
     r.run(&[(Mode::Train, 1)]).unwrap();
     drop(r);
-    let emu = take(&log);
+    let emu = rc::take(&log);
     assert_eq!(emu.len(), ITERS);
     for (i, it) in emu.iter().enumerate() {
         eprintln!(
@@ -268,13 +161,13 @@ fn a_runner_reads_the_losses_back_once_per_logging_iteration_emulated() {
     // The same run reading every iteration (log interval 1, the eager behaviour),
     // over the first logging interval: the deferred read-out gives the same values
     // bit for bit, and the log's interval average is the same.
-    let edir = tmp_dir("eager");
+    let edir = rc::tmp_dir("eager");
     let (mut e, elog) = runner(device, &edir, LOG, LOG, |r| {
         r.register_hook_with_priority(ReadEvery, Priority::HIGHEST);
     });
     e.run(&[(Mode::Train, 1)]).unwrap();
     drop(e);
-    let eager = take(&elog);
+    let eager = rc::take(&elog);
     for (i, it) in eager.iter().enumerate().skip(1) {
         assert_eq!(
             it.counters.dtoh,
@@ -319,7 +212,7 @@ impl<M: Model> Hook<M> for ReadEvery {
 fn a_planted_nan_is_caught_at_the_next_logging_iteration_and_never_checkpointed_emulated() {
     let _serial = EMULATED.lock().unwrap_or_else(|p| p.into_inner());
     let device = common::emulated();
-    let dir = tmp_dir("nan");
+    let dir = rc::tmp_dir("nan");
     // Log and checkpoint every 2 iterations; NaN planted before iteration 3, a
     // non-logging one: its update is applied before anything is read.
     let (mut r, log) = runner(device, &dir, 4, 2, |r| {
@@ -333,7 +226,7 @@ fn a_planted_nan_is_caught_at_the_next_logging_iteration_and_never_checkpointed_
     assert!(err.contains("caught at iteration 4"), "{err}");
     assert!(err.contains("iterations 3..=4"), "{err}");
     assert!(err.contains("no checkpoint is saved"), "{err}");
-    let its = take(&log);
+    let its = rc::take(&log);
     // Iteration 4's hooks stopped at the guard: three complete iterations.
     assert_eq!(its.len(), 3);
     assert_eq!(its[2].counters.dtoh, 0, "iteration 3 read nothing");
@@ -354,7 +247,7 @@ fn a_planted_nan_is_caught_at_the_next_logging_iteration_and_never_checkpointed_
 fn the_checkpoint_hook_refuses_a_state_after_a_nan_without_a_guard() {
     // On the CPU the values are read every iteration; without a NaN guard the run
     // goes on, and the checkpoint hook's forced read-out refuses to save.
-    let dir = tmp_dir("nan_noguard");
+    let dir = rc::tmp_dir("nan_noguard");
     let (mut r, _log) = runner(Device::Cpu, &dir, 2, 1, |r| {
         r.register_hook(hooks::CheckpointHook::new(2, false));
         r.register_hook(PlantNan { at: 1 });
@@ -408,11 +301,11 @@ fn steady(n: usize, log: usize, c: Counters) {
 fn check_steady_state(iters: usize, log: usize) {
     let _serial = EMULATED.lock().unwrap_or_else(|p| p.into_inner());
     let device = common::emulated();
-    let dir = tmp_dir(&format!("uploads_{iters}_{log}"));
+    let dir = rc::tmp_dir(&format!("uploads_{iters}_{log}"));
     let (mut r, out) = runner(device, &dir, iters, log, |_| {});
     r.run(&[(Mode::Train, 1)]).unwrap();
     drop(r);
-    let its = take(&out);
+    let its = rc::take(&out);
     assert_eq!(its.len(), iters);
     for (i, it) in its.iter().enumerate() {
         eprintln!("iteration {} (log every {log}): {}", i + 1, it.counters);

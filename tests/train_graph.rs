@@ -100,13 +100,7 @@ fn graphed_step(
     step
 }
 
-fn bits(t: &Tensor) -> Vec<u32> {
-    t.to_vec::<f32>()
-        .unwrap()
-        .iter()
-        .map(|v| v.to_bits())
-        .collect()
-}
+use common::bits;
 
 fn assert_bits(what: &str, got: &Tensor, w: &[u32]) {
     let g = bits(got);

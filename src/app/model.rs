@@ -30,6 +30,18 @@ pub struct DetBatch {
 }
 
 impl DetBatch {
+    /// [`DetBatch::pixels`] as 8-bit image views (what [`upload_u8`] takes).
+    pub fn u8_views(&self) -> Vec<ImageU8<'_>> {
+        self.pixels
+            .iter()
+            .map(|(data, height, width)| ImageU8 {
+                data,
+                height: *height,
+                width: *width,
+            })
+            .collect()
+    }
+
     /// A batch from loader samples.
     pub fn from_samples(samples: &[Sample]) -> Result<DetBatch> {
         Ok(DetBatch {
@@ -165,15 +177,7 @@ impl DetectorModel {
             let images = self.images_on_device(batch)?;
             return self.model.losses(ctx, &images, &batch.targets, rng);
         }
-        let images: Vec<ImageU8> = batch
-            .pixels
-            .iter()
-            .map(|(data, height, width)| ImageU8 {
-                data,
-                height: *height,
-                width: *width,
-            })
-            .collect();
+        let images = batch.u8_views();
         let up = upload_u8(&images, &self.model.config.transform, self.device)?;
         self.model.losses_uploaded(ctx, &up, &batch.targets, rng)
     }
@@ -290,15 +294,7 @@ impl runner::Model for DetectorModel {
             }
             return Ok(None);
         }
-        let images: Vec<ImageU8> = batch
-            .pixels
-            .iter()
-            .map(|(data, height, width)| ImageU8 {
-                data,
-                height: *height,
-                width: *width,
-            })
-            .collect();
+        let images = batch.u8_views();
         let sizes: Vec<(usize, usize)> = images.iter().map(|i| (i.height, i.width)).collect();
         if cache
             .trainers

@@ -482,13 +482,7 @@ impl FasterRcnn {
     /// ([`INFERENCE_STAGES`]) as it ends, so a profiler can time the real pass (it
     /// may synchronise the device inside the callback).
     pub fn detect_staged(&self, images: &[Tensor], on_stage: StageFn) -> Result<InferenceTrace> {
-        let il = transform(images, &self.config.transform)?;
-        on_stage("transform")?;
-        let orig: Vec<(usize, usize)> = images
-            .iter()
-            .map(|im| (im.dims()[1], im.dims()[2]))
-            .collect();
-        self.infer(il, &orig, true, on_stage)
+        self.transform_and_infer(images, true, on_stage)
     }
 
     /// [`FasterRcnn::detect`] calling `on_stage` as each stage ([`INFERENCE_STAGES`])
@@ -496,13 +490,25 @@ impl FasterRcnn {
     /// detections come back in one copy and nothing is cut from the padded
     /// proposals afterwards, unlike [`FasterRcnn::detect_staged`]'s trace).
     pub fn detect_timed(&self, images: &[Tensor], on_stage: StageFn) -> Result<Vec<Detections>> {
+        Ok(self
+            .transform_and_infer(images, false, on_stage)?
+            .detections)
+    }
+
+    /// The transform of `images` (a stage), then [`FasterRcnn::infer`].
+    fn transform_and_infer(
+        &self,
+        images: &[Tensor],
+        keep_proposals: bool,
+        on_stage: StageFn,
+    ) -> Result<InferenceTrace> {
         let il = transform(images, &self.config.transform)?;
         on_stage("transform")?;
         let orig: Vec<(usize, usize)> = images
             .iter()
             .map(|im| (im.dims()[1], im.dims()[2]))
             .collect();
-        Ok(self.infer(il, &orig, false, on_stage)?.detections)
+        self.infer(il, &orig, keep_proposals, on_stage)
     }
 
     /// Inference from the transformed batch `il` (of images `orig` pixels before

@@ -6,7 +6,8 @@ use super::box_coder::BoxCoder;
 use super::matcher::Matcher;
 use super::proposals::{select_proposals, ProposalParams, Selected};
 use super::targets::{
-    match_labels, rpn_targets, sample, Candidates, LabelMode, PackedTargets, SampleSpec, STAGE_RPN,
+    match_labels, rpn_targets, sample, Candidates, LabelMode, Matched, PackedTargets, SampleSpec,
+    STAGE_RPN,
 };
 use super::Target;
 use crate::device::Device;
@@ -420,6 +421,25 @@ impl Rpn {
                 ),
             ));
         }
+        let (m, sel, counts) = self.match_and_sample(tg, anchors, a, seed)?;
+        let t = rpn_targets(tg, anchors, &sel, &m.matched, &counts)?;
+        let reg = self.coder.encode(&t.gt_boxes, &t.anchor_boxes)?;
+        let bce = ops::bce_with_logits(&obj, &t.objectness, Reduction::None)?;
+        let loss_obj = ops::sum(&ops::mul(&bce, &t.objectness_weight)?)?;
+        let l1 = ops::smooth_l1(&deltas, &reg, self.config.box_loss_beta, Reduction::None)?;
+        let loss_box = ops::sum(&ops::mul(&l1, &t.box_weight)?)?;
+        Ok((loss_obj, loss_box))
+    }
+
+    /// The `a` anchors matched to the targets (objectness labels) and the balanced
+    /// sample drawn from `seed`: (matches, selected indices, per-image counts).
+    fn match_and_sample(
+        &self,
+        tg: &PackedTargets,
+        anchors: &Tensor,
+        a: usize,
+        seed: u64,
+    ) -> Result<(Matched, Tensor, Tensor)> {
         let cands = Candidates {
             boxes: anchors,
             stride: 0,
@@ -429,13 +449,7 @@ impl Rpn {
         };
         let m = match_labels(tg, &cands, &self.matcher()?, LabelMode::Objectness)?;
         let (sel, counts) = sample(&m.labels, tg.images, self.sample_spec()?, seed, STAGE_RPN)?;
-        let t = rpn_targets(tg, anchors, &sel, &m.matched, &counts)?;
-        let reg = self.coder.encode(&t.gt_boxes, &t.anchor_boxes)?;
-        let bce = ops::bce_with_logits(&obj, &t.objectness, Reduction::None)?;
-        let loss_obj = ops::sum(&ops::mul(&bce, &t.objectness_weight)?)?;
-        let l1 = ops::smooth_l1(&deltas, &reg, self.config.box_loss_beta, Reduction::None)?;
-        let loss_box = ops::sum(&ops::mul(&l1, &t.box_weight)?)?;
-        Ok((loss_obj, loss_box))
+        Ok((m, sel, counts))
     }
 
     /// The RPN's matcher (low-quality matches allowed).
@@ -503,15 +517,7 @@ impl Rpn {
                 format!("head maps of {levels:?} (anchors, h w) for {a} anchors"),
             ));
         }
-        let cands = Candidates {
-            boxes: anchors,
-            stride: 0,
-            counts: None,
-            slots: a,
-            append_gt: false,
-        };
-        let m = match_labels(tg, &cands, &self.matcher()?, LabelMode::Objectness)?;
-        let (sel, counts) = sample(&m.labels, n, self.sample_spec()?, seed, STAGE_RPN)?;
+        let (m, sel, counts) = self.match_and_sample(tg, anchors, a, seed)?;
         let (s, matched) = (sel.cpu_i64()?, m.matched.cpu_i64()?);
         let total: i64 = counts.cpu_i64()?.iter().sum();
         let w = if total > 0 { 1.0 / total as f32 } else { 0.0 };

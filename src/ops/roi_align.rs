@@ -533,65 +533,16 @@ pub(crate) fn forward_levels<T: Element>(
     y
 }
 
-/// Scatter dL/dy of one RoI into `B` planes (channels `c0..c0 + B`) exactly as
-/// torchvision's backward does: per plane, `g * w / count` for taps 1..4 of each sample
-/// in bin order (`avg` is the division by `count`).
-fn scatter_roi<T: Element, const B: usize>(
-    planes: &mut [&mut [T]; B],
-    plan: &RoiPlan<T>,
-    gy_rows: [&[T]; B],
-    (bins, pw): (usize, usize),
-    avg: impl Fn(T) -> T,
-) {
-    for b in 0..bins {
-        let g: [T; B] = gy_rows.map(|row| row[b]);
-        let (ys, xs) = bin_samples(plan, b, pw);
-        for y in ys.iter().filter(|y| y.ok) {
-            let (ylo, yhi) = (y.lo as usize, y.hi as usize);
-            for x in xs.iter().filter(|x| x.ok) {
-                let (w1, w2, w3, w4) = (y.h * x.h, y.h * x.l, y.l * x.h, y.l * x.l);
-                let (i1, i2) = (ylo + x.lo as usize, ylo + x.hi as usize);
-                let (i3, i4) = (yhi + x.lo as usize, yhi + x.hi as usize);
-                for (p, &g) in planes.iter_mut().zip(&g) {
-                    p[i1] += avg(g * w1);
-                    p[i2] += avg(g * w2);
-                    p[i3] += avg(g * w3);
-                    p[i4] += avg(g * w4);
-                }
-            }
-        }
-    }
-}
-
-/// Scatter channels `c0..c0 + B` of every RoI in `plans` (one image, row order).
-fn scatter_channels<T: Element, const B: usize>(
-    planes: &mut [&mut [T]; B],
-    plans: &[&RoiPlan<T>],
-    gy: &[T],
-    c: usize,
-    c0: usize,
-    bins: usize,
-    pw: usize,
-) {
-    for plan in plans {
-        let rows: [&[T]; B] =
-            std::array::from_fn(|j| &gy[(plan.row * c + c0 + j) * bins..][..bins]);
-        match plan.inv_count {
-            // Scaling by a power of two is exact: the same result as the division.
-            Some(r) => scatter_roi(planes, plan, rows, (bins, pw), |v| v * r),
-            None => scatter_roi(planes, plan, rows, (bins, pw), |v| v / plan.count),
-        }
-    }
-}
-
 /// Channels scattered together in the backward, accumulated channel-last (see
 /// [`scatter_channels_last`]).
 const SCATTER_BLOCK: usize = 8;
 
-/// [`scatter_roi`] into a channel-last scratch `acc[pixel][j]`: a tap's `B` channels
-/// are one contiguous run (one vector operation), instead of `B` scalar
-/// read-modify-writes in `B` planes. Every element gets the same additions in the
-/// same order (RoIs, bins, samples, taps), so the same bits.
+/// Scatter dL/dy of one RoI (channels `c0..c0 + B`, `gy_rows`) as torchvision's
+/// backward does: per element, `g * w / count` for taps 1..4 of each sample in bin
+/// order (`avg` is the division by `count`), into a channel-last scratch
+/// `acc[pixel][j]`: a tap's `B` channels are one contiguous run (one vector
+/// operation) instead of `B` scalar read-modify-writes in `B` planes. Each element
+/// gets the same additions in the same order (RoIs, bins, samples, taps) for any `B`.
 fn scatter_roi_last<T: Element, const B: usize>(
     acc: &mut [[T; B]],
     plan: &RoiPlan<T>,
@@ -623,9 +574,9 @@ fn scatter_roi_last<T: Element, const B: usize>(
     }
 }
 
-/// [`scatter_channels`] through a channel-last scratch of the block's `B` planes,
-/// written into the (zero) planes at the end: the same values as scattering into
-/// the planes directly (each element's sum starts from zero in both).
+/// Scatter channels `c0..c0 + B` of every RoI in `plans` (one image, row order)
+/// through a channel-last scratch, written into the block's (zero) planes at the
+/// end.
 fn scatter_channels_last<T: Element, const B: usize>(
     planes: &mut [&mut [T]; B],
     plans: &[&RoiPlan<T>],
@@ -697,7 +648,7 @@ pub(crate) fn backward_levels<T: Element>(
             Ok(mut block) => scatter_channels_last(&mut block, plans, gy, c, c0, bins, pw),
             Err(rest) => {
                 for (j, plane) in rest.into_iter().enumerate() {
-                    scatter_channels(&mut [plane], plans, gy, c, c0 + j, bins, pw);
+                    scatter_channels_last(&mut [plane], plans, gy, c, c0 + j, bins, pw);
                 }
             }
         }

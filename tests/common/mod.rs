@@ -581,3 +581,12 @@ pub fn cpu_seconds() -> f64 {
     assert_eq!(rc, 0, "clock_gettime(CLOCK_PROCESS_CPUTIME_ID)");
     ts.sec as f64 + ts.nsec as f64 * 1e-9
 }
+
+/// The f32 elements of `t` as bit patterns (for bit-for-bit comparisons).
+pub fn bits(t: &kestrel::Tensor) -> Vec<u32> {
+    t.to_vec::<f32>()
+        .unwrap()
+        .iter()
+        .map(|v| v.to_bits())
+        .collect()
+}
