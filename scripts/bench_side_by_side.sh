@@ -80,7 +80,7 @@ if [ -n "$OPS" ]; then
         --json "$OUT/torchvision_ops.json" | tee "$OUT/torchvision_ops.txt"
     if [ "$DEVICE" = cpu ]; then
         echo "== kestrel ops: conv vs square GEMM per layer shape, SGD step (load $(cut -d' ' -f1-3 /proc/loadavg))"
-        ./target/release/kestrel bench --device cpu --no-infer --ops --iters "$ITERS" | tee "$OUT/kestrel_ops.txt"
+        ./target/release/kestrel bench --device cpu --no-infer --ops $TRAIN --iters "$ITERS" | tee "$OUT/kestrel_ops.txt"
     fi
 fi
 echo "== ratios (torchvision ms / kestrel ms per pair; > 1: kestrel faster), load now $(cut -d' ' -f1-3 /proc/loadavg)"

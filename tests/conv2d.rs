@@ -297,6 +297,22 @@ fn conv2d_cpu_large_shapes_match_direct_reference() {
         Conv2dParams::new(2, 1, 1),
         62,
     );
+    // 3x3 stride 1 over enough 2x2 tiles that the CPU takes Winograd's F(2x2, 3x3)
+    // (forward, and dL/dx as a 3x3 convolution of dL/dy): odd output width, and
+    // padding 0, 1 and 2 (unequal per axis).
+    for (i, pad) in [(1, 1), (0, 2), (2, 1)].into_iter().enumerate() {
+        compare_with_direct(
+            Device::Cpu,
+            &[2, 24, 40, 37],
+            &[20, 24, 3, 3],
+            Conv2dParams {
+                stride: (1, 1),
+                padding: pad,
+                dilation: (1, 1),
+            },
+            70 + i as u64,
+        );
+    }
     // A stem-like dL/dw (K = 147 far below the 2 x 2250 columns): the reduction cut
     // into partial sums over several column chunks and both images.
     compare_with_direct(

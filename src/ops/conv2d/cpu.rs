@@ -190,7 +190,7 @@ pub(crate) struct TileEpilogue<'a, T> {
 }
 
 impl<T: Element> TileEpilogue<'_, T> {
-    fn is_identity(&self) -> bool {
+    pub(super) fn is_identity(&self) -> bool {
         self.scale.is_none() && self.shift.is_none() && self.residual.is_none() && !self.relu
     }
 
@@ -223,6 +223,9 @@ impl<T: Element> TileEpilogue<'_, T> {
 /// each task applies the epilogue to its own output tile right after its GEMM.
 /// The output buffer comes from the host pool and is written, never zero-filled.
 pub(crate) fn forward<T: Element>(x: &[T], w: &[T], ep: &TileEpilogue<'_, T>, g: &Geom) -> Vec<T> {
+    if super::winograd::enabled() && super::winograd::pays(g) {
+        return super::winograd::forward(x, w, ep, g);
+    }
     let (k, ohw, chw) = (g.k(), g.ohw(), g.cin * g.hw());
     let mut y = pool::take::<T>(g.n * g.cout * ohw);
     let cols = cols_per_task(k, ohw, g.n);
@@ -315,6 +318,9 @@ pub(crate) fn forward_pointwise_head<T: Element>(
     head: &PointwiseHead<'_, T>,
     g: &Geom,
 ) -> Vec<Vec<T>> {
+    if super::winograd::enabled() && super::winograd::pays(g) {
+        return super::winograd::forward_pointwise_head(x, w, ep, head, g);
+    }
     let (k, ohw, chw) = (g.k(), g.ohw(), g.cin * g.hw());
     let c2: usize = head.splits.iter().sum();
     let mut outs: Vec<Vec<T>> = head

@@ -27,6 +27,7 @@ use super::linear::gpu_bias_grad;
 
 mod cpu;
 mod cuda;
+mod winograd;
 
 /// Stride, padding and dilation of a convolution as (vertical, horizontal), in
 /// pixels. Padding is zero padding on both sides.
