@@ -536,6 +536,9 @@ fn grad_input_col2im<T: Element>(gy: &[T], w: &[T], g: &Geom) -> Vec<T> {
 /// Either way every element is summed in the same order whatever the thread
 /// scheduling.
 pub(super) fn grad_weight<T: Element>(x: &[T], gy: &[T], g: &Geom) -> Vec<T> {
+    if super::winograd::enabled() && super::winograd::pays(g) {
+        return super::winograd::grad_weight(x, gy, g);
+    }
     let (k, ohw, chw) = (g.k(), g.ohw(), g.cin * g.hw());
     let mut gw = pool::take::<T>(g.cout * k);
     if gw.is_empty() {

@@ -149,33 +149,24 @@ fn rows_of<T>(buf: &mut [T], len: usize) -> std::slice::ChunksExactMut<'_, T> {
     buf.chunks_exact_mut(len)
 }
 
-/// One task's work: tile rows `[ti0, ti1)` of image `xi: [Cin, H, W]`, written as
-/// output rows `[2 ti0, min(2 ti1, OH))` of every channel to `dst`, channel `co`'s
-/// first row at `dst + co * dst_cs` (rows `OW` apart). No epilogue.
-///
-/// # Safety
-/// `dst` must be valid for those writes and no other thread may touch them.
-unsafe fn band<T: Element>(
+/// The input transform of tile rows `[ti0, ti1)` of image `xi`: `v: [16][Cin][ntp]`
+/// gets `V[a * 4 + k][ci][t] = (Bᵀ d B)[a][k]` of tile `t`'s 4x4 patch `d`, its
+/// padding columns `[nt, ntp)` zeroed. `prows` (4 x 2 (tw + 1)) and `eo`
+/// (8 x (tw + 1)) are scratch.
+fn input_transform<T: Element>(
     xi: &[T],
-    u: &[T],
     g: &Geom,
     (ti0, ti1): (usize, usize),
-    scratch: &mut [T],
-    dst: *mut T,
-    dst_cs: usize,
+    ntp: usize,
+    v: &mut [T],
+    prows: &mut [T],
+    eo: &mut [T],
 ) {
     let tw = g.ow.div_ceil(2);
     let nt = (ti1 - ti0) * tw;
-    let ntp = nt.next_multiple_of(LANES);
-    let (v, rest) = scratch.split_at_mut(XI * g.cin * ntp);
-    let (m, rest) = rest.split_at_mut(XI * g.cout * ntp);
-    let (prows, rest) = rest.split_at_mut(4 * 2 * (tw + 1));
-    let (eo, rest) = rest.split_at_mut(8 * (tw + 1));
-    let sums = &mut rest[..12 * tw];
     let (ph, pw) = (g.p.padding.0 as isize, g.p.padding.1 as isize);
     let zero = T::zero();
     let pl = 2 * (tw + 1);
-
     // Input transform: V[a * 4 + k][ci][t] = (Bᵀ d B)[a][k] of tile t's 4x4 patch d,
     // Bᵀ = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]]. Bᵀ acts on the
     // patch rows and B on its columns; the rows are combined first (whole padded
@@ -242,13 +233,40 @@ unsafe fn band<T: Element>(
             }
         }
     }
-    // The padding columns of V feed only the padding columns of M (never read);
-    // zero them so that no stale NaN or denormal slows the GEMMs.
+    // The padding columns: zero, so that no stale NaN or denormal reaches the
+    // GEMMs (the forward never reads their products; dL/dw sums over them).
     if ntp > nt {
         for r in v.chunks_exact_mut(ntp) {
             r[nt..].fill(zero);
         }
     }
+}
+
+/// One task's work: tile rows `[ti0, ti1)` of image `xi: [Cin, H, W]`, written as
+/// output rows `[2 ti0, min(2 ti1, OH))` of every channel to `dst`, channel `co`'s
+/// first row at `dst + co * dst_cs` (rows `OW` apart). No epilogue.
+///
+/// # Safety
+/// `dst` must be valid for those writes and no other thread may touch them.
+unsafe fn band<T: Element>(
+    xi: &[T],
+    u: &[T],
+    g: &Geom,
+    (ti0, ti1): (usize, usize),
+    scratch: &mut [T],
+    dst: *mut T,
+    dst_cs: usize,
+) {
+    let tw = g.ow.div_ceil(2);
+    let nt = (ti1 - ti0) * tw;
+    let ntp = nt.next_multiple_of(LANES);
+    let (v, rest) = scratch.split_at_mut(XI * g.cin * ntp);
+    let (m, rest) = rest.split_at_mut(XI * g.cout * ntp);
+    let (prows, rest) = rest.split_at_mut(4 * 2 * (tw + 1));
+    let (eo, rest) = rest.split_at_mut(8 * (tw + 1));
+    let sums = &mut rest[..12 * tw];
+
+    input_transform(xi, g, (ti0, ti1), ntp, v, prows, eo);
 
     // Sixteen GEMMs: M[ξ] = U[ξ] @ V[ξ].
     let plane = g.cout * g.cin;
@@ -444,6 +462,188 @@ pub(super) fn forward_pointwise_head<T: Element>(
     outs
 }
 
+/// Partial sums of [`grad_weight`]: a fixed number, so that the summation order
+/// depends on the shapes alone (not on the thread count).
+const WGRAD_PARTS: usize = 4;
+
+/// dL/dw `[Cout, Cin, 3, 3]` of the convolution `g` by F(2x2, 3x3) transposed:
+/// dL/dg = Gᵀ [Σ over tiles (A dY Aᵀ) ⊙ (Bᵀ d B)] G (the forward's
+/// Y = Aᵀ [(G g Gᵀ) ⊙ (Bᵀ d B)] A read backwards), where `dY` is a tile's
+/// 2x2 block of dL/dy and `d` its 4x4 input patch. The sum over tiles is sixteen
+/// GEMMs `S[ξ] += Z[ξ] @ V[ξ]ᵀ` (reduction over the tiles: long and dense), cut
+/// into [`WGRAD_PARTS`] contiguous ranges of (image, band) chunks whose sums are
+/// added in order, then the 4x4 -> 3x3 transform of each kernel.
+pub(super) fn grad_weight<T: Element>(x: &[T], gy: &[T], g: &Geom) -> Vec<T> {
+    let (ohw, chw) = (g.ohw(), g.cin * g.hw());
+    let plane = g.cout * g.cin;
+    let (th, tw) = (g.oh.div_ceil(2), g.ow.div_ceil(2));
+    // Bands independent of the thread count: the same sums in the same order on
+    // any machine.
+    let band_t = (TILES_PER_TASK / tw.max(1)).clamp(1, th.max(1));
+    let per_image = th.div_ceil(band_t);
+    let chunks = g.n * per_image;
+    let parts = WGRAD_PARTS.min(chunks).max(1);
+    let mut sums = pool::take::<T>(parts * XI * plane);
+    let max_nt = band_t * tw;
+    let ntp_max = max_nt.next_multiple_of(LANES);
+    let scratch = XI * (g.cin + g.cout) * ntp_max + 4 * 2 * (tw + 1) + 8 * (tw + 1) + 6 * tw;
+    sums.par_chunks_mut(XI * plane)
+        .enumerate()
+        .for_each(|(part, acc)| {
+            let (c0, c1) = (part * chunks / parts, (part + 1) * chunks / parts);
+            pool::with_scratch(scratch, |s: &mut [T]| {
+                for c in c0..c1 {
+                    let (img, b) = (c / per_image, c % per_image);
+                    let (ti0, ti1) = (b * band_t, th.min((b + 1) * band_t));
+                    let nt = (ti1 - ti0) * tw;
+                    let ntp = nt.next_multiple_of(LANES);
+                    let (v, rest) = s.split_at_mut(XI * g.cin * ntp);
+                    let (z, rest) = rest.split_at_mut(XI * g.cout * ntp);
+                    let (prows, rest) = rest.split_at_mut(4 * 2 * (tw + 1));
+                    let (eo, rest) = rest.split_at_mut(8 * (tw + 1));
+                    let tmp = &mut rest[..6 * tw];
+                    let xi = &x[img * chw..(img + 1) * chw];
+                    input_transform(xi, g, (ti0, ti1), ntp, v, prows, eo);
+                    let gyi = &gy[img * g.cout * ohw..(img + 1) * g.cout * ohw];
+                    grad_transform(gyi, g, (ti0, ti1), ntp, z, tmp);
+                    for xx in 0..XI {
+                        let zm =
+                            MatRef::row_major(&z[xx * g.cout * ntp..][..g.cout * ntp], g.cout, ntp);
+                        let vm =
+                            MatRef::row_major(&v[xx * g.cin * ntp..][..g.cin * ntp], g.cin, ntp);
+                        gemm_into(
+                            &mut acc[xx * plane..(xx + 1) * plane],
+                            g.cin,
+                            c > c0,
+                            zm,
+                            vm.t(),
+                            Parallelism::None,
+                        );
+                    }
+                }
+            });
+        });
+    // dL/dg = Gᵀ S G per kernel, S the parts added in order.
+    let mut gw = pool::take::<T>(plane * 9);
+    gw.par_chunks_mut(9)
+        .enumerate()
+        .with_min_len(256)
+        .for_each(|(i, out)| {
+            let s: [f64; XI] = std::array::from_fn(|xx| {
+                let mut v = sums[xx * plane + i];
+                for p in 1..parts {
+                    v += sums[(p * XI + xx) * plane + i];
+                }
+                v.f64()
+            });
+            // (Gᵀ S)[r][b], Gᵀ = [[1, ½, ½, 0], [0, ½, -½, 0], [0, ½, ½, 1]].
+            let t = |r: usize, b: usize| {
+                let (s0, s1, s2, s3) = (s[b], s[4 + b], s[8 + b], s[12 + b]);
+                match r {
+                    0 => s0 + 0.5 * (s1 + s2),
+                    1 => 0.5 * (s1 - s2),
+                    _ => 0.5 * (s1 + s2) + s3,
+                }
+            };
+            for r in 0..3 {
+                let (t0, t1, t2, t3) = (t(r, 0), t(r, 1), t(r, 2), t(r, 3));
+                out[r * 3] = T::of(t0 + 0.5 * (t1 + t2));
+                out[r * 3 + 1] = T::of(0.5 * (t1 - t2));
+                out[r * 3 + 2] = T::of(0.5 * (t1 + t2) + t3);
+            }
+        });
+    pool::give(sums);
+    gw
+}
+
+/// The transform of dL/dy over tile rows `[ti0, ti1)` of one image:
+/// `z: [16][Cout][ntp]` gets `Z[a * 4 + b][co][t] = (A dY Aᵀ)[a][b]` of tile `t`'s
+/// 2x2 block `dY` (zero past the output's edge), A = [[1, 0], [1, 1], [1, -1],
+/// [0, -1]]; padding columns zeroed. `tmp` holds 6 rows of `tw`.
+fn grad_transform<T: Element>(
+    gyi: &[T],
+    g: &Geom,
+    (ti0, ti1): (usize, usize),
+    ntp: usize,
+    z: &mut [T],
+    tmp: &mut [T],
+) {
+    let tw = g.ow.div_ceil(2);
+    let nt = (ti1 - ti0) * tw;
+    let zero = T::zero();
+    let ohw = g.ohw();
+    let odd_w = g.ow % 2 == 1;
+    for co in 0..g.cout {
+        let plane = &gyi[co * ohw..(co + 1) * ohw];
+        for ti in ti0..ti1 {
+            let mut rows = tmp.chunks_exact_mut(tw);
+            let (e0, o0, e1, o1) = (
+                rows.next().expect("6 rows"),
+                rows.next().expect("6 rows"),
+                rows.next().expect("6 rows"),
+                rows.next().expect("6 rows"),
+            );
+            let (re, ro) = (rows.next().expect("6 rows"), rows.next().expect("6 rows"));
+            // The block's two rows split into even and odd columns.
+            for (r, (e, o)) in [(&mut *e0, &mut *o0), (&mut *e1, &mut *o1)]
+                .into_iter()
+                .enumerate()
+            {
+                let oh = 2 * ti + r;
+                if oh >= g.oh {
+                    e.fill(zero);
+                    o.fill(zero);
+                    continue;
+                }
+                let src = &plane[oh * g.ow..(oh + 1) * g.ow];
+                for ((ej, oj), pair) in e.iter_mut().zip(o.iter_mut()).zip(src.chunks_exact(2)) {
+                    *ej = pair[0];
+                    *oj = pair[1];
+                }
+                if odd_w {
+                    e[tw - 1] = src[g.ow - 1];
+                    o[tw - 1] = zero;
+                }
+            }
+            let t0 = (ti - ti0) * tw;
+            for a in 0..4 {
+                // (A dY)[a] = dY0, dY0 + dY1, dY0 - dY1, -dY1 (as even/odd columns).
+                match a {
+                    0 => {
+                        re.copy_from_slice(e0);
+                        ro.copy_from_slice(o0);
+                    }
+                    1 => {
+                        add_into(re, e0, e1);
+                        add_into(ro, o0, o1);
+                    }
+                    2 => {
+                        sub_into(re, e0, e1);
+                        sub_into(ro, o0, o1);
+                    }
+                    _ => {
+                        re.iter_mut().zip(&*e1).for_each(|(d, &v)| *d = -v);
+                        ro.iter_mut().zip(&*o1).for_each(|(d, &v)| *d = -v);
+                    }
+                }
+                let at = |b: usize| ((a * 4 + b) * g.cout + co) * ntp + t0;
+                z[at(0)..at(0) + tw].copy_from_slice(re);
+                add_into(&mut z[at(1)..at(1) + tw], re, ro);
+                sub_into(&mut z[at(2)..at(2) + tw], re, ro);
+                z[at(3)..at(3) + tw]
+                    .iter_mut()
+                    .zip(&*ro)
+                    .for_each(|(d, &v)| *d = -v);
+            }
+        }
+    }
+    if ntp > nt {
+        for r in z.chunks_exact_mut(ntp) {
+            r[nt..].fill(zero);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::{Conv2dParams, Geom};
@@ -620,10 +820,81 @@ mod tests {
         }
     }
 
+    /// dL/dw by the transposed F(2x2, 3x3) against the direct sums in f64.
+    #[test]
+    fn f2x2_3x3_weight_gradient_equals_the_direct_sums() {
+        let shapes = [
+            geom(1, 16, (10, 12), 16, (1, 1)),
+            geom(2, 17, (9, 7), 19, (1, 1)),
+            geom(1, 16, (5, 4), 18, (0, 0)),
+            geom(3, 20, (6, 5), 16, (2, 0)),
+            geom(2, 16, (3, 33), 24, (1, 2)),
+            geom(1, 16, (41, 37), 17, (1, 1)),
+        ];
+        for (i, g) in shapes.iter().enumerate() {
+            let mut rng = Rng::new(40 + i as u64);
+            let x: Vec<f64> = values(&mut rng, g.n * g.cin * g.hw());
+            let gy: Vec<f64> = values(&mut rng, g.n * g.cout * g.ohw());
+            let (mut want, mut mag) =
+                (vec![0.0; g.cout * g.cin * 9], vec![0.0; g.cout * g.cin * 9]);
+            for img in 0..g.n {
+                for co in 0..g.cout {
+                    for ci in 0..g.cin {
+                        for ki in 0..3 {
+                            for kj in 0..3 {
+                                let at = ((co * g.cin + ci) * 3 + ki) * 3 + kj;
+                                for oh in 0..g.oh {
+                                    for ow in 0..g.ow {
+                                        let ih = (oh + ki) as isize - g.p.padding.0 as isize;
+                                        let iw = (ow + kj) as isize - g.p.padding.1 as isize;
+                                        if ih < 0
+                                            || iw < 0
+                                            || ih >= g.h as isize
+                                            || iw >= g.w as isize
+                                        {
+                                            continue;
+                                        }
+                                        let p = gy[((img * g.cout + co) * g.oh + oh) * g.ow + ow]
+                                            * x[((img * g.cin + ci) * g.h + ih as usize) * g.w
+                                                + iw as usize];
+                                        want[at] += p;
+                                        mag[at] += p.abs();
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            let got = grad_weight(&x, &gy, g);
+            let got32 = grad_weight(
+                &x.iter().map(|&v| v as f32).collect::<Vec<_>>(),
+                &gy.iter().map(|&v| v as f32).collect::<Vec<_>>(),
+                g,
+            );
+            for (j, ((&a, &b), (&w, &m))) in got
+                .iter()
+                .zip(&got32)
+                .zip(want.iter().zip(&mag))
+                .enumerate()
+            {
+                assert!(
+                    (a - w).abs() <= 1e-13 * (m + 1e-30),
+                    "{g:?} f64 at {j}: {a} vs {w}"
+                );
+                assert!(
+                    (b as f64 - w).abs() <= 1e-5 * (m + 1e-30),
+                    "{g:?} f32 at {j}: {b} vs {w}"
+                );
+            }
+        }
+    }
+
     #[test]
     fn pays_only_for_dense_3x3_stride_1() {
-        let g = geom(1, 64, (40, 40), 64, (1, 1));
+        let g = geom(1, 64, (60, 60), 64, (1, 1));
         assert!(pays(&g));
+        assert!(!pays(&geom(1, 64, (40, 40), 64, (1, 1))));
         assert!(!pays(&Geom { cin: 8, ..g }));
         assert!(!pays(&Geom {
             p: Conv2dParams::new(2, 1, 1),
