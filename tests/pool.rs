@@ -157,6 +157,97 @@ fn max_pool2d_gradcheck() {
     }
 }
 
+/// The plain backward: a zeroed plane, each output gradient added onto its index in
+/// row-major output order.
+fn reference_backward(gy: &[f64], idx: &[i64], planes: usize, ihw: usize) -> Vec<f64> {
+    let ohw = idx.len() / planes;
+    let mut gx = vec![0.0; planes * ihw];
+    for (o, (&i, &g)) in idx.iter().zip(gy).enumerate() {
+        gx[o / ohw * ihw + i as usize] += g;
+    }
+    gx
+}
+
+/// max_pool2d_backward on the CPU (each plane zeroed just ahead of its scatter, into a
+/// recycled buffer) equals the plain zero-then-scatter bit for bit, in f32 and f64:
+/// odd and rectangular sizes, padding, overlapping and disjoint windows, ties (so
+/// one input collects several gradients), signed zeros in the gradient, and indices
+/// that are not their window's (any in-plane index, in any order, is accepted), and
+/// a recycled dirty buffer.
+#[test]
+fn max_pool2d_backward_equals_the_plain_scatter_bit_for_bit() {
+    let cases = [
+        ([2, 3, 13, 11], Pool2d::new(3, 2, 1)),
+        ([1, 2, 9, 17], Pool2d::new((3, 2), (1, 2), (1, 0))),
+        ([1, 3, 8, 8], Pool2d::new(2, 2, 0)),
+        ([2, 2, 7, 5], Pool2d::new(1, 2, 0)),
+        ([1, 1, 1, 1], Pool2d::new(1, 1, 0)),
+        ([1, 2, 2, 2], Pool2d::new(3, 1, 1)),
+        // Gradients of 69 KB (f32): from the host pool, recycled dirty (below); with
+        // kernel 1 stride 2 no index falls in the last row.
+        ([1, 2, 96, 90], Pool2d::new(3, 2, 1)),
+        ([1, 2, 96, 90], Pool2d::new(1, 2, 0)),
+    ];
+    for (seed, (dims, p)) in cases.into_iter().enumerate() {
+        let (planes, ihw) = (dims[0] * dims[1], dims[2] * dims[3]);
+        // Values on a coarse grid: many ties.
+        let xv: Vec<f64> = randn(seed as u64, planes * ihw)
+            .into_iter()
+            .map(|v| (v * 3.0).round())
+            .collect();
+        for dtype in [kestrel::DType::F32, kestrel::DType::F64] {
+            let x = f64_t(xv.clone(), &dims).to_dtype(dtype).unwrap();
+            let (y, window_idx) =
+                max_pool2d_with_indices(&x, p.kernel, p.stride, p.padding).unwrap();
+            let n = y.numel();
+            let gv: Vec<f64> = randn(seed as u64 + 40, n)
+                .into_iter()
+                .enumerate()
+                .map(|(i, v)| if i % 4 == 1 { -0.0 } else { v })
+                .collect();
+            let gy = f64_t(gv.clone(), y.dims()).to_dtype(dtype).unwrap();
+            // Any in-plane index, in scrambled order (rows backwards and far ahead).
+            let scrambled: Vec<i64> = (0..n)
+                .map(|o| ((o * 7919 + seed * 31) % ihw) as i64)
+                .collect();
+            for (which, idx) in [
+                ("window", window_idx.to_vec_i64().unwrap()),
+                ("scrambled", scrambled),
+            ] {
+                let idx_t = Tensor::from_vec_i64(idx.clone(), y.dims().to_vec()).unwrap();
+                // A dropped tensor of gx's size, all NaN, goes back to the host pool: a
+                // pooled-size gx recycles it and must overwrite every element.
+                drop(
+                    f64_t(vec![f64::NAN; planes * ihw], &dims)
+                        .to_dtype(dtype)
+                        .unwrap(),
+                );
+                let gx = max_pool2d_backward(&gy, &idx_t, x.shape(), p).unwrap();
+                let got = gx
+                    .to_dtype(kestrel::DType::F64)
+                    .unwrap()
+                    .to_vec::<f64>()
+                    .unwrap();
+                // The reference sums in f64 what the op sums in f32: compare the f32 case
+                // after the same rounding per addition.
+                let want = if dtype == kestrel::DType::F32 {
+                    let g32: Vec<f32> = gv.iter().map(|&v| v as f32).collect();
+                    let ohw = n / planes;
+                    let mut gx = vec![0.0f32; planes * ihw];
+                    for (o, (&i, &g)) in idx.iter().zip(&g32).enumerate() {
+                        gx[o / ohw * ihw + i as usize] += g;
+                    }
+                    gx.into_iter().map(f64::from).collect()
+                } else {
+                    reference_backward(&gv, &idx, planes, ihw)
+                };
+                let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&got), bits(&want), "{dims:?} {p:?} {dtype:?} {which}");
+            }
+        }
+    }
+}
+
 #[test]
 fn max_pool2d_rejects_bad_input() {
     let x = Tensor::from_vec(vec![0.0f32; 2 * 3 * 5 * 5], [2, 3, 5, 5]).unwrap();
@@ -188,6 +279,15 @@ fn max_pool2d_rejects_bad_input() {
         max_pool2d_backward(&y, &far, x.shape(), p),
         "max_pool2d_backward",
     );
+    // One bad index in the last plane, another before it in the first: the error
+    // names the first in `indices` order (the planes run in parallel).
+    let mut v = idx.to_vec_i64().unwrap();
+    let last = v.len() - 1;
+    v[last] = -3;
+    v[2] = 25;
+    let two_bad = Tensor::from_vec_i64(v, idx.dims().to_vec()).unwrap();
+    let e = max_pool2d_backward(&y, &two_bad, x.shape(), p).unwrap_err();
+    assert!(e.to_string().contains("index 25 outside"), "{e}");
 }
 
 /// Inputs on two devices are an error naming the op.

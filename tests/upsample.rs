@@ -130,6 +130,86 @@ crate::device_tests! {
     upsample_nearest_add_other_sizes => check_upsample_shapes_on;
 }
 
+/// upsample_nearest_backward on the CPU (each top pixel gathering its output
+/// pixels' gradients, with a vectorised path for exactly 2x along W) equals the plain
+/// scatter-add over the output in row-major order bit for bit, in f32 and f64:
+/// 2x with odd and even top sizes, 2x along W only, odd ratios, downsampling (top
+/// pixels no output reads), identity, a 1-pixel top; signed zeros in the gradient;
+/// a recycled dirty buffer.
+#[test]
+fn upsample_nearest_backward_equals_the_plain_scatter_bit_for_bit() {
+    use kestrel::ops::upsample::upsample_nearest_backward;
+    for (seed, (lat, top)) in [
+        ([1, 3, 14, 10], [1, 3, 7, 5]),
+        ([2, 2, 8, 12], [2, 2, 4, 6]),
+        ([1, 2, 25, 38], [1, 2, 13, 19]),
+        ([2, 3, 13, 19], [2, 3, 7, 10]),
+        ([1, 2, 5, 6], [1, 2, 8, 9]),
+        ([1, 2, 4, 5], [1, 2, 4, 5]),
+        ([2, 1, 6, 3], [2, 1, 1, 1]),
+        // A gradient of 67 KB (f32): from the host pool, recycled dirty (below).
+        ([1, 4, 132, 128], [1, 4, 66, 64]),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let gv: Vec<f64> = randn(seed as u64 + 7, lat.iter().product())
+            .into_iter()
+            .enumerate()
+            .map(|(i, v)| if i % 3 == 0 { -0.0 } else { v })
+            .collect();
+        let (hl, wl, ht, wt) = (lat[2], lat[3], top[2], top[3]);
+        for dtype in [kestrel::DType::F32, kestrel::DType::F64] {
+            let gy = f64_t(gv.clone(), &lat).to_dtype(dtype).unwrap();
+            // A dropped tensor of the result's size, all NaN, goes back to the host
+            // pool: a pooled-size result recycles it and must overwrite every element.
+            let nan = vec![f64::NAN; top.iter().product()];
+            drop(f64_t(nan, &top).to_dtype(dtype).unwrap());
+            let got = upsample_nearest_backward(&gy, &top).unwrap();
+            // The plain scatter, in the op's own precision.
+            let want: Vec<u64> = if dtype == kestrel::DType::F32 {
+                let g: Vec<f32> = gy.to_vec::<f32>().unwrap();
+                let mut t = vec![0.0f32; top.iter().product()];
+                for plane in 0..lat[0] * lat[1] {
+                    for r in 0..hl {
+                        for c in 0..wl {
+                            let (sr, sc) = (
+                                nearest_source_index(r, ht, hl),
+                                nearest_source_index(c, wt, wl),
+                            );
+                            t[plane * ht * wt + sr * wt + sc] += g[plane * hl * wl + r * wl + c];
+                        }
+                    }
+                }
+                t.iter().map(|v| f64::from(*v).to_bits()).collect()
+            } else {
+                let mut t = vec![0.0f64; top.iter().product()];
+                for plane in 0..lat[0] * lat[1] {
+                    for r in 0..hl {
+                        for c in 0..wl {
+                            let (sr, sc) = (
+                                nearest_source_index(r, ht, hl),
+                                nearest_source_index(c, wt, wl),
+                            );
+                            t[plane * ht * wt + sr * wt + sc] += gv[plane * hl * wl + r * wl + c];
+                        }
+                    }
+                }
+                t.iter().map(|v| v.to_bits()).collect()
+            };
+            let got: Vec<u64> = got
+                .to_dtype(kestrel::DType::F64)
+                .unwrap()
+                .to_vec::<f64>()
+                .unwrap()
+                .iter()
+                .map(|v| v.to_bits())
+                .collect();
+            assert_eq!(got, want, "{lat:?} <- {top:?} {dtype:?}");
+        }
+    }
+}
+
 #[test]
 fn upsample_nearest_add_gradcheck() {
     for seed in SEEDS {

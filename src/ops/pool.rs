@@ -385,24 +385,58 @@ pub fn max_pool2d_backward(
     }
 }
 
-/// Scatter each output gradient onto its argmax, plane by plane.
+/// Scatter each output gradient onto its argmax, plane by plane, in output order
+/// from zero (so each input pixel's sum is `((0 + g_a) + g_b) + ...` over the outputs
+/// naming it, in row-major output order).
+///
+/// Why not a zero-filled plane first: at the stem's 64x400x608 that is a second
+/// pass over 62 MB (the plane, ~1 MB, no longer sits in cache when the scatter
+/// reaches its first rows). Instead each plane is zeroed just ahead of the scatter:
+/// `zeroed` is how much of it is zero so far, extended to the end of the row an index
+/// falls in whenever an index lies past it. Real indices move through the plane row
+/// by row, so the zeroing runs a few rows ahead of the writes and both stay in
+/// cache; any other in-plane index (the function is public) is still exact, since
+/// everything past `zeroed` is untouched and everything before it is zero or a sum.
 fn cpu_backward<T: Element>(gy: &[T], idx: &[i64], g: &Geom) -> Result<Vec<T>> {
     let (ihw, ohw) = (g.h * g.w, g.oh * g.ow);
-    if let Some(bad) = idx.iter().find(|&&i| i < 0 || i as usize >= ihw) {
+    // Every element is written (zeroed or a sum): a recycled buffer will do.
+    let mut gx = crate::tensor::pool::take::<T>(g.planes * ihw);
+    let in_plane = if ihw == 0 {
+        idx.is_empty()
+    } else {
+        gx.par_chunks_mut(ihw).enumerate().all(|(plane, gp)| {
+            let range = plane * ohw..(plane + 1) * ohw;
+            scatter_plane(gp, &idx[range.clone()], &gy[range], g.w)
+        })
+    };
+    if !in_plane {
+        // A plane stopped at an index outside it: name the first such in `idx`.
+        let outside = |&i: &i64| i < 0 || i as usize >= ihw;
+        let bad = idx.iter().copied().find(outside).unwrap_or_default();
         return Err(Error::invalid(
             "max_pool2d_backward",
             format!("index {bad} outside an input plane of {} x {}", g.h, g.w),
         ));
     }
-    let mut gx = vec![T::zero(); g.planes * ihw];
-    if ihw == 0 {
-        return Ok(gx);
-    }
-    gx.par_chunks_mut(ihw).enumerate().for_each(|(plane, gp)| {
-        let range = plane * ohw..(plane + 1) * ohw;
-        for (&i, &v) in idx[range.clone()].iter().zip(&gy[range]) {
-            gp[i as usize] += v;
-        }
-    });
     Ok(gx)
+}
+
+/// `gp` (one input plane, `w` wide, contents unspecified) = the sum of `gy` scattered
+/// onto `idx`, zeroed ahead of the writes (see [`cpu_backward`]); false when an index
+/// lies outside the plane (`gp` is then partly written).
+fn scatter_plane<T: Element>(gp: &mut [T], idx: &[i64], gy: &[T], w: usize) -> bool {
+    let mut zeroed = 0;
+    for (&i, &v) in idx.iter().zip(gy) {
+        let Some(i) = usize::try_from(i).ok().filter(|&i| i < gp.len()) else {
+            return false;
+        };
+        if i >= zeroed {
+            let end = ((i / w + 1) * w).min(gp.len());
+            gp[zeroed..end].fill(T::zero());
+            zeroed = end;
+        }
+        gp[i] += v;
+    }
+    gp[zeroed..].fill(T::zero());
+    true
 }

@@ -198,18 +198,58 @@ pub fn upsample_nearest_backward(gy: &Tensor, top_dims: &[usize]) -> Result<Tens
     }
 }
 
-/// Scatter-add every output gradient onto its source pixel, plane by plane.
+/// For each source index `0..in_size`, the range of output indices copied from it
+/// (empty for a source no output reads). Contiguous because the nearest source index
+/// never decreases along an axis.
+fn source_ranges(table: &[usize], in_size: usize) -> Vec<std::ops::Range<usize>> {
+    let mut ranges = vec![0..0; in_size];
+    for (d, &s) in table.iter().enumerate() {
+        let r = &mut ranges[s];
+        if r.start == r.end {
+            *r = d..d;
+        }
+        r.end = d + 1;
+    }
+    ranges
+}
+
+/// Each top pixel gathers, from zero, the gradients of the output pixels copied from
+/// it, row by row and then column by column: the order in which a scatter-add over
+/// the output in row-major order adds them, so the same sums bit for bit, without a
+/// zero-filled buffer or a second pass over it. The source ranges are contiguous
+/// ([`source_ranges`]).
 fn cpu_backward<T: Element>(gy: &[T], g: &Geom) -> Vec<T> {
     let (rows, cols) = index_tables(g);
+    debug_assert!(rows.windows(2).all(|p| p[0] <= p[1]) && cols.windows(2).all(|p| p[0] <= p[1]));
+    let (row_src, col_src) = (source_ranges(&rows, g.ht), source_ranges(&cols, g.wt));
+    // Exactly 2x along W (FPN's case): top column c takes output columns 2c and 2c+1,
+    // a loop the compiler vectorises (the general one is scalar).
+    let twice = g.wl == 2 * g.wt
+        && col_src
+            .iter()
+            .enumerate()
+            .all(|(c, r)| *r == (2 * c..2 * c + 2));
     let (lhw, thw) = (g.hl * g.wl, g.ht * g.wt);
-    let mut gtop = vec![T::zero(); g.planes * thw];
-    gtop.par_chunks_mut(thw)
+    // Every element is written: a recycled buffer from the host pool will do.
+    let mut gtop = crate::tensor::pool::take::<T>(g.planes * thw);
+    gtop.par_chunks_mut(g.wt)
         .enumerate()
-        .for_each(|(plane, tp)| {
+        .for_each(|(top_row, out)| {
+            let (plane, sr) = (top_row / g.ht, top_row % g.ht);
             let gp = &gy[plane * lhw..(plane + 1) * lhw];
-            for (r, &sr) in rows.iter().enumerate() {
-                for (c, &sc) in cols.iter().enumerate() {
-                    tp[sr * g.wt + sc] += gp[r * g.wl + c];
+            out.fill(T::zero());
+            for r in row_src[sr].clone() {
+                let grow = &gp[r * g.wl..(r + 1) * g.wl];
+                if twice {
+                    for (o, pair) in out.iter_mut().zip(grow.chunks_exact(2)) {
+                        *o = *o + pair[0] + pair[1];
+                    }
+                } else {
+                    for (o, c) in out.iter_mut().zip(&col_src) {
+                        for &v in &grow[c.clone()] {
+                            *o += v;
+                        }
+                    }
                 }
             }
         });
