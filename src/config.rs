@@ -293,9 +293,10 @@ pub struct RuntimeConfig {
     /// `eval`, `infer`, `demo` and `bench` does the same). Off by default, as in
     /// PyTorch (`torch.set_flush_denormal(False)`): results are then IEEE's and match
     /// torchvision's; on, values below 2^-126 become zero, which changes results only
-    /// there, and an Intel CPU no longer takes its slow microcode path for them (a
+    /// there, and the CPU no longer takes its slow path for them (on an Intel Xeon a
     /// R50-FPN training step with random weights went from 6 s to 12 s once its
-    /// operands turned denormal, BENCH_RESULTS.md). No effect on a GPU's kernels.
+    /// operands turned denormal: BENCH_RESULTS.md at 97da0f7). No effect on a GPU's
+    /// kernels.
     pub flush_denormals: bool,
     /// Train through captured device graphs (`kestrel train --graph` does the same):
     /// on a CUDA or emulated device, in f32 with frozen BatchNorm, each training

@@ -3,6 +3,10 @@
 //! the emulated device and CUDA.
 
 mod common;
+// The memory-bound backward passes' timing (ignored), here rather than in a test
+// binary of its own.
+#[path = "timing/backward_passes.rs"]
+mod backward_passes_timing;
 
 use common::*;
 use kestrel::autograd::gradcheck;

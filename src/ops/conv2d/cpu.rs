@@ -548,10 +548,10 @@ pub(super) fn grad_weight<T: Element>(x: &[T], gy: &[T], g: &Geom) -> Vec<T> {
         gw.fill(T::zero());
         return gw;
     }
-    // Measured (BENCH_RESULTS, conv6): better for K <= 256 except a pointwise conv
-    // with fewer output than input channels (l1.conv1: there the row cut re-reads
-    // only the smaller gy, and its GEMMs keep long reductions); worse for K = 1152
-    // (l2.conv2.first: chunks of 240 columns).
+    // Measured (conv6, BENCH_RESULTS.md at 97da0f7): better for K <= 256 except a
+    // pointwise conv with fewer output than input channels (l1.conv1: there the row
+    // cut re-reads only the smaller gy, and its GEMMs keep long reductions); worse
+    // for K = 1152 (l2.conv2.first: chunks of 240 columns).
     let pointwise_narrow = g.pointwise() && g.cout < k;
     if k <= SPLIT_SUM_MAX_K
         && k * SPLIT_SUM_RATIO <= g.n * ohw

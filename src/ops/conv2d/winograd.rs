@@ -12,10 +12,13 @@
 //!
 //! The transforms' coefficients are 0, ±1 and ±1/2, so they add no rounding of their
 //! own beyond the additions; the result differs from the direct sum by a few units
-//! in the last place of the sum's magnitude (tests: against the im2col path and a
-//! direct f64 reference). Used where it pays ([`pays`]): the FPN's and the RPN
-//! head's 256-channel 3x3 layers, ResNet's 3x3 layers, and the dL/dx of each of
-//! them (a stride-1 3x3 convolution of dL/dy, see `cpu::grad_input`).
+//! in the last place of the sum of |products| (unit tests against direct f64 sums;
+//! tests/conv2d.rs through `conv2d` and its backward). Used where it pays
+//! ([`pays`]): the FPN's and the RPN head's 256-channel 3x3 layers, ResNet's 3x3
+//! stride-1 layers, the dL/dx of each of them (a stride-1 3x3 convolution of dL/dy,
+//! see `cpu::grad_input`) and their dL/dw ([`grad_weight`]). Sums are in the same
+//! order run to run; like the im2col path's, the band sizes (and so the GEMM shapes)
+//! of the forward follow the thread count.
 
 use gemm::Parallelism;
 use rayon::prelude::*;
@@ -67,8 +70,8 @@ pub(super) fn pays(g: &Geom) -> bool {
 }
 
 /// `U: [16][Cout][Cin]`, `U[·][co][ci] = G g Gᵀ` of the kernel `w[co][ci]: 3x3`,
-/// G = [[1, 0, 0], [½, ½, ½], [½, -½, ½], [0, 0, 1]] (computed in f64: the halves
-/// are exact, each element is one rounding from its exact value).
+/// G = [[1, 0, 0], [½, ½, ½], [½, -½, ½], [0, 0, 1]] (computed in f64, the halves
+/// exact, then rounded once to `T`).
 pub(super) fn transform_weights<T: Element>(w: &[T], cout: usize, cin: usize) -> Vec<T> {
     let plane = cout * cin;
     let mut u = pool::take::<T>(XI * plane);

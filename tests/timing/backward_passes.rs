@@ -1,4 +1,5 @@
-//! Timing (ignored; run with `--release -- --ignored --nocapture`): the memory-bound
+//! Timing (ignored; `cargo test --release --test pool -- --ignored --nocapture
+//! backward_passes_timing`): the memory-bound
 //! CPU backward passes of an R50-FPN training step at batch 1, 800x1216, at their real
 //! shapes — conv2d_frozen_bn_act's ReLU-mask x BN-scale pass, max_pool2d's backward
 //! (the stem's 3x3/2 pool), the nearest-upsample backward (FPN top-down) and the
