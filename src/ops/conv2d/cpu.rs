@@ -1,4 +1,6 @@
-//! im2col + `gemm` on the CPU, generic over f32/f64.
+//! im2col + `gemm` on the CPU, generic over f32/f64 (the 3x3 stride-1 convolutions
+//! that pay go to winograd.rs from [`forward`], [`forward_pointwise_head`] and
+//! [`grad_weight`]).
 
 use gemm::Parallelism;
 use rayon::prelude::*;
@@ -45,12 +47,12 @@ fn cols_for_rows(rows: usize) -> usize {
 
 /// A raw pointer that tasks writing disjoint parts of one buffer may share.
 #[derive(Clone, Copy)]
-struct SharedPtr<T>(*mut T);
+pub(super) struct SharedPtr<T>(pub(super) *mut T);
 // SAFETY: only used where each task writes elements no other task touches.
 unsafe impl<T: Send> Send for SharedPtr<T> {}
 unsafe impl<T: Send> Sync for SharedPtr<T> {}
 impl<T> SharedPtr<T> {
-    fn get(self) -> *mut T {
+    pub(super) fn get(self) -> *mut T {
         self.0
     }
 }
@@ -306,6 +308,48 @@ pub(crate) struct PointwiseHead<'a, T> {
     pub splits: &'a [usize],
 }
 
+impl<T: Element> PointwiseHead<'_, T> {
+    /// One pooled `[N, splits[i], OH * OW]` buffer per split.
+    pub(super) fn outputs(&self, n: usize, ohw: usize) -> Vec<Vec<T>> {
+        self.splits
+            .iter()
+            .map(|&c| pool::take::<T>(n * c * ohw))
+            .collect()
+    }
+
+    /// `W2 @ tile + b2` for output columns `[p0, p0 + pc)` of image `img`, written
+    /// to the split outputs `outs`: `tile: [Cout, pcp]` (the first conv's output
+    /// after its epilogue, columns padded to `pcp`), `prod: [C2, pcp]` scratch.
+    ///
+    /// # Safety
+    /// `outs` point at [`Self::outputs`]' buffers, and columns `[p0, p0 + pc)` of
+    /// image `img` in them belong to the caller alone.
+    pub(super) unsafe fn write_tile(
+        &self,
+        tile: &[T],
+        (cout, pcp, pc): (usize, usize, usize),
+        prod: &mut [T],
+        outs: &[SharedPtr<T>],
+        (img, ohw, p0): (usize, usize, usize),
+    ) {
+        let c2: usize = self.splits.iter().sum();
+        let w2m = MatRef::row_major(self.w2, c2, cout);
+        let tm = MatRef::row_major(tile, cout, pcp);
+        gemm_into(prod, pcp, false, w2m, tm, Parallelism::None);
+        let mut rows = prod.chunks_exact(pcp).enumerate();
+        for (&c, out) in self.splits.iter().zip(outs) {
+            for (j, (co, row)) in rows.by_ref().take(c).enumerate() {
+                let b = self.b2.map_or(T::zero(), |b| b[co]);
+                let dst =
+                    std::slice::from_raw_parts_mut(out.get().add((img * c + j) * ohw + p0), pc);
+                dst.iter_mut()
+                    .zip(&row[..pc])
+                    .for_each(|(d, &v)| *d = v + b);
+            }
+        }
+    }
+}
+
 /// `heads = W2 @ epilogue(W @ col) + b2`, one task per (image, column chunk) as in
 /// [`forward`]; returns one `[N, splits[i], OH * OW]` buffer per split. Each
 /// output element is the same sum of the same products as [`forward`] followed by
@@ -323,16 +367,11 @@ pub(crate) fn forward_pointwise_head<T: Element>(
     }
     let (k, ohw, chw) = (g.k(), g.ohw(), g.cin * g.hw());
     let c2: usize = head.splits.iter().sum();
-    let mut outs: Vec<Vec<T>> = head
-        .splits
-        .iter()
-        .map(|&c| pool::take::<T>(g.n * c * ohw))
-        .collect();
+    let mut outs = head.outputs(g.n, ohw);
     let ptrs: Vec<SharedPtr<T>> = outs.iter_mut().map(|o| SharedPtr(o.as_mut_ptr())).collect();
     let cols = cols_per_task(k, ohw, g.n);
     let chunks = ohw.div_ceil(cols);
     let wm = MatRef::row_major(w, g.cout, k);
-    let w2m = MatRef::row_major(head.w2, c2, g.cout);
     (0..g.n * chunks).into_par_iter().for_each(|t| {
         let (img, p0) = (t / chunks, (t % chunks) * cols);
         let pc = cols.min(ohw - p0);
@@ -352,22 +391,9 @@ pub(crate) fn forward_pointwise_head<T: Element>(
                     ep.apply_row(&mut row[..pc], co, base + co * ohw);
                 }
             }
-            let tm = MatRef::row_major(&*tile, g.cout, pcp);
-            gemm_into(prod, pcp, false, w2m, tm, Parallelism::None);
-            let mut rows = prod.chunks_exact(pcp).enumerate();
-            for (&c, out) in head.splits.iter().zip(&ptrs) {
-                for (j, (co, row)) in rows.by_ref().take(c).enumerate() {
-                    let b = head.b2.map_or(T::zero(), |b| b[co]);
-                    // SAFETY: columns [p0, p0 + pc) of image `img` belong to this
-                    // task alone, and the outputs outlive the parallel loop.
-                    let dst = unsafe {
-                        std::slice::from_raw_parts_mut(out.get().add((img * c + j) * ohw + p0), pc)
-                    };
-                    dst.iter_mut()
-                        .zip(&row[..pc])
-                        .for_each(|(d, &v)| *d = v + b);
-                }
-            }
+            // SAFETY: columns [p0, p0 + pc) of image `img` belong to this task alone,
+            // and the outputs outlive the parallel loop.
+            unsafe { head.write_tile(tile, (g.cout, pcp, pc), prod, &ptrs, (img, ohw, p0)) };
         });
     });
     outs

@@ -26,7 +26,7 @@ use rayon::prelude::*;
 use crate::ops::linear::{gemm_into, MatRef};
 use crate::tensor::{pool, Element};
 
-use super::cpu::{PointwiseHead, TileEpilogue};
+use super::cpu::{PointwiseHead, SharedPtr, TileEpilogue};
 use super::Geom;
 
 /// Transformed-domain points: a 4x4 patch per tile.
@@ -98,18 +98,6 @@ pub(super) fn transform_weights<T: Element>(w: &[T], cout: usize, cin: usize) ->
         }
     });
     u
-}
-
-/// A raw pointer that tasks writing disjoint parts of one buffer may share.
-#[derive(Clone, Copy)]
-struct SharedPtr<T>(*mut T);
-// SAFETY: only used where each task writes elements no other task touches.
-unsafe impl<T: Send> Send for SharedPtr<T> {}
-unsafe impl<T: Send> Sync for SharedPtr<T> {}
-impl<T> SharedPtr<T> {
-    fn get(self) -> *mut T {
-        self.0
-    }
 }
 
 /// Tile rows per task for `th x tw` tiles per image over `n` images: about
@@ -412,17 +400,12 @@ pub(super) fn forward_pointwise_head<T: Element>(
 ) -> Vec<Vec<T>> {
     let (ohw, chw) = (g.ohw(), g.cin * g.hw());
     let c2: usize = head.splits.iter().sum();
-    let mut outs: Vec<Vec<T>> = head
-        .splits
-        .iter()
-        .map(|&c| pool::take::<T>(g.n * c * ohw))
-        .collect();
+    let mut outs = head.outputs(g.n, ohw);
     let ptrs: Vec<SharedPtr<T>> = outs.iter_mut().map(|o| SharedPtr(o.as_mut_ptr())).collect();
     let u = transform_weights(w, g.cout, g.cin);
     let (th, tw) = (g.oh.div_ceil(2), g.ow.div_ceil(2));
     let band_t = band_rows(g.n, th, tw);
     let bands = th.div_ceil(band_t);
-    let w2m = MatRef::row_major(head.w2, c2, g.cout);
     (0..g.n * bands).into_par_iter().for_each(|t| {
         let (img, b) = (t / bands, t % bands);
         let (ti0, ti1) = (b * band_t, th.min((b + 1) * band_t));
@@ -443,22 +426,9 @@ pub(super) fn forward_pointwise_head<T: Element>(
                     ep.apply_row(&mut row[..pc], co, base + co * ohw);
                 }
             }
-            let tm = MatRef::row_major(&*tile, g.cout, pcp);
-            gemm_into(prod, pcp, false, w2m, tm, Parallelism::None);
-            let mut rows = prod.chunks_exact(pcp).enumerate();
-            for (&c, out) in head.splits.iter().zip(&ptrs) {
-                for (j, (co, row)) in rows.by_ref().take(c).enumerate() {
-                    let b = head.b2.map_or(T::zero(), |b| b[co]);
-                    // SAFETY: columns [p0, p0 + pc) of image `img` belong to this
-                    // task alone, and the outputs outlive the parallel loop.
-                    let dst = unsafe {
-                        std::slice::from_raw_parts_mut(out.get().add((img * c + j) * ohw + p0), pc)
-                    };
-                    dst.iter_mut()
-                        .zip(&row[..pc])
-                        .for_each(|(d, &v)| *d = v + b);
-                }
-            }
+            // SAFETY: columns [p0, p0 + pc) of image `img` belong to this task alone,
+            // and the outputs outlive the parallel loop.
+            unsafe { head.write_tile(tile, (g.cout, pcp, pc), prod, &ptrs, (img, ohw, p0)) };
         });
     });
     pool::give(u);
