@@ -225,7 +225,7 @@ impl<T: Element> TileEpilogue<'_, T> {
 /// each task applies the epilogue to its own output tile right after its GEMM.
 /// The output buffer comes from the host pool and is written, never zero-filled.
 pub(crate) fn forward<T: Element>(x: &[T], w: &[T], ep: &TileEpilogue<'_, T>, g: &Geom) -> Vec<T> {
-    if super::winograd::enabled() && super::winograd::pays(g) {
+    if super::winograd::serves(g) {
         return super::winograd::forward(x, w, ep, g);
     }
     let (k, ohw, chw) = (g.k(), g.ohw(), g.cin * g.hw());
@@ -362,7 +362,7 @@ pub(crate) fn forward_pointwise_head<T: Element>(
     head: &PointwiseHead<'_, T>,
     g: &Geom,
 ) -> Vec<Vec<T>> {
-    if super::winograd::enabled() && super::winograd::pays(g) {
+    if super::winograd::serves(g) {
         return super::winograd::forward_pointwise_head(x, w, ep, head, g);
     }
     let (k, ohw, chw) = (g.k(), g.ohw(), g.cin * g.hw());
@@ -562,7 +562,7 @@ fn grad_input_col2im<T: Element>(gy: &[T], w: &[T], g: &Geom) -> Vec<T> {
 /// Either way every element is summed in the same order whatever the thread
 /// scheduling.
 pub(super) fn grad_weight<T: Element>(x: &[T], gy: &[T], g: &Geom) -> Vec<T> {
-    if super::winograd::enabled() && super::winograd::pays(g) {
+    if super::winograd::serves(g) {
         return super::winograd::grad_weight(x, gy, g);
     }
     let (k, ohw, chw) = (g.k(), g.ohw(), g.cin * g.hw());

@@ -50,7 +50,13 @@ pub(super) fn enabled() -> bool {
     *ON.get_or_init(|| std::env::var("KESTREL_CPU_WINOGRAD").map_or(true, |v| v != "0"))
 }
 
-/// Whether F(2x2, 3x3) serves the convolution `g`: a 3x3 kernel, stride 1,
+/// Whether the CPU runs the convolution `g` by F(2x2, 3x3): [`enabled`] and it
+/// [`pays`] (the one test at each of cpu.rs's entry points).
+pub(super) fn serves(g: &Geom) -> bool {
+    enabled() && pays(g)
+}
+
+/// Whether F(2x2, 3x3) pays for the convolution `g`: a 3x3 kernel, stride 1,
 /// dilation 1, padding at most 2 (the patch of a tile then starts inside or next to
 /// the input), at least 16 input and output channels, and at least [`MIN_TILES`]
 /// tiles.
