@@ -62,6 +62,65 @@ thread_local! {
     ));
 }
 
+// KESTREL PATCH (see KESTREL_PATCH.md): the packing buffer of `gemm_basic_generic`
+// (packed rhs panels and prepacked lhs) is kept per thread and reused by the next call
+// instead of allocated per call. Grow-only: it holds the largest request seen on the
+// thread, which the cache blocking bounds (`kernel_params`: about the L3 size).
+#[cfg(feature = "std")]
+thread_local! {
+    static PACK_BUF: core::cell::Cell<Option<dyn_stack::MemBuffer>> =
+        const { core::cell::Cell::new(None) };
+}
+
+/// A packing buffer for one call. The thread's buffer is moved out for the call, so
+/// a nested call on the same thread (rayon work stealing while a parallel GEMM waits)
+/// finds the slot empty and allocates, as before the patch; on drop the larger
+/// buffer goes back to the slot.
+struct PackBuf(Option<dyn_stack::MemBuffer>);
+
+impl PackBuf {
+    fn new(req: StackReq) -> Self {
+        #[cfg(feature = "std")]
+        if let Some(buf) = PACK_BUF.try_with(|slot| slot.take()).ok().flatten() {
+            let align = req.align_bytes();
+            if align != 0 && buf.len() >= req.size_bytes() && buf.as_ptr() as usize % align == 0
+            {
+                return PackBuf(Some(buf));
+            }
+        }
+        PackBuf(Some(dyn_stack::MemBuffer::new(req)))
+    }
+}
+
+impl core::ops::Deref for PackBuf {
+    type Target = [core::mem::MaybeUninit<u8>];
+    fn deref(&self) -> &Self::Target {
+        self.0.as_deref().expect("present until dropped")
+    }
+}
+
+impl core::ops::DerefMut for PackBuf {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        self.0.as_deref_mut().expect("present until dropped")
+    }
+}
+
+impl Drop for PackBuf {
+    fn drop(&mut self) {
+        #[cfg(feature = "std")]
+        if let Some(buf) = self.0.take() {
+            // During thread teardown the slot is gone and `buf` is freed here.
+            let _ = PACK_BUF.try_with(move |slot| {
+                let keep = match slot.take() {
+                    Some(other) if other.len() > buf.len() => other,
+                    _ => buf,
+                };
+                slot.set(Some(keep));
+            });
+        }
+    }
+}
+
 pub trait Conj: Copy {
     fn conj(self) -> Self;
 }
@@ -434,7 +493,8 @@ pub unsafe fn gemm_basic_generic<
             },
             simd_align,
         );
-        Some(dyn_stack::MemBuffer::new(rhs_req.and(lhs_req)))
+        // KESTREL PATCH: reused per thread instead of allocated per call.
+        Some(PackBuf::new(rhs_req.and(lhs_req)))
     } else {
         None
     };
