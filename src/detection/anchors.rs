@@ -159,7 +159,8 @@ impl AnchorGenerator {
             .sum();
         match device {
             Device::Cpu => {
-                let mut out = vec![0f32; 4 * total];
+                // Every element is written (each level's rows, each row's cells).
+                let mut out = crate::tensor::pool::take::<f32>(4 * total);
                 let mut rest = &mut out[..];
                 for ((&(gh, gw), &(sh, sw)), cells) in
                     grid_sizes.iter().zip(&strides).zip(&self.cells)

@@ -133,7 +133,8 @@ impl BoxCoder {
                 let (r, b) = (rel_codes.cpu_slice::<T>()?, boxes.cpu_slice::<T>()?);
                 let w = [T::of(wx), T::of(wy), T::of(ww), T::of(wh)];
                 let clip = T::of(clip);
-                let mut out = vec![T::zero(); 4 * n * k];
+                // Every element is written.
+                let mut out = crate::tensor::pool::take::<T>(4 * n * k);
                 crate::device::cpu::for_chunks(&mut out, 4 * 1024, |c, o| {
                     for (q, o) in o.chunks_exact_mut(4).enumerate() {
                         let e = c * 1024 + q;

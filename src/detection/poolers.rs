@@ -24,7 +24,7 @@ use crate::ops::roi_align::{
     backward_levels, check_plane, forward_levels, i32_of, plan_roi, Level, RoiAlignParams, RoiPlan,
 };
 use crate::ops::{arg, gpu_dev};
-use crate::tensor::{same_device, DType, Element, Tensor};
+use crate::tensor::{pool, same_device, DType, Element, Tensor};
 use crate::with_dtype;
 
 const OP: &str = "multiscale_roi_align";
@@ -322,13 +322,30 @@ impl MultiScaleRoIAlign {
         })
     }
 
-    /// Per level, the plans of its RoIs in output-row order.
-    fn plans<T: Element>(
+    /// Runs `f` on the plans of the RoIs of each level, in output-row order. The
+    /// per-level vectors are this thread's, kept (emptied) for the next call.
+    fn with_plans<T: Element, R>(
         &self,
         proposals: &[Tensor],
         geo: &Geometry,
-    ) -> Result<Vec<Vec<RoiPlan<T>>>> {
-        let mut per_level: Vec<Vec<RoiPlan<T>>> = vec![Vec::new(); geo.maps.len()];
+        f: impl FnOnce(&[Vec<RoiPlan<T>>]) -> Result<R>,
+    ) -> Result<R> {
+        pool::with_kept(|per_level: &mut Vec<Vec<RoiPlan<T>>>| {
+            per_level.resize_with(geo.maps.len(), Vec::new);
+            let r = self
+                .plans_into(proposals, geo, per_level)
+                .and_then(|()| f(per_level));
+            per_level.iter_mut().for_each(Vec::clear);
+            r
+        })
+    }
+
+    fn plans_into<T: Element>(
+        &self,
+        proposals: &[Tensor],
+        geo: &Geometry,
+        per_level: &mut [Vec<RoiPlan<T>>],
+    ) -> Result<()> {
         let mut row = 0;
         for (img, props) in proposals.iter().enumerate() {
             for b in props.cpu_slice::<T>()?.chunks_exact(4) {
@@ -345,7 +362,7 @@ impl MultiScaleRoIAlign {
                 row += 1;
             }
         }
-        Ok(per_level)
+        Ok(())
     }
 
     fn forward_cpu<T: Element>(
@@ -354,21 +371,23 @@ impl MultiScaleRoIAlign {
         proposals: &[Tensor],
         geo: &Geometry,
     ) -> Result<Tensor> {
-        let levels = features
-            .iter()
-            .zip(self.plans::<T>(proposals, geo)?)
-            .zip(&geo.maps)
-            .map(|((f, plans), &dims)| {
-                Ok(Level {
-                    data: f.cpu_slice::<T>()?,
-                    dims,
-                    plans,
+        self.with_plans::<T, _>(proposals, geo, |per_level| {
+            let levels = features
+                .iter()
+                .zip(per_level)
+                .zip(&geo.maps)
+                .map(|((f, plans), &dims)| {
+                    Ok(Level {
+                        data: f.cpu_slice::<T>()?,
+                        dims,
+                        plans,
+                    })
                 })
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let y = forward_levels(&levels, geo.k, geo.c, self.output_size);
-        let (ph, pw) = self.output_size;
-        Tensor::from_vec(y, [geo.k, geo.c, ph, pw])
+                .collect::<Result<Vec<_>>>()?;
+            let y = forward_levels(&levels, geo.k, geo.c, self.output_size);
+            let (ph, pw) = self.output_size;
+            Tensor::from_vec(y, [geo.k, geo.c, ph, pw])
+        })
     }
 
     fn backward_cpu<T: Element>(
@@ -377,22 +396,23 @@ impl MultiScaleRoIAlign {
         proposals: &[Tensor],
         geo: &Geometry,
     ) -> Result<Vec<Tensor>> {
-        let levels: Vec<Level<'_, T>> = self
-            .plans::<T>(proposals, geo)?
-            .into_iter()
-            .zip(&geo.maps)
-            .map(|(plans, &dims)| Level {
-                data: &[],
-                dims,
-                plans,
-            })
-            .collect();
-        let grads = backward_levels(&levels, gy.cpu_slice::<T>()?, geo.c, self.output_size);
-        grads
-            .into_iter()
-            .zip(&geo.maps)
-            .map(|(g, dims)| Tensor::from_vec(g, dims.to_vec()))
-            .collect()
+        self.with_plans::<T, _>(proposals, geo, |per_level| {
+            let levels: Vec<Level<'_, T>> = per_level
+                .iter()
+                .zip(&geo.maps)
+                .map(|(plans, &dims)| Level {
+                    data: &[],
+                    dims,
+                    plans,
+                })
+                .collect();
+            let grads = backward_levels(&levels, gy.cpu_slice::<T>()?, geo.c, self.output_size);
+            grads
+                .into_iter()
+                .zip(&geo.maps)
+                .map(|(g, dims)| Tensor::from_vec(g, dims.to_vec()))
+                .collect()
+        })
     }
 
     /// The kernel arguments after the four map pointers: per-level sizes and scales

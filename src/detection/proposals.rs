@@ -31,7 +31,7 @@ use crate::error::{Error, Result};
 use crate::ops::nms::{nms_device, nms_groups_device, nms_groups_top_device, NmsOutput};
 use crate::ops::topk::topk_levels;
 use crate::ops::{arg, gpu_dev, launch_elems};
-use crate::tensor::{DType, Tensor};
+use crate::tensor::{pool, DType, Tensor};
 
 use super::box_coder::BoxCoder;
 
@@ -571,8 +571,8 @@ fn gather(idx: &Tensor, deltas: &Tensor, anchors: &Tensor) -> Result<(Tensor, Te
                 deltas.cpu_slice::<f32>()?,
                 anchors.cpu_slice::<f32>()?,
             );
-            let mut codes = Vec::with_capacity(4 * n * k);
-            let mut refs = Vec::with_capacity(4 * n * k);
+            let mut codes = pool::take_empty::<f32>(4 * n * k);
+            let mut refs = pool::take_empty::<f32>(4 * n * k);
             for (e, &j) in idx.iter().enumerate() {
                 let (img, j) = (e / k.max(1), j as usize);
                 codes.extend_from_slice(&d[4 * (img * a + j)..4 * (img * a + j) + 4]);
@@ -650,9 +650,9 @@ fn filter_proposals(
                 logits.cpu_slice::<f32>()?,
                 sizes.cpu_slice::<f32>()?,
             );
-            let mut boxes = Vec::with_capacity(4 * n * k);
-            let mut scores = Vec::with_capacity(n * k);
-            let mut groups = Vec::with_capacity(n * k);
+            let mut boxes = pool::take_empty::<f32>(4 * n * k);
+            let mut scores = pool::take_empty::<f32>(n * k);
+            let mut groups = pool::take_empty::<i64>(n * k);
             for e in 0..n * k {
                 let (img, j) = (e / k, e % k);
                 let level = ends[..levels - 1].iter().filter(|&&end| j >= end).count();
@@ -838,40 +838,47 @@ fn detections_cpu(
             out
         })
         .collect();
-    let kept: Vec<_> = per_row.into_iter().flatten().collect();
-    let k = kept.len();
-    let boxes: Vec<f32> = kept.iter().flat_map(|e| e.3).collect();
-    let scores: Vec<f32> = kept.iter().map(|e| e.2).collect();
-    let groups: Vec<i64> = kept.iter().map(|e| e.1).collect();
-    let keep = nms_device(
-        &Tensor::from_vec(boxes, [k, 4])?,
-        &Tensor::from_vec(scores, [k])?,
-        Some(&Tensor::from_vec_i64(groups, [k])?),
-        p.nms_thresh,
-    )?;
-    let count = keep.count.cpu_i64()?[0] as usize;
-    let (n, top) = (image_sizes.len(), p.detections_per_img);
-    let mut boxes = vec![0f32; n * top * 4];
-    let mut scores = vec![0f32; n * top];
-    let mut indices = vec![-1i64; n * top];
-    let mut counts = vec![0i64; n];
-    for &i in &keep.keep.cpu_i64()?[..count] {
-        let (cand, group, score, b) = kept[i as usize];
-        let img = group as usize / c;
-        let pos = counts[img] as usize;
-        if pos < top {
-            let o = img * top + pos;
-            boxes[4 * o..4 * o + 4].copy_from_slice(&b);
-            scores[o] = score;
-            indices[o] = cand;
-            counts[img] += 1;
+    let total = per_row.iter().map(Vec::len).sum();
+    // The survivors in candidate order, in this thread's vector kept for the next call.
+    pool::with_vec::<Survivor, _>(total, |kept| {
+        kept.extend(per_row.into_iter().flatten());
+        let k = kept.len();
+        let mut boxes = pool::take_empty::<f32>(4 * k);
+        boxes.extend(kept.iter().flat_map(|e| e.3));
+        let mut scores = pool::take_empty::<f32>(k);
+        scores.extend(kept.iter().map(|e| e.2));
+        let mut groups = pool::take_empty::<i64>(k);
+        groups.extend(kept.iter().map(|e| e.1));
+        let keep = nms_device(
+            &Tensor::from_vec(boxes, [k, 4])?,
+            &Tensor::from_vec(scores, [k])?,
+            Some(&Tensor::from_vec_i64(groups, [k])?),
+            p.nms_thresh,
+        )?;
+        let count = keep.count.cpu_i64()?[0] as usize;
+        let (n, top) = (image_sizes.len(), p.detections_per_img);
+        let mut boxes = vec![0f32; n * top * 4];
+        let mut scores = vec![0f32; n * top];
+        let mut indices = vec![-1i64; n * top];
+        let mut counts = vec![0i64; n];
+        for &i in &keep.keep.cpu_i64()?[..count] {
+            let (cand, group, score, b) = kept[i as usize];
+            let img = group as usize / c;
+            let pos = counts[img] as usize;
+            if pos < top {
+                let o = img * top + pos;
+                boxes[4 * o..4 * o + 4].copy_from_slice(&b);
+                scores[o] = score;
+                indices[o] = cand;
+                counts[img] += 1;
+            }
         }
-    }
-    Ok(Selected {
-        boxes: Tensor::from_vec(boxes, [n, top, 4])?,
-        scores: Tensor::from_vec(scores, [n, top])?,
-        indices: Tensor::from_vec_i64(indices, [n, top])?,
-        counts: Tensor::from_vec_i64(counts, [n])?,
+        Ok(Selected {
+            boxes: Tensor::from_vec(boxes, [n, top, 4])?,
+            scores: Tensor::from_vec(scores, [n, top])?,
+            indices: Tensor::from_vec_i64(indices, [n, top])?,
+            counts: Tensor::from_vec_i64(counts, [n])?,
+        })
     })
 }
 

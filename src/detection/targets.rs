@@ -24,7 +24,7 @@ use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::ops::{arg, launch_elems};
 use crate::rng::philox_sample_key;
-use crate::tensor::Tensor;
+use crate::tensor::{pool, Tensor};
 
 /// Stage number in the Philox counter: RPN anchors.
 pub const STAGE_RPN: u32 = 0;
@@ -435,7 +435,9 @@ pub fn match_labels(
         Device::Cpu => {
             let t = tg.host()?;
             let c = host_cands(cands)?;
-            let (mut labels, mut matched) = (vec![-1i64; n * l], vec![-1i64; n * l]);
+            let (mut labels, mut matched) = (pool::take::<i64>(n * l), pool::take::<i64>(n * l));
+            labels.fill(-1);
+            matched.fill(-1);
             if l > 0 {
                 for (img, (lab, mt)) in labels.chunks_mut(l).zip(matched.chunks_mut(l)).enumerate()
                 {
@@ -527,31 +529,37 @@ pub fn sample(
     match labels.device() {
         Device::Cpu => {
             let lab = labels.cpu_i64()?;
-            let mut sel = vec![-1i64; images * l];
+            let mut sel = pool::take::<i64>(images * l);
+            sel.fill(-1);
             let mut counts = vec![0i64; 2 * images];
             for n in 0..images {
                 let row = &lab[n * l..(n + 1) * l];
                 let mut taken_pos = 0;
                 for cls in 0..2 {
-                    let members: Vec<usize> = (0..l)
-                        .filter(|&j| if cls == 0 { row[j] >= 1 } else { row[j] == 0 })
-                        .collect();
                     let want = if cls == 0 {
                         spec.want_pos
                     } else {
                         spec.batch - taken_pos
                     };
-                    let k = want.min(members.len());
-                    let picked: Vec<usize> = if k == members.len() {
-                        members
-                    } else {
-                        smallest_keys(members, k, |j| {
-                            philox_sample_key(seed, n as u32, stage, j as u32)
-                        })
-                    };
-                    for j in picked {
-                        sel[n * l + j] = 1 - cls as i64;
-                    }
+                    let k = pool::with_vec::<usize, _>(l, |members| {
+                        members.extend((0..l).filter(|&j| {
+                            if cls == 0 {
+                                row[j] >= 1
+                            } else {
+                                row[j] == 0
+                            }
+                        }));
+                        let k = want.min(members.len());
+                        if k < members.len() {
+                            smallest_keys(members, k, |j| {
+                                philox_sample_key(seed, n as u32, stage, j as u32)
+                            });
+                        }
+                        for &j in &members[..k] {
+                            sel[n * l + j] = 1 - cls as i64;
+                        }
+                        k
+                    });
                     if cls == 0 {
                         taken_pos = k;
                     }
@@ -587,22 +595,23 @@ pub fn sample(
     }
 }
 
-/// The `k` members of smallest `(key(j), j)` (`k` < `members.len()`), in no
-/// particular order: the keys in parallel, then a selection instead of a sort (the
-/// pairs are distinct, so the set is the sorted prefix's).
-fn smallest_keys(members: Vec<usize>, k: usize, key: impl Fn(usize) -> u32 + Sync) -> Vec<usize> {
+/// Moves the `k` members of smallest `(key(j), j)` (`k` < `members.len()`) to the
+/// front of `members`, in no particular order: the keys in parallel, then a
+/// selection instead of a sort (the pairs are distinct, so the set is the sorted
+/// prefix's).
+fn smallest_keys(members: &mut [usize], k: usize, key: impl Fn(usize) -> u32 + Sync) {
     use rayon::prelude::*;
-    let mut keyed: Vec<(u32, usize)> = members
-        .into_par_iter()
-        .with_min_len(4096)
-        .map(|j| (key(j), j))
-        .collect();
     if k == 0 {
-        return Vec::new();
+        return;
     }
-    keyed.select_nth_unstable(k - 1);
-    keyed.truncate(k);
-    keyed.into_iter().map(|(_, j)| j).collect()
+    // The keyed pairs live in a per-thread vector reused across calls.
+    pool::with_vec::<(u32, usize), _>(members.len(), |keyed| {
+        keyed.par_extend(members.par_iter().with_min_len(4096).map(|&j| (key(j), j)));
+        keyed.select_nth_unstable(k - 1);
+        for (m, &(_, j)) in members.iter_mut().zip(&keyed[..k]) {
+            *m = j;
+        }
+    });
 }
 
 /// What the RPN losses read, per anchor of the batch `[N * A]`.

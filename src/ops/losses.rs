@@ -564,7 +564,7 @@ fn gathered_loss(
                     .get(k)
                     .copied()
                     .unwrap_or(false)
-                    .then(|| vec![0f32; s.numel()])
+                    .then(|| crate::tensor::pool::take_zeroed::<f32>(s.numel()))
             })
             .collect();
         for (&(k, o), &t) in at.iter().zip(&targets) {

@@ -232,7 +232,8 @@ fn cpu_forward<T: Element>(x: &[T], g: &Geom, with_indices: bool) -> (Vec<T>, Op
     }
     let plane_of = |p: usize| &x[p * ihw..(p + 1) * ihw];
     if with_indices {
-        let mut idx = vec![0i64; g.planes * ohw];
+        // pool_plane writes every index too.
+        let mut idx = crate::tensor::pool::take::<i64>(g.planes * ohw);
         y.par_chunks_mut(ohw)
             .zip(idx.par_chunks_mut(ohw))
             .enumerate()

@@ -264,7 +264,7 @@ pub(crate) struct RoiPlan<T> {
 pub(crate) struct Level<'a, T> {
     pub data: &'a [T],
     pub dims: [usize; 4],
-    pub plans: Vec<RoiPlan<T>>,
+    pub plans: &'a [RoiPlan<T>],
 }
 
 /// torchvision's `bilinear_interpolate` along one axis of length `size` (elements
@@ -479,7 +479,7 @@ fn pool_channels<T: Element, const B: usize>(
 ) {
     for lvl in levels {
         let hw = lvl.dims[2] * lvl.dims[3];
-        for plan in &lvl.plans {
+        for plan in lvl.plans {
             let base = (plan.batch * c + c0) * hw;
             let planes: [&[T]; B] = std::array::from_fn(|j| &lvl.data[base + j * hw..][..hw]);
             let bins = outs[0][plan.row].len();
@@ -587,25 +587,29 @@ fn scatter_channels_last<T: Element, const B: usize>(
     pw: usize,
 ) {
     let hw = planes[0].len();
-    let mut acc = vec![[T::zero(); B]; hw];
-    for plan in plans {
-        let rows: [&[T]; B] =
-            std::array::from_fn(|j| &gy[(plan.row * c + c0 + j) * bins..][..bins]);
-        match plan.inv_count {
-            Some(r) => scatter_roi_last(&mut acc, plan, rows, (bins, pw), |v| v * r),
-            None => scatter_roi_last(&mut acc, plan, rows, (bins, pw), |v| v / plan.count),
+    // The scratch is this thread's, kept for the next task.
+    crate::tensor::pool::with_vec::<[T; B], _>(hw, |acc| {
+        acc.resize(hw, [T::zero(); B]);
+        for plan in plans {
+            let rows: [&[T]; B] =
+                std::array::from_fn(|j| &gy[(plan.row * c + c0 + j) * bins..][..bins]);
+            match plan.inv_count {
+                Some(r) => scatter_roi_last(acc, plan, rows, (bins, pw), |v| v * r),
+                None => scatter_roi_last(acc, plan, rows, (bins, pw), |v| v / plan.count),
+            }
         }
-    }
-    for (i, a) in acc.iter().enumerate() {
-        for (p, &v) in planes.iter_mut().zip(a) {
-            p[i] = v;
+        for (i, a) in acc.iter().enumerate() {
+            for (p, &v) in planes.iter_mut().zip(a) {
+                p[i] = v;
+            }
         }
-    }
+    })
 }
 
-/// dL/d(level maps) from dL/dy `[K, C, ph, pw]`: one zero-initialised `[N, C, H, W]`
-/// buffer per level. One task per block of planes of one image, visiting that image's
-/// RoIs in row order: every plane has one writer and torchvision's summation order.
+/// dL/d(level maps) from dL/dy `[K, C, ph, pw]`: one `[N, C, H, W]` buffer per level
+/// (from the host pool: each plane's task writes all of it, zeros included). One task
+/// per block of planes of one image, visiting that image's RoIs in row order: every
+/// plane has one writer and torchvision's summation order.
 pub(crate) fn backward_levels<T: Element>(
     levels: &[Level<'_, T>],
     gy: &[T],
@@ -616,14 +620,14 @@ pub(crate) fn backward_levels<T: Element>(
     let bins = ph * pw;
     let mut grads: Vec<Vec<T>> = levels
         .iter()
-        .map(|l| vec![T::zero(); l.dims.iter().product()])
+        .map(|l| crate::tensor::pool::take(l.dims.iter().product()))
         .collect();
     // Per level and image, the plans in row order.
     let by_image: Vec<Vec<Vec<&RoiPlan<T>>>> = levels
         .iter()
         .map(|l| {
             let mut v = vec![Vec::new(); l.dims[0]];
-            for plan in &l.plans {
+            for plan in l.plans {
                 v[plan.batch].push(plan);
             }
             v
@@ -664,10 +668,11 @@ fn forward_cpu<T: Element>(
 ) -> Result<Tensor> {
     let (ph, pw) = p.output_size;
     let k = rois.dims()[0];
+    let plans = plan_all("roi_align", rois.cpu_slice::<T>()?, dims, p)?;
     let level = Level {
         data: input.cpu_slice::<T>()?,
         dims,
-        plans: plan_all("roi_align", rois.cpu_slice::<T>()?, dims, p)?,
+        plans: &plans,
     };
     let y = forward_levels(&[level], k, dims[1], p.output_size);
     Tensor::from_vec(y, [k, dims[1], ph, pw])
@@ -687,7 +692,7 @@ fn backward_cpu<T: Element>(
     let level = Level {
         data: &[],
         dims,
-        plans,
+        plans: &plans,
     };
     let mut g = backward_levels(&[level], gy.cpu_slice::<T>()?, dims[1], p.output_size);
     Tensor::from_vec(g.pop().unwrap_or_default(), dims.to_vec())

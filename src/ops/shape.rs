@@ -5,8 +5,6 @@
 //! The CUDA kernels (kernels/shape.cu) move 32-bit words, so the same kernel copies
 //! f32 (one word per element) and i64 (two words) tensors.
 
-use num_traits::Zero;
-
 use crate::autograd::record;
 use crate::device::gpu::{GpuBuffer, GpuDevice, KernelArg};
 use crate::device::Device;
@@ -252,7 +250,7 @@ fn split(shape: &Shape, dim: usize) -> (usize, usize, usize) {
 }
 
 /// An element type the CPU paths copy.
-trait HostElem: Copy + Default + Send + Sync + 'static {
+trait HostElem: crate::tensor::pool::Pooled + Default {
     fn host(t: &Tensor) -> Result<&[Self]>;
     fn tensor(v: Vec<Self>, shape: Shape) -> Result<Tensor>;
 }
@@ -492,7 +490,8 @@ fn permute_plain(x: &Tensor, perm: &[usize]) -> Result<Tensor> {
 fn cpu_permute<T: HostElem>(x: &Tensor, perm: &[usize], out_shape: Shape) -> Result<Tensor> {
     let src = T::host(x)?;
     let (dims, strides) = permute_plan(x.dims(), perm);
-    let mut out = vec![T::default(); x.numel()];
+    // Every element is written.
+    let mut out = crate::tensor::pool::take::<T>(x.numel());
     // Fixed-size chunks of the output in parallel; within a chunk an odometer over
     // the output index advances the source offset without divisions.
     const CHUNK: usize = 1 << 14;
@@ -657,7 +656,7 @@ fn index_add(gy: &Tensor, full: &Shape, dim: usize, idx: &Tensor) -> Result<Tens
     match gy.device() {
         Device::Cpu => crate::with_dtype!(gy.dtype(), T => {
             let (g, ids) = (gy.cpu_slice::<T>()?, idx.cpu_i64()?);
-            let mut out = vec![T::zero(); full.numel()];
+            let mut out = crate::tensor::pool::take_zeroed::<T>(full.numel());
             for o in 0..outer {
                 for (r, &s) in ids.iter().enumerate() {
                     let to = (o * size + s as usize) * inner;

@@ -18,7 +18,7 @@ use crate::device::gpu::{KernelArg, LaunchCfg};
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::ops::nms::descending_key;
-use crate::tensor::{DType, Element, Tensor};
+use crate::tensor::{pool, DType, Element, Tensor};
 use crate::with_dtype;
 
 /// Largest `k` the CUDA kernel takes (TOPK_CAP in kernels/topk.cu).
@@ -81,27 +81,24 @@ pub fn topk_levels(x: &Tensor, level_sizes: &[usize], k: usize) -> Result<(Tenso
     }
 }
 
-/// The `min(k, len)` positions of `seg` in top-k order.
-fn segment_topk<T: Element>(seg: &[T], k: usize) -> Vec<u32> {
+/// The `min(k, len)` positions of `seg` in top-k order; `keyed` (`seg.len()` long) is
+/// scratch.
+fn segment_topk<T: Element>(seg: &[T], k: usize, keyed: &mut [u128]) -> Vec<u32> {
     let kk = k.min(seg.len());
     if kk == 0 {
         return Vec::new();
     }
-    // (key, index) pairs are unique: selecting and sorting them gives the stable order.
-    // The keys live in a per-thread vector reused across calls.
-    crate::tensor::pool::with_vec::<(u64, u32), _>(seg.len(), |keyed| {
-        keyed.extend(
-            seg.iter()
-                .enumerate()
-                .map(|(i, v)| (descending_key(v.f64()), i as u32)),
-        );
-        if kk < keyed.len() {
-            keyed.select_nth_unstable(kk - 1);
-            keyed.truncate(kk);
-        }
-        keyed.sort_unstable();
-        keyed.iter().map(|&(_, i)| i).collect()
-    })
+    // (key, index) packed as key << 32 | index: u128 order is the pairs' order, and
+    // the pairs are unique, so selecting and sorting them gives the stable order.
+    for (kv, (i, v)) in keyed.iter_mut().zip(seg.iter().enumerate()) {
+        *kv = (descending_key(v.f64()) as u128) << 32 | i as u128;
+    }
+    if kk < keyed.len() {
+        keyed.select_nth_unstable(kk - 1);
+    }
+    let top = &mut keyed[..kk];
+    top.sort_unstable();
+    top.iter().map(|&kv| kv as u32).collect()
 }
 
 fn topk_cpu<T: Element>(
@@ -118,12 +115,26 @@ fn topk_cpu<T: Element>(
     let segs: Vec<(usize, usize)> = (0..rows)
         .flat_map(|r| (0..level_sizes.len()).map(move |l| (r, l)))
         .collect();
+    // The segments tile `x` in order: one pooled key buffer, cut the same way.
+    let mut keys = pool::take::<u128>(rows * a);
+    let mut scratch: Vec<&mut [u128]> = Vec::with_capacity(segs.len());
+    let mut rest = &mut keys[..];
+    for &(_, l) in &segs {
+        let (seg, tail) = rest.split_at_mut(level_sizes[l]);
+        scratch.push(seg);
+        rest = tail;
+    }
     let picked: Vec<Vec<u32>> = segs
         .par_iter()
-        .map(|&(r, l)| segment_topk(&x[r * a + offsets[l]..r * a + offsets[l + 1]], k))
+        .zip(scratch)
+        .map(|(&(r, l), keyed)| {
+            segment_topk(&x[r * a + offsets[l]..r * a + offsets[l + 1]], k, keyed)
+        })
         .collect();
-    let mut values = Vec::with_capacity(picked.iter().map(Vec::len).sum());
-    let mut indices = Vec::with_capacity(values.capacity());
+    pool::give(keys);
+    let total = picked.iter().map(Vec::len).sum();
+    let mut values = pool::take_empty::<T>(total);
+    let mut indices = pool::take_empty::<i64>(total);
     for (&(r, l), p) in segs.iter().zip(&picked) {
         for &i in p {
             let col = offsets[l] + i as usize;

@@ -70,14 +70,15 @@ struct Inner {
 }
 
 impl Drop for Inner {
-    /// The last owner of a CPU float buffer gives it to the [`pool`], where the next
-    /// op asking for that many elements picks it up.
+    /// The last owner of a CPU float or i64 buffer gives it to the [`pool`], where
+    /// the next op asking for that many elements picks it up.
     fn drop(&mut self) {
         if let Some(Storage::Cpu(cs)) = Arc::get_mut(&mut self.storage) {
             match cs {
                 CpuStorage::F32(v) => pool::give(std::mem::take(v)),
                 CpuStorage::F64(v) => pool::give(std::mem::take(v)),
-                CpuStorage::I64(_) | CpuStorage::BF16(_) => {}
+                CpuStorage::I64(v) => pool::give(std::mem::take(v)),
+                CpuStorage::BF16(_) => {}
             }
         }
     }

@@ -22,6 +22,12 @@ use std::sync::{Mutex, OnceLock};
 
 use super::Element;
 
+/// What the pool holds: plain-data elements (f32 and f64 tensors, i64 indices and
+/// labels, packed sort keys); each type has its own shelves.
+pub trait Pooled: bytemuck::Pod + Send + Sync {}
+
+impl<T: bytemuck::Pod + Send + Sync> Pooled for T {}
+
 /// Buffers smaller than this go straight to the allocator.
 pub const MIN_POOLED_BYTES: usize = 64 << 10;
 
@@ -170,9 +176,9 @@ fn poolable<T>(len: usize) -> bool {
 /// A buffer of `len` elements whose contents are unspecified (old values of a
 /// recycled buffer, or zeros when fresh): the caller writes every element. Its
 /// capacity may exceed `len` (a recycled buffer up to 50% larger).
-pub fn take<T: Element>(len: usize) -> Vec<T> {
+pub fn take<T: Pooled>(len: usize) -> Vec<T> {
     if !poolable::<T>(len) {
-        return vec![T::zero(); len];
+        return vec![T::zeroed(); len];
     }
     let size = std::mem::size_of::<T>();
     let most = len.saturating_mul(SLACK_NUM) / SLACK_DEN;
@@ -202,13 +208,13 @@ pub fn take<T: Element>(len: usize) -> Vec<T> {
             if v.len() >= len {
                 v.truncate(len);
             } else {
-                v.resize(len, T::zero());
+                v.resize(len, T::zeroed());
             }
             v
         }
         None => {
             MISSES.fetch_add(1, Ordering::Relaxed);
-            vec![T::zero(); len]
+            vec![T::zeroed(); len]
         }
     };
     let bytes = v.capacity() * size;
@@ -255,16 +261,24 @@ fn make_room(s: &mut Shelves, bytes: usize) -> Vec<Box<dyn Any + Send>> {
 }
 
 /// A buffer of `len` zeros (recycled when possible).
-pub fn take_zeroed<T: Element>(len: usize) -> Vec<T> {
+pub fn take_zeroed<T: Pooled>(len: usize) -> Vec<T> {
     let mut v = take::<T>(len);
-    v.fill(T::zero());
+    v.fill(T::zeroed());
+    v
+}
+
+/// An empty buffer with room for `cap` elements (recycled when possible), for code
+/// that pushes its results.
+pub fn take_empty<T: Pooled>(cap: usize) -> Vec<T> {
+    let mut v = take::<T>(cap);
+    v.clear();
     v
 }
 
 /// Give a buffer back (called when a CPU tensor's storage is dropped). Buffers are
 /// shelved by type and capacity; the pool frees its largest buffers while it holds
 /// more than [`max_pooled_bytes`].
-pub(crate) fn give<T: Send + 'static>(v: Vec<T>) {
+pub(crate) fn give<T: Pooled>(v: Vec<T>) {
     let size = std::mem::size_of::<T>();
     let cap = v.capacity();
     if !poolable::<T>(cap) {
@@ -361,7 +375,8 @@ pub fn with_scratch<T: Element, R>(len: usize, f: impl FnOnce(&mut [T]) -> R) ->
 }
 
 thread_local! {
-    /// Per-thread reusable vectors of any element type (sort keys, index lists).
+    /// Per-thread reusable values by type: vectors of any element type (sort keys,
+    /// index lists) and structs of them.
     static VECS: std::cell::RefCell<HashMap<TypeId, Box<dyn Any>>> =
         std::cell::RefCell::new(HashMap::new());
 }
@@ -370,15 +385,26 @@ thread_local! {
 /// elements, kept for the next call: temporaries such as sort keys stop allocating
 /// once warm. A nested call for the same `T` gets a fresh vector.
 pub fn with_vec<T: 'static, R>(cap: usize, f: impl FnOnce(&mut Vec<T>) -> R) -> R {
-    let key = TypeId::of::<T>();
+    with_kept(|v: &mut Vec<T>| {
+        v.clear();
+        v.reserve(cap);
+        let r = f(v);
+        v.clear();
+        r
+    })
+}
+
+/// Runs `f` on this thread's value of type `S` (`S::default()` the first time), kept
+/// for the next call as `f` leaves it: a struct of temporaries whose vectors keep
+/// their capacity stops allocating once warm. A nested call for the same `S` gets a
+/// fresh default.
+pub fn with_kept<S: Default + 'static, R>(f: impl FnOnce(&mut S) -> R) -> R {
+    let key = TypeId::of::<S>();
     let kept = VECS.with(|m| m.borrow_mut().remove(&key));
-    let mut v: Vec<T> = kept
-        .and_then(|b| b.downcast::<Vec<T>>().ok())
-        .map_or_else(Vec::new, |b| *b);
-    v.clear();
-    v.reserve(cap);
+    let mut v: S = kept
+        .and_then(|b| b.downcast::<S>().ok())
+        .map_or_else(S::default, |b| *b);
     let r = f(&mut v);
-    v.clear();
     VECS.with(|m| m.borrow_mut().insert(key, Box::new(v)));
     r
 }

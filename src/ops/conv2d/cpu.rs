@@ -410,7 +410,10 @@ pub(crate) fn forward_pointwise_head<T: Element>(
 /// an otherwise zero gradient. Other shapes: [`grad_input_col2im`].
 pub(super) fn grad_input<T: Element>(gy: &[T], w: &[T], g: &Geom) -> Vec<T> {
     if let Some(gt) = transposed_geometry(g) {
-        return forward(gy, &flipped_transposed(w, g), &TileEpilogue::default(), &gt);
+        let wt = flipped_transposed(w, g);
+        let gx = forward(gy, &wt, &TileEpilogue::default(), &gt);
+        pool::give(wt);
+        return gx;
     }
     if g.kh == 1 && g.kw == 1 && g.p.padding == (0, 0) && g.p.dilation == (1, 1) {
         let gt = Geom {
@@ -421,7 +424,9 @@ pub(super) fn grad_input<T: Element>(gy: &[T], w: &[T], g: &Geom) -> Vec<T> {
             p: super::Conv2dParams::default(),
             ..*g
         };
-        let z = forward(gy, &flipped_transposed(w, g), &TileEpilogue::default(), &gt);
+        let wt = flipped_transposed(w, g);
+        let z = forward(gy, &wt, &TileEpilogue::default(), &gt);
+        pool::give(wt);
         let gx = scatter_strided(&z, g);
         pool::give(z);
         return gx;
@@ -463,10 +468,11 @@ fn transposed_geometry(g: &Geom) -> Option<Geom> {
 }
 
 /// `w: [Cout, Cin, kh, kw]` as `[Cin, Cout, kh, kw]` with each kernel rotated by
-/// 180 degrees: the weight of dL/dx as a convolution of dL/dy.
+/// 180 degrees: the weight of dL/dx as a convolution of dL/dy (every element
+/// written, into a host-pool buffer).
 fn flipped_transposed<T: Element>(w: &[T], g: &Geom) -> Vec<T> {
     let khw = g.kh * g.kw;
-    let mut wt = vec![T::zero(); w.len()];
+    let mut wt = pool::take::<T>(w.len());
     for co in 0..g.cout {
         for ci in 0..g.cin {
             let src = &w[(co * g.cin + ci) * khw..][..khw];

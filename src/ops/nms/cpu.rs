@@ -110,24 +110,39 @@ impl<T: Element> Rec<T> {
 
 /// The boxes in sorted order.
 pub(super) fn gather<T: Element>(boxes: &[T], cls: Option<&[i64]>, order: &[u32]) -> Vec<Rec<T>> {
-    order
-        .iter()
-        .enumerate()
-        .map(|(p, &i)| {
-            let b = &boxes[4 * i as usize..4 * i as usize + 4];
-            Rec {
-                pos: p as u32,
-                x1: b[0],
-                y1: b[1],
-                x2: b[2],
-                y2: b[3],
-                area: (b[2] - b[0]) * (b[3] - b[1]),
-                cls: cls.map_or(0, |c| c[i as usize]),
-            }
-        })
-        .collect()
+    let mut sb = Vec::with_capacity(order.len());
+    gather_into(&mut sb, boxes, cls, order);
+    sb
 }
 
+/// [`gather`] into `sb` (emptied first).
+fn gather_into<T: Element>(sb: &mut Vec<Rec<T>>, boxes: &[T], cls: Option<&[i64]>, order: &[u32]) {
+    sb.clear();
+    sb.extend(order.iter().enumerate().map(|(p, &i)| {
+        let b = &boxes[4 * i as usize..4 * i as usize + 4];
+        Rec {
+            pos: p as u32,
+            x1: b[0],
+            y1: b[1],
+            x2: b[2],
+            y2: b[3],
+            area: (b[2] - b[0]) * (b[3] - b[1]),
+            cls: cls.map_or(0, |c| c[i as usize]),
+        }
+    }));
+}
+
+/// The vectors of one CPU NMS, kept per thread for the next call (emptied, capacity
+/// kept): a warm step's NMS allocates nothing large.
+#[derive(Default)]
+struct Scratch<T> {
+    sb: Vec<Rec<T>>,
+    kept: Vec<usize>,
+    scale: ScaleBufs<T>,
+    grid: GridBufs<T>,
+}
+
+/// Kept original indices in descending score order, in a host-pool buffer.
 pub(super) fn nms_cpu<T: Element>(
     boxes: &[T],
     scores: &[T],
@@ -135,13 +150,17 @@ pub(super) fn nms_cpu<T: Element>(
     thr: f64,
 ) -> Vec<i64> {
     let order = sort_descending(scores);
-    let sb = gather(boxes, cls, &order);
-    let kept = if thr >= 0.0 {
-        greedy_grid(&sb, thr)
-    } else {
-        greedy_reference(&sb, thr)
-    };
-    kept.into_iter().map(|p| order[p] as i64).collect()
+    crate::tensor::pool::with_kept(|s: &mut Scratch<T>| {
+        gather_into(&mut s.sb, boxes, cls, &order);
+        if thr >= 0.0 {
+            greedy_grid(&s.sb, thr, &mut s.kept, (&mut s.scale, &mut s.grid));
+        } else {
+            s.kept = greedy_reference(&s.sb, thr);
+        }
+        let mut keep = crate::tensor::pool::take_empty::<i64>(order.len());
+        keep.extend(s.kept.iter().map(|&p| order[p] as i64));
+        keep
+    })
 }
 
 /// torchvision's loop over sorted positions.
@@ -170,14 +189,24 @@ const CHUNK: usize = 4096;
 /// ([`ScaleIndex`]); below it by the cells they cover ([`OverlapGrid`]).
 const SCALE_INDEX_MIN_THR: f64 = 0.6;
 
-/// Greedy NMS over sorted positions for a threshold >= 0: each candidate is checked
-/// only against kept boxes that an index says could suppress it.
-fn greedy_grid<T: Element>(sb: &[Rec<T>], thr: f64) -> Vec<usize> {
+/// Greedy NMS over sorted positions for a threshold >= 0, into `kept`: each
+/// candidate is checked only against kept boxes that an index says could suppress
+/// it. `bufs`: the indexes' vectors, kept between calls.
+fn greedy_grid<T: Element>(
+    sb: &[Rec<T>],
+    thr: f64,
+    kept: &mut Vec<usize>,
+    (scale, grid): (&mut ScaleBufs<T>, &mut GridBufs<T>),
+) {
     let part: Vec<bool> = sb.iter().map(Rec::participates).collect();
     if thr >= SCALE_INDEX_MIN_THR {
-        greedy_indexed(sb, thr, &part, ScaleIndex::new(sb, &part, thr))
+        let mut index = ScaleIndex::new(sb, &part, thr, std::mem::take(scale));
+        greedy_indexed(sb, thr, &part, &mut index, kept);
+        *scale = index.into_bufs();
     } else {
-        greedy_indexed(sb, thr, &part, OverlapGrid::new(sb, &part))
+        let mut index = OverlapGrid::new(sb, &part, std::mem::take(grid));
+        greedy_indexed(sb, thr, &part, &mut index, kept);
+        *grid = index.into_bufs();
     }
 }
 
@@ -205,10 +234,12 @@ fn greedy_indexed<T: Element, I: KeptIndex<T>>(
     sb: &[Rec<T>],
     thr: f64,
     part: &[bool],
-    mut index: I,
-) -> Vec<usize> {
+    index: &mut I,
+    kept: &mut Vec<usize>,
+) {
     let n = sb.len();
-    let mut kept = Vec::with_capacity(n);
+    kept.clear();
+    kept.reserve(n);
     let chunk = if n >= PAR_MIN { CHUNK } else { n.max(1) };
     for start in (0..n).step_by(chunk) {
         let end = (start + chunk).min(n);
@@ -234,7 +265,6 @@ fn greedy_indexed<T: Element, I: KeptIndex<T>>(
             index.insert(&sb[j]);
         }
     }
-    kept
 }
 
 /// Cell of coordinate `v` on an axis of `g` cells from `origin`, `inv` cells per
@@ -272,6 +302,26 @@ struct OverlapGrid<T> {
     big: Vec<Rec<T>>,
     all: Vec<Rec<T>>,
     cell_range: Vec<[u32; 4]>,
+    /// The participants' positions (kept for the next grid).
+    ps: Vec<usize>,
+}
+
+/// The vectors of an [`OverlapGrid`] that grow with the number of boxes, kept
+/// between calls.
+struct GridBufs<T> {
+    ps: Vec<usize>,
+    cell_range: Vec<[u32; 4]>,
+    all: Vec<Rec<T>>,
+}
+
+impl<T> Default for GridBufs<T> {
+    fn default() -> Self {
+        GridBufs {
+            ps: Vec::new(),
+            cell_range: Vec::new(),
+            all: Vec::new(),
+        }
+    }
 }
 
 /// A box covering more cells than this is listed in `big` instead.
@@ -280,8 +330,14 @@ const BIG_CELLS: usize = 64;
 const SCAN_CELLS: usize = 256;
 
 impl<T: Element> OverlapGrid<T> {
-    fn new(sb: &[Rec<T>], part: &[bool]) -> Self {
-        let ps: Vec<usize> = (0..sb.len()).filter(|&p| part[p]).collect();
+    fn new(sb: &[Rec<T>], part: &[bool], bufs: GridBufs<T>) -> Self {
+        let GridBufs {
+            mut ps,
+            mut cell_range,
+            mut all,
+        } = bufs;
+        ps.clear();
+        ps.extend((0..sb.len()).filter(|&p| part[p]));
         let (mut lo, mut hi) = ([f64::MAX; 2], [f64::MIN; 2]);
         for &p in &ps {
             let [x1, y1, x2, y2] = sb[p].f64s();
@@ -300,7 +356,8 @@ impl<T: Element> OverlapGrid<T> {
             }
         }
         let inv = [axis_inv(hi[0] - lo[0], g[0]), axis_inv(hi[1] - lo[1], g[1])];
-        let mut cell_range = vec![[0u32; 4]; sb.len()];
+        cell_range.clear();
+        cell_range.resize(sb.len(), [0u32; 4]);
         for &p in &ps {
             let [x1, y1, x2, y2] = sb[p].f64s();
             cell_range[p] = [
@@ -310,12 +367,25 @@ impl<T: Element> OverlapGrid<T> {
                 axis_cell(y2, lo[1], inv[1], g[1]),
             ];
         }
+        // Room for every box: kept boxes never make it grow.
+        all.clear();
+        all.reserve(sb.len());
         OverlapGrid {
             gx: g[0],
             cells: vec![Vec::new(); g[0] * g[1]],
             big: Vec::new(),
-            all: Vec::new(),
+            all,
             cell_range,
+            ps,
+        }
+    }
+
+    /// The vectors to keep for the next grid.
+    fn into_bufs(self) -> GridBufs<T> {
+        GridBufs {
+            ps: self.ps,
+            cell_range: self.cell_range,
+            all: self.all,
         }
     }
 
@@ -390,6 +460,24 @@ struct ScaleIndex<T> {
     all: Vec<Rec<T>>,
 }
 
+/// The vectors of a [`ScaleIndex`] that grow with the number of boxes, kept between
+/// calls.
+struct ScaleBufs<T> {
+    geo: Vec<[f64; 5]>,
+    class: Vec<i32>,
+    all: Vec<Rec<T>>,
+}
+
+impl<T> Default for ScaleBufs<T> {
+    fn default() -> Self {
+        ScaleBufs {
+            geo: Vec::new(),
+            class: Vec::new(),
+            all: Vec::new(),
+        }
+    }
+}
+
 /// The centre grid of one area class.
 struct ClassGrid<T> {
     origin: [f64; 2],
@@ -408,28 +496,31 @@ fn binade(v: f64) -> i32 {
 }
 
 impl<T: Element> ScaleIndex<T> {
-    fn new(sb: &[Rec<T>], part: &[bool], thr: f64) -> Self {
+    fn new(sb: &[Rec<T>], part: &[bool], thr: f64, bufs: ScaleBufs<T>) -> Self {
+        let ScaleBufs {
+            mut geo,
+            mut class,
+            mut all,
+        } = bufs;
         // [cx, cy, w, h, area] in f64.
-        let geo: Vec<[f64; 5]> = sb
-            .iter()
-            .map(|r| {
-                let [x1, y1, x2, y2] = r.f64s();
-                let (w, h) = (x2 - x1, y2 - y1);
-                [0.5 * (x1 + x2), 0.5 * (y1 + y2), w, h, w * h]
-            })
-            .collect();
+        geo.clear();
+        geo.extend(sb.iter().map(|r| {
+            let [x1, y1, x2, y2] = r.f64s();
+            let (w, h) = (x2 - x1, y2 - y1);
+            [0.5 * (x1 + x2), 0.5 * (y1 + y2), w, h, w * h]
+        }));
         let sides = 1e-10..=1e12;
-        let class: Vec<i32> = geo
-            .iter()
-            .zip(part)
-            .map(|(g, &p)| {
-                if p && sides.contains(&g[2]) && sides.contains(&g[3]) {
-                    binade(g[4])
-                } else {
-                    NO_CLASS
-                }
-            })
-            .collect();
+        class.clear();
+        class.extend(geo.iter().zip(part).map(|(g, &p)| {
+            if p && sides.contains(&g[2]) && sides.contains(&g[3]) {
+                binade(g[4])
+            } else {
+                NO_CLASS
+            }
+        }));
+        // Room for every box: kept boxes never make it grow.
+        all.clear();
+        all.reserve(sb.len());
         let present = class.iter().filter(|&&c| c != NO_CLASS);
         let (e_min, e_max) =
             present.fold((i32::MAX, i32::MIN), |(lo, hi), &c| (lo.min(c), hi.max(c)));
@@ -454,7 +545,16 @@ impl<T: Element> ScaleIndex<T> {
             e_min,
             grids,
             odd: Vec::new(),
-            all: Vec::new(),
+            all,
+        }
+    }
+
+    /// The vectors to keep for the next index.
+    fn into_bufs(self) -> ScaleBufs<T> {
+        ScaleBufs {
+            geo: self.geo,
+            class: self.class,
+            all: self.all,
         }
     }
 

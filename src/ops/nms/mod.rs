@@ -139,7 +139,9 @@ pub fn nms_groups_device(
                 let (b, s) = (boxes.cpu_slice::<T>()?, scores.cpu_slice::<T>()?);
                 nms_cpu(b, s, Some(cls), iou_threshold)
             });
-            let mut padded: Vec<i64> = keep.into_iter().filter(|&i| cls[i as usize] >= 0).collect();
+            // In place: `keep` is a host-pool buffer with room for `n`.
+            let mut padded = keep;
+            padded.retain(|&i| cls[i as usize] >= 0);
             let k = padded.len();
             padded.resize(n, -1);
             Ok(NmsOutput {
@@ -197,12 +199,13 @@ pub fn nms_groups_top_device(
             });
             let chunk = n / images.max(1);
             let mut per_image = vec![Vec::new(); images];
-            for i in keep {
+            for &i in &keep {
                 let img = i as usize / chunk;
                 if cls[i as usize] >= 0 && per_image[img].len() < top {
                     per_image[img].push(i);
                 }
             }
+            crate::tensor::pool::give(keep);
             let mut padded: Vec<i64> = per_image.concat();
             let k = padded.len();
             padded.resize(images * top, -1);
