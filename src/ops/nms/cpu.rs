@@ -191,7 +191,7 @@ const SCALE_INDEX_MIN_THR: f64 = 0.6;
 
 /// Greedy NMS over sorted positions for a threshold >= 0, into `kept`: each
 /// candidate is checked only against kept boxes that an index says could suppress
-/// it. `bufs`: the indexes' vectors, kept between calls.
+/// it. The indexes' growing vectors come from and go back to `scale` and `grid`.
 fn greedy_grid<T: Element>(
     sb: &[Rec<T>],
     thr: f64,
@@ -308,20 +308,11 @@ struct OverlapGrid<T> {
 
 /// The vectors of an [`OverlapGrid`] that grow with the number of boxes, kept
 /// between calls.
+#[derive(Default)]
 struct GridBufs<T> {
     ps: Vec<usize>,
     cell_range: Vec<[u32; 4]>,
     all: Vec<Rec<T>>,
-}
-
-impl<T> Default for GridBufs<T> {
-    fn default() -> Self {
-        GridBufs {
-            ps: Vec::new(),
-            cell_range: Vec::new(),
-            all: Vec::new(),
-        }
-    }
 }
 
 /// A box covering more cells than this is listed in `big` instead.
@@ -462,20 +453,11 @@ struct ScaleIndex<T> {
 
 /// The vectors of a [`ScaleIndex`] that grow with the number of boxes, kept between
 /// calls.
+#[derive(Default)]
 struct ScaleBufs<T> {
     geo: Vec<[f64; 5]>,
     class: Vec<i32>,
     all: Vec<Rec<T>>,
-}
-
-impl<T> Default for ScaleBufs<T> {
-    fn default() -> Self {
-        ScaleBufs {
-            geo: Vec::new(),
-            class: Vec::new(),
-            all: Vec::new(),
-        }
-    }
 }
 
 /// The centre grid of one area class.
