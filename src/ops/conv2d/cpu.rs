@@ -560,11 +560,13 @@ fn grad_input_col2im<T: Element>(gy: &[T], w: &[T], g: &Geom) -> Vec<T> {
 ///
 /// When dL/dw is small beside the reduction (`K` at most 256 and far below
 /// `N * OH * OW`: the stem, the 64-channel layers, the first downsample), the
-/// reduction is cut instead ([`grad_weight_split_sum`]): each task reads its own
-/// columns of `gy` and `x` once. Otherwise the rows of col (the columns of gw) are
-/// cut into one range per task: each task makes only its rows of every im2col
-/// slice and accumulates its own columns of gw over the whole batch, so the part of
-/// gw a GEMM reads and writes stays in L2 and no partial sums are added afterwards.
+/// reduction is cut instead ([`grad_weight_split_sum`]; for a spatial kernel, the
+/// stem's, from pixel-major im2col slices: [`grad_weight_pixel_major`]): each task
+/// reads its own columns of `gy` and `x` once. Otherwise the rows of col (the
+/// columns of gw) are cut into one range per task: each task makes only its rows of
+/// every im2col slice and accumulates its own columns of gw over the whole batch,
+/// so the part of gw a GEMM reads and writes stays in L2 and no partial sums are
+/// added afterwards.
 /// Either way every element is summed in the same order whatever the thread
 /// scheduling.
 pub(super) fn grad_weight<T: Element>(x: &[T], gy: &[T], g: &Geom) -> Vec<T> {
@@ -649,6 +651,9 @@ const SPLIT_SUM_PARTS: usize = 4;
 /// `x` once (the row-cut order re-reads all of `gy` once per task, and its GEMMs'
 /// few output columns made poor use of the packed `gy`).
 fn grad_weight_split_sum<T: Element>(x: &[T], gy: &[T], g: &Geom, gw: &mut [T]) {
+    if g.kh * g.kw > 1 {
+        return grad_weight_pixel_major(x, gy, g, gw);
+    }
     let (k, ohw, chw, m) = (g.k(), g.ohw(), g.cin * g.hw(), g.cout * g.k());
     let cols = cols_for_rows(k).next_multiple_of(LANES).min(ohw);
     let per_image = ohw.div_ceil(cols);
@@ -694,6 +699,138 @@ fn grad_weight_split_sum<T: Element>(x: &[T], gy: &[T], g: &Geom, gw: &mut [T]) 
         });
     }
     pool::give(partial);
+}
+
+/// Output channels per GEMM of [`grad_weight_pixel_major`]: the gemm crate reads
+/// an operand laid out as its micro-kernel wants in place only while the product
+/// has at most 8 column panels (48 columns of its AVX-512 f32 kernel); above that
+/// it copies it into packed panels first.
+const PIXEL_MAJOR_GROUP: usize = 48;
+
+/// [`grad_weight_split_sum`] for a spatial kernel (the stem): the same fixed parts
+/// over the same kind of L2-sized column chunks, but each chunk's im2col slice is
+/// made pixel-major (`[pixels, K]`, rows padded to whole vectors:
+/// [`im2col_pixel_major`]), the layout the gemm crate's micro-kernel reads in
+/// place, and the product runs in groups of [`PIXEL_MAJOR_GROUP`] output channels
+/// (`dL/dy` is read in place too). With the row-major slice the crate repacked
+/// both operands of every chunk: 31% of the stem's dL/dw in a perf profile, more
+/// than its im2col. Part `i` sums its chunks into its own `[Cout, K padded]` buffer;
+/// `gw` is part 0 + part 1 + ... in that order, element by element.
+fn grad_weight_pixel_major<T: Element>(x: &[T], gy: &[T], g: &Geom, gw: &mut [T]) {
+    let (k, ohw, chw) = (g.k(), g.ohw(), g.cin * g.hw());
+    let ldk = k.next_multiple_of(LANES);
+    let m = g.cout * ldk;
+    let cols = cols_for_rows(ldk).next_multiple_of(LANES).min(ohw);
+    let per_image = ohw.div_ceil(cols);
+    let chunks = g.n * per_image;
+    let parts = SPLIT_SUM_PARTS.min(chunks);
+    let mut sums = pool::take::<T>(parts * m);
+    let dsts: Vec<SharedPtr<T>> = sums
+        .chunks_exact_mut(m)
+        .map(|p| SharedPtr(p.as_mut_ptr()))
+        .collect();
+    let row_len = g.w + 2 * g.p.padding.1;
+    (0..parts).into_par_iter().for_each(|part| {
+        let (c0, c1) = (part * chunks / parts, (part + 1) * chunks / parts);
+        pool::with_scratch(cols * ldk + row_len, |scratch: &mut [T]| {
+            let (colt, row) = scratch.split_at_mut(cols * ldk);
+            for c in c0..c1 {
+                let (img, p0) = (c / per_image, (c % per_image) * cols);
+                let pc = cols.min(ohw - p0);
+                let xi = &x[img * chw..(img + 1) * chw];
+                let colt = &mut colt[..pc * ldk];
+                im2col_pixel_major(xi, g, p0, pc, colt, ldk, row);
+                let col_t = MatRef::row_major(&*colt, pc, ldk);
+                for co in (0..g.cout).step_by(PIXEL_MAJOR_GROUP) {
+                    let nc = PIXEL_MAJOR_GROUP.min(g.cout - co);
+                    let at = (img * g.cout + co) * ohw + p0;
+                    let gym = MatRef::rows_ld(&gy[at..], nc, pc, ohw);
+                    // SAFETY: part `part`'s buffer belongs to this task alone and
+                    // outlives the parallel loop; rows co..co + nc of it are in it.
+                    unsafe {
+                        let dst = dsts[part].get().add(co * ldk);
+                        gemm_ptr(dst, ldk, c > c0, gym, col_t, Parallelism::None);
+                    }
+                }
+            }
+        });
+    });
+    gw.par_chunks_mut(k).enumerate().for_each(|(co, out)| {
+        for (r, o) in out.iter_mut().enumerate() {
+            let mut v = sums[co * ldk + r];
+            for p in 1..parts {
+                v += sums[p * m + co * ldk + r];
+            }
+            *o = v;
+        }
+    });
+    pool::give(sums);
+}
+
+/// Columns `[p0, p0 + pc)` of [`im2col`]'s matrix of one image, transposed: pixel
+/// `j`'s `K` taps at `colt[j * ldk..][..K]`, in im2col's row order, then zeros up
+/// to `ldk`. `row`: scratch of `W + 2 * pw` elements (one zero-padded input row).
+fn im2col_pixel_major<T: Element>(
+    x: &[T],
+    g: &Geom,
+    p0: usize,
+    pc: usize,
+    colt: &mut [T],
+    ldk: usize,
+    row: &mut [T],
+) {
+    let (k, pw) = (g.k(), g.p.padding.1);
+    let row = &mut row[..g.w + 2 * pw];
+    for px in colt.chunks_exact_mut(ldk) {
+        px[k..].fill(T::zero());
+    }
+    row_pieces(g.ow, p0, pc, |oh, o0, o1, at| {
+        let dst = &mut colt[at * ldk..(at + o1 - o0) * ldk];
+        for c in 0..g.cin {
+            for ki in 0..g.kh {
+                let t0 = (c * g.kh + ki) * g.kw;
+                let Some(ih) = tap(g, oh, ki, 0).0 else {
+                    for px in dst.chunks_exact_mut(ldk) {
+                        px[t0..t0 + g.kw].fill(T::zero());
+                    }
+                    continue;
+                };
+                // The input row with the padding's zeros either side: every tap of
+                // every output column then lies inside it (the output size
+                // guarantees (OW - 1) sw + (kw - 1) dw < W + 2 pw).
+                row[..pw].fill(T::zero());
+                row[pw..pw + g.w].copy_from_slice(&x[(c * g.h + ih) * g.w..][..g.w]);
+                row[pw + g.w..].fill(T::zero());
+                let src = &row[o0 * g.p.stride.1..];
+                put_taps(dst, ldk, t0, src, g);
+            }
+        }
+    });
+}
+
+/// Tap `kj` of pixel `j` of `dst` (pixel rows `ldk` apart, taps from `t0`) is
+/// `src[j * sw + kj * dw]`, for `kw` taps; runs of 3, 5 and 7 taps (dilation 1)
+/// are fixed-size copies.
+fn put_taps<T: Element>(dst: &mut [T], ldk: usize, t0: usize, src: &[T], g: &Geom) {
+    fn runs<T: Copy, const R: usize>(dst: &mut [T], ldk: usize, t0: usize, src: &[T], sw: usize) {
+        for (j, px) in dst.chunks_exact_mut(ldk).enumerate() {
+            let s: &[T; R] = src[j * sw..j * sw + R].try_into().expect("R taps");
+            px[t0..t0 + R].copy_from_slice(s);
+        }
+    }
+    let (sw, dw, kw) = (g.p.stride.1, g.p.dilation.1, g.kw);
+    match (dw, kw) {
+        (1, 3) => runs::<T, 3>(dst, ldk, t0, src, sw),
+        (1, 5) => runs::<T, 5>(dst, ldk, t0, src, sw),
+        (1, 7) => runs::<T, 7>(dst, ldk, t0, src, sw),
+        _ => {
+            for (j, px) in dst.chunks_exact_mut(ldk).enumerate() {
+                for (kj, t) in px[t0..t0 + kw].iter_mut().enumerate() {
+                    *t = src[j * sw + kj * dw];
+                }
+            }
+        }
+    }
 }
 
 /// `gb[c] = sum over images and positions of gy[n, c, p]`, accumulated in f64.

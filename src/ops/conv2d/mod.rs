@@ -10,7 +10,8 @@
 //! im2col slice stays in L2; the chunks of all images run as parallel tasks, each an
 //! im2col and a single-threaded `gemm` call. In the CPU backward, dL/dx of a stride-1
 //! conv is a forward conv of dL/dy (no col2im); dL/dw cuts the reduction into fixed
-//! partial sums when dL/dw is small beside it. 3x3 stride-1 convolutions with enough
+//! partial sums when dL/dw is small beside it (the stem's from pixel-major im2col
+//! slices, which the GEMM reads without repacking). 3x3 stride-1 convolutions with enough
 //! tiles (the FPN's, the RPN head's, ResNet's 3x3 layers) take Winograd's F(2x2, 3x3)
 //! instead, forward and both gradients (winograd.rs). CUDA (cuda.rs):
 //! kernels/conv.cu (im2col, col2im) and the matmul kernels.
