@@ -11,35 +11,13 @@ mod common;
 mod large_allocs;
 
 use kestrel::app::profile::train_step_profiled;
-use kestrel::detection::transform::image_from_u8;
-use kestrel::detection::{FasterRcnn, FasterRcnnConfig, Target};
-use kestrel::io::TensorFile;
 use kestrel::optim::{Sgd, SgdConfig};
 use kestrel::rng::Rng;
 use kestrel::tensor::pool;
-use kestrel::Tensor;
+use kestrel::Device;
 
 #[global_allocator]
 static GLOBAL: large_allocs::Counting = large_allocs::Counting;
-
-fn batch() -> (Vec<Tensor>, Vec<Target>) {
-    let e = common::fixture("model/eval.safetensors");
-    let f = common::fixture("model/train.safetensors");
-    let images: Vec<Tensor> = (0..)
-        .map(|i| format!("image{i}.u8"))
-        .take_while(|n| e.contains(n))
-        .map(|n| {
-            let (v, s) = e.ints(&n).unwrap();
-            let bytes: Vec<u8> = v.into_iter().map(|x| x as u8).collect();
-            image_from_u8(&bytes, s.dim(1), s.dim(2)).unwrap()
-        })
-        .collect();
-    let targets = common::fixture_targets(&f)
-        .into_iter()
-        .take(images.len())
-        .collect();
-    (images, targets)
-}
 
 /// Two warm-up steps, then one measured: (pool statistics, large allocations
 /// outside the pool).
@@ -56,11 +34,8 @@ fn warm_step() -> (pool::PoolStats, u64) {
         .build()
         .unwrap();
     threads.install(|| {
-        let path = common::fixtures_dir().join("model/weights.safetensors");
-        let params = TensorFile::open(&path).unwrap().params().unwrap();
-        let cfg = FasterRcnnConfig::from_params(&params).unwrap();
-        let mut m = FasterRcnn::load(cfg, &path).unwrap();
-        let (images, targets) = batch();
+        let mut m = common::fixture_model(Device::Cpu);
+        let (images, targets) = common::fixture_training_batch(Device::Cpu);
         let mut sgd = Sgd::new(SgdConfig {
             lr: 1e-2,
             momentum: 0.9,
