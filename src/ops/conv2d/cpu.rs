@@ -228,11 +228,23 @@ pub(crate) fn forward<T: Element>(x: &[T], w: &[T], ep: &TileEpilogue<'_, T>, g:
     if super::winograd::serves(g) {
         return super::winograd::forward(x, w, ep, g);
     }
+    forward_with(x, MatRef::row_major(w, g.cout, g.k()), ep, g)
+}
+
+/// [`forward`] with the weight as a `[Cout, K]` view (any strides): dL/dx of a 1x1
+/// convolution passes `Wᵀ` without moving it. No Winograd here (it needs `W`'s
+/// elements in their own layout).
+fn forward_with<T: Element>(
+    x: &[T],
+    wm: MatRef<'_, T>,
+    ep: &TileEpilogue<'_, T>,
+    g: &Geom,
+) -> Vec<T> {
     let (k, ohw, chw) = (g.k(), g.ohw(), g.cin * g.hw());
+    debug_assert_eq!((wm.rows, wm.cols), (g.cout, k));
     let mut y = pool::take::<T>(g.n * g.cout * ohw);
     let cols = cols_per_task(k, ohw, g.n);
     let chunks = ohw.div_ceil(cols);
-    let wm = MatRef::row_major(w, g.cout, k);
     let yp = SharedPtr(y.as_mut_ptr());
     (0..g.n * chunks).into_par_iter().for_each(|t| {
         let (img, p0) = (t / chunks, (t % chunks) * cols);
@@ -409,7 +421,13 @@ pub(crate) fn forward_pointwise_head<T: Element>(
 /// stride s is the 1x1 product at the `OH x OW` positions it read, scattered into
 /// an otherwise zero gradient. Other shapes: [`grad_input_col2im`].
 pub(super) fn grad_input<T: Element>(gy: &[T], w: &[T], g: &Geom) -> Vec<T> {
+    // A 1x1 kernel needs no flip: its transposed weight is a view of `w` (a copied
+    // transpose of l4.downsample's 2M-element weight took about a third of its dL/dx).
+    let pointwise_t = || MatRef::row_major(w, g.cout, g.cin).t();
     if let Some(gt) = transposed_geometry(g) {
+        if g.kh == 1 && g.kw == 1 {
+            return forward_with(gy, pointwise_t(), &TileEpilogue::default(), &gt);
+        }
         let wt = flipped_transposed(w, g);
         let gx = forward(gy, &wt, &TileEpilogue::default(), &gt);
         pool::give(wt);
@@ -424,9 +442,7 @@ pub(super) fn grad_input<T: Element>(gy: &[T], w: &[T], g: &Geom) -> Vec<T> {
             p: super::Conv2dParams::default(),
             ..*g
         };
-        let wt = flipped_transposed(w, g);
-        let z = forward(gy, &wt, &TileEpilogue::default(), &gt);
-        pool::give(wt);
+        let z = forward_with(gy, pointwise_t(), &TileEpilogue::default(), &gt);
         let gx = scatter_strided(&z, g);
         pool::give(z);
         return gx;
