@@ -450,8 +450,15 @@ bool run_block(Worker* w, uint3 bid) {
     w->red_true = w->red_arrived = 0;
     unsigned n = w->nthreads, bx = blockDim.x, by = blockDim.y;
     w->threads.resize(n);
-    for (unsigned i = 0; i < n; ++i)
-        w->threads[i] = Thread{uint3{i % bx, (i / bx) % by, i / (bx * by)}, NEW, 0, nullptr};
+    // threadIdx of thread i = (i % bx, (i / bx) % by, i / (bx * by)), counted up
+    // instead of divided (three divisions per thread per block showed in profiles).
+    for (unsigned i = 0, x = 0, y = 0, z = 0; i < n; ++i) {
+        w->threads[i] = Thread{uint3{x, y, z}, NEW, 0, nullptr};
+        if (++x == bx) {
+            x = 0;
+            if (++y == by) y = 0, ++z;
+        }
+    }
     w->started = 0;
     w->reverse = schedule() == 1;
     tsan_release(&w->tsan_block_start);
