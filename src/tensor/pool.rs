@@ -115,12 +115,20 @@ fn shelves() -> std::sync::MutexGuard<'static, Shelves> {
 }
 
 /// The most bytes the pool keeps: `KESTREL_HOST_POOL_MIB` MiB if set (0 turns the
-/// pool off), else 2 GiB; the footprint bound (see `FOOTPRINT_NUM`) applies as well.
-/// Known cost: an R50-FPN training step at batch 1 (2.3 GiB live at its peak) fills
-/// the 2 GiB and still misses the pool after warm-up (374 misses over one warm-up
-/// and one timed step, with a 1.2x bound); raising it is to be
-/// measured against the 3.7 GB peak-RSS limit (3001 MiB measured with 2 GiB and a
-/// 1.2x bound).
+/// pool off), else a quarter of the machine's physical memory, at least 2 GiB (2 GiB
+/// where the memory size is unknown); the footprint bound (see `FOOTPRINT_NUM`)
+/// applies as well, and is what bounds peak memory.
+///
+/// Why not a flat 2 GiB (the default until 2026-12-03): an R50-FPN training step at
+/// batch 2 hands back ~3.4 GiB between steps (its activations and gradients), so a
+/// 2 GiB pool evicted its largest buffers every step and the next step page-faulted
+/// fresh mappings for them: 35 evictions over 3 steps, the step 1.11x slower (7814
+/// vs 7008 ms, backward 5181 vs 4633 ms) at the same peak RSS (3890 MB either way:
+/// the peak is live + pooled, which the footprint bound holds); batch 1 (1.8 GiB
+/// pooled) never reached the limit. Intel Xeon family 6 model 167, 2 threads,
+/// `kestrel bench --device cpu --batch 2 --train --no-infer --iters 2 --warmup 1
+/// --flush-denormals --op-times` with and without `KESTREL_HOST_POOL_MIB=4096`.
+/// The limit is for machines where a pool of the live peak would crowd out the rest.
 pub fn max_pooled_bytes() -> usize {
     let l = LIMIT.load(Ordering::Relaxed);
     if l != usize::MAX {
@@ -129,9 +137,29 @@ pub fn max_pooled_bytes() -> usize {
     let l = std::env::var("KESTREL_HOST_POOL_MIB")
         .ok()
         .and_then(|v| v.trim().parse::<usize>().ok())
-        .map_or(2 << 30, |mib| mib << 20);
+        .map_or_else(default_limit, |mib| mib << 20);
     LIMIT.store(l, Ordering::Relaxed);
     l
+}
+
+/// A quarter of the physical memory (`MemTotal` of /proc/meminfo), at least 2 GiB.
+fn default_limit() -> usize {
+    const FLOOR: usize = 2 << 30;
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| mem_total_bytes(&m))
+        .map_or(FLOOR, |total| (total / 4).max(FLOOR))
+}
+
+/// `MemTotal` of a /proc/meminfo text, in bytes (the file gives kB).
+fn mem_total_bytes(meminfo: &str) -> Option<usize> {
+    let line = meminfo.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let mut words = line["MemTotal:".len()..].split_whitespace();
+    let kib: usize = words.next()?.parse().ok()?;
+    match words.next() {
+        Some("kB") => kib.checked_mul(1024),
+        _ => None,
+    }
 }
 
 /// The pool's counters now.
@@ -434,6 +462,28 @@ pub fn with_kept<S: Default + 'static, R>(f: impl FnOnce(&mut S) -> R) -> R {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mem_total_is_read_in_bytes_and_odd_texts_give_none() {
+        let m = "MemTotal:       24554112 kB\nMemFree:        22000000 kB\n";
+        assert_eq!(mem_total_bytes(m), Some(24554112 * 1024));
+        assert_eq!(mem_total_bytes("MemFree: 1 kB\n"), None);
+        assert_eq!(mem_total_bytes("MemTotal: 12 MB\n"), None);
+        assert_eq!(mem_total_bytes("MemTotal: many kB\n"), None);
+        assert_eq!(mem_total_bytes("MemTotal:\n"), None);
+    }
+
+    #[test]
+    fn the_default_limit_is_a_quarter_of_memory_and_at_least_2_gib() {
+        let l = default_limit();
+        assert!(l >= 2 << 30, "{l}");
+        if let Some(total) = std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|m| mem_total_bytes(&m))
+        {
+            assert_eq!(l, (total / 4).max(2 << 30));
+        }
+    }
 
     #[test]
     fn a_dropped_buffer_is_handed_out_again() {
