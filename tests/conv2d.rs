@@ -263,6 +263,39 @@ crate::device_tests! {
     conv2d_matches_direct_reference => check_conv2d_vs_direct_on;
 }
 
+/// dL/dx of strided convolutions on the CPU (col2im of `Wᵀ @ dL/dy`): kernels
+/// smaller than, equal to and larger than the stride (input positions no tap
+/// reaches), paddings up to the kernel's size, unequal axes, odd sizes.
+#[test]
+fn strided_conv2d_input_gradient_matches_direct_reference() {
+    let mut seed = 500;
+    for (s, k) in [
+        ((2, 2), (3, 3)),
+        ((2, 3), (1, 2)),
+        ((3, 2), (5, 4)),
+        ((2, 2), (2, 2)),
+        ((3, 3), (1, 1)),
+        ((2, 2), (7, 7)),
+    ] {
+        for pad in [(0, 0), (1, 0), (0, 1), (1, 1), (2, 3), (k.0, k.1)] {
+            for (h, w) in [(11, 9), (12, 14)] {
+                seed += 1;
+                compare_with_direct(
+                    Device::Cpu,
+                    &[2, 3, h, w],
+                    &[4, 3, k.0, k.1],
+                    Conv2dParams {
+                        stride: s,
+                        padding: pad,
+                        dilation: (1, 1),
+                    },
+                    seed,
+                );
+            }
+        }
+    }
+}
+
 /// Shapes whose im2col slices exceed one CPU task's budget: several column chunks in
 /// the input-gradient loop and in the forward of a wide layer.
 #[test]
