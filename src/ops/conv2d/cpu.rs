@@ -173,10 +173,34 @@ fn col2im_add<T: Element>(col: &[T], g: &Geom, p0: usize, pc: usize, x: &mut [T]
             let src = &row[at + lo - o0..at + hi - o0];
             let iw0 = ((lo * sw) as isize + off) as usize;
             let dst = &mut plane[ih * g.w..(ih + 1) * g.w];
-            for (j, &v) in src.iter().enumerate() {
-                dst[iw0 + j * sw] += v;
-            }
+            add_strided(&mut dst[iw0..], src, sw);
         });
+    }
+}
+
+/// `dst[j * s] += src[j]` for every `j`. Stride 2 (the strided 3x3 convolutions'
+/// dL/dx) as whole pairs, as [`im2col_rows`] reads them, so that the loop
+/// vectorises; the generic loop indexes with a run-time stride and does not.
+fn add_strided<T: Element>(dst: &mut [T], src: &[T], s: usize) {
+    match s {
+        1 => dst.iter_mut().zip(src).for_each(|(d, &v)| *d += v),
+        2 => {
+            // Whole pairs while they fit in `dst`; a last element without its
+            // pair's second half on its own.
+            let pairs = src.len().min(dst.len() / 2);
+            dst[..2 * pairs]
+                .chunks_exact_mut(2)
+                .zip(&src[..pairs])
+                .for_each(|(d, &v)| d[0] += v);
+            if let Some(&v) = src.get(pairs) {
+                dst[2 * pairs] += v;
+            }
+        }
+        _ => {
+            for (j, &v) in src.iter().enumerate() {
+                dst[j * s] += v;
+            }
+        }
     }
 }
 
