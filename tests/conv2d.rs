@@ -357,28 +357,18 @@ fn conv2d_cpu_large_shapes_match_direct_reference() {
     );
     // The same path (pixel-major im2col slices) with runs of 5 and 3 taps per
     // kernel row, unequal strides and paddings.
-    compare_with_direct(
-        Device::Cpu,
-        &[2, 4, 41, 57],
-        &[6, 4, 3, 5],
-        Conv2dParams {
-            stride: (1, 2),
-            padding: (1, 2),
+    let cases = [
+        ([2, 4, 41, 57], [6, 4, 3, 5], (1, 2), (1, 2)),
+        ([1, 5, 48, 61], [7, 5, 3, 3], (2, 1), (0, 1)),
+    ];
+    for (i, (xd, wd, stride, padding)) in cases.into_iter().enumerate() {
+        let p = Conv2dParams {
+            stride,
+            padding,
             dilation: (1, 1),
-        },
-        64,
-    );
-    compare_with_direct(
-        Device::Cpu,
-        &[1, 5, 48, 61],
-        &[7, 5, 3, 3],
-        Conv2dParams {
-            stride: (2, 1),
-            padding: (0, 1),
-            dilation: (1, 1),
-        },
-        65,
-    );
+        };
+        compare_with_direct(Device::Cpu, &xd, &wd, p, 64 + i as u64);
+    }
 }
 
 /// The CPU backward is the same bits run to run: dL/dw's partial sums over the
