@@ -263,9 +263,10 @@ crate::device_tests! {
     conv2d_matches_direct_reference => check_conv2d_vs_direct_on;
 }
 
-/// dL/dx of strided convolutions on the CPU (col2im of `Wᵀ @ dL/dy`): kernels
-/// smaller than, equal to and larger than the stride (input positions no tap
-/// reaches), paddings up to the kernel's size, unequal axes, odd sizes.
+/// dL/dx of strided convolutions on the CPU (col2im of `Wᵀ @ dL/dy`; an unpadded
+/// strided 1x1 takes the scatter path): kernels smaller than, equal to and larger
+/// than the stride (input positions no tap reaches), paddings up to the kernel's
+/// size, unequal axes, odd sizes.
 #[test]
 fn strided_conv2d_input_gradient_matches_direct_reference() {
     let mut seed = 500;

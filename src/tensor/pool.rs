@@ -142,13 +142,21 @@ pub fn max_pooled_bytes() -> usize {
     l
 }
 
-/// A quarter of the physical memory (`MemTotal` of /proc/meminfo), at least 2 GiB.
+/// The default limit on this machine: [`limit_for_memory`] of `MemTotal` in
+/// /proc/meminfo.
 fn default_limit() -> usize {
+    limit_for_memory(
+        std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|m| mem_total_bytes(&m)),
+    )
+}
+
+/// A quarter of `total` bytes of physical memory, at least 2 GiB; 2 GiB where the
+/// total is unknown.
+fn limit_for_memory(total: Option<usize>) -> usize {
     const FLOOR: usize = 2 << 30;
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| mem_total_bytes(&m))
-        .map_or(FLOOR, |total| (total / 4).max(FLOOR))
+    total.map_or(FLOOR, |t| (t / 4).max(FLOOR))
 }
 
 /// `MemTotal` of a /proc/meminfo text, in bytes (the file gives kB).
@@ -475,14 +483,13 @@ mod tests {
 
     #[test]
     fn the_default_limit_is_a_quarter_of_memory_and_at_least_2_gib() {
-        let l = default_limit();
-        assert!(l >= 2 << 30, "{l}");
-        if let Some(total) = std::fs::read_to_string("/proc/meminfo")
-            .ok()
-            .and_then(|m| mem_total_bytes(&m))
-        {
-            assert_eq!(l, (total / 4).max(2 << 30));
-        }
+        const GIB: usize = 1 << 30;
+        assert_eq!(limit_for_memory(Some(24 * GIB)), 6 * GIB);
+        assert_eq!(limit_for_memory(Some(9 * GIB)), 9 * GIB / 4);
+        assert_eq!(limit_for_memory(Some(4 * GIB)), 2 * GIB);
+        assert_eq!(limit_for_memory(Some(0)), 2 * GIB);
+        assert_eq!(limit_for_memory(None), 2 * GIB);
+        assert!(default_limit() >= 2 * GIB);
     }
 
     #[test]
